@@ -1,0 +1,127 @@
+"""replfs: replicate a directory to standby hosts in crash-consistent data sets.
+
+The command-line front: parses arguments, wires fs/, repl/ and store/
+together, and turns every expected failure into one line on stderr and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fs.mount import UsageError, run_primary
+from repl import control
+from store.dump import dump
+from store.errors import ReplfsError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see '{self.prog} --help')", code=2)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"replfs: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M)") from None
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="replfs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("primary", help="mount BACKING at MOUNTPOINT and journal every change")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--journal", type=Path, metavar="DIR",
+                   help="journal directory (default: .BACKING.replfs/journal beside BACKING)")
+    p.add_argument("--set-interval", type=positive, default=1.0, metavar="SECONDS",
+                   help="close a data set at least this often (default 1)")
+    p.add_argument("--set-bytes", type=size, default=64 << 20, metavar="N",
+                   help="close a data set once it holds this much (default 64M)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+    p = sub.add_parser("checkpoint", help="close a data set now and print its id")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    p = sub.add_parser("status", help="show a running daemon's state")
+    p.add_argument("target", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("dump", help="print the records of a journal readably")
+    p.add_argument("path", type=Path, metavar="PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        if args.command == "primary":
+            trio.run(run_primary, args.backing, args.mountpoint, args.journal,
+                     args.set_interval, args.set_bytes)
+        elif args.command == "checkpoint":
+            print(ask(args.mountpoint, "checkpoint")["set"])
+        elif args.command == "status":
+            reply = ask(args.target, "status")
+            if args.json:
+                print(json.dumps(reply))
+            else:
+                for key, value in reply.items():
+                    print(f"{key.replace('_', ' ')}: {value}")
+        elif args.command == "dump":
+            dump(args.path, sys.stdout)
+    except (UsageError, ReplfsError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def ask(target: Path, cmd: str) -> dict[str, object]:
+    path = control.socket_path(target)
+    try:
+        reply = control.request(path, cmd)
+    except OSError:
+        fail(f"no replfs daemon is serving {target}; start one with 'replfs primary'")
+    if "error" in reply:
+        fail(str(reply["error"]))
+    return reply
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The inodes the kernel knows, their names, and bounded fds to reach them.
+
+The FUSE inode number is the backing file's st_ino (the root is ROOT_INODE),
+so hard links share one number and numbers survive a restart. For each
+inode the table keeps the names it was seen under, as (parent inode, name):
+a directory has one, a hard-linked file may have several. The backing
+directory is reached through the parent's directory fd and the name, with
+the ``*at`` calls, so paths never grow past PATH_MAX. Directory fds live in
+an LRU cache bounded by ``fd_limit``: the process may hold 20,000 fds in all,
+so an fd per inode ever seen is not an option. ``trim()`` closes the
+surplus; handlers call it when they are done with the fds they borrowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Node:
+    __slots__ = ("fds", "ino", "lookups", "names")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.names: set[tuple[int, bytes]] = set()
+        self.lookups = 0
+        self.fds: set[int] = set()  # open file handles, for unlinked files
+
+
+class Inodes:
+    def __init__(self, backing: str, fd_limit: int = 4096) -> None:
+        self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_st_ino = os.fstat(self.root_fd).st_ino
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
+        self.nodes[ROOT].lookups = 1
+        self._dir_fds: OrderedDict[int, int] = OrderedDict()
+        self.fd_limit = fd_limit
+
+    def ino_of(self, st: os.stat_result) -> int:
+        return ROOT if st.st_ino == self.root_st_ino else st.st_ino
+
+    def node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise OSError(2, "unknown inode")  # ESTALE would do too; ENOENT is what callers expect
+        return node
+
+    # --- names -------------------------------------------------------------
+
+    def remember(self, parent: int, name: bytes, st: os.stat_result) -> int:
+        """Count one kernel lookup of *name* in *parent*. Returns the inode number."""
+        ino = self.ino_of(st)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino)
+        node.names.add((parent, name))
+        node.lookups += 1
+        return ino
+
+    def add_name(self, ino: int, parent: int, name: bytes) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.names.add((parent, name))
+
+    def drop_name(self, ino: int | None, parent: int, name: bytes) -> None:
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is not None:
+            node.names.discard((parent, name))
+            if not node.names:
+                self._close_dir(ino)  # type: ignore[arg-type]
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and not node.fds:
+            del self.nodes[ino]
+            self._close_dir(ino)
+
+    def name_of(self, ino: int) -> tuple[int, bytes] | None:
+        """One (parent, name) of *ino* whose parent is still known, or None."""
+        node = self.node(ino)
+        for parent, name in node.names:
+            if parent in self.nodes:
+                return parent, name
+        return None
+
+    def path(self, ino: int) -> bytes | None:
+        """A path of *ino* relative to the backing root, or None if it has no name."""
+        parts: list[bytes] = []
+        while ino != ROOT:
+            found = self.name_of(ino)
+            if found is None:
+                return None
+            ino, name = found
+            parts.append(name)
+        return b"/".join(reversed(parts))
+
+    def child_path(self, parent: int, name: bytes) -> bytes | None:
+        base = self.path(parent)
+        if base is None:
+            return None
+        return base + b"/" + name if base else name
+
+    # --- fds ------------------------------------------------------------------
+
+    def dir_fd(self, ino: int) -> int:
+        """An O_PATH fd of directory *ino*, valid until the next ``trim()``."""
+        if ino == ROOT:
+            return self.root_fd
+        fd = self._dir_fds.get(ino)
+        if fd is not None:
+            self._dir_fds.move_to_end(ino)
+            return fd
+        found = self.name_of(ino)
+        if found is None:
+            raise FileNotFoundError(2, "directory has no name")
+        parent, name = found
+        fd = os.open(name, _DIR_FLAGS, dir_fd=self.dir_fd(parent))
+        self._dir_fds[ino] = fd
+        return fd
+
+    def at(self, ino: int) -> tuple[int, bytes]:
+        """(parent dir fd, name) reaching *ino* in the backing directory."""
+        found = self.name_of(ino)
+        if found is None:
+            raise FileNotFoundError(2, "inode has no name")
+        parent, name = found
+        return self.dir_fd(parent), name
+
+    def stat(self, ino: int) -> os.stat_result:
+        if ino == ROOT:
+            return os.fstat(self.root_fd)
+        node = self.node(ino)
+        if node.fds and self.name_of(ino) is None:
+            return os.fstat(next(iter(node.fds)))
+        fd, name = self.at(ino)
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def trim(self) -> None:
+        while len(self._dir_fds) > self.fd_limit:
+            os.close(self._dir_fds.popitem(last=False)[1])
+
+    def _close_dir(self, ino: int) -> None:
+        fd = self._dir_fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+        os.close(self.root_fd)

@@ -1,0 +1,557 @@
+"""The primary mount: a passthrough of the backing directory that journals every change.
+
+Each mutating handler follows one order, with no ``await`` in between, so
+handlers never interleave inside it: journal the op (``capture.record``),
+apply it to the backing directory, void the record if that failed, answer.
+Writes through a file that has no name left need no record: no name shows
+them (see DESIGN.md, "Hard parts").
+
+The daemon is the only writer of the backing directory, which is what makes
+long kernel cache timeouts and the writeback cache safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from fs.errors import fuse_errors
+from fs.inodes import ROOT, Inodes
+from repl.apply import intent_for, renameat2
+from repl.capture import Capture
+from store.records import Op, Record
+
+TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
+_AM_ROOT = os.geteuid() == 0
+_CAPABILITY = b"security.capability"
+
+
+@dataclass
+class DirHandle:
+    ino: int
+    fd: int
+    entries: list[bytes] = field(default_factory=list)
+
+
+class PrimaryFS(pyfuse3.Operations):
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, inodes: Inodes, capture: Capture) -> None:
+        super().__init__()
+        self.inodes = inodes
+        self.capture = capture
+        self.files: dict[int, int] = {}  # fh (== fd) -> inode
+        self.dirs: dict[int, DirHandle] = {}
+        self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _entry(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino if ino is not None else self.inodes.ino_of(st)
+        e.generation = 0
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _journal(self, op: Op, path: bytes | None, **fields: object) -> Record | None:
+        """Journal *op* unless it touches something no name reaches."""
+        if path is None:
+            return None
+        return self.capture.record(op, path=path, **fields)
+
+    def _void(self, record: Record | None) -> None:
+        if record is not None:
+            self.capture.void(record)
+
+    def _owner(self, parent_fd: int, ctx: pyfuse3.RequestContext) -> tuple[int, int, bool]:
+        """(uid, gid, parent is setgid) a new node gets, as the native filesystem would."""
+        parent = os.fstat(parent_fd)
+        setgid = bool(parent.st_mode & stat.S_ISGID)
+        uid, gid = (ctx.uid, ctx.gid) if _AM_ROOT else (os.geteuid(), os.getegid())
+        return uid, parent.st_gid if setgid else gid, setgid
+
+    def _new_node(
+        self, parent: int, name: bytes, op: Op, mode: int, ctx: pyfuse3.RequestContext,
+        make: object, **fields: object,
+    ) -> pyfuse3.EntryAttributes:
+        """Create a name (mkdir, mknod, symlink) with the caller's ownership."""
+        pfd = self.inodes.dir_fd(parent)
+        uid, gid, setgid = self._owner(pfd, ctx)
+        if op == Op.MKDIR and setgid:
+            mode |= stat.S_ISGID
+        if op != Op.SYMLINK:
+            fields["mode"] = mode
+        record = self._journal(op, self.inodes.child_path(parent, name), uid=uid, gid=gid,
+                               **fields)
+        try:
+            make(pfd, name, mode)  # type: ignore[operator]
+            if _AM_ROOT:
+                os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            if op != Op.SYMLINK and stat.S_IMODE(mode) & 0o7000:
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=pfd, follow_symlinks=False)
+        except OSError:
+            self._void(record)
+            raise
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        return self._entry(st, self.inodes.remember(parent, name, st))
+
+    # --- names ----------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        try:
+            if name in (b".", b".."):
+                up = self.inodes.name_of(parent_inode) if parent_inode != ROOT else None
+                target = up[0] if name == b".." and up else parent_inode
+                self.inodes.node(target).lookups += 1
+                return self._entry(self.inodes.stat(target), target)
+            pfd = self.inodes.dir_fd(parent_inode)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = TIMEOUT
+            return e
+        finally:
+            self.inodes.trim()
+        return self._entry(st, self.inodes.remember(parent_inode, name, st))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+            if ino not in self.inodes.nodes:
+                self._xattrs.pop(ino, None)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return self._entry(self.inodes.stat(inode), inode)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        fd, name = self.inodes.at(inode)
+        return os.readlink(name, dir_fd=fd)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return self._new_node(
+                parent_inode, name, Op.MKNOD, mode, ctx,
+                lambda fd, n, m: os.mknod(n, m, rdev, dir_fd=fd), rdev=rdev)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return self._new_node(parent_inode, name, Op.MKDIR, stat.S_IFDIR | mode, ctx,
+                                  lambda fd, n, m: os.mkdir(n, stat.S_IMODE(m), dir_fd=fd))
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return self._new_node(parent_inode, name, Op.SYMLINK, stat.S_IFLNK | 0o777, ctx,
+                                  lambda fd, n, m: os.symlink(target, n, dir_fd=fd),
+                                  data=target)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            src_fd, src = self.inodes.at(inode)
+            dst_fd = self.inodes.dir_fd(new_parent_inode)
+            path = self.inodes.path(inode)
+            dst_path = self.inodes.child_path(new_parent_inode, new_name)
+            record = None
+            if path is not None and dst_path is not None:
+                record = self.capture.record(Op.LINK, path=path, path2=dst_path)
+            try:
+                os.link(src, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd,
+                        follow_symlinks=False)
+            except OSError:
+                self._void(record)
+                raise
+            st = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
+            return self._entry(st, self.inodes.remember(new_parent_inode, new_name, st))
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, Op.UNLINK)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, Op.RMDIR)
+
+    async def _remove(self, parent: int, name: bytes, op: Op) -> None:
+        try:
+            pfd = self.inodes.dir_fd(parent)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            record = self._journal(op, self.inodes.child_path(parent, name))
+            try:
+                if op == Op.RMDIR:
+                    os.rmdir(name, dir_fd=pfd)
+                else:
+                    os.unlink(name, dir_fd=pfd)
+            except OSError:
+                self._void(record)
+                raise
+            self.inodes.drop_name(self.inodes.ino_of(st), parent, name)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        try:
+            old_fd = self.inodes.dir_fd(parent_inode_old)
+            new_fd = self.inodes.dir_fd(parent_inode_new)
+            st_old = os.stat(name_old, dir_fd=old_fd, follow_symlinks=False)
+            try:
+                st_new: os.stat_result | None = os.stat(name_new, dir_fd=new_fd,
+                                                        follow_symlinks=False)
+            except FileNotFoundError:
+                st_new = None
+            path = self.inodes.child_path(parent_inode_old, name_old)
+            path2 = self.inodes.child_path(parent_inode_new, name_new)
+            record = None
+            if path is not None and path2 is not None:
+                exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+                intent = intent_for(self.capture.backing, Record(
+                    Op.RENAME, 0, 0, path=path, path2=path2, flags=flags)) if exchange else None
+                record = self.capture.record(Op.RENAME, intent, path=path, path2=path2,
+                                             flags=flags)
+            try:
+                renameat2(old_fd, name_old, new_fd, name_new, flags)
+            except OSError:
+                self._void(record)
+                raise
+            self.capture.backing.forget_dirs()
+            moved = self.inodes.ino_of(st_old)
+            self.inodes.drop_name(moved, parent_inode_old, name_old)
+            if st_new is not None:
+                other = self.inodes.ino_of(st_new)
+                self.inodes.drop_name(other, parent_inode_new, name_new)
+                if flags & pyfuse3.RENAME_EXCHANGE:
+                    self.inodes.add_name(other, parent_inode_old, name_old)
+            self.inodes.add_name(moved, parent_inode_new, name_new)
+        finally:
+            self.inodes.trim()
+
+    # --- attributes ---------------------------------------------------------------
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            path = self.inodes.path(inode) if inode != ROOT else b""
+            st = self._stat(inode, fh)
+            if fields.update_size:
+                record = self._journal(Op.TRUNCATE, path, size=attr.st_size)
+                self._do(record, self._truncate, inode, fh, attr.st_size)
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else st.st_uid
+                gid = attr.st_gid if fields.update_gid else st.st_gid
+                record = self._journal(Op.CHOWN, path, uid=uid, gid=gid)
+                self._do(record, self._on_node, inode, fh, os.chown, uid, gid)
+                self._xattrs.pop(inode, None)
+            if fields.update_mode:
+                mode = stat.S_IMODE(attr.st_mode)
+                record = self._journal(Op.CHMOD, path, mode=mode)
+                self._do(record, self._on_node, inode, fh, os.chmod, mode)
+            if fields.update_atime or fields.update_mtime:
+                st = self._stat(inode, fh)
+                times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                         attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+                record = self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
+                self._do(record, self._on_node, inode, fh, os.utime, ns=times)
+            return self._entry(self._stat(inode, fh), inode)
+        finally:
+            self.inodes.trim()
+
+    def _stat(self, inode: int, fh: int | None) -> os.stat_result:
+        return os.fstat(fh) if fh is not None else self.inodes.stat(inode)
+
+    def _do(self, record: Record | None, func: object, *args: object, **kwargs: object) -> None:
+        try:
+            func(*args, **kwargs)  # type: ignore[operator]
+        except OSError:
+            self._void(record)
+            raise
+
+    def _truncate(self, inode: int, fh: int | None, size: int) -> None:
+        if fh is not None:
+            os.truncate(fh, size)
+            return
+        fd, name = self.inodes.at(inode)
+        file_fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            os.truncate(file_fd, size)
+        finally:
+            os.close(file_fd)
+
+    def _on_node(self, inode: int, fh: int | None, func: object, *args: object,
+                 **kwargs: object) -> None:
+        """Call chmod/chown/utime on the node itself, never on a symlink's target."""
+        if inode == ROOT:
+            func(self.inodes.root_fd, *args, **kwargs)  # type: ignore[operator]
+        elif fh is not None:
+            func(fh, *args, **kwargs)  # type: ignore[operator]
+        else:
+            fd, name = self.inodes.at(inode)
+            func(name, *args, dir_fd=fd, follow_symlinks=False, **kwargs)  # type: ignore[operator]
+
+    # --- files ------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> int:
+        # The writeback cache may read to fill pages of write-only files, and
+        # it handles O_APPEND itself by sending writes at the end offset.
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def _opened(self, fd: int, inode: int) -> pyfuse3.FileInfo:
+        self.files[fd] = inode
+        self.inodes.node(inode).fds.add(fd)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        try:
+            node = self.inodes.node(inode)
+            if self.inodes.name_of(inode) is None and node.fds:
+                fd = os.open(f"/proc/self/fd/{next(iter(node.fds))}", self._open_flags(flags))
+            else:
+                dir_fd, name = self.inodes.at(inode)
+                fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
+            if flags & os.O_TRUNC:
+                record = self._journal(Op.TRUNCATE, self.inodes.path(inode), size=0)
+                try:
+                    os.truncate(fd, 0)
+                except OSError:
+                    self._void(record)
+                    os.close(fd)
+                    raise
+            return self._opened(fd, inode)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        try:
+            pfd = self.inodes.dir_fd(parent_inode)
+            uid, gid, _ = self._owner(pfd, ctx)
+            mode = stat.S_IFREG | stat.S_IMODE(mode)
+            record = self._journal(Op.CREATE, self.inodes.child_path(parent_inode, name),
+                                   mode=mode, uid=uid, gid=gid)
+            try:
+                fd = os.open(name, self._open_flags(flags) | os.O_CREAT | os.O_EXCL,
+                             stat.S_IMODE(mode), dir_fd=pfd)
+            except OSError:
+                self._void(record)
+                raise
+            if _AM_ROOT:
+                os.fchown(fd, uid, gid)
+                if stat.S_IMODE(mode) & 0o7000:
+                    os.fchmod(fd, stat.S_IMODE(mode))
+            st = os.fstat(fd)
+            ino = self.inodes.remember(parent_inode, name, st)
+            return self._opened(fd, ino), self._entry(st, ino)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(fh, size, off)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        inode = self.files[fh]
+        record = self._journal(Op.WRITE, self.inodes.path(inode), offset=off, data=buf)
+        try:
+            written = os.pwrite(fh, buf, off)
+        except OSError:
+            self._void(record)
+            raise
+        if record is not None and written < len(buf):
+            self.capture.shorten(record, written)
+        cached = self._xattrs.get(inode)
+        if cached and cached.get(_CAPABILITY):
+            del self._xattrs[inode]  # writing clears file capabilities
+        return written
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        inode = self.files.pop(fh)
+        node = self.inodes.nodes.get(inode)
+        if node is not None:
+            node.fds.discard(fh)
+            if node.lookups <= 0 and not node.fds:
+                self.inodes.forget(inode, 0)
+        os.close(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._commit(fh, datasync)
+
+    async def _commit(self, fd: int, datasync: bool) -> None:
+        """Close the set and return once it and *fd* are on disk (an fsync's promise)."""
+        self.capture.close_set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, os.fdatasync if datasync else os.fsync,
+                               fd)
+            await self.capture.durable()
+
+    # --- directories --------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        try:
+            if inode == ROOT:
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=self.inodes.root_fd)
+            else:
+                dir_fd, name = self.inodes.at(inode)
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            self.dirs[fd] = DirHandle(inode, fd)
+            return fd
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dirs[fh]
+        if start_id == 0:
+            handle.entries = sorted(os.fsencode(n) for n in os.listdir(handle.fd))
+        for index in range(start_id, len(handle.entries)):
+            name = handle.entries[index]
+            try:
+                st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._entry(st), index + 1):
+                break
+            self.inodes.remember(handle.ino, name, st)
+
+    async def releasedir(self, fh: int) -> None:
+        del self.dirs[fh]
+        os.close(fh)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._commit(fh, datasync)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.inodes.root_fd)
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(sv, attr))
+        return data
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # default_permissions: the kernel checks
+
+    # --- xattrs ---------------------------------------------------------------------
+
+    def _xattr_path(self, inode: int) -> tuple[bytes | int, bool]:
+        """Where xattr calls reach *inode*: (path or fd, follow_symlinks)."""
+        if inode == ROOT:
+            return self.inodes.root_fd, True
+        node = self.inodes.node(inode)
+        if self.inodes.name_of(inode) is None and node.fds:
+            return next(iter(node.fds)), True
+        fd, name = self.inodes.at(inode)
+        return b"/proc/self/fd/%d/%s" % (fd, name), False
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        cache = self._xattrs.setdefault(inode, {})
+        if name in cache:
+            value = cache[name]
+        else:
+            where, follow = self._xattr_path(inode)
+            try:
+                value = os.getxattr(where, name, follow_symlinks=follow)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                value = None
+            finally:
+                self.inodes.trim()
+            cache[name] = value
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        where, follow = self._xattr_path(inode)
+        try:
+            return [os.fsencode(n) for n in os.listxattr(where, follow_symlinks=follow)]
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        try:
+            where, follow = self._xattr_path(inode)
+            path = self.inodes.path(inode) if inode != ROOT else b""
+            record = self._journal(Op.SETXATTR, path, name=name, data=value)
+            self._xattrs.pop(inode, None)
+            self._do(record, os.setxattr, where, name, value, follow_symlinks=follow)
+        finally:
+            self.inodes.trim()
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        try:
+            where, follow = self._xattr_path(inode)
+            path = self.inodes.path(inode) if inode != ROOT else b""
+            record = self._journal(Op.REMOVEXATTR, path, name=name)
+            self._xattrs.pop(inode, None)
+            self._do(record, os.removexattr, where, name, follow_symlinks=follow)
+        finally:
+            self.inodes.trim()
+

@@ -1,0 +1,168 @@
+"""Apply records to a directory tree, redo-safe.
+
+The same code applies data sets on the secondary and redoes the journal's
+last record on the primary after a crash.
+
+The redo rule. Data ops (WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, SETXATTR,
+REMOVEXATTR) set bytes or attributes to values the record carries, so
+replaying any run of them in order from a state where a prefix of the run
+already happened gives the same result. Namespace ops (create, link,
+unlink, rename, ...) are not idempotent, so the caller commits a marker
+naming the op before running it; after a crash, replay starts at the last
+marker and only its op is in doubt. Whether it happened is decided by what
+it leaves behind, which nothing after it in the replayed run can change
+(only data ops follow it):
+
+- CREATE, MKDIR, MKNOD, SYMLINK, LINK: done iff the new name exists. The
+  kernel checked the name was free on the primary, and the replica mirrors
+  it. Ownership and mode are set again either way (idempotent).
+- UNLINK, RMDIR, RENAME: done iff the old name is gone. (A rename between
+  two names of one inode is a no-op in POSIX, and so is its redo.)
+- RENAME with RENAME_EXCHANGE: both names exist before and after, so the
+  marker carries an intent, the inode numbers of both names before the op;
+  done iff the first name now holds the second's inode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+from repl.tree import Tree
+from store.records import RENAME_EXCHANGE, Op, Record, decode_intent, encode_intent
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> None:
+    if _libc.renameat2(src_fd, src, dst_fd, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def intent_for(tree: Tree, record: Record) -> bytes | None:
+    """The intent to commit with *record*'s marker, for ops that need one."""
+    if record.op == Op.RENAME and record.flags & RENAME_EXCHANGE:
+        a, b = tree.lstat(record.path), tree.lstat(record.path2)
+        return encode_intent(a.st_ino if a else 0, b.st_ino if b else 0)
+    return None
+
+
+def is_done(tree: Tree, record: Record, intent: bytes | None) -> bool:
+    """Whether the namespace op *record* already happened (the redo rule above)."""
+    op = record.op
+    if op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK):
+        return tree.lstat(record.path) is not None
+    if op == Op.LINK:
+        return tree.lstat(record.path2) is not None
+    if op == Op.RENAME and record.flags & RENAME_EXCHANGE:
+        if intent is None:
+            raise ValueError("exchange redo needs its intent")
+        ino_a, ino_b = decode_intent(intent)
+        now = tree.lstat(record.path)
+        return ino_a != ino_b and now is not None and now.st_ino == ino_b
+    if op in (Op.UNLINK, Op.RMDIR, Op.RENAME):
+        return tree.lstat(record.path) is None
+    return False
+
+
+def redo(tree: Tree, record: Record, intent: bytes | None) -> None:
+    """Apply *record* whose outcome is in doubt after a crash."""
+    if record.op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK) and is_done(tree, record, intent):
+        _set_owner_mode(tree, record)
+    elif not is_done(tree, record, intent):
+        apply(tree, record)
+
+
+def apply(tree: Tree, record: Record) -> None:
+    """Carry out *record* on *tree*. Raises OSError as the syscall did."""
+    op = record.op
+    if op in (Op.SYNC, Op.VOID):
+        return
+    if op == Op.WRITE:
+        fd, name = tree.parent(record.path)
+        file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
+        try:
+            view, offset = memoryview(record.data), record.offset
+            while view:
+                n = os.pwrite(file_fd, view, offset)
+                view, offset = view[n:], offset + n
+        finally:
+            os.close(file_fd)
+    elif op == Op.TRUNCATE:
+        fd, name = tree.parent(record.path)
+        file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
+        try:
+            os.ftruncate(file_fd, record.size)
+        finally:
+            os.close(file_fd)
+    elif op == Op.CREATE:
+        fd, name = tree.parent(record.path)
+        os.close(os.open(name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777,
+                         dir_fd=fd))
+        _set_owner_mode(tree, record)
+    elif op == Op.MKDIR:
+        fd, name = tree.parent(record.path)
+        os.mkdir(name, record.mode & 0o7777, dir_fd=fd)
+        _set_owner_mode(tree, record)
+    elif op == Op.MKNOD:
+        fd, name = tree.parent(record.path)
+        os.mknod(name, record.mode, record.rdev, dir_fd=fd)
+        _set_owner_mode(tree, record)
+    elif op == Op.SYMLINK:
+        fd, name = tree.parent(record.path)
+        os.symlink(record.data, name, dir_fd=fd)
+        _set_owner_mode(tree, record)
+    elif op == Op.LINK:
+        src_fd, src = tree.parent(record.path)
+        dst_fd, dst = tree.parent(record.path2)
+        os.link(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    elif op == Op.UNLINK:
+        fd, name = tree.parent(record.path)
+        os.unlink(name, dir_fd=fd)
+    elif op == Op.RMDIR:
+        fd, name = tree.parent(record.path)
+        os.rmdir(name, dir_fd=fd)
+        tree.forget_dirs()
+    elif op == Op.RENAME:
+        src_fd, src = tree.parent(record.path)
+        dst_fd, dst = tree.parent(record.path2)
+        renameat2(src_fd, src, dst_fd, dst, record.flags)
+        tree.forget_dirs()
+    elif op == Op.CHMOD:
+        _at(tree, record.path, os.chmod, record.mode & 0o7777)
+    elif op == Op.CHOWN:
+        _at(tree, record.path, os.chown, record.uid, record.gid)
+    elif op == Op.UTIMES:
+        _at(tree, record.path, os.utime, ns=(record.atime_ns, record.mtime_ns))
+    elif op == Op.SETXATTR:
+        os.setxattr(tree.proc_path(record.path), record.name, record.data,
+                    follow_symlinks=not record.path)
+    elif op == Op.REMOVEXATTR:
+        try:
+            os.removexattr(tree.proc_path(record.path), record.name,
+                           follow_symlinks=not record.path)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+    else:
+        raise ValueError(f"cannot apply {op!r}")
+
+
+def _at(tree: Tree, path: bytes, func: object, *args: object, **kwargs: object) -> None:
+    """Call an os function on *path* without following a final symlink."""
+    if not path:
+        func(tree.root_fd, *args, **kwargs)  # type: ignore[operator]
+        return
+    fd, name = tree.parent(path)
+    func(name, *args, dir_fd=fd, follow_symlinks=False, **kwargs)  # type: ignore[operator]
+
+
+def _set_owner_mode(tree: Tree, record: Record) -> None:
+    """Give a new node its owner, then its exact mode (chown clears set-id bits)."""
+    _at(tree, record.path, os.chown, record.uid, record.gid)
+    if record.op != Op.SYMLINK:
+        _at(tree, record.path, os.chmod, stat.S_IMODE(record.mode))

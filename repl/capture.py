@@ -1,0 +1,155 @@
+"""The primary's capture: ops into the journal, cut into data sets.
+
+Every mutating FUSE handler calls ``record()`` before it touches the
+backing directory and ``void()`` if the backing op then fails, so the
+journal and the backing directory move together and seqs stay dense. A set
+closes on fsync (``close_set()`` + ``durable()``), on ``checkpoint``, on a
+timer and on a size bound. Closing appends a UTIMES record for every path
+the set touched (repl/touched.py), then the SYNC record.
+
+Group commit: ``durable()`` waits for one background flush that covers
+the caller's commit; all fsyncs that arrive while a flush runs share the
+next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from repl import apply as applier
+from repl.touched import Touched
+from repl.tree import Tree
+from store.journal import Journal
+from store.records import NAMESPACE_OPS, Op, Record
+
+log = logging.getLogger("replfs.capture")
+
+DEFAULT_SET_INTERVAL = 1.0
+DEFAULT_SET_BYTES = 64 << 20
+
+
+class Capture:
+    def __init__(
+        self,
+        journal: Journal,
+        backing: Tree,
+        *,
+        set_interval: float = DEFAULT_SET_INTERVAL,
+        set_bytes: int = DEFAULT_SET_BYTES,
+    ) -> None:
+        self.journal = journal
+        self.backing = backing
+        self.set_interval = set_interval
+        self.set_bytes = set_bytes
+        self.touched = Touched()
+        self.closed_at = trio.current_time()
+        self._durable_commits = journal.commits
+        self._flush_wanted = trio.Event()
+        self._flushed = trio.Event()
+        self._close_wanted = trio.Event()
+
+    # --- called by the FUSE handlers, synchronously ------------------------
+
+    def record(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
+        """Journal one op before it is applied to the backing directory."""
+        record = self.journal.append(op, intent, **fields)
+        self.touched.add(record)
+        if self.journal.set_bytes >= self.set_bytes:
+            self._close_wanted.set()
+        return record
+
+    def void(self, record: Record) -> None:
+        """Mark *record* as an op that failed on the backing directory."""
+        self.journal.put(record.voided())
+
+    def shorten(self, record: Record, written: int) -> None:
+        """A write reached the backing directory only in part: journal that part."""
+        self.journal.put(Record(Op.WRITE, record.set, record.seq, path=record.path,
+                                offset=record.offset, data=record.data[:written]))
+
+    def close_set(self) -> int:
+        """Close the current set, if it has ops. Returns the id of the last closed set."""
+        if self.journal.set_is_empty:
+            return self.journal.set - 1
+        for path in sorted(self.touched.paths):
+            st = self.backing.lstat(path)
+            if st is not None:
+                self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
+                                    mtime_ns=st.st_mtime_ns)
+        self.touched.clear()
+        self.closed_at = trio.current_time()
+        return self.journal.close_set()
+
+    # --- async side -----------------------------------------------------------
+
+    async def durable(self) -> None:
+        """Return once every record committed so far is durable on disk."""
+        target = self.journal.commits
+        while self._durable_commits < target:
+            flushed = self._flushed
+            self._flush_wanted.set()
+            await flushed.wait()
+
+    async def checkpoint(self) -> int:
+        """Close a set and wait until it is durable. Returns its id."""
+        set_id = self.close_set()
+        await self.durable()
+        return set_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush for waiting fsyncs and close sets on the timer and size bound."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher)
+            nursery.start_soon(self._closer)
+            task_status.started()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            flushed, self._flushed = self._flushed, trio.Event()
+            target = self.journal.commits
+            await trio.to_thread.run_sync(self.journal.sync)
+            self._durable_commits = target
+            flushed.set()
+
+    async def _closer(self) -> None:
+        while True:
+            with trio.move_on_at(self.closed_at + self.set_interval):
+                await self._close_wanted.wait()
+            self._close_wanted = trio.Event()
+            if self.journal.set_is_empty:
+                self.closed_at = trio.current_time()
+            else:
+                self.close_set()
+
+    # --- after a crash ------------------------------------------------------------
+
+    def recover(self) -> str | None:
+        """Make the backing directory agree with the journal after a crash.
+
+        Only the last record can be journaled and not applied (see
+        store/journal.py), so it is redone by the applier's redo rule; an op
+        that fails again is voided, as it would have been. Then the open set,
+        if any, is closed, with the UTIMES of every path it touched.
+        Returns a line saying what was done, or None if nothing was needed.
+        """
+        last = self.journal.last()
+        if last is None or last.op in (Op.SYNC, Op.VOID):
+            return None
+        try:
+            if last.op in NAMESPACE_OPS:
+                applier.redo(self.backing, last, self.journal.intent(last))
+            else:
+                applier.apply(self.backing, last)
+            what = f"redid {last.op.name} at {last.set}/{last.seq}"
+        except OSError as exc:
+            self.void(last)
+            what = f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
+        for record in self.journal.records(last.set):
+            self.touched.add(record)
+        closed = self.close_set()
+        return f"{what}; closed set {closed}"

@@ -1,0 +1,92 @@
+"""The daemon's control socket: one JSON request, one JSON answer, per connection.
+
+``replfs checkpoint`` and ``replfs status`` talk to a running daemon
+through a unix socket whose path is derived from the mountpoint (or
+replica), so the commands need nothing but what the user typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger("replfs.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def socket_path(target: str | os.PathLike[str]) -> Path:
+    """The control socket of the daemon serving *target* (a mountpoint or replica)."""
+    key = hashlib.sha1(os.fsencode(os.path.realpath(target))).hexdigest()[:16]
+    if os.geteuid() == 0:
+        base = Path("/run/replfs")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/replfs-{os.geteuid()}") / "replfs"
+    return base / f"{key}.sock"
+
+
+async def serve(path: Path, handlers: dict[str, Handler], *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer requests on *path* until cancelled; the socket file is removed on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+
+        async def answer(stream: trio.SocketStream) -> None:
+            async with stream:
+                try:
+                    request = json.loads(await _read_line(stream))
+                    handler = handlers.get(request.get("cmd"))
+                    if handler is None:
+                        reply = {"error": f"unknown command {request.get('cmd')!r}"}
+                    else:
+                        reply = await handler(request)
+                except (ValueError, trio.BrokenResourceError) as exc:
+                    reply = {"error": f"bad request: {exc}"}
+                try:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except trio.BrokenResourceError:
+                    pass
+
+        await trio.serve_listeners(answer, [listener])
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def request(path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    """Send one request to a daemon (blocking). Raises OSError when none listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)  # type: ignore[no-any-return]

@@ -1,0 +1,17 @@
+"""Errors raised by the durable stores."""
+
+
+class ReplfsError(Exception):
+    """Base of every error replfs raises on purpose."""
+
+
+class StoreError(ReplfsError):
+    """A durable store could not do what was asked."""
+
+
+class RecordError(StoreError):
+    """Bytes that do not decode to a valid record."""
+
+
+class JournalLocked(StoreError):
+    """Another daemon holds the journal."""

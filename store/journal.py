@@ -1,0 +1,168 @@
+"""The primary's journal: every replicated op, in stream order, in LMDB.
+
+Keys are (set, seq) so a cursor walks the stream in order. Every append is
+its own LMDB write transaction, committed without fsync before the op
+touches the backing directory: a killed daemon loses nothing that reached
+the page cache, so at most the very last record can be journaled but not
+applied, and recovery redoes exactly that one (fs/recovery.py). Durability
+against power loss is bought once per commit point with ``sync()``, which
+many fsyncs share (group commit).
+
+Records stay until ``trim()``: the secondary reports a set applied, or the
+journal runs over its budget with nobody to send to.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from store.errors import JournalLocked, StoreError
+from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
+
+MAP_SIZE = 1 << 40
+_NEXT_SET = b"next_set"
+_INTENT = b"intent"
+
+
+class Journal:
+    """An LMDB journal directory, held exclusively by one daemon."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(self.path / "LOCK")
+        try:
+            self.env = lmdb.open(
+                str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
+                readahead=False,
+            )
+        except lmdb.Error as exc:
+            os.close(self._lock_fd)
+            raise StoreError(f"open journal {self.path}: {exc}") from exc
+        self._records = self.env.open_db(b"records")
+        self._meta = self.env.open_db(b"meta")
+        self.set, self.seq = self._position()
+        self.set_bytes = 0
+        self.commits = 0
+
+    def _position(self) -> tuple[int, int]:
+        """Where the next record goes: after the last one, or after the last trim."""
+        with self.env.begin() as txn:
+            raw = txn.get(_NEXT_SET, db=self._meta)
+            next_set = decode_set(raw) if raw else 1
+            cursor = txn.cursor(db=self._records)
+            if not cursor.last():
+                return next_set, 0
+            set_id, seq = decode_key(cursor.key())
+            if Record.decode(cursor.value()).op == Op.SYNC:
+                return max(next_set, set_id + 1), 0
+            return set_id, seq + 1
+
+    def append(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
+        """Journal one op at the next (set, seq) and commit it (without fsync).
+
+        Args:
+            intent: what an exchange expects to swap, kept beside the record so
+                recovery can tell whether it happened.
+        """
+        record = Record(op, self.set, self.seq, **fields)
+        value = record.encode()
+        with self.env.begin(write=True) as txn:
+            txn.put(record.key, value, db=self._records)
+            if intent is not None:
+                txn.put(_INTENT, record.key + intent, db=self._meta)
+        self.commits += 1
+        self.seq += 1
+        self.set_bytes += len(value)
+        return record
+
+    def put(self, record: Record) -> None:
+        """Overwrite a journaled record in place (a void, or a short write)."""
+        with self.env.begin(write=True) as txn:
+            txn.put(record.key, record.encode(), db=self._records)
+        self.commits += 1
+
+    def close_set(self) -> int:
+        """Append the current set's SYNC record and start the next set. Returns the closed id."""
+        closed = self.set
+        self.append(Op.SYNC, count=self.seq)
+        self.set, self.seq, self.set_bytes = closed + 1, 0, 0
+        return closed
+
+    @property
+    def set_is_empty(self) -> bool:
+        return self.seq == 0
+
+    def sync(self) -> None:
+        """Make every committed record durable. Blocking; call it from a thread."""
+        self.env.sync(True)
+
+    def last(self) -> Record | None:
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            return Record.decode(cursor.value()) if cursor.last() else None
+
+    def intent(self, record: Record) -> bytes | None:
+        """The intent stored with *record*, if it was the last one given one."""
+        with self.env.begin() as txn:
+            raw = txn.get(_INTENT, db=self._meta)
+        if raw and raw[: len(record.key)] == record.key:
+            return bytes(raw[len(record.key) :])
+        return None
+
+    def records(self, start_set: int = 0, start_seq: int = 0) -> Iterator[Record]:
+        """Every record from (start_set, start_seq) on, in stream order."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            if not cursor.set_range(encode_key(start_set, start_seq)):
+                return
+            for value in cursor.iternext(keys=False, values=True):
+                yield Record.decode(value)
+
+    def trim(self, upto_set: int) -> int:
+        """Drop every record of sets up to *upto_set*. Returns how many were dropped."""
+        dropped = 0
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._records)
+            while cursor.first() and decode_key(cursor.key())[0] <= upto_set:
+                cursor.delete()
+                dropped += 1
+            raw = txn.get(_NEXT_SET, db=self._meta)
+            if not raw or decode_set(raw) <= upto_set:
+                txn.put(_NEXT_SET, encode_set(upto_set + 1), db=self._meta)
+        self.commits += 1
+        return dropped
+
+    def size(self) -> int:
+        """Bytes the records take in the journal's pages."""
+        with self.env.begin() as txn:
+            info = txn.stat(self._records)
+        pages = info["branch_pages"] + info["leaf_pages"] + info["overflow_pages"]
+        return int(pages * info["psize"])
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+        os.close(self._lock_fd)
+
+
+def _lock(path: Path) -> int:
+    """Take the journal's exclusive lock, or say which daemon holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise JournalLocked(
+            f"journal {path.parent} is in use by another replfs daemon (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

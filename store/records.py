@@ -1,0 +1,313 @@
+"""The journal record: one encoding for every replicated operation.
+
+A record is what the primary journals, ships and the secondary stages and
+applies. It names one operation on the replicated tree *by path, as of the
+moment it happened*, plus its place in the stream: the data set it belongs
+to and its sequence number inside that set (dense from 0; the set's SYNC
+record takes the sequence number after the last op and carries the op count).
+
+Layout (big-endian)::
+
+    u8  version            FORMAT_VERSION
+    u8  op                 Op
+    u64 set                data-set id
+    u32 seq                sequence number inside the set
+    ...                    the op's fields, in the order of FIELDS[op]
+    u64 checksum           xxh3_64 of every byte before it
+
+Field kinds: a path is u16 length + bytes (relative to the tree root, "" is
+the root itself), a blob is u32 length + bytes, integers are u32, u64 or i64.
+
+This module and ``repl/protocol.py`` are the only places that pack bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+import struct
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import xxhash
+
+from store.errors import RecordError
+
+FORMAT_VERSION = 1
+MAX_PATH = 0xFFFF
+NAME_MAX = 255
+MAX_BLOB = 64 << 20
+
+
+class Op(enum.IntEnum):
+    WRITE = 1
+    TRUNCATE = 2
+    CREATE = 3
+    MKDIR = 4
+    MKNOD = 5
+    SYMLINK = 6
+    LINK = 7
+    UNLINK = 8
+    RMDIR = 9
+    RENAME = 10
+    CHMOD = 11
+    CHOWN = 12
+    UTIMES = 13
+    SETXATTR = 14
+    REMOVEXATTR = 15
+    SYNC = 16
+    VOID = 17
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+_HEADER = struct.Struct(">BBQI")
+_CHECKSUM = struct.Struct(">Q")
+
+# Field name -> kind. Kinds: "path" (u16 + bytes), "blob" (u32 + bytes),
+# "u32", "u64", "i64".
+KINDS = {
+    "path": "path",
+    "path2": "path",
+    "name": "blob",
+    "data": "blob",
+    "offset": "u64",
+    "size": "u64",
+    "mode": "u32",
+    "uid": "u32",
+    "gid": "u32",
+    "rdev": "u64",
+    "flags": "u32",
+    "atime_ns": "i64",
+    "mtime_ns": "i64",
+    "count": "u32",
+}
+
+FIELDS: dict[Op, tuple[str, ...]] = {
+    Op.WRITE: ("path", "offset", "data"),
+    Op.TRUNCATE: ("path", "size"),
+    Op.CREATE: ("path", "mode", "uid", "gid"),
+    Op.MKDIR: ("path", "mode", "uid", "gid"),
+    Op.MKNOD: ("path", "mode", "rdev", "uid", "gid"),
+    Op.SYMLINK: ("path", "data", "uid", "gid"),
+    Op.LINK: ("path", "path2"),
+    Op.UNLINK: ("path",),
+    Op.RMDIR: ("path",),
+    Op.RENAME: ("path", "path2", "flags"),
+    Op.CHMOD: ("path", "mode"),
+    Op.CHOWN: ("path", "uid", "gid"),
+    Op.UTIMES: ("path", "atime_ns", "mtime_ns"),
+    Op.SETXATTR: ("path", "name", "data"),
+    Op.REMOVEXATTR: ("path", "name"),
+    Op.SYNC: ("count",),
+    Op.VOID: (),
+}
+
+# Ops that change which names exist. They are not idempotent, so the
+# applier records an intent before each one (see repl/apply.py).
+NAMESPACE_OPS = frozenset(
+    {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME}
+)
+# Ops whose target may be the root itself (path "").
+ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
+_NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One operation at its place (set, seq) in the stream.
+
+    Only the fields listed in ``FIELDS[op]`` are meaningful; the others stay
+    at their defaults and ``validate()`` insists on it.
+    """
+
+    op: Op
+    set: int
+    seq: int
+    path: bytes = b""
+    path2: bytes = b""
+    name: bytes = b""
+    data: bytes = b""
+    offset: int = 0
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0
+    flags: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    count: int = 0
+
+    @property
+    def key(self) -> bytes:
+        """The record's LMDB key: (set, seq), sorting in stream order."""
+        return encode_key(self.set, self.seq)
+
+    def encode(self) -> bytes:
+        self.validate()
+        parts = [_HEADER.pack(FORMAT_VERSION, self.op, self.set, self.seq)]
+        for name in FIELDS[self.op]:
+            value = getattr(self, name)
+            kind = KINDS[name]
+            if kind == "path":
+                parts += (_U16.pack(len(value)), value)
+            elif kind == "blob":
+                parts += (_U32.pack(len(value)), value)
+            elif kind == "u32":
+                parts.append(_U32.pack(value))
+            elif kind == "u64":
+                parts.append(_U64.pack(value))
+            else:
+                parts.append(_I64.pack(value))
+        body = b"".join(parts)
+        return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+    @classmethod
+    def decode(cls, buf: bytes | memoryview) -> Record:
+        """Decode one record that fills *buf* exactly.
+
+        Raises:
+            RecordError: truncated input, trailing bytes, an unknown version or
+                op, a checksum mismatch, or a record that fails ``validate()``.
+        """
+        buf = memoryview(buf)
+        if len(buf) < _HEADER.size + _CHECKSUM.size:
+            raise RecordError(f"record too short ({len(buf)} bytes)")
+        body, (want,) = buf[: -_CHECKSUM.size], _CHECKSUM.unpack(buf[-_CHECKSUM.size :])
+        if xxhash.xxh3_64_intdigest(body) != want:
+            raise RecordError("record checksum mismatch")
+        version, op_value, set_id, seq = _HEADER.unpack_from(body)
+        if version != FORMAT_VERSION:
+            raise RecordError(f"unknown record version {version}")
+        try:
+            op = Op(op_value)
+        except ValueError:
+            raise RecordError(f"unknown op {op_value}") from None
+        values: dict[str, Any] = {}
+        pos = _HEADER.size
+        try:
+            for name in FIELDS[op]:
+                kind = KINDS[name]
+                if kind in ("path", "blob"):
+                    prefix = _U16 if kind == "path" else _U32
+                    (length,) = prefix.unpack_from(body, pos)
+                    pos += prefix.size
+                    if pos + length > len(body):
+                        raise RecordError(f"truncated {name} in {op.name} record")
+                    values[name] = bytes(body[pos : pos + length])
+                    pos += length
+                else:
+                    fmt = {"u32": _U32, "u64": _U64, "i64": _I64}[kind]
+                    (values[name],) = fmt.unpack_from(body, pos)
+                    pos += fmt.size
+        except struct.error:
+            raise RecordError(f"truncated {op.name} record") from None
+        if pos != len(body):
+            raise RecordError(f"{len(body) - pos} trailing bytes in {op.name} record")
+        record = cls(op, set_id, seq, **values)
+        record.validate()
+        return record
+
+    def validate(self) -> None:
+        """Check the rules a record must keep; raise RecordError on the first broken."""
+        if not 0 <= self.set < 1 << 64:
+            raise RecordError(f"set {self.set} out of range")
+        if not 0 <= self.seq < 1 << 32:
+            raise RecordError(f"seq {self.seq} out of range")
+        wanted = FIELDS[self.op]
+        for f in fields(self):
+            if f.name in ("op", "set", "seq") or f.name in wanted:
+                continue
+            if getattr(self, f.name) != f.default:
+                raise RecordError(f"{self.op.name} record has a stray {f.name}")
+        if "path" in wanted:
+            check_path(self.path, root_ok=self.op in ROOT_OPS)
+        if "path2" in wanted:
+            check_path(self.path2, root_ok=False)
+        if len(self.data) > MAX_BLOB or len(self.name) > MAX_BLOB:
+            raise RecordError(f"{self.op.name} record blob too large")
+        for name in wanted:
+            kind = KINDS[name]
+            value = getattr(self, name)
+            limit = {"u32": 1 << 32, "u64": 1 << 64}.get(kind)
+            if limit is not None and not 0 <= value < limit:
+                raise RecordError(f"{name} {value} out of range")
+            if kind == "i64" and not -(1 << 63) <= value < 1 << 63:
+                raise RecordError(f"{name} {value} out of range")
+        if self.op == Op.RENAME and self.flags & ~RENAME_FLAGS:
+            raise RecordError(f"unknown rename flags {self.flags:#x}")
+        if self.op == Op.RENAME and self.flags == RENAME_FLAGS:
+            raise RecordError("rename cannot both exchange and not replace")
+        if self.op == Op.MKNOD and stat.S_IFMT(self.mode) not in _NODE_TYPES:
+            raise RecordError(f"mknod of unsupported file type {self.mode:#o}")
+        if self.op in (Op.SETXATTR, Op.REMOVEXATTR) and not self.name:
+            raise RecordError("xattr record without a name")
+        if self.op == Op.SYNC and self.count != self.seq:
+            raise RecordError(f"sync at seq {self.seq} carries op count {self.count}")
+
+    def voided(self) -> Record:
+        """The VOID record that takes this record's place when its op failed."""
+        return Record(Op.VOID, self.set, self.seq)
+
+    def moved(self, set_id: int, seq: int) -> Record:
+        return replace(self, set=set_id, seq=seq)
+
+
+def check_path(path: bytes, *, root_ok: bool) -> None:
+    """Refuse any path that could leave the tree: absolute, '.', '..', empty parts, NUL."""
+    if not path:
+        if root_ok:
+            return
+        raise RecordError("empty path")
+    if len(path) > MAX_PATH:
+        raise RecordError(f"path of {len(path)} bytes is too long")
+    if b"\0" in path:
+        raise RecordError(f"path {path!r} contains NUL")
+    if path.startswith(b"/"):
+        raise RecordError(f"absolute path {path!r}")
+    for part in path.split(b"/"):
+        if part in (b"", b".", b".."):
+            raise RecordError(f"path {path!r} has a {part.decode() or 'empty'!r} component")
+        if len(part) > NAME_MAX:
+            raise RecordError(f"path {path!r} has a component over {NAME_MAX} bytes")
+
+
+_KEY = struct.Struct(">QI")
+
+
+def encode_key(set_id: int, seq: int) -> bytes:
+    return _KEY.pack(set_id, seq)
+
+
+def decode_key(key: bytes) -> tuple[int, int]:
+    if len(key) != _KEY.size:
+        raise RecordError(f"bad record key of {len(key)} bytes")
+    return _KEY.unpack(key)  # type: ignore[return-value]
+
+
+def encode_set(set_id: int) -> bytes:
+    return _U64.pack(set_id)
+
+
+def decode_set(buf: bytes) -> int:
+    (value,) = _U64.unpack(buf)
+    return int(value)
+
+
+_INTENT = struct.Struct(">QQ")
+
+
+def encode_intent(ino: int, ino2: int) -> bytes:
+    """The identities an exchange expects to swap (see repl/apply.py)."""
+    return _INTENT.pack(ino, ino2)
+
+
+def decode_intent(buf: bytes) -> tuple[int, int]:
+    return _INTENT.unpack(buf)  # type: ignore[return-value]

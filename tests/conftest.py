@@ -1,0 +1,9 @@
+import os
+
+import pytest
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Mount tests never skip: a machine without FUSE fails loudly.
+    if not os.path.exists("/dev/fuse"):
+        raise pytest.UsageError("/dev/fuse is missing: these tests need FUSE (run bin/test)")

@@ -1,0 +1,160 @@
+"""Shared test machinery: real daemons in real processes, and tree snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPLFS = [sys.executable, str(ROOT / "bin" / "replfs.py")]
+START_TIMEOUT = 30.0
+
+
+def replfs(
+    *args: str | os.PathLike[str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run one replfs command to completion."""
+    return subprocess.run([*REPLFS, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class Daemon:
+    """A replfs daemon in its own process, with its log kept in a file.
+
+    ``start()`` returns once the daemon logs *ready* (a mount is in place or
+    a port is bound), so tests wait for an event, not for time.
+    """
+
+    def __init__(self, args: list[str], log: Path, ready: str) -> None:
+        self.args = args
+        self.log_path = log
+        self.ready_text = ready
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> Daemon:
+        self._ready.clear()
+        self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not start: {self.args}\n{self.log()}")
+        return self
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        with open(self.log_path, "ab") as log:
+            for line in proc.stderr:
+                log.write(line)
+                log.flush()
+                if self.ready_text.encode() in line:
+                    self._ready.set()
+        self._ready.set()  # died: let start() see it
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@contextmanager
+def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None) -> Iterator[Daemon]:
+    """A running `replfs primary BACKING MOUNT`, unmounted however the test ends."""
+    mount.mkdir(exist_ok=True)
+    daemon = Daemon(["primary", str(backing), str(mount), *extra],
+                    log or backing.parent / f"{mount.name}.log", "serving")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.stop()
+        unmount(mount)
+
+
+def unmount(mount: Path) -> None:
+    """Lazy unmount if anything is still mounted there (a killed daemon leaves it)."""
+    if os.path.ismount(mount):
+        subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
+
+
+Entry = tuple[object, ...]
+
+
+def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Entry]:
+    """Everything the guarantee covers of the tree under *root*, by relative path.
+
+    Type, mode, owner, size, nlink, mtime (unless *mtimes* is false), xattrs,
+    and content (a digest) or symlink target. atime and ctime are not part of
+    it: no copy can reproduce them.
+    """
+    out: dict[str, Entry] = {}
+
+    def visit(path: Path, rel: str) -> None:
+        st = os.lstat(path)
+        xattrs = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
+                              for n in os.listxattr(path, follow_symlinks=False)))
+        if stat.S_ISREG(st.st_mode):
+            body: object = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(st.st_mode):
+            body = os.readlink(path)
+        else:
+            body = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+        size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
+        out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    size, st.st_nlink, st.st_mtime_ns if mtimes else None, xattrs, body)
+        if stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                visit(path / name, f"{rel}/{name}" if rel else name)
+
+    visit(root, "")
+    return out
+
+
+def diff(a: dict[str, Entry], b: dict[str, Entry]) -> list[str]:
+    """Human-readable differences between two snapshots (empty when equal)."""
+    lines = []
+    for path in sorted(a.keys() | b.keys()):
+        if a.get(path) != b.get(path):
+            lines.append(f"{path or '/'}: {a.get(path)} != {b.get(path)}")
+    return lines
+
+
+def replay(journal: Path, target: Path) -> int:
+    """Apply every record of a (stopped daemon's) journal to *target*. Returns sets seen."""
+    from repl.apply import apply
+    from repl.tree import Tree
+    from store.journal import Journal
+    from store.records import Op
+
+    j = Journal(journal)
+    tree = Tree(target)
+    sets = 0
+    try:
+        for record in j.records():
+            apply(tree, record)
+            sets += record.op == Op.SYNC
+    finally:
+        tree.close()
+        j.close()
+    return sets
