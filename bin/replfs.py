@@ -59,8 +59,14 @@ def positive(text: str) -> float:
 def build_parser() -> Parser:
     parser = Parser(prog="replfs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.set_defaults(parser=parser)
 
-    p = sub.add_parser("primary", help="mount BACKING at MOUNTPOINT and journal every change")
+    def command(name: str, help: str) -> Parser:
+        p: Parser = sub.add_parser(name, help=help)
+        p.set_defaults(parser=p)  # so errors name the subcommand's --help
+        return p
+
+    p = command("primary", "mount BACKING at MOUNTPOINT and journal every change")
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--journal", type=Path, metavar="DIR",
@@ -71,20 +77,22 @@ def build_parser() -> Parser:
                    help="close a data set once it holds this much (default 64M)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
-    p = sub.add_parser("checkpoint", help="close a data set now and print its id")
+    p = command("checkpoint", "close a data set now and print its id")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
-    p = sub.add_parser("status", help="show a running daemon's state")
+    p = command("status", "show a running daemon's state")
     p.add_argument("target", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("dump", help="print the records of a journal readably")
+    p = command("dump", "print the records of a journal readably")
     p.add_argument("path", type=Path, metavar="PATH")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)

@@ -1,0 +1,71 @@
+"""kill -9 of the primary daemon: on restart the backing tree and the journal agree exactly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import diff, primary, replay, snapshot, unmount
+
+# Runs on the mount until the mount dies. After each fsync returns it prints
+# the iteration, so the test knows what was promised durable.
+WORKLOAD = r"""
+import os, sys
+m = sys.argv[1]
+os.makedirs(f"{m}/dir", exist_ok=True)
+i = 0
+while True:
+    with open(f"{m}/tmp{i % 3}", "wb") as f:
+        f.write(os.urandom(100 + i % 5000))
+    os.replace(f"{m}/tmp{i % 3}", f"{m}/dir/data{i % 5}")
+    if i % 4 == 0:
+        os.mkdir(f"{m}/sub{i}")
+        os.setxattr(f"{m}/sub{i}", "user.i", str(i).encode())
+    if i % 4 == 2:
+        os.rmdir(f"{m}/sub{i - 2}")
+        os.chmod(f"{m}/dir/data{i % 5}", 0o600 + i % 8)
+    with open(f"{m}/log", "ab") as log:
+        log.write(b"%d\n" % i)
+        log.flush()
+        os.fsync(log.fileno())
+    print(i, flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("kill_after", [3, 40, 150])
+def test_primary_kill9_backing_and_journal_agree(tmp_path: Path, kill_after: int) -> None:
+    backing, mount, rebuilt = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    journal = tmp_path / ".b.replfs" / "journal"
+    backing.mkdir()
+    rebuilt.mkdir()
+    promised = -1
+    with primary(backing, mount) as daemon:
+        work = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(mount)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert work.stdout is not None
+        for line in work.stdout:
+            promised = int(line)
+            if promised >= kill_after:
+                daemon.kill()
+                break
+        for line in work.stdout:  # what it printed before noticing the mount is gone
+            promised = int(line)
+        work.wait()
+        unmount(mount)
+    assert promised >= kill_after
+
+    # Restart on the same backing and journal: recovery runs, and work goes on.
+    with primary(backing, mount):
+        assert (mount / "log").read_bytes().startswith(
+            b"".join(b"%d\n" % i for i in range(promised + 1)))
+        (mount / "after").write_bytes(b"after the crash")
+
+    log = (backing / "log").read_bytes().split()
+    assert [int(x) for x in log[: promised + 1]] == list(range(promised + 1)), \
+        "every fsync that returned is in the backing tree"
+    replay(journal, rebuilt)
+    assert diff(snapshot(backing), snapshot(rebuilt)) == [], "journal and backing disagree"

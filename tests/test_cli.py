@@ -1,0 +1,98 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support import REPLFS, primary, replfs
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("replfs:")]
+    assert len(ours) == 1, result.stderr
+    for word in words:
+        assert word in ours[0], ours[0]
+
+
+def test_cli_err_unknown_flag(tmp_path: Path) -> None:
+    result = replfs("primary", tmp_path, tmp_path, "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "replfs: unrecognized arguments: --bogus (see 'replfs primary --help')"]
+
+
+def test_cli_err_missing_command() -> None:
+    assert_one_line_error(replfs(), "required")
+
+
+def test_cli_err_bad_size(tmp_path: Path) -> None:
+    assert_one_line_error(replfs("primary", tmp_path, tmp_path, "--set-bytes", "lots"),
+                          "not a size")
+
+
+def test_primary_err_backing_missing(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    assert_one_line_error(replfs("primary", tmp_path / "nope", tmp_path / "m"),
+                          "backing directory", "does not exist")
+
+
+def test_primary_err_mountpoint_missing(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    assert_one_line_error(replfs("primary", tmp_path / "b", tmp_path / "nope"),
+                          "mountpoint", "mkdir")
+
+
+def test_primary_err_already_mounted_and_journal_locked(tmp_path: Path) -> None:
+    backing, mount, other = tmp_path / "b", tmp_path / "m", tmp_path / "m2"
+    backing.mkdir()
+    other.mkdir()
+    with primary(backing, mount) as daemon:
+        assert_one_line_error(replfs("primary", backing, mount), "already a mountpoint")
+        assert_one_line_error(replfs("primary", backing, other),
+                              "in use by another replfs daemon", f"pid {daemon.proc.pid}")
+        assert not os.path.ismount(other)
+
+
+def test_primary_err_no_dev_fuse(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    # A private mount namespace where /dev has no fuse device.
+    script = 'mount -t tmpfs none /dev && exec "$@"'
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *REPLFS,
+                             "primary", str(tmp_path / "b"), str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=60)
+    assert_one_line_error(result, "/dev/fuse is missing")
+
+
+def test_primary_err_mount_not_permitted(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    mount.mkdir()
+    # Root without capabilities, and unable to gain them through setuid fusermount3.
+    drop = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
+    result = subprocess.run([*drop, *REPLFS, "primary", str(backing), str(mount)],
+                            capture_output=True, text=True, timeout=60)
+    assert not os.path.ismount(mount)
+    assert_one_line_error(result, "could not mount", str(mount))
+
+
+def test_checkpoint_err_not_served(tmp_path: Path) -> None:
+    assert_one_line_error(replfs("checkpoint", tmp_path), "no replfs daemon")
+
+
+def test_checkpoint_prints_closed_set(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount, "--set-interval", "3600"):
+        (mount / "f").write_bytes(b"x")
+        first = replfs("checkpoint", mount)
+        (mount / "g").write_bytes(b"y")
+        second = replfs("checkpoint", mount)
+        empty = replfs("checkpoint", mount)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert int(second.stdout) == int(first.stdout) + 1
+    assert int(empty.stdout) == int(second.stdout), "nothing new: no new set"
