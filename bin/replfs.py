@@ -19,8 +19,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import UsageError, run_primary
+from fs.mount import PrimaryConfig, run_primary
 from repl import control
+from repl.errors import UsageError
+from repl.secondary import run_secondary
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -75,13 +77,29 @@ def build_parser() -> Parser:
                    help="close a data set at least this often (default 1)")
     p.add_argument("--set-bytes", type=size, default=64 << 20, metavar="N",
                    help="close a data set once it holds this much (default 64M)")
+    p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
+    p.add_argument("--streams", type=int, default=4, metavar="N",
+                   help="parallel TCP streams to the secondary (default 4)")
+    p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+    p = command("secondary", "receive data sets into REPLICA")
+    p.add_argument("replica", type=Path, metavar="REPLICA")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to accept the primary on (port 0 picks a free one)")
+    p.add_argument("--staging", type=Path, metavar="DIR",
+                   help="staging directory (default: .REPLICA.replfs/staging beside REPLICA)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without authentication")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     p = command("checkpoint", "close a data set now and print its id")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--wait", type=positive, metavar="SECONDS",
+                   help="also wait until the secondary has applied it")
 
     p = command("status", "show a running daemon's state")
-    p.add_argument("target", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("target", type=Path, metavar="MOUNTPOINT|REPLICA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("dump", "print the records of a journal readably")
@@ -98,10 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         if args.command == "primary":
-            trio.run(run_primary, args.backing, args.mountpoint, args.journal,
-                     args.set_interval, args.set_bytes)
+            if args.streams < 1:
+                args.parser.error("--streams must be at least 1")
+            trio.run(run_primary, PrimaryConfig(
+                args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
+                args.secondary, args.streams, args.scramble))
+        elif args.command == "secondary":
+            trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
         elif args.command == "checkpoint":
-            print(ask(args.mountpoint, "checkpoint")["set"])
+            print(ask(args.mountpoint, "checkpoint", wait=args.wait)["set"])
         elif args.command == "status":
             reply = ask(args.target, "status")
             if args.json:
@@ -120,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ask(target: Path, cmd: str) -> dict[str, object]:
+def ask(target: Path, cmd: str, **fields: object) -> dict[str, object]:
     path = control.socket_path(target)
+    timeout = 30.0 + float(fields.get("wait") or 0)  # type: ignore[arg-type]
     try:
-        reply = control.request(path, cmd)
+        reply = control.request(path, cmd, timeout=timeout, **fields)
     except OSError:
         fail(f"no replfs daemon is serving {target}; start one with 'replfs primary'")
     if "error" in reply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,14 @@ import trio
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
 from repl import control
-from repl.capture import Capture
+from repl.capture import DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
+from repl.errors import UsageError
+from repl.secondary import default_state_dir, parse_address
+from repl.sender import Sender
 from repl.tree import Tree
-from store.errors import ReplfsError
 from store.journal import Journal
 
 log = logging.getLogger("replfs.primary")
-
-
-class UsageError(ReplfsError):
-    """Bad input from the user: said in one line, nothing touched."""
-
-
-def default_state_dir(tree: str | os.PathLike[str]) -> Path:
-    """Where a tree's journal and staging live unless told: beside it, hidden."""
-    path = Path(os.path.realpath(tree))
-    return path.parent / f".{path.name}.replfs"
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -53,21 +46,38 @@ def mount_options() -> set[str]:
     return options
 
 
-async def run_primary(backing: Path, mountpoint: Path, journal_dir: Path | None,
-                      set_interval: float, set_bytes: int) -> None:
+@dataclass
+class PrimaryConfig:
+    backing: Path
+    mountpoint: Path
+    journal: Path | None = None
+    set_interval: float = DEFAULT_SET_INTERVAL
+    set_bytes: int = DEFAULT_SET_BYTES
+    secondary: str | None = None  # HOST:PORT
+    streams: int = 4
+    scramble: int | None = None  # seed: shuffle records across streams (testing aid)
+
+
+async def run_primary(cfg: PrimaryConfig) -> None:
+    backing, mountpoint = cfg.backing, cfg.mountpoint
     if not backing.is_dir():
         raise UsageError(f"backing directory {backing} does not exist or is not a directory")
     check_mountpoint(mountpoint)
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
+    peer = parse_address(cfg.secondary) if cfg.secondary else None
     os.umask(0)
-    journal = Journal(journal_dir or default_state_dir(backing) / "journal")
+    journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
     tree = Tree(backing)
-    capture = Capture(journal, tree, set_interval=set_interval, set_bytes=set_bytes)
+    capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes)
     try:
         note = capture.recover()
         if note:
             log.info("recovered the journal: %s", note)
+        sender = None
+        if peer is not None:
+            sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble)
+            capture.on_append = sender.notify
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
@@ -79,7 +89,7 @@ async def run_primary(backing: Path, mountpoint: Path, journal_dir: Path | None,
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, mountpoint, sock)
+            await _serve(capture, sender, mountpoint, sock)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -90,18 +100,42 @@ async def run_primary(backing: Path, mountpoint: Path, journal_dir: Path | None,
         journal.close()
 
 
-async def _serve(capture: Capture, mountpoint: Path, sock: Path) -> None:
-    async def checkpoint(_: dict[str, Any]) -> dict[str, Any]:
-        return {"set": await capture.checkpoint()}
+async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path) -> None:
+    async def checkpoint(request: dict[str, Any]) -> dict[str, Any]:
+        """Close a set; with ``wait`` seconds, also wait for the secondary to apply it."""
+        set_id = await capture.checkpoint()
+        reply: dict[str, Any] = {"set": set_id}
+        if request.get("wait") and sender is not None:
+            with trio.move_on_after(float(request["wait"])):
+                await sender.wait_applied(set_id)
+            reply["applied"] = sender.status.applied
+            if sender.status.applied < set_id:
+                reply["error"] = (f"set {set_id} closed but the secondary has applied only "
+                                  f"{sender.status.applied} after {request['wait']}s")
+        return reply
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         j = capture.journal
-        return {"role": "primary", "mountpoint": str(mountpoint), "journal": str(j.path),
-                "open_set": j.set, "open_set_ops": j.seq, "last_closed_set": j.set - 1,
-                "journal_bytes": j.size()}
+        out: dict[str, Any] = {
+            "role": "primary", "mountpoint": str(mountpoint), "journal": str(j.path),
+            "cluster": j.identity.cluster, "node": j.identity.node,
+            "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
+            "last_closed_set": j.set - 1, "journal_bytes": j.size(),
+        }
+        if sender is not None:
+            st = sender.status
+            out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,
+                    "streams": st.streams, "peer": st.peer_node,
+                    "last_shipped": list(st.shipped), "last_applied": st.applied,
+                    "lag_sets": j.set - 1 - st.applied,
+                    "lag_seconds": round(capture.lag_seconds(st.applied), 3),
+                    "inflight_bytes": st.inflight_bytes, "errors": st.errors}
+        return out
 
     async with trio.open_nursery() as nursery:
         await nursery.start(capture.run)
+        if sender is not None:
+            await nursery.start(sender.run)
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status})
         nursery.start_soon(_terminate_on_signal)

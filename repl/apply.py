@@ -133,7 +133,7 @@ def apply(tree: Tree, record: Record) -> None:
         renameat2(src_fd, src, dst_fd, dst, record.flags)
         tree.forget_dirs()
     elif op == Op.CHMOD:
-        _at(tree, record.path, os.chmod, record.mode & 0o7777)
+        _chmod(tree, record.path, record.mode & 0o7777)
     elif op == Op.CHOWN:
         _at(tree, record.path, os.chown, record.uid, record.gid)
     elif op == Op.UTIMES:
@@ -159,6 +159,18 @@ def _at(tree: Tree, path: bytes, func: object, *args: object, **kwargs: object) 
         return
     fd, name = tree.parent(path)
     func(name, *args, dir_fd=fd, follow_symlinks=False, **kwargs)  # type: ignore[operator]
+
+
+def _chmod(tree: Tree, path: bytes, mode: int) -> None:
+    """chmod *path* itself; a symlink has no mode of its own (EOPNOTSUPP).
+
+    Python reports that EOPNOTSUPP from fchmodat(AT_SYMLINK_NOFOLLOW) as a
+    ValueError; it is turned back into the OSError the call failed with.
+    """
+    try:
+        _at(tree, path, os.chmod, mode)
+    except ValueError:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
 
 
 def _set_owner_mode(tree: Tree, record: Record) -> None:

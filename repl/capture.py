@@ -15,6 +15,7 @@ next one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -45,6 +46,8 @@ class Capture:
         self.set_interval = set_interval
         self.set_bytes = set_bytes
         self.touched = Touched()
+        self.on_append: Callable[[], None] = lambda: None  # wakes the sender
+        self.closed_times: dict[int, float] = {}
         self.closed_at = trio.current_time()
         self._durable_commits = journal.commits
         self._flush_wanted = trio.Event()
@@ -57,6 +60,7 @@ class Capture:
         """Journal one op before it is applied to the backing directory."""
         record = self.journal.append(op, intent, **fields)
         self.touched.add(record)
+        self.on_append()
         if self.journal.set_bytes >= self.set_bytes:
             self._close_wanted.set()
         return record
@@ -81,7 +85,20 @@ class Capture:
                                     mtime_ns=st.st_mtime_ns)
         self.touched.clear()
         self.closed_at = trio.current_time()
-        return self.journal.close_set()
+        closed = self.journal.close_set()
+        self.closed_times[closed] = self.closed_at
+        if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
+            del self.closed_times[min(self.closed_times)]
+        self.on_append()
+        return closed
+
+    def lag_seconds(self, applied: int) -> float:
+        """How long the oldest closed set not yet applied has waited."""
+        for set_id in [s for s in self.closed_times if s <= applied]:
+            del self.closed_times[set_id]
+        if not self.closed_times:
+            return 0.0
+        return trio.current_time() - min(self.closed_times.values())
 
     # --- async side -----------------------------------------------------------
 

@@ -23,15 +23,39 @@ class Tree:
         self._dirs: OrderedDict[bytes, int] = OrderedDict()
 
     def dir_fd(self, path: bytes) -> int:
-        """An O_PATH fd of directory *path* (cached; do not close it)."""
+        """An O_PATH fd of directory *path* (cached; do not close it).
+
+        Each call caches at most one new directory and so closes at most the
+        least recently used one: the fd returned by the previous call stays
+        open through this one (a link or rename holds two).
+        """
         if not path:
             return self.root_fd
         fd = self._dirs.get(path)
         if fd is not None:
             self._dirs.move_to_end(path)
             return fd
-        parent, _, name = path.rpartition(b"/")
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.dir_fd(parent))
+        # Start at the deepest cached ancestor and walk down in a loop (a
+        # path may have thousands of components), closing the intermediate
+        # directories as soon as the next one is open.
+        fd, done = self.root_fd, 0
+        end = len(path)
+        while (end := path.rfind(b"/", 0, end)) > 0:
+            cached = self._dirs.get(path[:end])
+            if cached is not None:
+                fd, done = cached, end + 1
+                break
+        opened = -1
+        try:
+            for name in path[done:].split(b"/"):
+                fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                if opened >= 0:
+                    os.close(opened)
+                opened = fd
+        except BaseException:
+            if opened >= 0:
+                os.close(opened)
+            raise
         self._dirs[path] = fd
         if len(self._dirs) > CACHE_SIZE:
             os.close(self._dirs.popitem(last=False)[1])

@@ -39,10 +39,16 @@ def dump(path: Path, out: TextIO) -> None:
     """Print every record of the journal at *path*; a bad record prints as such."""
     if not (path / "data.mdb").exists():
         raise StoreError(f"{path} holds no journal (no data.mdb); give a journal directory")
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=4)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=4)
+    except lmdb.Error as exc:
+        raise StoreError(f"{path} holds no readable journal ({exc})") from exc
     try:
         with env.begin() as txn:
-            db = env.open_db(b"records", txn=txn, create=False)
+            try:
+                db = env.open_db(b"records", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                raise StoreError(f"{path} holds an LMDB store but no journal records") from None
             count = 0
             for key, value in txn.cursor(db=db):
                 try:

@@ -22,6 +22,7 @@ from typing import Any
 
 import lmdb
 
+from store import identity
 from store.errors import JournalLocked, StoreError
 from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 
@@ -36,7 +37,7 @@ class Journal:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(self.path / "LOCK")
+        self._lock_fd = lock_dir(self.path / "LOCK")
         try:
             self.env = lmdb.open(
                 str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
@@ -47,6 +48,7 @@ class Journal:
             raise StoreError(f"open journal {self.path}: {exc}") from exc
         self._records = self.env.open_db(b"records")
         self._meta = self.env.open_db(b"meta")
+        self.identity = identity.load(self.env, self._meta, make_cluster=True)
         self.set, self.seq = self._position()
         self.set_bytes = 0
         self.commits = 0
@@ -125,6 +127,26 @@ class Journal:
             for value in cursor.iternext(keys=False, values=True):
                 yield Record.decode(value)
 
+    def read_raw(self, start_set: int, start_seq: int, max_bytes: int
+                 ) -> list[tuple[int, int, bytes]]:
+        """Up to about *max_bytes* of encoded records from (start_set, start_seq) on.
+
+        Returns (set, seq, encoded record) tuples, for shipping without decoding.
+        """
+        out: list[tuple[int, int, bytes]] = []
+        total = 0
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            if not cursor.set_range(encode_key(start_set, start_seq)):
+                return out
+            for key, value in cursor:
+                set_id, seq = decode_key(key)
+                out.append((set_id, seq, bytes(value)))
+                total += len(value)
+                if total >= max_bytes:
+                    break
+        return out
+
     def trim(self, upto_set: int) -> int:
         """Drop every record of sets up to *upto_set*. Returns how many were dropped."""
         dropped = 0
@@ -152,7 +174,7 @@ class Journal:
         os.close(self._lock_fd)
 
 
-def _lock(path: Path) -> int:
+def lock_dir(path: Path) -> int:
     """Take the journal's exclusive lock, or say which daemon holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -161,7 +183,7 @@ def _lock(path: Path) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise JournalLocked(
-            f"journal {path.parent} is in use by another replfs daemon (pid {holder})"
+            f"{path.parent} is in use by another replfs daemon (pid {holder})"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

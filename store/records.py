@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import stat
 import struct
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import xxhash
@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 MAX_PATH = 0xFFFF
 NAME_MAX = 255
 MAX_BLOB = 64 << 20
+MAX_OFFSET = (1 << 63) - 1  # off_t: no file reaches further
 
 
 class Op(enum.IntEnum):
@@ -241,6 +242,8 @@ class Record:
                 raise RecordError(f"{name} {value} out of range")
             if kind == "i64" and not -(1 << 63) <= value < 1 << 63:
                 raise RecordError(f"{name} {value} out of range")
+        if self.offset + len(self.data) > MAX_OFFSET or self.size > MAX_OFFSET:
+            raise RecordError(f"{self.op.name} record reaches past the largest file offset")
         if self.op == Op.RENAME and self.flags & ~RENAME_FLAGS:
             raise RecordError(f"unknown rename flags {self.flags:#x}")
         if self.op == Op.RENAME and self.flags == RENAME_FLAGS:
@@ -249,6 +252,10 @@ class Record:
             raise RecordError(f"mknod of unsupported file type {self.mode:#o}")
         if self.op in (Op.SETXATTR, Op.REMOVEXATTR) and not self.name:
             raise RecordError("xattr record without a name")
+        if b"\0" in self.name:
+            raise RecordError(f"xattr name {self.name!r} contains NUL")
+        if self.op == Op.SYMLINK and b"\0" in self.data:
+            raise RecordError(f"symlink target {self.data!r} contains NUL")
         if self.op == Op.SYNC and self.count != self.seq:
             raise RecordError(f"sync at seq {self.seq} carries op count {self.count}")
 
@@ -311,3 +318,59 @@ def encode_intent(ino: int, ino2: int) -> bytes:
 
 def decode_intent(buf: bytes) -> tuple[int, int]:
     return _INTENT.unpack(buf)  # type: ignore[return-value]
+
+
+_SET_STATE = struct.Struct(">BI")
+_SYNC_SEEN = 1
+_COMPLETE = 2
+
+
+@dataclass(slots=True)
+class SetState:
+    """What the secondary has received of one data set (claims 4, 7, 20).
+
+    ``bitmap`` has bit *seq* set for every staged record; the set is complete
+    once its SYNC record was seen and every seq up to it is present.
+    """
+
+    sync_seen: bool = False
+    count: int = 0
+    complete: bool = False
+    bitmap: bytearray = field(default_factory=bytearray)
+
+    def mark(self, seq: int) -> bool:
+        """Set *seq*'s bit. Returns False if it was already set (a duplicate)."""
+        byte, bit = divmod(seq, 8)
+        if byte >= len(self.bitmap):
+            self.bitmap.extend(bytes(byte + 1 - len(self.bitmap)))
+        if self.bitmap[byte] >> bit & 1:
+            return False
+        self.bitmap[byte] |= 1 << bit
+        return True
+
+    def has(self, seq: int) -> bool:
+        byte, bit = divmod(seq, 8)
+        return byte < len(self.bitmap) and bool(self.bitmap[byte] >> bit & 1)
+
+    def received(self) -> int:
+        return int.from_bytes(self.bitmap, "little").bit_count()
+
+    def check_complete(self) -> bool:
+        """Set and return the complete flag: SYNC seen and seqs 0..count all present."""
+        if self.sync_seen and self.received() == self.count + 1:
+            self.complete = True
+        return self.complete
+
+    def encode(self) -> bytes:
+        flags = (_SYNC_SEEN if self.sync_seen else 0) | (_COMPLETE if self.complete else 0)
+        return _SET_STATE.pack(flags, self.count) + bytes(self.bitmap)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> SetState:
+        if len(buf) < _SET_STATE.size:
+            raise RecordError(f"set state of {len(buf)} bytes")
+        flags, count = _SET_STATE.unpack_from(buf)
+        if flags & ~(_SYNC_SEEN | _COMPLETE):
+            raise RecordError(f"unknown set state flags {flags:#x}")
+        return cls(bool(flags & _SYNC_SEEN), count, bool(flags & _COMPLETE),
+                   bytearray(buf[_SET_STATE.size :]))

@@ -38,6 +38,7 @@ class Daemon:
         self.log_path = log
         self.ready_text = ready
         self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
         self._ready = threading.Event()
 
     def start(self) -> Daemon:
@@ -90,6 +91,37 @@ def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None) ->
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
         unmount(mount)
+
+
+@contextmanager
+def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
+              ) -> Iterator[Daemon]:
+    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port."""
+    daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}", *extra],
+                    log or replica.parent / f"{replica.name}.log", "listening on")
+    daemon.start()
+    daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])
+    try:
+        yield daemon
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.stop()
+
+
+def checkpoint(mount: Path, wait: float = 60.0) -> int:
+    """Close a set on the primary and wait until the secondary applied it."""
+    result = replfs("checkpoint", mount, "--wait", str(wait), timeout=wait + 30)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def wait_applied(replica: Path, set_id: int, timeout: float = 60.0) -> int:
+    """Block until the secondary serving *replica* applied *set_id*; returns what it applied."""
+    from repl import control
+
+    reply = control.request(control.socket_path(replica), "wait", timeout=timeout + 10,
+                            set=set_id, seconds=timeout)
+    return int(reply["applied"])
 
 
 def unmount(mount: Path) -> None:

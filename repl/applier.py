@@ -1,0 +1,122 @@
+"""The secondary's applier: complete data sets -> the replica, strictly in order.
+
+Set N is applied only after N-1 (claim 24), and only once its complete flag
+is set (claims 20, 21, 25). Applying is redo-safe (repl/apply.py): a marker
+is committed before every namespace op, and after a crash the set resumes
+at the marker. When a set is done the replica is synced (syncfs) before the
+apply log says so; only then is N reported to the primary.
+
+Sets are applied in a worker thread, so a large set never stalls the
+streams; the thread owns the replica's Tree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from repl.apply import apply, intent_for, redo
+from repl.tree import Tree
+from store.records import NAMESPACE_OPS
+from store.staging import Staging
+
+log = logging.getLogger("replfs.applier")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RETRY_MAX = 5.0
+# Errors the replica's disk can recover from: wait and try the set again.
+TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Applier:
+    def __init__(self, staging: Staging, replica: str | os.PathLike[str],
+                 on_applied: Callable[[int], None] = lambda _: None) -> None:
+        self.staging = staging
+        self.replica = replica
+        self.on_applied = on_applied
+        self.applied = staging.applied
+        self.applying: int | None = None
+        self.error: str | None = None
+        self._wakeup = trio.Event()
+        self._applied_changed = trio.Event()
+        # Test-only fault point: called before each syscall-level step of an apply.
+        self.before_op: Callable[[int, int], None] = lambda set_id, seq: None
+
+    def notify(self) -> None:
+        """A set became complete (called by the receiver)."""
+        self._wakeup.set()
+
+    async def wait_applied(self, set_id: int) -> None:
+        while self.applied < set_id:
+            await self._applied_changed.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        tree = Tree(self.replica)
+        task_status.started()
+        delay = 0.1
+        try:
+            while True:
+                self._wakeup = trio.Event()
+                nxt = self.applied + 1
+                state = self.staging.state(nxt)
+                if state is None or not state.complete:
+                    await self._wakeup.wait()
+                    continue
+                self.applying = nxt
+                try:
+                    await trio.to_thread.run_sync(self._apply_set, tree, nxt)
+                except OSError as exc:
+                    self.error = f"applying set {nxt} failed: {exc}; will retry"
+                    log.error("%s", self.error)
+                    tree.forget_dirs()
+                    with trio.move_on_after(delay):
+                        await self._wakeup.wait()  # retry pacing, or sooner on news
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                finally:
+                    self.applying = None
+                delay = 0.1
+                self.error = None
+                self.applied = nxt
+                self._applied_changed.set()
+                self._applied_changed = trio.Event()
+                self.on_applied(nxt)
+        finally:
+            tree.close()
+
+    def _apply_set(self, tree: Tree, set_id: int) -> None:
+        """Apply one complete set, resuming at its marker if a crash interrupted it."""
+        marker = self.staging.marker()
+        start, intent = 0, None
+        if marker is not None and marker[0] == set_id:
+            start, intent = marker[1], marker[2]
+        in_doubt = marker is not None and marker[0] == set_id
+        count = 0
+        for record in self.staging.records(set_id, start):
+            self.before_op(set_id, record.seq)
+            if in_doubt:
+                redo(tree, record, intent)
+                in_doubt = False
+            elif record.op in NAMESPACE_OPS:
+                self.staging.set_marker(record, intent_for(tree, record))
+                self.before_op(set_id, record.seq)
+                apply(tree, record)
+            else:
+                apply(tree, record)
+            count += 1
+        self.before_op(set_id, -1)
+        syncfs(tree.root_fd)
+        self.staging.finish(set_id)
+        log.debug("applied set %d (%d records)", set_id, count)

@@ -1,0 +1,19 @@
+"""Errors of the replication protocol and roles."""
+
+from store.errors import ReplfsError
+
+
+class ReplError(ReplfsError):
+    """Replication could not go on as asked."""
+
+
+class ProtocolError(ReplError):
+    """The peer sent something that is not valid replfs protocol."""
+
+
+class Refused(ReplError):
+    """The peer is replfs but must not be served (other cluster, stale generation...)."""
+
+
+class UsageError(ReplfsError):
+    """Bad input from the user: said in one line, nothing touched."""

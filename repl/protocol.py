@@ -1,0 +1,177 @@
+"""Frames on the replication streams: length-prefixed, typed, checksummed.
+
+A connection opens with MAGIC (so a peer that is not replfs is told apart
+from one speaking garbage), then carries frames::
+
+    u32 length            of type + payload
+    u8  type              FrameType
+    ... payload
+    u64 checksum          xxh3_64 of type + payload
+
+A frame whose checksum does not match is never used: the stream can no
+longer be trusted, so the receiver counts it and drops the connection, and
+everything not acknowledged is sent again on the next one.
+
+This module and ``store/records.py`` are the only places that pack bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+import xxhash
+
+from repl.errors import ProtocolError
+from store.records import decode_key, decode_set, encode_key, encode_set
+
+MAGIC = b"REPLFS\x00\x01"
+PROTOCOL_VERSION = 1
+MAX_FRAME = 80 << 20
+
+_LENGTH = struct.Struct(">I")
+_TYPE = struct.Struct(">B")
+_CHECKSUM = struct.Struct(">Q")
+_KEY_SIZE = 12
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1  # JSON: who I am (both ways); the secondary's answer says where to start
+    RECORD = 2  # one encoded store.records.Record
+    STAGED = 3  # (set, seq) keys now durable in the secondary's staging store
+    APPLIED = 4  # u64 set id: the replica now equals the primary at that set's close
+    ERROR = 5  # UTF-8 text: why the peer is refused; the connection closes after it
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    payload: bytes
+
+    def encode(self) -> bytes:
+        body = _TYPE.pack(self.type) + self.payload
+        return _LENGTH.pack(len(body)) + body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def hello(**fields: Any) -> Frame:
+    return Frame(FrameType.HELLO, json.dumps(fields, sort_keys=True).encode())
+
+
+def parse_hello(frame: Frame) -> dict[str, Any]:
+    if frame.type == FrameType.ERROR:
+        raise ProtocolError(f"peer refused us: {frame.payload.decode(errors='replace')}")
+    if frame.type != FrameType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {frame.type.name}")
+    try:
+        fields = json.loads(frame.payload)
+    except ValueError:
+        raise ProtocolError("HELLO is not JSON") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError("HELLO is not a JSON object")
+    return fields
+
+
+def staged(keys: list[tuple[int, int]]) -> Frame:
+    return Frame(FrameType.STAGED, b"".join(encode_key(s, q) for s, q in keys))
+
+
+def parse_staged(frame: Frame) -> list[tuple[int, int]]:
+    p = frame.payload
+    if len(p) % _KEY_SIZE:
+        raise ProtocolError(f"STAGED payload of {len(p)} bytes")
+    return [decode_key(p[i : i + _KEY_SIZE]) for i in range(0, len(p), _KEY_SIZE)]
+
+
+def applied(set_id: int) -> Frame:
+    return Frame(FrameType.APPLIED, encode_set(set_id))
+
+
+def parse_applied(frame: Frame) -> int:
+    if len(frame.payload) != 8:
+        raise ProtocolError(f"APPLIED payload of {len(frame.payload)} bytes")
+    return decode_set(frame.payload)
+
+
+class FrameReader:
+    """Decode frames from a byte stream: length -> body -> checksum, then hand out.
+
+    Feed it bytes with ``feed()``; ``next()`` returns a whole, verified frame
+    or None when more bytes are needed. Raises ProtocolError on a bad length,
+    an unknown type or a checksum mismatch; the stream is then unusable.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # frames before it are consumed; compacted on feed
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> Frame | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buf, pos)
+        if not 1 <= length <= MAX_FRAME:
+            raise ProtocolError(f"bad frame length {length}")
+        start = pos + _LENGTH.size
+        if len(buf) < start + length + _CHECKSUM.size:
+            return None
+        body = bytes(buf[start : start + length])
+        (want,) = _CHECKSUM.unpack_from(buf, start + length)
+        self._pos = start + length + _CHECKSUM.size
+        if xxhash.xxh3_64_intdigest(body) != want:
+            raise ProtocolError("frame checksum mismatch")
+        try:
+            kind = FrameType(body[0])
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {body[0]}") from None
+        return Frame(kind, body[1:])
+
+
+class Connection:
+    """One replication stream: MAGIC, then frames both ways."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._reader = FrameReader()
+
+    async def send_magic(self) -> None:
+        await self.stream.send_all(MAGIC)
+
+    async def expect_magic(self) -> None:
+        got = b""
+        while len(got) < len(MAGIC):
+            chunk = await self.stream.receive_some(len(MAGIC) - len(got))
+            if not chunk:
+                raise ProtocolError("peer closed before saying who it is")
+            got += chunk
+        if got[:6] != MAGIC[:6]:
+            raise ProtocolError(f"peer is not replfs (it sent {got!r})")
+        if got != MAGIC:
+            raise ProtocolError(f"peer speaks replfs wire version {got[6:]!r}, we speak "
+                                f"{MAGIC[6:]!r}")
+
+    async def send(self, *frames: Frame) -> None:
+        await self.stream.send_all(b"".join(f.encode() for f in frames))
+
+    async def receive(self) -> Frame:
+        """The next frame. Raises trio.EndOfChannel when the peer closed cleanly."""
+        while True:
+            frame = self._reader.next()
+            if frame is not None:
+                return frame
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                raise trio.EndOfChannel
+            self._reader.feed(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -1,0 +1,227 @@
+"""The secondary's receiver: streams -> staging, acknowledged once durable.
+
+Records of any open set are accepted in any order from any stream (claims
+1, 11, 12, 23). One stager task takes whatever all streams delivered,
+stages it in one LMDB transaction, syncs, and only then acknowledges those
+records, before their set is complete (claims 5, 10): group commit across
+streams. A set whose last record arrives is flagged complete in that same
+transaction, and the applier is woken.
+
+A primary's connections share a session id; a new session replaces the
+old one (the primary reconnected). A peer that is not replfs, speaks
+another version, belongs to another cluster or sends an invalid record is
+refused with one log line, and nothing of the replica changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from repl.errors import ProtocolError, Refused
+from repl.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Frame,
+    FrameType,
+    applied,
+    hello,
+    parse_hello,
+    staged,
+)
+from store.errors import RecordError
+from store.records import Record
+from store.staging import Staging
+
+log = logging.getLogger("replfs.receiver")
+
+HANDSHAKE_TIMEOUT = 10.0
+STAGE_BATCH = 4096
+
+
+@dataclass
+class ReceiverStatus:
+    connected_streams: int = 0
+    peer_node: str | None = None
+    received: int = 0
+    staged: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    bad_frames: int = 0
+    refused: int = 0
+    last_staged: tuple[int, int] = (0, 0)
+    last_complete: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Stream:
+    conn: Connection
+    outbox: trio.MemorySendChannel[Frame]
+    scope: trio.CancelScope
+    session: str
+
+
+class Receiver:
+    def __init__(self, staging: Staging, on_complete: Callable[[], None]) -> None:
+        self.staging = staging
+        self.on_complete = on_complete
+        self.status = ReceiverStatus()
+        self._incoming_send, self._incoming = trio.open_memory_channel[
+            tuple[_Stream, Record]](STAGE_BATCH)
+        self._streams: list[_Stream] = []
+        self._session: str | None = None
+
+    async def serve(self, listeners: list[trio.SocketListener], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stager)
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
+
+    def report_applied(self, set_id: int) -> None:
+        """Tell the connected primary that *set_id* is applied (called by the applier)."""
+        for stream in self._streams[:1]:
+            try:
+                stream.outbox.send_nowait(applied(set_id))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # it learns the applied set at the next handshake anyway
+
+    def _error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.status.errors = [*self.status.errors[-9:], text]
+
+    async def _handle(self, socket_stream: trio.SocketStream) -> None:
+        peer = _peer(socket_stream)
+        conn = Connection(socket_stream)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                info = await self._handshake(conn)
+        except (ProtocolError, Refused) as exc:
+            self.status.refused += 1
+            self._error(f"refused connection from {peer}: {exc}")
+            with trio.move_on_after(1):
+                await conn.send(Frame(FrameType.ERROR, str(exc).encode()))
+            await conn.aclose()
+            return
+        except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError) as exc:
+            self._error(f"connection from {peer} failed during handshake: {exc!r}")
+            await conn.aclose()
+            return
+
+        session = str(info["session"])
+        if session != self._session:
+            if self._session is not None:
+                log.info("primary reconnected (session %s); closing the old streams", session)
+            for old in self._streams:
+                old.scope.cancel()
+            self._streams = []
+            self._session = session
+        # Unbounded: it only ever holds small acks, and the writer drains it.
+        outbox, pending = trio.open_memory_channel[Frame](math.inf)
+        with trio.CancelScope() as scope:
+            stream = _Stream(conn, outbox, scope, session)
+            self._streams.append(stream)
+            self.status.connected_streams = len(self._streams)
+            self.status.peer_node = info.get("node")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn, pending)
+                    await self._read(stream)
+                    nursery.cancel_scope.cancel()
+            except (ProtocolError, RecordError) as exc:
+                self.status.bad_frames += 1
+                self._error(f"dropped stream from {peer}: {exc}")
+            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+                self._error(f"stream from {peer} closed: {exc!r}")
+            finally:
+                if stream in self._streams:
+                    self._streams.remove(stream)
+                self.status.connected_streams = len(self._streams)
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def _handshake(self, conn: Connection) -> dict[str, object]:
+        await conn.expect_magic()
+        await conn.send_magic()
+        info = parse_hello(await conn.receive())
+        ident = self.staging.identity
+        if info.get("role") != "primary":
+            raise ProtocolError(f"peer is a {info.get('role')!r}, not a primary")
+        if info.get("version") != PROTOCOL_VERSION:
+            raise Refused(f"peer speaks protocol {info.get('version')}, "
+                          f"this secondary speaks {PROTOCOL_VERSION}")
+        cluster = info.get("cluster")
+        if not isinstance(cluster, str) or not cluster:
+            raise ProtocolError("HELLO without a cluster id")
+        if ident.cluster is None:
+            ident.cluster = cluster
+            self.staging.save_identity()
+            log.info("joined cluster %s", cluster)
+        elif cluster != ident.cluster:
+            raise Refused(f"peer belongs to cluster {cluster}, this replica to {ident.cluster}")
+        for name in ("session", "stream", "streams", "generation", "node"):
+            if name not in info:
+                raise ProtocolError(f"HELLO without {name}")
+        await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
+                              cluster=ident.cluster, generation=ident.generation,
+                              applied=self.staging.applied))
+        return info
+
+    async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
+        async for frame in frames:
+            batch = [frame]
+            while True:
+                try:
+                    batch.append(frames.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await conn.send(*batch)
+
+    async def _read(self, stream: _Stream) -> None:
+        while True:
+            frame = await stream.conn.receive()
+            if frame.type != FrameType.RECORD:
+                raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
+            record = Record.decode(frame.payload)
+            self.status.received += 1
+            await self._incoming_send.send((stream, record))
+
+    async def _stager(self) -> None:
+        while True:
+            batch = [await self._incoming.receive()]
+            while len(batch) < STAGE_BATCH:
+                try:
+                    batch.append(self._incoming.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            result = self.staging.stage([record for _, record in batch])
+            await trio.to_thread.run_sync(self.staging.sync)
+            self.status.staged += len(result.keys) - result.duplicates
+            self.status.duplicates += result.duplicates
+            self.status.stale += result.stale
+            if result.keys:
+                self.status.last_staged = max(self.status.last_staged, max(result.keys))
+            acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
+            for stream, record in batch:
+                acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
+            for stream, keys in acks.values():
+                try:
+                    stream.outbox.send_nowait(staged(keys))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # unacknowledged records are sent again; duplicates are dropped
+            if result.completed:
+                self.status.last_complete = max(self.status.last_complete, *result.completed)
+                self.on_complete()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"

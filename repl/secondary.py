@@ -1,0 +1,101 @@
+"""Run the secondary: receive into staging, apply complete sets to the replica."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from repl import control
+from repl.applier import Applier
+from repl.errors import UsageError
+from repl.receiver import Receiver
+from store.staging import Staging
+
+log = logging.getLogger("replfs.secondary")
+
+
+def default_state_dir(tree: str | os.PathLike[str]) -> Path:
+    """Where a tree's journal and staging live unless told: beside it, hidden."""
+    path = Path(os.path.realpath(tree))
+    return path.parent / f".{path.name}.replfs"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:7070)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
+                        insecure: bool) -> None:
+    host, port = parse_address(listen)
+    if not insecure and not is_loopback(host):
+        raise UsageError(f"refusing to listen on {host}: peers are not authenticated yet; "
+                         "listen on a loopback address or pass --insecure")
+    if not replica.is_dir():
+        if not replica.parent.is_dir():
+            raise UsageError(f"replica {replica}: its parent directory does not exist")
+        replica.mkdir()
+    os.umask(0)
+    staging = Staging(staging_dir or default_state_dir(replica) / "staging")
+    try:
+        dropped = staging.drop_partial()
+        if dropped:
+            log.info("erased partial sets %s; the primary sends them again", dropped)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; "
+                             "pick another port or stop what uses it") from None
+        bound = listeners[0].socket.getsockname()
+        receiver: Receiver
+        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
+        receiver = Receiver(staging, on_complete=applier.notify)
+
+        async def status(_: dict[str, Any]) -> dict[str, Any]:
+            r = receiver.status
+            sets = staging.sets()
+            return {
+                "role": "secondary", "replica": str(replica), "listen": f"{host}:{bound[1]}",
+                "cluster": staging.identity.cluster, "node": staging.identity.node,
+                "connected_streams": r.connected_streams, "peer": r.peer_node,
+                "last_staged": list(r.last_staged), "last_complete": r.last_complete,
+                "last_applied": applier.applied, "applying": applier.applying,
+                "sets_in_flight": len(sets), "complete_waiting": sum(s.complete
+                                                                      for s in sets.values()),
+                "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
+                "bad_frames": r.bad_frames, "refused": r.refused,
+                "staging_bytes": staging.size(), "apply_error": applier.error,
+                "errors": r.errors,
+            }
+
+        async def wait(request: dict[str, Any]) -> dict[str, Any]:
+            """Return once set ``set`` is applied (or after ``seconds``)."""
+            with trio.move_on_after(float(request.get("seconds", 60))):
+                await applier.wait_applied(int(request["set"]))
+            return {"applied": applier.applied}
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            await nursery.start(receiver.serve, listeners)
+            await nursery.start(control.serve, control.socket_path(replica),
+                                {"status": status, "wait": wait})
+            log.info("listening on %s:%d for the primary; replica %s at set %d",
+                     bound[0], bound[1], replica, staging.applied)
+    finally:
+        staging.close()

@@ -1,0 +1,209 @@
+"""The primary's sender: journal -> N parallel streams -> the secondary.
+
+Records go out as soon as they are journaled, set N+1 while N is still in
+flight (claims 1, 22, 23), spread across the streams so they arrive out of
+order (claims 11, 12). The sender never queues records in memory beyond
+one batch: capture notifies it through a one-slot signal and it reads the
+journal from its position. What is sent but not yet staged by the
+secondary is bounded by ``window`` bytes (backpressure).
+
+Any failure of any stream ends the whole session; the next session starts
+from the set after the one the secondary says it applied, so everything
+not applied is sent again and the secondary drops what it already holds.
+The journal keeps every record until its set is reported applied (claim 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from dataclasses import dataclass, field
+
+import trio
+
+from repl.errors import ProtocolError, Refused
+from repl.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Frame,
+    FrameType,
+    hello,
+    parse_applied,
+    parse_hello,
+    parse_staged,
+)
+from store.journal import Journal
+
+log = logging.getLogger("replfs.sender")
+
+BATCH_BYTES = 1 << 20
+WINDOW_BYTES = 64 << 20
+RETRY_MAX = 5.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class SenderStatus:
+    connected: bool = False
+    streams: int = 0
+    peer_node: str | None = None
+    shipped: tuple[int, int] = (0, 0)  # last (set, seq) sent
+    staged: int = 0  # records the secondary acknowledged as staged, this session
+    applied: int = 0  # last set the secondary applied
+    inflight_bytes: int = 0
+    sessions: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Sender:
+    def __init__(self, journal: Journal, host: str, port: int, *, streams: int = 4,
+                 window: int = WINDOW_BYTES, scramble: int | None = None) -> None:
+        self.journal = journal
+        self.host, self.port = host, port
+        self.nstreams = streams
+        self.window = window
+        self.rng = random.Random(scramble) if scramble is not None else None
+        self.status = SenderStatus()
+        self._wakeup = trio.Event()
+        self._acked = trio.Event()
+        self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
+        self._inflight: dict[tuple[int, int], int] = {}
+
+    async def wait_applied(self, set_id: int) -> None:
+        while self.status.applied < set_id:
+            await self.applied_event.wait()
+
+    def notify(self) -> None:
+        """New records are in the journal (called by capture, synchronously)."""
+        self._wakeup.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Replicate forever, reconnecting after any failure."""
+        task_status.started()
+        delay = 0.1
+        while True:
+            try:
+                await self._session()
+            except Refused as exc:
+                self._error(f"refused by {self.host}:{self.port}: {exc}")
+                delay = RETRY_MAX
+            except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError,
+                    ProtocolError) as exc:
+                was = self.status.connected
+                self._error(f"replication to {self.host}:{self.port} "
+                            f"{'lost' if was else 'failed'}: {exc or type(exc).__name__}")
+                delay = 0.1 if was else min(delay * 2, RETRY_MAX)
+            finally:
+                self.status.connected = False
+                self._inflight.clear()
+                self.status.inflight_bytes = 0
+            await trio.sleep(delay)  # retry pacing, not a wait for an event
+
+    def _error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.status.errors = [*self.status.errors[-9:], text]
+
+    async def _session(self) -> None:
+        session = secrets.token_hex(8)
+        conns: list[Connection] = []
+        try:
+            start = 0
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                for index in range(self.nstreams):
+                    conn = Connection(await trio.open_tcp_stream(self.host, self.port))
+                    conns.append(conn)
+                    start = await self._handshake(conn, session, index)
+            self._set_applied(start)
+            self.status.connected = True
+            self.status.streams = len(conns)
+            self.status.sessions += 1
+            self.status.staged = 0
+            log.info("replicating to %s:%d over %d streams, from set %d", self.host, self.port,
+                     len(conns), start + 1)
+            async with trio.open_nursery() as nursery:
+                outboxes = []
+                for conn in conns:
+                    send, receive = trio.open_memory_channel[list[Frame]](1)
+                    outboxes.append(send)
+                    nursery.start_soon(self._writer, conn, receive)
+                    nursery.start_soon(self._reader, conn)
+                nursery.start_soon(self._feeder, outboxes, start + 1)
+        finally:
+            for conn in conns:
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def _handshake(self, conn: Connection, session: str, index: int) -> int:
+        ident = self.journal.identity
+        await conn.send_magic()
+        await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
+                              node=ident.node, generation=ident.generation, session=session,
+                              stream=index, streams=self.nstreams))
+        await conn.expect_magic()
+        try:
+            reply = parse_hello(await conn.receive())
+        except ProtocolError as exc:
+            raise Refused(str(exc).removeprefix("peer refused us: ")) from None
+        if reply.get("role") != "secondary":
+            raise ProtocolError(f"peer is a {reply.get('role')!r}, not a secondary")
+        self.status.peer_node = reply.get("node")
+        return int(reply["applied"])
+
+    def _set_applied(self, set_id: int) -> None:
+        if set_id > self.status.applied or not self.status.connected:
+            self.status.applied = set_id
+            self.journal.trim(set_id)
+            self.applied_event.set()
+            self.applied_event = trio.Event()
+
+    async def _feeder(self, outboxes: list[trio.MemorySendChannel[list[Frame]]],
+                      start_set: int) -> None:
+        pos = (start_set, 0)
+        turn = 0
+        while True:
+            self._wakeup = trio.Event()
+            batch = self.journal.read_raw(pos[0], pos[1], BATCH_BYTES)
+            if not batch:
+                await self._wakeup.wait()
+                continue
+            while self.status.inflight_bytes > self.window:
+                self._acked = trio.Event()
+                await self._acked.wait()
+            per_stream: list[list[Frame]] = [[] for _ in outboxes]
+            if self.rng is not None:
+                self.rng.shuffle(batch)
+            for set_id, seq, raw in batch:
+                index = self.rng.randrange(len(outboxes)) if self.rng else turn % len(outboxes)
+                turn += 1
+                per_stream[index].append(Frame(FrameType.RECORD, raw))
+                self._inflight[(set_id, seq)] = len(raw)
+                self.status.inflight_bytes += len(raw)
+            last = max((s, q) for s, q, _ in batch)
+            pos = (last[0], last[1] + 1)
+            self.status.shipped = last
+            for outbox, frames in zip(outboxes, per_stream, strict=True):
+                if frames:
+                    await outbox.send(frames)
+
+    async def _writer(self, conn: Connection,
+                      frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:
+        async for batch in frames:
+            await conn.send(*batch)
+
+    async def _reader(self, conn: Connection) -> None:
+        while True:
+            frame = await conn.receive()
+            if frame.type == FrameType.STAGED:
+                for key in parse_staged(frame):
+                    size = self._inflight.pop(key, 0)
+                    self.status.inflight_bytes -= size
+                    self.status.staged += 1
+                self._acked.set()
+            elif frame.type == FrameType.APPLIED:
+                self._set_applied(parse_applied(frame))
+            elif frame.type == FrameType.ERROR:
+                raise Refused(frame.payload.decode(errors="replace"))
+            else:
+                raise ProtocolError(f"unexpected {frame.type.name} frame from the secondary")

@@ -1,0 +1,178 @@
+"""The secondary's staging store: records by (set, seq), set bitmaps, the apply log.
+
+This is the claims' target VLUN. Records of any open set arrive in any
+order and are staged at once; each set's SetState (bitmap, SYNC seen,
+complete flag) changes in the same LMDB transaction as its records, so
+after a crash the complete flag is exactly as true as the staged records
+(claims 20, 21). Callers ``sync()`` before acknowledging what they staged.
+
+The apply log is two meta keys: ``applied`` (the last set applied to the
+replica) and ``marker`` (the namespace op of the next set about to run,
+with its intent; see repl/apply.py for the redo rule).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from store import identity
+from store.errors import StoreError
+from store.journal import MAP_SIZE, lock_dir
+from store.records import (
+    Op,
+    Record,
+    SetState,
+    decode_key,
+    decode_set,
+    encode_key,
+    encode_set,
+)
+
+_APPLIED = b"applied"
+_MARKER = b"marker"
+_KEY_SIZE = 12
+
+
+@dataclass
+class Staged:
+    """What one ``stage()`` call did."""
+
+    keys: list[tuple[int, int]] = field(default_factory=list)  # newly staged or already held
+    duplicates: int = 0
+    stale: int = 0  # records of sets already applied
+    completed: list[int] = field(default_factory=list)
+
+
+class Staging:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_dir(self.path / "LOCK")
+        try:
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False,
+                                 metasync=False, readahead=False)
+        except lmdb.Error as exc:
+            os.close(self._lock_fd)
+            raise StoreError(f"open staging {self.path}: {exc}") from exc
+        self._records = self.env.open_db(b"records")
+        self._sets = self.env.open_db(b"sets")
+        self._meta = self.env.open_db(b"meta")
+        self.identity = identity.load(self.env, self._meta, make_cluster=False)
+
+    def save_identity(self) -> None:
+        identity.save(self.env, self._meta, self.identity)
+
+    # --- staging ------------------------------------------------------------------
+
+    @property
+    def applied(self) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+        return decode_set(raw) if raw else 0
+
+    def stage(self, records: list[Record]) -> Staged:
+        """Stage *records* in one transaction; duplicates and stale ones are dropped."""
+        out = Staged()
+        states: dict[int, SetState] = {}
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+            applied = decode_set(raw) if raw else 0
+            for record in records:
+                if record.set <= applied:
+                    out.stale += 1
+                    continue
+                state = states.get(record.set)
+                if state is None:
+                    raw = txn.get(encode_set(record.set), db=self._sets)
+                    state = states[record.set] = SetState.decode(raw) if raw else SetState()
+                out.keys.append((record.set, record.seq))
+                if not state.mark(record.seq):
+                    out.duplicates += 1
+                    continue
+                txn.put(record.key, record.encode(), db=self._records)
+                if record.op == Op.SYNC:
+                    state.sync_seen, state.count = True, record.count
+            for set_id, state in states.items():
+                was_complete = state.complete
+                if state.check_complete() and not was_complete:
+                    out.completed.append(set_id)
+                txn.put(encode_set(set_id), state.encode(), db=self._sets)
+        return out
+
+    def sync(self) -> None:
+        """Make everything staged durable. Blocking; call it from a thread."""
+        self.env.sync(True)
+
+    def state(self, set_id: int) -> SetState | None:
+        with self.env.begin() as txn:
+            raw = txn.get(encode_set(set_id), db=self._sets)
+        return SetState.decode(raw) if raw else None
+
+    def sets(self) -> dict[int, SetState]:
+        with self.env.begin() as txn:
+            return {decode_set(k): SetState.decode(v) for k, v in txn.cursor(db=self._sets)}
+
+    def records(self, set_id: int, start_seq: int = 0) -> Iterator[Record]:
+        """The staged records of *set_id* from *start_seq* on, in seq order."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            if not cursor.set_range(encode_key(set_id, start_seq)):
+                return
+            for key, value in cursor:
+                if decode_key(key)[0] != set_id:
+                    return
+                yield Record.decode(value)
+
+    def drop_partial(self) -> list[int]:
+        """Erase every set that is not complete (claim 27). Returns their ids."""
+        dropped = [s for s, state in self.sets().items() if not state.complete]
+        with self.env.begin(write=True) as txn:
+            for set_id in dropped:
+                self._delete_set(txn, set_id)
+        return dropped
+
+    def _delete_set(self, txn: lmdb.Transaction, set_id: int) -> None:
+        cursor = txn.cursor(db=self._records)
+        if cursor.set_range(encode_key(set_id, 0)):
+            while cursor.key() and decode_key(cursor.key())[0] == set_id:
+                cursor.delete()
+        txn.delete(encode_set(set_id), db=self._sets)
+
+    # --- apply log -------------------------------------------------------------------
+
+    def set_marker(self, record: Record, intent: bytes | None) -> None:
+        """Commit that *record* (a namespace op) is about to run."""
+        with self.env.begin(write=True) as txn:
+            txn.put(_MARKER, record.key + (intent or b""), db=self._meta)
+
+    def marker(self) -> tuple[int, int, bytes | None] | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_MARKER, db=self._meta)
+        if not raw:
+            return None
+        set_id, seq = decode_key(raw[:_KEY_SIZE])
+        return set_id, seq, bytes(raw[_KEY_SIZE:]) or None
+
+    def finish(self, set_id: int) -> None:
+        """Record *set_id* applied, drop its staging and the marker, durably."""
+        with self.env.begin(write=True) as txn:
+            txn.put(_APPLIED, encode_set(set_id), db=self._meta)
+            txn.delete(_MARKER, db=self._meta)
+            self._delete_set(txn, set_id)
+        self.env.sync(True)
+
+    def size(self) -> int:
+        with self.env.begin() as txn:
+            info = txn.stat(self._records)
+        return int((info["branch_pages"] + info["leaf_pages"] + info["overflow_pages"])
+                   * info["psize"])
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
+        os.close(self._lock_fd)
