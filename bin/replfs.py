@@ -102,6 +102,8 @@ def build_parser() -> Parser:
     p.add_argument("target", type=Path, metavar="MOUNTPOINT|REPLICA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    command("demo", "run a primary and a secondary on loopback through a crash")
+
     p = command("dump", "print the records of a journal readably")
     p.add_argument("path", type=Path, metavar="PATH")
     return parser
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for key, value in reply.items():
                     print(f"{key.replace('_', ' ')}: {value}")
+        elif args.command == "demo":
+            from demo import run as demo
+
+            return demo()
         elif args.command == "dump":
             dump(args.path, sys.stdout)
     except (UsageError, ReplfsError) as exc:

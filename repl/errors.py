@@ -17,3 +17,11 @@ class Refused(ReplError):
 
 class UsageError(ReplfsError):
     """Bad input from the user: said in one line, nothing touched."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of a (nested) exception group, for a one-line log."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

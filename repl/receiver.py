@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from repl.errors import ProtocolError, Refused
+from repl.errors import first_error as _first
 from repl.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -133,11 +134,11 @@ class Receiver:
                     nursery.start_soon(self._writer, conn, pending)
                     await self._read(stream)
                     nursery.cancel_scope.cancel()
-            except (ProtocolError, RecordError) as exc:
+            except* (ProtocolError, RecordError) as group:
                 self.status.bad_frames += 1
-                self._error(f"dropped stream from {peer}: {exc}")
-            except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
-                self._error(f"stream from {peer} closed: {exc!r}")
+                self._error(f"dropped stream from {peer}: {_first(group)}")
+            except* (OSError, trio.BrokenResourceError, trio.EndOfChannel) as group:
+                self._error(f"stream from {peer} closed: {_first(group)!r}")
             finally:
                 if stream in self._streams:
                     self._streams.remove(stream)

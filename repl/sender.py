@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from repl.errors import ProtocolError, Refused
+from repl.errors import first_error as _first
 from repl.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -36,6 +37,11 @@ from repl.protocol import (
 from store.journal import Journal
 
 log = logging.getLogger("replfs.sender")
+
+# What a broken link or a confused peer raises: the session ends and a new one starts.
+_LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError,
+                ProtocolError)
+
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 64 << 20
@@ -84,17 +90,17 @@ class Sender:
         task_status.started()
         delay = 0.1
         while True:
+            was = self.status.connected
             try:
                 await self._session()
-            except Refused as exc:
-                self._error(f"refused by {self.host}:{self.port}: {exc}")
+            except* Refused as group:
+                self._error(f"refused by {self.host}:{self.port}: {_first(group)}")
                 delay = RETRY_MAX
-            except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError,
-                    ProtocolError) as exc:
-                was = self.status.connected
+            except* _LINK_ERRORS as group:
                 self._error(f"replication to {self.host}:{self.port} "
-                            f"{'lost' if was else 'failed'}: {exc or type(exc).__name__}")
-                delay = 0.1 if was else min(delay * 2, RETRY_MAX)
+                            f"{'lost' if self.status.connected else 'failed'}: "
+                            f"{_first(group)!r}")
+                delay = 0.1 if self.status.connected or was else min(delay * 2, RETRY_MAX)
             finally:
                 self.status.connected = False
                 self._inflight.clear()
