@@ -21,6 +21,7 @@ from collections.abc import Callable
 import trio
 
 from repl.apply import apply, intent_for, redo
+from repl.faults import ApplyFaults
 from repl.tree import Tree
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
@@ -50,8 +51,7 @@ class Applier:
         self.error: str | None = None
         self._wakeup = trio.Event()
         self._applied_changed = trio.Event()
-        # Test-only fault point: called before each syscall-level step of an apply.
-        self.before_op: Callable[[int, int], None] = lambda set_id, seq: None
+        self.faults = ApplyFaults()
 
     def notify(self) -> None:
         """A set became complete (called by the receiver)."""
@@ -105,18 +105,18 @@ class Applier:
         in_doubt = marker is not None and marker[0] == set_id
         count = 0
         for record in self.staging.records(set_id, start):
-            self.before_op(set_id, record.seq)
+            self.faults.step(set_id, record.seq)
             if in_doubt:
                 redo(tree, record, intent)
                 in_doubt = False
             elif record.op in NAMESPACE_OPS:
                 self.staging.set_marker(record, intent_for(tree, record))
-                self.before_op(set_id, record.seq)
+                self.faults.step(set_id, record.seq)
                 apply(tree, record)
             else:
                 apply(tree, record)
             count += 1
-        self.before_op(set_id, -1)
+        self.faults.step(set_id, -1)
         syncfs(tree.root_fd)
         self.staging.finish(set_id)
         log.debug("applied set %d (%d records)", set_id, count)

@@ -26,6 +26,14 @@ def default_state_dir(tree: str | os.PathLike[str]) -> Path:
     return path.parent / f".{path.name}.replfs"
 
 
+def _run_end(applied: int, complete: list[int]) -> int:
+    """The last set the applier can reach: complete sets follow *applied* without a gap."""
+    have = set(complete)
+    while applied + 1 in have:
+        applied += 1
+    return applied
+
+
 def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -70,14 +78,15 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status
             sets = staging.sets()
+            complete = [n for n, s in sets.items() if s.complete]
             return {
                 "role": "secondary", "replica": str(replica), "listen": f"{host}:{bound[1]}",
                 "cluster": staging.identity.cluster, "node": staging.identity.node,
                 "connected_streams": r.connected_streams, "peer": r.peer_node,
                 "last_staged": list(r.last_staged), "last_complete": r.last_complete,
                 "last_applied": applier.applied, "applying": applier.applying,
-                "sets_in_flight": len(sets), "complete_waiting": sum(s.complete
-                                                                      for s in sets.values()),
+                "sets_in_flight": len(sets), "complete_waiting": len(complete),
+                "applicable_through": _run_end(applier.applied, complete),
                 "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "staging_bytes": staging.size(), "apply_error": applier.error,

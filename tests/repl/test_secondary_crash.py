@@ -1,0 +1,105 @@
+"""The secondary killed while receiving or in the middle of applying a set.
+
+On restart it reaches exactly the primary's state at the close of its last
+complete set (never a mix of two sets, never an op done twice), then
+catches up with the primary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from repl import control
+from repl.faults import ENV_KILL_AT_APPLY_STEP
+from tests.support import (
+    Entry,
+    checkpoint,
+    diff,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    wait_applied,
+)
+
+
+def phase(m: Path, i: int) -> None:
+    """Ops of every kind whose replay could go wrong: renames, links, appends, truncates."""
+    d = m / f"d{i % 2}"
+    d.mkdir(exist_ok=True)
+    with open(m / "append.log", "ab") as f:
+        f.write(b"phase %d\n" % i)
+    (m / "new").write_bytes(os.urandom(3000 + i))
+    os.replace(m / "new", d / f"file{i % 3}")
+    if i % 3 == 0:
+        os.link(d / f"file{i % 3}", m / f"hard{i}")
+    if i % 3 == 1 and (m / f"hard{i - 1}").exists():
+        os.unlink(m / f"hard{i - 1}")
+    with open(d / f"file{i % 3}", "r+b") as f:
+        f.truncate(1000 + i)
+    os.chmod(d / f"file{i % 3}", 0o600 + i % 8)
+    if i % 4 == 3:
+        os.rename(m / "d0", m / "tmp")
+        os.rename(m / "d1", m / "d0")
+        os.rename(m / "tmp", m / "d1")
+
+
+def status(replica: Path) -> dict[str, object]:
+    return control.request(control.socket_path(replica), "status")
+
+
+@pytest.mark.parametrize("kill_at_step", [1, 7, 23, 58, 131])
+def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_step: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    states: dict[int, dict[str, Entry]] = {}
+    monkeypatch.setenv(ENV_KILL_AT_APPLY_STEP, str(kill_at_step))
+    with secondary(replica) as daemon:
+        monkeypatch.delenv(ENV_KILL_AT_APPLY_STEP)
+        port = daemon.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--set-interval", "3600"):
+            for i in range(12):
+                phase(mount, i)
+                result = replfs("checkpoint", mount)
+                states[int(result.stdout)] = snapshot(backing)
+            assert daemon.proc is not None
+            assert daemon.proc.wait(60) == -9, "the fault point killed the secondary"
+
+    # The primary is gone: the secondary can only apply what it holds, whole sets only.
+    with secondary(replica, port=port):
+        st = status(replica)
+        target = int(st["applicable_through"])  # type: ignore[arg-type]
+        assert wait_applied(replica, target) == target
+        assert target in states or target == 0
+        expected = states.get(target)
+        if expected is not None:
+            assert diff(expected, snapshot(replica)) == []
+
+    # With the primary back, it catches up to the end.
+    with secondary(replica, port=port), primary(backing, mount, "--secondary",
+                                                f"127.0.0.1:{port}"):
+        last = max(states)
+        assert wait_applied(replica, last) >= last
+        assert diff(states[last], snapshot(replica)) == []
+
+
+def test_secondary_killed_while_receiving_converges(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}", "--scramble", "3"):
+            for i in range(30):
+                phase(mount, i)
+            sec.kill()
+            for i in range(30, 60):  # the application never notices
+                phase(mount, i)
+            with secondary(replica, port=port):
+                last = checkpoint(mount)
+                assert diff(snapshot(backing), snapshot(replica)) == []
+    assert last > 0
