@@ -77,6 +77,8 @@ def build_parser() -> Parser:
                    help="close a data set at least this often (default 1)")
     p.add_argument("--set-bytes", type=size, default=64 << 20, metavar="N",
                    help="close a data set once it holds this much (default 64M)")
+    p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
+                   help="journal budget; past it, a dirty map stands in (default 1G)")
     p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
     p.add_argument("--streams", type=int, default=4, metavar="N",
                    help="parallel TCP streams to the secondary (default 4)")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.parser.error("--streams must be at least 1")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
-                args.secondary, args.streams, args.scramble))
+                args.journal_max, args.secondary, args.streams, args.scramble))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
         elif args.command == "checkpoint":

@@ -15,7 +15,7 @@ import trio
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
 from repl import control
-from repl.capture import DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
+from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.errors import UsageError
 from repl.secondary import default_state_dir, parse_address
 from repl.sender import Sender
@@ -53,6 +53,7 @@ class PrimaryConfig:
     journal: Path | None = None
     set_interval: float = DEFAULT_SET_INTERVAL
     set_bytes: int = DEFAULT_SET_BYTES
+    journal_max: int = DEFAULT_JOURNAL_MAX
     secondary: str | None = None  # HOST:PORT
     streams: int = 4
     scramble: int | None = None  # seed: shuffle records across streams (testing aid)
@@ -69,7 +70,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
     tree = Tree(backing)
-    capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes)
+    capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
+                      journal_max=cfg.journal_max, replicating=peer is not None)
     try:
         note = capture.recover()
         if note:
@@ -78,6 +80,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble)
             capture.on_append = sender.notify
+            sender.on_applied = capture.caught_up
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
@@ -120,8 +123,12 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             "role": "primary", "mountpoint": str(mountpoint), "journal": str(j.path),
             "cluster": j.identity.cluster, "node": j.identity.node,
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
-            "last_closed_set": j.set - 1, "journal_bytes": j.size(),
+            "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
+            "journal_max": capture.journal_max,
+            "mode": "overflow" if capture.overflow else "streaming",
         }
+        if capture.overflow:
+            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes()}
         if sender is not None:
             st = sender.status
             out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from fs.errors import fuse_errors
+from fs.errors import fuse_errors, log
 from fs.inodes import ROOT, Inodes
 from repl.apply import intent_for, renameat2
 from repl.capture import Capture
@@ -217,7 +217,11 @@ class PrimaryFS(pyfuse3.Operations):
         try:
             pfd = self.inodes.dir_fd(parent)
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            record = self._journal(op, self.inodes.child_path(parent, name))
+            path = self.inodes.child_path(parent, name)
+            kept = self.capture.dirty.files.get(path, []) if path is not None else []
+            record = self._journal(op, path)
+            if kept and st.st_nlink > 1:
+                self._keep_dirty(self.inodes.ino_of(st), (parent, name), kept)
             try:
                 if op == Op.RMDIR:
                     os.rmdir(name, dir_fd=pfd)
@@ -229,6 +233,19 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.drop_name(self.inodes.ino_of(st), parent, name)
         finally:
             self.inodes.trim()
+
+    def _keep_dirty(self, ino: int, gone: tuple[int, bytes],
+                    ranges: list[tuple[int, int]]) -> None:
+        """A dirty file loses one of its names: its dirty ranges move to another."""
+        node = self.inodes.nodes.get(ino)
+        for parent, name in (node.names - {gone}) if node else ():
+            other = self.inodes.child_path(parent, name)
+            if other is not None:
+                for start, end in ranges:
+                    self.capture.dirty.add(other, start, end)
+                return
+        log.warning("dirty ranges of a hard-linked file lost their last known name; "
+                    "its other names may lag on the replica until they are written again")
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -402,7 +419,7 @@ class PrimaryFS(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         inode = self.files[fh]
-        record = self._journal(Op.WRITE, self.inodes.path(inode), offset=off, data=buf)
+        record = self.capture.write(self.inodes.path(inode), off, buf)
         try:
             written = os.pwrite(fh, buf, off)
         except OSError:

@@ -10,11 +10,22 @@ the set touched (repl/touched.py), then the SYNC record.
 Group commit: ``durable()`` waits for one background flush that covers
 the caller's commit; all fsyncs that arrive while a flush runs share the
 next one.
+
+The journal budget. Records stay until the secondary applied their set.
+If it stays away until the journal passes ``journal_max``, capture stops
+journaling write data: the open set stays open, namespace and attribute
+ops are still journaled, and written ranges go to the dirty map
+(store/dirty.py). Once the secondary has applied every closed set,
+``resync()`` reads those ranges from the backing directory into the open
+set and closes it, so the replica goes from one whole set to the next.
+With no secondary at all, the oldest sets are dropped instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -23,13 +34,17 @@ import trio
 from repl import apply as applier
 from repl.touched import Touched
 from repl.tree import Tree
+from store.dirty import DirtyMap
 from store.journal import Journal
-from store.records import NAMESPACE_OPS, Op, Record
+from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record
 
 log = logging.getLogger("replfs.capture")
 
 DEFAULT_SET_INTERVAL = 1.0
 DEFAULT_SET_BYTES = 64 << 20
+DEFAULT_JOURNAL_MAX = 1 << 30
+RESYNC_CHUNK = 1 << 20
+_OVERFLOW = b"overflow"
 
 
 class Capture:
@@ -40,11 +55,18 @@ class Capture:
         *,
         set_interval: float = DEFAULT_SET_INTERVAL,
         set_bytes: int = DEFAULT_SET_BYTES,
+        journal_max: int = DEFAULT_JOURNAL_MAX,
+        replicating: bool = False,
     ) -> None:
         self.journal = journal
         self.backing = backing
         self.set_interval = set_interval
         self.set_bytes = set_bytes
+        self.journal_max = journal_max
+        self.replicating = replicating
+        self.dirty = DirtyMap(journal.env)
+        self.overflow = journal.get_meta(_OVERFLOW) is not None
+        self.applied = 0  # the last set the secondary reported applied
         self.touched = Touched()
         self.on_append: Callable[[], None] = lambda: None  # wakes the sender
         self.closed_times: dict[int, float] = {}
@@ -60,10 +82,79 @@ class Capture:
         """Journal one op before it is applied to the backing directory."""
         record = self.journal.append(op, intent, **fields)
         self.touched.add(record)
+        if self.overflow and self.dirty:
+            self._follow(record)
         self.on_append()
         if self.journal.set_bytes >= self.set_bytes:
             self._close_wanted.set()
         return record
+
+    def write(self, path: bytes | None, offset: int, data: bytes) -> Record | None:
+        """Journal a write, or only mark its range dirty while over budget."""
+        if path is None:
+            return None  # a file with no name left: nothing any name shows changes
+        backlog = self.journal.bytes - self.journal.set_bytes  # closed sets not yet applied
+        if not self.overflow and self.replicating and backlog > self.journal_max:
+            self._enter_overflow()
+        if self.overflow:
+            self.dirty.add(path, offset, offset + len(data))
+            self.touched.paths.add(path)
+            return None
+        return self.record(Op.WRITE, path=path, offset=offset, data=data)
+
+    def _follow(self, record: Record) -> None:
+        """Keep the dirty map's paths naming the same files across namespace ops."""
+        if record.op == Op.RENAME:
+            if record.flags & RENAME_EXCHANGE:
+                self.dirty.move({record.path: record.path2, record.path2: record.path})
+            else:
+                self.dirty.forget(record.path2)
+                self.dirty.move({record.path: record.path2})
+        elif record.op in (Op.UNLINK, Op.RMDIR):
+            self.dirty.forget(record.path)
+
+    def _enter_overflow(self) -> None:
+        log.warning("journal passed its budget (%d > %d bytes) with the secondary behind; "
+                    "keeping a dirty map instead of write data until it catches up",
+                    self.journal.bytes, self.journal_max)
+        self.overflow = True
+        self.journal.put_meta(_OVERFLOW, b"1")
+
+    def resync(self) -> int:
+        """Read the dirty ranges from the backing directory into the open set and close it.
+
+        Returns the id of the set that brings the replica up to date.
+        """
+        files, total = len(self.dirty.files), self.dirty.bytes()
+        log.info("resync: %d files, %d dirty bytes, read from the backing directory",
+                 files, total)
+        for path, ranges in sorted(self.dirty.files.items()):
+            st = self.backing.lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            fd, name = self.backing.parent(path)
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                for start, end in ranges:
+                    for offset in range(start, min(end, st.st_size), RESYNC_CHUNK):
+                        data = os.pread(file_fd, min(RESYNC_CHUNK, end - offset), offset)
+                        if data:
+                            self.journal.append(Op.WRITE, path=path, offset=offset, data=data)
+            finally:
+                os.close(file_fd)
+            self.touched.paths.add(path)
+        self.dirty.clear()
+        self.overflow = False
+        self.journal.put_meta(_OVERFLOW, None)
+        closed = self.close_set()
+        log.info("resync done: set %d carries %d files, streaming resumes", closed, files)
+        return closed
+
+    def caught_up(self, applied: int) -> None:
+        """The secondary applied *applied*: leave overflow once nothing closed is pending."""
+        self.applied = applied
+        if self.overflow and applied >= self.journal.set - 1:
+            self.resync()
 
     def void(self, record: Record) -> None:
         """Mark *record* as an op that failed on the backing directory."""
@@ -75,8 +166,11 @@ class Capture:
                                 offset=record.offset, data=record.data[:written]))
 
     def close_set(self) -> int:
-        """Close the current set, if it has ops. Returns the id of the last closed set."""
-        if self.journal.set_is_empty:
+        """Close the current set, if it has ops. Returns the id of the last closed set.
+
+        While over budget the set stays open (see the module comment).
+        """
+        if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
         for path in sorted(self.touched.paths):
             st = self.backing.lstat(path)
@@ -89,8 +183,18 @@ class Capture:
         self.closed_times[closed] = self.closed_at
         if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
             del self.closed_times[min(self.closed_times)]
+        if not self.replicating:
+            self._drop_oldest()
         self.on_append()
         return closed
+
+    def _drop_oldest(self) -> None:
+        """With nobody to send to, keep the journal within budget by dropping old sets."""
+        while self.journal.bytes > self.journal_max:
+            first = self.journal.first_set()
+            if first is None or first >= self.journal.set - 1:
+                return
+            self.journal.trim(first)
 
     def lag_seconds(self, applied: int) -> float:
         """How long the oldest closed set not yet applied has waited."""
@@ -168,5 +272,8 @@ class Capture:
             what = f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
         for record in self.journal.records(last.set):
             self.touched.add(record)
+        self.touched.paths.update(self.dirty.files)
+        if self.overflow:
+            return f"{what}; set {last.set} stays open over budget"
         closed = self.close_set()
         return f"{what}; closed set {closed}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -74,6 +75,7 @@ class Sender:
         self._wakeup = trio.Event()
         self._acked = trio.Event()
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
+        self.on_applied: Callable[[int], None] = lambda set_id: None
         self._inflight: dict[tuple[int, int], int] = {}
 
     async def wait_applied(self, set_id: int) -> None:
@@ -161,6 +163,7 @@ class Sender:
         if set_id > self.status.applied or not self.status.connected:
             self.status.applied = set_id
             self.journal.trim(set_id)
+            self.on_applied(set_id)
             self.applied_event.set()
             self.applied_event = trio.Event()
 

@@ -52,6 +52,7 @@ class Journal:
         self.set, self.seq = self._position()
         self.set_bytes = 0
         self.commits = 0
+        self.bytes = self.size()  # kept current by append and trim, for the budget
 
     def _position(self) -> tuple[int, int]:
         """Where the next record goes: after the last one, or after the last trim."""
@@ -82,6 +83,7 @@ class Journal:
         self.commits += 1
         self.seq += 1
         self.set_bytes += len(value)
+        self.bytes += len(value)
         return record
 
     def put(self, record: Record) -> None:
@@ -159,7 +161,27 @@ class Journal:
             if not raw or decode_set(raw) <= upto_set:
                 txn.put(_NEXT_SET, encode_set(upto_set + 1), db=self._meta)
         self.commits += 1
+        self.bytes = self.size()
         return dropped
+
+    def first_set(self) -> int | None:
+        """The oldest set still journaled."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            return decode_key(cursor.key())[0] if cursor.first() else None
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            raw = txn.get(key, db=self._meta)
+        return bytes(raw) if raw is not None else None
+
+    def put_meta(self, key: bytes, value: bytes | None) -> None:
+        """Set (or with None, delete) a small meta value, committed at once."""
+        with self.env.begin(write=True) as txn:
+            if value is None:
+                txn.delete(key, db=self._meta)
+            else:
+                txn.put(key, value, db=self._meta)
 
     def size(self) -> int:
         """Bytes the records take in the journal's pages."""

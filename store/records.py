@@ -374,3 +374,17 @@ class SetState:
             raise RecordError(f"unknown set state flags {flags:#x}")
         return cls(bool(flags & _SYNC_SEEN), count, bool(flags & _COMPLETE),
                    bytearray(buf[_SET_STATE.size :]))
+
+
+_RANGE = struct.Struct(">QQ")
+
+
+def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """Byte ranges [start, end) of the dirty map (store/dirty.py)."""
+    return b"".join(_RANGE.pack(start, end) for start, end in ranges)
+
+
+def decode_ranges(buf: bytes) -> list[tuple[int, int]]:
+    if len(buf) % _RANGE.size:
+        raise RecordError(f"dirty ranges of {len(buf)} bytes")
+    return [_RANGE.unpack_from(buf, i) for i in range(0, len(buf), _RANGE.size)]  # type: ignore[misc]

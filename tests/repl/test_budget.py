@@ -1,0 +1,79 @@
+"""The journal budget: a long outage turns into a dirty map and one resync set."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
+
+
+def status(target: Path) -> dict[str, object]:
+    result = replfs("status", target, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def churn(m: Path, rounds: int, seed: int) -> None:
+    """Writes well past the budget, with the namespace ops the dirty map must follow."""
+    for i in range(rounds):
+        d = m / f"dir{i % 4}"
+        d.mkdir(exist_ok=True)
+        name = d / f"f{i % 9}"
+        with open(name, "ab") as f:
+            f.write(os.urandom(20_000 + (i * seed) % 9000))
+        if i % 5 == 0:
+            with open(name, "r+b") as f:
+                f.seek(100)
+                f.write(b"overwritten")
+                f.truncate(15_000)
+        if i % 7 == 3:
+            os.replace(name, m / f"moved{i % 3}")
+        if i % 11 == 5:
+            os.rename(d, m / f"renamed{seed}-{i}")
+        if i % 13 == 6 and (m / "moved0").exists():
+            os.link(m / "moved0", m / f"link{seed}-{i}")
+            os.unlink(m / "moved0")
+
+
+def test_outage_past_budget_resyncs_as_one_set(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    budget = 256 << 10
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--journal-max", str(budget), "--set-bytes", "64K") as pri:
+            churn(mount, 5, seed=1)
+            before = checkpoint(mount)
+            assert diff(snapshot(backing), snapshot(replica)) == []
+            sec.stop()
+
+            churn(mount, 200, seed=7)  # about 5 MB: twenty times the budget
+            st = status(mount)
+            assert st["mode"] == "overflow"
+            assert int(st["journal_bytes"]) < 2 * budget  # type: ignore[arg-type]
+            assert diff(snapshot(backing), snapshot(replica)) != [], "the outage is real"
+
+            with secondary(replica, port=port):
+                after = checkpoint(mount)
+                assert after > before
+                assert diff(snapshot(backing), snapshot(replica)) == []
+                assert status(mount)["mode"] == "streaming"
+                churn(mount, 20, seed=3)  # and streaming goes on afterwards
+                checkpoint(mount)
+                assert diff(snapshot(backing), snapshot(replica)) == []
+    assert "resync done" in pri.log()
+
+
+def test_no_secondary_journal_stays_within_budget(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    budget = 256 << 10
+    with primary(backing, mount, "--journal-max", str(budget), "--set-bytes", "64K"):
+        churn(mount, 100, seed=5)
+        replfs("checkpoint", mount)
+        st = status(mount)
+    assert st["mode"] == "streaming"
+    assert int(st["journal_bytes"]) <= budget + (128 << 10)  # type: ignore[arg-type]
