@@ -82,6 +82,8 @@ def build_parser() -> Parser:
     p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
     p.add_argument("--streams", type=int, default=4, metavar="N",
                    help="parallel TCP streams to the secondary (default 4)")
+    p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
+                   help="report a stall after a backlog makes no progress this long (default 10)")
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.parser.error("--streams must be at least 1")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
-                args.journal_max, args.secondary, args.streams, args.scramble))
+                args.journal_max, args.secondary, args.streams, args.scramble,
+                args.stall_seconds))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
         elif args.command == "checkpoint":

@@ -18,7 +18,7 @@ from repl import control
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.errors import UsageError
 from repl.secondary import default_state_dir, parse_address
-from repl.sender import Sender
+from repl.sender import STALL_SECONDS, Sender
 from repl.tree import Tree
 from store.journal import Journal
 
@@ -57,6 +57,7 @@ class PrimaryConfig:
     secondary: str | None = None  # HOST:PORT
     streams: int = 4
     scramble: int | None = None  # seed: shuffle records across streams (testing aid)
+    stall_seconds: float = STALL_SECONDS
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -78,7 +79,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             log.info("recovered the journal: %s", note)
         sender = None
         if peer is not None:
-            sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble)
+            sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
+                            stall_seconds=cfg.stall_seconds)
             capture.on_append = sender.notify
             sender.on_applied = capture.caught_up
         inodes = Inodes(str(backing))
@@ -136,7 +138,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "last_shipped": list(st.shipped), "last_applied": st.applied,
                     "lag_sets": j.set - 1 - st.applied,
                     "lag_seconds": round(capture.lag_seconds(st.applied), 3),
-                    "inflight_bytes": st.inflight_bytes, "errors": st.errors}
+                    "inflight_bytes": st.inflight_bytes, "stalled": st.stalled,
+                    "errors": st.errors}
         return out
 
     async with trio.open_nursery() as nursery:

@@ -48,6 +48,7 @@ BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 64 << 20
 RETRY_MAX = 5.0
 HANDSHAKE_TIMEOUT = 10.0
+STALL_SECONDS = 10.0  # a backlog with no progress for this long is reported as a stall
 
 
 @dataclass
@@ -60,15 +61,18 @@ class SenderStatus:
     applied: int = 0  # last set the secondary applied
     inflight_bytes: int = 0
     sessions: int = 0
+    stalled: bool = False
     errors: list[str] = field(default_factory=list)
 
 
 class Sender:
     def __init__(self, journal: Journal, host: str, port: int, *, streams: int = 4,
-                 window: int = WINDOW_BYTES, scramble: int | None = None) -> None:
+                 window: int = WINDOW_BYTES, scramble: int | None = None,
+                 stall_seconds: float = STALL_SECONDS) -> None:
         self.journal = journal
         self.host, self.port = host, port
         self.nstreams = streams
+        self.stall_seconds = stall_seconds
         self.window = window
         self.rng = random.Random(scramble) if scramble is not None else None
         self.status = SenderStatus()
@@ -77,6 +81,7 @@ class Sender:
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
         self.on_applied: Callable[[int], None] = lambda set_id: None
         self._inflight: dict[tuple[int, int], int] = {}
+        self._progress_at = trio.current_time()
 
     async def wait_applied(self, set_id: int) -> None:
         while self.status.applied < set_id:
@@ -89,7 +94,28 @@ class Sender:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Replicate forever, reconnecting after any failure."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watchdog)
+            task_status.started()
+            await self._replicate()
+
+    async def _watchdog(self) -> None:
+        """Say so, in the log and in status, when a backlog makes no progress."""
+        while True:
+            # A periodic look at progress: a stall is the absence of an event.
+            await trio.sleep(min(1.0, self.stall_seconds / 2))
+            backlog = self.journal.set - 1 - self.status.applied
+            idle = trio.current_time() - self._progress_at
+            stalled = backlog > 0 and idle > self.stall_seconds
+            if stalled and not self.status.stalled:
+                log.warning("replication stalled: %d sets behind, no progress for %.0fs (%s)",
+                            backlog, idle, "connected" if self.status.connected
+                            else f"secondary {self.host}:{self.port} unreachable")
+            elif self.status.stalled and not stalled:
+                log.info("replication is progressing again")
+            self.status.stalled = stalled
+
+    async def _replicate(self) -> None:
         delay = 0.1
         while True:
             was = self.status.connected
@@ -163,6 +189,7 @@ class Sender:
         if set_id > self.status.applied or not self.status.connected:
             self.status.applied = set_id
             self.journal.trim(set_id)
+            self._progress_at = trio.current_time()
             self.on_applied(set_id)
             self.applied_event.set()
             self.applied_event = trio.Event()
@@ -209,6 +236,7 @@ class Sender:
                     size = self._inflight.pop(key, 0)
                     self.status.inflight_bytes -= size
                     self.status.staged += 1
+                self._progress_at = trio.current_time()
                 self._acked.set()
             elif frame.type == FrameType.APPLIED:
                 self._set_applied(parse_applied(frame))

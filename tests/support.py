@@ -40,6 +40,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._ready = threading.Event()
+        self._waits: list[tuple[bytes, threading.Event]] = []
 
     def start(self) -> Daemon:
         self._ready.clear()
@@ -60,7 +61,19 @@ class Daemon:
                 log.flush()
                 if self.ready_text.encode() in line:
                     self._ready.set()
+                for text, event in self._waits:
+                    if text in line:
+                        event.set()
         self._ready.set()  # died: let start() see it
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        """Block until the daemon logs a line containing *text*."""
+        found = threading.Event()
+        self._waits.append((text.encode(), found))
+        if text in self.log():
+            found.set()
+        if not found.wait(timeout):
+            raise AssertionError(f"daemon never logged {text!r}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sqlite3
 from pathlib import Path
 
-from tests.support import checkpoint, diff, primary, secondary, snapshot
+from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
 
 
 def busy_tree(m: Path, rounds: int) -> None:
@@ -44,3 +46,22 @@ def test_replica_follows_primary_scrambled(tmp_path: Path) -> None:
     check = sqlite3.connect(replica / "app.db")
     assert check.execute("pragma integrity_check").fetchone() == ("ok",)
     assert check.execute("select count(*) from t").fetchone() == (100,)
+
+
+def test_status_reports_a_stall(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                 "--stall-seconds", "0.5") as daemon:
+        (mount / "f").write_bytes(b"waiting for a secondary")
+        assert replfs("checkpoint", mount).returncode == 0
+        daemon.wait_for("replication stalled")
+        st = json.loads(replfs("status", mount, "--json").stdout)
+        assert st["stalled"] is True
+        assert st["connected"] is False
+        assert st["lag_sets"] >= 1
+        assert any("failed" in e for e in st["errors"])
+        (mount / "g").write_bytes(b"the mount keeps working")
