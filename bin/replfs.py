@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fs.mount import PrimaryConfig, run_primary
 from repl import control
 from repl.errors import UsageError
-from repl.secondary import run_secondary
+from repl.secondary import pause, resume, run_secondary
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -97,6 +97,13 @@ def build_parser() -> Parser:
                    help="allow listening on a non-loopback address without authentication")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
+    for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
+                       ("resume", "let REPLICA apply data sets again")):
+        p = command(name, text)
+        p.add_argument("replica", type=Path, metavar="REPLICA")
+        p.add_argument("--staging", type=Path, metavar="DIR",
+                       help="staging directory (default: .REPLICA.replfs/staging)")
+
     p = command("checkpoint", "close a data set now and print its id")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--wait", type=positive, metavar="SECONDS",
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.stall_seconds))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
+        elif args.command == "pause":
+            print(pause(args.replica, args.staging))
+        elif args.command == "resume":
+            print(resume(args.replica, args.staging))
         elif args.command == "checkpoint":
             print(ask(args.mountpoint, "checkpoint", wait=args.wait)["set"])
         elif args.command == "status":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ import trio
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
 from repl.tree import Tree
+from store.hold import ApplyLock, is_held
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
 
@@ -52,6 +54,8 @@ class Applier:
         self._wakeup = trio.Event()
         self._applied_changed = trio.Event()
         self.faults = ApplyFaults()
+        self.lock = ApplyLock(staging.path)
+        self.held = False
 
     def notify(self) -> None:
         """A set became complete (called by the receiver)."""
@@ -71,12 +75,15 @@ class Applier:
                 self._wakeup = trio.Event()
                 nxt = self.applied + 1
                 state = self.staging.state(nxt)
-                if state is None or not state.complete:
-                    await self._wakeup.wait()
+                self.held = is_held(self.staging.path)
+                if state is None or not state.complete or self.held:
+                    with trio.move_on_after(1.0 if self.held else math.inf):
+                        await self._wakeup.wait()  # a resume without a daemon to tell
                     continue
                 self.applying = nxt
                 try:
-                    await trio.to_thread.run_sync(self._apply_set, tree, nxt)
+                    if not await trio.to_thread.run_sync(self._apply_set, tree, nxt):
+                        continue  # a hold arrived while we waited for the lock
                 except OSError as exc:
                     self.error = f"applying set {nxt} failed: {exc}; will retry"
                     log.error("%s", self.error)
@@ -95,8 +102,17 @@ class Applier:
                 self.on_applied(nxt)
         finally:
             tree.close()
+            self.lock.close()
 
-    def _apply_set(self, tree: Tree, set_id: int) -> None:
+    def _apply_set(self, tree: Tree, set_id: int) -> bool:
+        """Apply one complete set under the apply lock, unless a hold came first."""
+        with self.lock.exclusive():
+            if is_held(self.staging.path):
+                return False
+            self._apply_records(tree, set_id)
+        return True
+
+    def _apply_records(self, tree: Tree, set_id: int) -> None:
         """Apply one complete set, resuming at its marker if a crash interrupted it."""
         marker = self.staging.marker()
         start, intent = 0, None

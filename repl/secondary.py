@@ -15,6 +15,7 @@ from repl import control
 from repl.applier import Applier
 from repl.errors import UsageError
 from repl.receiver import Receiver
+from store.hold import ApplyLock, is_held, read_applied, set_hold
 from store.staging import Staging
 
 log = logging.getLogger("replfs.secondary")
@@ -24,6 +25,37 @@ def default_state_dir(tree: str | os.PathLike[str]) -> Path:
     """Where a tree's journal and staging live unless told: beside it, hidden."""
     path = Path(os.path.realpath(tree))
     return path.parent / f".{path.name}.replfs"
+
+
+def staging_dir_of(replica: Path, staging: Path | None) -> Path:
+    return staging or default_state_dir(replica) / "staging"
+
+
+def pause(replica: Path, staging: Path | None) -> int:
+    """Hold the replica at its current set; returns once no set is being applied."""
+    where = staging_dir_of(replica, staging)
+    if not replica.is_dir():
+        raise UsageError(f"replica {replica} does not exist")
+    set_hold(where, True)
+    lock = ApplyLock(where)
+    try:
+        with lock.shared():  # waits for a set being applied to finish
+            return read_applied(where)
+    finally:
+        lock.close()
+
+
+def resume(replica: Path, staging: Path | None) -> int:
+    """Let applying go on; wakes a running secondary at once."""
+    where = staging_dir_of(replica, staging)
+    if not is_held(where):
+        raise UsageError(f"replica {replica} is not paused")
+    set_hold(where, False)
+    try:
+        control.request(control.socket_path(replica), "wake", timeout=5)
+    except OSError:
+        pass  # no daemon running: the next one to start sees no hold
+    return read_applied(where)
 
 
 def _run_end(applied: int, complete: list[int]) -> int:
@@ -60,7 +92,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             raise UsageError(f"replica {replica}: its parent directory does not exist")
         replica.mkdir()
     os.umask(0)
-    staging = Staging(staging_dir or default_state_dir(replica) / "staging")
+    staging = Staging(staging_dir_of(replica, staging_dir))
     try:
         dropped = staging.drop_partial()
         if dropped:
@@ -87,6 +119,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 "last_applied": applier.applied, "applying": applier.applying,
                 "sets_in_flight": len(sets), "complete_waiting": len(complete),
                 "applicable_through": _run_end(applier.applied, complete),
+                "held": applier.held,
                 "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "staging_bytes": staging.size(), "apply_error": applier.error,
@@ -102,8 +135,12 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         async with trio.open_nursery() as nursery:
             await nursery.start(applier.run)
             await nursery.start(receiver.serve, listeners)
+            async def wake(_: dict[str, Any]) -> dict[str, Any]:
+                applier.notify()
+                return {"applied": applier.applied}
+
             await nursery.start(control.serve, control.socket_path(replica),
-                                {"status": status, "wait": wait})
+                                {"status": status, "wait": wait, "wake": wake})
             log.info("listening on %s:%d for the primary; replica %s at set %d",
                      bound[0], bound[1], replica, staging.applied)
     finally:

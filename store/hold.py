@@ -1,0 +1,83 @@
+"""The replica's hold and the lock around applying a set.
+
+The applier takes ``apply_lock`` exclusively for the whole of each set; a
+reader that must see one whole set (each request of the standby mount,
+``replfs pause``) takes it shared. A hold is a file beside the staging
+store, so it outlives any daemon: while it exists the applier starts no
+new set, and staging keeps receiving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from store.records import decode_set
+
+HOLD = "HOLD"
+APPLY_LOCK = "APPLY.lock"
+
+
+class ApplyLock:
+    """A cross-process reader/writer lock on a file in the staging directory."""
+
+    def __init__(self, staging_dir: Path) -> None:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(staging_dir / APPLY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def is_held(staging_dir: Path) -> bool:
+    return (staging_dir / HOLD).exists()
+
+
+def set_hold(staging_dir: Path, held: bool) -> None:
+    """Create or remove the hold, durably."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    path = staging_dir / HOLD
+    if held:
+        path.touch()
+    else:
+        path.unlink(missing_ok=True)
+    fd = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_applied(staging_dir: Path) -> int:
+    """The last set applied to the replica, read without disturbing a running daemon."""
+    if not (staging_dir / "data.mdb").exists():
+        return 0
+    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            raw = txn.get(b"applied", db=meta)
+        return decode_set(raw) if raw else 0
+    finally:
+        env.close()

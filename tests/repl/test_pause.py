@@ -1,0 +1,77 @@
+"""replfs pause / resume: the replica holds one set while staging keeps receiving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    wait_applied,
+)
+
+
+def sec_status(replica: Path) -> dict[str, object]:
+    result = replfs("status", replica, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_pause_holds_replica_while_staging_receives(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}"):
+        (mount / "a").write_bytes(b"first")
+        first = checkpoint(mount)
+        at_first = snapshot(backing)
+        paused = replfs("pause", replica)
+        assert paused.returncode == 0, paused.stderr
+        assert int(paused.stdout) == first
+
+        (mount / "a").write_bytes(b"second")
+        (mount / "b").write_bytes(b"new")
+        second = int(replfs("checkpoint", mount).stdout)
+        assert second > first
+        st = sec_status(replica)
+        assert st["held"] is True
+        assert st["last_applied"] == first
+        assert diff(at_first, snapshot(replica)) == [], "held at the first set"
+
+        resumed = replfs("resume", replica)
+        assert resumed.returncode == 0, resumed.stderr
+        assert wait_applied(replica, second) >= second
+        assert diff(snapshot(backing), snapshot(replica)) == []
+
+
+def test_pause_outlives_the_daemon(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}"):
+            (mount / "a").write_bytes(b"first")
+            first = checkpoint(mount)
+            sec.stop()
+            assert int(replfs("pause", replica).stdout) == first  # no daemon running
+            (mount / "a").write_bytes(b"second")
+            with secondary(replica, port=port):
+                last = int(replfs("checkpoint", mount).stdout)
+                st = sec_status(replica)
+                assert st["held"] is True and st["last_applied"] == first
+                assert (replica / "a").read_bytes() == b"first"
+                assert replfs("resume", replica).returncode == 0
+                assert wait_applied(replica, last) >= last
+                assert (replica / "a").read_bytes() == b"second"
+
+
+def test_resume_err_not_paused(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    result = replfs("resume", tmp_path / "r")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"replfs: replica {tmp_path / 'r'} is not paused"
