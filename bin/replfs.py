@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import PrimaryConfig, run_primary
+from fs.mount import PrimaryConfig, run_primary, run_standby
 from repl import control
 from repl.errors import UsageError
 from repl.secondary import pause, resume, run_secondary
@@ -97,6 +97,13 @@ def build_parser() -> Parser:
                    help="allow listening on a non-loopback address without authentication")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
+    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
+    p.add_argument("replica", type=Path, metavar="REPLICA")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--staging", type=Path, metavar="DIR",
+                   help="staging directory (default: .REPLICA.replfs/staging)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):
         p = command(name, text)
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.stall_seconds))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
+        elif args.command == "mount":
+            trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "pause":
             print(pause(args.replica, args.staging))
         elif args.command == "resume":

@@ -33,7 +33,8 @@ class Node:
 
 
 class Inodes:
-    def __init__(self, backing: str, fd_limit: int = 4096) -> None:
+    def __init__(self, backing: str, fd_limit: int = 4096, verify: bool = False) -> None:
+        self.verify = verify
         self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_st_ino = os.fstat(self.root_fd).st_ino
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
@@ -118,21 +119,34 @@ class Inodes:
         if fd is not None:
             self._dir_fds.move_to_end(ino)
             return fd
-        found = self.name_of(ino)
-        if found is None:
-            raise FileNotFoundError(2, "directory has no name")
-        parent, name = found
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.dir_fd(parent))
+        parent_fd, name = self.at(ino)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
         self._dir_fds[ino] = fd
         return fd
 
     def at(self, ino: int) -> tuple[int, bytes]:
-        """(parent dir fd, name) reaching *ino* in the backing directory."""
-        found = self.name_of(ino)
-        if found is None:
-            raise FileNotFoundError(2, "inode has no name")
-        parent, name = found
-        return self.dir_fd(parent), name
+        """(parent dir fd, name) reaching *ino* in the backing directory.
+
+        With ``verify`` (a tree that changes under the mount, like a replica),
+        each name is checked to still hold *ino*, and stale names are dropped.
+        """
+        if not self.verify:
+            found = self.name_of(ino)
+            if found is None:
+                raise FileNotFoundError(2, "inode has no name")
+            return self.dir_fd(found[0]), found[1]
+        node = self.node(ino)
+        for parent, name in list(node.names):
+            if parent in self.nodes:
+                fd = self.dir_fd(parent)
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if self.ino_of(st) == ino:
+                        return fd, name
+                except FileNotFoundError:
+                    pass
+            node.names.discard((parent, name))
+        raise FileNotFoundError(2, "inode has no name left")
 
     def stat(self, ino: int) -> os.stat_result:
         if ino == ROOT:

@@ -14,12 +14,14 @@ import trio
 
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
+from fs.standby import StandbyFS
 from repl import control
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.errors import UsageError
-from repl.secondary import default_state_dir, parse_address
+from repl.secondary import default_state_dir, parse_address, staging_dir_of
 from repl.sender import STALL_SECONDS, Sender
 from repl.tree import Tree
+from store.hold import ApplyLock, is_held, read_applied
 from store.journal import Journal
 
 log = logging.getLogger("replfs.primary")
@@ -151,6 +153,46 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
         nursery.start_soon(_terminate_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
+    """Mount a read-only view of *replica* that only ever shows whole data sets."""
+    if not replica.is_dir():
+        raise UsageError(f"replica {replica} does not exist or is not a directory")
+    check_mountpoint(mountpoint)
+    where = staging_dir_of(replica, staging)
+    lock = ApplyLock(where)
+    inodes = Inodes(str(replica), verify=True)
+    sock = control.socket_path(mountpoint)
+    try:
+        try:
+            pyfuse3.init(StandbyFS(inodes, lock), str(mountpoint),
+                         mount_options() | {"ro"})
+        except RuntimeError:
+            raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
+                             "check permissions and that it is not in use") from None
+        with lock.shared():
+            shown = read_applied(where)
+        log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
+
+        async def status(_: dict[str, Any]) -> dict[str, Any]:
+            with lock.shared():
+                return {"role": "standby mount", "replica": str(replica),
+                        "mountpoint": str(mountpoint), "shows_set": read_applied(where),
+                        "held": is_held(where)}
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve, sock, {"status": status})
+                nursery.start_soon(_terminate_on_signal)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+    finally:
+        inodes.close()
+        lock.close()
 
 
 async def _terminate_on_signal() -> None:

@@ -42,6 +42,8 @@ class DirHandle:
 class PrimaryFS(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
+    timeout = TIMEOUT
+    direct_io = False
 
     def __init__(self, inodes: Inodes, capture: Capture) -> None:
         super().__init__()
@@ -57,8 +59,8 @@ class PrimaryFS(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino if ino is not None else self.inodes.ino_of(st)
         e.generation = 0
-        e.entry_timeout = TIMEOUT
-        e.attr_timeout = TIMEOUT
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
         e.st_uid = st.st_uid
@@ -130,7 +132,7 @@ class PrimaryFS(pyfuse3.Operations):
         except FileNotFoundError:
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
-            e.entry_timeout = TIMEOUT
+            e.entry_timeout = self.timeout
             return e
         finally:
             self.inodes.trim()
@@ -362,7 +364,7 @@ class PrimaryFS(pyfuse3.Operations):
     def _opened(self, fd: int, inode: int) -> pyfuse3.FileInfo:
         self.files[fd] = inode
         self.inodes.node(inode).fds.add(fd)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=not self.direct_io, direct_io=self.direct_io)
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext

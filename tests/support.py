@@ -203,3 +203,18 @@ def replay(journal: Path, target: Path) -> int:
         tree.close()
         j.close()
     return sets
+
+
+@contextmanager
+def standby(replica: Path, mount: Path, *extra: str) -> Iterator[Daemon]:
+    """A running `replfs mount REPLICA MOUNT` (the read-only standby view)."""
+    mount.mkdir(exist_ok=True)
+    daemon = Daemon(["mount", str(replica), str(mount), *extra],
+                    replica.parent / f"{mount.name}.log", "serving")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.stop()
+        unmount(mount)

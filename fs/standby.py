@@ -1,0 +1,67 @@
+"""The standby mount: a read-only view of a live replica that shows whole sets only.
+
+Every request runs under the replica's apply lock, taken shared: while the
+applier applies set N (holding it exclusively) a request waits, so it sees
+N-1 before or N after, never a mix. The kernel is told to cache nothing
+(zero timeouts, direct I/O), so the next request after N sees N at once; a
+reader that needs one set across many requests pauses the replica
+(``replfs pause``). Every change is refused with EROFS, by the kernel (the
+mount is ``ro``) and by the handlers.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+
+from fs.primary import PrimaryFS
+from store.hold import ApplyLock
+
+_READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
+          "getxattr", "listxattr", "access")
+_CHANGES = ("setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+            "create", "write", "setxattr", "removexattr")
+
+
+def _erofs(*_: Any, **__: Any) -> Awaitable[Any]:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class StandbyFS(PrimaryFS):
+    enable_writeback_cache = False
+    timeout = 0
+    direct_io = True
+
+    def __init__(self, inodes: Any, lock: ApplyLock) -> None:
+        super().__init__(inodes, capture=None)  # type: ignore[arg-type]
+        self.lock = lock
+        for name in _READS:
+            setattr(self, name, self._locked(getattr(self, name)))
+        for name in _CHANGES:
+            setattr(self, name, _erofs)
+
+    def _locked(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(handler)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            # Handlers do not await inside, so the lock spans exactly one request.
+            with self.lock.shared():
+                return await handler(*args, **kwargs)
+
+        return run
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return await super().open(inode, flags, ctx)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass  # nothing to make durable: the view changes nothing
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
