@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fs.mount import PrimaryConfig, run_primary, run_standby
 from repl import control
 from repl.errors import UsageError
-from repl.secondary import pause, resume, run_secondary
+from repl.promote import promote
+from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -104,6 +106,13 @@ def build_parser() -> Parser:
                    help="staging directory (default: .REPLICA.replfs/staging)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
+    p = command("promote", "make REPLICA the new primary's tree (after the primary died)")
+    p.add_argument("replica", type=Path, metavar="REPLICA")
+    p.add_argument("--staging", type=Path, metavar="DIR",
+                   help="staging directory (default: .REPLICA.replfs/staging)")
+    p.add_argument("--journal", type=Path, metavar="DIR",
+                   help="the new primary's journal (default: .REPLICA.replfs/journal)")
+
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):
         p = command(name, text)
@@ -146,6 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
+        elif args.command == "promote":
+            staging = staging_dir_of(args.replica, args.staging)
+            journal = args.journal or default_state_dir(args.replica) / "journal"
+            started = time.monotonic()
+            done = trio.run(promote, args.replica, staging, journal)
+            print(f"promoted {args.replica} to generation {done.generation} in "
+                  f"{time.monotonic() - started:.2f}s: applied sets "
+                  f"{done.applied_from + 1}..{done.applied_to}"
+                  if done.applied_to > done.applied_from else
+                  f"promoted {args.replica} to generation {done.generation}: "
+                  f"no staged set was waiting (at set {done.applied_to})")
+            if done.dropped:
+                print(f"dropped incomplete sets {done.dropped} (never whole on this node)")
+            print(f"start it with: replfs primary {args.replica} MOUNTPOINT")
         elif args.command == "pause":
             print(pause(args.replica, args.staging))
         elif args.command == "resume":

@@ -82,7 +82,7 @@ class Applier:
                     continue
                 self.applying = nxt
                 try:
-                    if not await trio.to_thread.run_sync(self._apply_set, tree, nxt):
+                    if not await trio.to_thread.run_sync(self.apply_set, tree, nxt):
                         continue  # a hold arrived while we waited for the lock
                 except OSError as exc:
                     self.error = f"applying set {nxt} failed: {exc}; will retry"
@@ -104,7 +104,7 @@ class Applier:
             tree.close()
             self.lock.close()
 
-    def _apply_set(self, tree: Tree, set_id: int) -> bool:
+    def apply_set(self, tree: Tree, set_id: int) -> bool:
         """Apply one complete set under the apply lock, unless a hold came first."""
         with self.lock.exclusive():
             if is_held(self.staging.path):

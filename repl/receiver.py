@@ -106,7 +106,10 @@ class Receiver:
             self.status.refused += 1
             self._error(f"refused connection from {peer}: {exc}")
             with trio.move_on_after(1):
-                await conn.send(Frame(FrameType.ERROR, str(exc).encode()))
+                try:
+                    await conn.send(Frame(FrameType.ERROR, str(exc).encode()))
+                except trio.BrokenResourceError:
+                    pass  # the peer is gone already; it was refused all the same
             await conn.aclose()
             return
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError) as exc:
@@ -147,8 +150,10 @@ class Receiver:
                     await conn.aclose()
 
     async def _handshake(self, conn: Connection) -> dict[str, object]:
-        await conn.expect_magic()
+        # Our magic goes first, so a peer we refuse can still read why (even one
+        # speaking another wire version): the ERROR frame follows it.
         await conn.send_magic()
+        await conn.expect_magic()
         info = parse_hello(await conn.receive())
         ident = self.staging.identity
         if info.get("role") != "primary":
@@ -168,6 +173,16 @@ class Receiver:
         for name in ("session", "stream", "streams", "generation", "node"):
             if name not in info:
                 raise ProtocolError(f"HELLO without {name}")
+        generation = int(info["generation"])  # type: ignore[call-overload]
+        if generation < ident.generation:
+            raise Refused(f"primary {info['node']} is of generation {generation}, which is "
+                          f"stale: this node is at generation {ident.generation} (a newer "
+                          "primary was promoted); rejoin it as a secondary instead")
+        if generation > ident.generation:
+            log.info("following a new primary of generation %d (was %d)", generation,
+                     ident.generation)
+            ident.generation = generation
+            self.staging.save_identity()
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,
                               applied=self.staging.applied))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ def resume(replica: Path, staging: Path | None) -> int:
     except OSError:
         pass  # no daemon running: the next one to start sees no hold
     return read_applied(where)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("got %s, stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 def _run_end(applied: int, complete: list[int]) -> int:
@@ -139,8 +148,15 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 applier.notify()
                 return {"applied": applier.applied}
 
+            async def shutdown(_: dict[str, Any]) -> dict[str, Any]:
+                log.info("asked to stop (a promote, most likely)")
+                nursery.cancel_scope.cancel()
+                return {"applied": applier.applied}
+
             await nursery.start(control.serve, control.socket_path(replica),
-                                {"status": status, "wait": wait, "wake": wake})
+                                {"status": status, "wait": wait, "wake": wake,
+                                 "shutdown": shutdown})
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             log.info("listening on %s:%d for the primary; replica %s at set %d",
                      bound[0], bound[1], replica, staging.applied)
     finally:

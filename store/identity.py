@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import lmdb
 
@@ -22,6 +23,8 @@ class Identity:
     node: str
     cluster: str | None = None
     generation: int = 1
+    # One entry per promotion: {"generation", "node", "first_set"}.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Identity:

@@ -164,6 +164,16 @@ class Journal:
         self.bytes = self.size()
         return dropped
 
+    def start_generation(self, ident: identity.Identity, next_set: int) -> None:
+        """Make this journal a new primary's: its identity, sets from *next_set* on."""
+        if self.last() is not None:
+            raise StoreError(f"journal {self.path} is not empty; a promoted node needs a "
+                             "fresh one")
+        self.identity = ident
+        identity.save(self.env, self._meta, ident)
+        self.put_meta(_NEXT_SET, encode_set(next_set))
+        self.set, self.seq = next_set, 0
+
     def first_set(self) -> int | None:
         """The oldest set still journaled."""
         with self.env.begin() as txn:

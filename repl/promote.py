@@ -1,0 +1,92 @@
+"""``replfs promote``: turn a standby's replica into the new primary's backing tree.
+
+Applies every complete set still staged (in order), erases partial ones,
+and starts a new generation, recorded with its history both in the staging
+store (so an old primary of an older generation is refused from now on)
+and in a fresh journal for the new primary, whose sets continue from the
+last one applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repl import control
+from repl.applier import Applier
+from repl.errors import UsageError
+from repl.tree import Tree
+from store.errors import JournalLocked
+from store.hold import is_held, set_hold
+from store.journal import Journal
+from store.staging import Staging
+
+log = logging.getLogger("replfs.promote")
+
+
+@dataclass
+class Promotion:
+    generation: int
+    applied_from: int
+    applied_to: int
+    dropped: list[int] = field(default_factory=list)
+
+
+async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promotion:
+    if not replica.is_dir():
+        raise UsageError(f"replica {replica} does not exist or is not a directory")
+    if not (staging_dir / "data.mdb").exists():
+        raise UsageError(f"{staging_dir} holds no staging store; is {replica} a replica?")
+    _stop_secondary(replica)
+    try:
+        staging = Staging(staging_dir)
+    except JournalLocked as exc:
+        raise UsageError(f"{exc}; stop it first") from None
+    try:
+        start = staging.applied
+        if is_held(staging_dir):
+            log.info("lifting the hold on %s to apply every complete set", replica)
+            set_hold(staging_dir, False)
+        applier = Applier(staging, replica)
+        tree = Tree(replica)
+        try:
+            while (state := staging.state(applier.applied + 1)) and state.complete:
+                if not applier.apply_set(tree, applier.applied + 1):
+                    raise UsageError(f"{replica} was paused again during promote; "
+                                     "resume it and promote again")
+                applier.applied += 1
+        finally:
+            tree.close()
+            applier.lock.close()
+        dropped = staging.drop_partial()
+        ident = staging.identity
+        ident.generation += 1
+        ident.history.append({"generation": ident.generation, "node": ident.node,
+                              "first_set": applier.applied + 1})
+        staging.save_identity()
+        journal = Journal(journal_dir)
+        try:
+            journal.start_generation(ident, next_set=applier.applied + 1)
+        finally:
+            journal.close()
+        return Promotion(ident.generation, start, applier.applied, dropped)
+    finally:
+        staging.close()
+
+
+def _stop_secondary(replica: Path) -> None:
+    """Ask a running secondary of *replica* to stop, and wait until it has."""
+    path = control.socket_path(replica)
+    try:
+        control.request(path, "shutdown", timeout=30)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return  # none running (a socket file left by a killed one answers nothing)
+    except ValueError:
+        pass  # it stopped before answering
+    deadline = time.monotonic() + 30
+    while path.exists():  # the daemon removes its socket as it exits
+        if time.monotonic() > deadline:
+            raise UsageError(f"the secondary serving {replica} did not stop; stop it and retry")
+        time.sleep(0.05)

@@ -1,0 +1,73 @@
+"""Failover: promote a standby after the primary died; the old primary is fenced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    unmount,
+)
+
+
+def test_promote_after_kill9_leaves_last_complete_set(tmp_path: Path) -> None:
+    backing, mount, replica, mount2 = (tmp_path / n for n in ("b", "m", "r", "m2"))
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--set-interval", "3600") as old:
+            for i in range(10):
+                (mount / f"f{i}").write_bytes(b"committed %d" % i)
+            last = checkpoint(mount)
+            committed = snapshot(backing)
+            (mount / "f0").write_bytes(b"never closed")  # an open set, partly shipped
+            (mount / "late").write_bytes(b"never closed either")
+            old.kill()
+            unmount(mount)
+
+        promoted = replfs("promote", replica)
+        assert promoted.returncode == 0, promoted.stderr
+        assert "generation 2" in promoted.stdout
+        assert f"replfs primary {replica}" in promoted.stdout
+        assert sec.proc is not None and sec.proc.poll() is not None, "promote stopped it"
+    assert diff(committed, snapshot(replica)) == [], "exactly the last complete set"
+
+    # The promoted replica serves as the new primary; its sets continue the numbering.
+    with primary(replica, mount2, "--set-interval", "3600"):
+        assert (mount2 / "f3").read_bytes() == b"committed 3"
+        (mount2 / "new").write_bytes(b"written on the new primary")
+        assert int(replfs("checkpoint", mount2).stdout) == last + 1
+        st = json.loads(replfs("status", mount2, "--json").stdout)
+        assert st["generation"] == 2
+
+
+def test_old_primary_is_fenced(tmp_path: Path) -> None:
+    backing, mount, replica = (tmp_path / n for n in ("b", "m", "r"))
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as old:
+            (mount / "f").write_bytes(b"before failover")
+            checkpoint(mount)
+            old.kill()
+            unmount(mount)
+    assert replfs("promote", replica).returncode == 0
+    promoted_state = snapshot(replica)
+
+    # Someone starts a secondary on the promoted node, and the old primary comes back.
+    with secondary(replica, port=port) as fenced, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{port}") as old:
+        (mount / "f").write_bytes(b"split brain attempt")
+        old.wait_for("stale")
+        fenced.wait_for("stale")
+        st = json.loads(replfs("status", mount, "--json").stdout)
+        assert st["connected"] is False
+        assert any("generation 1" in e and "stale" in e for e in st["errors"])
+    assert diff(promoted_state, snapshot(replica)) == [], "nothing of the new tree changed"
