@@ -201,6 +201,6 @@ def run() -> int:
         stop.set()
         pri.signal(signal.SIGTERM)
         sec.signal(signal.SIGTERM)
-        if os.path.ismount(mount):
-            subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
+        # Unconditionally: a dead FUSE mount fails the stat that ismount() needs.
+        subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

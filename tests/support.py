@@ -138,8 +138,14 @@ def wait_applied(replica: Path, set_id: int, timeout: float = 60.0) -> int:
 
 
 def unmount(mount: Path) -> None:
-    """Lazy unmount if anything is still mounted there (a killed daemon leaves it)."""
-    if os.path.ismount(mount):
+    """Lazy unmount if anything is still mounted there (a killed daemon leaves it).
+
+    A dead FUSE mount fails every stat, so look in the mount table instead.
+    """
+    target = os.path.realpath(mount).encode()
+    with open("/proc/self/mounts", "rb") as table:
+        mounted = any(line.split()[1] == target for line in table)
+    if mounted:
         subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
 
 
