@@ -25,6 +25,7 @@ from repl import control
 from repl.errors import UsageError
 from repl.promote import promote
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.verify import verify
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -106,6 +107,12 @@ def build_parser() -> Parser:
                    help="staging directory (default: .REPLICA.replfs/staging)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
+    p = command("verify", "compare a primary with its replica at one data set boundary")
+    p.add_argument("primary", type=Path, metavar="MOUNTPOINT|DIR")
+    p.add_argument("replica", type=Path, metavar="REPLICA")
+    p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
+                   help="how long the secondary may take to apply the checkpoint (default 60)")
+
     p = command("promote", "make REPLICA the new primary's tree (after the primary died)")
     p.add_argument("replica", type=Path, metavar="REPLICA")
     p.add_argument("--staging", type=Path, metavar="DIR",
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
+        elif args.command == "verify":
+            return 1 if verify(args.primary, args.replica, sys.stdout, args.wait) else 0
         elif args.command == "promote":
             staging = staging_dir_of(args.replica, args.staging)
             journal = args.journal or default_state_dir(args.replica) / "journal"

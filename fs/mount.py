@@ -96,7 +96,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, sender, mountpoint, sock)
+            await _serve(capture, sender, mountpoint, sock, operations, backing)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -107,7 +107,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         journal.close()
 
 
-async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path) -> None:
+async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
+                 operations: PrimaryFS, backing: Path) -> None:
     async def checkpoint(request: dict[str, Any]) -> dict[str, Any]:
         """Close a set; with ``wait`` seconds, also wait for the secondary to apply it."""
         set_id = await capture.checkpoint()
@@ -119,6 +120,25 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             if sender.status.applied < set_id:
                 reply["error"] = (f"set {set_id} closed but the secondary has applied only "
                                   f"{sender.status.applied} after {request['wait']}s")
+        return reply
+
+    async def freeze(request: dict[str, Any]) -> dict[str, Any]:
+        """Hold changes, close a set and wait for the secondary to apply it.
+
+        The mount stays frozen until the client closes its connection.
+        """
+        operations.freeze()
+        try:
+            set_id = await capture.checkpoint()
+            reply: dict[str, Any] = {"set": set_id, "backing": str(backing)}
+            if sender is not None:
+                with trio.move_on_after(float(request.get("wait", 60))):
+                    await sender.wait_applied(set_id)
+                reply["applied"] = sender.status.applied
+        except BaseException:
+            operations.thaw()
+            raise
+        reply[control.UNTIL_CLOSED] = operations.thaw
         return reply
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +169,7 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
         if sender is not None:
             await nursery.start(sender.run)
         await nursery.start(control.serve, sock,
-                            {"checkpoint": checkpoint, "status": status})
+                            {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         nursery.start_soon(_terminate_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

@@ -13,10 +13,12 @@ long kernel cache timeouts and the writeback cache safe.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -30,6 +32,19 @@ from store.records import Op, Record
 TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
 _AM_ROOT = os.geteuid() == 0
 _CAPABILITY = b"security.capability"
+T = TypeVar("T")
+
+
+def mutating(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Mark a handler that changes the tree: it waits while the mount is frozen."""
+
+    @functools.wraps(handler)
+    async def gated(self: PrimaryFS, *args: object, **kwargs: object) -> T:
+        while self.thawed is not None:
+            await self.thawed.wait()
+        return await handler(self, *args, **kwargs)
+
+    return gated
 
 
 @dataclass
@@ -52,6 +67,17 @@ class PrimaryFS(pyfuse3.Operations):
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.dirs: dict[int, DirHandle] = {}
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
+        self.thawed: trio.Event | None = None  # set while frozen: changes wait for it
+
+    def freeze(self) -> None:
+        """Hold every change at the door (reads go on), e.g. while verify compares."""
+        if self.thawed is None:
+            self.thawed = trio.Event()
+
+    def thaw(self) -> None:
+        if self.thawed is not None:
+            self.thawed.set()
+            self.thawed = None
 
     # --- helpers ----------------------------------------------------------------
 
@@ -157,6 +183,7 @@ class PrimaryFS(pyfuse3.Operations):
         return os.readlink(name, dir_fd=fd)
 
     @fuse_errors
+    @mutating
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
@@ -167,6 +194,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
@@ -176,6 +204,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
@@ -186,6 +215,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
@@ -208,10 +238,12 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, Op.UNLINK)
 
     @fuse_errors
+    @mutating
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, Op.RMDIR)
 
@@ -250,6 +282,7 @@ class PrimaryFS(pyfuse3.Operations):
                     "its other names may lag on the replica until they are written again")
 
     @fuse_errors
+    @mutating
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         try:
@@ -290,6 +323,7 @@ class PrimaryFS(pyfuse3.Operations):
     # --- attributes ---------------------------------------------------------------
 
     @fuse_errors
+    @mutating
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -369,6 +403,8 @@ class PrimaryFS(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        while flags & os.O_TRUNC and self.thawed is not None:
+            await self.thawed.wait()
         try:
             node = self.inodes.node(inode)
             if self.inodes.name_of(inode) is None and node.fds:
@@ -389,6 +425,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -419,6 +456,7 @@ class PrimaryFS(pyfuse3.Operations):
         return os.pread(fh, size, off)
 
     @fuse_errors
+    @mutating
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         inode = self.files[fh]
         record = self.capture.write(self.inodes.path(inode), off, buf)
@@ -552,6 +590,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         try:
@@ -564,6 +603,7 @@ class PrimaryFS(pyfuse3.Operations):
             self.inodes.trim()
 
     @fuse_errors
+    @mutating
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         try:
             where, follow = self._xattr_path(inode)

@@ -21,6 +21,9 @@ import trio
 log = logging.getLogger("replfs.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# A reply may carry this key with a function: the connection then stays open
+# until the client closes it, and the function runs then (e.g. a thaw).
+UNTIL_CLOSED = "__until_closed__"
 
 
 def socket_path(target: str | os.PathLike[str]) -> Path:
@@ -56,8 +59,15 @@ async def serve(path: Path, handlers: dict[str, Handler], *,
                         reply = await handler(request)
                 except (ValueError, trio.BrokenResourceError) as exc:
                     reply = {"error": f"bad request: {exc}"}
+                hold = reply.pop(UNTIL_CLOSED, None)
                 try:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    if hold is not None:
+                        try:
+                            while await stream.receive_some(4096):
+                                pass  # the client keeps the connection open while it needs it
+                        finally:
+                            hold()
                 except trio.BrokenResourceError:
                     pass
 

@@ -8,11 +8,18 @@ with dir fds, so deep trees work and two trees stream side by side.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 import xxhash
+
+from repl import control
+from repl.errors import UsageError
 
 Entry = tuple[object, ...]
 _CHUNK = 1 << 20
@@ -84,3 +91,41 @@ def differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Iterato
                 what = [f for f, p, q in zip(fields, x[1], y[1], strict=True) if p != q]
                 yield f"differs: {x[0] or '/'} ({', '.join(what)})"
             x, y = next(left, None), next(right, None)
+
+
+def verify(primary: Path, replica: Path, out: TextIO, wait: float = 60.0) -> int:
+    """Compare a primary with its replica at one set boundary. Returns the differences.
+
+    *primary* is a live primary's mountpoint (it is frozen, checkpointed and
+    compared once the secondary applied that set) or, with no daemon
+    serving it, a plain directory compared as it is.
+    """
+    sock_path = control.socket_path(primary)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(wait + 30)
+        sock.connect(str(sock_path))
+    except OSError:
+        sock.close()
+        return _report(primary, replica, out, None)
+    with sock:
+        sock.sendall(json.dumps({"cmd": "freeze", "wait": wait}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+        if "error" in reply:
+            raise UsageError(str(reply["error"]))
+        set_id = int(reply["set"])
+        if reply.get("applied", set_id) < set_id:
+            raise UsageError(f"the secondary has not applied set {set_id} after {wait:.0f}s; "
+                             "check replfs status")
+        return _report(Path(reply["backing"]), replica, out, set_id)
+
+
+def _report(a: Path, b: Path, out: TextIO, set_id: int | None) -> int:
+    count = 0
+    for line in differences(a, b):
+        out.write(line + "\n")
+        count += 1
+    at = f" at set {set_id}" if set_id is not None else ""
+    out.write(f"{count} differences between {a} and {b}{at}\n" if count else
+              f"{a} and {b} are identical{at}\n")
+    return count
