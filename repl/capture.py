@@ -65,6 +65,7 @@ class Capture:
         self.journal_max = journal_max
         self.replicating = replicating
         self.dirty = DirtyMap(journal.env)
+        self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
         self.overflow = journal.get_meta(_OVERFLOW) is not None
         self.applied = 0  # the last set the secondary reported applied
         self.touched = Touched()
@@ -80,10 +81,9 @@ class Capture:
 
     def record(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
         """Journal one op before it is applied to the backing directory."""
+        self._settle()
         record = self.journal.append(op, intent, **fields)
-        self.touched.add(record)
-        if self.overflow and self.dirty:
-            self._follow(record)
+        self._unsettled = record
         self.on_append()
         if self.journal.set_bytes >= self.set_bytes:
             self._close_wanted.set()
@@ -97,10 +97,23 @@ class Capture:
         if not self.overflow and self.replicating and backlog > self.journal_max:
             self._enter_overflow()
         if self.overflow:
+            self._settle()
             self.dirty.add(path, offset, offset + len(data))
             self.touched.paths.add(path)
             return None
         return self.record(Op.WRITE, path=path, offset=offset, data=data)
+
+    def _settle(self) -> None:
+        """Account for the last op, now that it succeeded on the backing directory.
+
+        Handlers never await between ``record()`` and ``void()``, so the next
+        call into capture proves the previous op was not voided.
+        """
+        record, self._unsettled = self._unsettled, None
+        if record is not None:
+            self.touched.add(record)
+            if self.overflow and self.dirty:
+                self._follow(record)
 
     def _follow(self, record: Record) -> None:
         """Keep the dirty map's paths naming the same files across namespace ops."""
@@ -125,6 +138,7 @@ class Capture:
 
         Returns the id of the set that brings the replica up to date.
         """
+        self._settle()
         files, total = len(self.dirty.files), self.dirty.bytes()
         log.info("resync: %d files, %d dirty bytes, read from the backing directory",
                  files, total)
@@ -158,6 +172,8 @@ class Capture:
 
     def void(self, record: Record) -> None:
         """Mark *record* as an op that failed on the backing directory."""
+        if self._unsettled is not None and self._unsettled.key == record.key:
+            self._unsettled = None
         self.journal.put(record.voided())
 
     def shorten(self, record: Record, written: int) -> None:
@@ -170,6 +186,7 @@ class Capture:
 
         While over budget the set stays open (see the module comment).
         """
+        self._settle()
         if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
         for path in sorted(self.touched.paths):

@@ -1,0 +1,337 @@
+"""The primary journal: positions, restart, void/put, intents, trim, reading, the lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from store.errors import JournalLocked, RecordError
+from store.journal import Journal
+from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
+from tests.support import ROOT
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "journal"
+
+
+@pytest.fixture
+def journal(path: Path) -> Iterator[Journal]:
+    with opened(path) as j:
+        yield j
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[Journal]:
+    """The journal at *path*, open for one daemon's lifetime (reopen = a restart)."""
+    j = Journal(path)
+    try:
+        yield j
+    finally:
+        j.close()
+
+
+def write(j: Journal, n: int = 1) -> list[Record]:
+    return [j.append(Op.WRITE, path=b"f", offset=i, data=b"x") for i in range(n)]
+
+
+def positions(j: Journal) -> list[tuple[int, int, Op]]:
+    return [(r.set, r.seq, r.op) for r in j.records()]
+
+
+# --- positions -----------------------------------------------------------------
+
+
+def test_journal_append_ok_dense_seqs(journal: Journal) -> None:
+    assert (journal.set, journal.seq) == (1, 0)
+    assert journal.set_is_empty
+    records = write(journal, 3)
+    assert [(r.set, r.seq) for r in records] == [(1, 0), (1, 1), (1, 2)]
+    assert (journal.set, journal.seq) == (1, 3)
+    assert not journal.set_is_empty
+    assert list(journal.records()) == records
+
+
+def test_journal_close_set_ok_starts_next_set(journal: Journal) -> None:
+    write(journal, 2)
+    assert journal.close_set() == 1
+    assert (journal.set, journal.seq, journal.set_bytes) == (2, 0, 0)
+    write(journal, 1)
+    assert journal.close_set() == 2
+    assert positions(journal) == [(1, 0, Op.WRITE), (1, 1, Op.WRITE), (1, 2, Op.SYNC),
+                                  (2, 0, Op.WRITE), (2, 1, Op.SYNC)]
+    assert [r.count for r in journal.records() if r.op == Op.SYNC] == [2, 1]
+
+
+def test_journal_append_err_invalid_record(journal: Journal) -> None:
+    write(journal, 1)
+    with pytest.raises(RecordError, match=r"'\.\.' component"):
+        journal.append(Op.UNLINK, path=b"../etc/passwd")
+    assert (journal.set, journal.seq) == (1, 1), "a refused record takes no seq"
+    assert len(list(journal.records())) == 1
+
+
+# --- restart ---------------------------------------------------------------------
+
+
+def test_journal_open_ok_fresh(path: Path) -> None:
+    with opened(path):
+        pass
+    with opened(path) as j:
+        assert (j.set, j.seq) == (1, 0)
+        assert j.last() is None
+
+
+def test_journal_open_ok_resumes_open_set(path: Path) -> None:
+    with opened(path) as j:
+        write(j, 2)
+        j.close_set()
+        write(j, 3)
+    with opened(path) as j:
+        assert (j.set, j.seq) == (2, 3)
+        assert not j.set_is_empty
+        assert (j.append(Op.UNLINK, path=b"f").set, j.seq) == (2, 4)
+
+
+def test_journal_open_ok_after_sync(path: Path) -> None:
+    with opened(path) as j:
+        write(j, 2)
+        j.close_set()
+    with opened(path) as j:
+        assert (j.set, j.seq) == (2, 0)
+        assert j.set_is_empty
+
+
+def test_journal_open_ok_after_trim_of_everything(path: Path) -> None:
+    with opened(path) as j:
+        write(j, 2)
+        j.close_set()
+        write(j, 1)
+        j.close_set()
+        assert j.trim(2) == 5
+    for _ in range(2):  # the position survives restarts with no records at all
+        with opened(path) as j:
+            assert (j.set, j.seq) == (3, 0)
+    with opened(path) as j:
+        record = j.append(Op.UNLINK, path=b"f")
+        assert (record.set, record.seq) == (3, 0)
+
+
+def test_journal_open_ok_after_trim_with_open_set(path: Path) -> None:
+    with opened(path) as j:
+        write(j, 2)
+        j.close_set()
+        write(j, 2)
+        j.trim(1)
+    with opened(path) as j:
+        assert (j.set, j.seq) == (2, 2)
+        assert positions(j) == [(2, 0, Op.WRITE), (2, 1, Op.WRITE)]
+
+
+def test_journal_open_ok_after_trim_of_older_set(path: Path) -> None:
+    with opened(path) as j:
+        for _ in range(3):
+            write(j, 1)
+            j.close_set()
+        j.trim(1)
+    with opened(path) as j:
+        assert (j.set, j.seq) == (4, 0)
+
+
+def test_journal_open_ok_after_trim_past_the_end(path: Path) -> None:
+    with opened(path) as j:
+        write(j, 1)
+        j.close_set()
+        j.trim(9)
+    with opened(path) as j:
+        assert (j.set, j.seq) == (10, 0)
+
+
+# --- void and put -------------------------------------------------------------------
+
+
+def test_journal_put_ok_void(path: Path) -> None:
+    with opened(path) as j:
+        first, second = write(j, 2)
+        j.put(first.voided())
+        assert positions(j) == [(1, 0, Op.VOID), (1, 1, Op.WRITE)]
+        assert (j.set, j.seq) == (1, 2), "a void keeps its seq"
+    with opened(path) as j:
+        assert (j.set, j.seq) == (1, 2)
+        assert list(j.records())[1] == second
+
+
+def test_journal_put_ok_last_record_voided(path: Path) -> None:
+    with opened(path) as j:
+        (record,) = write(j, 1)
+        j.put(record.voided())
+        assert j.last() == Record(Op.VOID, 1, 0)
+    with opened(path) as j:
+        assert (j.set, j.seq) == (1, 1), "a voided last record still holds its seq"
+
+
+def test_journal_put_ok_shortened_write(journal: Journal) -> None:
+    record = journal.append(Op.WRITE, path=b"f", offset=10, data=b"abcdef")
+    short = Record(Op.WRITE, record.set, record.seq, path=b"f", offset=10, data=b"abc")
+    journal.put(short)
+    assert list(journal.records()) == [short]
+
+
+def test_journal_put_err_invalid(journal: Journal) -> None:
+    (record,) = write(journal, 1)
+    with pytest.raises(RecordError):
+        journal.put(Record(Op.WRITE, record.set, record.seq, path=b"/abs", data=b"x"))
+    assert list(journal.records()) == [record]
+
+
+# --- intents ---------------------------------------------------------------------------
+
+
+def exchange(j: Journal, intent: bytes | None) -> Record:
+    return j.append(Op.RENAME, intent, path=b"a", path2=b"b", flags=RENAME_EXCHANGE)
+
+
+def test_journal_intent_ok_own_record(path: Path) -> None:
+    intent = encode_intent(11, 22)
+    with opened(path) as j:
+        before = write(j, 1)[0]
+        record = exchange(j, intent)
+        assert j.intent(record) == intent
+        assert j.intent(before) is None
+        after = write(j, 1)[0]
+        assert j.intent(after) is None, "a later record without intent does not inherit it"
+        assert j.intent(record) == intent
+    with opened(path) as j:
+        assert j.intent(record) == intent, "the intent survives a restart"
+
+
+def test_journal_intent_ok_replaced_by_next(journal: Journal) -> None:
+    first = exchange(journal, encode_intent(1, 2))
+    second = exchange(journal, encode_intent(3, 4))
+    assert journal.intent(first) is None, "only the last intent is kept"
+    assert journal.intent(second) == encode_intent(3, 4)
+
+
+def test_journal_intent_ok_same_seq_other_set(journal: Journal) -> None:
+    record = exchange(journal, encode_intent(5, 6))
+    journal.close_set()
+    other = write(journal, 1)[0]
+    assert (other.set, other.seq) == (record.set + 1, record.seq)
+    assert journal.intent(other) is None
+
+
+def test_journal_intent_ok_none_given(journal: Journal) -> None:
+    record = exchange(journal, None)
+    assert journal.intent(record) is None
+
+
+# --- trim and reading -----------------------------------------------------------------
+
+
+def test_journal_trim_ok(journal: Journal) -> None:
+    for n in (2, 1, 3):
+        write(journal, n)
+        journal.close_set()
+    write(journal, 1)
+    assert journal.trim(0) == 0
+    assert journal.trim(2) == 5
+    assert {r.set for r in journal.records()} == {3, 4}
+    assert journal.trim(2) == 0
+    assert journal.trim(3) == 4
+    assert positions(journal) == [(4, 0, Op.WRITE)]
+    assert (journal.set, journal.seq) == (4, 1)
+
+
+def test_journal_trim_ok_shrinks(journal: Journal) -> None:
+    for _ in range(50):
+        journal.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(4096))
+    journal.close_set()
+    full = journal.size()
+    assert full >= 50 * 4096
+    journal.trim(1)
+    assert journal.size() < full // 10
+
+
+def test_journal_records_ok_from_start(journal: Journal) -> None:
+    for _ in range(3):
+        write(journal, 2)
+        journal.close_set()
+    everything = list(journal.records())
+    assert len(everything) == 9
+    assert list(journal.records(2)) == everything[3:]
+    assert list(journal.records(2, 1)) == everything[4:]
+    assert list(journal.records(2, 99)) == everything[6:], "past a set's end: the next set"
+    assert list(journal.records(4)) == []
+    assert list(journal.records(0, 0)) == everything
+
+
+def test_journal_last_ok(journal: Journal) -> None:
+    assert journal.last() is None
+    write(journal, 2)
+    journal.close_set()
+    last = journal.last()
+    assert last is not None
+    assert (last.op, last.set, last.seq, last.count) == (Op.SYNC, 1, 2, 2)
+
+
+def test_journal_sync_ok_commits_counted(journal: Journal) -> None:
+    before = journal.commits
+    write(journal, 2)
+    journal.close_set()
+    journal.sync()
+    assert journal.commits == before + 3
+
+
+# --- the lock ------------------------------------------------------------------------
+
+
+def test_journal_open_err_locked_in_process(journal: Journal) -> None:
+    with pytest.raises(JournalLocked) as exc:
+        Journal(journal.path)
+    assert str(journal.path) in str(exc.value)
+    assert str(exc.value).endswith(f"in use by another replfs daemon (pid {os.getpid()})")
+    write(journal, 1)  # the holder is unaffected
+
+
+HOLDER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from store.journal import Journal
+j = Journal(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.read()
+j.close()
+"""
+
+
+def test_journal_open_err_locked_by_other_process(path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ROOT), str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        with pytest.raises(JournalLocked) as exc:
+            Journal(path)
+        message = str(exc.value)
+        assert f"pid {proc.pid}" in message
+        assert str(path) in message
+        assert "\n" not in message
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    with opened(path) as j:  # released when the holder exits
+        write(j, 1)
+
+
+def test_journal_open_ok_after_close(path: Path) -> None:
+    with opened(path):
+        pass
+    with opened(path) as j:
+        write(j, 1)
