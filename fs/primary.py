@@ -149,8 +149,7 @@ class PrimaryFS(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         try:
             if name in (b".", b".."):
-                up = self.inodes.name_of(parent_inode) if parent_inode != ROOT else None
-                target = up[0] if name == b".." and up else parent_inode
+                target = self._parent(parent_inode) if name == b".." else parent_inode
                 self.inodes.node(target).lookups += 1
                 return self._entry(self.inodes.stat(target), target)
             pfd = self.inodes.dir_fd(parent_inode)
@@ -259,6 +258,7 @@ class PrimaryFS(pyfuse3.Operations):
             try:
                 if op == Op.RMDIR:
                     os.rmdir(name, dir_fd=pfd)
+                    self.capture.backing.forget_dirs()  # its path may come back as another dir
                 else:
                     os.unlink(name, dir_fd=pfd)
             except OSError:
@@ -333,6 +333,7 @@ class PrimaryFS(pyfuse3.Operations):
             if fields.update_size:
                 record = self._journal(Op.TRUNCATE, path, size=attr.st_size)
                 self._do(record, self._truncate, inode, fh, attr.st_size)
+                self._data_changed(inode)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else st.st_uid
                 gid = attr.st_gid if fields.update_gid else st.st_gid
@@ -364,6 +365,7 @@ class PrimaryFS(pyfuse3.Operations):
             raise
 
     def _truncate(self, inode: int, fh: int | None, size: int) -> None:
+        fh = fh if fh is not None else self.inodes.unlinked_fd(inode)
         if fh is not None:
             os.truncate(fh, size)
             return
@@ -377,6 +379,7 @@ class PrimaryFS(pyfuse3.Operations):
     def _on_node(self, inode: int, fh: int | None, func: object, *args: object,
                  **kwargs: object) -> None:
         """Call chmod/chown/utime on the node itself, never on a symlink's target."""
+        fh = fh if fh is not None else self.inodes.unlinked_fd(inode)
         if inode == ROOT:
             func(self.inodes.root_fd, *args, **kwargs)  # type: ignore[operator]
         elif fh is not None:
@@ -390,7 +393,10 @@ class PrimaryFS(pyfuse3.Operations):
     def _open_flags(self, flags: int) -> int:
         # The writeback cache may read to fill pages of write-only files, and
         # it handles O_APPEND itself by sending writes at the end offset.
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC)
+        # O_DIRECT is the kernel's business: requests arrive in unaligned
+        # buffers, which the backing file would refuse with EINVAL.
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_TRUNC
+                   | os.O_DIRECT)
         if flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -400,15 +406,26 @@ class PrimaryFS(pyfuse3.Operations):
         self.inodes.node(inode).fds.add(fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not self.direct_io, direct_io=self.direct_io)
 
+    def _closed(self, fd: int, inode: int) -> None:
+        """Close a file or directory handle; forget its inode if that was the last use."""
+        node = self.inodes.nodes.get(inode)
+        if node is not None:
+            node.fds.discard(fd)
+            if node.lookups <= 0 and not node.fds:
+                self.inodes.forget(inode, 0)
+        os.close(fd)
+
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         while flags & os.O_TRUNC and self.thawed is not None:
             await self.thawed.wait()
         try:
-            node = self.inodes.node(inode)
-            if self.inodes.name_of(inode) is None and node.fds:
-                fd = os.open(f"/proc/self/fd/{next(iter(node.fds))}", self._open_flags(flags))
+            unlinked = self.inodes.unlinked_fd(inode)
+            if unlinked is not None:
+                # Reopen through the magic link, which O_NOFOLLOW would refuse.
+                fd = os.open(f"/proc/self/fd/{unlinked}",
+                             self._open_flags(flags) & ~os.O_NOFOLLOW)
             else:
                 dir_fd, name = self.inodes.at(inode)
                 fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
@@ -420,6 +437,7 @@ class PrimaryFS(pyfuse3.Operations):
                     self._void(record)
                     os.close(fd)
                     raise
+                self._data_changed(inode)
             return self._opened(fd, inode)
         finally:
             self.inodes.trim()
@@ -467,22 +485,20 @@ class PrimaryFS(pyfuse3.Operations):
             raise
         if record is not None and written < len(buf):
             self.capture.shorten(record, written)
+        self._data_changed(inode)
+        return written
+
+    def _data_changed(self, inode: int) -> None:
+        """After a write or truncate, which clear file capabilities on the backing file."""
         cached = self._xattrs.get(inode)
         if cached and cached.get(_CAPABILITY):
-            del self._xattrs[inode]  # writing clears file capabilities
-        return written
+            del self._xattrs[inode]
 
     async def flush(self, fh: int) -> None:
         pass
 
     async def release(self, fh: int) -> None:
-        inode = self.files.pop(fh)
-        node = self.inodes.nodes.get(inode)
-        if node is not None:
-            node.fds.discard(fh)
-            if node.lookups <= 0 and not node.fds:
-                self.inodes.forget(inode, 0)
-        os.close(fh)
+        self._closed(fh, self.files.pop(fh))
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -509,6 +525,7 @@ class PrimaryFS(pyfuse3.Operations):
                 fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=dir_fd)
             self.dirs[fd] = DirHandle(inode, fd)
+            self.inodes.node(inode).fds.add(fd)  # fstat, fchmod... after rmdir
             return fd
         finally:
             self.inodes.trim()
@@ -517,20 +534,33 @@ class PrimaryFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
         if start_id == 0:
-            handle.entries = sorted(os.fsencode(n) for n in os.listdir(handle.fd))
-        for index in range(start_id, len(handle.entries)):
-            name = handle.entries[index]
-            try:
-                st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not pyfuse3.readdir_reply(token, name, self._entry(st), index + 1):
-                break
-            self.inodes.remember(handle.ino, name, st)
+            handle.entries = [b".", b"..", *sorted(map(os.fsencode, os.listdir(handle.fd)))]
+        try:
+            for index in range(start_id, len(handle.entries)):
+                name = handle.entries[index]
+                try:
+                    if index < 2:  # "." and "..": the kernel takes no lookup of them
+                        ino = handle.ino if index == 0 else self._parent(handle.ino)
+                        entry = self._entry(self.inodes.stat(ino), ino)
+                    else:
+                        st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
+                        entry = self._entry(st)
+                except FileNotFoundError:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                    break
+                if index >= 2:
+                    self.inodes.remember(handle.ino, name, st)
+        finally:
+            self.inodes.trim()
+
+    def _parent(self, ino: int) -> int:
+        """The parent directory of *ino*; the root is its own, as "/" is."""
+        found = self.inodes.name_of(ino) if ino != ROOT else None
+        return found[0] if found else ino
 
     async def releasedir(self, fh: int) -> None:
-        del self.dirs[fh]
-        os.close(fh)
+        self._closed(fh, self.dirs.pop(fh).ino)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -555,9 +585,9 @@ class PrimaryFS(pyfuse3.Operations):
         """Where xattr calls reach *inode*: (path or fd, follow_symlinks)."""
         if inode == ROOT:
             return self.inodes.root_fd, True
-        node = self.inodes.node(inode)
-        if self.inodes.name_of(inode) is None and node.fds:
-            return next(iter(node.fds)), True
+        unlinked = self.inodes.unlinked_fd(inode)
+        if unlinked is not None:
+            return unlinked, True
         fd, name = self.inodes.at(inode)
         return b"/proc/self/fd/%d/%s" % (fd, name), False
 
@@ -585,9 +615,14 @@ class PrimaryFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         where, follow = self._xattr_path(inode)
         try:
-            return [os.fsencode(n) for n in os.listxattr(where, follow_symlinks=follow)]
+            names = [os.fsencode(n) for n in os.listxattr(where, follow_symlinks=follow)]
         finally:
             self.inodes.trim()
+        if ctx.uid != 0:
+            # The backing filesystem lists trusted.* only to CAP_SYS_ADMIN, which the
+            # daemon (as root) has; uid 0 stands in for the caller's capability.
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @fuse_errors
     @mutating
