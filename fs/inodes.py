@@ -29,7 +29,7 @@ class Node:
         self.ino = ino
         self.names: set[tuple[int, bytes]] = set()
         self.lookups = 0
-        self.fds: set[int] = set()  # open file handles, for unlinked files
+        self.fds: set[int] = set()  # open file and directory handles, for unlinked ones
 
 
 class Inodes:
@@ -148,14 +148,21 @@ class Inodes:
             node.names.discard((parent, name))
         raise FileNotFoundError(2, "inode has no name left")
 
+    def unlinked_fd(self, ino: int) -> int | None:
+        """An open handle of *ino* when no known name reaches it (open, then removed)."""
+        node = self.node(ino)
+        if node.fds and self.name_of(ino) is None:
+            return next(iter(node.fds))
+        return None
+
     def stat(self, ino: int) -> os.stat_result:
         if ino == ROOT:
             return os.fstat(self.root_fd)
-        node = self.node(ino)
-        if node.fds and self.name_of(ino) is None:
-            return os.fstat(next(iter(node.fds)))
-        fd, name = self.at(ino)
-        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        fd = self.unlinked_fd(ino)
+        if fd is not None:
+            return os.fstat(fd)
+        dir_fd, name = self.at(ino)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
     def trim(self) -> None:
         while len(self._dir_fds) > self.fd_limit:
