@@ -232,8 +232,14 @@ class Capture:
             await flushed.wait()
 
     async def checkpoint(self) -> int:
-        """Close a set and wait until it is durable. Returns its id."""
+        """Close a set and wait until it is durable. Returns its id.
+
+        Over budget, the set that holds everything so far is the open one,
+        which the resync closes; its id is returned.
+        """
         set_id = self.close_set()
+        if self.overflow:
+            set_id = self.journal.set  # the open set: the resync will close it
         await self.durable()
         return set_id
 
