@@ -21,7 +21,7 @@ from repl.errors import UsageError
 from repl.secondary import default_state_dir, parse_address, staging_dir_of
 from repl.sender import STALL_SECONDS, Sender
 from repl.tree import Tree
-from store.hold import ApplyLock, is_held, read_applied
+from store.hold import ApplyLock, is_held, read_applied, read_syncing
 from store.journal import Journal
 
 log = logging.getLogger("replfs.primary")
@@ -85,6 +85,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
                             stall_seconds=cfg.stall_seconds)
             capture.on_append = sender.notify
             sender.on_applied = capture.caught_up
+            sender.bring_up = capture.bring_up
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
@@ -149,10 +150,13 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
             "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
             "journal_max": capture.journal_max,
-            "mode": "overflow" if capture.overflow else "streaming",
+            "mode": ("initial sync" if capture.syncing else
+                     "overflow" if capture.overflow else "streaming"),
         }
         if capture.overflow:
-            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes()}
+            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes(),
+                    "resync_done_bytes": capture.progress_done,
+                    "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
             out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,
@@ -181,6 +185,10 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     check_mountpoint(mountpoint)
     where = staging_dir_of(replica, staging)
+    syncing = read_syncing(where)
+    if syncing is not None:
+        raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
+                         "has no consistent set to show yet; see replfs status on the primary")
     lock = ApplyLock(where)
     inodes = Inodes(str(replica), verify=True)
     sock = control.socket_path(mountpoint)

@@ -61,6 +61,16 @@ class Applier:
         """A set became complete (called by the receiver)."""
         self._wakeup.set()
 
+    def reset_to(self, set_id: int) -> None:
+        """An initial sync begins at *set_id* (called by the receiver).
+
+        Waits (blocking) for a set being applied to finish first.
+        """
+        with self.lock.exclusive():
+            self.staging.reset_to(set_id)
+        self.applied = set_id - 1
+        self._wakeup.set()
+
     async def wait_applied(self, set_id: int) -> None:
         while self.applied < set_id:
             await self._applied_changed.wait()
@@ -96,10 +106,10 @@ class Applier:
                     self.applying = None
                 delay = 0.1
                 self.error = None
-                self.applied = nxt
+                self.applied = self.staging.applied  # nxt, unless an initial sync reset it
                 self._applied_changed.set()
                 self._applied_changed = trio.Event()
-                self.on_applied(nxt)
+                self.on_applied(self.applied)
         finally:
             tree.close()
             self.lock.close()
@@ -118,6 +128,8 @@ class Applier:
         start, intent = 0, None
         if marker is not None and marker[0] == set_id:
             start, intent = marker[1], marker[2]
+        elif self.staging.syncing == set_id:
+            start = self.staging.last_reset(set_id)  # an initial sync starts from empty
         in_doubt = marker is not None and marker[0] == set_id
         count = 0
         for record in self.staging.records(set_id, start):

@@ -21,6 +21,7 @@ it leaves behind, which nothing after it in the replayed run can change
 - RENAME with RENAME_EXCHANGE: both names exist before and after, so the
   marker carries an intent, the inode numbers of both names before the op;
   done iff the first name now holds the second's inode.
+- RESET (empty the tree) is idempotent: it is simply done again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from store.records import RENAME_EXCHANGE, Op, Record, decode_intent, encode_int
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> None:
@@ -81,6 +83,12 @@ def apply(tree: Tree, record: Record) -> None:
     """Carry out *record* on *tree*. Raises OSError as the syscall did."""
     op = record.op
     if op in (Op.SYNC, Op.VOID):
+        return
+    if op == Op.RESET:
+        tree.forget_dirs()
+        _empty_dir(tree.root_fd)
+        for name in os.listxattr(tree.root_fd):
+            os.removexattr(tree.root_fd, name)
         return
     if op == Op.WRITE:
         fd, name = tree.parent(record.path)
@@ -150,6 +158,33 @@ def apply(tree: Tree, record: Record) -> None:
                 raise
     else:
         raise ValueError(f"cannot apply {op!r}")
+
+
+def _empty_dir(dir_fd: int) -> None:
+    """Remove everything inside a directory, never following a symlink.
+
+    Iterative, with one open fd per level, so trees of any depth empty out.
+    """
+    stack: list[tuple[int, str]] = [(os.dup(dir_fd), "")]
+    try:
+        while stack:
+            fd, _name = stack[-1]
+            subdir = None
+            for name in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    subdir = subdir or name
+                else:
+                    os.unlink(name, dir_fd=fd)
+            if subdir is not None:
+                stack.append((os.open(subdir, _DIR_READ, dir_fd=fd), subdir))
+                continue
+            stack.pop()
+            os.close(fd)
+            if stack:
+                os.rmdir(_name, dir_fd=stack[-1][0])
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
 
 
 def _at(tree: Tree, path: bytes, func: object, *args: object, **kwargs: object) -> None:

@@ -24,27 +24,26 @@ With no secondary at all, the oldest sets are dropped instead.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from repl import apply as applier
+from repl import resync
 from repl.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
-from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record
+from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record, decode_set, encode_set
 
 log = logging.getLogger("replfs.capture")
 
 DEFAULT_SET_INTERVAL = 1.0
 DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
-RESYNC_CHUNK = 1 << 20
 _OVERFLOW = b"overflow"
+_SYNCING = b"syncing"
 
 
 class Capture:
@@ -68,6 +67,10 @@ class Capture:
         self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
         self.overflow = journal.get_meta(_OVERFLOW) is not None
         self.applied = 0  # the last set the secondary reported applied
+        raw = journal.get_meta(_SYNCING)
+        self.syncing: int | None = decode_set(raw) if raw else None
+        self.progress_done = self.progress_total = 0
+        self.resync_wanted = trio.Event()
         self.touched = Touched()
         self.on_append: Callable[[], None] = lambda: None  # wakes the sender
         self.closed_times: dict[int, float] = {}
@@ -103,6 +106,9 @@ class Capture:
             return None
         return self.record(Op.WRITE, path=path, offset=offset, data=data)
 
+    def settle(self) -> None:
+        self._settle()
+
     def _settle(self) -> None:
         """Account for the last op, now that it succeeded on the backing directory.
 
@@ -133,42 +139,53 @@ class Capture:
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
 
-    def resync(self) -> int:
-        """Read the dirty ranges from the backing directory into the open set and close it.
-
-        Returns the id of the set that brings the replica up to date.
-        """
+    def bring_up(self, applied: int, syncing: int | None) -> int | None:
+        """Where a secondary that applied *applied* starts: None to stream from the
+        next set, or the set of an initial sync just begun (it must reset to it)."""
         self._settle()
-        files, total = len(self.dirty.files), self.dirty.bytes()
-        log.info("resync: %d files, %d dirty bytes, read from the backing directory",
-                 files, total)
-        for path, ranges in sorted(self.dirty.files.items()):
-            st = self.backing.lstat(path)
-            if st is None or not stat.S_ISREG(st.st_mode):
-                continue
-            fd, name = self.backing.parent(path)
-            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                for start, end in ranges:
-                    for offset in range(start, min(end, st.st_size), RESYNC_CHUNK):
-                        data = os.pread(file_fd, min(RESYNC_CHUNK, end - offset), offset)
-                        if data:
-                            self.journal.append(Op.WRITE, path=path, offset=offset, data=data)
-            finally:
-                os.close(file_fd)
-            self.touched.paths.add(path)
-        self.dirty.clear()
+        if syncing is not None and syncing == self.syncing:
+            return None  # an initial sync in progress: it goes on
+        base = self.journal.base
+        if syncing is None and base is not None and base <= applied < self.journal.set:
+            return None
+        return self.start_full_sync()
+
+    def start_full_sync(self) -> int:
+        """Begin an initial sync in the open set (repl/resync.py). Returns its id."""
+        set_id = self.journal.set
+        # Over budget first, so a crash inside the snapshot never closes this set;
+        # `syncing` only once the snapshot is whole, so such a crash starts anew.
+        self.overflow = True
+        self.journal.put_meta(_OVERFLOW, b"1")
+        entries, total = resync.snapshot_tree(self)
+        self.syncing = set_id
+        self.journal.put_meta(_SYNCING, encode_set(set_id))
+        self.journal.base = set_id - 1
+        self.progress_done, self.progress_total = 0, total
+        log.info("initial sync begins as set %d: %d entries, %.1f MB of data", set_id,
+                 entries, total / 1e6)
+        return set_id
+
+    def finish_resync(self) -> int:
+        """The dirty map is empty: close the open set and stream again."""
+        self._settle()
+        was = "initial sync" if self.syncing else "resync"
         self.overflow = False
         self.journal.put_meta(_OVERFLOW, None)
+        self.syncing = None
+        self.journal.put_meta(_SYNCING, None)
         closed = self.close_set()
-        log.info("resync done: set %d carries %d files, streaming resumes", closed, files)
+        log.info("%s done: set %d brings the replica up to date; streaming resumes", was,
+                 closed)
         return closed
 
     def caught_up(self, applied: int) -> None:
-        """The secondary applied *applied*: leave overflow once nothing closed is pending."""
+        """The secondary applied *applied*: resync once nothing closed is pending."""
         self.applied = applied
         if self.overflow and applied >= self.journal.set - 1:
-            self.resync()
+            if not self.progress_total:
+                self.progress_done, self.progress_total = 0, self.dirty.bytes()
+            self.resync_wanted.set()
 
     def void(self, record: Record) -> None:
         """Mark *record* as an op that failed on the backing directory."""
@@ -248,6 +265,7 @@ class Capture:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._closer)
+            nursery.start_soon(resync.run, self)
             task_status.started()
 
     async def _flusher(self) -> None:
@@ -284,6 +302,8 @@ class Capture:
         last = self.journal.last()
         if last is None or last.op in (Op.SYNC, Op.VOID):
             return None
+        if last.op == Op.RESET:
+            return f"an initial sync was starting in set {last.set}; it starts again"
         try:
             if last.op in NAMESPACE_OPS:
                 applier.redo(self.backing, last, self.journal.intent(last))

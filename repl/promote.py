@@ -39,11 +39,7 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     if not (staging_dir / "data.mdb").exists():
         raise UsageError(f"{staging_dir} holds no staging store; is {replica} a replica?")
-    _stop_secondary(replica)
-    try:
-        staging = Staging(staging_dir)
-    except JournalLocked as exc:
-        raise UsageError(f"{exc}; stop it first") from None
+    staging = _open_staging(staging_dir, wait=30 if _stop_secondary(replica) else 0)
     try:
         start = staging.applied
         if is_held(staging_dir):
@@ -60,6 +56,9 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
         finally:
             tree.close()
             applier.lock.close()
+        if staging.syncing is not None:
+            raise UsageError(f"replica {replica} never finished its initial sync, so it holds "
+                             "no consistent set; it cannot be promoted")
         dropped = staging.drop_partial()
         ident = staging.identity
         ident.generation += 1
@@ -76,13 +75,25 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
         staging.close()
 
 
-def _stop_secondary(replica: Path) -> None:
-    """Ask a running secondary of *replica* to stop, and wait until it has."""
+def _open_staging(staging_dir: Path, wait: float) -> Staging:
+    """Open the staging store, giving a secondary that is stopping *wait* seconds to let go."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Staging(staging_dir)
+        except JournalLocked as exc:
+            if time.monotonic() > deadline:
+                raise UsageError(f"{exc}; stop it first") from None
+            time.sleep(0.05)  # the secondary we stopped is still closing its stores
+
+
+def _stop_secondary(replica: Path) -> bool:
+    """Ask a running secondary of *replica* to stop; True if one was running."""
     path = control.socket_path(replica)
     try:
         control.request(path, "shutdown", timeout=30)
     except (FileNotFoundError, ConnectionRefusedError):
-        return  # none running (a socket file left by a killed one answers nothing)
+        return False  # none running (a socket file left by a killed one answers nothing)
     except ValueError:
         pass  # it stopped before answering
     deadline = time.monotonic() + 30
@@ -90,3 +101,4 @@ def _stop_secondary(replica: Path) -> None:
         if time.monotonic() > deadline:
             raise UsageError(f"the secondary serving {replica} did not stop; stop it and retry")
         time.sleep(0.05)
+    return True

@@ -45,6 +45,7 @@ class FrameType(enum.IntEnum):
     STAGED = 3  # (set, seq) keys now durable in the secondary's staging store
     APPLIED = 4  # u64 set id: the replica now equals the primary at that set's close
     ERROR = 5  # UTF-8 text: why the peer is refused; the connection closes after it
+    RESET_TO = 6  # u64 set id: an initial sync begins there; older sets are moot
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ def parse_hello(frame: Frame) -> dict[str, Any]:
         raise ProtocolError(f"expected HELLO, got {frame.type.name}")
     try:
         fields = json.loads(frame.payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
         raise ProtocolError("HELLO is not JSON") from None
     if not isinstance(fields, dict):
         raise ProtocolError("HELLO is not a JSON object")
@@ -86,13 +87,18 @@ def parse_staged(frame: Frame) -> list[tuple[int, int]]:
     return [decode_key(p[i : i + _KEY_SIZE]) for i in range(0, len(p), _KEY_SIZE)]
 
 
+def reset_to(set_id: int) -> Frame:
+    return Frame(FrameType.RESET_TO, encode_set(set_id))
+
+
 def applied(set_id: int) -> Frame:
     return Frame(FrameType.APPLIED, encode_set(set_id))
 
 
 def parse_applied(frame: Frame) -> int:
+    """The set id an APPLIED or RESET_TO frame carries."""
     if len(frame.payload) != 8:
-        raise ProtocolError(f"APPLIED payload of {len(frame.payload)} bytes")
+        raise ProtocolError(f"{frame.type.name} payload of {len(frame.payload)} bytes")
     return decode_set(frame.payload)
 
 
@@ -156,8 +162,8 @@ class Connection:
         if got[:6] != MAGIC[:6]:
             raise ProtocolError(f"peer is not replfs (it sent {got!r})")
         if got != MAGIC:
-            raise ProtocolError(f"peer speaks replfs wire version {got[6:]!r}, we speak "
-                                f"{MAGIC[6:]!r}")
+            theirs, ours = int.from_bytes(got[6:], "big"), int.from_bytes(MAGIC[6:], "big")
+            raise ProtocolError(f"peer speaks replfs wire version {theirs}, we speak {ours}")
 
     async def send(self, *frames: Frame) -> None:
         await self.stream.send_all(b"".join(f.encode() for f in frames))

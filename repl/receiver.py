@@ -31,6 +31,7 @@ from repl.protocol import (
     FrameType,
     applied,
     hello,
+    parse_applied,
     parse_hello,
     staged,
 )
@@ -68,9 +69,11 @@ class _Stream:
 
 
 class Receiver:
-    def __init__(self, staging: Staging, on_complete: Callable[[], None]) -> None:
+    def __init__(self, staging: Staging, on_complete: Callable[[], None],
+                 on_reset: Callable[[int], None]) -> None:
         self.staging = staging
         self.on_complete = on_complete
+        self.on_reset = on_reset
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
             tuple[_Stream, Record]](STAGE_BATCH)
@@ -164,16 +167,19 @@ class Receiver:
         cluster = info.get("cluster")
         if not isinstance(cluster, str) or not cluster:
             raise ProtocolError("HELLO without a cluster id")
+        # The whole HELLO is checked before it changes anything (joining a cluster).
+        for name in ("session", "stream", "streams", "generation", "node"):
+            if name not in info:
+                raise ProtocolError(f"HELLO without {name}")
+        generation = info["generation"]
+        if type(generation) is not int:
+            raise ProtocolError(f"HELLO with generation {generation!r}")
         if ident.cluster is None:
             ident.cluster = cluster
             self.staging.save_identity()
             log.info("joined cluster %s", cluster)
         elif cluster != ident.cluster:
             raise Refused(f"peer belongs to cluster {cluster}, this replica to {ident.cluster}")
-        for name in ("session", "stream", "streams", "generation", "node"):
-            if name not in info:
-                raise ProtocolError(f"HELLO without {name}")
-        generation = int(info["generation"])  # type: ignore[call-overload]
         if generation < ident.generation:
             raise Refused(f"primary {info['node']} is of generation {generation}, which is "
                           f"stale: this node is at generation {ident.generation} (a newer "
@@ -185,7 +191,8 @@ class Receiver:
             self.staging.save_identity()
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,
-                              applied=self.staging.applied))
+                              applied=self.staging.applied,
+                              syncing=self.staging.syncing))
         return info
 
     async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
@@ -201,6 +208,12 @@ class Receiver:
     async def _read(self, stream: _Stream) -> None:
         while True:
             frame = await stream.conn.receive()
+            if frame.type == FrameType.RESET_TO:
+                set_id = parse_applied(frame)
+                log.info("initial sync from the primary: the replica is rebuilt as set %d",
+                         set_id)
+                self.on_reset(set_id)
+                continue
             if frame.type != FrameType.RECORD:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             record = Record.decode(frame.payload)

@@ -67,14 +67,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-def _run_end(applied: int, complete: list[int]) -> int:
-    """The last set the applier can reach: complete sets follow *applied* without a gap."""
-    have = set(complete)
-    while applied + 1 in have:
-        applied += 1
-    return applied
-
-
 def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -114,7 +106,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         bound = listeners[0].socket.getsockname()
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
-        receiver = Receiver(staging, on_complete=applier.notify)
+        receiver = Receiver(staging, on_complete=applier.notify, on_reset=applier.reset_to)
 
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status
@@ -127,8 +119,9 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 "last_staged": list(r.last_staged), "last_complete": r.last_complete,
                 "last_applied": applier.applied, "applying": applier.applying,
                 "sets_in_flight": len(sets), "complete_waiting": len(complete),
-                "applicable_through": _run_end(applier.applied, complete),
+                "applicable_through": staging.applicable_through(),
                 "held": applier.held,
+                "syncing": staging.syncing is not None,
                 "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "staging_bytes": staging.size(), "apply_error": applier.error,

@@ -34,6 +34,7 @@ from repl.protocol import (
     parse_applied,
     parse_hello,
     parse_staged,
+    reset_to,
 )
 from store.journal import Journal
 
@@ -80,8 +81,12 @@ class Sender:
         self._acked = trio.Event()
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
         self.on_applied: Callable[[int], None] = lambda set_id: None
+        # Where a secondary starts: None to stream on, or an initial sync's set.
+        self.bring_up: Callable[[int, int | None], int | None] = lambda applied, syncing: None
+        self._peer_syncing: int | None = None
         self._inflight: dict[tuple[int, int], int] = {}
         self._progress_at = trio.current_time()
+        self._acked_at = trio.current_time()  # last ack, or when records went in flight
 
     async def wait_applied(self, set_id: int) -> None:
         while self.status.applied < set_id:
@@ -149,6 +154,10 @@ class Sender:
                     conn = Connection(await trio.open_tcp_stream(self.host, self.port))
                     conns.append(conn)
                     start = await self._handshake(conn, session, index)
+            restart = self.bring_up(start, self._peer_syncing)
+            if restart is not None:
+                await conns[0].send(reset_to(restart))
+                start = restart - 1
             self._set_applied(start)
             self.status.connected = True
             self.status.streams = len(conns)
@@ -164,6 +173,7 @@ class Sender:
                     nursery.start_soon(self._writer, conn, receive)
                     nursery.start_soon(self._reader, conn)
                 nursery.start_soon(self._feeder, outboxes, start + 1)
+                nursery.start_soon(self._ack_watchdog)
         finally:
             for conn in conns:
                 with trio.CancelScope(shield=True):
@@ -176,14 +186,17 @@ class Sender:
                               node=ident.node, generation=ident.generation, session=session,
                               stream=index, streams=self.nstreams))
         await conn.expect_magic()
-        try:
-            reply = parse_hello(await conn.receive())
-        except ProtocolError as exc:
-            raise Refused(str(exc).removeprefix("peer refused us: ")) from None
+        frame = await conn.receive()
+        if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
+            raise Refused(frame.payload.decode(errors="replace"))
+        reply = parse_hello(frame)
         if reply.get("role") != "secondary":
             raise ProtocolError(f"peer is a {reply.get('role')!r}, not a secondary")
+        applied = reply.get("applied")
+        if type(applied) is not int or applied < 0:
+            raise ProtocolError(f"the secondary's HELLO has no valid applied set: {applied!r}")
         self.status.peer_node = reply.get("node")
-        return int(reply["applied"])
+        return applied
 
     def _set_applied(self, set_id: int) -> None:
         if set_id > self.status.applied or not self.status.connected:
@@ -208,6 +221,8 @@ class Sender:
                 self._acked = trio.Event()
                 await self._acked.wait()
             per_stream: list[list[Frame]] = [[] for _ in outboxes]
+            if not self._inflight:
+                self._acked_at = trio.current_time()
             if self.rng is not None:
                 self.rng.shuffle(batch)
             for set_id, seq, raw in batch:
@@ -223,6 +238,19 @@ class Sender:
                 if frames:
                     await outbox.send(frames)
 
+    async def _ack_watchdog(self) -> None:
+        """End the session when records in flight go unacknowledged for ``stall_seconds``.
+
+        A link can stall without breaking: a black hole, or a frame length
+        corrupted into one the secondary waits for in vain. Only a new
+        session gets those records through; the secondary drops duplicates.
+        """
+        while True:
+            await trio.sleep(min(1.0, self.stall_seconds / 2))  # a periodic look, as above
+            if self._inflight and trio.current_time() - self._acked_at > self.stall_seconds:
+                raise trio.TooSlowError(f"no acknowledgement for {self.stall_seconds:g}s "
+                                        f"with {len(self._inflight)} records in flight")
+
     async def _writer(self, conn: Connection,
                       frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:
         async for batch in frames:
@@ -236,7 +264,7 @@ class Sender:
                     size = self._inflight.pop(key, 0)
                     self.status.inflight_bytes -= size
                     self.status.staged += 1
-                self._progress_at = trio.current_time()
+                self._progress_at = self._acked_at = trio.current_time()
                 self._acked.set()
             elif frame.type == FrameType.APPLIED:
                 self._set_applied(parse_applied(frame))

@@ -79,6 +79,29 @@ class DirtyMap:
             for p, ranges in self.files.items():
                 txn.put(p, encode_ranges(ranges), db=self._db)
 
+    def next_chunk(self, max_bytes: int) -> tuple[bytes, int, int] | None:
+        """Some dirty (path, start, end) of at most *max_bytes*, still in the map."""
+        for path, ranges in self.files.items():
+            start, end = ranges[0]
+            return path, start, min(end, start + max_bytes)
+        return None
+
+    def remove(self, path: bytes, start: int, end: int) -> None:
+        """[start, end) of *path* is clean again."""
+        left: list[tuple[int, int]] = []
+        for s, e in self.files.get(path, []):
+            if s < start:
+                left.append((s, min(e, start)))
+            if e > end:
+                left.append((max(s, end), e))
+        with self.env.begin(write=True) as txn:
+            if left:
+                self.files[path] = left
+                txn.put(path, encode_ranges(left), db=self._db)
+            else:
+                self.files.pop(path, None)
+                txn.delete(path, db=self._db)
+
     def clear(self) -> None:
         with self.env.begin(write=True) as txn:
             txn.drop(self._db, delete=False)

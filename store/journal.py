@@ -29,6 +29,7 @@ from store.records import Op, Record, decode_key, decode_set, encode_key, encode
 MAP_SIZE = 1 << 40
 _NEXT_SET = b"next_set"
 _INTENT = b"intent"
+_BASE = b"base"
 
 
 class Journal:
@@ -160,6 +161,9 @@ class Journal:
             raw = txn.get(_NEXT_SET, db=self._meta)
             if not raw or decode_set(raw) <= upto_set:
                 txn.put(_NEXT_SET, encode_set(upto_set + 1), db=self._meta)
+            raw = txn.get(_BASE, db=self._meta)
+            if raw and decode_set(raw) < upto_set:  # older replicas now need a full sync
+                txn.put(_BASE, encode_set(upto_set), db=self._meta)
         self.commits += 1
         self.bytes = self.size()
         return dropped
@@ -172,7 +176,22 @@ class Journal:
         self.identity = ident
         identity.save(self.env, self._meta, ident)
         self.put_meta(_NEXT_SET, encode_set(next_set))
+        self.base = next_set - 1
         self.set, self.seq = next_set, 0
+
+    @property
+    def base(self) -> int | None:
+        """The oldest applied set a replica may have and still follow this journal.
+
+        None: no replica can (the journal began on a tree that was not empty),
+        so a secondary needs an initial sync first.
+        """
+        raw = self.get_meta(_BASE)
+        return decode_set(raw) if raw else None
+
+    @base.setter
+    def base(self, set_id: int | None) -> None:
+        self.put_meta(_BASE, b"" if set_id is None else encode_set(set_id))
 
     def first_set(self) -> int | None:
         """The oldest set still journaled."""

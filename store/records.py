@@ -58,6 +58,7 @@ class Op(enum.IntEnum):
     REMOVEXATTR = 15
     SYNC = 16
     VOID = 17
+    RESET = 18  # empty the tree: the first record of an initial sync's data set
 
 
 RENAME_NOREPLACE = 1
@@ -108,12 +109,14 @@ FIELDS: dict[Op, tuple[str, ...]] = {
     Op.REMOVEXATTR: ("path", "name"),
     Op.SYNC: ("count",),
     Op.VOID: (),
+    Op.RESET: (),
 }
 
 # Ops that change which names exist. They are not idempotent, so the
 # applier records an intent before each one (see repl/apply.py).
 NAMESPACE_OPS = frozenset(
-    {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME}
+    {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME,
+     Op.RESET}
 )
 # Ops whose target may be the root itself (path "").
 ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})

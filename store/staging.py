@@ -35,6 +35,7 @@ from store.records import (
 
 _APPLIED = b"applied"
 _MARKER = b"marker"
+_SYNCING = b"syncing"
 _KEY_SIZE = 12
 
 
@@ -128,6 +129,20 @@ class Staging:
                     return
                 yield Record.decode(value)
 
+    def applicable_through(self) -> int:
+        """The last set the applier can reach: complete sets after `applied`, no gap.
+
+        Read in one transaction, so it never sees a set gone but `applied` not moved.
+        """
+        with self.env.begin() as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+            applied = decode_set(raw) if raw else 0
+            while True:
+                raw = txn.get(encode_set(applied + 1), db=self._sets)
+                if raw is None or not SetState.decode(raw).complete:
+                    return applied
+                applied += 1
+
     def drop_partial(self) -> list[int]:
         """Erase every set that is not complete (claim 27). Returns their ids."""
         dropped = [s for s, state in self.sets().items() if not state.complete]
@@ -158,11 +173,40 @@ class Staging:
         set_id, seq = decode_key(raw[:_KEY_SIZE])
         return set_id, seq, bytes(raw[_KEY_SIZE:]) or None
 
+    @property
+    def syncing(self) -> int | None:
+        """The initial sync's set while the replica waits for it; None when consistent."""
+        with self.env.begin() as txn:
+            raw = txn.get(_SYNCING, db=self._meta)
+        return decode_set(raw) if raw else None
+
+    def reset_to(self, set_id: int) -> None:
+        """An initial sync begins at *set_id*: forget older sets, wait for that one."""
+        with self.env.begin(write=True) as txn:
+            for old in [decode_set(k) for k in txn.cursor(db=self._sets).iternext(values=False)]:
+                if old < set_id:
+                    self._delete_set(txn, old)
+            txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
+            txn.put(_SYNCING, encode_set(set_id), db=self._meta)
+            txn.delete(_MARKER, db=self._meta)
+        self.env.sync(True)
+
+    def last_reset(self, set_id: int) -> int:
+        """The seq of the last RESET in *set_id* (0 if none): its records before it are moot."""
+        seq = 0
+        for record in self.records(set_id):
+            if record.op == Op.RESET:
+                seq = record.seq
+        return seq
+
     def finish(self, set_id: int) -> None:
         """Record *set_id* applied, drop its staging and the marker, durably."""
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(set_id), db=self._meta)
             txn.delete(_MARKER, db=self._meta)
+            raw = txn.get(_SYNCING, db=self._meta)
+            if raw and decode_set(raw) <= set_id:
+                txn.delete(_SYNCING, db=self._meta)
             self._delete_set(txn, set_id)
         self.env.sync(True)
 

@@ -62,7 +62,9 @@ def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_st
         monkeypatch.delenv(ENV_KILL_AT_APPLY_STEP)
         port = daemon.port
         with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
-                     "--set-interval", "3600"):
+                     "--set-interval", "3600") as pri:
+            pri.wait_for("initial sync done: set 1")  # the first set: the empty tree
+            states[1] = snapshot(backing)
             for i in range(12):
                 phase(mount, i)
                 result = replfs("checkpoint", mount)

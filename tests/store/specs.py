@@ -47,6 +47,7 @@ SPECS: dict[str, Record] = {
     "removexattr": Record(Op.REMOVEXATTR, SET, 18, path=b"", name=b"trusted.k"),
     "void": Record(Op.VOID, SET, 19),
     "sync": Record(Op.SYNC, SET, 20, count=20),
+    "reset": Record(Op.RESET, SET, 21),
 }
 
 

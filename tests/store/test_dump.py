@@ -33,6 +33,7 @@ SHOWS: dict[str, list[str]] = {
     "utimes": ["atime_ns=-1500000000123", "mtime_ns=4611686018427387913"],
     "setxattr": ["name=user.key", r"data=b'\x00\xffvalue'"],
     "removexattr": ["'' name=trusted.k"],
+    "reset": [],
 }
 
 

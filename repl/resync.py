@@ -1,0 +1,154 @@
+"""Bringing a replica up to date from the backing directory, not from the journal.
+
+Two cases end here. Over budget (repl/capture.py), the open set holds the
+namespace ops and the dirty map holds the written ranges. For an initial
+sync (a replica that the journal cannot bring forward: new, older than what
+the journal keeps, or of a tree that was never empty), the open set gets a
+RESET record and then one record per entry of the backing tree: directories,
+files, hard links, symlinks, nodes, owners, modes and xattrs, written in one
+synchronous step so that the namespace is a snapshot; every file's whole
+content goes into the dirty map. From there both cases are the same.
+
+The data is read in steps of at most STEP bytes: each step journals WRITE
+records for a piece of a dirty range and marks it clean, and the
+application runs between steps; what it writes meanwhile becomes dirty
+again. The step that finds the map empty closes the set, so the replica goes
+from one whole set to the next. Everything lives in the journal and the dirty
+map, so an interrupted sync resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from typing import TYPE_CHECKING
+
+import trio
+import trio.lowlevel
+
+from store.records import Op
+
+if TYPE_CHECKING:
+    from repl.capture import Capture
+
+log = logging.getLogger("replfs.resync")
+
+STEP = 4 << 20  # read per step: small enough that the application barely waits
+PROGRESS_EVERY = 2.0
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def snapshot_tree(capture: Capture) -> tuple[int, int]:
+    """Journal RESET and every entry of the backing tree. Returns (entries, data bytes)."""
+    journal, dirty = capture.journal, capture.dirty
+    dirty.clear()
+    journal.append(Op.RESET)
+    root = capture.backing.root_fd
+    st = os.fstat(root)
+    journal.append(Op.CHMOD, path=b"", mode=stat.S_IMODE(st.st_mode))
+    journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
+    _xattrs(capture, root, None, b"")
+    capture.touched.paths.add(b"")
+    first_name: dict[int, bytes] = {}
+    entries = total = 0
+    stack: list[tuple[int, bytes]] = [(os.dup(root), b"")]
+    try:
+        while stack:
+            fd, prefix = stack.pop()
+            try:
+                for name in sorted(os.listdir(fd)):
+                    raw = os.fsencode(name)
+                    path = prefix + b"/" + raw if prefix else raw
+                    st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
+                    entries += 1
+                    mode, owner = st.st_mode, {"uid": st.st_uid, "gid": st.st_gid}
+                    if stat.S_ISDIR(mode):
+                        journal.append(Op.MKDIR, path=path, mode=mode, **owner)
+                        stack.append((os.open(raw, _DIR_FLAGS, dir_fd=fd), path))
+                    elif stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
+                        journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
+                        continue  # one inode: its data and xattrs came with the first name
+                    elif stat.S_ISREG(mode):
+                        first_name[st.st_ino] = path
+                        journal.append(Op.CREATE, path=path, mode=mode, **owner)
+                        if st.st_size:
+                            dirty.add(path, 0, st.st_size)
+                            total += st.st_size
+                    elif stat.S_ISLNK(mode):
+                        journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd),
+                                       **owner)
+                    else:
+                        journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, **owner)
+                    _xattrs(capture, fd, raw, path)
+                    capture.touched.paths.add(path)
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return entries, total
+
+
+def _xattrs(capture: Capture, dir_fd: int, name: bytes | None, path: bytes) -> None:
+    where: bytes | int = b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else dir_fd
+    follow = name is None
+    for attr in sorted(os.listxattr(where, follow_symlinks=follow)):
+        value = os.getxattr(where, attr, follow_symlinks=follow)
+        capture.journal.append(Op.SETXATTR, path=path, name=os.fsencode(attr), data=value)
+
+
+def step(capture: Capture, max_bytes: int = STEP) -> int | None:
+    """Journal up to *max_bytes* of dirty data; when none is left, close the set.
+
+    Returns the closed set's id once done, else None.
+    """
+    chunk = capture.dirty.next_chunk(max_bytes)
+    if chunk is None:
+        return capture.finish_resync()
+    path, start, end = chunk
+    st = capture.backing.lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        capture.dirty.forget(path)  # gone since, or replaced by something without data
+        return None
+    dir_fd, name = capture.backing.parent(path)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        data = os.pread(fd, max(0, min(end, st.st_size) - start), start)
+    finally:
+        os.close(fd)
+    if data:
+        capture.journal.append(Op.WRITE, path=path, offset=start, data=data)
+    capture.touched.paths.add(path)
+    capture.dirty.remove(path, start, end)
+    capture.progress_done += end - start
+    return None
+
+
+async def run(capture: Capture) -> None:
+    """Resync whenever capture asks for it (the secondary caught up while over budget)."""
+    while True:
+        await capture.resync_wanted.wait()
+        capture.resync_wanted = trio.Event()
+        started = last_report = trio.current_time()
+        done_at_start = capture.progress_done
+        while capture.overflow and capture.applied >= capture.journal.set - 1:
+            capture.settle()
+            if step(capture) is not None:
+                break
+            now = trio.current_time()
+            if now - last_report >= PROGRESS_EVERY:
+                last_report = now
+                log.info("%s", progress_line(capture, (capture.progress_done - done_at_start)
+                                             / max(now - started, 1e-9)))
+            await trio.lowlevel.checkpoint()  # let the application's requests in between steps
+
+
+def progress_line(capture: Capture, rate: float) -> str:
+    total = max(capture.progress_total, capture.progress_done, 1)
+    done = capture.progress_done
+    bar = "#" * int(30 * done / total)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    what = "initial sync" if capture.syncing else "resync"
+    return (f"{what} [{bar:<30}] {done / 1e6:.1f}/{total / 1e6:.1f} MB "
+            f"{rate / 1e6:.1f} MB/s ETA {eta:.0f}s")
