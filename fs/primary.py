@@ -56,6 +56,7 @@ class DirHandle:
 
 class PrimaryFS(pyfuse3.Operations):
     enable_writeback_cache = True
+    enable_acl = True  # the kernel enforces POSIX ACLs (system.posix_acl_*), as natively
     supports_dot_lookup = True
     timeout = TIMEOUT
     direct_io = False
@@ -344,6 +345,7 @@ class PrimaryFS(pyfuse3.Operations):
                 mode = stat.S_IMODE(attr.st_mode)
                 record = self._journal(Op.CHMOD, path, mode=mode)
                 self._do(record, self._on_node, inode, fh, os.chmod, mode)
+                self._xattrs.pop(inode, None)  # chmod rewrites the ACL's mask and other
             if fields.update_atime or fields.update_mtime:
                 st = self._stat(inode, fh)
                 times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
