@@ -330,6 +330,11 @@ class PrimaryFS(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
             path = self.inodes.path(inode) if inode != ROOT else b""
+            if path is None and fh is None and self.inodes.unlinked_fd(inode) is None:
+                # Gone from every name and closed: the kernel flushing the times of a
+                # deleted file (SQLite's WAL after close). Nothing is left to change.
+                attr.attr_timeout = attr.entry_timeout = self.timeout
+                return attr
             st = self._stat(inode, fh)
             if fields.update_size:
                 record = self._journal(Op.TRUNCATE, path, size=attr.st_size)

@@ -12,7 +12,9 @@ the transactions committed before it.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -140,3 +142,25 @@ def test_primary_sqlite_transactions_ok(tmp_path: Path, journal_mode: str) -> No
         seen.append(committed)
     assert seen == sorted(seen) and seen[-1] == TRANSACTIONS
     assert len(set(seen)) > TRANSACTIONS // 2  # most commits closed a set of their own
+
+
+def test_sqlite_close_then_syncfs_ok(tmp_path: Path) -> None:
+    """Closing a WAL database deletes its -wal and -shm files; the kernel then flushes
+    their times without a handle. That must not turn into a write-back error."""
+
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with primary(backing, mount):
+        db = sqlite3.connect(mount / "x.db")
+        db.execute("pragma journal_mode=wal")
+        db.execute("create table t(x)")
+        for i in range(20):
+            db.execute("insert into t values (?)", (i,))
+            db.commit()
+        db.close()
+        fd = os.open(mount, os.O_RDONLY)
+        try:
+            assert libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.close(fd)
