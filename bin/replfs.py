@@ -126,6 +126,9 @@ def build_parser() -> Parser:
         p.add_argument("replica", type=Path, metavar="REPLICA")
         p.add_argument("--staging", type=Path, metavar="DIR",
                        help="staging directory (default: .REPLICA.replfs/staging)")
+        if name == "pause":
+            p.add_argument("--timeout", type=positive, default=60.0, metavar="SECONDS",
+                           help="give up waiting for a set being applied (default 60)")
 
     p = command("checkpoint", "close a data set now and print its id")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"dropped incomplete sets {done.dropped} (never whole on this node)")
             print(f"start it with: replfs primary {args.replica} MOUNTPOINT")
         elif args.command == "pause":
-            print(pause(args.replica, args.staging))
+            print(pause(args.replica, args.staging, args.timeout))
         elif args.command == "resume":
             print(resume(args.replica, args.staging))
         elif args.command == "checkpoint":

@@ -17,6 +17,7 @@ import errno
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 
 import trio
@@ -42,6 +43,10 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class Stopping(Exception):
+    """The daemon stops while a set is being retried; it resumes at the next start."""
+
+
 class Applier:
     def __init__(self, staging: Staging, replica: str | os.PathLike[str],
                  on_applied: Callable[[int], None] = lambda _: None) -> None:
@@ -55,6 +60,7 @@ class Applier:
         self._applied_changed = trio.Event()
         self.faults = ApplyFaults()
         self.lock = ApplyLock(staging.path)
+        self.stopping = threading.Event()  # tells a retrying apply thread to give up
         self.held = False
 
     def notify(self) -> None:
@@ -78,49 +84,70 @@ class Applier:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         tree = Tree(self.replica)
-        task_status.started()
-        delay = 0.1
         try:
-            while True:
-                self._wakeup = trio.Event()
-                nxt = self.applied + 1
-                state = self.staging.state(nxt)
-                self.held = is_held(self.staging.path)
-                if state is None or not state.complete or self.held:
-                    with trio.move_on_after(1.0 if self.held else math.inf):
-                        await self._wakeup.wait()  # a resume without a daemon to tell
-                    continue
-                self.applying = nxt
-                try:
-                    if not await trio.to_thread.run_sync(self.apply_set, tree, nxt):
-                        continue  # a hold arrived while we waited for the lock
-                except OSError as exc:
-                    self.error = f"applying set {nxt} failed: {exc}; will retry"
-                    log.error("%s", self.error)
-                    tree.forget_dirs()
-                    with trio.move_on_after(delay):
-                        await self._wakeup.wait()  # retry pacing, or sooner on news
-                    delay = min(delay * 2, RETRY_MAX)
-                    continue
-                finally:
-                    self.applying = None
-                delay = 0.1
-                self.error = None
-                self.applied = self.staging.applied  # nxt, unless an initial sync reset it
-                self._applied_changed.set()
-                self._applied_changed = trio.Event()
-                self.on_applied(self.applied)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_thread_on_cancel)
+                task_status.started()
+                await self._apply_in_order(tree)
+        except* Stopping:
+            pass  # cancelled in the middle of retrying a set: the next start resumes it
         finally:
             tree.close()
             self.lock.close()
 
-    def apply_set(self, tree: Tree, set_id: int) -> bool:
-        """Apply one complete set under the apply lock, unless a hold came first."""
+    async def _stop_thread_on_cancel(self) -> None:
+        """A thread cannot be cancelled: tell a retrying apply to give up instead."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stopping.set()
+
+    async def _apply_in_order(self, tree: Tree) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            nxt = self.applied + 1
+            state = self.staging.state(nxt)
+            self.held = is_held(self.staging.path)
+            if state is None or not state.complete or self.held:
+                with trio.move_on_after(1.0 if self.held else math.inf):
+                    await self._wakeup.wait()  # a resume without a daemon to tell
+                continue
+            self.applying = nxt
+            try:
+                if not await trio.to_thread.run_sync(self.apply_set, tree, nxt):
+                    continue  # a hold arrived while we waited for the lock
+            finally:
+                self.applying = None
+            self.applied = self.staging.applied  # nxt, unless an initial sync reset it
+            self._applied_changed.set()
+            self._applied_changed = trio.Event()
+            self.on_applied(self.applied)
+
+    def apply_set(self, tree: Tree, set_id: int, retry: bool = True) -> bool:
+        """Apply one complete set under the apply lock, unless a hold came first.
+
+        A set that fails half way (a full disk, most often) is retried under the
+        same lock until it is whole: readers wait rather than see a torn replica.
+        Raises Stopping if the daemon stops meanwhile.
+        """
+        delay = 0.1
         with self.lock.exclusive():
             if is_held(self.staging.path):
                 return False
-            self._apply_records(tree, set_id)
-        return True
+            while True:
+                try:
+                    self._apply_records(tree, set_id)
+                    self.error = None
+                    return True
+                except OSError as exc:
+                    if not retry:
+                        raise
+                    self.error = f"applying set {set_id} failed: {exc}; retrying"
+                    log.error("%s", self.error)
+                    tree.forget_dirs()
+                    if self.stopping.wait(delay):
+                        raise Stopping from exc
+                    delay = min(delay * 2, RETRY_MAX)
 
     def _apply_records(self, tree: Tree, set_id: int) -> None:
         """Apply one complete set, resuming at its marker if a crash interrupted it."""

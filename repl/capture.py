@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from repl import apply as applier
-from repl import resync
+from repl import faults, resync
 from repl.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
@@ -71,6 +71,7 @@ class Capture:
         self.syncing: int | None = decode_set(raw) if raw else None
         self.progress_done = self.progress_total = 0
         self.resync_wanted = trio.Event()
+        self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
         self.on_append: Callable[[], None] = lambda: None  # wakes the sender
         self.closed_times: dict[int, float] = {}
@@ -214,6 +215,8 @@ class Capture:
         self.touched.clear()
         self.closed_at = trio.current_time()
         closed = self.journal.close_set()
+        if self._record_hash is not None:
+            self._record_hash(closed, self.backing.root_fd)
         self.closed_times[closed] = self.closed_at
         if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
             del self.closed_times[min(self.closed_times)]

@@ -49,7 +49,12 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
         tree = Tree(replica)
         try:
             while (state := staging.state(applier.applied + 1)) and state.complete:
-                if not applier.apply_set(tree, applier.applied + 1):
+                try:
+                    whole = applier.apply_set(tree, applier.applied + 1, retry=False)
+                except OSError as exc:
+                    raise UsageError(f"applying set {applier.applied + 1} failed: {exc}; "
+                                     "fix that and promote again") from None
+                if not whole:
                     raise UsageError(f"{replica} was paused again during promote; "
                                      "resume it and promote again")
                 applier.applied += 1

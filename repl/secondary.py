@@ -32,16 +32,24 @@ def staging_dir_of(replica: Path, staging: Path | None) -> Path:
     return staging or default_state_dir(replica) / "staging"
 
 
-def pause(replica: Path, staging: Path | None) -> int:
-    """Hold the replica at its current set; returns once no set is being applied."""
+def pause(replica: Path, staging: Path | None, timeout: float | None = None) -> int:
+    """Hold the replica at its current set; returns once no set is being applied.
+
+    Raises UsageError if a set being applied does not finish within *timeout*
+    seconds (a full disk, say); the hold stays and takes effect after that set.
+    """
     where = staging_dir_of(replica, staging)
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist")
     set_hold(where, True)
     lock = ApplyLock(where)
     try:
-        with lock.shared():  # waits for a set being applied to finish
+        with lock.shared(timeout):  # waits for a set being applied to finish
             return read_applied(where)
+    except TimeoutError:
+        raise UsageError(f"replica {replica} is in the middle of a set that has not finished "
+                         f"after {timeout:.0f}s (see replfs status {replica}); the hold takes "
+                         "effect once it does") from None
     finally:
         lock.close()
 

@@ -47,7 +47,7 @@ _LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSl
 
 BATCH_BYTES = 1 << 20
 WINDOW_BYTES = 64 << 20
-RETRY_MAX = 5.0
+RETRY_MAX = 1.0  # on loopback or a LAN a peer back up is worth finding at once
 HANDSHAKE_TIMEOUT = 10.0
 STALL_SECONDS = 10.0  # a backlog with no progress for this long is reported as a stall
 
@@ -87,9 +87,13 @@ class Sender:
         self._inflight: dict[tuple[int, int], int] = {}
         self._progress_at = trio.current_time()
         self._acked_at = trio.current_time()  # last ack, or when records went in flight
+        # The set of an initial sync the secondary is rebuilding its replica as: the
+        # sets before it count as applied (they are moot) but the replica holds none.
+        self._reset_to = 0
 
     async def wait_applied(self, set_id: int) -> None:
-        while self.status.applied < set_id:
+        """Return once the secondary's replica holds *set_id* or a later set."""
+        while self.status.applied < max(set_id, self._reset_to):
             await self.applied_event.wait()
 
     def notify(self) -> None:
@@ -158,7 +162,9 @@ class Sender:
             if restart is not None:
                 await conns[0].send(reset_to(restart))
                 start = restart - 1
+                self._reset_to = restart
             self._set_applied(start)
+            self._progress_at = trio.current_time()  # a new link gets its full timeout
             self.status.connected = True
             self.status.streams = len(conns)
             self.status.sessions += 1
@@ -173,6 +179,7 @@ class Sender:
                     nursery.start_soon(self._writer, conn, receive)
                     nursery.start_soon(self._reader, conn)
                 nursery.start_soon(self._feeder, outboxes, start + 1)
+                nursery.start_soon(self._link_watchdog)
                 nursery.start_soon(self._ack_watchdog)
         finally:
             for conn in conns:
@@ -250,6 +257,14 @@ class Sender:
             if self._inflight and trio.current_time() - self._acked_at > self.stall_seconds:
                 raise trio.TooSlowError(f"no acknowledgement for {self.stall_seconds:g}s "
                                         f"with {len(self._inflight)} records in flight")
+
+    async def _link_watchdog(self) -> None:
+        """End a session whose sent records go unacknowledged: the link is dead or stalled."""
+        while True:
+            await trio.sleep(self.stall_seconds / 4)  # a periodic look, as in _watchdog
+            idle = trio.current_time() - self._progress_at
+            if self.status.inflight_bytes > 0 and idle > self.stall_seconds:
+                raise trio.TooSlowError(f"nothing acknowledged for {idle:.1f}s")
 
     async def _writer(self, conn: Connection,
                       frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:

@@ -73,6 +73,14 @@ def _walk_dir(dir_fd: int, prefix: str) -> Iterator[tuple[str, Entry]]:
                 os.close(sub)
 
 
+def tree_digest(root: str | os.PathLike[str]) -> str:
+    """One xxh3-128 over every entry's summary: equal trees, equal digests."""
+    h = xxhash.xxh3_128()
+    for path, entry in walk(root):
+        h.update(repr((path, entry)).encode())
+    return h.hexdigest()
+
+
 def differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> Iterator[str]:
     """One line per path where the trees differ, streaming both walks in step."""
     left, right = walk(a), walk(b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,8 +40,20 @@ class ApplyLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+    def shared(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the lock shared; with *timeout*, raise TimeoutError past it."""
+        if timeout is None:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError("the apply lock stayed taken") from None
+                    time.sleep(0.01)  # flock has no timed wait
         try:
             yield
         finally:

@@ -33,8 +33,10 @@ class Daemon:
     a port is bound), so tests wait for an event, not for time.
     """
 
-    def __init__(self, args: list[str], log: Path, ready: str) -> None:
+    def __init__(self, args: list[str], log: Path, ready: str,
+                 env: dict[str, str] | None = None) -> None:
         self.args = args
+        self.env = env or {}
         self.log_path = log
         self.ready_text = ready
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,7 +47,7 @@ class Daemon:
     def start(self) -> Daemon:
         self._ready.clear()
         self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env={**os.environ, **self.env})
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
             self.proc.kill()

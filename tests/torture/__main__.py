@@ -1,0 +1,76 @@
+"""bin/torture: a randomized campaign that tries hard to break the guarantee."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests.torture.run import KINDS, Result, run_one
+
+RUN_SECONDS = 6.0
+
+
+def campaign(runs: int, seed: int, minutes: float | None, seconds: float,
+             out: object = sys.stdout) -> list[Result]:
+    base = Path(tempfile.gettempdir())
+    rng = random.Random(seed)
+    results: list[Result] = []
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    while len(results) < runs or (deadline and time.monotonic() < deadline):
+        if deadline and time.monotonic() >= deadline:
+            break
+        run_seed = rng.randrange(1 << 32)
+        started = time.monotonic()
+        result = run_one(run_seed, seconds, base)
+        results.append(result)
+        faults = ",".join(f"{k}={v}" for k, v in sorted(result.faults.items())) or "none"
+        print(f"run {len(results):>4}  seed {run_seed:>10}  faults {faults:<40} sets "
+              f"{result.sets:>4}  samples {result.samples:>3}  ops {result.ops:>5}  "
+              f"{time.monotonic() - started:4.1f}s  "
+              f"{'ok' if result.ok else 'VIOLATION'}", file=out, flush=True)  # type: ignore[arg-type]
+        if not result.ok:
+            print(f"  {result.error}\n  kept {result.kept}\n  replay: bin/torture --replay "
+                  f"{run_seed}", file=out, flush=True)  # type: ignore[arg-type]
+    return results
+
+
+def summary(results: list[Result], out: object = sys.stdout) -> None:
+    faults: Counter[str] = Counter()
+    for r in results:
+        faults.update(r.faults)
+    bad = [r for r in results if not r.ok]
+    print(f"\n{'runs':<18}{len(results)}", file=out)  # type: ignore[arg-type]
+    for kind in KINDS:
+        print(f"{kind:<18}{faults[kind]}", file=out)  # type: ignore[arg-type]
+    print(f"{'samples checked':<18}{sum(r.samples for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'sets':<18}{sum(r.sets for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'violations':<18}{len(bad)}", file=out)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torture", description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seed", type=int, help="campaign seed (default: a fresh one)")
+    parser.add_argument("--minutes", type=float, help="keep going for this long")
+    parser.add_argument("--seconds", type=float, default=RUN_SECONDS, help="workload per run")
+    parser.add_argument("--replay", type=int, metavar="RUN_SEED",
+                        help="run exactly one run with this seed, and keep its directory")
+    args = parser.parse_args(argv)
+    if args.replay is not None:
+        result = run_one(args.replay, args.seconds, Path(tempfile.gettempdir()), keep=True)
+        print(f"seed {args.replay}: {'ok' if result.ok else result.error}; kept {result.kept}")
+        return 0 if result.ok else 1
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    print(f"torture campaign seed {seed}")
+    results = campaign(args.runs, seed, args.minutes, args.seconds)
+    summary(results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""One torture run: a seed decides the workload, the faults and when they strike."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repl.errors import UsageError
+from repl.faults import ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES
+from repl.secondary import pause, resume
+from repl.verify import differences, tree_digest
+from store.hold import read_syncing
+from tests.faultproxy import DOWN, UP, FaultProxy
+from tests.support import Daemon, checkpoint, unmount
+from tests.torture.workload import Workload
+
+KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
+         "link_stall", "replica_enospc")
+
+
+class Violation(AssertionError):
+    """The guarantee broke: the message says how."""
+
+
+@dataclass
+class Result:
+    seed: int
+    faults: Counter[str] = field(default_factory=Counter)
+    sets: int = 0
+    samples: int = 0
+    busy: int = 0  # samples not taken: the replica was stuck in the middle of a set
+    ops: int = 0
+    error: str | None = None
+    kept: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Run:
+    def __init__(self, seed: int, seconds: float, base: Path) -> None:
+        self.seed, self.seconds = seed, seconds
+        self.rng = random.Random(seed)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"torture-{seed}-", dir=base))
+        self.backing, self.mount = self.dir / "b", self.dir / "m"
+        self.replica, self.hashes = self.dir / "r", self.dir / "set-hashes"
+        self.staging = self.dir / ".r.replfs" / "staging"
+        self.result = Result(seed)
+        self.last_sample = 0
+        self.tmpfs = False
+
+    # --- daemons -------------------------------------------------------------------
+
+    def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
+        env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
+        d = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
+                   self.dir / "secondary.log", "listening on", env=env)
+        return d.start()
+
+    def start_primary(self) -> Daemon:
+        self.mount.mkdir(exist_ok=True)
+        d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
+                    f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
+                    "--stall-seconds", "1", "--scramble", str(self.seed)],
+                   self.dir / "primary.log", "serving", env={ENV_SET_HASHES: str(self.hashes)})
+        return d.start()
+
+    # --- the checker ---------------------------------------------------------------
+
+    def set_hashes(self) -> dict[int, str]:
+        if not self.hashes.exists():
+            return {}
+        out = {}
+        for line in self.hashes.read_text().splitlines():
+            set_id, digest = line.split()
+            out[int(set_id)] = digest
+        return out
+
+    def sample(self, workload: Workload) -> None:
+        """Hold the replica at one set, and check it is the primary at that set's close."""
+        try:
+            held = pause(self.replica, None, timeout=0.5)
+        except UsageError:  # a set cannot finish yet (a full replica): no whole set to see
+            resume(self.replica, None)
+            self.result.busy += 1
+            return
+        try:
+            if held == 0 or read_syncing(self.staging) is not None:
+                return  # no consistent set yet: an initial sync is under way
+            digest = tree_digest(self.replica)
+            want = self.set_hashes().get(held)
+            if want is None:
+                raise Violation(f"replica shows set {held}, which the primary never closed")
+            if digest != want:
+                raise Violation(f"replica at set {held} differs from the primary at its close")
+            if held < self.last_sample:
+                raise Violation(f"replica went back from set {self.last_sample} to {held}")
+            self.last_sample = held
+            self.check_apps(self.replica, workload, final=False)
+        finally:
+            resume(self.replica, None)
+        self.result.samples += 1
+
+    def check_apps(self, tree: Path, workload: Workload, final: bool) -> None:
+        """SQLite holds a prefix of the commits; git fsck is clean."""
+        copy = Path(tempfile.mkdtemp(dir=self.dir))
+        try:
+            for name in ("app.db", "app.db-wal"):
+                if (tree / name).exists():
+                    shutil.copy2(tree / name, copy / name)
+            if (copy / "app.db").exists():
+                db = sqlite3.connect(copy / "app.db")
+                try:
+                    if db.execute("pragma integrity_check").fetchone()[0] != "ok":
+                        raise Violation("SQLite on the replica fails integrity_check")
+                    have = db.execute("select count(*), coalesce(max(id), 0) from t").fetchone()
+                except sqlite3.OperationalError:
+                    have = (0, 0)  # the table's creation is not in this set yet
+                finally:
+                    db.close()
+                if have[0] != have[1] or have[0] > workload.committed:
+                    raise Violation(f"SQLite holds {have} of {workload.committed} commits")
+                if final and have[0] != workload.committed:
+                    raise Violation(f"SQLite lost commits: {have[0]} of {workload.committed}")
+            if (tree / "repo" / ".git").exists():
+                shutil.copytree(tree / "repo", copy / "repo", symlinks=True)
+                fsck = subprocess.run(["git", "-C", str(copy / "repo"), "fsck", "--full"],
+                                      capture_output=True, text=True)
+                if fsck.returncode != 0 and "HEAD" not in fsck.stderr:
+                    raise Violation(f"git fsck on the replica: {fsck.stderr.strip()[:300]}")
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    # --- the run -------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[float, str]]:
+        """When which faults strike, drawn from the seed."""
+        kinds = self.rng.sample(KINDS, self.rng.randint(1, 3))
+        return sorted((self.rng.uniform(0.15, 0.7) * self.seconds, k) for k in kinds)
+
+    def execute(self) -> Result:
+        self.backing.mkdir()
+        self.replica.mkdir()
+        plan = self.plan()
+        if any(kind == "replica_enospc" for _, kind in plan):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                            str(self.replica)], check=True)
+            self.tmpfs = True
+        with _free_port() as port:
+            self.port = port
+        secondary = self.start_secondary()
+        self.proxy = FaultProxy(self.port, self.seed).__enter__()
+        primary = self.start_primary()
+        workload = Workload(self.mount, self.seed)
+        started = time.monotonic()
+        next_sample = started + 0.3
+        try:
+            while (now := time.monotonic()) - started < self.seconds:
+                while plan and now - started >= plan[0][0]:
+                    kind = plan.pop(0)[1]
+                    secondary, primary = self.strike(kind, secondary, primary, workload)
+                    self.result.faults[kind] += 1
+                if secondary.proc is not None and secondary.proc.poll() is not None:
+                    secondary = self.start_secondary()  # an apply-step kill fired
+                try:
+                    workload.step()
+                except OSError:
+                    if primary.proc is not None and primary.proc.poll() is None:
+                        raise
+                if now >= next_sample:
+                    self.sample(workload)
+                    next_sample = time.monotonic() + 0.4
+            if self.tmpfs:
+                self.grow_replica()
+            workload.close()
+            last = checkpoint(self.mount, wait=60)
+            self.result.sets = last
+            diffs = list(differences(self.backing, self.replica))
+            if diffs:
+                raise Violation(f"final replica differs: {diffs[:3]}")
+            self.check_apps(self.replica, workload, final=True)
+            self.sample(workload)
+        finally:
+            self.result.ops = workload.ops
+            workload.close()
+            for daemon in (primary, secondary):
+                if daemon.proc is not None and daemon.proc.poll() is None:
+                    daemon.stop()
+            unmount(self.mount)
+            self.proxy.__exit__(None, None, None)
+            if self.tmpfs:
+                subprocess.run(["umount", "-l", str(self.replica)], capture_output=True)
+        return self.result
+
+    def strike(self, kind: str, secondary: Daemon, primary: Daemon,
+               workload: Workload) -> tuple[Daemon, Daemon]:
+        rng = self.rng
+        if kind == "secondary_kill":
+            secondary.kill()
+            secondary = self.start_secondary()
+        elif kind == "apply_step_kill":
+            secondary.kill()
+            secondary = self.start_secondary(kill_at_step=rng.randrange(1, 400))
+        elif kind == "primary_kill":
+            primary.kill()
+            workload.close()
+            unmount(self.mount)
+            primary = self.start_primary()
+        elif kind == "link_corrupt":
+            self.proxy.corrupt((1, 200_000), rng.choice((UP, DOWN)))
+        elif kind == "link_cut":
+            self.proxy.cut((1, 200_000), rng.choice((UP, DOWN)))
+        elif kind == "link_stall":
+            self.proxy.stall((1, 200_000), rng.choice((UP, DOWN)))
+        elif kind == "replica_enospc":
+            pass  # the replica is a small tmpfs from the start; it grows at the end
+        return secondary, primary
+
+    def grow_replica(self) -> None:
+        subprocess.run(["mount", "-o", "remount,size=1g", str(self.replica)], check=True)
+
+
+class _free_port:
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def run_one(seed: int, seconds: float, base: Path, keep: bool = False) -> Result:
+    run = Run(seed, seconds, base)
+    try:
+        run.execute()
+    except Violation as exc:
+        run.result.error = str(exc)
+    except Exception as exc:  # a harness or product failure: also a failed run
+        run.result.error = f"{type(exc).__name__}: {exc}"
+    if run.result.ok and not keep:
+        shutil.rmtree(run.dir, ignore_errors=True)
+    else:
+        run.result.kept = run.dir
+    return run.result

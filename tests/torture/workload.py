@@ -1,0 +1,140 @@
+"""A seeded workload on a mount: files, names, metadata, SQLite and git."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sqlite3
+import subprocess
+from pathlib import Path
+
+# Errors a random op may meet on a tree it does not track: they change nothing.
+EXPECTED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR,
+            errno.EINVAL, errno.ENODATA}
+DIRS = ("", "a", "a/b", "c")
+
+
+class Workload:
+    def __init__(self, root: Path, seed: int) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.committed = 0  # SQLite transactions whose commit returned
+        self.git_commits = 0
+        self.ops = 0
+        self.db: sqlite3.Connection | None = None
+        self.git_ready = False
+
+    def close(self) -> None:
+        if self.db is not None:
+            try:
+                self.db.close()
+            except sqlite3.Error:
+                pass
+            self.db = None
+
+    def step(self) -> None:
+        """One random op; SQLite and git get their turn too."""
+        r = self.rng.random()
+        self.ops += 1
+        try:
+            if r < 0.15:
+                self.sqlite_commit()
+            elif r < 0.19:
+                self.git_commit()
+            else:
+                self.file_op()
+        except OSError as exc:
+            if exc.errno not in EXPECTED:
+                raise
+        except subprocess.CalledProcessError:
+            # git died with the primary mid-command: it leaves a lock, as after a crash.
+            for lock in (self.root / "repo" / ".git").glob("*.lock"):
+                lock.unlink(missing_ok=True)
+
+    def _path(self) -> Path:
+        d = self.rng.choice(DIRS)
+        return self.root / d / f"f{self.rng.randrange(12)}"
+
+    def file_op(self) -> None:
+        rng, p = self.rng, self._path()
+        kind = rng.randrange(16)
+        if kind in (0, 1):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
+        elif kind == 2:
+            with open(p, "ab") as f:
+                f.write(rng.randbytes(rng.randrange(1, 9000)))
+        elif kind == 3:
+            with open(p, "r+b") as f:
+                f.seek(rng.randrange(30_000))
+                f.write(rng.randbytes(rng.randrange(1, 5000)))
+        elif kind == 4:
+            os.truncate(p, rng.randrange(20_000))
+        elif kind in (5, 6):
+            q = self._path()
+            q.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(p, q)  # also over an existing name, also across dirs
+        elif kind == 7:
+            os.link(p, self._path())
+        elif kind == 8:
+            os.symlink(f"../{p.name}", self._path())
+        elif kind == 9:
+            os.unlink(p)
+        elif kind == 10:  # unlink of an open file, then write through it
+            fd = os.open(p, os.O_RDWR)
+            try:
+                os.unlink(p)
+                os.write(fd, b"into the void")
+            finally:
+                os.close(fd)
+        elif kind == 11:
+            os.chmod(p, rng.choice((0o600, 0o644, 0o751, 0o4755)))
+            os.chown(p, rng.randrange(3) * 1000, rng.randrange(3) * 1000)
+        elif kind == 12:
+            os.utime(p, ns=(rng.randrange(1 << 50), rng.randrange(1 << 50)))
+        elif kind == 13:
+            if rng.random() < 0.5:
+                os.setxattr(p, f"user.k{rng.randrange(3)}", rng.randbytes(rng.randrange(60)))
+            else:
+                os.removexattr(p, f"user.k{rng.randrange(3)}")
+        elif kind == 14:
+            d = self.root / rng.choice(DIRS[1:]) / f"d{rng.randrange(3)}"
+            if rng.random() < 0.5:
+                d.mkdir(parents=True)
+            else:
+                d.rmdir()
+        else:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # closes a data set
+            finally:
+                os.close(fd)
+
+    def sqlite_commit(self) -> None:
+        if self.db is None:
+            self.db = sqlite3.connect(self.root / "app.db", timeout=30)
+            self.db.execute("pragma journal_mode=wal")
+            self.db.execute("pragma synchronous=full")
+            self.db.execute("create table if not exists t(id integer primary key, v blob)")
+            self.db.commit()
+        self.db.execute("insert into t(id, v) values (?, ?)",
+                        (self.committed + 1, self.rng.randbytes(self.rng.randrange(10, 3000))))
+        self.db.commit()
+        self.committed += 1
+
+    def git_commit(self) -> None:
+        repo = self.root / "repo"
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+        if not self.git_ready:
+            repo.mkdir(exist_ok=True)
+            subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+            self.git_ready = True
+        (repo / f"file{self.rng.randrange(5)}").write_bytes(self.rng.randbytes(500))
+        subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True, env=env)
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", f"c{self.git_commits}"],
+                       check=True, env=env, capture_output=True)
+        self.git_commits += 1
+        if self.git_commits % 8 == 0:
+            subprocess.run(["git", "-C", str(repo), "repack", "-adq"], check=True, env=env)
