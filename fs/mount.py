@@ -194,7 +194,7 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
     sock = control.socket_path(mountpoint)
     try:
         try:
-            pyfuse3.init(StandbyFS(inodes, lock), str(mountpoint),
+            pyfuse3.init(StandbyFS(inodes, lock, where), str(mountpoint),
                          mount_options() | {"ro"})
         except RuntimeError:
             raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "

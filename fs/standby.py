@@ -5,8 +5,9 @@ applier applies set N (holding it exclusively) a request waits, so it sees
 N-1 before or N after, never a mix. The kernel is told to cache nothing
 (zero timeouts, direct I/O), so the next request after N sees N at once; a
 reader that needs one set across many requests pauses the replica
-(``replfs pause``). Every change is refused with EROFS, by the kernel (the
-mount is ``ro``) and by the handlers.
+(``replfs pause``). A replica that a crash cut short in the middle of a set
+answers EIO until the secondary's redo finishes that set. Every change is
+refused with EROFS, by the kernel (the mount is ``ro``) and by the handlers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import errno
 import functools
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 
+from fs.errors import log
 from fs.primary import PrimaryFS
-from store.hold import ApplyLock
+from store.hold import ApplyLock, interrupted
 
 _READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
           "getxattr", "listxattr", "access")
@@ -37,9 +40,10 @@ class StandbyFS(PrimaryFS):
     timeout = 0
     direct_io = True
 
-    def __init__(self, inodes: Any, lock: ApplyLock) -> None:
+    def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path) -> None:
         super().__init__(inodes, capture=None)  # type: ignore[arg-type]
         self.lock = lock
+        self.staging_dir = staging_dir
         for name in _READS:
             setattr(self, name, self._locked(getattr(self, name)))
         for name in _CHANGES:
@@ -50,6 +54,11 @@ class StandbyFS(PrimaryFS):
         async def run(*args: Any, **kwargs: Any) -> Any:
             # Handlers do not await inside, so the lock spans exactly one request.
             with self.lock.shared():
+                torn = interrupted(self.staging_dir)
+                if torn is not None:
+                    log.error("the replica was cut short in set %d by a crash; start the "
+                              "secondary to finish it", torn)
+                    raise pyfuse3.FUSEError(errno.EIO)
                 return await handler(*args, **kwargs)
 
         return run

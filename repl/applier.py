@@ -25,7 +25,7 @@ import trio
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
 from repl.tree import Tree
-from store.hold import ApplyLock, is_held
+from store.hold import ApplyLock, clear_applying, is_held, mark_applying
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
 
@@ -134,9 +134,11 @@ class Applier:
         with self.lock.exclusive():
             if is_held(self.staging.path):
                 return False
+            mark_applying(self.staging.path, set_id)
             while True:
                 try:
                     self._apply_records(tree, set_id)
+                    clear_applying(self.staging.path)
                     self.error = None
                     return True
                 except OSError as exc:

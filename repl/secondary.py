@@ -16,7 +16,7 @@ from repl import control
 from repl.applier import Applier
 from repl.errors import UsageError
 from repl.receiver import Receiver
-from store.hold import ApplyLock, is_held, read_applied, set_hold
+from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.staging import Staging
 
 log = logging.getLogger("replfs.secondary")
@@ -45,6 +45,10 @@ def pause(replica: Path, staging: Path | None, timeout: float | None = None) -> 
     lock = ApplyLock(where)
     try:
         with lock.shared(timeout):  # waits for a set being applied to finish
+            torn = interrupted(where)
+            if torn is not None:
+                raise UsageError(f"replica {replica} was cut short in the middle of set {torn} "
+                                 f"(a crash); start replfs secondary {replica} to finish it")
             return read_applied(where)
     except TimeoutError:
         raise UsageError(f"replica {replica} is in the middle of a set that has not finished "

@@ -22,6 +22,7 @@ from store.records import decode_set
 
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
+APPLYING = "APPLYING"
 
 
 class ApplyLock:
@@ -61,6 +62,28 @@ class ApplyLock:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def mark_applying(staging_dir: Path, set_id: int) -> None:
+    """Say, beside the replica, that set *set_id* is being applied to it."""
+    (staging_dir / APPLYING).write_text(f"{set_id}\n")
+
+
+def clear_applying(staging_dir: Path) -> None:
+    (staging_dir / APPLYING).unlink(missing_ok=True)
+
+
+def interrupted(staging_dir: Path) -> int | None:
+    """The set a crash interrupted half way, if any (ask with the apply lock held).
+
+    With the lock held, no applier is at work, so a set still marked as being
+    applied was cut short: the replica is torn until the secondary's redo
+    finishes that set.
+    """
+    try:
+        return int((staging_dir / APPLYING).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def is_held(staging_dir: Path) -> bool:

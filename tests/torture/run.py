@@ -130,7 +130,8 @@ class Run:
                     raise Violation(f"SQLite holds {have} of {workload.committed} commits")
                 if final and have[0] != workload.committed:
                     raise Violation(f"SQLite lost commits: {have[0]} of {workload.committed}")
-            if (tree / "repo" / ".git").exists():
+            git = tree / "repo" / ".git"
+            if all((git / part).exists() for part in ("HEAD", "objects", "refs")):
                 shutil.copytree(tree / "repo", copy / "repo", symlinks=True)
                 fsck = subprocess.run(["git", "-C", str(copy / "repo"), "fsck", "--full"],
                                       capture_output=True, text=True)
@@ -180,6 +181,8 @@ class Run:
                     next_sample = time.monotonic() + 0.4
             if self.tmpfs:
                 self.grow_replica()
+            if secondary.proc is not None and secondary.proc.poll() is not None:
+                secondary = self.start_secondary()  # a late apply-step kill
             workload.close()
             last = checkpoint(self.mount, wait=60)
             self.result.sets = last
