@@ -1,0 +1,322 @@
+"""The secondary's staging store, on real LMDB files: one test per claim it carries.
+
+A "restart" is a real one: the store is closed and opened again, or a child
+process stages and is SIGKILLed (nothing closed, nothing synced) before the
+test opens the same directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from store.errors import JournalLocked, RecordError
+from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
+from store.staging import Staging
+from tests.support import ROOT
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "staging"
+
+
+@pytest.fixture
+def staging(path: Path) -> Iterator[Staging]:
+    with opened(path) as s:
+        yield s
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[Staging]:
+    """The staging store at *path* for one daemon's lifetime (reopen = a restart)."""
+    s = Staging(path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def data_set(set_id: int, ops: int) -> list[Record]:
+    """A whole data set: *ops* writes at seqs 0..ops-1, then its SYNC at seq *ops*."""
+    writes = [Record(Op.WRITE, set_id, seq, path=b"f%d" % set_id, offset=seq * 10,
+                     data=b"%d.%d" % (set_id, seq)) for seq in range(ops)]
+    return [*writes, Record(Op.SYNC, set_id, ops, count=ops)]
+
+
+def seqs(s: Staging, set_id: int) -> list[int]:
+    return [r.seq for r in s.records(set_id)]
+
+
+def killed_after_staging(path: Path, records: list[Record]) -> None:
+    """Stage *records* in a child process that then dies by SIGKILL, store left open."""
+    script = (
+        "import os, signal, sys\n"
+        "from store.records import Record\n"
+        "from store.staging import Staging\n"
+        "s = Staging(sys.argv[1])\n"
+        "s.stage([Record.decode(bytes.fromhex(h)) for h in sys.argv[2:]])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path),
+                             *(r.encode().hex() for r in records)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+# --- claims --------------------------------------------------------------------------
+
+
+def test_claim_4_bitmap_marks_received_records(staging: Staging) -> None:
+    """Receipt is tracked by setting the record's seq bit in its set's bitmap."""
+    records = data_set(5, 9)  # seqs 0..8 and the SYNC at 9: two bytes of bitmap
+    staging.stage([records[0], records[2], records[9]])
+    state = staging.state(5)
+    assert state is not None
+    assert [seq for seq in range(12) if state.has(seq)] == [0, 2, 9]
+    assert bytes(state.bitmap) == bytes([0b0000_0101, 0b0000_0010])
+    assert state.received() == 3
+    staging.stage([records[8]])
+    state = staging.state(5)
+    assert state is not None and bytes(state.bitmap) == bytes([0b0000_0101, 0b0000_0011])
+
+
+def test_claim_7_bitmap_decides_receipt_of_set(staging: Staging) -> None:
+    """The set counts as received exactly when the bitmap holds the SYNC's seq and all below."""
+    records = data_set(3, 4)  # writes 0..3, SYNC at 4
+    assert staging.stage(records[:2]).completed == []
+    assert staging.stage([records[4]]).completed == []  # SYNC seen, seqs 2 and 3 missing
+    assert staging.stage([records[3]]).completed == []
+    state = staging.state(3)
+    assert state is not None and state.sync_seen and state.count == 4
+    assert not state.complete
+    assert staging.stage([records[2]]).completed == [3]  # the last hole filled
+    state = staging.state(3)
+    assert state is not None and state.complete
+    assert seqs(staging, 3) == [0, 1, 2, 3, 4]
+
+
+def test_claim_7_all_writes_without_sync_is_not_receipt(staging: Staging) -> None:
+    records = data_set(3, 4)
+    assert staging.stage(records[:4]).completed == []
+    state = staging.state(3)
+    assert state is not None and not state.sync_seen and not state.complete
+
+
+def test_claim_11_overlapping_sets_staged_together(staging: Staging) -> None:
+    """Records of several open sets arrive interleaved, in one batch and across batches."""
+    one, two, three = data_set(1, 3), data_set(2, 2), data_set(3, 3)
+    first = [one[1], two[0], three[3], one[0], two[2], three[0]]
+    second = [one[3], three[2], two[1], one[2], three[1]]
+    assert staging.stage(first).completed == []
+    assert sorted(staging.stage(second).completed) == [1, 2, 3]
+    assert seqs(staging, 1) == [0, 1, 2, 3]
+    assert seqs(staging, 2) == [0, 1, 2]
+    assert list(staging.records(3)) == three
+    assert {n: s.complete for n, s in staging.sets().items()} == {1: True, 2: True, 3: True}
+
+
+def test_claim_12_second_set_staged_before_first(staging: Staging) -> None:
+    one, two = data_set(1, 2), data_set(2, 3)
+    assert staging.stage(list(reversed(two))).completed == [2]
+    assert staging.state(1) is None
+    assert staging.stage(one[1:]).completed == []
+    assert staging.stage(one[:1]).completed == [1]
+    assert list(staging.records(1)) == one
+    assert list(staging.records(2)) == two
+
+
+def test_claim_20_complete_flag_set_in_same_transaction(path: Path) -> None:
+    """The flag is set by the stage() that brings the last record, atomically with it."""
+    records = data_set(1, 3)
+    with opened(path) as staging:
+        staging.stage(records[:3])  # every write, no SYNC yet
+        state = staging.state(1)
+        assert state is not None and not state.complete
+        # One transaction: when staging fails part way, neither the SYNC nor the
+        # flag it would have set is there.
+        bad = Record(Op.WRITE, 1, 9, path=b"../outside", data=b"x")  # validate() refuses it
+        with pytest.raises(RecordError, match=r"'\.\.' component"):
+            staging.stage([records[3], bad])
+        state = staging.state(1)
+        assert state is not None and not state.sync_seen and not state.complete
+        assert seqs(staging, 1) == [0, 1, 2]
+        assert staging.stage([records[3]]).completed == [1]
+    with opened(path) as staging:  # the flag survived the restart, beside its records
+        state = staging.state(1)
+        assert state is not None and state.complete and state.sync_seen and state.count == 3
+        assert list(staging.records(1)) == records
+
+
+def test_claim_21_complete_set_survives_restart(path: Path) -> None:
+    """A set complete when the secondary was killed is kept, whole, to be applied."""
+    killed_after_staging(path, data_set(1, 40) + data_set(2, 5)[:-1])
+    with opened(path) as staging:
+        assert staging.drop_partial() == [2]
+        state = staging.state(1)
+        assert state is not None and state.complete
+        assert list(staging.records(1)) == data_set(1, 40)
+
+
+def test_claim_27_partial_set_erased_on_restart(path: Path) -> None:
+    """After a crash the partial set is erased, sent again, and completes from scratch."""
+    one, two = data_set(1, 2), data_set(2, 6)
+    killed_after_staging(path, [*one, two[0], two[3], two[6]])
+    with opened(path) as staging:
+        assert staging.drop_partial() == [2]
+        assert staging.state(2) is None
+        assert list(staging.records(2)) == []
+        assert sorted(staging.sets()) == [1]
+        # The primary retransmits the whole set; nothing counts as a duplicate.
+        result = staging.stage(list(reversed(two)))
+        assert (result.completed, result.duplicates) == ([2], 0)
+        assert list(staging.records(2)) == two
+        staging.finish(1)
+        staging.finish(2)
+        assert staging.applied == 2
+        assert staging.sets() == {}
+
+
+def test_staging_drop_partial_ok_nothing_partial(staging: Staging) -> None:
+    staging.stage(data_set(1, 1))
+    assert staging.drop_partial() == []
+    assert sorted(staging.sets()) == [1]
+
+
+def test_staging_drop_partial_ok_keeps_neighbours(staging: Staging) -> None:
+    """Erasing set 2 leaves the records of sets 1 and 3 on either side of it."""
+    staging.stage(data_set(1, 3) + data_set(2, 3)[:2] + data_set(3, 3))
+    assert staging.drop_partial() == [2]
+    assert list(staging.records(1)) == data_set(1, 3)
+    assert list(staging.records(3)) == data_set(3, 3)
+
+
+# --- duplicates and stale records ----------------------------------------------------
+
+
+def test_staging_stage_ok_duplicates_dropped(staging: Staging) -> None:
+    records = data_set(1, 3)
+    staging.stage(records[:2])
+    resent = Record(Op.WRITE, 1, 1, path=b"other", data=b"must not replace the first")
+    result = staging.stage([records[0], resent, records[0], records[2]])
+    assert result.duplicates == 3
+    assert result.keys == [(1, 0), (1, 1), (1, 0), (1, 2)]  # all acknowledged
+    assert list(staging.records(1)) == records[:3]  # the first copy stays
+
+
+def test_staging_stage_ok_duplicate_of_complete_set(staging: Staging) -> None:
+    staging.stage(data_set(1, 2))
+    result = staging.stage(data_set(1, 2))
+    assert (result.duplicates, result.completed) == (3, [])
+
+
+def test_staging_stage_ok_stale_dropped(staging: Staging) -> None:
+    """Records of sets already applied are counted and never staged again."""
+    staging.stage(data_set(1, 1) + data_set(2, 1))
+    staging.finish(1)
+    staging.finish(2)
+    result = staging.stage(data_set(1, 1) + data_set(2, 1)[:1] + data_set(3, 1)[:1])
+    assert (result.stale, result.duplicates) == (3, 0)
+    assert result.keys == [(3, 0)]
+    assert sorted(staging.sets()) == [3]
+    assert list(staging.records(1)) == list(staging.records(2)) == []
+
+
+def test_staging_records_ok_start_seq(staging: Staging) -> None:
+    staging.stage(data_set(4, 5) + data_set(5, 1))
+    assert [r.seq for r in staging.records(4, 3)] == [3, 4, 5]
+    assert [r.seq for r in staging.records(4, 6)] == []
+    assert list(staging.records(9)) == []
+
+
+# --- the apply log ---------------------------------------------------------------------
+
+
+def test_staging_marker_ok(staging: Staging) -> None:
+    assert staging.marker() is None
+    rename = Record(Op.RENAME, 2, 7, path=b"a", path2=b"b")
+    staging.set_marker(rename, None)
+    assert staging.marker() == (2, 7, None)
+    exchange = Record(Op.RENAME, 2, 9, path=b"a", path2=b"b", flags=RENAME_EXCHANGE)
+    staging.set_marker(exchange, encode_intent(11, 12))
+    assert staging.marker() == (2, 9, encode_intent(11, 12))
+
+
+def test_staging_marker_ok_survives_restart(path: Path) -> None:
+    with opened(path) as staging:
+        staging.set_marker(Record(Op.UNLINK, 3, 1, path=b"x"), None)
+    with opened(path) as staging:
+        assert staging.marker() == (3, 1, None)
+
+
+def test_staging_finish_ok_clears_marker(staging: Staging) -> None:
+    staging.stage(data_set(1, 2) + data_set(2, 2))
+    staging.set_marker(Record(Op.UNLINK, 1, 1, path=b"x"), None)
+    staging.finish(1)
+    assert staging.marker() is None
+    assert staging.applied == 1
+    assert staging.state(1) is None and list(staging.records(1)) == []
+    assert list(staging.records(2)) == data_set(2, 2)
+
+
+def test_staging_applied_ok_survives_restart(path: Path) -> None:
+    with opened(path) as staging:
+        assert staging.applied == 0
+        staging.stage(data_set(1, 1))
+        staging.finish(1)
+    with opened(path) as staging:
+        assert staging.applied == 1
+
+
+def test_staging_applied_ok_survives_kill(path: Path) -> None:
+    """finish() syncs: a killed process keeps what it finished."""
+    script = (
+        "import os, signal, sys\n"
+        "from store.records import Op, Record\n"
+        "from store.staging import Staging\n"
+        "s = Staging(sys.argv[1])\n"
+        "s.stage([Record(Op.SYNC, 1, 0, count=0), Record(Op.SYNC, 2, 0, count=0)])\n"
+        "s.finish(1)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with opened(path) as staging:
+        assert staging.applied == 1
+        assert sorted(staging.sets()) == [2]
+
+
+# --- the lock and identity ---------------------------------------------------------------
+
+
+def test_staging_open_err_locked(staging: Staging, path: Path) -> None:
+    held = re.escape(f"in use by another replfs daemon (pid {os.getpid()})")
+    with pytest.raises(JournalLocked, match=held):
+        Staging(path)
+    assert staging.applied == 0  # the holder is untouched
+
+
+def test_staging_open_ok_after_close(path: Path) -> None:
+    with opened(path):
+        pass
+    with opened(path) as staging:
+        assert staging.sets() == {}
+
+
+def test_staging_identity_ok_survives_restart(path: Path) -> None:
+    with opened(path) as staging:
+        assert staging.identity.cluster is None  # a secondary adopts its first primary's
+        node = staging.identity.node
+        staging.identity.cluster = "c1"
+        staging.save_identity()
+    with opened(path) as staging:
+        assert (staging.identity.node, staging.identity.cluster) == (node, "c1")
