@@ -142,12 +142,15 @@ class Capture:
 
     def bring_up(self, applied: int, syncing: int | None) -> int | None:
         """Where a secondary that applied *applied* starts: None to stream from the
-        next set, or the set of an initial sync just begun (it must reset to it)."""
+        next set, or the set of an initial sync just begun (it must reset to it).
+
+        A secondary in the middle of an initial sync (*syncing*) reports the set
+        before it as applied, so the journal brings it on like any other, as long
+        as it still holds that set.
+        """
         self._settle()
-        if syncing is not None and syncing == self.syncing:
-            return None  # an initial sync in progress: it goes on
         base = self.journal.base
-        if syncing is None and base is not None and base <= applied < self.journal.set:
+        if base is not None and base <= applied < self.journal.set:
             return None
         return self.start_full_sync()
 

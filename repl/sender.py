@@ -179,7 +179,6 @@ class Sender:
                     nursery.start_soon(self._writer, conn, receive)
                     nursery.start_soon(self._reader, conn)
                 nursery.start_soon(self._feeder, outboxes, start + 1)
-                nursery.start_soon(self._link_watchdog)
                 nursery.start_soon(self._ack_watchdog)
         finally:
             for conn in conns:
@@ -202,6 +201,10 @@ class Sender:
         applied = reply.get("applied")
         if type(applied) is not int or applied < 0:
             raise ProtocolError(f"the secondary's HELLO has no valid applied set: {applied!r}")
+        syncing = reply.get("syncing")
+        if syncing is not None and (type(syncing) is not int or syncing < 1):
+            raise ProtocolError(f"the secondary's HELLO has a bad syncing set: {syncing!r}")
+        self._peer_syncing = syncing  # an initial sync it is in the middle of
         self.status.peer_node = reply.get("node")
         return applied
 
@@ -257,14 +260,6 @@ class Sender:
             if self._inflight and trio.current_time() - self._acked_at > self.stall_seconds:
                 raise trio.TooSlowError(f"no acknowledgement for {self.stall_seconds:g}s "
                                         f"with {len(self._inflight)} records in flight")
-
-    async def _link_watchdog(self) -> None:
-        """End a session whose sent records go unacknowledged: the link is dead or stalled."""
-        while True:
-            await trio.sleep(self.stall_seconds / 4)  # a periodic look, as in _watchdog
-            idle = trio.current_time() - self._progress_at
-            if self.status.inflight_bytes > 0 and idle > self.stall_seconds:
-                raise trio.TooSlowError(f"nothing acknowledged for {idle:.1f}s")
 
     async def _writer(self, conn: Connection,
                       frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:

@@ -95,3 +95,18 @@ def test_initial_sync_survives_primary_kill9(tmp_path: Path) -> None:
             (mount / "after").write_bytes(b"written after the crash")
             checkpoint(mount)
             assert diff(snapshot(backing), snapshot(replica)) == []
+
+
+def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    populate(backing, 48)
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
+            sec.wait_for("initial sync from the primary")
+            sec.kill()
+            with secondary(replica, port=port):
+                checkpoint(mount)
+                assert diff(snapshot(backing), snapshot(replica)) == []
+    assert pri.log().count("initial sync begins") == 1, "resumed, not started over"

@@ -71,6 +71,9 @@ def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_st
                 states[int(result.stdout)] = snapshot(backing)
             assert daemon.proc is not None
             assert daemon.proc.wait(60) == -9, "the fault point killed the secondary"
+            torn = replfs("pause", replica, "--timeout", "5")
+            assert torn.returncode == 1 and "cut short in the middle of set" in torn.stderr
+            assert replfs("resume", replica).returncode == 0
 
     # The primary is gone: the secondary can only apply what it holds, whole sets only.
     with secondary(replica, port=port):
