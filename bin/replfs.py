@@ -98,6 +98,9 @@ def build_parser() -> Parser:
                    help="staging directory (default: .REPLICA.replfs/staging beside REPLICA)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without authentication")
+    p.add_argument("--rejoin", action="store_true",
+                   help="REPLICA is an old primary's tree: follow the new primary, sending "
+                        "only what diverged and keeping its own changes aside")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds))
         elif args.command == "secondary":
-            trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure)
+            trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure,
+                     args.rejoin)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":

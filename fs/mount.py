@@ -110,17 +110,25 @@ async def run_primary(cfg: PrimaryConfig) -> None:
 
 async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
                  operations: PrimaryFS, backing: Path) -> None:
+    async def applied_within(set_id: int, seconds: float) -> str | None:
+        """Wait for the connected secondary to apply *set_id*; say why not, if not."""
+        assert sender is not None
+        with trio.move_on_after(seconds):
+            await sender.wait_applied(set_id)
+            return None
+        if not sender.status.connected:
+            return f"set {set_id} closed, but no secondary is connected after {seconds:g}s"
+        return (f"set {set_id} closed, but the secondary has applied only "
+                f"{sender.status.applied} after {seconds:g}s")
+
     async def checkpoint(request: dict[str, Any]) -> dict[str, Any]:
         """Close a set; with ``wait`` seconds, also wait for the secondary to apply it."""
         set_id = await capture.checkpoint()
         reply: dict[str, Any] = {"set": set_id}
         if request.get("wait") and sender is not None:
-            with trio.move_on_after(float(request["wait"])):
-                await sender.wait_applied(set_id)
-            reply["applied"] = sender.status.applied
-            if sender.status.applied < set_id:
-                reply["error"] = (f"set {set_id} closed but the secondary has applied only "
-                                  f"{sender.status.applied} after {request['wait']}s")
+            error = await applied_within(set_id, float(request["wait"]))
+            if error:
+                reply["error"] = error
         return reply
 
     async def freeze(request: dict[str, Any]) -> dict[str, Any]:
@@ -133,9 +141,10 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             set_id = await capture.checkpoint()
             reply: dict[str, Any] = {"set": set_id, "backing": str(backing)}
             if sender is not None:
-                with trio.move_on_after(float(request.get("wait", 60))):
-                    await sender.wait_applied(set_id)
-                reply["applied"] = sender.status.applied
+                error = await applied_within(set_id, float(request.get("wait", 60)))
+                if error:
+                    operations.thaw()
+                    return {"error": error}
         except BaseException:
             operations.thaw()
             raise
@@ -164,7 +173,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "last_shipped": list(st.shipped), "last_applied": st.applied,
                     "lag_sets": j.set - 1 - st.applied,
                     "lag_seconds": round(capture.lag_seconds(st.applied), 3),
-                    "inflight_bytes": st.inflight_bytes, "stalled": st.stalled,
+                    "inflight_bytes": st.inflight_bytes, "sent_bytes": st.sent_bytes,
+                    "stalled": st.stalled,
                     "errors": st.errors}
         return out
 

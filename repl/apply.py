@@ -21,7 +21,8 @@ it leaves behind, which nothing after it in the replayed run can change
 - RENAME with RENAME_EXCHANGE: both names exist before and after, so the
   marker carries an intent, the inode numbers of both names before the op;
   done iff the first name now holds the second's inode.
-- RESET (empty the tree) is idempotent: it is simply done again.
+- RESET (empty the tree) and PRUNE (remove a subtree if there) are
+  idempotent: they are simply done again.
 """
 
 from __future__ import annotations
@@ -89,6 +90,21 @@ def apply(tree: Tree, record: Record) -> None:
         _empty_dir(tree.root_fd)
         for name in os.listxattr(tree.root_fd):
             os.removexattr(tree.root_fd, name)
+        return
+    if op == Op.PRUNE:
+        st = tree.lstat(record.path)
+        if st is not None:
+            fd, name = tree.parent(record.path)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, _DIR_READ, dir_fd=fd)
+                try:
+                    _empty_dir(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+        tree.forget_dirs()
         return
     if op == Op.WRITE:
         fd, name = tree.parent(record.path)

@@ -31,6 +31,7 @@ import trio
 
 from repl import apply as applier
 from repl import faults, resync
+from repl.diverge import Divergence
 from repl.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
@@ -140,33 +141,48 @@ class Capture:
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
 
-    def bring_up(self, applied: int, syncing: int | None) -> int | None:
+    def bring_up(self, applied: int, syncing: int | None,
+                 rejoin: Divergence | None = None) -> int | None:
         """Where a secondary that applied *applied* starts: None to stream from the
         next set, or the set of an initial sync just begun (it must reset to it).
 
         A secondary in the middle of an initial sync (*syncing*) reports the set
         before it as applied, so the journal brings it on like any other, as long
-        as it still holds that set.
+        as it still holds that set. An old primary rejoining (*rejoin*: what it
+        changed since *applied*, the set we last shared) gets just the paths
+        either side changed since, as one set (repl/diverge.py).
         """
         self._settle()
         base = self.journal.base
-        if base is not None and base <= applied < self.journal.set:
+        follows = base is not None and base <= applied < self.journal.set
+        if rejoin is not None and follows:
+            ours = Divergence().add(self.journal.records(applied + 1))
+            return self.start_full_sync(rejoin.update(ours).follow_links(
+                f"/proc/self/fd/{self.backing.root_fd}"))
+        if follows:
             return None
         return self.start_full_sync()
 
-    def start_full_sync(self) -> int:
-        """Begin an initial sync in the open set (repl/resync.py). Returns its id."""
+    def start_full_sync(self, only: Divergence | None = None) -> int:
+        """Begin an initial sync in the open set (repl/resync.py). Returns its id.
+
+        With *only*, the sync covers just those paths (a rejoin).
+        """
         set_id = self.journal.set
         # Over budget first, so a crash inside the snapshot never closes this set;
         # `syncing` only once the snapshot is whole, so such a crash starts anew.
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
-        entries, total = resync.snapshot_tree(self)
+        if only is None:
+            entries, total = resync.snapshot_tree(self)
+        else:
+            entries, total = resync.snapshot_paths(self, only)
         self.syncing = set_id
         self.journal.put_meta(_SYNCING, encode_set(set_id))
         self.journal.base = set_id - 1
         self.progress_done, self.progress_total = 0, total
-        log.info("initial sync begins as set %d: %d entries, %.1f MB of data", set_id,
+        log.info("%s begins as set %d: %d entries, %.1f MB of data",
+                 "initial sync" if only is None else "rejoin sync of what diverged", set_id,
                  entries, total / 1e6)
         return set_id
 

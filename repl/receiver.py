@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -74,6 +75,7 @@ class Receiver:
         self.staging = staging
         self.on_complete = on_complete
         self.on_reset = on_reset
+        self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
             tuple[_Stream, Record]](STAGE_BATCH)
@@ -189,10 +191,11 @@ class Receiver:
                      ident.generation)
             ident.generation = generation
             self.staging.save_identity()
+        extra = self.on_hello(info)  # a rejoin: what this node changed on its own
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,
                               applied=self.staging.applied,
-                              syncing=self.staging.syncing))
+                              syncing=self.staging.syncing, **extra))
         return info
 
     async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 import trio.lowlevel
 
+from repl.diverge import Divergence
 from store.records import Op
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def snapshot_tree(capture: Capture) -> tuple[int, int]:
     """Journal RESET and every entry of the backing tree. Returns (entries, data bytes)."""
-    journal, dirty = capture.journal, capture.dirty
-    dirty.clear()
+    journal = capture.journal
+    capture.dirty.clear()
     journal.append(Op.RESET)
     root = capture.backing.root_fd
     st = os.fstat(root)
@@ -50,44 +51,96 @@ def snapshot_tree(capture: Capture) -> tuple[int, int]:
     journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
     _xattrs(capture, root, None, b"")
     capture.touched.paths.add(b"")
-    first_name: dict[int, bytes] = {}
-    entries = total = 0
-    stack: list[tuple[int, bytes]] = [(os.dup(root), b"")]
+    counts = [0, 0]
+    _walk(capture, root, b"", {}, counts)
+    return counts[0], counts[1]
+
+
+def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
+    """Journal what makes a rejoining node's copy of *div*'s paths equal to ours.
+
+    Returns (entries, data bytes); the data itself goes to the dirty map.
+    """
+    roots = div.roots()
+    if b"" in roots:
+        return snapshot_tree(capture)
+    capture.dirty.clear()
+    journal, first_name = capture.journal, {}
+    counts = [0, 0]
+    for path in roots:
+        journal.append(Op.PRUNE, path=path)
+        capture.touched.paths.update((path, path.rpartition(b"/")[0]))
+        fd, name = capture.backing.parent(path) if capture.backing.lstat(path) else (-1, b"")
+        if fd >= 0:
+            _entry(capture, fd, name, path, first_name, counts)
+    for path, spans in sorted(div.only_ranges().items()):
+        st = capture.backing.lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            continue  # gone on this side too: nothing of it to send
+        journal.append(Op.CHMOD, path=path, mode=stat.S_IMODE(st.st_mode))
+        journal.append(Op.CHOWN, path=path, uid=st.st_uid, gid=st.st_gid)
+        journal.append(Op.TRUNCATE, path=path, size=st.st_size)
+        for start, end in spans:
+            end = min(end, st.st_size)
+            if end > start:
+                capture.dirty.add(path, start, end)
+                counts[1] += end - start
+        capture.touched.paths.add(path)
+        counts[0] += 1
+    return counts[0], counts[1]
+
+
+def _walk(capture: Capture, dir_fd: int, prefix: bytes, first_name: dict[int, bytes],
+          counts: list[int]) -> None:
+    """Journal every entry under an open directory, depth first, in sorted order."""
+    stack: list[tuple[int, bytes]] = [(os.dup(dir_fd), prefix)]
     try:
         while stack:
-            fd, prefix = stack.pop()
+            fd, top = stack.pop()
             try:
                 for name in sorted(os.listdir(fd)):
                     raw = os.fsencode(name)
-                    path = prefix + b"/" + raw if prefix else raw
-                    st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
-                    entries += 1
-                    mode, owner = st.st_mode, {"uid": st.st_uid, "gid": st.st_gid}
-                    if stat.S_ISDIR(mode):
-                        journal.append(Op.MKDIR, path=path, mode=mode, **owner)
+                    path = top + b"/" + raw if top else raw
+                    if _entry(capture, fd, raw, path, first_name, counts, descend=False):
                         stack.append((os.open(raw, _DIR_FLAGS, dir_fd=fd), path))
-                    elif stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
-                        journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
-                        continue  # one inode: its data and xattrs came with the first name
-                    elif stat.S_ISREG(mode):
-                        first_name[st.st_ino] = path
-                        journal.append(Op.CREATE, path=path, mode=mode, **owner)
-                        if st.st_size:
-                            dirty.add(path, 0, st.st_size)
-                            total += st.st_size
-                    elif stat.S_ISLNK(mode):
-                        journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd),
-                                       **owner)
-                    else:
-                        journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, **owner)
-                    _xattrs(capture, fd, raw, path)
-                    capture.touched.paths.add(path)
             finally:
                 os.close(fd)
     finally:
         for fd, _ in stack:
             os.close(fd)
-    return entries, total
+
+
+def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[int, bytes],
+           counts: list[int], descend: bool = True) -> bool:
+    """Journal one entry (and, with *descend*, a directory's subtree). True for a dir."""
+    journal = capture.journal
+    st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
+    counts[0] += 1
+    mode, owner = st.st_mode, {"uid": st.st_uid, "gid": st.st_gid}
+    capture.touched.paths.add(path)
+    if stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
+        journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
+        return False  # one inode: its data and xattrs came with the first name
+    if stat.S_ISDIR(mode):
+        journal.append(Op.MKDIR, path=path, mode=mode, **owner)
+    elif stat.S_ISREG(mode):
+        first_name[st.st_ino] = path
+        journal.append(Op.CREATE, path=path, mode=mode, **owner)
+        if st.st_size:
+            capture.dirty.add(path, 0, st.st_size)
+            counts[1] += st.st_size
+    elif stat.S_ISLNK(mode):
+        journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd), **owner)
+    else:
+        journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, **owner)
+    _xattrs(capture, fd, raw, path)
+    if stat.S_ISDIR(mode) and descend:
+        sub = os.open(raw, _DIR_FLAGS, dir_fd=fd)
+        try:
+            _walk(capture, sub, path, first_name, counts)
+        finally:
+            os.close(sub)
+    return stat.S_ISDIR(mode)
 
 
 def _xattrs(capture: Capture, dir_fd: int, name: bytes | None, path: bytes) -> None:

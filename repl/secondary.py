@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -16,7 +18,9 @@ from repl import control
 from repl.applier import Applier
 from repl.errors import UsageError
 from repl.receiver import Receiver
+from repl.rejoin import fork_point, keep_branch
 from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
+from store.journal import Journal
 from store.staging import Staging
 
 log = logging.getLogger("replfs.secondary")
@@ -26,6 +30,27 @@ def default_state_dir(tree: str | os.PathLike[str]) -> Path:
     """Where a tree's journal and staging live unless told: beside it, hidden."""
     path = Path(os.path.realpath(tree))
     return path.parent / f".{path.name}.replfs"
+
+
+def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
+    """The journal of an old primary whose tree *replica* is, opened for a rejoin.
+
+    Refuses to serve such a tree as a plain replica: its own unreplicated
+    changes would be overwritten without a trace.
+    """
+    path = default_state_dir(replica) / "journal"
+    if not (path / "data.mdb").exists():
+        return None
+    journal = Journal(path)
+    if journal.last() is None and journal.base is not None:
+        journal.close()
+        return None  # a promoted node's journal that no primary ever wrote to
+    if not rejoin:
+        journal.close()
+        raise UsageError(f"{replica} is a primary's tree (journal at {path}); to make it a "
+                         "standby of the new primary pass --rejoin, which keeps its own "
+                         "unreplicated changes aside")
+    return journal
 
 
 def staging_dir_of(replica: Path, staging: Path | None) -> Path:
@@ -95,7 +120,7 @@ def is_loopback(host: str) -> bool:
 
 
 async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
-                        insecure: bool) -> None:
+                        insecure: bool, rejoin: bool = False) -> None:
     host, port = parse_address(listen)
     if not insecure and not is_loopback(host):
         raise UsageError(f"refusing to listen on {host}: peers are not authenticated yet; "
@@ -105,7 +130,16 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             raise UsageError(f"replica {replica}: its parent directory does not exist")
         replica.mkdir()
     os.umask(0)
+    old_journal = _old_primary_journal(replica, rejoin)
     staging = Staging(staging_dir_of(replica, staging_dir))
+    if rejoin and old_journal is None and staging.rejoin is None:
+        staging.close()
+        raise UsageError(f"nothing to rejoin: {replica} holds no primary's journal; start it "
+                         "without --rejoin")
+    if old_journal is not None and staging.identity.cluster is None:
+        # The same node, cluster and generation (a copy: a newer primary bumps ours).
+        staging.identity = copy.deepcopy(old_journal.identity)
+        staging.save_identity()
     try:
         dropped = staging.drop_partial()
         if dropped:
@@ -119,6 +153,23 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
         receiver = Receiver(staging, on_complete=applier.notify, on_reset=applier.reset_to)
+
+        def on_hello(info: dict[str, Any]) -> dict[str, Any]:
+            """A rejoin: keep our own changes aside, then offer what diverged."""
+            nonlocal old_journal
+            if staging.rejoin is None and old_journal is not None:
+                fork = fork_point(info.get("history"), old_journal.identity.generation)
+                ours, branch = keep_branch(old_journal, replica,
+                                           default_state_dir(replica) / "branches", fork)
+                staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
+                old_journal.close()
+                old_journal.path.rename(branch / "journal")
+                old_journal = None
+                log.info("rejoining after set %d; the new primary sends what diverged", fork - 1)
+            raw = staging.rejoin
+            return {"rejoin": json.loads(raw)} if raw is not None else {}
+
+        receiver.on_hello = on_hello
 
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status
@@ -166,3 +217,5 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                      bound[0], bound[1], replica, staging.applied)
     finally:
         staging.close()
+        if old_journal is not None:
+            old_journal.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
 from repl.protocol import (
@@ -61,6 +62,7 @@ class SenderStatus:
     staged: int = 0  # records the secondary acknowledged as staged, this session
     applied: int = 0  # last set the secondary applied
     inflight_bytes: int = 0
+    sent_bytes: int = 0  # record bytes put on the wire, all sessions
     sessions: int = 0
     stalled: bool = False
     errors: list[str] = field(default_factory=list)
@@ -82,7 +84,9 @@ class Sender:
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
         self.on_applied: Callable[[int], None] = lambda set_id: None
         # Where a secondary starts: None to stream on, or an initial sync's set.
-        self.bring_up: Callable[[int, int | None], int | None] = lambda applied, syncing: None
+        self.bring_up: Callable[[int, int | None, Divergence | None], int | None] = (
+            lambda applied, syncing, rejoin: None)
+        self._peer_rejoin: Divergence | None = None
         self._peer_syncing: int | None = None
         self._inflight: dict[tuple[int, int], int] = {}
         self._progress_at = trio.current_time()
@@ -92,8 +96,12 @@ class Sender:
         self._reset_to = 0
 
     async def wait_applied(self, set_id: int) -> None:
-        """Return once the secondary's replica holds *set_id* or a later set."""
-        while self.status.applied < max(set_id, self._reset_to):
+        """Return once the connected secondary's replica holds *set_id* or a later set.
+
+        While no secondary is connected, keep waiting: the next one to connect may
+        be another (or a restarted) one, with a replica of its own.
+        """
+        while not self.status.connected or self.status.applied < max(set_id, self._reset_to):
             await self.applied_event.wait()
 
     def notify(self) -> None:
@@ -158,14 +166,14 @@ class Sender:
                     conn = Connection(await trio.open_tcp_stream(self.host, self.port))
                     conns.append(conn)
                     start = await self._handshake(conn, session, index)
-            restart = self.bring_up(start, self._peer_syncing)
+            restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
             if restart is not None:
                 await conns[0].send(reset_to(restart))
                 start = restart - 1
                 self._reset_to = restart
-            self._set_applied(start)
-            self._progress_at = trio.current_time()  # a new link gets its full timeout
             self.status.connected = True
+            self._set_applied(start, new_session=True)  # this secondary's, maybe not the last's
+            self._progress_at = trio.current_time()  # a new link gets its full timeout
             self.status.streams = len(conns)
             self.status.sessions += 1
             self.status.staged = 0
@@ -190,7 +198,7 @@ class Sender:
         await conn.send_magic()
         await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
                               node=ident.node, generation=ident.generation, session=session,
-                              stream=index, streams=self.nstreams))
+                              stream=index, streams=self.nstreams, history=ident.history))
         await conn.expect_magic()
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
@@ -205,11 +213,16 @@ class Sender:
         if syncing is not None and (type(syncing) is not int or syncing < 1):
             raise ProtocolError(f"the secondary's HELLO has a bad syncing set: {syncing!r}")
         self._peer_syncing = syncing  # an initial sync it is in the middle of
+        rejoin = reply.get("rejoin")
+        try:
+            self._peer_rejoin = Divergence.from_json(rejoin) if rejoin is not None else None
+        except (ValueError, TypeError, AttributeError):
+            raise ProtocolError("the secondary's HELLO has a malformed rejoin") from None
         self.status.peer_node = reply.get("node")
         return applied
 
-    def _set_applied(self, set_id: int) -> None:
-        if set_id > self.status.applied or not self.status.connected:
+    def _set_applied(self, set_id: int, new_session: bool = False) -> None:
+        if set_id > self.status.applied or new_session:
             self.status.applied = set_id
             self.journal.trim(set_id)
             self._progress_at = trio.current_time()
@@ -239,6 +252,7 @@ class Sender:
                 index = self.rng.randrange(len(outboxes)) if self.rng else turn % len(outboxes)
                 turn += 1
                 per_stream[index].append(Frame(FrameType.RECORD, raw))
+                self.status.sent_bytes += len(raw)
                 self._inflight[(set_id, seq)] = len(raw)
                 self.status.inflight_bytes += len(raw)
             last = max((s, q) for s, q, _ in batch)

@@ -59,6 +59,7 @@ class Op(enum.IntEnum):
     SYNC = 16
     VOID = 17
     RESET = 18  # empty the tree: the first record of an initial sync's data set
+    PRUNE = 19  # remove a path and all under it, if there: a rejoin's divergence undone
 
 
 RENAME_NOREPLACE = 1
@@ -110,13 +111,14 @@ FIELDS: dict[Op, tuple[str, ...]] = {
     Op.SYNC: ("count",),
     Op.VOID: (),
     Op.RESET: (),
+    Op.PRUNE: ("path",),
 }
 
 # Ops that change which names exist. They are not idempotent, so the
 # applier records an intent before each one (see repl/apply.py).
 NAMESPACE_OPS = frozenset(
     {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME,
-     Op.RESET}
+     Op.RESET, Op.PRUNE}
 )
 # Ops whose target may be the root itself (path "").
 ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})

@@ -36,6 +36,7 @@ from store.records import (
 _APPLIED = b"applied"
 _MARKER = b"marker"
 _SYNCING = b"syncing"
+_REJOIN = b"rejoin"
 _KEY_SIZE = 12
 
 
@@ -189,7 +190,25 @@ class Staging:
             txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
             txn.put(_SYNCING, encode_set(set_id), db=self._meta)
             txn.delete(_MARKER, db=self._meta)
+            txn.delete(_REJOIN, db=self._meta)  # the set that undoes the divergence is coming
         self.env.sync(True)
+
+    def start_rejoin(self, shared: int, divergence: bytes) -> None:
+        """An old primary becomes this secondary: at *shared*, plus what it changed since.
+
+        The divergence (JSON) is offered to the new primary at every handshake
+        until its set arrives (``reset_to``).
+        """
+        with self.env.begin(write=True) as txn:
+            txn.put(_APPLIED, encode_set(shared), db=self._meta)
+            txn.put(_REJOIN, divergence, db=self._meta)
+        self.env.sync(True)
+
+    @property
+    def rejoin(self) -> bytes | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_REJOIN, db=self._meta)
+        return bytes(raw) if raw is not None else None
 
     def last_reset(self, set_id: int) -> int:
         """The seq of the last RESET in *set_id* (0 if none): its records before it are moot."""

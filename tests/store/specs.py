@@ -48,6 +48,7 @@ SPECS: dict[str, Record] = {
     "void": Record(Op.VOID, SET, 19),
     "sync": Record(Op.SYNC, SET, 20, count=20),
     "reset": Record(Op.RESET, SET, 21),
+    "prune": Record(Op.PRUNE, SET, 22, path=b"dir/sub"),
 }
 
 

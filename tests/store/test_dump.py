@@ -34,6 +34,7 @@ SHOWS: dict[str, list[str]] = {
     "setxattr": ["name=user.key", r"data=b'\x00\xffvalue'"],
     "removexattr": ["'' name=trusted.k"],
     "reset": [],
+    "prune": ["'dir/sub'"],
 }
 
 

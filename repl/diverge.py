@@ -1,0 +1,113 @@
+"""What two trees changed since the set they last shared: the heart of a rejoin.
+
+When an old primary comes back after a failover, it and the new primary
+both went on from the last set they shared. Neither has that set's state
+any more, but each knows, from its journal, which paths it touched since.
+Every other path is still as it was in the shared set on both sides. So
+the new primary sends, as one data set, its current state of just the
+paths either side touched:
+
+- ``content``: paths a namespace op touched (created, removed, renamed,
+  linked) or whose xattrs changed. Each is removed on the rejoining node
+  and sent again whole, subtree and all.
+- ``ranges``: files only written, truncated, chmod-ed or chown-ed. They are
+  the same file on both sides, so only the byte ranges either side wrote
+  are sent, with the size, mode and owner.
+
+A file with other hard links takes all its names into ``content``, found by
+one walk of the tree, so that no name keeps stale data or a broken link.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from store.dirty import merge
+from store.records import NAMESPACE_OPS, Op, Record
+
+END = (1 << 63) - 1  # "to the end of the file", for truncates
+_RANGE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.CHMOD, Op.CHOWN, Op.UTIMES})
+
+
+def _under(path: bytes, top: bytes) -> bool:
+    return top == b"" or path == top or path.startswith(top + b"/")
+
+
+@dataclass
+class Divergence:
+    content: set[bytes] = field(default_factory=set)
+    ranges: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def add(self, records: Iterable[Record]) -> Divergence:
+        for r in records:
+            if r.op in NAMESPACE_OPS or r.op in (Op.SETXATTR, Op.REMOVEXATTR):
+                self.content.add(r.path)
+                if r.op in (Op.LINK, Op.RENAME):
+                    self.content.add(r.path2)
+            elif r.op == Op.RESET:
+                self.content.add(b"")
+            elif r.op in _RANGE_OPS:
+                spans = self.ranges.setdefault(r.path, [])
+                if r.op == Op.WRITE and r.data:
+                    self.ranges[r.path] = merge(spans, r.offset, r.offset + len(r.data))
+                elif r.op == Op.TRUNCATE:
+                    self.ranges[r.path] = merge(spans, r.size, END)
+        return self
+
+    def update(self, other: Divergence) -> Divergence:
+        self.content |= other.content
+        for path, spans in other.ranges.items():
+            for start, end in spans:
+                self.ranges[path] = merge(self.ranges.get(path, []), start, end)
+        return self
+
+    def roots(self) -> list[bytes]:
+        """The content paths with none of their ancestors among them, sorted."""
+        out: list[bytes] = []
+        for path in sorted(self.content, key=lambda p: p.split(b"/")):
+            if not any(_under(path, top) for top in out):
+                out.append(path)
+        return out
+
+    def only_ranges(self) -> dict[bytes, list[tuple[int, int]]]:
+        """The range paths that no content path covers."""
+        roots = self.roots()
+        return {p: r for p, r in self.ranges.items()
+                if not any(_under(p, top) for top in roots)}
+
+    def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
+        """Add every name of each touched file that has more than one (one walk)."""
+        linked: set[int] = set()
+        for path in [*self.content, *self.ranges]:
+            try:
+                st = os.lstat(os.path.join(os.fsencode(root), path) if path else root)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                linked.add(st.st_ino)
+        if not linked:
+            return self
+        base = os.fsencode(root)
+        for top, _, files in os.walk(base):
+            for name in files:
+                full = os.path.join(top, name)
+                if os.lstat(full).st_ino in linked:
+                    self.content.add(os.path.relpath(full, base))
+        return self
+
+    def to_json(self) -> dict[str, object]:
+        return {"content": sorted(p.hex() for p in self.content),
+                "ranges": {p.hex(): r for p, r in sorted(self.ranges.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Divergence:
+        content = data.get("content", [])
+        ranges = data.get("ranges", {})
+        if not isinstance(content, list) or not isinstance(ranges, dict):
+            raise ValueError("malformed divergence")
+        return cls({bytes.fromhex(p) for p in content},
+                   {bytes.fromhex(p): [(int(s), int(e)) for s, e in r]
+                    for p, r in ranges.items()})

@@ -1,0 +1,70 @@
+"""An old primary rejoins as a secondary of the new one, keeping what it alone had.
+
+Before anything of its tree changes, the paths it changed after the last
+set it shared with the new primary are copied, as they are, into a branch
+beside the tree, with a manifest of sets and paths, and its old journal
+(every record of those sets) is moved there too. Then the new primary sends
+only what diverged (repl/diverge.py), and the branch stays for an operator
+to inspect or apply by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from repl.diverge import Divergence
+from repl.errors import Refused
+from store.journal import Journal
+
+log = logging.getLogger("replfs.rejoin")
+
+
+def fork_point(history: Any, generation: int) -> int:
+    """The first set of the first generation after *generation*, from the new primary's
+    history: every set before it, both sides share."""
+    if not isinstance(history, list):
+        raise Refused("the primary sent no generation history; cannot rejoin it")
+    newer = [h for h in history if isinstance(h, dict) and int(h.get("generation", 0))
+             > generation]
+    if not newer:
+        raise Refused(f"the primary has no generation after ours ({generation}): it is not "
+                      "the primary that replaced us; nothing to rejoin")
+    return min(int(h["first_set"]) for h in newer)
+
+
+def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tuple[Divergence,
+                                                                                  Path]:
+    """Copy our own changes since *fork* aside, with a manifest. Returns (what, where)."""
+    records = list(journal.records(fork))
+    ours = Divergence().add(records).follow_links(tree)
+    gen = journal.identity.generation
+    branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (branch / "tree").mkdir(parents=True)
+    paths = sorted({*ours.content, *ours.ranges} - {b""})
+    for path in paths:
+        src, dst = tree / os.fsdecode(path), branch / "tree" / os.fsdecode(path)
+        if not os.path.lexists(src):
+            continue  # removed on our side: the journal in the branch says so
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+    manifest = {
+        "what": "changes this node made as primary that the new primary never received",
+        "generation": gen, "node": journal.identity.node, "first_unshared_set": fork,
+        "sets": sorted({r.set for r in records}), "records": len(records),
+        "paths": [os.fsdecode(p) for p in paths],
+        "how_to_use": "tree/ holds these paths as they were; journal/ holds every record "
+                      "(replfs dump journal/); copy back what you want through the mount",
+    }
+    (branch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.warning("kept %d paths changed here after set %d (never replicated) in %s",
+                len(paths), fork - 1, branch)
+    return ours, branch

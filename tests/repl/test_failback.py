@@ -1,0 +1,84 @@
+"""Failback: the old primary rejoins as a secondary, receiving only what diverged."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, unmount
+
+TREE_MB = 96
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"  # a: the first primary's tree; b: its replica
+    ma, mb = tmp_path / "ma", tmp_path / "mb"
+    a.mkdir()
+    with secondary(b) as sec_b:
+        port_b = sec_b.port
+        with primary(a, ma, "--secondary", f"127.0.0.1:{port_b}") as pri_a:
+            for i in range(TREE_MB):  # the shared tree
+                (ma / f"big{i % 8}").parent.mkdir(exist_ok=True)
+                with open(ma / f"big{i % 8}", "ab") as f:
+                    f.write(os.urandom(1 << 20))
+            (ma / "dir").mkdir()
+            (ma / "dir" / "keep").write_bytes(b"shared")
+            (ma / "dir" / "old-name").write_bytes(b"renamed on a, never replicated")
+            checkpoint(ma)
+            sec_b.stop()
+            # a goes on alone: these changes never reach b
+            (ma / "only-on-a").write_bytes(os.urandom(2 << 20))
+            with open(ma / "big3", "r+b") as f:
+                f.seek(5 << 20)
+                f.write(b"A" * 4096)
+            os.rename(ma / "dir" / "old-name", ma / "dir" / "new-name")
+            fd = os.open(ma, os.O_RDONLY)
+            os.fsync(fd)  # durable on a: it must survive the failover, aside
+            os.close(fd)
+            pri_a.kill()
+            unmount(ma)
+
+    assert replfs("promote", b).returncode == 0
+    port_a = free_port()
+    with secondary(a, "--rejoin", port=port_a) as sec_a, primary(
+            b, mb, "--secondary", f"127.0.0.1:{port_a}") as pri_b:
+        # b, now primary, changes things too
+        (mb / "new-on-b").write_bytes(os.urandom(1 << 20))
+        with open(mb / "big5", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"B" * 8192)
+        checkpoint(mb)
+        assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
+        status = json.loads(replfs("status", mb, "--json").stdout)
+        sent = status["sent_bytes"]
+        print(f"failback sent {sent} bytes for a {TREE_MB} MiB tree")
+        assert sent < 8 << 20, f"sent {sent} bytes for a {TREE_MB} MiB tree"
+    assert "kept" in sec_a.log() and "rejoin sync" in pri_b.log()
+
+    branches = list((tmp_path / ".a.replfs" / "branches").iterdir())
+    assert len(branches) == 1
+    manifest = json.loads((branches[0] / "manifest.json").read_text())
+    assert {"only-on-a", "big3", "dir/old-name", "dir/new-name"} <= set(manifest["paths"])
+    assert (branches[0] / "tree" / "only-on-a").stat().st_size == 2 << 20
+    assert (branches[0] / "tree" / "dir" / "new-name").read_bytes() == \
+        b"renamed on a, never replicated"
+    assert (branches[0] / "journal" / "data.mdb").exists()
+
+
+def test_old_primary_tree_refused_without_rejoin(tmp_path: Path) -> None:
+    a, ma = tmp_path / "a", tmp_path / "ma"
+    a.mkdir()
+    with primary(a, ma):
+        (ma / "f").write_bytes(b"x")
+    result = replfs("secondary", a, "--listen", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert "pass --rejoin" in result.stderr
+    assert (a / "f").read_bytes() == b"x"
