@@ -61,9 +61,8 @@ class Run:
 
     def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
         env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
-        d = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
-                   self.dir / "secondary.log", "listening on", env=env)
-        return d.start()
+        return Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
+                      self.dir / "secondary.log", "listening on", env=env).start()
 
     def start_primary(self) -> Daemon:
         self.mount.mkdir(exist_ok=True)
@@ -181,8 +180,10 @@ class Run:
                     next_sample = time.monotonic() + 0.4
             if self.tmpfs:
                 self.grow_replica()
-            if secondary.proc is not None and secondary.proc.poll() is not None:
-                secondary = self.start_secondary()  # a late apply-step kill
+            if secondary.proc is not None and (secondary.proc.poll() is not None
+                                               or ENV_KILL_AT_APPLY_STEP in secondary.env):
+                secondary.stop()  # dead, or still armed to kill itself: no faults at the end
+                secondary = self.start_secondary()
             workload.close()
             last = checkpoint(self.mount, wait=60)
             self.result.sets = last
