@@ -32,6 +32,7 @@ from store.records import decode_key, decode_set, encode_key, encode_set
 MAGIC = b"REPLFS\x00\x01"
 PROTOCOL_VERSION = 1
 MAX_FRAME = 80 << 20
+MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
 
 _LENGTH = struct.Struct(">I")
 _TYPE = struct.Struct(">B")
@@ -110,7 +111,8 @@ class FrameReader:
     an unknown type or a checksum mismatch; the stream is then unusable.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
         self._buf = bytearray()
         self._pos = 0  # frames before it are consumed; compacted on feed
 
@@ -125,7 +127,7 @@ class FrameReader:
         if len(buf) - pos < _LENGTH.size:
             return None
         (length,) = _LENGTH.unpack_from(buf, pos)
-        if not 1 <= length <= MAX_FRAME:
+        if not 1 <= length <= self.max_frame:
             raise ProtocolError(f"bad frame length {length}")
         start = pos + _LENGTH.size
         if len(buf) < start + length + _CHECKSUM.size:
@@ -147,7 +149,8 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self._reader = FrameReader()
+        self._reader = FrameReader(MAX_HELLO_FRAME)  # raised once the handshake is done
+
 
     async def send_magic(self) -> None:
         await self.stream.send_all(MAGIC)
@@ -164,6 +167,10 @@ class Connection:
         if got != MAGIC:
             theirs, ours = int.from_bytes(got[6:], "big"), int.from_bytes(MAGIC[6:], "big")
             raise ProtocolError(f"peer speaks replfs wire version {theirs}, we speak {ours}")
+
+    def handshake_done(self) -> None:
+        """The peer is known now: accept frames of any valid size."""
+        self._reader.max_frame = MAX_FRAME
 
     async def send(self, *frames: Frame) -> None:
         await self.stream.send_all(b"".join(f.encode() for f in frames))

@@ -122,6 +122,7 @@ class Receiver:
             await conn.aclose()
             return
 
+        conn.handshake_done()
         session = str(info["session"])
         if session != self._session:
             if self._session is not None:

@@ -219,6 +219,7 @@ class Sender:
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError("the secondary's HELLO has a malformed rejoin") from None
         self.status.peer_node = reply.get("node")
+        conn.handshake_done()
         return applied
 
     def _set_applied(self, set_id: int, new_session: bool = False) -> None:

@@ -37,6 +37,9 @@ FORMAT_VERSION = 1
 MAX_PATH = 0xFFFF
 NAME_MAX = 255
 MAX_BLOB = 64 << 20
+# Far more records than any set holds; it bounds the set's bitmap a peer can make
+# the secondary keep (32 MiB).
+MAX_SEQ = 1 << 28
 MAX_OFFSET = (1 << 63) - 1  # off_t: no file reaches further
 
 
@@ -225,7 +228,7 @@ class Record:
         """Check the rules a record must keep; raise RecordError on the first broken."""
         if not 0 <= self.set < 1 << 64:
             raise RecordError(f"set {self.set} out of range")
-        if not 0 <= self.seq < 1 << 32:
+        if not 0 <= self.seq < MAX_SEQ:
             raise RecordError(f"seq {self.seq} out of range")
         wanted = FIELDS[self.op]
         for f in fields(self):

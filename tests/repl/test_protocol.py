@@ -14,6 +14,7 @@ from repl.errors import ProtocolError
 from repl.protocol import (
     MAGIC,
     MAX_FRAME,
+    MAX_HELLO_FRAME,
     Connection,
     Frame,
     FrameReader,
@@ -343,3 +344,22 @@ def test_parse_staged_err_length(size: int) -> None:
 def test_parse_applied_err_length(kind: FrameType, size: int) -> None:
     with pytest.raises(ProtocolError, match=f"{kind.name} payload of {size} bytes"):
         parse_applied(Frame(kind, bytes(size)))
+
+
+async def test_connection_receive_err_frame_too_big_before_handshake() -> None:
+    """Before the handshake a peer cannot make us wait for (and buffer) a huge frame."""
+    a, b = trio.testing.memory_stream_pair()
+    big = Frame(FrameType.HELLO, b"x" * (MAX_HELLO_FRAME + 1)).encode()
+    await a.send_all(big[:64])
+    with pytest.raises(ProtocolError, match="bad frame length"):
+        await Connection(b).receive()
+
+
+async def test_connection_receive_ok_big_frame_after_handshake() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    big = Frame(FrameType.RECORD, b"x" * (MAX_HELLO_FRAME + 1))
+    conn = Connection(b)
+    conn.handshake_done()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, big.encode())
+        assert await conn.receive() == big

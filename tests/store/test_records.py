@@ -15,6 +15,7 @@ from store.records import (
     FIELDS,
     MAX_BLOB,
     MAX_PATH,
+    MAX_SEQ,
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -192,7 +193,7 @@ def test_record_validate_ok(case: str) -> None:
 
 
 def test_record_validate_ok_limits() -> None:
-    Record(Op.UNLINK, (1 << 64) - 1, (1 << 32) - 1, path=b"n" * NAME_MAX).validate()
+    Record(Op.UNLINK, (1 << 64) - 1, MAX_SEQ - 1, path=b"n" * NAME_MAX).validate()
     head = b"/".join([b"d" * 254] * 256)
     long_path = head + b"/" + b"x" * (MAX_PATH - len(head) - 1)
     assert len(long_path) == MAX_PATH
@@ -206,7 +207,7 @@ def test_record_validate_err_set_range(set_id: int) -> None:
     assert_invalid(Record(Op.VOID, set_id, 0), f"set {set_id} out of range")
 
 
-@pytest.mark.parametrize("seq", [-1, 1 << 32])
+@pytest.mark.parametrize("seq", [-1, MAX_SEQ, 1 << 32])
 def test_record_validate_err_seq_range(seq: int) -> None:
     assert_invalid(Record(Op.VOID, 1, seq), f"seq {seq} out of range")
 
