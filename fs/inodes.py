@@ -40,6 +40,7 @@ class Inodes:
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
         self.nodes[ROOT].lookups = 1
         self._dir_fds: OrderedDict[int, int] = OrderedDict()
+        self._found: dict[int, bytes] = {}  # names found by walking, see _other_name
         self.fd_limit = fd_limit
 
     def ino_of(self, st: os.stat_result) -> int:
@@ -82,6 +83,7 @@ class Inodes:
         node.lookups -= count
         if node.lookups <= 0 and not node.fds:
             del self.nodes[ino]
+            self._found.pop(ino, None)
             self._close_dir(ino)
 
     def name_of(self, ino: int) -> tuple[int, bytes] | None:
@@ -95,13 +97,43 @@ class Inodes:
     def path(self, ino: int) -> bytes | None:
         """A path of *ino* relative to the backing root, or None if it has no name."""
         parts: list[bytes] = []
+        start = ino
         while ino != ROOT:
             found = self.name_of(ino)
             if found is None:
-                return None
+                return self._other_name(start) if ino == start else None
             ino, name = found
             parts.append(name)
         return b"/".join(reversed(parts))
+
+    def _other_name(self, ino: int) -> bytes | None:
+        """A name of an open file whose known names are all gone, yet which has others.
+
+        The kernel never looked those up (say, since a restart); without one, a write
+        through the handle would change a named file with no record. Found by a walk
+        of the tree, once, then checked on each use. Rare: a hard-linked file, one of
+        whose names was removed while open.
+        """
+        node = self.nodes.get(ino)
+        if node is None or not node.fds:
+            return None
+        if os.fstat(next(iter(node.fds))).st_nlink == 0:
+            return None  # truly nameless: nothing any name shows changes
+        cached = self._found.get(ino)
+        if cached is not None:
+            try:
+                if os.stat(cached, dir_fd=self.root_fd, follow_symlinks=False).st_ino == ino:
+                    return cached
+            except OSError:
+                pass
+        root = b"/proc/self/fd/%d" % self.root_fd
+        for top, _, files in os.walk(root):
+            for name in files:
+                full = os.path.join(top, name)
+                if os.lstat(full).st_ino == ino:
+                    self._found[ino] = os.path.relpath(full, root)
+                    return self._found[ino]
+        return None
 
     def child_path(self, parent: int, name: bytes) -> bytes | None:
         base = self.path(parent)

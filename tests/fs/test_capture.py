@@ -87,3 +87,24 @@ def test_journal_sets_close_at_fsync(tmp_path: Path) -> None:
         elif r.op == Op.SYNC:
             states.append(bytes(content))
     assert states[:2] == [b"1", b"12"]
+
+
+def test_write_through_unlinked_name_of_hard_linked_file_is_journaled(tmp_path: Path) -> None:
+    """After a restart the daemon knows only the names looked up since: removing the
+    one it knows, while the file is open, must not hide writes from its other name."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    replica.mkdir()
+    with primary(backing, mount):
+        (mount / "p").write_bytes(b"before")
+        os.mkdir(mount / "d")
+        os.link(mount / "p", mount / "d" / "q")
+    with primary(backing, mount):  # a restart: no name known yet
+        fd = os.open(mount / "p", os.O_RDWR)
+        os.unlink(mount / "p")
+        os.pwrite(fd, b"AFTER!", 0)
+        os.fsync(fd)
+        os.close(fd)
+    assert (backing / "d" / "q").read_bytes() == b"AFTER!"
+    replay(tmp_path / ".b.replfs" / "journal", replica)
+    assert diff(snapshot(backing), snapshot(replica)) == []
