@@ -133,11 +133,17 @@ class PrimaryFS(pyfuse3.Operations):
                                **fields)
         try:
             make(pfd, name, mode)  # type: ignore[operator]
+        except OSError:
+            self._void(record)
+            raise
+        try:
             if _AM_ROOT:
                 os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
             if op != Op.SYMLINK and stat.S_IMODE(mode) & 0o7000:
                 os.chmod(name, stat.S_IMODE(mode), dir_fd=pfd, follow_symlinks=False)
         except OSError:
+            # Undo the node before voiding its record: both sides must agree.
+            (os.rmdir if op == Op.MKDIR else os.unlink)(name, dir_fd=pfd)
             self._void(record)
             raise
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -252,6 +258,7 @@ class PrimaryFS(pyfuse3.Operations):
             pfd = self.inodes.dir_fd(parent)
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             path = self.inodes.child_path(parent, name)
+            self.capture.settle()  # the dirty map must name files as they are now
             kept = self.capture.dirty.files.get(path, []) if path is not None else []
             record = self._journal(op, path)
             if kept and st.st_nlink > 1:
@@ -466,10 +473,16 @@ class PrimaryFS(pyfuse3.Operations):
             except OSError:
                 self._void(record)
                 raise
-            if _AM_ROOT:
-                os.fchown(fd, uid, gid)
-                if stat.S_IMODE(mode) & 0o7000:
-                    os.fchmod(fd, stat.S_IMODE(mode))
+            try:
+                if _AM_ROOT:
+                    os.fchown(fd, uid, gid)
+                    if stat.S_IMODE(mode) & 0o7000:
+                        os.fchmod(fd, stat.S_IMODE(mode))
+            except OSError:
+                os.close(fd)
+                os.unlink(name, dir_fd=pfd)  # undone, so both sides agree
+                self._void(record)
+                raise
             st = os.fstat(fd)
             ino = self.inodes.remember(parent_inode, name, st)
             return self._opened(fd, ino), self._entry(st, ino)

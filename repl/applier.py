@@ -25,7 +25,7 @@ import trio
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
 from repl.tree import Tree
-from store.hold import ApplyLock, clear_applying, is_held, mark_applying
+from store.hold import ApplyLock, clear_applying, interrupted, is_held, mark_applying
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
 
@@ -33,7 +33,8 @@ log = logging.getLogger("replfs.applier")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RETRY_MAX = 5.0
-# Errors the replica's disk can recover from: wait and try the set again.
+# Errors the replica's disk can recover from: the set is retried at once, under the
+# lock, so readers wait instead of seeing it torn.
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 
 
@@ -61,6 +62,9 @@ class Applier:
         self.faults = ApplyFaults()
         self.lock = ApplyLock(staging.path)
         self.stopping = threading.Event()  # tells a retrying apply thread to give up
+        self._reset: int | None = None  # an initial sync's set, to reset to between sets
+        if (torn := interrupted(staging.path)) is not None and torn <= staging.applied:
+            clear_applying(staging.path)  # killed after the set was recorded applied
         self.held = False
 
     def notify(self) -> None:
@@ -70,12 +74,15 @@ class Applier:
     def reset_to(self, set_id: int) -> None:
         """An initial sync begins at *set_id* (called by the receiver).
 
-        Waits (blocking) for a set being applied to finish first.
+        Carried out by the applier between two sets, under the apply lock.
         """
+        self._reset = set_id
+        self._wakeup.set()
+
+    def _do_reset(self, set_id: int) -> None:
         with self.lock.exclusive():
             self.staging.reset_to(set_id)
-        self.applied = set_id - 1
-        self._wakeup.set()
+            clear_applying(self.staging.path)
 
     async def wait_applied(self, set_id: int) -> None:
         while self.applied < set_id:
@@ -103,8 +110,13 @@ class Applier:
             self.stopping.set()
 
     async def _apply_in_order(self, tree: Tree) -> None:
+        delay = 0.1
         while True:
             self._wakeup = trio.Event()
+            if self._reset is not None:
+                reset, self._reset = self._reset, None
+                await trio.to_thread.run_sync(self._do_reset, reset)
+                self.applied = reset - 1
             nxt = self.applied + 1
             state = self.staging.state(nxt)
             self.held = is_held(self.staging.path)
@@ -116,8 +128,19 @@ class Applier:
             try:
                 if not await trio.to_thread.run_sync(self.apply_set, tree, nxt):
                     continue  # a hold arrived while we waited for the lock
+            except OSError as exc:
+                # Not a disk that may free up: the replica is torn until this set can
+                # finish (readers see it marked as such), so say it and try later.
+                self.error = f"applying set {nxt} failed: {exc}; retrying in {delay:g}s"
+                log.error("%s", self.error)
+                tree.forget_dirs()
+                with trio.move_on_after(delay):
+                    await self._wakeup.wait()
+                delay = min(delay * 2, RETRY_MAX)
+                continue
             finally:
                 self.applying = None
+            delay = 0.1
             self.applied = self.staging.applied  # nxt, unless an initial sync reset it
             self._applied_changed.set()
             self._applied_changed = trio.Event()
@@ -142,7 +165,7 @@ class Applier:
                     self.error = None
                     return True
                 except OSError as exc:
-                    if not retry:
+                    if not retry or exc.errno not in TRANSIENT:
                         raise
                     self.error = f"applying set {set_id} failed: {exc}; retrying"
                     log.error("%s", self.error)

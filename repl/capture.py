@@ -324,18 +324,27 @@ class Capture:
         last = self.journal.last()
         if last is None or last.op in (Op.SYNC, Op.VOID):
             return None
-        if last.op == Op.RESET:
-            return f"an initial sync was starting in set {last.set}; it starts again"
+        if last.op in (Op.RESET, Op.PRUNE):
+            # Instructions for a replica, never ops on this tree: a sync's snapshot
+            # was under way; the next secondary to connect gets a new one.
+            return f"a sync's snapshot was under way in set {last.set}; it starts again"
         try:
             if last.op in NAMESPACE_OPS:
                 applier.redo(self.backing, last, self.journal.intent(last))
             else:
                 applier.apply(self.backing, last)
             what = f"redid {last.op.name} at {last.set}/{last.seq}"
+            self._unsettled = last
+            self._settle()  # the dirty map follows it, as it would have
         except OSError as exc:
-            self.void(last)
-            what = f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
-        for record in self.journal.records(last.set):
+            if last.op in NAMESPACE_OPS:
+                self.void(last)
+                what = f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
+            else:
+                # Its first run went through an open handle and most likely worked;
+                # reaching the file again by name can fail where that did not.
+                what = f"kept {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
+        for record in self.journal.records(self.journal.set):
             self.touched.add(record)
         self.touched.paths.update(self.dirty.files)
         if self.overflow:

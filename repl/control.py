@@ -57,8 +57,9 @@ async def serve(path: Path, handlers: dict[str, Handler], *,
                         reply = {"error": f"unknown command {request.get('cmd')!r}"}
                     else:
                         reply = await handler(request)
-                except (ValueError, trio.BrokenResourceError) as exc:
-                    reply = {"error": f"bad request: {exc}"}
+                except (ValueError, KeyError, TypeError, AttributeError,
+                        trio.BrokenResourceError) as exc:
+                    reply = {"error": f"bad request: {exc!r}"}
                 hold = reply.pop(UNTIL_CLOSED, None)
                 try:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")

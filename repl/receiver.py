@@ -192,6 +192,9 @@ class Receiver:
                      ident.generation)
             ident.generation = generation
             self.staging.save_identity()
+            dropped = self.staging.drop_unapplied()  # staged from the old primary
+            if dropped:
+                log.info("erased sets %s staged from the previous generation", dropped)
         extra = self.on_hello(info)  # a rejoin: what this node changed on its own
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,

@@ -364,8 +364,8 @@ class SetState:
         return int.from_bytes(self.bitmap, "little").bit_count()
 
     def check_complete(self) -> bool:
-        """Set and return the complete flag: SYNC seen and seqs 0..count all present."""
-        if self.sync_seen and self.received() == self.count + 1:
+        """Set and return the complete flag: SYNC seen, seqs 0..count all present, no other."""
+        if self.sync_seen and int.from_bytes(self.bitmap, "little") == (1 << self.count + 1) - 1:
             self.complete = True
         return self.complete
 

@@ -144,6 +144,14 @@ class Staging:
                     return applied
                 applied += 1
 
+    def drop_unapplied(self) -> list[int]:
+        """Erase every staged set: they came from a primary that is no longer followed."""
+        dropped = list(self.sets())
+        with self.env.begin(write=True) as txn:
+            for set_id in dropped:
+                self._delete_set(txn, set_id)
+        return dropped
+
     def drop_partial(self) -> list[int]:
         """Erase every set that is not complete (claim 27). Returns their ids."""
         dropped = [s for s, state in self.sets().items() if not state.complete]
@@ -202,6 +210,8 @@ class Staging:
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(shared), db=self._meta)
             txn.put(_REJOIN, divergence, db=self._meta)
+            # Not a consistent replica until the new primary's set arrives and applies.
+            txn.put(_SYNCING, encode_set(shared + 1), db=self._meta)
         self.env.sync(True)
 
     @property

@@ -69,3 +69,20 @@ def test_primary_kill9_backing_and_journal_agree(tmp_path: Path, kill_after: int
         "every fsync that returned is in the backing tree"
     replay(journal, rebuilt)
     assert diff(snapshot(backing), snapshot(rebuilt)) == [], "journal and backing disagree"
+
+
+def test_primary_recovery_never_prunes_its_own_tree(tmp_path: Path) -> None:
+    """A sync's PRUNE left as the journal's last record by a crash is for a replica."""
+    from store.journal import Journal
+    from store.records import Op
+
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    (backing / "keep").mkdir()
+    (backing / "keep" / "data").write_bytes(b"precious")
+    journal = Journal(tmp_path / ".b.replfs" / "journal")
+    journal.append(Op.PRUNE, path=b"keep")
+    journal.close()
+    with primary(backing, mount) as daemon:
+        assert (mount / "keep" / "data").read_bytes() == b"precious"
+    assert "starts again" in daemon.log()

@@ -65,3 +65,15 @@ def test_status_reports_a_stall(tmp_path: Path) -> None:
         assert st["lag_sets"] >= 1
         assert any("failed" in e for e in st["errors"])
         (mount / "g").write_bytes(b"the mount keeps working")
+
+
+def test_control_bad_request_answers_error_daemon_lives(tmp_path: Path) -> None:
+    from repl import control
+
+    replica = tmp_path / "r"
+    with secondary(replica) as sec:
+        path = control.socket_path(replica)
+        assert "error" in control.request(path, "wait")  # no set given
+        assert "error" in control.request(path, "nonsense")
+        assert sec.proc is not None and sec.proc.poll() is None
+        assert control.request(path, "status")["role"] == "secondary"
