@@ -66,6 +66,10 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     parser.set_defaults(parser=parser)
 
+    def staging_option(p: Parser) -> None:
+        p.add_argument("--staging", type=Path, metavar="DIR",
+                       help="staging directory (default: .REPLICA.replfs/staging beside REPLICA)")
+
     def command(name: str, help: str) -> Parser:
         p: Parser = sub.add_parser(name, help=help)
         p.set_defaults(parser=p)  # so errors name the subcommand's --help
@@ -94,8 +98,7 @@ def build_parser() -> Parser:
     p.add_argument("replica", type=Path, metavar="REPLICA")
     p.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to accept the primary on (port 0 picks a free one)")
-    p.add_argument("--staging", type=Path, metavar="DIR",
-                   help="staging directory (default: .REPLICA.replfs/staging beside REPLICA)")
+    staging_option(p)
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without authentication")
     p.add_argument("--rejoin", action="store_true",
@@ -106,8 +109,7 @@ def build_parser() -> Parser:
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
     p.add_argument("replica", type=Path, metavar="REPLICA")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument("--staging", type=Path, metavar="DIR",
-                   help="staging directory (default: .REPLICA.replfs/staging)")
+    staging_option(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     p = command("verify", "compare a primary with its replica at one data set boundary")
@@ -118,8 +120,7 @@ def build_parser() -> Parser:
 
     p = command("promote", "make REPLICA the new primary's tree (after the primary died)")
     p.add_argument("replica", type=Path, metavar="REPLICA")
-    p.add_argument("--staging", type=Path, metavar="DIR",
-                   help="staging directory (default: .REPLICA.replfs/staging)")
+    staging_option(p)
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="the new primary's journal (default: .REPLICA.replfs/journal)")
 
@@ -127,8 +128,7 @@ def build_parser() -> Parser:
                        ("resume", "let REPLICA apply data sets again")):
         p = command(name, text)
         p.add_argument("replica", type=Path, metavar="REPLICA")
-        p.add_argument("--staging", type=Path, metavar="DIR",
-                       help="staging directory (default: .REPLICA.replfs/staging)")
+        staging_option(p)
         if name == "pause":
             p.add_argument("--timeout", type=positive, default=60.0, metavar="SECONDS",
                            help="give up waiting for a set being applied (default 60)")

@@ -1,0 +1,1 @@
+# The FUSE side: the primary mount, the standby mount, and running them.

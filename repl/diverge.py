@@ -26,14 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from store.dirty import merge
-from store.records import NAMESPACE_OPS, Op, Record
+from store.records import NAMESPACE_OPS, Op, Record, is_under
 
 END = (1 << 63) - 1  # "to the end of the file", for truncates
 _RANGE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.CHMOD, Op.CHOWN, Op.UTIMES})
 
-
-def _under(path: bytes, top: bytes) -> bool:
-    return top == b"" or path == top or path.startswith(top + b"/")
 
 
 @dataclass
@@ -68,7 +65,7 @@ class Divergence:
         """The content paths with none of their ancestors among them, sorted."""
         out: list[bytes] = []
         for path in sorted(self.content, key=lambda p: p.split(b"/")):
-            if not any(_under(path, top) for top in out):
+            if not any(is_under(path, top) for top in out):
                 out.append(path)
         return out
 
@@ -76,7 +73,7 @@ class Divergence:
         """The range paths that no content path covers."""
         roots = self.roots()
         return {p: r for p, r in self.ranges.items()
-                if not any(_under(p, top) for top in roots)}
+                if not any(is_under(p, top) for top in roots)}
 
     def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
         """Add every name of each touched file that has more than one (one walk)."""

@@ -10,7 +10,7 @@ renames so they name the files as they are at the close.
 
 from __future__ import annotations
 
-from store.records import RENAME_EXCHANGE, Op, Record
+from store.records import RENAME_EXCHANGE, Op, Record, is_under
 
 _DATA_OPS = frozenset(
     {Op.WRITE, Op.TRUNCATE, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR}
@@ -21,9 +21,6 @@ _NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK})
 def parent_of(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
 
-
-def _under(path: bytes, top: bytes) -> bool:
-    return path == top or path.startswith(top + b"/")
 
 
 class Touched:
@@ -48,7 +45,7 @@ class Touched:
                 self._move({path: path2, path2: path})
                 self.paths.add(path)
             else:
-                self.paths = {p for p in self.paths if not _under(p, path2)}
+                self.paths = {p for p in self.paths if not is_under(p, path2)}
                 self._move({path: path2})
             self.paths.update((path2, parent_of(path), parent_of(path2)))
 
@@ -56,7 +53,7 @@ class Touched:
         moved = set()
         for p in self.paths:
             for src, dst in moves.items():
-                if _under(p, src):
+                if is_under(p, src):
                     p = dst + p[len(src) :]
                     break
             moved.add(p)

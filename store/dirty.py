@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import lmdb
 
-from store.records import decode_ranges, encode_ranges
-
-
-def _under(path: bytes, top: bytes) -> bool:
-    return path == top or path.startswith(top + b"/")
+from store.records import decode_ranges, encode_ranges, is_under
 
 
 def merge(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
@@ -56,7 +52,7 @@ class DirtyMap:
 
     def forget(self, path: bytes) -> list[tuple[int, int]]:
         """Drop *path* and everything under it; returns the ranges *path* had."""
-        gone = [p for p in self.files if _under(p, path)]
+        gone = [p for p in self.files if is_under(p, path)]
         with self.env.begin(write=True) as txn:
             for p in gone:
                 txn.delete(p, db=self._db)
@@ -70,7 +66,7 @@ class DirtyMap:
         renamed: dict[bytes, list[tuple[int, int]]] = {}
         for p in list(self.files):
             for src, dst in moves.items():
-                if _under(p, src):
+                if is_under(p, src):
                     renamed[dst + p[len(src):]] = self.files.pop(p)
                     break
         with self.env.begin(write=True) as txn:

@@ -4,7 +4,7 @@ Keys are (set, seq) so a cursor walks the stream in order. Every append is
 its own LMDB write transaction, committed without fsync before the op
 touches the backing directory: a killed daemon loses nothing that reached
 the page cache, so at most the very last record can be journaled but not
-applied, and recovery redoes exactly that one (fs/recovery.py). Durability
+applied, and recovery redoes exactly that one (Capture.recover in repl/capture.py). Durability
 against power loss is bought once per commit point with ``sync()``, which
 many fsyncs share (group commit).
 

@@ -118,7 +118,7 @@ FIELDS: dict[Op, tuple[str, ...]] = {
 }
 
 # Ops that change which names exist. They are not idempotent, so the
-# applier records an intent before each one (see repl/apply.py).
+# applier commits a marker before each one (see repl/apply.py).
 NAMESPACE_OPS = frozenset(
     {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME,
      Op.RESET, Op.PRUNE}
@@ -292,6 +292,11 @@ def check_path(path: bytes, *, root_ok: bool) -> None:
             raise RecordError(f"path {path!r} has a {part.decode() or 'empty'!r} component")
         if len(part) > NAME_MAX:
             raise RecordError(f"path {path!r} has a component over {NAME_MAX} bytes")
+
+
+def is_under(path: bytes, top: bytes) -> bool:
+    """Whether *path* is *top* or inside it (b"" is the root, which holds everything)."""
+    return not top or path == top or path.startswith(top + b"/")
 
 
 _KEY = struct.Struct(">QI")

@@ -7,8 +7,8 @@ after a crash the complete flag is exactly as true as the staged records
 (claims 20, 21). Callers ``sync()`` before acknowledging what they staged.
 
 The apply log is two meta keys: ``applied`` (the last set applied to the
-replica) and ``marker`` (the namespace op of the next set about to run,
-with its intent; see repl/apply.py for the redo rule).
+replica) and ``marker`` (the namespace op about to run in the set being
+applied, with its intent; see repl/apply.py for the redo rule).
 """
 
 from __future__ import annotations
