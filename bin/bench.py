@@ -45,6 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from demo import Proc
+
 from repl import control
 
 HERE = Path(__file__).resolve().parent
@@ -245,37 +247,12 @@ WORKLOADS: list[tuple[str, str, Workload]] = [
 
 # --- daemons --------------------------------------------------------------------------
 
-class Daemon:
-    """A replfs daemon in its own process, its stderr in a log; started at its ready line."""
+class Daemon(Proc):
+    """A replfs daemon (bin/demo.py's Proc) whose peak memory the bench follows."""
 
     def __init__(self, name: str, args: list[str], log: Path, ready: str) -> None:
-        self.name, self.args, self.log, self.ready = name, args, log, ready
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name, args, log, ready, own_group=True)
         self.peak_kib = 0  # VmHWM, the highest over every run of this daemon
-
-    def start(self) -> None:
-        seen = threading.Event()
-        # In a process group of its own: Ctrl-C reaches the bench only, which stops it in order.
-        self.proc = proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, process_group=0)
-
-        def pump() -> None:
-            assert proc.stderr is not None
-            with open(self.log, "ab") as out:
-                for line in proc.stderr:
-                    out.write(line)
-                    out.flush()
-                    if self.ready.encode() in line:
-                        seen.set()
-            seen.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not seen.wait(30) or proc.poll() is not None:
-            raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
     def memory(self, key: str) -> int:
         """One figure of /proc/PID/status (VmHWM, RssAnon...) in KiB; 0 once it is gone."""

@@ -38,18 +38,25 @@ def free_port() -> int:
 
 
 class Proc:
-    """A daemon whose stderr goes to a log file; started when its ready line appears."""
+    """A daemon whose stderr goes to a log file; started when its ready line appears.
 
-    def __init__(self, name: str, args: list[str], log: Path, ready: str) -> None:
+    With *own_group*, it runs in a process group of its own, so a Ctrl-C reaches
+    only the caller, which then stops it in order.
+    """
+
+    def __init__(self, name: str, args: list[str], log: Path, ready: str,
+                 own_group: bool = False) -> None:
         self.name, self.args, self.log, self.ready = name, args, log, ready
+        self.own_group = own_group
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         seen = threading.Event()
-        self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = proc = subprocess.Popen(
+            [*REPLFS, *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            process_group=0 if self.own_group else None)
 
-        def pump(proc: subprocess.Popen[bytes]) -> None:
+        def pump() -> None:
             assert proc.stderr is not None
             with open(self.log, "ab") as out:
                 for line in proc.stderr:
@@ -59,10 +66,13 @@ class Proc:
                         seen.set()
             seen.set()
 
-        threading.Thread(target=pump, args=(self.proc,), daemon=True).start()
-        if not seen.wait(30) or self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} did not start; see {self.log}:\n"
-                               + self.log.read_text(errors="replace")[-2000:])
+        threading.Thread(target=pump, daemon=True).start()
+        if not seen.wait(30) or proc.poll() is not None:
+            raise RuntimeError(f"{self.name} did not start; see {self.log}:\n{self.tail()}")
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def signal(self, signum: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -108,8 +118,7 @@ def status(target: Path) -> dict[str, object]:
 def show_logs(*procs: Proc) -> None:
     for proc in procs:
         if proc.log.exists():
-            tail = proc.log.read_text(errors="replace").splitlines()[-15:]
-            print(f"--- last lines of the {proc.name} log ---", *tail, sep="\n", file=sys.stderr)
+            print(f"--- last lines of the {proc.name} log ---\n{proc.tail()}", file=sys.stderr)
 
 
 def run() -> int:

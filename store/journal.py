@@ -14,39 +14,25 @@ journal runs over its budget with nobody to send to.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import lmdb
-
 from store import identity
-from store.errors import JournalLocked, StoreError
+from store.errors import StoreError
+from store.lmdbdir import LmdbDir
 from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 
-MAP_SIZE = 1 << 40
 _NEXT_SET = b"next_set"
 _INTENT = b"intent"
 _BASE = b"base"
 
 
-class Journal:
+class Journal(LmdbDir):
     """An LMDB journal directory, held exclusively by one daemon."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = lock_dir(self.path / "LOCK")
-        try:
-            self.env = lmdb.open(
-                str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False, metasync=False,
-                readahead=False,
-            )
-        except lmdb.Error as exc:
-            os.close(self._lock_fd)
-            raise StoreError(f"open journal {self.path}: {exc}") from exc
+        super().__init__(path, "journal")
         self._records = self.env.open_db(b"records")
         self._meta = self.env.open_db(b"meta")
         self.identity = identity.load(self.env, self._meta, make_cluster=True)
@@ -214,28 +200,4 @@ class Journal:
 
     def size(self) -> int:
         """Bytes the records take in the journal's pages."""
-        with self.env.begin() as txn:
-            info = txn.stat(self._records)
-        pages = info["branch_pages"] + info["leaf_pages"] + info["overflow_pages"]
-        return int(pages * info["psize"])
-
-    def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
-        os.close(self._lock_fd)
-
-
-def lock_dir(path: Path) -> int:
-    """Take the journal's exclusive lock, or say which daemon holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise JournalLocked(
-            f"{path.parent} is in use by another replfs daemon (pid {holder})"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        return self.db_bytes(self._records)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lmdb
 
 from store import identity
-from store.errors import StoreError
-from store.journal import MAP_SIZE, lock_dir
+from store.lmdbdir import LmdbDir
 from store.records import (
     Op,
     Record,
@@ -50,17 +48,9 @@ class Staged:
     completed: list[int] = field(default_factory=list)
 
 
-class Staging:
+class Staging(LmdbDir):
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = lock_dir(self.path / "LOCK")
-        try:
-            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False,
-                                 metasync=False, readahead=False)
-        except lmdb.Error as exc:
-            os.close(self._lock_fd)
-            raise StoreError(f"open staging {self.path}: {exc}") from exc
+        super().__init__(path, "staging")
         self._records = self.env.open_db(b"records")
         self._sets = self.env.open_db(b"sets")
         self._meta = self.env.open_db(b"meta")
@@ -240,12 +230,4 @@ class Staging:
         self.env.sync(True)
 
     def size(self) -> int:
-        with self.env.begin() as txn:
-            info = txn.stat(self._records)
-        return int((info["branch_pages"] + info["leaf_pages"] + info["overflow_pages"])
-                   * info["psize"])
-
-    def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
-        os.close(self._lock_fd)
+        return self.db_bytes(self._records)

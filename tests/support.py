@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPLFS = [sys.executable, str(ROOT / "bin" / "replfs.py")]
 START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def replfs(

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, unmount
+from tests.support import (
+    checkpoint,
+    diff,
+    free_port,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    unmount,
+)
 
 TREE_MB = 96
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:

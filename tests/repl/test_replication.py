@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 from pathlib import Path
 
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
+from tests.support import checkpoint, diff, free_port, primary, replfs, secondary, snapshot
 
 
 def busy_tree(m: Path, rounds: int) -> None:
@@ -51,9 +50,7 @@ def test_replica_follows_primary_scrambled(tmp_path: Path) -> None:
 def test_status_reports_a_stall(tmp_path: Path) -> None:
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
                  "--stall-seconds", "0.5") as daemon:
         (mount / "f").write_bytes(b"waiting for a secondary")

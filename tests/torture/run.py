@@ -18,7 +18,7 @@ from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
-from tests.support import Daemon, checkpoint, unmount
+from tests.support import Daemon, checkpoint, free_port, unmount
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
@@ -154,8 +154,7 @@ class Run:
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
                             str(self.replica)], check=True)
             self.tmpfs = True
-        with _free_port() as port:
-            self.port = port
+        self.port = free_port()
         secondary = self.start_secondary()
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
@@ -230,18 +229,6 @@ class Run:
 
     def grow_replica(self) -> None:
         subprocess.run(["mount", "-o", "remount,size=1g", str(self.replica)], check=True)
-
-
-class _free_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        return int(self.sock.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
 
 
 def run_one(seed: int, seconds: float, base: Path, keep: bool = False) -> Result:
