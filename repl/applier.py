@@ -2,9 +2,12 @@
 
 Set N is applied only after N-1 (claim 24), and only once its complete flag
 is set (claims 20, 21, 25). Applying is redo-safe (repl/apply.py): a marker
-is committed before every namespace op, and after a crash the set resumes
-at the marker. When a set is done the replica is synced (syncfs) before the
-apply log says so; only then is N reported to the primary.
+is committed before every namespace op, and after a crash applying resumes
+at the marker. The complete sets waiting in a row are applied as one batch
+under the apply lock, then the replica is synced (syncfs) once and the
+apply log says the last of them is applied; only then is it reported to
+the primary. One sync per batch instead of per set is what lets the
+replica keep up with a primary that closes a set at every small fsync.
 
 Sets are applied in a worker thread, so a large set never stalls the
 streams; the thread owns the replica's Tree.
@@ -18,6 +21,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import trio
@@ -33,6 +37,7 @@ log = logging.getLogger("replfs.applier")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RETRY_MAX = 5.0
+BATCH_SECONDS = 0.05  # a batch ends after the set that takes it past this: readers wait
 # Errors the replica's disk can recover from: the set is retried at once, under the
 # lock, so readers wait instead of seeing it torn.
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
@@ -118,15 +123,15 @@ class Applier:
                 await trio.to_thread.run_sync(self._do_reset, reset)
                 self.applied = reset - 1
             nxt = self.applied + 1
-            state = self.staging.state(nxt)
+            last = self.staging.applicable_through()
             self.held = is_held(self.staging.path)
-            if state is None or not state.complete or self.held:
+            if last < nxt or self.held:
                 with trio.move_on_after(1.0 if self.held else math.inf):
                     await self._wakeup.wait()  # a resume without a daemon to tell
                 continue
             self.applying = nxt
             try:
-                if not await trio.to_thread.run_sync(self.apply_set, tree, nxt):
+                if not await trio.to_thread.run_sync(self.apply_sets, tree, nxt, last):
                     continue  # a hold arrived while we waited for the lock
             except OSError as exc:
                 # Not a disk that may free up: the replica is torn until this set can
@@ -146,10 +151,11 @@ class Applier:
             self._applied_changed = trio.Event()
             self.on_applied(self.applied)
 
-    def apply_set(self, tree: Tree, set_id: int, retry: bool = True) -> bool:
-        """Apply one complete set under the apply lock, unless a hold came first.
+    def apply_sets(self, tree: Tree, first: int, last: int, retry: bool = True) -> bool:
+        """Apply complete sets *first*..*last* (or fewer, see BATCH_SECONDS) under the
+        apply lock, unless a hold came first.
 
-        A set that fails half way (a full disk, most often) is retried under the
+        A batch that fails half way (a full disk, most often) is retried under the
         same lock until it is whole: readers wait rather than see a torn replica.
         Raises Stopping if the daemon stops meanwhile.
         """
@@ -157,33 +163,57 @@ class Applier:
         with self.lock.exclusive():
             if is_held(self.staging.path):
                 return False
-            mark_applying(self.staging.path, set_id)
+            # The first set: a crash before the batch is recorded leaves it after
+            # `applied`, so the replica reads as torn until the redo completes it.
+            mark_applying(self.staging.path, first)
             while True:
                 try:
-                    self._apply_records(tree, set_id)
+                    self._apply_batch(tree, first, last)
                     clear_applying(self.staging.path)
                     self.error = None
                     return True
                 except OSError as exc:
                     if not retry or exc.errno not in TRANSIENT:
                         raise
-                    self.error = f"applying set {set_id} failed: {exc}; retrying"
+                    self.error = f"applying sets from {first} failed: {exc}; retrying"
                     log.error("%s", self.error)
                     tree.forget_dirs()
                     if self.stopping.wait(delay):
                         raise Stopping from exc
                     delay = min(delay * 2, RETRY_MAX)
 
-    def _apply_records(self, tree: Tree, set_id: int) -> None:
-        """Apply one complete set, resuming at its marker if a crash interrupted it."""
+    def _apply_batch(self, tree: Tree, first: int, last: int) -> None:
+        """Apply sets *first*.. in order, then sync the replica and record the last.
+
+        Resumes at the marker if a crash interrupted a batch: every record before
+        it was applied (the marker moves only when the op before it is done), so
+        the sets before the marker's are skipped, and only its op is in doubt.
+        """
         marker = self.staging.marker()
+        if marker is not None and first < marker[0] <= last:
+            first = marker[0]
+        began = time.monotonic()
+        set_id = first
+        while True:
+            self._apply_records(tree, set_id, marker if marker and marker[0] == set_id
+                                else None)
+            if set_id == last or time.monotonic() - began > BATCH_SECONDS:
+                break
+            set_id += 1
+        self.faults.step(set_id, -1)
+        syncfs(tree.root_fd)
+        self.staging.finish(set_id)
+        log.debug("applied sets %d to %d", first, set_id)
+
+    def _apply_records(self, tree: Tree, set_id: int,
+                       marker: tuple[int, int, bytes | None] | None) -> None:
+        """Apply one complete set, from its *marker* if a crash interrupted it there."""
         start, intent = 0, None
-        if marker is not None and marker[0] == set_id:
+        if marker is not None:
             start, intent = marker[1], marker[2]
         elif self.staging.syncing == set_id:
             start = self.staging.last_reset(set_id)  # an initial sync starts from empty
-        in_doubt = marker is not None and marker[0] == set_id
-        count = 0
+        in_doubt = marker is not None
         for record in self.staging.records(set_id, start):
             self.faults.step(set_id, record.seq)
             if in_doubt:
@@ -195,8 +225,3 @@ class Applier:
                 apply(tree, record)
             else:
                 apply(tree, record)
-            count += 1
-        self.faults.step(set_id, -1)
-        syncfs(tree.root_fd)
-        self.staging.finish(set_id)
-        log.debug("applied set %d (%d records)", set_id, count)

@@ -48,16 +48,16 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
         applier = Applier(staging, replica)
         tree = Tree(replica)
         try:
-            while (state := staging.state(applier.applied + 1)) and state.complete:
+            while (last := staging.applicable_through()) > applier.applied:
                 try:
-                    whole = applier.apply_set(tree, applier.applied + 1, retry=False)
+                    whole = applier.apply_sets(tree, applier.applied + 1, last, retry=False)
                 except OSError as exc:
-                    raise UsageError(f"applying set {applier.applied + 1} failed: {exc}; "
-                                     "fix that and promote again") from None
+                    raise UsageError(f"applying sets {applier.applied + 1} to {last} failed: "
+                                     f"{exc}; fix that and promote again") from None
                 if not whole:
                     raise UsageError(f"{replica} was paused again during promote; "
                                      "resume it and promote again")
-                applier.applied += 1
+                applier.applied = staging.applied
         finally:
             tree.close()
             applier.lock.close()

@@ -219,14 +219,17 @@ class Staging(LmdbDir):
         return seq
 
     def finish(self, set_id: int) -> None:
-        """Record *set_id* applied, drop its staging and the marker, durably."""
+        """Record *set_id* applied, drop its staging, the earlier sets' and the marker,
+        durably."""
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(set_id), db=self._meta)
             txn.delete(_MARKER, db=self._meta)
             raw = txn.get(_SYNCING, db=self._meta)
             if raw and decode_set(raw) <= set_id:
                 txn.delete(_SYNCING, db=self._meta)
-            self._delete_set(txn, set_id)
+            for done in [decode_set(k) for k in txn.cursor(db=self._sets).iternext(values=False)
+                         if decode_set(k) <= set_id]:
+                self._delete_set(txn, done)
         self.env.sync(True)
 
     def size(self) -> int:

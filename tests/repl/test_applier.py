@@ -1,0 +1,149 @@
+"""The applier's batches: several complete sets under one sync, cut by a crash anywhere.
+
+A crash (here: an exception at a fault point, with the staging store and the
+replica left as they are, as after a kill) may fall between any two syscalls
+of a batch. After a restart the replica must reach exactly the state at the
+close of the last set, every op done once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from repl.applier import Applier
+from repl.apply import apply
+from repl.tree import Tree
+from store.hold import interrupted
+from store.records import Op, Record
+from store.staging import Staging
+from tests.support import diff, snapshot
+
+T = 1_700_000_000_000_000_000
+
+
+def data_sets() -> list[list[Record]]:
+    """Four sets whose replay goes wrong if any namespace op runs twice or not at all."""
+    ops: list[list[tuple[Op, dict[str, object]]]] = [
+        [(Op.MKDIR, {"path": b"d", "mode": 0o40755, "uid": 0, "gid": 0}),
+         (Op.CREATE, {"path": b"d/a", "mode": 0o100644, "uid": 0, "gid": 0}),
+         (Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"one" * 100})],
+        [(Op.WRITE, {"path": b"d/a", "offset": 3, "data": b"TWO"}),
+         (Op.LINK, {"path": b"d/a", "path2": b"b"}),
+         (Op.RENAME, {"path": b"d/a", "path2": b"c", "flags": 0}),
+         (Op.WRITE, {"path": b"c", "offset": 0, "data": b"three"})],
+        [(Op.TRUNCATE, {"path": b"b", "size": 7}),
+         (Op.CHMOD, {"path": b"b", "mode": 0o600})],
+        [(Op.UNLINK, {"path": b"c"}),
+         (Op.CREATE, {"path": b"c", "mode": 0o100640, "uid": 0, "gid": 0}),
+         (Op.RENAME, {"path": b"b", "path2": b"d/b", "flags": 0}),
+         (Op.UTIMES, {"path": b"d/b", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"d", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"c", "atime_ns": T, "mtime_ns": T})],
+    ]
+    sets = []
+    for set_id, set_ops in enumerate(ops, start=1):
+        records = [Record(op, set_id, seq, **fields)  # type: ignore[arg-type]
+                   for seq, (op, fields) in enumerate(set_ops)]
+        sets.append([*records, Record(Op.SYNC, set_id, len(records), count=len(records))])
+    return sets
+
+
+def states(tmp_path: Path, sets: list[list[Record]]) -> list[dict[str, object]]:
+    """The tree at the close of each set, applied one record at a time."""
+    root = tmp_path / "expected"
+    root.mkdir()
+    tree = Tree(root)
+    out = []
+    try:
+        for records in sets:
+            for record in records:
+                if record.op != Op.SYNC:
+                    apply(tree, record)
+            os.utime(root, ns=(T, T))
+            out.append(snapshot(root))
+    finally:
+        tree.close()
+    return out
+
+
+class Crash(Exception):
+    pass
+
+
+def apply_all(staging: Staging, replica: Path, crash_at: int | None) -> int:
+    """Apply every complete set as the daemon does, crashing at step *crash_at*."""
+    applier = Applier(staging, replica)
+    tree = Tree(replica)
+    steps = 0
+
+    def step(set_id: int, seq: int) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == crash_at:
+            raise Crash
+
+    applier.faults.step = step  # type: ignore[method-assign]
+    try:
+        while (last := staging.applicable_through()) > staging.applied:
+            applier.apply_sets(tree, staging.applied + 1, last)
+    finally:
+        tree.close()
+        applier.lock.close()
+    return steps
+
+
+def fresh(run: Path, sets: list[list[Record]]) -> tuple[Path, Staging]:
+    """An empty replica and a staging store holding every set, complete."""
+    replica = run / "replica"
+    replica.mkdir(parents=True)
+    staging = Staging(run / "staging")
+    staging.stage([r for records in sets for r in records])
+    return replica, staging
+
+
+def test_batch_cut_at_every_step_reaches_the_last_set(tmp_path: Path) -> None:
+    sets = data_sets()
+    want = states(tmp_path, sets)
+    replica, staging = fresh(tmp_path / "clean", sets)
+    try:
+        steps = apply_all(staging, replica, None)
+    finally:
+        staging.close()
+    assert steps > 20, "every set and op is stepped through"
+    for crash_at in range(1, steps + 1):
+        run = tmp_path / f"run{crash_at}"
+        replica, staging = fresh(run, sets)
+        try:
+            with pytest.raises(Crash):
+                apply_all(staging, replica, crash_at)
+            assert interrupted(staging.path) is not None, "a cut batch reads as torn"
+        finally:
+            staging.close()  # the daemon is gone; what it committed stays
+        staging = Staging(run / "staging")
+        try:
+            apply_all(staging, replica, None)
+            assert staging.applied == len(sets)
+        finally:
+            staging.close()
+        os.utime(replica, ns=(T, T))
+        assert not diff(snapshot(replica), want[-1]), f"crash at step {crash_at}"
+
+
+def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = data_sets()
+    syncs: list[int] = []
+    monkeypatch.setattr("repl.applier.syncfs", lambda fd: syncs.append(fd))
+    replica, staging = fresh(tmp_path, sets)
+    try:
+        apply_all(staging, replica, None)
+        assert staging.applied == len(sets)
+        assert staging.sets() == {}, "applied sets leave staging"
+    finally:
+        staging.close()
+    assert len(syncs) == 1
+    os.utime(replica, ns=(T, T))
+    assert not diff(snapshot(replica), states(tmp_path, sets)[-1])
