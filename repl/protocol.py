@@ -35,7 +35,7 @@ MAX_FRAME = 80 << 20
 MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
 
 _LENGTH = struct.Struct(">I")
-_TYPE = struct.Struct(">B")
+_HEAD = struct.Struct(">IB")  # length, type
 _CHECKSUM = struct.Struct(">Q")
 _KEY_SIZE = 12
 
@@ -55,8 +55,15 @@ class Frame:
     payload: bytes
 
     def encode(self) -> bytes:
-        body = _TYPE.pack(self.type) + self.payload
-        return _LENGTH.pack(len(body)) + body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+        return b"".join(self.parts())
+
+    def parts(self) -> tuple[bytes, bytes, bytes]:
+        """The encoded frame in three pieces, so a payload is copied only once, by the
+        join that puts a batch of frames on the wire."""
+        head = _HEAD.pack(1 + len(self.payload), self.type)
+        checksum = xxhash.xxh3_64(head[_LENGTH.size :])
+        checksum.update(self.payload)
+        return head, self.payload, _CHECKSUM.pack(checksum.intdigest())
 
 
 def hello(**fields: Any) -> Frame:
@@ -132,16 +139,19 @@ class FrameReader:
         start = pos + _LENGTH.size
         if len(buf) < start + length + _CHECKSUM.size:
             return None
-        body = bytes(buf[start : start + length])
-        (want,) = _CHECKSUM.unpack_from(buf, start + length)
-        self._pos = start + length + _CHECKSUM.size
-        if xxhash.xxh3_64_intdigest(body) != want:
-            raise ProtocolError("frame checksum mismatch")
+        body = memoryview(buf)[start : start + length]
         try:
-            kind = FrameType(body[0])
-        except ValueError:
-            raise ProtocolError(f"unknown frame type {body[0]}") from None
-        return Frame(kind, body[1:])
+            (want,) = _CHECKSUM.unpack_from(buf, start + length)
+            self._pos = start + length + _CHECKSUM.size
+            if xxhash.xxh3_64_intdigest(body) != want:
+                raise ProtocolError("frame checksum mismatch")
+            try:
+                kind = FrameType(body[0])
+            except ValueError:
+                raise ProtocolError(f"unknown frame type {body[0]}") from None
+            return Frame(kind, bytes(body[1:]))
+        finally:
+            body.release()  # the buffer must not stay exported: feed() resizes it
 
 
 class Connection:
@@ -173,7 +183,7 @@ class Connection:
         self._reader.max_frame = MAX_FRAME
 
     async def send(self, *frames: Frame) -> None:
-        await self.stream.send_all(b"".join(f.encode() for f in frames))
+        await self.stream.send_all(b"".join([part for f in frames for part in f.parts()]))
 
     async def receive(self) -> Frame:
         """The next frame. Raises trio.EndOfChannel when the peer closed cleanly."""

@@ -134,6 +134,7 @@ class Journal(LmdbDir):
                 total += len(value)
                 if total >= max_bytes:
                     break
+        self.read_through(total)
         return out
 
     def trim(self, upto_set: int) -> int:

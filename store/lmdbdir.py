@@ -3,10 +3,16 @@
 The journal and the staging store are both such directories: a LOCK file
 that names the holding pid, and an environment opened without fsync on
 commit (callers sync at their commit points).
+
+LMDB reads through a shared map of its file, and every page read stays
+mapped: a backlog streamed once would count whole in the daemon's resident
+memory. After every RELEASE_BYTES read the pages are let go of (they stay
+in the page cache, and a read maps them again).
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 from pathlib import Path
@@ -16,6 +22,10 @@ import lmdb
 from store.errors import JournalLocked, StoreError
 
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is stored
+RELEASE_BYTES = 16 << 20
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class LmdbDir:
@@ -29,6 +39,18 @@ class LmdbDir:
         except lmdb.Error as exc:
             os.close(self._lock_fd)
             raise StoreError(f"open {what} {self.path}: {exc}") from exc
+        self._map = _mapping_of(self.path / "data.mdb")
+        self._read = 0
+
+    def read_through(self, nbytes: int) -> None:
+        """Count *nbytes* read through the map; let go of its pages past RELEASE_BYTES.
+
+        Safe while other threads read: a page let go of is mapped again when read.
+        """
+        self._read += nbytes
+        if self._read >= RELEASE_BYTES and self._map is not None:
+            self._read = 0
+            _libc.madvise(self._map[0], self._map[1], _MADV_DONTNEED)
 
     def db_bytes(self, db: lmdb._Database) -> int:
         """Bytes the pages of *db* take."""
@@ -57,3 +79,16 @@ def _lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _mapping_of(path: Path) -> tuple[int, int] | None:
+    """(address, length) of this process's map of *path*, from /proc/self/maps."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 5 and fields[3] == dev and fields[4] == str(st.st_ino):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                return start, end - start
+    return None

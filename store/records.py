@@ -175,8 +175,11 @@ class Record:
                 parts.append(_U64.pack(value))
             else:
                 parts.append(_I64.pack(value))
-        body = b"".join(parts)
-        return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+        checksum = xxhash.xxh3_64()
+        for part in parts:
+            checksum.update(part)
+        parts.append(_CHECKSUM.pack(checksum.intdigest()))
+        return b"".join(parts)  # the one copy of a write's data
 
     @classmethod
     def decode(cls, buf: bytes | memoryview) -> Record:
@@ -202,20 +205,16 @@ class Record:
         values: dict[str, Any] = {}
         pos = _HEADER.size
         try:
-            for name in FIELDS[op]:
-                kind = KINDS[name]
-                if kind in ("path", "blob"):
-                    prefix = _U16 if kind == "path" else _U32
-                    (length,) = prefix.unpack_from(body, pos)
-                    pos += prefix.size
-                    if pos + length > len(body):
+            for name, fmt, sized in _LAYOUT[op]:
+                (value,) = fmt.unpack_from(body, pos)
+                pos += fmt.size
+                if sized:  # the value was the length of the bytes that follow
+                    if pos + value > len(body):
                         raise RecordError(f"truncated {name} in {op.name} record")
-                    values[name] = bytes(body[pos : pos + length])
-                    pos += length
+                    values[name] = bytes(body[pos : pos + value])
+                    pos += value
                 else:
-                    fmt = {"u32": _U32, "u64": _U64, "i64": _I64}[kind]
-                    (values[name],) = fmt.unpack_from(body, pos)
-                    pos += fmt.size
+                    values[name] = value
         except struct.error:
             raise RecordError(f"truncated {op.name} record") from None
         if pos != len(body):
@@ -231,24 +230,18 @@ class Record:
         if not 0 <= self.seq < MAX_SEQ:
             raise RecordError(f"seq {self.seq} out of range")
         wanted = FIELDS[self.op]
-        for f in fields(self):
-            if f.name in ("op", "set", "seq") or f.name in wanted:
-                continue
-            if getattr(self, f.name) != f.default:
-                raise RecordError(f"{self.op.name} record has a stray {f.name}")
+        for name, default in _STRAYS[self.op]:
+            if getattr(self, name) != default:
+                raise RecordError(f"{self.op.name} record has a stray {name}")
         if "path" in wanted:
             check_path(self.path, root_ok=self.op in ROOT_OPS)
         if "path2" in wanted:
             check_path(self.path2, root_ok=False)
         if len(self.data) > MAX_BLOB or len(self.name) > MAX_BLOB:
             raise RecordError(f"{self.op.name} record blob too large")
-        for name in wanted:
-            kind = KINDS[name]
+        for name, low, high in _RANGES[self.op]:
             value = getattr(self, name)
-            limit = {"u32": 1 << 32, "u64": 1 << 64}.get(kind)
-            if limit is not None and not 0 <= value < limit:
-                raise RecordError(f"{name} {value} out of range")
-            if kind == "i64" and not -(1 << 63) <= value < 1 << 63:
+            if not low <= value < high:
                 raise RecordError(f"{name} {value} out of range")
         if self.offset + len(self.data) > MAX_OFFSET or self.size > MAX_OFFSET:
             raise RecordError(f"{self.op.name} record reaches past the largest file offset")
@@ -273,6 +266,26 @@ class Record:
 
     def moved(self, set_id: int, seq: int) -> Record:
         return replace(self, set=set_id, seq=seq)
+
+
+# Per op, for validate(): the fields it must leave at their defaults, and the
+# bounds of its integer fields.
+_STRAYS: dict[Op, tuple[tuple[str, object], ...]] = {
+    op: tuple((f.name, f.default) for f in fields(Record)
+              if f.name not in ("op", "set", "seq", *wanted))
+    for op, wanted in FIELDS.items()
+}
+# Per op, for decode(): each field's struct, and whether it is a length prefix.
+_STRUCTS = {"path": _U16, "blob": _U32, "u32": _U32, "u64": _U64, "i64": _I64}
+_LAYOUT: dict[Op, tuple[tuple[str, struct.Struct, bool], ...]] = {
+    op: tuple((name, _STRUCTS[KINDS[name]], KINDS[name] in ("path", "blob")) for name in wanted)
+    for op, wanted in FIELDS.items()
+}
+_BOUNDS = {"u32": (0, 1 << 32), "u64": (0, 1 << 64), "i64": (-(1 << 63), 1 << 63)}
+_RANGES: dict[Op, tuple[tuple[str, int, int], ...]] = {
+    op: tuple((name, *_BOUNDS[KINDS[name]]) for name in wanted if KINDS[name] in _BOUNDS)
+    for op, wanted in FIELDS.items()
+}
 
 
 def check_path(path: bytes, *, root_ok: bool) -> None:

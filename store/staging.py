@@ -118,6 +118,7 @@ class Staging(LmdbDir):
             for key, value in cursor:
                 if decode_key(key)[0] != set_id:
                     return
+                self.read_through(len(value))
                 yield Record.decode(value)
 
     def applicable_through(self) -> int:
