@@ -44,6 +44,7 @@ log = logging.getLogger("replfs.receiver")
 
 HANDSHAKE_TIMEOUT = 10.0
 STAGE_BATCH = 4096
+STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
 
 
 @dataclass
@@ -230,11 +231,13 @@ class Receiver:
     async def _stager(self) -> None:
         while True:
             batch = [await self._incoming.receive()]
-            while len(batch) < STAGE_BATCH:
+            size = len(batch[0][1].data)
+            while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
                 try:
                     batch.append(self._incoming.receive_nowait())
                 except trio.WouldBlock:
                     break
+                size += len(batch[-1][1].data)
             result = self.staging.stage([record for _, record in batch])
             await trio.to_thread.run_sync(self.staging.sync)
             self.status.staged += len(result.keys) - result.duplicates

@@ -52,7 +52,7 @@ BATCH_BYTES = 1 << 20
 # one lets those that follow within it share all three. Lag grows by as much at most.
 COALESCE_SECONDS = 0.002
 STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in turn
-WINDOW_BYTES = 64 << 20
+WINDOW_BYTES = 32 << 20  # the secondary holds what is in flight in memory
 RETRY_MAX = 1.0  # on loopback or a LAN a peer back up is worth finding at once
 HANDSHAKE_TIMEOUT = 10.0
 STALL_SECONDS = 10.0  # a backlog with no progress for this long is reported as a stall

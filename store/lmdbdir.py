@@ -22,7 +22,7 @@ import lmdb
 from store.errors import JournalLocked, StoreError
 
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is stored
-RELEASE_BYTES = 16 << 20
+RELEASE_BYTES = 8 << 20
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -48,8 +48,13 @@ class LmdbDir:
         Safe while other threads read: a page let go of is mapped again when read.
         """
         self._read += nbytes
-        if self._read >= RELEASE_BYTES and self._map is not None:
-            self._read = 0
+        if self._read >= RELEASE_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of every page of the map (a few µs when few are mapped)."""
+        self._read = 0
+        if self._map is not None:
             _libc.madvise(self._map[0], self._map[1], _MADV_DONTNEED)
 
     def db_bytes(self, db: lmdb._Database) -> int:

@@ -157,6 +157,7 @@ class Staging(LmdbDir):
             while cursor.key() and decode_key(cursor.key())[0] == set_id:
                 cursor.delete()
         txn.delete(encode_set(set_id), db=self._sets)
+        self.release()  # a cursor reads each value it passes, deleting too
 
     # --- apply log -------------------------------------------------------------------
 
