@@ -50,7 +50,7 @@ BATCH_BYTES = 1 << 20
 # Records journaled one by one (small writes, one set per fsync) would each cost a
 # send, an ack and a staging commit on their own; waiting this long after the first
 # one lets those that follow within it share all three. Lag grows by as much at most.
-COALESCE_SECONDS = 0.002
+COALESCE_SECONDS = 0.005
 STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in turn
 WINDOW_BYTES = 32 << 20  # the secondary holds what is in flight in memory
 RETRY_MAX = 1.0  # on loopback or a LAN a peer back up is worth finding at once
