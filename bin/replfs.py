@@ -156,11 +156,11 @@ def keep_large_buffers() -> None:
     A record carries up to 1 MiB of write data. By default glibc maps every
     buffer that large afresh and unmaps it when freed, so each copy of it
     pays a page fault per 4 KiB: ten times the cost of the copy. Kept in the
-    heap (with at most 32 MiB of free heap held back), they are reused.
+    heap (with at most 8 MiB of free heap held back), they are reused.
     """
     mallopt = ctypes.CDLL(None).mallopt
     mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -20,7 +20,7 @@ from typing import Any
 
 from store import identity
 from store.errors import StoreError
-from store.lmdbdir import LmdbDir
+from store.lmdbdir import COMMIT_BYTES, LmdbDir
 from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 
 _NEXT_SET = b"next_set"
@@ -68,6 +68,7 @@ class Journal(LmdbDir):
             if intent is not None:
                 txn.put(_INTENT, record.key + intent, db=self._meta)
         self.commits += 1
+        self.passed(len(value) + COMMIT_BYTES)
         self.seq += 1
         self.set_bytes += len(value)
         self.bytes += len(value)
@@ -134,17 +135,14 @@ class Journal(LmdbDir):
                 total += len(value)
                 if total >= max_bytes:
                     break
-        self.read_through(total)
+        self.passed(total)
         return out
 
     def trim(self, upto_set: int) -> int:
         """Drop every record of sets up to *upto_set*. Returns how many were dropped."""
-        dropped = 0
         with self.env.begin(write=True) as txn:
-            cursor = txn.cursor(db=self._records)
-            while cursor.first() and decode_key(cursor.key())[0] <= upto_set:
-                cursor.delete()
-                dropped += 1
+            dropped = self.delete_run(txn, self._records, b"",
+                                      lambda key: decode_key(key)[0] > upto_set)
             raw = txn.get(_NEXT_SET, db=self._meta)
             if not raw or decode_set(raw) <= upto_set:
                 txn.put(_NEXT_SET, encode_set(upto_set + 1), db=self._meta)

@@ -4,10 +4,12 @@ The journal and the staging store are both such directories: a LOCK file
 that names the holding pid, and an environment opened without fsync on
 commit (callers sync at their commit points).
 
-LMDB reads through a shared map of its file, and every page read stays
-mapped: a backlog streamed once would count whole in the daemon's resident
-memory. After every RELEASE_BYTES read the pages are let go of (they stay
-in the page cache, and a read maps them again).
+LMDB reads through a shared map of its file, and every page it reads stays
+mapped; py-lmdb also reads each value a cursor passes, deleting too. A
+backlog streamed once would count whole in the daemon's resident memory.
+So the pages are let go of after every RELEASE_BYTES that went through the
+store, counting each commit as COMMIT_BYTES, and after deletions (they stay in
+the page cache; a read maps them again).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -23,6 +26,9 @@ from store.errors import JournalLocked, StoreError
 
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is stored
 RELEASE_BYTES = 8 << 20
+# A commit writes the pages it changed to new places (copy on write), so the next
+# reads map fresh pages even where nothing new was stored: count each as this much.
+COMMIT_BYTES = 256 << 10
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -42,8 +48,8 @@ class LmdbDir:
         self._map = _mapping_of(self.path / "data.mdb")
         self._read = 0
 
-    def read_through(self, nbytes: int) -> None:
-        """Count *nbytes* read through the map; let go of its pages past RELEASE_BYTES.
+    def passed(self, nbytes: int) -> None:
+        """Count *nbytes* written or read; let go of the map's pages past RELEASE_BYTES.
 
         Safe while other threads read: a page let go of is mapped again when read.
         """
@@ -56,6 +62,27 @@ class LmdbDir:
         self._read = 0
         if self._map is not None:
             _libc.madvise(self._map[0], self._map[1], _MADV_DONTNEED)
+
+    def delete_run(self, txn: lmdb.Transaction, db: lmdb._Database, start: bytes,
+                   stop: Callable[[bytes], bool]) -> int:
+        """Delete keys from *start* on until *stop(key)*; returns how many.
+
+        The cursor reads each value it lands on, so the pages are let go of
+        every RELEASE_BYTES or so (judged by the values' average size).
+        """
+        info = txn.stat(db)
+        size = (info["leaf_pages"] + info["overflow_pages"]) * info["psize"]
+        every = max(1, RELEASE_BYTES * max(1, info["entries"]) // max(1, size))
+        cursor = txn.cursor(db=db)
+        deleted = 0
+        if cursor.set_range(start):
+            while cursor.key() and not stop(cursor.key()):
+                cursor.delete()
+                deleted += 1
+                if deleted % every == 0:
+                    self.release()
+        self.release()
+        return deleted
 
     def db_bytes(self, db: lmdb._Database) -> int:
         """Bytes the pages of *db* take."""

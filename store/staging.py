@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from store import identity
-from store.lmdbdir import LmdbDir
+from store.lmdbdir import COMMIT_BYTES, LmdbDir
 from store.records import (
     Op,
     Record,
@@ -86,7 +86,9 @@ class Staging(LmdbDir):
                 if not state.mark(record.seq):
                     out.duplicates += 1
                     continue
-                txn.put(record.key, record.encode(), db=self._records)
+                value = record.encode()
+                txn.put(record.key, value, db=self._records)
+                self.passed(len(value))
                 if record.op == Op.SYNC:
                     state.sync_seen, state.count = True, record.count
             for set_id, state in states.items():
@@ -94,6 +96,7 @@ class Staging(LmdbDir):
                 if state.check_complete() and not was_complete:
                     out.completed.append(set_id)
                 txn.put(encode_set(set_id), state.encode(), db=self._sets)
+        self.passed(COMMIT_BYTES)
         return out
 
     def sync(self) -> None:
@@ -118,7 +121,7 @@ class Staging(LmdbDir):
             for key, value in cursor:
                 if decode_key(key)[0] != set_id:
                     return
-                self.read_through(len(value))
+                self.passed(len(value))
                 yield Record.decode(value)
 
     def applicable_through(self) -> int:
@@ -152,12 +155,9 @@ class Staging(LmdbDir):
         return dropped
 
     def _delete_set(self, txn: lmdb.Transaction, set_id: int) -> None:
-        cursor = txn.cursor(db=self._records)
-        if cursor.set_range(encode_key(set_id, 0)):
-            while cursor.key() and decode_key(cursor.key())[0] == set_id:
-                cursor.delete()
+        self.delete_run(txn, self._records, encode_key(set_id, 0),
+                        lambda key: decode_key(key)[0] != set_id)
         txn.delete(encode_set(set_id), db=self._sets)
-        self.release()  # a cursor reads each value it passes, deleting too
 
     # --- apply log -------------------------------------------------------------------
 
@@ -165,6 +165,7 @@ class Staging(LmdbDir):
         """Commit that *record* (a namespace op) is about to run."""
         with self.env.begin(write=True) as txn:
             txn.put(_MARKER, record.key + (intent or b""), db=self._meta)
+        self.passed(COMMIT_BYTES)
 
     def marker(self) -> tuple[int, int, bytes | None] | None:
         with self.env.begin() as txn:
