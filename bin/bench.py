@@ -1,10 +1,12 @@
 """``bin/bench``: what replfs costs, workload by workload, against the native filesystem.
 
-Every workload runs three times, in one temporary directory on one disk:
-on a native directory, on a replfs primary mount with no secondary, and on
-a primary mount replicating to a live secondary on loopback. The table
-gives each figure and the ratio replicated/native (native/replicated for
-latencies). Then, with the secondary: lag from a set's close to its apply
+Every workload runs on three targets, in one temporary directory on one
+disk: a native directory, a replfs primary mount with no secondary, and a
+primary mount replicating to a live secondary on loopback. The full run
+goes round all three three times, interleaved, and reports the median of
+each figure: this machine's disk and CPU move by 2-3x from minute to
+minute. The table gives each figure and the ratio replicated/native
+(native/replicated for latencies). Then, with the secondary: lag from a set's close to its apply
 (``checkpoint --wait`` round trips under a steady writer), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
 application byte.
@@ -31,6 +33,7 @@ import shutil
 import signal
 import sqlite3
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,12 +70,13 @@ class Plan:
     outage_bytes: int  # written while the secondary is down
     stat_files: int = 2_000
     dir_entries: int = 10_000
+    rounds: int = 3  # each figure is the median of this many runs
 
 
 FULL = Plan(seq_bytes=512 * MiB, rand_file=256 * MiB, seconds=5.0, lag_seconds=20.0,
             outage_bytes=1024 * MiB)
 QUICK = Plan(seq_bytes=64 * MiB, rand_file=32 * MiB, seconds=0.5, lag_seconds=3.0,
-             outage_bytes=128 * MiB, dir_entries=2_000)
+             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1)
 
 
 @dataclass
@@ -305,7 +309,8 @@ class Bench:
         self.tmp = tmp
         self.daemons: list[Daemon] = []
         self.mounts: list[Path] = []
-        self.results: dict[str, dict[str, Result]] = {key: {} for key, _, _ in WORKLOADS}
+        self.results: dict[str, dict[str, list[Result]]] = {
+            key: {target: [] for target in TARGETS} for key, _, _ in WORKLOADS}
         self.replication: dict[str, float] = {}
         self.warnings: list[str] = []
 
@@ -346,13 +351,13 @@ class Bench:
         syncfs(self.tmp)
 
     def workloads(self, target: str, root: Path, mount: Path | None = None,
-                  replicated: bool = False) -> None:
+                  replicated: bool = False, round_: int = 0) -> None:
         for key, unit, run in WORKLOADS:
-            d = root / key
+            d = root / f"{key}.{round_}"
             d.mkdir()
             began = now()
             result = run(d, self.plan)
-            self.results[key][target] = result
+            self.results[key][target].append(result)
             self.settle(mount, replicated)
             extra = "".join(f"  {k} {v:,.0f}" for k, v in result.extra.items())
             say(f"  {target:<18} {key:<15} {result.value:>12,.1f} {unit}{extra}"
@@ -362,21 +367,22 @@ class Bench:
         native = self.tmp / "native"
         native.mkdir()
         say(f"native directory {native}")
-        self.workloads("native", native)
-
-        pri, mount = self.primary("replfs")
-        say(f"replfs primary at {mount}, no secondary")
-        self.workloads("replfs", mount, mount)
-        self.replication["rss_primary_alone_MiB"] = pri.peak_mib()
-        pri.stop()
-        unmount(mount)
-
+        alone, alone_mount = self.primary("replfs")
+        say(f"replfs primary at {alone_mount}, no secondary")
         sec, port = self.secondary()
         pri, mount = self.primary("replicated", "--secondary", f"127.0.0.1:{port}",
                                   "--journal-max", JOURNAL_MAX)
         say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port}")
         checkpoint(mount, 60)
-        self.workloads("replfs_replicated", mount, mount, replicated=True)
+        for round_ in range(self.plan.rounds):
+            if self.plan.rounds > 1:
+                say(f"round {round_ + 1} of {self.plan.rounds}")
+            self.workloads("native", native, round_=round_)
+            self.workloads("replfs", alone_mount, alone_mount, round_=round_)
+            self.workloads("replfs_replicated", mount, mount, replicated=True, round_=round_)
+        self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
+        alone.stop()
+        unmount(alone_mount)
         self.lag(mount)
         sec = self.outage(mount, sec, port)
         self.replication |= {  # RssAnon at the end leaves out the mapped LMDB pages VmHWM counts
@@ -519,14 +525,16 @@ def fs_type(path: Path) -> str:
 def report(bench: Bench) -> dict[str, Any]:
     workloads: dict[str, Any] = {}
     for key, unit, _ in WORKLOADS:
-        got = bench.results[key]
-        if len(got) < len(TARGETS):
+        runs = bench.results[key]
+        if not all(runs.values()):
             continue
-        native, replicated = got["native"].value, got["replfs_replicated"].value
-        entry: dict[str, Any] = {"unit": unit, **{t: round(got[t].value, 2) for t in TARGETS},
+        got = {t: statistics.median(r.value for r in runs[t]) for t in TARGETS}
+        native, replicated = got["native"], got["replfs_replicated"]
+        entry: dict[str, Any] = {"unit": unit, **{t: round(got[t], 2) for t in TARGETS},
                                  "ratio": round(replicated / native, 4) if native else None}
-        for name in got["native"].extra:
-            per = {t: round(got[t].extra[name], 1) for t in TARGETS}
+        for name in runs["native"][0].extra:
+            per = {t: round(statistics.median(r.extra[name] for r in runs[t]), 1)
+                   for t in TARGETS}
             entry[name] = per
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
@@ -556,7 +564,9 @@ def table(out: dict[str, Any]) -> str:
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("ratio: replicated / native (latencies: native / replicated)")
+    lines.append("ratio: replicated / native (latencies: native / replicated)"
+                 + (f"; medians of {out['machine']['rounds']} rounds"
+                    if out["machine"].get("rounds", 1) > 1 else ""))
     w = out["workloads"]
     if "stat" in w and "readdir" in w:
         lines.append(f"stat: {w['stat']['files']:,} files; readdir: a directory of "
@@ -615,6 +625,7 @@ def main() -> int:
     out = {"machine": info, **report(bench)}
     out["machine"]["bench_seconds"] = round(now() - started, 1)
     out["machine"]["mode"] = "quick" if args.quick else "full"
+    out["machine"]["rounds"] = plan.rounds
     print(json.dumps(out, indent=2) if args.json else table(out))
     return 0
 
