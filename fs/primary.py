@@ -23,7 +23,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from fs.errors import fuse_errors, log
+from fs.errors import fuse_error, log
 from fs.inodes import ROOT, Inodes
 from repl.apply import intent_for, renameat2
 from repl.capture import Capture
@@ -35,16 +35,27 @@ _CAPABILITY = b"security.capability"
 T = TypeVar("T")
 
 
-def mutating(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Mark a handler that changes the tree: it waits while the mount is frozen."""
+def request(*, changes: bool = False
+            ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Wrap a request handler: a change waits while the mount is frozen (verify),
+    an error becomes an errno (fs/errors.py), and the directory fds the handler
+    borrowed are trimmed to the cache's bound once it is done (fs/inodes.py)."""
 
-    @functools.wraps(handler)
-    async def gated(self: PrimaryFS, *args: object, **kwargs: object) -> T:
-        while self.thawed is not None:
-            await self.thawed.wait()
-        return await handler(self, *args, **kwargs)
+    def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(handler)
+        async def run(self: PrimaryFS, *args: object, **kwargs: object) -> T:
+            while changes and self.thawed is not None:
+                await self.thawed.wait()
+            try:
+                return await handler(self, *args, **kwargs)
+            except Exception as exc:
+                raise fuse_error(exc, handler.__name__) from None
+            finally:
+                self.inodes.trim()
 
-    return gated
+        return run
+
+    return wrap
 
 
 @dataclass
@@ -151,7 +162,7 @@ class PrimaryFS(pyfuse3.Operations):
 
     # --- names ----------------------------------------------------------------------
 
-    @fuse_errors
+    @request()
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         try:
@@ -166,8 +177,6 @@ class PrimaryFS(pyfuse3.Operations):
             e.st_ino = 0
             e.entry_timeout = self.timeout
             return e
-        finally:
-            self.inodes.trim()
         return self._entry(st, self.inodes.remember(parent_inode, name, st))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -176,105 +185,81 @@ class PrimaryFS(pyfuse3.Operations):
             if ino not in self.inodes.nodes:
                 self._xattrs.pop(ino, None)
 
-    @fuse_errors
+    @request()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return self._entry(self.inodes.stat(inode), inode)
-        finally:
-            self.inodes.trim()
+        return self._entry(self.inodes.stat(inode), inode)
 
-    @fuse_errors
+    @request()
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         fd, name = self.inodes.at(inode)
         return os.readlink(name, dir_fd=fd)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return self._new_node(
-                parent_inode, name, Op.MKNOD, mode, ctx,
-                lambda fd, n, m: os.mknod(n, m, rdev, dir_fd=fd), rdev=rdev)
-        finally:
-            self.inodes.trim()
+        return self._new_node(
+            parent_inode, name, Op.MKNOD, mode, ctx,
+            lambda fd, n, m: os.mknod(n, m, rdev, dir_fd=fd), rdev=rdev)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return self._new_node(parent_inode, name, Op.MKDIR, stat.S_IFDIR | mode, ctx,
-                                  lambda fd, n, m: os.mkdir(n, stat.S_IMODE(m), dir_fd=fd))
-        finally:
-            self.inodes.trim()
+        return self._new_node(parent_inode, name, Op.MKDIR, stat.S_IFDIR | mode, ctx,
+                              lambda fd, n, m: os.mkdir(n, stat.S_IMODE(m), dir_fd=fd))
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return self._new_node(parent_inode, name, Op.SYMLINK, stat.S_IFLNK | 0o777, ctx,
-                                  lambda fd, n, m: os.symlink(target, n, dir_fd=fd),
-                                  data=target)
-        finally:
-            self.inodes.trim()
+        return self._new_node(parent_inode, name, Op.SYMLINK, stat.S_IFLNK | 0o777, ctx,
+                              lambda fd, n, m: os.symlink(target, n, dir_fd=fd),
+                              data=target)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        src_fd, src = self.inodes.at(inode)
+        dst_fd = self.inodes.dir_fd(new_parent_inode)
+        path = self.inodes.path(inode)
+        dst_path = self.inodes.child_path(new_parent_inode, new_name)
+        record = None
+        if path is not None and dst_path is not None:
+            record = self.capture.record(Op.LINK, path=path, path2=dst_path)
         try:
-            src_fd, src = self.inodes.at(inode)
-            dst_fd = self.inodes.dir_fd(new_parent_inode)
-            path = self.inodes.path(inode)
-            dst_path = self.inodes.child_path(new_parent_inode, new_name)
-            record = None
-            if path is not None and dst_path is not None:
-                record = self.capture.record(Op.LINK, path=path, path2=dst_path)
-            try:
-                os.link(src, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd,
-                        follow_symlinks=False)
-            except OSError:
-                self._void(record)
-                raise
-            st = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
-            return self._entry(st, self.inodes.remember(new_parent_inode, new_name, st))
-        finally:
-            self.inodes.trim()
+            os.link(src, new_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd,
+                    follow_symlinks=False)
+        except OSError:
+            self._void(record)
+            raise
+        st = os.stat(new_name, dir_fd=dst_fd, follow_symlinks=False)
+        return self._entry(st, self.inodes.remember(new_parent_inode, new_name, st))
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, Op.UNLINK)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, Op.RMDIR)
 
     async def _remove(self, parent: int, name: bytes, op: Op) -> None:
+        pfd = self.inodes.dir_fd(parent)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        path = self.inodes.child_path(parent, name)
+        self.capture.settle()  # the dirty map must name files as they are now
+        kept = self.capture.dirty.files.get(path, []) if path is not None else []
+        record = self._journal(op, path)
+        if kept and st.st_nlink > 1:
+            self._keep_dirty(self.inodes.ino_of(st), (parent, name), kept)
         try:
-            pfd = self.inodes.dir_fd(parent)
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            path = self.inodes.child_path(parent, name)
-            self.capture.settle()  # the dirty map must name files as they are now
-            kept = self.capture.dirty.files.get(path, []) if path is not None else []
-            record = self._journal(op, path)
-            if kept and st.st_nlink > 1:
-                self._keep_dirty(self.inodes.ino_of(st), (parent, name), kept)
-            try:
-                if op == Op.RMDIR:
-                    os.rmdir(name, dir_fd=pfd)
-                    self.capture.backing.forget_dirs()  # its path may come back as another dir
-                else:
-                    os.unlink(name, dir_fd=pfd)
-            except OSError:
-                self._void(record)
-                raise
-            self.inodes.drop_name(self.inodes.ino_of(st), parent, name)
-        finally:
-            self.inodes.trim()
+            if op == Op.RMDIR:
+                os.rmdir(name, dir_fd=pfd)
+                self.capture.backing.forget_dirs()  # its path may come back as another dir
+            else:
+                os.unlink(name, dir_fd=pfd)
+        except OSError:
+            self._void(record)
+            raise
+        self.inodes.drop_name(self.inodes.ino_of(st), parent, name)
 
     def _keep_dirty(self, ino: int, gone: tuple[int, bytes],
                     ranges: list[tuple[int, int]]) -> None:
@@ -289,84 +274,76 @@ class PrimaryFS(pyfuse3.Operations):
         log.warning("dirty ranges of a hard-linked file lost their last known name; "
                     "its other names may lag on the replica until they are written again")
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old_fd = self.inodes.dir_fd(parent_inode_old)
+        new_fd = self.inodes.dir_fd(parent_inode_new)
+        st_old = os.stat(name_old, dir_fd=old_fd, follow_symlinks=False)
         try:
-            old_fd = self.inodes.dir_fd(parent_inode_old)
-            new_fd = self.inodes.dir_fd(parent_inode_new)
-            st_old = os.stat(name_old, dir_fd=old_fd, follow_symlinks=False)
-            try:
-                st_new: os.stat_result | None = os.stat(name_new, dir_fd=new_fd,
-                                                        follow_symlinks=False)
-            except FileNotFoundError:
-                st_new = None
-            path = self.inodes.child_path(parent_inode_old, name_old)
-            path2 = self.inodes.child_path(parent_inode_new, name_new)
-            record = None
-            if path is not None and path2 is not None:
-                exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
-                intent = intent_for(self.capture.backing, Record(
-                    Op.RENAME, 0, 0, path=path, path2=path2, flags=flags)) if exchange else None
-                record = self.capture.record(Op.RENAME, intent, path=path, path2=path2,
-                                             flags=flags)
-            try:
-                renameat2(old_fd, name_old, new_fd, name_new, flags)
-            except OSError:
-                self._void(record)
-                raise
-            self.capture.backing.forget_dirs()
-            moved = self.inodes.ino_of(st_old)
-            self.inodes.drop_name(moved, parent_inode_old, name_old)
-            if st_new is not None:
-                other = self.inodes.ino_of(st_new)
-                self.inodes.drop_name(other, parent_inode_new, name_new)
-                if flags & pyfuse3.RENAME_EXCHANGE:
-                    self.inodes.add_name(other, parent_inode_old, name_old)
-            self.inodes.add_name(moved, parent_inode_new, name_new)
-        finally:
-            self.inodes.trim()
+            st_new: os.stat_result | None = os.stat(name_new, dir_fd=new_fd,
+                                                    follow_symlinks=False)
+        except FileNotFoundError:
+            st_new = None
+        path = self.inodes.child_path(parent_inode_old, name_old)
+        path2 = self.inodes.child_path(parent_inode_new, name_new)
+        record = None
+        if path is not None and path2 is not None:
+            exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+            intent = intent_for(self.capture.backing, Record(
+                Op.RENAME, 0, 0, path=path, path2=path2, flags=flags)) if exchange else None
+            record = self.capture.record(Op.RENAME, intent, path=path, path2=path2,
+                                         flags=flags)
+        try:
+            renameat2(old_fd, name_old, new_fd, name_new, flags)
+        except OSError:
+            self._void(record)
+            raise
+        self.capture.backing.forget_dirs()
+        moved = self.inodes.ino_of(st_old)
+        self.inodes.drop_name(moved, parent_inode_old, name_old)
+        if st_new is not None:
+            other = self.inodes.ino_of(st_new)
+            self.inodes.drop_name(other, parent_inode_new, name_new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self.inodes.add_name(other, parent_inode_old, name_old)
+        self.inodes.add_name(moved, parent_inode_new, name_new)
 
     # --- attributes ---------------------------------------------------------------
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            path = self.inodes.path(inode) if inode != ROOT else b""
-            if path is None and fh is None and self.inodes.unlinked_fd(inode) is None:
-                # Gone from every name and closed: the kernel flushing the times of a
-                # deleted file (SQLite's WAL after close). Nothing is left to change.
-                attr.attr_timeout = attr.entry_timeout = self.timeout
-                return attr
+        path = self.inodes.path(inode) if inode != ROOT else b""
+        if path is None and fh is None and self.inodes.unlinked_fd(inode) is None:
+            # Gone from every name and closed: the kernel flushing the times of a
+            # deleted file (SQLite's WAL after close). Nothing is left to change.
+            attr.attr_timeout = attr.entry_timeout = self.timeout
+            return attr
+        st = self._stat(inode, fh)
+        if fields.update_size:
+            record = self._journal(Op.TRUNCATE, path, size=attr.st_size)
+            self._do(record, self._truncate, inode, fh, attr.st_size)
+            self._data_changed(inode)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else st.st_uid
+            gid = attr.st_gid if fields.update_gid else st.st_gid
+            record = self._journal(Op.CHOWN, path, uid=uid, gid=gid)
+            self._do(record, self._on_node, inode, fh, os.chown, uid, gid)
+            self._xattrs.pop(inode, None)
+        if fields.update_mode:
+            mode = stat.S_IMODE(attr.st_mode)
+            record = self._journal(Op.CHMOD, path, mode=mode)
+            self._do(record, self._on_node, inode, fh, os.chmod, mode)
+            self._xattrs.pop(inode, None)  # chmod rewrites the ACL's mask and other
+        if fields.update_atime or fields.update_mtime:
             st = self._stat(inode, fh)
-            if fields.update_size:
-                record = self._journal(Op.TRUNCATE, path, size=attr.st_size)
-                self._do(record, self._truncate, inode, fh, attr.st_size)
-                self._data_changed(inode)
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else st.st_uid
-                gid = attr.st_gid if fields.update_gid else st.st_gid
-                record = self._journal(Op.CHOWN, path, uid=uid, gid=gid)
-                self._do(record, self._on_node, inode, fh, os.chown, uid, gid)
-                self._xattrs.pop(inode, None)
-            if fields.update_mode:
-                mode = stat.S_IMODE(attr.st_mode)
-                record = self._journal(Op.CHMOD, path, mode=mode)
-                self._do(record, self._on_node, inode, fh, os.chmod, mode)
-                self._xattrs.pop(inode, None)  # chmod rewrites the ACL's mask and other
-            if fields.update_atime or fields.update_mtime:
-                st = self._stat(inode, fh)
-                times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                         attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
-                record = self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
-                self._do(record, self._on_node, inode, fh, os.utime, ns=times)
-            return self._entry(self._stat(inode, fh), inode)
-        finally:
-            self.inodes.trim()
+            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            record = self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
+            self._do(record, self._on_node, inode, fh, os.utime, ns=times)
+        return self._entry(self._stat(inode, fh), inode)
 
     def _stat(self, inode: int, fh: int | None) -> os.stat_result:
         return os.fstat(fh) if fh is not None else self.inodes.stat(inode)
@@ -429,72 +406,64 @@ class PrimaryFS(pyfuse3.Operations):
                 self.inodes.forget(inode, 0)
         os.close(fd)
 
-    @fuse_errors
+    @request()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         while flags & os.O_TRUNC and self.thawed is not None:
             await self.thawed.wait()
-        try:
-            unlinked = self.inodes.unlinked_fd(inode)
-            if unlinked is not None:
-                # Reopen through the magic link, which O_NOFOLLOW would refuse.
-                fd = os.open(f"/proc/self/fd/{unlinked}",
-                             self._open_flags(flags) & ~os.O_NOFOLLOW)
-            else:
-                dir_fd, name = self.inodes.at(inode)
-                fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
-            if flags & os.O_TRUNC:
-                record = self._journal(Op.TRUNCATE, self.inodes.path(inode), size=0)
-                try:
-                    os.truncate(fd, 0)
-                except OSError:
-                    self._void(record)
-                    os.close(fd)
-                    raise
-                self._data_changed(inode)
-            return self._opened(fd, inode)
-        finally:
-            self.inodes.trim()
+        unlinked = self.inodes.unlinked_fd(inode)
+        if unlinked is not None:
+            # Reopen through the magic link, which O_NOFOLLOW would refuse.
+            fd = os.open(f"/proc/self/fd/{unlinked}",
+                         self._open_flags(flags) & ~os.O_NOFOLLOW)
+        else:
+            dir_fd, name = self.inodes.at(inode)
+            fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
+        if flags & os.O_TRUNC:
+            record = self._journal(Op.TRUNCATE, self.inodes.path(inode), size=0)
+            try:
+                os.truncate(fd, 0)
+            except OSError:
+                self._void(record)
+                os.close(fd)
+                raise
+            self._data_changed(inode)
+        return self._opened(fd, inode)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        pfd = self.inodes.dir_fd(parent_inode)
+        uid, gid, _ = self._owner(pfd, ctx)
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        record = self._journal(Op.CREATE, self.inodes.child_path(parent_inode, name),
+                               mode=mode, uid=uid, gid=gid)
         try:
-            pfd = self.inodes.dir_fd(parent_inode)
-            uid, gid, _ = self._owner(pfd, ctx)
-            mode = stat.S_IFREG | stat.S_IMODE(mode)
-            record = self._journal(Op.CREATE, self.inodes.child_path(parent_inode, name),
-                                   mode=mode, uid=uid, gid=gid)
-            try:
-                fd = os.open(name, self._open_flags(flags) | os.O_CREAT | os.O_EXCL,
-                             stat.S_IMODE(mode), dir_fd=pfd)
-            except OSError:
-                self._void(record)
-                raise
-            try:
-                if _AM_ROOT:
-                    os.fchown(fd, uid, gid)
-                    if stat.S_IMODE(mode) & 0o7000:
-                        os.fchmod(fd, stat.S_IMODE(mode))
-            except OSError:
-                os.close(fd)
-                os.unlink(name, dir_fd=pfd)  # undone, so both sides agree
-                self._void(record)
-                raise
-            st = os.fstat(fd)
-            ino = self.inodes.remember(parent_inode, name, st)
-            return self._opened(fd, ino), self._entry(st, ino)
-        finally:
-            self.inodes.trim()
+            fd = os.open(name, self._open_flags(flags) | os.O_CREAT | os.O_EXCL,
+                         stat.S_IMODE(mode), dir_fd=pfd)
+        except OSError:
+            self._void(record)
+            raise
+        try:
+            if _AM_ROOT:
+                os.fchown(fd, uid, gid)
+                if stat.S_IMODE(mode) & 0o7000:
+                    os.fchmod(fd, stat.S_IMODE(mode))
+        except OSError:
+            os.close(fd)
+            os.unlink(name, dir_fd=pfd)  # undone, so both sides agree
+            self._void(record)
+            raise
+        st = os.fstat(fd)
+        ino = self.inodes.remember(parent_inode, name, st)
+        return self._opened(fd, ino), self._entry(st, ino)
 
-    @fuse_errors
+    @request()
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         inode = self.files[fh]
         record = self.capture.write(self.inodes.path(inode), off, buf)
@@ -520,7 +489,7 @@ class PrimaryFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._closed(fh, self.files.pop(fh))
 
-    @fuse_errors
+    @request()
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._commit(fh, datasync)
 
@@ -534,45 +503,39 @@ class PrimaryFS(pyfuse3.Operations):
 
     # --- directories --------------------------------------------------------------
 
-    @fuse_errors
+    @request()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        try:
-            if inode == ROOT:
-                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                             dir_fd=self.inodes.root_fd)
-            else:
-                dir_fd, name = self.inodes.at(inode)
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
-            self.dirs[fd] = DirHandle(inode, fd)
-            self.inodes.node(inode).fds.add(fd)  # fstat, fchmod... after rmdir
-            return fd
-        finally:
-            self.inodes.trim()
+        if inode == ROOT:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.inodes.root_fd)
+        else:
+            dir_fd, name = self.inodes.at(inode)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        self.dirs[fd] = DirHandle(inode, fd)
+        self.inodes.node(inode).fds.add(fd)  # fstat, fchmod... after rmdir
+        return fd
 
-    @fuse_errors
+    @request()
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
         if start_id == 0:
             handle.entries = [b".", b"..", *sorted(map(os.fsencode, os.listdir(handle.fd)))]
-        try:
-            for index in range(start_id, len(handle.entries)):
-                name = handle.entries[index]
-                try:
-                    if index < 2:  # "." and "..": the kernel takes no lookup of them
-                        ino = handle.ino if index == 0 else self._parent(handle.ino)
-                        entry = self._entry(self.inodes.stat(ino), ino)
-                    else:
-                        st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-                        entry = self._entry(st)
-                except FileNotFoundError:
-                    continue
-                if not pyfuse3.readdir_reply(token, name, entry, index + 1):
-                    break
-                if index >= 2:
-                    self.inodes.remember(handle.ino, name, st)
-        finally:
-            self.inodes.trim()
+        for index in range(start_id, len(handle.entries)):
+            name = handle.entries[index]
+            try:
+                if index < 2:  # "." and "..": the kernel takes no lookup of them
+                    ino = handle.ino if index == 0 else self._parent(handle.ino)
+                    entry = self._entry(self.inodes.stat(ino), ino)
+                else:
+                    st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
+                    entry = self._entry(st)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                break
+            if index >= 2:
+                self.inodes.remember(handle.ino, name, st)
 
     def _parent(self, ino: int) -> int:
         """The parent directory of *ino*; the root is its own, as "/" is."""
@@ -582,11 +545,11 @@ class PrimaryFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._closed(fh, self.dirs.pop(fh).ino)
 
-    @fuse_errors
+    @request()
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self._commit(fh, datasync)
 
-    @fuse_errors
+    @request()
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.inodes.root_fd)
         data = pyfuse3.StatvfsData()
@@ -595,7 +558,7 @@ class PrimaryFS(pyfuse3.Operations):
             setattr(data, attr, getattr(sv, attr))
         return data
 
-    @fuse_errors
+    @request()
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True  # default_permissions: the kernel checks
 
@@ -611,7 +574,7 @@ class PrimaryFS(pyfuse3.Operations):
         fd, name = self.inodes.at(inode)
         return b"/proc/self/fd/%d/%s" % (fd, name), False
 
-    @fuse_errors
+    @request()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         cache = self._xattrs.setdefault(inode, {})
         if name in cache:
@@ -624,48 +587,35 @@ class PrimaryFS(pyfuse3.Operations):
                 if exc.errno != errno.ENODATA:
                     raise
                 value = None
-            finally:
-                self.inodes.trim()
             cache[name] = value
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
-    @fuse_errors
+    @request()
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         where, follow = self._xattr_path(inode)
-        try:
-            names = [os.fsencode(n) for n in os.listxattr(where, follow_symlinks=follow)]
-        finally:
-            self.inodes.trim()
+        names = [os.fsencode(n) for n in os.listxattr(where, follow_symlinks=follow)]
         if ctx.uid != 0:
             # The backing filesystem lists trusted.* only to CAP_SYS_ADMIN, which the
             # daemon (as root) has; uid 0 stands in for the caller's capability.
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        try:
-            where, follow = self._xattr_path(inode)
-            path = self.inodes.path(inode) if inode != ROOT else b""
-            record = self._journal(Op.SETXATTR, path, name=name, data=value)
-            self._xattrs.pop(inode, None)
-            self._do(record, os.setxattr, where, name, value, follow_symlinks=follow)
-        finally:
-            self.inodes.trim()
+        where, follow = self._xattr_path(inode)
+        path = self.inodes.path(inode) if inode != ROOT else b""
+        record = self._journal(Op.SETXATTR, path, name=name, data=value)
+        self._xattrs.pop(inode, None)
+        self._do(record, os.setxattr, where, name, value, follow_symlinks=follow)
 
-    @fuse_errors
-    @mutating
+    @request(changes=True)
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        try:
-            where, follow = self._xattr_path(inode)
-            path = self.inodes.path(inode) if inode != ROOT else b""
-            record = self._journal(Op.REMOVEXATTR, path, name=name)
-            self._xattrs.pop(inode, None)
-            self._do(record, os.removexattr, where, name, follow_symlinks=follow)
-        finally:
-            self.inodes.trim()
+        where, follow = self._xattr_path(inode)
+        path = self.inodes.path(inode) if inode != ROOT else b""
+        record = self._journal(Op.REMOVEXATTR, path, name=name)
+        self._xattrs.pop(inode, None)
+        self._do(record, os.removexattr, where, name, follow_symlinks=follow)
 
