@@ -154,6 +154,13 @@ class Staging(LmdbDir):
                 self._delete_set(txn, set_id)
         return dropped
 
+    def _delete_through(self, txn: lmdb.Transaction, last: int) -> None:
+        """Delete every set up to *last* (set keys sort in set order)."""
+        for key in list(txn.cursor(db=self._sets).iternext(values=False)):
+            if decode_set(key) > last:
+                return
+            self._delete_set(txn, decode_set(key))
+
     def _delete_set(self, txn: lmdb.Transaction, set_id: int) -> None:
         self.delete_run(txn, self._records, encode_key(set_id, 0),
                         lambda key: decode_key(key)[0] != set_id)
@@ -185,9 +192,7 @@ class Staging(LmdbDir):
     def reset_to(self, set_id: int) -> None:
         """An initial sync begins at *set_id*: forget older sets, wait for that one."""
         with self.env.begin(write=True) as txn:
-            for old in [decode_set(k) for k in txn.cursor(db=self._sets).iternext(values=False)]:
-                if old < set_id:
-                    self._delete_set(txn, old)
+            self._delete_through(txn, set_id - 1)
             txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
             txn.put(_SYNCING, encode_set(set_id), db=self._meta)
             txn.delete(_MARKER, db=self._meta)
@@ -230,9 +235,7 @@ class Staging(LmdbDir):
             raw = txn.get(_SYNCING, db=self._meta)
             if raw and decode_set(raw) <= set_id:
                 txn.delete(_SYNCING, db=self._meta)
-            for done in [decode_set(k) for k in txn.cursor(db=self._sets).iternext(values=False)
-                         if decode_set(k) <= set_id]:
-                self._delete_set(txn, done)
+            self._delete_through(txn, set_id)
         self.env.sync(True)
 
     def size(self) -> int:
