@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,11 +102,11 @@ class Daemon:
 
 
 @contextmanager
-def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None) -> Iterator[Daemon]:
-    """A running `replfs primary BACKING MOUNT`, unmounted however the test ends."""
+def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
+    """A running daemon (`replfs ARGS`) that mounts *mount*, unmounted however the
+    test ends."""
     mount.mkdir(exist_ok=True)
-    daemon = Daemon(["primary", str(backing), str(mount), *extra],
-                    log or backing.parent / f"{mount.name}.log", "serving")
+    daemon = Daemon(args, log, "serving")
     daemon.start()
     try:
         yield daemon
@@ -114,6 +114,13 @@ def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None) ->
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
         unmount(mount)
+
+
+def primary(backing: Path, mount: Path, *extra: str,
+            log: Path | None = None) -> AbstractContextManager[Daemon]:
+    """A running `replfs primary BACKING MOUNT`."""
+    return mounted(["primary", str(backing), str(mount), *extra], mount,
+                   log or backing.parent / f"{mount.name}.log")
 
 
 @contextmanager
@@ -221,16 +228,7 @@ def replay(journal: Path, target: Path) -> int:
     return sets
 
 
-@contextmanager
-def standby(replica: Path, mount: Path, *extra: str) -> Iterator[Daemon]:
+def standby(replica: Path, mount: Path, *extra: str) -> AbstractContextManager[Daemon]:
     """A running `replfs mount REPLICA MOUNT` (the read-only standby view)."""
-    mount.mkdir(exist_ok=True)
-    daemon = Daemon(["mount", str(replica), str(mount), *extra],
-                    replica.parent / f"{mount.name}.log", "serving")
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        if daemon.proc and daemon.proc.poll() is None:
-            daemon.stop()
-        unmount(mount)
+    return mounted(["mount", str(replica), str(mount), *extra], mount,
+                   replica.parent / f"{mount.name}.log")
