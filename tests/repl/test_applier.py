@@ -8,7 +8,7 @@ close of the last set, every op done once.
 
 from __future__ import annotations
 
-import os
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,8 @@ def data_sets() -> list[list[Record]]:
          (Op.RENAME, {"path": b"b", "path2": b"d/b", "flags": 0}),
          (Op.UTIMES, {"path": b"d/b", "atime_ns": T, "mtime_ns": T}),
          (Op.UTIMES, {"path": b"d", "atime_ns": T, "mtime_ns": T}),
-         (Op.UTIMES, {"path": b"c", "atime_ns": T, "mtime_ns": T})],
+         (Op.UTIMES, {"path": b"c", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})],
     ]
     sets = []
     for set_id, set_ops in enumerate(ops, start=1):
@@ -51,22 +52,14 @@ def data_sets() -> list[list[Record]]:
     return sets
 
 
-def states(tmp_path: Path, sets: list[list[Record]]) -> list[dict[str, object]]:
-    """The tree at the close of each set, applied one record at a time."""
+def expected(tmp_path: Path, sets: list[list[Record]]) -> dict[str, object]:
+    """The tree at the close of the last set, applied one record at a time."""
     root = tmp_path / "expected"
     root.mkdir()
-    tree = Tree(root)
-    out = []
-    try:
-        for records in sets:
-            for record in records:
-                if record.op != Op.SYNC:
-                    apply(tree, record)
-            os.utime(root, ns=(T, T))
-            out.append(snapshot(root))
-    finally:
-        tree.close()
-    return out
+    with closing(Tree(root)) as tree:
+        for record in [r for records in sets for r in records if r.op != Op.SYNC]:
+            apply(tree, record)
+    return snapshot(root)
 
 
 class Crash(Exception):
@@ -106,30 +99,22 @@ def fresh(run: Path, sets: list[list[Record]]) -> tuple[Path, Staging]:
 
 def test_batch_cut_at_every_step_reaches_the_last_set(tmp_path: Path) -> None:
     sets = data_sets()
-    want = states(tmp_path, sets)
+    want = expected(tmp_path, sets)
     replica, staging = fresh(tmp_path / "clean", sets)
-    try:
+    with closing(staging):
         steps = apply_all(staging, replica, None)
-    finally:
-        staging.close()
     assert steps > 20, "every set and op is stepped through"
     for crash_at in range(1, steps + 1):
         run = tmp_path / f"run{crash_at}"
         replica, staging = fresh(run, sets)
-        try:
+        with closing(staging):  # the daemon is gone; what it committed stays
             with pytest.raises(Crash):
                 apply_all(staging, replica, crash_at)
             assert interrupted(staging.path) is not None, "a cut batch reads as torn"
-        finally:
-            staging.close()  # the daemon is gone; what it committed stays
-        staging = Staging(run / "staging")
-        try:
+        with closing(Staging(run / "staging")) as staging:
             apply_all(staging, replica, None)
             assert staging.applied == len(sets)
-        finally:
-            staging.close()
-        os.utime(replica, ns=(T, T))
-        assert not diff(snapshot(replica), want[-1]), f"crash at step {crash_at}"
+        assert not diff(snapshot(replica), want), f"crash at step {crash_at}"
 
 
 def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
@@ -138,12 +123,9 @@ def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
     syncs: list[int] = []
     monkeypatch.setattr("repl.applier.syncfs", lambda fd: syncs.append(fd))
     replica, staging = fresh(tmp_path, sets)
-    try:
+    with closing(staging):
         apply_all(staging, replica, None)
         assert staging.applied == len(sets)
         assert staging.sets() == {}, "applied sets leave staging"
-    finally:
-        staging.close()
     assert len(syncs) == 1
-    os.utime(replica, ns=(T, T))
-    assert not diff(snapshot(replica), states(tmp_path, sets)[-1])
+    assert not diff(snapshot(replica), expected(tmp_path, sets))

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,8 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tree(root: Path) -> Iterator[Tree]:
-    t = Tree(root)
-    try:
+    with closing(Tree(root)) as t:
         yield t
-    finally:
-        t.close()
 
 
 def run(root: Path, *records: Record) -> None:

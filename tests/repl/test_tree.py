@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,8 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tree(root: Path) -> Iterator[Tree]:
-    t = Tree(root)
-    try:
+    with closing(Tree(root)) as t:
         yield t
-    finally:
-        t.close()
 
 
 def open_fds() -> int:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,9 @@ def journal(path: Path) -> Iterator[Journal]:
         yield j
 
 
-@contextmanager
-def opened(path: Path) -> Iterator[Journal]:
+def opened(path: Path) -> closing[Journal]:
     """The journal at *path*, open for one daemon's lifetime (reopen = a restart)."""
-    j = Journal(path)
-    try:
-        yield j
-    finally:
-        j.close()
+    return closing(Journal(path))
 
 
 def write(j: Journal, n: int = 1) -> list[Record]:

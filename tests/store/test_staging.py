@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -35,14 +35,9 @@ def staging(path: Path) -> Iterator[Staging]:
         yield s
 
 
-@contextmanager
-def opened(path: Path) -> Iterator[Staging]:
+def opened(path: Path) -> closing[Staging]:
     """The staging store at *path* for one daemon's lifetime (reopen = a restart)."""
-    s = Staging(path)
-    try:
-        yield s
-    finally:
-        s.close()
+    return closing(Staging(path))
 
 
 def data_set(set_id: int, ops: int) -> list[Record]:
