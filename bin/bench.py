@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demo import Proc
 
-from repl import control
+from repl import applier, control
 
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
@@ -58,7 +57,6 @@ MiB = 1 << 20
 MB = 1e6
 JOURNAL_MAX = "4G"
 TARGETS = ("native", "replfs", "replfs_replicated")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -97,9 +95,7 @@ def syncfs(path: Path) -> None:
     """Write back everything dirty on the filesystem holding *path*."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        applier.syncfs(fd)
     finally:
         os.close(fd)
 

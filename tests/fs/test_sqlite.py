@@ -12,7 +12,6 @@ the transactions committed before it.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from repl.applier import syncfs
 from repl.apply import apply
 from repl.tree import Tree
 from store.journal import Journal
@@ -150,7 +150,6 @@ def test_sqlite_close_then_syncfs_ok(tmp_path: Path) -> None:
 
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
-    libc = ctypes.CDLL(None, use_errno=True)
     with primary(backing, mount):
         db = sqlite3.connect(mount / "x.db")
         db.execute("pragma journal_mode=wal")
@@ -161,6 +160,6 @@ def test_sqlite_close_then_syncfs_ok(tmp_path: Path) -> None:
         db.close()
         fd = os.open(mount, os.O_RDONLY)
         try:
-            assert libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+            syncfs(fd)  # raises on failure
         finally:
             os.close(fd)
