@@ -72,8 +72,14 @@ class Applier:
         self.lock = ApplyLock(staging.path)
         self.stopping = threading.Event()  # tells a retrying apply thread to give up
         self._reset: int | None = None  # an initial sync's set, to reset to between sets
-        if (torn := interrupted(staging.path)) is not None and torn <= staging.applied:
-            clear_applying(staging.path)  # killed after the set was recorded applied
+        # A batch a crash cut short: finished first, held or not (a hold only stops
+        # new sets from starting; the replica is torn until this one is whole).
+        self.redo_through: int | None = None
+        if (torn := interrupted(staging.path)) is not None:
+            if torn[0] <= staging.applied:
+                clear_applying(staging.path)  # killed after the batch was recorded applied
+            else:
+                self.redo_through = torn[1]
         self.held = False
 
     def notify(self) -> None:
@@ -92,6 +98,7 @@ class Applier:
         with self.lock.exclusive():
             self.staging.reset_to(set_id)
             clear_applying(self.staging.path)
+            self.redo_through = None  # the reset empties the replica: nothing is torn
 
     async def wait_applied(self, set_id: int) -> None:
         while self.applied < set_id:
@@ -129,7 +136,10 @@ class Applier:
             nxt = self.applied + 1
             last = self.staging.applicable_through()
             self.held = is_held(self.staging.path)
-            if last < nxt or self.held:
+            if self.redo_through is not None:
+                # A torn batch: finish it even when held, then hold.
+                last = self.redo_through if self.held else max(last, self.redo_through)
+            elif last < nxt or self.held:
                 with trio.move_on_after(1.0 if self.held else math.inf):
                     await self._wakeup.wait()  # a resume without a daemon to tell
                 continue
@@ -167,15 +177,19 @@ class Applier:
         """
         delay = 0.1
         with self.lock.exclusive():
-            if is_held(self.staging.path):
+            redo = self.redo_through
+            if redo is None and is_held(self.staging.path):
                 return False
-            # The first set: a crash before the batch is recorded leaves it after
-            # `applied`, so the replica reads as torn until the redo completes it.
-            mark_applying(self.staging.path, first)
+            # A crash before the batch is recorded leaves it after `applied`, so the
+            # replica reads as torn until the redo completes it; the redo must reach
+            # `last`, as the crash may have reached any set up to there.
+            self.redo_through = last if redo is None else max(redo, last)
+            mark_applying(self.staging.path, first, self.redo_through)
             while True:
                 try:
-                    self._apply_batch(tree, first, last)
+                    self._apply_batch(tree, first, last, at_least=self.redo_through)
                     clear_applying(self.staging.path)
+                    self.redo_through = None
                     self.error = None
                     return True
                 except OSError as exc:
@@ -188,12 +202,14 @@ class Applier:
                         raise Stopping from exc
                     delay = min(delay * 2, RETRY_MAX)
 
-    def _apply_batch(self, tree: Tree, first: int, last: int) -> None:
+    def _apply_batch(self, tree: Tree, first: int, last: int, at_least: int) -> None:
         """Apply sets *first*.. in order, then sync the replica and record the last.
 
-        Resumes at the marker if a crash interrupted a batch: every record before
-        it was applied (the marker moves only when the op before it is done), so
-        the sets before the marker's are skipped, and only its op is in doubt.
+        Stops after *last*, or earlier once past BATCH_SECONDS but never before
+        *at_least* (the end of a batch a crash cut short). Resumes at the marker
+        if a crash interrupted a batch: every record before it was applied (the
+        marker moves only when the op before it is done), so the sets before the
+        marker's are skipped, and only its op is in doubt.
         """
         marker = self.staging.marker()
         if marker is not None and first < marker[0] <= last:
@@ -203,7 +219,8 @@ class Applier:
         while True:
             self._apply_records(tree, set_id, marker if marker and marker[0] == set_id
                                 else None)
-            if set_id == last or time.monotonic() - began > BATCH_SECONDS:
+            if set_id == last or (set_id >= at_least
+                                  and time.monotonic() - began > BATCH_SECONDS):
                 break
             set_id += 1
         self.faults.step(set_id, -1)

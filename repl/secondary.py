@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,28 +58,56 @@ def staging_dir_of(replica: Path, staging: Path | None) -> Path:
     return staging or default_state_dir(replica) / "staging"
 
 
-def pause(replica: Path, staging: Path | None, timeout: float | None = None) -> int:
-    """Hold the replica at its current set; returns once no set is being applied.
+def pause(replica: Path, staging: Path | None, timeout: float = 60.0) -> int:
+    """Hold the replica at its current set; returns that set once no set is being
+    applied and the replica is whole.
 
-    Raises UsageError if a set being applied does not finish within *timeout*
-    seconds (a full disk, say); the hold stays and takes effect after that set.
+    A replica a crash cut short in the middle of a set is whole again once the
+    running secondary's redo finishes it (a hold never stops a redo): pause
+    waits for that, then holds. Raises UsageError if no secondary is running to
+    finish it, or if the replica is not whole within *timeout* seconds; a
+    refused pause takes back the hold it placed.
     """
     where = staging_dir_of(replica, staging)
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist")
+    held_before = is_held(where)
     set_hold(where, True)
+    try:
+        return _wait_whole(replica, where, time.monotonic() + timeout, timeout)
+    except BaseException:
+        if not held_before:
+            set_hold(where, False)
+        raise
+
+
+def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> int:
+    """The set the replica holds, once it is whole (see pause)."""
     lock = ApplyLock(where)
     try:
-        with lock.shared(timeout):  # waits for a set being applied to finish
-            torn = interrupted(where)
-            if torn is not None:
-                raise UsageError(f"replica {replica} was cut short in the middle of set {torn} "
-                                 f"(a crash); start replfs secondary {replica} to finish it")
-            return read_applied(where)
-    except TimeoutError:
-        raise UsageError(f"replica {replica} is in the middle of a set that has not finished "
-                         f"after {timeout:.0f}s (see replfs status {replica}); the hold takes "
-                         "effect once it does") from None
+        while True:
+            try:
+                with lock.shared(max(0.0, deadline - time.monotonic())):
+                    torn = interrupted(where)
+                    if torn is None:
+                        return read_applied(where)
+            except TimeoutError:
+                raise UsageError(f"replica {replica} is in the middle of a set that has not "
+                                 f"finished after {timeout:g}s (see replfs status {replica}); "
+                                 "not paused") from None
+            try:  # a running secondary finishes the torn batch, held or not
+                control.request(control.socket_path(replica), "wait",
+                                timeout=max(1.0, deadline - time.monotonic() + 5),
+                                set=torn[0], seconds=max(0.0, deadline - time.monotonic()))
+            except OSError:
+                raise UsageError(f"replica {replica} was cut short in the middle of set "
+                                 f"{torn[0]} by a crash and no secondary is running to finish "
+                                 f"it; start replfs secondary {replica}, then pause") from None
+            if time.monotonic() >= deadline:
+                raise UsageError(f"replica {replica} was cut short in the middle of set "
+                                 f"{torn[0]} by a crash and the secondary has not finished it "
+                                 f"after {timeout:g}s (see replfs status {replica}); "
+                                 "not paused")
     finally:
         lock.close()
 

@@ -4,7 +4,8 @@ The applier takes ``apply_lock`` exclusively for the whole of each set; a
 reader that must see one whole set (each request of the standby mount,
 ``replfs pause``) takes it shared. A hold is a file beside the staging
 store, so it outlives any daemon: while it exists the applier starts no
-new set, and staging keeps receiving.
+new set, and staging keeps receiving. A hold never stops the redo of a
+batch a crash cut short: until that is done the replica is not a whole set.
 """
 
 from __future__ import annotations
@@ -64,24 +65,27 @@ class ApplyLock:
         os.close(self.fd)
 
 
-def mark_applying(staging_dir: Path, set_id: int) -> None:
-    """Say, beside the replica, that set *set_id* is being applied to it."""
-    (staging_dir / APPLYING).write_text(f"{set_id}\n")
+def mark_applying(staging_dir: Path, first: int, last: int) -> None:
+    """Say, beside the replica, that sets *first* to at most *last* are being applied."""
+    (staging_dir / APPLYING).write_text(f"{first} {last}\n")
 
 
 def clear_applying(staging_dir: Path) -> None:
     (staging_dir / APPLYING).unlink(missing_ok=True)
 
 
-def interrupted(staging_dir: Path) -> int | None:
-    """The set a crash interrupted half way, if any (ask with the apply lock held).
+def interrupted(staging_dir: Path) -> tuple[int, int] | None:
+    """The batch of sets (first, last) a crash cut short, if any (ask with the apply
+    lock held).
 
-    With the lock held, no applier is at work, so a set still marked as being
-    applied was cut short: the replica is torn until the secondary's redo
-    finishes that set.
+    With the lock held, no applier is at work, so sets still marked as being
+    applied were cut short: the replica is torn until the secondary's redo
+    finishes them. The crash may have reached any set of the batch, so the redo
+    applies all of them, held or not.
     """
     try:
-        return int((staging_dir / APPLYING).read_text())
+        first, _, last = (staging_dir / APPLYING).read_text().strip().partition(" ")
+        return int(first), int(last or first)
     except (FileNotFoundError, ValueError):
         return None
 

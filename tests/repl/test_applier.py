@@ -12,11 +12,12 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+import trio
 
 from repl.applier import Applier
 from repl.apply import apply
 from repl.tree import Tree
-from store.hold import interrupted
+from store.hold import interrupted, set_hold
 from store.records import Op, Record
 from store.staging import Staging
 from tests.support import diff, snapshot
@@ -128,4 +129,28 @@ def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
         assert staging.applied == len(sets)
         assert staging.sets() == {}, "applied sets leave staging"
     assert len(syncs) == 1
+    assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) -> None:
+    """A hold stops new sets, never the redo of a batch a crash cut short."""
+    sets = data_sets()
+    later = [Record(Op.WRITE, 5, 0, path=b"c", offset=0, data=b"later"),
+             Record(Op.SYNC, 5, 1, count=1)]
+    replica, staging = fresh(tmp_path / "run", sets)
+    with closing(staging):
+        with pytest.raises(Crash):
+            apply_all(staging, replica, 12)  # in the second set of a four-set batch
+        assert interrupted(staging.path) == (1, 4)
+    with closing(Staging(tmp_path / "run" / "staging")) as staging:
+        set_hold(staging.path, True)
+        staging.stage(later)
+        applier = Applier(staging, replica)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            with trio.fail_after(10):
+                await applier.wait_applied(4)
+            nursery.cancel_scope.cancel()
+        assert staging.applied == 4, "held: the batch is finished, the next set waits"
+        assert interrupted(staging.path) is None
     assert not diff(snapshot(replica), expected(tmp_path, sets))

@@ -14,6 +14,8 @@ import pytest
 
 from repl import control
 from repl.faults import ENV_KILL_AT_APPLY_STEP
+from repl.secondary import default_state_dir
+from store.hold import interrupted, is_held, set_hold
 from tests.support import (
     Entry,
     checkpoint,
@@ -56,6 +58,7 @@ def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_st
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
+    staging_dir = default_state_dir(replica) / "staging"
     states: dict[int, dict[str, Entry]] = {}
     monkeypatch.setenv(ENV_KILL_AT_APPLY_STEP, str(kill_at_step))
     with secondary(replica) as daemon:
@@ -71,9 +74,22 @@ def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_st
                 states[int(result.stdout)] = snapshot(backing)
             assert daemon.proc is not None
             assert daemon.proc.wait(60) == -9, "the fault point killed the secondary"
-            torn = replfs("pause", replica, "--timeout", "5")
-            assert torn.returncode == 1 and "cut short in the middle of set" in torn.stderr
-            assert replfs("resume", replica).returncode == 0
+            refused = replfs("pause", replica, "--timeout", "5")
+            assert refused.returncode == 1
+            assert "no secondary is running to finish it" in refused.stderr
+            assert not is_held(staging_dir), "a refused pause leaves no hold behind"
+            torn = interrupted(staging_dir)
+            assert torn is not None
+            set_hold(staging_dir, True)  # as if a pause came while the batch was applied
+
+    # Held, the restarted secondary still finishes the torn batch, then holds.
+    with secondary(replica, port=port):
+        assert wait_applied(replica, torn[0]) == torn[1]
+        assert diff(states[torn[1]], snapshot(replica)) == []
+        paused = replfs("pause", replica)
+        assert paused.returncode == 0 and int(paused.stdout) == torn[1], paused.stderr
+        assert status(replica)["held"] is True
+        assert replfs("resume", replica).returncode == 0
 
     # The primary is gone: the secondary can only apply what it holds, whole sets only.
     with secondary(replica, port=port):
