@@ -6,7 +6,8 @@ N-1 before or N after, never a mix. The kernel is told to cache nothing
 (zero timeouts, direct I/O), so the next request after N sees N at once; a
 reader that needs one set across many requests pauses the replica
 (``replfs pause``). A replica that a crash cut short in the middle of a set
-answers EIO until the secondary's redo finishes that set. Every change is
+answers EIO until the secondary's redo finishes that set (which it does at
+once when it starts, held or not). Every change is
 refused with EROFS, by the kernel (the mount is ``ro``) and by the handlers.
 """
 
@@ -57,7 +58,7 @@ class StandbyFS(PrimaryFS):
                 torn = interrupted(self.staging_dir)
                 if torn is not None:
                     log.error("the replica was cut short in set %d by a crash; start the "
-                              "secondary to finish it", torn)
+                              "secondary to finish it", torn[0])
                     raise pyfuse3.FUSEError(errno.EIO)
                 return await handler(*args, **kwargs)
 
@@ -68,6 +69,10 @@ class StandbyFS(PrimaryFS):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         return await super().open(inode, flags, ctx)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._xattrs.pop(inode, None)  # the applier changes xattrs under the view
+        return await super().getxattr(inode, name, ctx)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         pass  # nothing to make durable: the view changes nothing

@@ -47,6 +47,24 @@ def test_standby_refuses_every_change_with_erofs(tmp_path: Path) -> None:
             assert diff(snapshot(backing), snapshot(replica)) == []
 
 
+def test_standby_getxattr_ok_shows_each_new_set(tmp_path: Path) -> None:
+    """An xattr the applier changes is seen at once: the view caches no xattr."""
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}"), standby(replica, view):
+        (mount / "f").write_bytes(b"data")
+        for i in range(3):
+            os.setxattr(mount / "f", "user.v", b"%d" % i)
+            checkpoint(mount)
+            assert os.getxattr(view / "f", "user.v") == b"%d" % i
+        os.removexattr(mount / "f", "user.v")
+        checkpoint(mount)
+        with pytest.raises(OSError) as info:
+            os.getxattr(view / "f", "user.v")
+        assert info.value.errno == errno.ENODATA
+
+
 def test_standby_shows_new_set_at_once(tmp_path: Path) -> None:
     backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
     backing.mkdir()
