@@ -30,7 +30,8 @@ def campaign(runs: int, seed: int, minutes: float | None, seconds: float,
         results.append(result)
         faults = ",".join(f"{k}={v}" for k, v in sorted(result.faults.items())) or "none"
         print(f"run {len(results):>4}  seed {run_seed:>10}  faults {faults:<40} sets "
-              f"{result.sets:>4}  samples {result.samples:>3}  ops {result.ops:>5}  "
+              f"{result.sets:>4}  samples {result.samples:>3}  holds {result.holds:>2}  "
+              f"journal {result.journal_max or '1G':>4}  ops {result.ops:>5}  "
               f"{time.monotonic() - started:4.1f}s  "
               f"{'ok' if result.ok else 'VIOLATION'}", file=out, flush=True)  # type: ignore[arg-type]
         if not result.ok:
@@ -48,6 +49,10 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
     for kind in KINDS:
         print(f"{kind:<18}{faults[kind]}", file=out)  # type: ignore[arg-type]
     print(f"{'samples checked':<18}{sum(r.samples for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'user holds':<18}{sum(r.holds for r in results)} "  # type: ignore[arg-type]
+          f"({sum(r.refused for r in results)} pauses refused, none left a hold)", file=out)
+    print(f"{'small journals':<18}{sum(1 for r in results if r.journal_max)} runs",  # type: ignore[arg-type]
+          file=out)
     print(f"{'sets':<18}{sum(r.sets for r in results)}", file=out)  # type: ignore[arg-type]
     print(f"{'violations':<18}{len(bad)}", file=out)  # type: ignore[arg-type]
 

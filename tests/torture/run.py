@@ -16,13 +16,16 @@ from repl.errors import UsageError
 from repl.faults import ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES
 from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
-from store.hold import read_syncing
+from store.hold import is_held, read_applied, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.support import Daemon, checkpoint, free_port, unmount
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
-         "link_stall", "replica_enospc")
+         "link_stall", "replica_enospc", "user_hold")
+# Journal budgets a run may draw: None is the default (1G, never reached); the small
+# ones send the primary into the dirty-map resync while samples are taken.
+JOURNAL_BUDGETS = (None, None, "64K", "512K")
 
 
 class Violation(AssertionError):
@@ -36,6 +39,9 @@ class Result:
     sets: int = 0
     samples: int = 0
     busy: int = 0  # samples not taken: the replica was stuck in the middle of a set
+    holds: int = 0  # user holds placed (pause ... resume), the standby read while held
+    refused: int = 0  # pauses refused (no secondary to finish a torn set), no hold left
+    journal_max: str | None = None  # a small journal budget, if the run drew one
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -52,10 +58,13 @@ class Run:
         self.dir = Path(tempfile.mkdtemp(prefix=f"torture-{seed}-", dir=base))
         self.backing, self.mount = self.dir / "b", self.dir / "m"
         self.replica, self.hashes = self.dir / "r", self.dir / "set-hashes"
+        self.standby = self.dir / "s"
         self.staging = self.dir / ".r.replfs" / "staging"
         self.result = Result(seed)
         self.last_sample = 0
         self.tmpfs = False
+        self.journal_max = self.result.journal_max = self.rng.choice(JOURNAL_BUDGETS)
+        self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
 
     # --- daemons -------------------------------------------------------------------
 
@@ -66,11 +75,17 @@ class Run:
 
     def start_primary(self) -> Daemon:
         self.mount.mkdir(exist_ok=True)
+        budget = ["--journal-max", self.journal_max] if self.journal_max else []
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
-                    "--stall-seconds", "1", "--scramble", str(self.seed)],
+                    "--stall-seconds", "1", "--scramble", str(self.seed), *budget],
                    self.dir / "primary.log", "serving", env={ENV_SET_HASHES: str(self.hashes)})
         return d.start()
+
+    def start_standby(self) -> Daemon:
+        self.standby.mkdir(exist_ok=True)
+        return Daemon(["mount", str(self.replica), str(self.standby)],
+                      self.dir / "standby.log", "serving").start()
 
     # --- the checker ---------------------------------------------------------------
 
@@ -83,30 +98,72 @@ class Run:
             out[int(set_id)] = digest
         return out
 
-    def sample(self, workload: Workload) -> None:
-        """Hold the replica at one set, and check it is the primary at that set's close."""
+    def try_pause(self, timeout: float) -> int | None:
+        """``replfs pause``; None if refused, which must leave no hold behind."""
         try:
-            held = pause(self.replica, None, timeout=0.5)
-        except UsageError:  # a set cannot finish yet (a full replica): no whole set to see
-            resume(self.replica, None)
+            return pause(self.replica, None, timeout=timeout)
+        except UsageError as exc:  # a set cannot finish yet (a full replica, a torn
+            if is_held(self.staging):  # set and no secondary): no whole set to see
+                raise Violation(f"a refused pause left its hold behind: {exc}") from None
+            return None
+
+    def sample(self, workload: Workload) -> None:
+        """Hold the replica at one set, and check it is the primary at that set's close,
+        read directly and through the standby mount."""
+        if self.hold is not None:
+            self.check_held(workload)
+            return
+        held = self.try_pause(0.5)
+        if held is None:
             self.result.busy += 1
             return
         try:
-            if held == 0 or read_syncing(self.staging) is not None:
-                return  # no consistent set yet: an initial sync is under way
-            digest = tree_digest(self.replica)
-            want = self.set_hashes().get(held)
-            if want is None:
-                raise Violation(f"replica shows set {held}, which the primary never closed")
-            if digest != want:
-                raise Violation(f"replica at set {held} differs from the primary at its close")
-            if held < self.last_sample:
-                raise Violation(f"replica went back from set {self.last_sample} to {held}")
-            self.last_sample = held
-            self.check_apps(self.replica, workload, final=False)
+            self.check_set(held, workload)
         finally:
             resume(self.replica, None)
+
+    def check_set(self, held: int, workload: Workload) -> None:
+        if held == 0 or read_syncing(self.staging) is not None:
+            return  # no consistent set yet: an initial sync is under way
+        want = self.set_hashes().get(held)
+        if want is None:
+            raise Violation(f"replica shows set {held}, which the primary never closed")
+        if tree_digest(self.replica) != want:
+            raise Violation(f"replica at set {held} differs from the primary at its close")
+        if tree_digest(self.standby) != want:
+            what = list(differences(self.replica, self.standby))[:3]
+            raise Violation(f"standby mount at set {held} differs from the primary at its "
+                            f"close: {what}")
+        if held < self.last_sample:
+            raise Violation(f"replica went back from set {self.last_sample} to {held}")
+        self.last_sample = held
+        self.check_apps(self.replica, workload, final=False)
         self.result.samples += 1
+
+    # --- user holds ----------------------------------------------------------------
+
+    def begin_hold(self, seconds: float, workload: Workload) -> None:
+        """A user's ``replfs pause``: the replica and its standby stay at one set."""
+        held = self.try_pause(2.0)
+        if held is None:
+            self.result.refused += 1
+            return
+        self.hold = (held, time.monotonic() + seconds)
+        self.result.holds += 1
+        self.check_held(workload)
+
+    def check_held(self, workload: Workload) -> None:
+        assert self.hold is not None
+        held = self.hold[0]
+        if (now := read_applied(self.staging)) != held:
+            raise Violation(f"held at set {held}, the replica moved to {now}")
+        self.check_set(held, workload)
+
+    def end_hold(self, workload: Workload) -> None:
+        if self.hold is not None:
+            self.check_held(workload)
+            self.hold = None
+            resume(self.replica, None)
 
     def check_apps(self, tree: Path, workload: Workload, final: bool) -> None:
         """SQLite holds a prefix of the commits; git fsck is clean."""
@@ -158,6 +215,7 @@ class Run:
         secondary = self.start_secondary()
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
+        standby = self.start_standby()
         workload = Workload(self.mount, self.seed)
         started = time.monotonic()
         next_sample = started + 0.3
@@ -168,7 +226,9 @@ class Run:
                     secondary, primary = self.strike(kind, secondary, primary, workload)
                     self.result.faults[kind] += 1
                 if secondary.proc is not None and secondary.proc.poll() is not None:
-                    secondary = self.start_secondary()  # an apply-step kill fired
+                    secondary = self.restart_secondary(workload)  # an apply-step kill fired
+                if self.hold is not None and now >= self.hold[1]:
+                    self.end_hold(workload)
                 try:
                     workload.step()
                 except OSError:
@@ -177,6 +237,7 @@ class Run:
                 if now >= next_sample:
                     self.sample(workload)
                     next_sample = time.monotonic() + 0.4
+            self.end_hold(workload)
             if self.tmpfs:
                 self.grow_replica()
             if secondary.proc is not None and (secondary.proc.poll() is not None
@@ -194,10 +255,11 @@ class Run:
         finally:
             self.result.ops = workload.ops
             workload.close()
-            for daemon in (primary, secondary):
+            for daemon in (primary, secondary, standby):
                 if daemon.proc is not None and daemon.proc.poll() is None:
                     daemon.stop()
             unmount(self.mount)
+            unmount(self.standby)
             self.proxy.__exit__(None, None, None)
             if self.tmpfs:
                 subprocess.run(["umount", "-l", str(self.replica)], capture_output=True)
@@ -208,10 +270,13 @@ class Run:
         rng = self.rng
         if kind == "secondary_kill":
             secondary.kill()
-            secondary = self.start_secondary()
+            secondary = self.restart_secondary(workload)
         elif kind == "apply_step_kill":
             secondary.kill()
             secondary = self.start_secondary(kill_at_step=rng.randrange(1, 400))
+        elif kind == "user_hold":
+            if self.hold is None:
+                self.begin_hold(rng.uniform(0.3, 1.5), workload)
         elif kind == "primary_kill":
             primary.kill()
             workload.close()
@@ -226,6 +291,18 @@ class Run:
         elif kind == "replica_enospc":
             pass  # the replica is a small tmpfs from the start; it grows at the end
         return secondary, primary
+
+    def restart_secondary(self, workload: Workload) -> Daemon:
+        """Start the secondary after a kill; half the time a user pauses right then,
+        before it is up (refused if the kill tore a set) and right after."""
+        hold = self.hold is None and self.rng.random() < 0.5
+        if hold:
+            self.begin_hold(0.2, workload)
+            self.end_hold(workload)
+        secondary = self.start_secondary()
+        if hold:
+            self.begin_hold(self.rng.uniform(0.3, 1.5), workload)
+        return secondary
 
     def grow_replica(self) -> None:
         subprocess.run(["mount", "-o", "remount,size=1g", str(self.replica)], check=True)
