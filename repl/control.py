@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from store.private import private_dir
+
 log = logging.getLogger("replfs.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -39,11 +41,12 @@ def socket_path(target: str | os.PathLike[str]) -> Path:
 async def serve(path: Path, handlers: dict[str, Handler], *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer requests on *path* until cancelled; the socket file is removed on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
+        os.chmod(path, 0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
         task_status.started()

@@ -21,6 +21,7 @@ from typing import Any
 from repl.diverge import Divergence
 from repl.errors import Refused
 from store.journal import Journal
+from store.private import private_dir, write_private
 
 log = logging.getLogger("replfs.rejoin")
 
@@ -45,13 +46,13 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     ours = Divergence().add(records).follow_links(tree)
     gen = journal.identity.generation
     branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (branch / "tree").mkdir(parents=True)
+    private_dir(branch / "tree")  # the copies inside keep their own modes
     paths = sorted({*ours.content, *ours.ranges} - {b""})
     for path in paths:
         src, dst = tree / os.fsdecode(path), branch / "tree" / os.fsdecode(path)
         if not os.path.lexists(src):
             continue  # removed on our side: the journal in the branch says so
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(dst.parent)
         if src.is_dir() and not src.is_symlink():
             shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
         else:
@@ -64,7 +65,7 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
         "how_to_use": "tree/ holds these paths as they were; journal/ holds every record "
                       "(replfs dump journal/); copy back what you want through the mount",
     }
-    (branch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_private(branch / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     log.warning("kept %d paths changed here after set %d (never replicated) in %s",
                 len(paths), fork - 1, branch)
     return ours, branch

@@ -15,3 +15,7 @@ class RecordError(StoreError):
 
 class JournalLocked(StoreError):
     """Another daemon holds the journal."""
+
+
+class UnsafeState(StoreError):
+    """replfs's own state could be changed by another user: refused, nothing read."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lmdb
 
+from store.private import FILE_MODE, private_dir, write_private
 from store.records import decode_set
 
 HOLD = "HOLD"
@@ -30,8 +31,9 @@ class ApplyLock:
     """A cross-process reader/writer lock on a file in the staging directory."""
 
     def __init__(self, staging_dir: Path) -> None:
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(staging_dir / APPLY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        private_dir(staging_dir)
+        self.fd = os.open(staging_dir / APPLY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          FILE_MODE)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -67,7 +69,7 @@ class ApplyLock:
 
 def mark_applying(staging_dir: Path, first: int, last: int) -> None:
     """Say, beside the replica, that sets *first* to at most *last* are being applied."""
-    (staging_dir / APPLYING).write_text(f"{first} {last}\n")
+    write_private(staging_dir / APPLYING, f"{first} {last}\n".encode())
 
 
 def clear_applying(staging_dir: Path) -> None:
@@ -96,10 +98,10 @@ def is_held(staging_dir: Path) -> bool:
 
 def set_hold(staging_dir: Path, held: bool) -> None:
     """Create or remove the hold, durably."""
-    staging_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(staging_dir)
     path = staging_dir / HOLD
     if held:
-        path.touch()
+        write_private(path, b"")
     else:
         path.unlink(missing_ok=True)
     fd = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)

@@ -23,6 +23,7 @@ from pathlib import Path
 import lmdb
 
 from store.errors import JournalLocked, StoreError
+from store.private import FILE_MODE, private_dir
 
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is stored
 RELEASE_BYTES = 8 << 20
@@ -36,12 +37,14 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 class LmdbDir:
     def __init__(self, path: str | os.PathLike[str], what: str) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = private_dir(path)
         self._lock_fd = _lock(self.path / "LOCK")
+        for name in ("data.mdb", "lock.mdb"):  # made by an older replfs, maybe 0644
+            if (self.path / name).exists():
+                os.chmod(self.path / name, FILE_MODE)
         try:
             self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False,
-                                 metasync=False, readahead=False)
+                                 metasync=False, readahead=False, mode=FILE_MODE)
         except lmdb.Error as exc:
             os.close(self._lock_fd)
             raise StoreError(f"open {what} {self.path}: {exc}") from exc
@@ -99,7 +102,8 @@ class LmdbDir:
 
 def _lock(path: Path) -> int:
     """Take the directory's exclusive lock, or say which daemon holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
