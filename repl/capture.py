@@ -87,6 +87,11 @@ class Capture:
     def record(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
         """Journal one op before it is applied to the backing directory."""
         self._settle()
+        if self.overflow and self.dirty:
+            gone = fields["path"] if op == Op.UNLINK else fields["path2"] if (
+                op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE) else None
+            if gone is not None:
+                resync.keep_data(self, gone)
         record = self.journal.append(op, intent, **fields)
         self._unsettled = record
         self.on_append()

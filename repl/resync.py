@@ -151,6 +151,31 @@ def _xattrs(capture: Capture, dir_fd: int, name: bytes | None, path: bytes) -> N
         capture.journal.append(Op.SETXATTR, path=path, name=os.fsencode(attr), data=value)
 
 
+def keep_data(capture: Capture, path: bytes) -> None:
+    """Journal *path*'s dirty data now: an op is about to remove the name, and the
+    file may live on under other names that the dirty map does not know.
+
+    The map knows a file by the one name it was written through. A hard-linked
+    file keeps its data when that name goes, so the data is read now, as it is,
+    into the open set ahead of the op; the replica's other names see it there.
+    """
+    ranges = capture.dirty.files.get(path)
+    st = capture.backing.lstat(path) if ranges else None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        return  # the file goes with its name (or is not one): nothing to keep
+    dir_fd, name = capture.backing.parent(path)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for start, end in ranges:
+            for offset in range(start, min(end, st.st_size), STEP):
+                data = os.pread(fd, min(STEP, min(end, st.st_size) - offset), offset)
+                capture.journal.append(Op.WRITE, path=path, offset=offset, data=data)
+                capture.progress_done += len(data)
+    finally:
+        os.close(fd)
+    capture.dirty.forget(path)  # after the data is journaled: a crash between loses nothing
+
+
 def step(capture: Capture, max_bytes: int = STEP) -> int | None:
     """Journal up to *max_bytes* of dirty data; when none is left, close the set.
 

@@ -77,3 +77,39 @@ def test_no_secondary_journal_stays_within_budget(tmp_path: Path) -> None:
         st = status(mount)
     assert st["mode"] == "streaming"
     assert int(st["journal_bytes"]) <= budget + (128 << 10)  # type: ignore[arg-type]
+
+
+def test_outage_past_budget_ok_names_removed_after_writes(tmp_path: Path) -> None:
+    """Ranges written over budget reach the file whatever name it keeps at the end:
+    the names written through are removed, by unlink and by a rename over them."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--journal-max", "64K"):
+            (mount / "a").write_bytes(b"A" * 10_000)
+            os.link(mount / "a", mount / "b")
+            (mount / "x").write_bytes(b"x")
+            checkpoint(mount)
+            sec.stop()
+            for _ in range(3):
+                (mount / "filler").write_bytes(os.urandom(40_000))
+                assert replfs("checkpoint", mount).returncode == 0
+            (mount / "filler").write_bytes(b"over budget")
+            assert status(mount)["mode"] == "overflow"
+
+            with open(mount / "a", "r+b") as f:
+                f.write(b"B" * 5_000)
+            os.unlink(mount / "a")
+            with open(mount / "b", "r+b") as f:
+                f.seek(8_000)
+                f.write(b"C" * 1_000)
+            os.link(mount / "b", mount / "c")
+            os.rename(mount / "x", mount / "b")  # over a name of the written file
+            assert (mount / "c").read_bytes() == b"B" * 5_000 + b"A" * 3_000 + b"C" * 1_000 \
+                + b"A" * 1_000
+
+            with secondary(replica, port=port):
+                checkpoint(mount)
+                assert diff(snapshot(backing), snapshot(replica)) == []
