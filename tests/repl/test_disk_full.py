@@ -40,7 +40,7 @@ def test_replica_disk_full_then_space_returns(tmp_path: Path, small_replica: Pat
             held = replfs("pause", replica, "--timeout", "1")
             assert held.returncode == 1
             assert "in the middle of a set" in held.stderr
-            assert replfs("resume", replica).returncode == 0
+            assert "not paused" in replfs("resume", replica).stderr, "refused: no hold left"
             assert sec.stop(timeout=20) == 0, "stops cleanly while a set is stuck"
 
             subprocess.run(["mount", "-o", "remount,size=64m", str(replica)], check=True)
