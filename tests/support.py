@@ -49,32 +49,34 @@ class Daemon:
         self.ready_text = ready
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self._ready = threading.Event()
         self._waits: list[tuple[bytes, threading.Event]] = []
 
     def start(self) -> Daemon:
-        self._ready.clear()
+        # Each start has its own event: a previous process's pump may still be draining.
+        ready, said = threading.Event(), threading.Event()
         self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env={**os.environ, **self.env})
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
+        threading.Thread(target=self._pump, args=(self.proc, ready, said), daemon=True).start()
+        if not ready.wait(START_TIMEOUT) or not said.is_set() or self.proc.poll() is not None:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not start: {self.args}\n{self.log()}")
         return self
 
-    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+    def _pump(self, proc: subprocess.Popen[bytes], ready: threading.Event,
+              said: threading.Event) -> None:
         assert proc.stderr is not None
         with open(self.log_path, "ab") as log:
             for line in proc.stderr:
                 log.write(line)
                 log.flush()
                 if self.ready_text.encode() in line:
-                    self._ready.set()
+                    said.set()
+                    ready.set()
                 for text, event in self._waits:
                     if text in line:
                         event.set()
-        self._ready.set()  # died: let start() see it
+        ready.set()  # died: let start() see it
 
     def wait_for(self, text: str, timeout: float = 60.0) -> None:
         """Block until the daemon logs a line containing *text*."""

@@ -215,6 +215,7 @@ class Run:
         secondary = self.start_secondary()
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
+        primary.wait_for("initial sync done")  # before it, the standby has nothing to show
         standby = self.start_standby()
         workload = Workload(self.mount, self.seed)
         started = time.monotonic()
