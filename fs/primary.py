@@ -23,7 +23,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from fs.errors import fuse_error, log
+from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
 from repl.apply import intent_for, renameat2
 from repl.capture import Capture
@@ -244,12 +244,7 @@ class PrimaryFS(pyfuse3.Operations):
     async def _remove(self, parent: int, name: bytes, op: Op) -> None:
         pfd = self.inodes.dir_fd(parent)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        path = self.inodes.child_path(parent, name)
-        self.capture.settle()  # the dirty map must name files as they are now
-        kept = self.capture.dirty.files.get(path, []) if path is not None else []
-        record = self._journal(op, path)
-        if kept and st.st_nlink > 1:
-            self._keep_dirty(self.inodes.ino_of(st), (parent, name), kept)
+        record = self._journal(op, self.inodes.child_path(parent, name))
         try:
             if op == Op.RMDIR:
                 os.rmdir(name, dir_fd=pfd)
@@ -260,19 +255,6 @@ class PrimaryFS(pyfuse3.Operations):
             self._void(record)
             raise
         self.inodes.drop_name(self.inodes.ino_of(st), parent, name)
-
-    def _keep_dirty(self, ino: int, gone: tuple[int, bytes],
-                    ranges: list[tuple[int, int]]) -> None:
-        """A dirty file loses one of its names: its dirty ranges move to another."""
-        node = self.inodes.nodes.get(ino)
-        for parent, name in (node.names - {gone}) if node else ():
-            other = self.inodes.child_path(parent, name)
-            if other is not None:
-                for start, end in ranges:
-                    self.capture.dirty.add(other, start, end)
-                return
-        log.warning("dirty ranges of a hard-linked file lost their last known name; "
-                    "its other names may lag on the replica until they are written again")
 
     @request(changes=True)
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
