@@ -7,8 +7,15 @@ closes on fsync (``close_set()`` + ``durable()``), on ``checkpoint``, on a
 timer and on a size bound. Closing appends a UTIMES record for every path
 the set touched (repl/touched.py), then the SYNC record.
 
-Group commit: ``durable()`` waits for one background flush that covers
-the caller's commit; all fsyncs that arrive while a flush runs share the
+Threads. The FUSE request threads call in while trio's tasks (the set
+closer, the resync, the sender's handshake) do too: ``lock`` is held
+around every change to the journal and the dirty map, and a request thread
+holds it from ``record()`` to the end of its op, so the journal's order is
+the order the ops reached the backing directory. Appends wake trio through
+one ``Waker`` (repl/wake.py), never a handoff per record.
+
+Group commit: ``wait_durable()`` flushes the journal once for every caller
+waiting when the flush starts; callers that arrive while it runs share the
 next one.
 
 The journal budget. Records stay until the secondary applied their set.
@@ -23,9 +30,12 @@ With no secondary at all, the oldest sets are dropped instead.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -34,6 +44,7 @@ from repl import faults, resync
 from repl.diverge import Divergence
 from repl.touched import Touched
 from repl.tree import Tree
+from repl.wake import Waker
 from store.dirty import DirtyMap
 from store.journal import Journal
 from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record, decode_set, encode_set
@@ -45,6 +56,18 @@ DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
+T = TypeVar("T")
+
+
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Run *method* holding the capture's lock (re-entrant: handlers already hold it)."""
+
+    @functools.wraps(method)
+    def run(self: Capture, *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Capture:
@@ -74,16 +97,19 @@ class Capture:
         self.resync_wanted = trio.Event()
         self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
-        self.on_append: Callable[[], None] = lambda: None  # wakes the sender
-        self.closed_times: dict[int, float] = {}
-        self.closed_at = trio.current_time()
+        self.on_append: Callable[[], None] = lambda: None  # wakes the sender (trio side)
+        self.closed_times: dict[int, float] = {}  # set -> when it closed (time.monotonic)
+        self.closed_at = time.monotonic()
+        self.lock = threading.RLock()
+        self._flush_lock = threading.Lock()
         self._durable_commits = journal.commits
-        self._flush_wanted = trio.Event()
-        self._flushed = trio.Event()
         self._close_wanted = trio.Event()
+        self._close_due = False
+        self._wake: Callable[[], None] = self._woken  # a Waker once run() started
 
     # --- called by the FUSE handlers, synchronously ------------------------
 
+    @_locked
     def record(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
         """Journal one op before it is applied to the backing directory."""
         self._settle()
@@ -94,11 +120,19 @@ class Capture:
                 resync.keep_data(self, gone)
         record = self.journal.append(op, intent, **fields)
         self._unsettled = record
-        self.on_append()
         if self.journal.set_bytes >= self.set_bytes:
-            self._close_wanted.set()
+            self._close_due = True
+        self._wake()
         return record
 
+    def _woken(self) -> None:
+        """In trio: records were appended."""
+        self.on_append()
+        if self._close_due:
+            self._close_due = False
+            self._close_wanted.set()
+
+    @_locked
     def write(self, path: bytes | None, offset: int, data: bytes) -> Record | None:
         """Journal a write, or only mark its range dirty while over budget."""
         if path is None:
@@ -113,6 +147,7 @@ class Capture:
             return None
         return self.record(Op.WRITE, path=path, offset=offset, data=data)
 
+    @_locked
     def settle(self) -> None:
         self._settle()
 
@@ -146,6 +181,7 @@ class Capture:
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
 
+    @_locked
     def bring_up(self, applied: int, syncing: int | None,
                  rejoin: Divergence | None = None) -> int | None:
         """Where a secondary that applied *applied* starts: None to stream from the
@@ -204,25 +240,31 @@ class Capture:
                  closed)
         return closed
 
+    @_locked
     def caught_up(self, applied: int) -> None:
-        """The secondary applied *applied*: resync once nothing closed is pending."""
+        """The secondary applied *applied*: drop those sets from the journal, and
+        resync once nothing closed is pending."""
+        self.journal.trim(applied)
         self.applied = applied
         if self.overflow and applied >= self.journal.set - 1:
             if not self.progress_total:
                 self.progress_done, self.progress_total = 0, self.dirty.bytes()
             self.resync_wanted.set()
 
+    @_locked
     def void(self, record: Record) -> None:
         """Mark *record* as an op that failed on the backing directory."""
         if self._unsettled is not None and self._unsettled.key == record.key:
             self._unsettled = None
         self.journal.put(record.voided())
 
+    @_locked
     def shorten(self, record: Record, written: int) -> None:
         """A write reached the backing directory only in part: journal that part."""
         self.journal.put(Record(Op.WRITE, record.set, record.seq, path=record.path,
                                 offset=record.offset, data=record.data[:written]))
 
+    @_locked
     def close_set(self) -> int:
         """Close the current set, if it has ops. Returns the id of the last closed set.
 
@@ -237,7 +279,7 @@ class Capture:
                 self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
                                     mtime_ns=st.st_mtime_ns)
         self.touched.clear()
-        self.closed_at = trio.current_time()
+        self.closed_at = time.monotonic()
         closed = self.journal.close_set()
         if self._record_hash is not None:
             self._record_hash(closed, self.backing.root_fd)
@@ -246,7 +288,7 @@ class Capture:
             del self.closed_times[min(self.closed_times)]
         if not self.replicating:
             self._drop_oldest()
-        self.on_append()
+        self._wake()
         return closed
 
     def _drop_oldest(self) -> None:
@@ -257,23 +299,34 @@ class Capture:
                 return
             self.journal.trim(first)
 
+    @_locked
     def lag_seconds(self, applied: int) -> float:
         """How long the oldest closed set not yet applied has waited."""
         for set_id in [s for s in self.closed_times if s <= applied]:
             del self.closed_times[set_id]
         if not self.closed_times:
             return 0.0
-        return trio.current_time() - min(self.closed_times.values())
+        return time.monotonic() - min(self.closed_times.values())
 
     # --- async side -----------------------------------------------------------
 
+    def wait_durable(self, target: int) -> None:
+        """Block until the journal's first *target* commits are durable on disk.
+
+        One caller flushes; the others wait on ``_flush_lock`` meanwhile and
+        find their commits covered by that flush, or flush once for all of
+        them (group commit).
+        """
+        with self._flush_lock:
+            if self._durable_commits >= target:
+                return
+            covered = self.journal.commits
+            self.journal.sync()
+            self._durable_commits = covered
+
     async def durable(self) -> None:
         """Return once every record committed so far is durable on disk."""
-        target = self.journal.commits
-        while self._durable_commits < target:
-            flushed = self._flushed
-            self._flush_wanted.set()
-            await flushed.wait()
+        await trio.to_thread.run_sync(self.wait_durable, self.journal.commits)
 
     async def checkpoint(self) -> int:
         """Close a set and wait until it is durable. Returns its id.
@@ -281,39 +334,32 @@ class Capture:
         Over budget, the set that holds everything so far is the open one,
         which the resync closes; its id is returned.
         """
-        set_id = self.close_set()
-        if self.overflow:
-            set_id = self.journal.set  # the open set: the resync will close it
+        with self.lock:
+            set_id = self.close_set()
+            if self.overflow:
+                set_id = self.journal.set  # the open set: the resync will close it
         await self.durable()
         return set_id
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush for waiting fsyncs and close sets on the timer and size bound."""
+        """Close sets on the timer and size bound, resync when asked."""
+        self._wake = Waker(self._woken)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flusher)
             nursery.start_soon(self._closer)
             nursery.start_soon(resync.run, self)
             task_status.started()
 
-    async def _flusher(self) -> None:
-        while True:
-            await self._flush_wanted.wait()
-            self._flush_wanted = trio.Event()
-            flushed, self._flushed = self._flushed, trio.Event()
-            target = self.journal.commits
-            await trio.to_thread.run_sync(self.journal.sync)
-            self._durable_commits = target
-            flushed.set()
-
     async def _closer(self) -> None:
         while True:
-            with trio.move_on_at(self.closed_at + self.set_interval):
+            with trio.move_on_after(max(0.0, self.closed_at + self.set_interval
+                                        - time.monotonic())):
                 await self._close_wanted.wait()
             self._close_wanted = trio.Event()
-            if self.journal.set_is_empty:
-                self.closed_at = trio.current_time()
-            else:
-                self.close_set()
+            with self.lock:
+                if self.journal.set_is_empty:
+                    self.closed_at = time.monotonic()
+                else:
+                    self.close_set()
 
     # --- after a crash ------------------------------------------------------------
 

@@ -211,15 +211,16 @@ async def run(capture: Capture) -> None:
         started = last_report = trio.current_time()
         done_at_start = capture.progress_done
         while capture.overflow and capture.applied >= capture.journal.set - 1:
-            capture.settle()
-            if step(capture) is not None:
-                break
+            with capture.lock:  # the request threads wait one step at most
+                capture.settle()
+                if step(capture) is not None:
+                    break
             now = trio.current_time()
             if now - last_report >= PROGRESS_EVERY:
                 last_report = now
                 log.info("%s", progress_line(capture, (capture.progress_done - done_at_start)
                                              / max(now - started, 1e-9)))
-            await trio.lowlevel.checkpoint()  # let the application's requests in between steps
+            await trio.lowlevel.checkpoint()  # let the trio side's other tasks in between steps
 
 
 def progress_line(capture: Capture, rate: float) -> str:

@@ -87,6 +87,7 @@ class Sender:
         self._wakeup = trio.Event()
         self._acked = trio.Event()
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
+        # The secondary applied a set: the journal's owner trims it (capture).
         self.on_applied: Callable[[int], None] = lambda set_id: None
         # Where a secondary starts: None to stream on, or an initial sync's set.
         self.bring_up: Callable[[int, int | None, Divergence | None], int | None] = (
@@ -230,7 +231,6 @@ class Sender:
     def _set_applied(self, set_id: int, new_session: bool = False) -> None:
         if set_id > self.status.applied or new_session:
             self.status.applied = set_id
-            self.journal.trim(set_id)
             self._progress_at = trio.current_time()
             self.on_applied(set_id)
             self.applied_event.set()
