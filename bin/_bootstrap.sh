@@ -4,24 +4,71 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
+# pyfuse3 is built from its sdist with bin/pyfuse3-threads.patch applied
+# (pyfuse3.main_threads), re-cythonized with a pinned Cython.
+_REPLFS_PYFUSE3="pyfuse3==3.5.0 --hash=sha256:88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
+_REPLFS_PYFUSE3_BUILD="Cython==3.2.4 setuptools==80.9.0 setuptools_scm==8.3.1"
+_REPLFS_PATCH="$ROOT/bin/pyfuse3-threads.patch"
+
 _replfs_apt() {
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
-    echo "replfs: installing fuse3 libfuse3-dev pkg-config (once)" >&2
+    echo "replfs: installing $* (once)" >&2
     $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
 if ! command -v fusermount3 >/dev/null 2>&1 || ! pkg-config --exists fuse3 2>/dev/null; then
-    _replfs_apt || { echo "replfs: could not install fuse3; install fuse3 libfuse3-dev pkg-config and retry" >&2; exit 1; }
+    _replfs_apt fuse3 libfuse3-dev pkg-config ||
+        { echo "replfs: could not install fuse3; install fuse3 libfuse3-dev pkg-config and retry" >&2; exit 1; }
 fi
 
-_replfs_stamp="$(sha1sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+# What building pyfuse3 needs beyond libfuse: a C compiler, Python's headers, git apply.
+_replfs_build_tools() {
+    local need=() include
+    command -v cc >/dev/null 2>&1 || need+=(gcc)
+    command -v git >/dev/null 2>&1 || need+=(git)
+    include="$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')"
+    [ -f "$include/Python.h" ] || need+=(python3-dev)
+    [ ${#need[@]} = 0 ] || _replfs_apt "${need[@]}" ||
+        { echo "replfs: could not install ${need[*]}; install them and retry" >&2; return 1; }
+}
+
+# Steps of the install, with their output in $VENV/.install.log; on failure,
+# _replfs_step says which one failed.
+_replfs_install() {
+    local pip=("$PY" -m pip --disable-pip-version-check --no-input) tmp src
+    _replfs_step="creating the venv"
+    python3 -m venv "$VENV" || return 1
+    _replfs_step="installing the tools that build pyfuse3"
+    "${pip[@]}" install $_REPLFS_PYFUSE3_BUILD || return 1
+    _replfs_step="building pyfuse3 with bin/pyfuse3-threads.patch"
+    tmp="$(mktemp -d)" || return 1
+    {
+        echo "$_REPLFS_PYFUSE3" > "$tmp/requirements.txt" &&
+            "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation \
+                --require-hashes -r "$tmp/requirements.txt" -d "$tmp" &&
+            tar -xzf "$tmp"/pyfuse3-*.tar.gz -C "$tmp" &&
+            src="$(echo "$tmp"/pyfuse3-*/)" &&
+            (cd "$src" && git apply "$_REPLFS_PATCH") &&
+            rm -f "$src/src/pyfuse3/__init__.c" && # generated from the unpatched source
+            "${pip[@]}" install --no-build-isolation --no-deps --force-reinstall --no-cache-dir "$src"
+    }
+    local status=$?
+    rm -rf "$tmp"
+    [ $status = 0 ] || return 1
+    _replfs_step="installing the project"
+    "${pip[@]}" install -e "$ROOT[test]"
+}
+
+_replfs_stamp="$({ cat "$ROOT/pyproject.toml" "$_REPLFS_PATCH"
+                   echo "$_REPLFS_PYFUSE3 $_REPLFS_PYFUSE3_BUILD"; } | sha1sum | cut -d' ' -f1)"
 if [ ! -x "$PY" ] || [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$_replfs_stamp" ]; then
-    echo "replfs: preparing $VENV (once)" >&2
-    python3 -m venv "$VENV" >/dev/null &&
-        "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" >/dev/null 2>"$VENV/.install.log" ||
-        { echo "replfs: installing the project failed; see $VENV/.install.log" >&2; exit 1; }
+    echo "replfs: preparing $VENV with pyfuse3 patched for threads (once)" >&2
+    _replfs_build_tools || exit 1
+    mkdir -p "$VENV"
+    _replfs_install >"$VENV/.install.log" 2>&1 ||
+        { echo "replfs: $_replfs_step failed; see $VENV/.install.log" >&2; exit 1; }
     echo "$_replfs_stamp" > "$VENV/.stamp"
 fi
 export ROOT PY

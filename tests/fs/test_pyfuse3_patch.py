@@ -1,0 +1,192 @@
+"""pyfuse3 as bin/_bootstrap.sh builds it: main_threads() serves a mount from threads.
+
+A stock pyfuse3 has no main_threads (bin/pyfuse3-threads.patch adds it), and
+these tests fail on one. The tiny file system below runs in its own process
+(this module run with -m), so a loop that never returns cannot hang the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from tests.support import ROOT, unmount
+
+HELLO = b"hello from a worker thread\n" * 200
+HELLO_INO, PAIR_INO = pyfuse3.ROOT_INODE + 1, pyfuse3.ROOT_INODE + 2
+NAMES = {b"hello": HELLO_INO, b"pair": PAIR_INO}
+WAIT = 30.0  # seconds; only ever reached when something is broken
+
+
+class TinyFS(pyfuse3.Operations):
+    """Two files whose handlers finish without suspending, and two trap names.
+
+    ``hello`` holds HELLO. A read of ``pair`` answers only once two reads of it
+    are in the daemon at the same time, with the name of the thread that
+    served it. Looking up ``stop`` calls pyfuse3.terminate(); looking up
+    ``suspend`` awaits trio, which main_threads() cannot serve.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = threading.Barrier(2, timeout=WAIT)
+
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode, attr.st_nlink = stat.S_IFDIR | 0o755, 2
+        elif inode in (HELLO_INO, PAIR_INO):
+            attr.st_mode = stat.S_IFREG | 0o644
+            attr.st_size = len(HELLO) if inode == HELLO_INO else 0
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return attr
+
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name in NAMES:
+            return await self.getattr(NAMES[name])
+        if name == b"stop":
+            pyfuse3.terminate()
+        elif name == b"suspend":
+            await trio.lowlevel.checkpoint()
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.FileHandleT:
+        return inode
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        for i, (name, inode) in enumerate(sorted(NAMES.items())):
+            if i >= start_id and not pyfuse3.readdir_reply(
+                    token, name, await self.getattr(inode), i + 1):
+                return
+
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # direct_io: every read of pair reaches the daemon, none is served from the cache
+        return pyfuse3.FileInfo(fh=inode, direct_io=inode == PAIR_INO)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        if fh == HELLO_INO:
+            return HELLO[off:off + size]
+        try:
+            self.pair.wait()
+        except threading.BrokenBarrierError:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return threading.current_thread().name.encode()
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        pass
+
+
+def serve(mountpoint: str) -> None:
+    pyfuse3.init(TinyFS(), mountpoint, set(pyfuse3.default_options))
+    print("mounted", flush=True)
+    try:
+        pyfuse3.main_threads(2)
+        print("main_threads returned", flush=True)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+@contextmanager
+def served(mount: Path) -> Iterator[subprocess.Popen[str]]:
+    """TinyFS mounted at *mount* by ``main_threads(2)`` in a child process."""
+    mount.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", __name__, str(mount)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+        first = proc.stdout.readline()
+        assert first == "mounted\n", first + proc.stdout.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        unmount(mount)
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    """Wait for the daemon to exit by itself; what it printed."""
+    out, _ = proc.communicate(timeout=WAIT)
+    return out
+
+
+def in_mount_table(mount: Path) -> bool:
+    with open("/proc/self/mounts", "rb") as table:
+        return any(line.split()[1] == os.fsencode(os.path.realpath(mount)) for line in table)
+
+
+def read_pair(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+
+
+def test_pyfuse3_is_the_patched_build() -> None:
+    assert hasattr(pyfuse3, "main_threads"), (
+        "pyfuse3 was not built with bin/pyfuse3-threads.patch; bin/test rebuilds .venv")
+
+
+def test_main_threads_serves_reads_from_two_threads_until_unmounted(tmp_path: Path) -> None:
+    mount = tmp_path / "m"
+    with ThreadPoolExecutor(2) as pool, served(mount) as proc:
+        assert sorted(os.listdir(mount)) == ["hello", "pair"]
+        assert (mount / "hello").read_bytes() == HELLO
+        assert (mount / "hello").stat().st_size == len(HELLO)
+
+        # Two reads at once: each one waits in the daemon for the other.
+        reads = [pool.submit(read_pair, mount / "pair") for _ in range(2)]
+        served_by = {read.result(timeout=WAIT) for read in reads}
+        assert len(served_by) == 2, served_by
+        assert all(name.startswith(b"pyfuse3-worker-") for name in served_by)
+
+        subprocess.run(["fusermount3", "-u", str(mount)], check=True, timeout=WAIT)
+        out = finish(proc)
+    assert proc.returncode == 0, out
+    assert "main_threads returned" in out
+
+
+def test_terminate_in_a_handler_stops_every_worker(tmp_path: Path) -> None:
+    mount = tmp_path / "m"
+    with served(mount) as proc:
+        with pytest.raises(FileNotFoundError):
+            os.stat(mount / "stop")
+        out = finish(proc)
+        assert proc.returncode == 0, out
+        assert "main_threads returned" in out
+        assert not in_mount_table(mount), "close() after main_threads() unmounts"
+
+
+def test_a_handler_that_suspends_fails_with_eio_and_stops_the_loop(tmp_path: Path) -> None:
+    mount = tmp_path / "m"
+    with served(mount) as proc:
+        with pytest.raises(OSError) as raised:
+            os.stat(mount / "suspend")
+        assert raised.value.errno == errno.EIO
+        out = finish(proc)
+    assert proc.returncode == 1, out
+    assert "RuntimeError: fuse_lookup_async suspended" in out
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
