@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from store.hold import ApplyLock, is_held, read_applied, read_syncing
 from store.journal import Journal
 
 log = logging.getLogger("replfs.primary")
+
+# Threads serving FUSE requests. An fsync waits for the disk in its thread,
+# and a change waits in its thread while the mount is frozen (verify): with
+# two, the other goes on meanwhile. Idle ones wait in the kernel, without the GIL
+# (all of them wake for each request, so more cost more).
+WORKERS = 2
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -186,8 +193,33 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         nursery.start_soon(_terminate_on_signal)
-        await pyfuse3.main()
+        await serve_requests()
         nursery.cancel_scope.cancel()
+
+
+async def serve_requests() -> None:
+    """Serve FUSE requests from WORKERS threads until unmounted; returns then.
+
+    Cancelled, it stops the threads (pyfuse3.terminate) and returns once they
+    are done. A handler that raised (other than FUSEError) stops them too, and
+    its exception propagates here.
+    """
+    done = threading.Event()
+
+    async def stop_on_cancel() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not done.is_set():
+                pyfuse3.terminate()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_cancel)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.main_threads, WORKERS)
+        finally:
+            done.set()
+            nursery.cancel_scope.cancel()
 
 
 async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
@@ -224,7 +256,7 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
             async with trio.open_nursery() as nursery:
                 await nursery.start(control.serve, sock, {"status": status})
                 nursery.start_soon(_terminate_on_signal)
-                await pyfuse3.main()
+                await serve_requests()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)

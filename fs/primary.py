@@ -1,8 +1,12 @@
 """The primary mount: a passthrough of the backing directory that journals every change.
 
-Each mutating handler follows one order, with no ``await`` in between, so
-handlers never interleave inside it: journal the op (``capture.record``),
-apply it to the backing directory, void the record if that failed, answer.
+Requests are served by several threads (``pyfuse3.main_threads``): the
+handlers are ``async`` in name only and never suspend. Each runs holding
+``lock`` (the capture's), so handlers never interleave, and each mutating
+one follows one order inside it: journal the op (``capture.record``), apply
+it to the backing directory, void the record if that failed, answer. Only
+the waits let the lock go: a read's pread, an fsync's flushes, a change
+held at the door while the mount is frozen.
 Writes through a file that has no name left need no record: no name shows
 them (see DESIGN.md, "Hard parts").
 
@@ -16,12 +20,12 @@ import errno
 import functools
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pyfuse3
-import trio
 
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
@@ -35,23 +39,28 @@ _CAPABILITY = b"security.capability"
 T = TypeVar("T")
 
 
-def request(*, changes: bool = False
+def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
             ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
-    """Wrap a request handler: a change waits while the mount is frozen (verify),
-    an error becomes an errno (fs/errors.py), and the directory fds the handler
-    borrowed are trimmed to the cache's bound once it is done (fs/inodes.py)."""
+    """Wrap a request handler: it runs holding the lock (unless not *locked*: it
+    then takes the lock itself where it needs it); a change (*changes*, or
+    ``changes(*args)`` is true) waits while the mount is frozen (verify); an error
+    becomes an errno (fs/errors.py); and the directory fds the handler borrowed are
+    trimmed to the cache's bound once it is done (fs/inodes.py)."""
 
     def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(handler)
         async def run(self: PrimaryFS, *args: object, **kwargs: object) -> T:
-            while changes and self.thawed is not None:
-                await self.thawed.wait()
             try:
-                return await handler(self, *args, **kwargs)
+                if not locked:
+                    return await handler(self, *args, **kwargs)
+                self._enter(changes(*args) if callable(changes) else changes)
+                try:
+                    return await handler(self, *args, **kwargs)
+                finally:
+                    self.inodes.trim()
+                    self.lock.release()
             except Exception as exc:
                 raise fuse_error(exc, handler.__name__) from None
-            finally:
-                self.inodes.trim()
 
         return run
 
@@ -79,17 +88,29 @@ class PrimaryFS(pyfuse3.Operations):
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.dirs: dict[int, DirHandle] = {}
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
-        self.thawed: trio.Event | None = None  # set while frozen: changes wait for it
+        self.lock = capture.lock if capture is not None else threading.RLock()
+        self._thawed = threading.Event()  # clear while frozen: changes wait for it
+        self._thawed.set()
 
     def freeze(self) -> None:
-        """Hold every change at the door (reads go on), e.g. while verify compares."""
-        if self.thawed is None:
-            self.thawed = trio.Event()
+        """Hold every change at the door (reads go on), e.g. while verify compares.
+
+        Returns once no change is under way."""
+        with self.lock:
+            self._thawed.clear()
 
     def thaw(self) -> None:
-        if self.thawed is not None:
-            self.thawed.set()
-            self.thawed = None
+        self._thawed.set()
+
+    def _enter(self, change: bool) -> None:
+        """Take the lock; a change first waits until the mount is not frozen."""
+        while True:
+            if change:
+                self._thawed.wait()
+            self.lock.acquire()
+            if not change or self._thawed.is_set():
+                return
+            self.lock.release()  # frozen in between: wait again
 
     # --- helpers ----------------------------------------------------------------
 
@@ -179,6 +200,7 @@ class PrimaryFS(pyfuse3.Operations):
             return e
         return self._entry(st, self.inodes.remember(parent_inode, name, st))
 
+    @request()
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
@@ -235,13 +257,13 @@ class PrimaryFS(pyfuse3.Operations):
 
     @request(changes=True)
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, Op.UNLINK)
+        self._remove(parent_inode, name, Op.UNLINK)
 
     @request(changes=True)
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, Op.RMDIR)
+        self._remove(parent_inode, name, Op.RMDIR)
 
-    async def _remove(self, parent: int, name: bytes, op: Op) -> None:
+    def _remove(self, parent: int, name: bytes, op: Op) -> None:
         pfd = self.inodes.dir_fd(parent)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         record = self._journal(op, self.inodes.child_path(parent, name))
@@ -388,11 +410,9 @@ class PrimaryFS(pyfuse3.Operations):
                 self.inodes.forget(inode, 0)
         os.close(fd)
 
-    @request()
+    @request(changes=lambda inode, flags, ctx: bool(flags & os.O_TRUNC))
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        while flags & os.O_TRUNC and self.thawed is not None:
-            await self.thawed.wait()
         unlinked = self.inodes.unlinked_fd(inode)
         if unlinked is not None:
             # Reopen through the magic link, which O_NOFOLLOW would refuse.
@@ -441,7 +461,7 @@ class PrimaryFS(pyfuse3.Operations):
         ino = self.inodes.remember(parent_inode, name, st)
         return self._opened(fd, ino), self._entry(st, ino)
 
-    @request()
+    @request(locked=False)  # the handle stays open until this request is answered
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
 
@@ -466,22 +486,28 @@ class PrimaryFS(pyfuse3.Operations):
             del self._xattrs[inode]
 
     async def flush(self, fh: int) -> None:
-        pass
+        # Nothing to do at close(2): ENOSYS once, and the kernel stops asking (its
+        # writeback of the file's dirty pages happens before, either way).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @request()
     async def release(self, fh: int) -> None:
         self._closed(fh, self.files.pop(fh))
 
-    @request()
+    @request(locked=False)
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._commit(fh, datasync)
+        self._commit(fh, datasync)
 
-    async def _commit(self, fd: int, datasync: bool) -> None:
-        """Close the set and return once it and *fd* are on disk (an fsync's promise)."""
-        self.capture.close_set()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, os.fdatasync if datasync else os.fsync,
-                               fd)
-            await self.capture.durable()
+    def _commit(self, fd: int, datasync: bool) -> None:
+        """Close the set and return once it and *fd* are on disk (an fsync's promise).
+
+        Only closing the set holds the lock: other requests go on while this
+        one waits for the disk."""
+        with self.lock:
+            self.capture.close_set()
+            commits = self.capture.journal.commits
+        (os.fdatasync if datasync else os.fsync)(fd)
+        self.capture.wait_durable(commits)
 
     # --- directories --------------------------------------------------------------
 
@@ -524,12 +550,13 @@ class PrimaryFS(pyfuse3.Operations):
         found = self.inodes.name_of(ino) if ino != ROOT else None
         return found[0] if found else ino
 
+    @request()
     async def releasedir(self, fh: int) -> None:
         self._closed(fh, self.dirs.pop(fh).ino)
 
-    @request()
+    @request(locked=False)
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._commit(fh, datasync)
+        self._commit(fh, datasync)
 
     @request()
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -43,7 +43,7 @@ class StandbyFS(PrimaryFS):
 
     def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path) -> None:
         super().__init__(inodes, capture=None)  # type: ignore[arg-type]
-        self.lock = lock
+        self.apply_lock = lock
         self.staging_dir = staging_dir
         for name in _READS:
             setattr(self, name, self._locked(getattr(self, name)))
@@ -54,7 +54,7 @@ class StandbyFS(PrimaryFS):
         @functools.wraps(handler)
         async def run(*args: Any, **kwargs: Any) -> Any:
             # Handlers do not await inside, so the lock spans exactly one request.
-            with self.lock.shared():
+            with self.apply_lock.shared():
                 torn = interrupted(self.staging_dir)
                 if torn is not None:
                     log.error("the replica was cut short in set %d by a crash; start the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +29,19 @@ APPLYING = "APPLYING"
 
 
 class ApplyLock:
-    """A cross-process reader/writer lock on a file in the staging directory."""
+    """A cross-process reader/writer lock on a file in the staging directory.
+
+    flock() locks belong to the open file, not to a thread: the threads of one
+    process that hold it shared are counted, and the lock goes when the last
+    one lets go.
+    """
 
     def __init__(self, staging_dir: Path) -> None:
         private_dir(staging_dir)
         self.fd = os.open(staging_dir / APPLY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                           FILE_MODE)
+        self._mutex = threading.Lock()
+        self._readers = 0
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -46,22 +54,31 @@ class ApplyLock:
     @contextmanager
     def shared(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the lock shared; with *timeout*, raise TimeoutError past it."""
-        if timeout is None:
-            fcntl.flock(self.fd, fcntl.LOCK_SH)
-        else:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError("the apply lock stayed taken") from None
-                    time.sleep(0.01)  # flock has no timed wait
+        with self._mutex:  # the first reader takes it; the others wait for it here
+            if self._readers == 0:
+                self._take_shared(timeout)
+            self._readers += 1
         try:
             yield
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            with self._mutex:
+                self._readers -= 1
+                if self._readers == 0:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _take_shared(self, timeout: float | None) -> None:
+        if timeout is None:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("the apply lock stayed taken") from None
+                time.sleep(0.01)  # flock has no timed wait
 
     def close(self) -> None:
         os.close(self.fd)

@@ -18,7 +18,7 @@ from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import is_held, read_applied, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
-from tests.support import Daemon, checkpoint, free_port, unmount
+from tests.support import Daemon, checkpoint, free_port, unmount, wait_applied
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
@@ -215,7 +215,7 @@ class Run:
         secondary = self.start_secondary()
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
-        primary.wait_for("initial sync done")  # before it, the standby has nothing to show
+        wait_applied(self.replica, 1)  # before the initial sync, the standby has no set
         standby = self.start_standby()
         workload = Workload(self.mount, self.seed)
         started = time.monotonic()
