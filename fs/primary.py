@@ -80,6 +80,7 @@ class PrimaryFS(pyfuse3.Operations):
     supports_dot_lookup = True
     timeout = TIMEOUT
     direct_io = False
+    cache_listings = True
 
     def __init__(self, inodes: Inodes, capture: Capture) -> None:
         super().__init__()
@@ -512,7 +513,7 @@ class PrimaryFS(pyfuse3.Operations):
     # --- directories --------------------------------------------------------------
 
     @request()
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode == ROOT:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                          dir_fd=self.inodes.root_fd)
@@ -522,7 +523,10 @@ class PrimaryFS(pyfuse3.Operations):
                          dir_fd=dir_fd)
         self.dirs[fd] = DirHandle(inode, fd)
         self.inodes.node(inode).fds.add(fd)  # fstat, fchmod... after rmdir
-        return fd
+        # The kernel keeps the listing until a change through the mount (the only
+        # writer) makes it stale: ls of an unchanged directory costs no request.
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache_listings,
+                                cache_readdir=self.cache_listings)
 
     @request()
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

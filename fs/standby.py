@@ -40,6 +40,7 @@ class StandbyFS(PrimaryFS):
     enable_writeback_cache = False
     timeout = 0
     direct_io = True
+    cache_listings = False  # the applier changes the replica under the view
 
     def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path) -> None:
         super().__init__(inodes, capture=None)  # type: ignore[arg-type]

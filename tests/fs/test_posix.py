@@ -641,6 +641,45 @@ def test_primary_readdir_big_dir_ok(tmp_path: Path) -> None:
         assert raw_mount["."][0] == raw_mount[".."][0] == pyfuse3.ROOT_INODE
 
 
+def relisted(r: Path, p: Probe) -> None:
+    """Listings of directories the kernel caches, after each kind of change."""
+    os.mkdir(r / "a")
+    os.mkdir(r / "b")
+
+    def lists(what: str) -> None:
+        for d in ("a", "b", ""):
+            p.note(f"{what}: {d}", sorted((e.name, e.inode() == os.lstat(e.path).st_ino)
+                                          for e in os.scandir(r / d)))
+
+    lists("empty")
+    (r / "a" / "f").write_bytes(b"f")
+    os.mkdir(r / "a" / "d")
+    os.symlink("f", r / "a" / "s")
+    lists("created")
+    os.rename(r / "a" / "f", r / "b" / "f")
+    os.link(r / "b" / "f", r / "a" / "hard")
+    lists("renamed and linked")
+    (r / "b" / "g").write_bytes(b"g")
+    os.rename(r / "b" / "g", r / "b" / "f")  # over an existing name
+    os.rename(r / "a" / "d", r / "d")
+    lists("replaced")
+    os.unlink(r / "a" / "hard")
+    os.rmdir(r / "d")
+    os.unlink(r / "a" / "s")
+    lists("removed")
+    with os.scandir(r / "b") as it:  # a listing open across a change
+        first = next(it).name
+        (r / "b" / "late").write_bytes(b"")
+        p.note("open listing", sorted([first, *(e.name for e in it)]) in (
+            ["f"], ["f", "late"]))
+    lists("after an open listing")
+
+
+def test_primary_readdir_cached_ok_follows_every_change(tmp_path: Path) -> None:
+    with both(tmp_path, relisted):
+        pass
+
+
 # --- inode numbers ----------------------------------------------------------------
 
 
