@@ -9,9 +9,11 @@ from tests.support import (
     checkpoint,
     diff,
     primary,
+    read_staging,
     replfs,
     secondary,
     snapshot,
+    until,
     wait_applied,
 )
 
@@ -38,9 +40,15 @@ def test_pause_holds_replica_while_staging_receives(tmp_path: Path) -> None:
         (mount / "b").write_bytes(b"new")
         second = int(replfs("checkpoint", mount).stdout)
         assert second > first
+        # Staging receives every set up to the second, whole, while the replica holds.
+        received = range(first + 1, second + 1)
+        until(lambda: read_staging(replica),
+              lambda sets: all(n in sets and sets[n][0].complete for n in received),
+              what=f"sets {first + 1} to {second} staged whole")
         st = sec_status(replica)
         assert st["held"] is True
         assert st["last_applied"] == first
+        assert (st["last_complete"], st["complete_waiting"]) == (second, second - first)
         assert diff(at_first, snapshot(replica)) == [], "held at the first set"
 
         resumed = replfs("resume", replica)
