@@ -83,3 +83,15 @@ def test_resume_err_not_paused(tmp_path: Path) -> None:
     result = replfs("resume", tmp_path / "r")
     assert result.returncode == 1
     assert result.stderr.strip() == f"replfs: replica {tmp_path / 'r'} is not paused"
+
+
+def test_secondary_status_ok_held_as_soon_as_paused(tmp_path: Path) -> None:
+    """``held`` is the hold itself, not what the applier saw when it last woke: an idle
+    secondary shows it as soon as pause returns, and drops it at resume."""
+    replica = tmp_path / "r"
+    with secondary(replica):
+        assert sec_status(replica)["held"] is False
+        assert replfs("pause", replica).returncode == 0
+        assert sec_status(replica)["held"] is True
+        assert replfs("resume", replica).returncode == 0
+        assert sec_status(replica)["held"] is False
