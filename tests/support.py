@@ -303,3 +303,20 @@ def read_journal(backing: Path) -> list[Record]:
     from store.records import Record
 
     return [Record.decode(v) for _, v in _read_lmdb(state_dir(backing) / "journal", b"records")]
+
+
+def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until every record of the open set of the primary at *mount* is staged by
+    the secondary of *replica* and acknowledged; returns the primary's status then.
+
+    Acknowledged: nothing is in flight in the session that shipped the records
+    (a session that ends forgets what it had in flight, and says why in
+    ``errors``).
+    """
+    def done(st: dict[str, Any]) -> bool:
+        last = [st["open_set"], st["open_set_ops"] - 1]
+        return (st["open_set_ops"] > 0 and st["last_shipped"] == last
+                and st["inflight_bytes"] == 0 and st["connected"] and st["errors"] == []
+                and status(replica)["last_staged"] == last)
+
+    return until(lambda: status(mount), done, timeout, "the open set staged and acknowledged")

@@ -11,7 +11,6 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,13 +19,13 @@ from tests.support import (
     Entry,
     checkpoint,
     diff,
+    open_set_staged,
     primary,
     replfs,
     secondary,
     snapshot,
     state_dir,
     status,
-    until,
     wait_applied,
 )
 
@@ -135,14 +134,7 @@ def power_cut_after_partial_set(backing: Path, mount: Path, replica: Path, port:
 
     with primary(backing, mount, *replicating(port)) as pri:
         os.setxattr(mount / "f", "user.v", b"lost")
-
-        def staged_and_acked(st: dict[str, Any]) -> bool:
-            last = [st["open_set"], st["open_set_ops"] - 1]
-            return (st["last_shipped"] == last and st["inflight_bytes"] == 0
-                    and status(replica)["last_staged"] == last)
-
-        partial = int(until(lambda: status(mount), staged_and_acked,
-                            what="the open set staged")["open_set"])
+        partial = int(open_set_staged(mount, replica)["open_set"])
         assert partial > base
         before()
         pri.kill()

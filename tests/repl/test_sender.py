@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from store.records import Op
 from tests.support import (
     checkpoint,
     diff,
+    open_set_staged,
     primary,
     read_journal,
     read_staging,
@@ -52,18 +52,9 @@ def test_claim_1_23_open_set_shipped_staged_acked_before_its_sync(tmp_path: Path
                                             f"127.0.0.1:{sec.port}", "--set-interval", "3600"):
         base = checkpoint(mount)
         open_set_ops(mount)
-
-        def shipped_and_acked(st: dict[str, Any]) -> bool:
-            # Nothing in flight, in the session that shipped it: acknowledged (a session
-            # that ends forgets what it had in flight, and says why in `errors`).
-            last = [st["open_set"], st["open_set_ops"] - 1]
-            return (st["last_closed_set"] == base and st["last_shipped"] == last
-                    and st["inflight_bytes"] == 0 and st["connected"] and st["errors"] == []
-                    and status(replica)["last_staged"] == last)
-
-        st = until(lambda: status(mount), shipped_and_acked, what="the open set acknowledged")
+        st = open_set_staged(mount, replica)
         open_set, ops = st["open_set"], st["open_set_ops"]
-        assert open_set == base + 1 and ops >= 6
+        assert (st["last_closed_set"], open_set) == (base, base + 1) and ops >= 6
 
         journal = [r for r in read_journal(backing) if r.set == open_set]
         assert [r.seq for r in journal] == list(range(ops)), "the set is still open"
