@@ -6,7 +6,20 @@ import os
 import threading
 from pathlib import Path
 
-from tests.support import checkpoint, diff, primary, secondary, snapshot, unmount
+from tests.faultproxy import UP, FaultProxy
+from tests.repl.peers import assert_one_line_error
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    read_staging,
+    replfs,
+    secondary,
+    snapshot,
+    standby,
+    status,
+    unmount,
+)
 
 
 def populate(root: Path, megabytes: int) -> None:
@@ -110,3 +123,42 @@ def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
                 checkpoint(mount)
                 assert diff(snapshot(backing), snapshot(replica)) == []
     assert pri.log().count("initial sync begins") == 1, "resumed, not started over"
+
+
+def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> None:
+    """While the initial sync's set is not applied the replica holds no consistent set:
+    status says syncing, and both mount and promote refuse it. Once applied, it mounts.
+
+    The link stalls once, past the RESET_TO, so the set stays partial on the
+    secondary for as long as the test needs; the next session completes it.
+    """
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    populate(backing, 4)
+    with secondary(replica) as sec, FaultProxy(sec.port, seed=21) as proxy:
+        stall = proxy.stall((2_000, 100_000), UP, conn=0)
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}", "--streams", "1",
+                     "--stall-seconds", "3600"):
+            sec.wait_for("initial sync from the primary")
+            assert stall.struck.wait(30)
+            st = status(replica)
+            assert st["syncing"] is True and st["last_applied"] == 0
+            partial = read_staging(replica)
+            assert len(partial) == 1 and not next(iter(partial.values()))[0].complete
+
+            view.mkdir()
+            try:  # a mount that wrongly succeeds would serve until the timeout
+                refused = replfs("mount", replica, view, timeout=30)
+            finally:
+                unmount(view)
+            assert_one_line_error(refused, "still in its initial sync")
+            refused = replfs("promote", replica)
+            assert_one_line_error(refused, "never finished its initial sync", "cannot be promoted")
+            assert sec.proc is not None and sec.proc.wait(30) == 0, "promote stopped it"
+
+            with secondary(replica, port=sec.port) as again:
+                checkpoint(mount)  # the stalled session ended with the secondary
+                assert status(replica)["syncing"] is False
+                with standby(replica, view):
+                    assert diff(snapshot(backing), snapshot(view)) == []
+    assert "initial sync" in again.log()
