@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from tests.faultproxy import UP, FaultProxy
 from tests.repl.peers import assert_one_line_error
 from tests.support import (
     checkpoint,
     diff,
+    free_port,
     primary,
     read_staging,
     replfs,
@@ -19,6 +21,7 @@ from tests.support import (
     standby,
     status,
     unmount,
+    until,
 )
 
 
@@ -162,3 +165,40 @@ def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> Non
                 with standby(replica, view):
                     assert diff(snapshot(backing), snapshot(view)) == []
     assert "initial sync" in again.log()
+
+
+def test_initial_sync_status_ok_progress(tmp_path: Path) -> None:
+    """While the sync runs, the primary's status shows it, its total, and how much is
+    done, only ever growing; then it streams again. A tree of many small files
+    makes many small steps, so the sync lasts long enough to be seen."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    (backing / "d").mkdir(parents=True)
+    files, size = 1500, 4096
+    for i in range(files):
+        (backing / "d" / f"f{i}").write_bytes(os.urandom(size))
+    total = files * size
+    port = free_port()
+    with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
+        samples: list[dict[str, Any]] = []
+
+        def sample() -> dict[str, Any]:
+            samples.append(status(mount))
+            return samples[-1]
+
+        with secondary(replica, port=port):
+            until(sample, lambda st: st["mode"] == "streaming" and st["last_closed_set"] >= 1,
+                  what="the initial sync closed")
+            checkpoint(mount)
+            assert diff(snapshot(backing), snapshot(replica)) == []
+    assert "initial sync begins as set 1" in pri.log()
+
+    syncing = [st for st in samples if st["mode"] == "initial sync"]
+    done = [st["resync_done_bytes"] for st in syncing]
+    assert len({d for d in done if 0 < d < total}) >= 2, f"progress seen: {done}"
+    assert done == sorted(done)
+    for st in syncing:
+        assert st["resync_total_bytes"] == total
+        assert st["resync_done_bytes"] + st["dirty_bytes"] == total
+        assert st["dirty_files"] <= files
+    after = samples[-1]
+    assert "resync_done_bytes" not in after and "dirty_bytes" not in after
