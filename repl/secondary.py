@@ -91,8 +91,8 @@ def resume(replica: Path, staging: Path | None) -> int:
     set_hold(where, False)
     try:
         control.request(control.socket_path(replica), "wake", timeout=5)
-    except OSError:
-        pass  # no daemon running: the next one to start sees no hold
+    except (OSError, ValueError):
+        pass  # no daemon running, or one stopping: the next one to start sees no hold
     return read_applied(where)
 
 

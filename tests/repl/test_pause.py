@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from repl import control
+from store.hold import is_held
 from tests.support import (
     checkpoint,
     diff,
@@ -13,6 +19,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    state_dir,
     until,
     wait_applied,
 )
@@ -95,3 +102,45 @@ def test_secondary_status_ok_held_as_soon_as_paused(tmp_path: Path) -> None:
         assert sec_status(replica)["held"] is True
         assert replfs("resume", replica).returncode == 0
         assert sec_status(replica)["held"] is False
+
+
+@contextmanager
+def silent_control_socket(replica: Path) -> Iterator[None]:
+    """A control socket for *replica* that takes each request and hangs up without
+    an answer, as a secondary that is stopping may."""
+    path = control.socket_path(replica)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:  # closed: the test is over
+                    return
+                with conn:
+                    conn.recv(65536)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            server.shutdown(socket.SHUT_RDWR)
+            path.unlink()
+    thread.join(10)
+
+
+def test_resume_ok_daemon_stops_without_answering(tmp_path: Path) -> None:
+    """The hold is lifted and resume succeeds even if the secondary, stopping, takes
+    the wake-up and hangs up without a word."""
+    replica = tmp_path / "r"
+    replica.mkdir()
+    assert replfs("pause", replica).returncode == 0
+    with silent_control_socket(replica):
+        resumed = replfs("resume", replica)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "0"
+    assert not is_held(state_dir(replica) / "staging")
