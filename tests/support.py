@@ -272,16 +272,16 @@ def state_dir(tree: Path) -> Path:
     return tree.parent / f".{tree.name}.replfs"
 
 
-def _read_lmdb(path: Path, db: bytes) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of *db* in the LMDB environment at *path*, read as one more
-    reader beside the daemon that holds it."""
+def _read_lmdb(path: Path, *dbs: bytes) -> list[list[tuple[bytes, bytes]]]:
+    """Every (key, value) of each of *dbs* in the LMDB environment at *path*, read in
+    one transaction, as one more reader beside the daemon that holds it."""
     import lmdb
 
     env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
     try:
         with env.begin() as txn:
-            handle = env.open_db(db, txn=txn, create=False)
-            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=handle)]
+            handles = [env.open_db(db, txn=txn, create=False) for db in dbs]
+            return [[(bytes(k), bytes(v)) for k, v in txn.cursor(db=h)] for h in handles]
     finally:
         env.close()
 
@@ -290,9 +290,10 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
     """Each set in *replica*'s staging store: its state, and its records in seq order."""
     from store.records import Record, SetState, decode_set
 
-    where = state_dir(replica) / "staging"
-    out = {decode_set(k): (SetState.decode(v), []) for k, v in _read_lmdb(where, b"sets")}
-    for _, value in _read_lmdb(where, b"records"):
+    sets, records = _read_lmdb(state_dir(replica) / "staging", b"sets", b"records")
+    out: dict[int, tuple[SetState, list[Record]]] = {
+        decode_set(k): (SetState.decode(v), []) for k, v in sets}
+    for _, value in records:
         record = Record.decode(value)
         out.setdefault(record.set, (SetState(), []))[1].append(record)
     return out
@@ -302,7 +303,8 @@ def read_journal(backing: Path) -> list[Record]:
     """Every record the journal of the primary of *backing* holds, in stream order."""
     from store.records import Record
 
-    return [Record.decode(v) for _, v in _read_lmdb(state_dir(backing) / "journal", b"records")]
+    (records,) = _read_lmdb(state_dir(backing) / "journal", b"records")
+    return [Record.decode(v) for _, v in records]
 
 
 def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[str, Any]:
@@ -315,8 +317,8 @@ def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[s
     """
     def done(st: dict[str, Any]) -> bool:
         last = [st["open_set"], st["open_set_ops"] - 1]
-        return (st["open_set_ops"] > 0 and st["last_shipped"] == last
-                and st["inflight_bytes"] == 0 and st["connected"] and st["errors"] == []
-                and status(replica)["last_staged"] == last)
+        return bool(st["open_set_ops"] > 0 and st["last_shipped"] == last
+                    and st["inflight_bytes"] == 0 and st["connected"] and st["errors"] == []
+                    and status(replica)["last_staged"] == last)
 
     return until(lambda: status(mount), done, timeout, "the open set staged and acknowledged")

@@ -78,7 +78,7 @@ def test_secondary_killed_mid_apply_reaches_whole_set(tmp_path: Path, kill_at_st
     # The primary is gone: the secondary can only apply what it holds, whole sets only.
     with secondary(replica, port=port):
         st = status(replica)
-        target = int(st["applicable_through"])  # type: ignore[arg-type]
+        target = int(st["applicable_through"])
         assert wait_applied(replica, target) == target
         assert target in states or target == 0
         expected = states.get(target)

@@ -335,8 +335,8 @@ def test_secondary_err_path_escapes_replica(tmp_path: Path) -> None:
             return await drain(conn)
 
         for why, frame in bad.items():
-            after = trio.run(send, frame)
-            assert [f for f in after if f.type == FrameType.STAGED] == [], "never acknowledged"
+            then = trio.run(send, frame)
+            assert [f for f in then if f.type == FrameType.STAGED] == [], "never acknowledged"
             line = wait_for_log(sec, why)
             assert len(line) == 1 and "dropped stream from 127.0.0.1:" in line[0], line
         st = status(replica)
