@@ -139,7 +139,7 @@ class Sampler:
         self.samples.append(held)
 
 
-def test_resync_sampled_while_it_runs_shows_whole_sets(tmp_path: Path,
+def test_resync_run_ok_every_sample_a_whole_set(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The replica sampled from the secondary's return until the resync's set is
     applied, with the application writing meanwhile: every sample is the primary at
