@@ -89,9 +89,9 @@ def test_claim_22_next_set_sent_before_the_previous_is_applied(tmp_path: Path) -
         (mount / "b").write_bytes(b"set N+1")
         assert int(replfs("checkpoint", mount).stdout) == n + 1
 
-        sets = until(lambda: read_staging(replica), lambda s: n + 1 in s and s[n + 1][0].complete,
-                     what=f"set {n + 1} staged whole")
-        assert sets[n][0].complete
+        until(lambda: read_staging(replica),
+              lambda sets: all(i in sets and sets[i][0].complete for i in (n, n + 1)),
+              what=f"sets {n} and {n + 1} staged whole")
         assert status(replica)["last_applied"] == first
         st = status(mount)
         assert st["last_applied"] == first, "the primary never heard that N was applied"
