@@ -120,8 +120,8 @@ def resume(replica: Path, staging: Path | None) -> int:
     set_hold(where, False)
     try:
         control.request(control.socket_path(replica), "wake", timeout=5)
-    except OSError:
-        pass  # no daemon running: the next one to start sees no hold
+    except (OSError, ValueError):
+        pass  # no daemon running, or one stopping: the next one to start sees no hold
     return read_applied(where)
 
 
@@ -212,7 +212,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 "last_applied": applier.applied, "applying": applier.applying,
                 "sets_in_flight": len(sets), "complete_waiting": len(complete),
                 "applicable_through": staging.applicable_through(),
-                "held": applier.held,
+                "held": is_held(staging.path),
                 "syncing": staging.syncing is not None,
                 "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,

@@ -10,9 +10,14 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from store.records import Record, SetState
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLFS = [sys.executable, str(ROOT / "bin" / "replfs.py")]
@@ -234,3 +239,88 @@ def standby(replica: Path, mount: Path, *extra: str) -> AbstractContextManager[D
     """A running `replfs mount REPLICA MOUNT` (the read-only standby view)."""
     return mounted(["mount", str(replica), str(mount), *extra], mount,
                    replica.parent / f"{mount.name}.log")
+
+
+T = TypeVar("T")
+POLL_SECONDS = 0.01
+
+
+def until(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30.0,
+          what: str = "the condition") -> T:
+    """Call *probe* until *done* holds for what it returns, and return that value.
+
+    For states no event announces (a daemon's status, a store's contents):
+    fails with the last value seen once *timeout* seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g}s; last: {value!r}")
+        time.sleep(POLL_SECONDS)  # the polling interval, not a wait for an event
+
+
+def status(target: Path) -> dict[str, Any]:
+    """The status of the daemon serving *target*, straight from its control socket."""
+    from repl import control
+
+    return control.request(control.socket_path(target), "status")
+
+
+def state_dir(tree: Path) -> Path:
+    """Where a tree's journal and staging store live by default: beside it, hidden."""
+    return tree.parent / f".{tree.name}.replfs"
+
+
+def _read_lmdb(path: Path, *dbs: bytes) -> list[list[tuple[bytes, bytes]]]:
+    """Every (key, value) of each of *dbs* in the LMDB environment at *path*, read in
+    one transaction, as one more reader beside the daemon that holds it."""
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            handles = [env.open_db(db, txn=txn, create=False) for db in dbs]
+            return [[(bytes(k), bytes(v)) for k, v in txn.cursor(db=h)] for h in handles]
+    finally:
+        env.close()
+
+
+def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
+    """Each set in *replica*'s staging store: its state, and its records in seq order."""
+    from store.records import Record, SetState, decode_set
+
+    sets, records = _read_lmdb(state_dir(replica) / "staging", b"sets", b"records")
+    out: dict[int, tuple[SetState, list[Record]]] = {
+        decode_set(k): (SetState.decode(v), []) for k, v in sets}
+    for _, value in records:
+        record = Record.decode(value)
+        out.setdefault(record.set, (SetState(), []))[1].append(record)
+    return out
+
+
+def read_journal(backing: Path) -> list[Record]:
+    """Every record the journal of the primary of *backing* holds, in stream order."""
+    from store.records import Record
+
+    (records,) = _read_lmdb(state_dir(backing) / "journal", b"records")
+    return [Record.decode(v) for _, v in records]
+
+
+def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until every record of the open set of the primary at *mount* is staged by
+    the secondary of *replica* and acknowledged; returns the primary's status then.
+
+    Acknowledged: nothing is in flight in the session that shipped the records
+    (a session that ends forgets what it had in flight, and says why in
+    ``errors``).
+    """
+    def done(st: dict[str, Any]) -> bool:
+        last = [st["open_set"], st["open_set_ops"] - 1]
+        return bool(st["open_set_ops"] > 0 and st["last_shipped"] == last
+                    and st["inflight_bytes"] == 0 and st["connected"] and st["errors"] == []
+                    and status(replica)["last_staged"] == last)
+
+    return until(lambda: status(mount), done, timeout, "the open set staged and acknowledged")

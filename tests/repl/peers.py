@@ -22,7 +22,15 @@ from typing import Any
 
 import trio
 
-from repl.protocol import PROTOCOL_VERSION, Connection, Frame, FrameType, hello, parse_hello
+from repl.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Frame,
+    FrameType,
+    hello,
+    parse_hello,
+    parse_staged,
+)
 from store.records import Record
 from tests.store.specs import body, reseal
 from tests.support import Daemon, replfs
@@ -99,6 +107,20 @@ async def drain(conn: Connection) -> list[Frame]:
             pass
     await conn.aclose()
     return frames
+
+
+async def acknowledged(conn: Connection, count: int) -> list[tuple[int, int]]:
+    """The next *count* (set, seq) the secondary acknowledges as staged, in order.
+
+    Fails if any other frame comes first, or if they take over LOG_TIMEOUT.
+    """
+    keys: list[tuple[int, int]] = []
+    with trio.fail_after(LOG_TIMEOUT):
+        while len(keys) < count:
+            frame = await conn.receive()
+            assert frame.type == FrameType.STAGED, frame
+            keys += parse_staged(frame)
+    return keys
 
 
 def record_frame(record: Record) -> Frame:

@@ -20,7 +20,8 @@ from repl.tree import Tree
 from store.hold import interrupted, set_hold
 from store.records import Op, Record
 from store.staging import Staging
-from tests.support import diff, snapshot
+from tests.repl.peers import acknowledged, open_raw, record_frame
+from tests.support import diff, read_staging, secondary, snapshot, status, wait_applied
 
 T = 1_700_000_000_000_000_000
 
@@ -154,3 +155,44 @@ async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) ->
         assert staging.applied == 4, "held: the batch is finished, the next set waits"
         assert interrupted(staging.path) is None
     assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+def test_claim_24_gap_holds_back_later_complete_sets(tmp_path: Path) -> None:
+    """A real secondary, fed by a raw client: set 2 lacks one record, so the complete
+    sets 3 and 4 wait behind it while set 1 applies; the record that fills the gap
+    alone brings the replica to set 4."""
+    replica = tmp_path / "r"
+    one = [Record(Op.CREATE, 1, 0, path=b"a", mode=0o100644),
+           Record(Op.SYNC, 1, 1, count=1)]
+    two = [Record(Op.WRITE, 2, 0, path=b"a", data=b"set two"),
+           Record(Op.CREATE, 2, 1, path=b"b", mode=0o100644),
+           Record(Op.SYNC, 2, 2, count=2)]
+    three = [Record(Op.RENAME, 3, 0, path=b"b", path2=b"c"),
+             Record(Op.SYNC, 3, 1, count=1)]
+    four = [Record(Op.MKDIR, 4, 0, path=b"d", mode=0o40755),
+            Record(Op.SYNC, 4, 1, count=1)]
+    gap = two[1]
+    early = [*four, *[r for r in two if r is not gap], *three]
+    with secondary(replica) as sec:
+
+        async def send(records: list[Record]) -> None:
+            conn, _ = await open_raw(sec.port, "c1c1c1c1c1c1c1c1")
+            await conn.send(*map(record_frame, records))
+            assert sorted(await acknowledged(conn, len(records))) == sorted(
+                (r.set, r.seq) for r in records)
+            await conn.aclose()
+
+        trio.run(send, early)
+        trio.run(send, one)  # its apply comes after 3 and 4 were staged whole
+        assert wait_applied(replica, 1) == 1, "no set past the gap"
+        st = status(replica)
+        assert (st["last_applied"], st["applicable_through"]) == (1, 1)
+        assert (st["last_complete"], st["complete_waiting"]) == (4, 2)
+        assert sorted(p.name for p in replica.iterdir()) == ["a"]
+        assert (replica / "a").read_bytes() == b""
+
+        trio.run(send, [gap])
+        assert wait_applied(replica, 4) == 4
+        assert sorted(p.name for p in replica.iterdir()) == ["a", "c", "d"]
+        assert (replica / "a").read_bytes() == b"set two"
+        assert read_staging(replica) == {}

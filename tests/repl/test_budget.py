@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
+import pytest
+
+from repl.errors import UsageError
+from repl.faults import ENV_SET_HASHES
+from repl.secondary import pause, resume
+from repl.verify import tree_digest
+from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, wait_applied
 
 
 def status(target: Path) -> dict[str, object]:
@@ -113,3 +120,91 @@ def test_outage_past_budget_ok_names_removed_after_writes(tmp_path: Path) -> Non
             with secondary(replica, port=port):
                 checkpoint(mount)
                 assert diff(snapshot(backing), snapshot(replica)) == []
+
+
+SAMPLE_EVERY = 0.02
+
+
+class Sampler:
+    """Samples a replica in a thread, as a reader that needs one whole set would.
+
+    Each sample holds the replica (``pause``), takes its digest, lets it go,
+    and checks it against the digest the primary recorded when it closed that
+    set (``REPLFS_TEST_SET_HASHES``): a replica torn between two sets, or at a
+    set the primary never closed, is a violation. The set shown never goes back.
+    """
+
+    def __init__(self, replica: Path, hashes: Path) -> None:
+        self.replica, self.hashes = replica, hashes
+        self.samples: list[int] = []  # the set each sample showed
+        self.violations: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(SAMPLE_EVERY)
+
+    def sample(self) -> None:
+        try:
+            held = pause(self.replica, None, timeout=5)
+        except UsageError as exc:
+            self.violations.append(f"cannot hold the replica: {exc}")
+            return
+        try:
+            digest = tree_digest(self.replica)
+        finally:
+            resume(self.replica, None)
+        lines = self.hashes.read_text().split("\n")[:-1]  # whole lines only
+        closed = dict(line.split() for line in lines)
+        if closed.get(str(held)) != digest:
+            self.violations.append(f"the replica at set {held} is not the primary at its close"
+                                   if str(held) in closed else
+                                   f"the replica shows set {held}, which the primary never closed")
+        if self.samples and held < self.samples[-1]:
+            self.violations.append(f"the replica went back to set {held}")
+        self.samples.append(held)
+
+
+def test_resync_run_ok_every_sample_a_whole_set(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica sampled from the secondary's return until the resync's set is
+    applied, with the application writing meanwhile: every sample is the primary at
+    the close of a set, never part of the resync."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    hashes = tmp_path / "set-hashes"
+    monkeypatch.setenv(ENV_SET_HASHES, str(hashes))
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--journal-max", str(256 << 10), "--set-bytes", "64K") as pri:
+            churn(mount, 5, seed=1)
+            checkpoint(mount)
+            sec.stop()
+            churn(mount, 100, seed=7)  # about 2.5 MB: ten times the budget
+            assert status(mount)["mode"] == "overflow"
+
+            with secondary(replica, port=port):
+                with Sampler(replica, hashes) as sampler:
+                    churn(mount, 20, seed=3)  # the application goes on during the resync
+                    pri.wait_for("resync done")
+                    resynced = int(pri.log().split("resync done: set ")[1].split()[0])
+                    assert wait_applied(replica, resynced) >= resynced
+                last = checkpoint(mount)
+                final = diff(snapshot(backing), snapshot(replica))
+                sampler.sample()
+    assert sampler.violations == []
+    assert final == []
+    during = [held for held in sampler.samples if held < resynced]
+    assert len(during) >= 3, f"samples while the resync ran: {sampler.samples}"
+    assert sampler.samples[-1] == last

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 
+from store.staging import Staging
 from tests.support import (
     checkpoint,
     diff,
+    open_set_staged,
     primary,
+    read_staging,
     replfs,
     secondary,
     snapshot,
+    state_dir,
     unmount,
 )
 
@@ -74,3 +79,30 @@ def test_old_primary_is_fenced(tmp_path: Path) -> None:
         assert st["connected"] is False
         assert any("generation 1" in e and "stale" in e for e in st["errors"])
     assert diff(promoted_state, snapshot(replica)) == [], "nothing of the new tree changed"
+
+
+def test_claim_27_promote_erases_a_partly_received_set(tmp_path: Path) -> None:
+    """The set the primary never closed was shipped and staged in part; promote erases
+    it, says so, and the replica is exactly the last complete set."""
+    backing, mount, replica = (tmp_path / n for n in ("b", "m", "r"))
+    backing.mkdir()
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}",
+                                            "--set-interval", "3600") as old:
+        (mount / "f").write_bytes(b"committed")
+        checkpoint(mount)
+        committed = snapshot(backing)
+        (mount / "f").write_bytes(b"never closed")
+        (mount / "late").mkdir()
+        partial = open_set_staged(mount, replica)["open_set"]
+        state, _ = read_staging(replica)[partial]
+        assert not state.complete
+        old.kill()
+        unmount(mount)
+
+        promoted = replfs("promote", replica)
+        assert promoted.returncode == 0, promoted.stderr
+    assert f"dropped incomplete sets [{partial}]" in promoted.stdout
+    with closing(Staging(state_dir(replica) / "staging")) as staging:
+        assert staging.sets() == {}, "nothing of the old generation's open set is left"
+    assert diff(committed, snapshot(replica)) == []

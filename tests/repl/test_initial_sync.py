@@ -5,8 +5,23 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
-from tests.support import checkpoint, diff, primary, secondary, snapshot, unmount
+from tests.faultproxy import UP, FaultProxy
+from tests.repl.peers import assert_one_line_error
+from tests.support import (
+    checkpoint,
+    diff,
+    free_port,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    standby,
+    status,
+    unmount,
+    until,
+)
 
 
 def populate(root: Path, megabytes: int) -> None:
@@ -110,3 +125,79 @@ def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
                 checkpoint(mount)
                 assert diff(snapshot(backing), snapshot(replica)) == []
     assert pri.log().count("initial sync begins") == 1, "resumed, not started over"
+
+
+def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> None:
+    """While the initial sync's set is not applied the replica holds no consistent set:
+    status says syncing, and both mount and promote refuse it. Once applied, it mounts.
+
+    The link stalls once, past the RESET_TO, so the set stays partial on the
+    secondary for as long as the test needs; the next session completes it.
+    """
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    populate(backing, 4)
+    with secondary(replica) as sec, FaultProxy(sec.port, seed=21) as proxy:
+        stall = proxy.stall((2_000, 100_000), UP, conn=0)
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}", "--streams", "1",
+                     "--stall-seconds", "3600"):
+            assert stall.struck.wait(30)
+            # What came before the stall is staged in time, after the reset to the sync.
+            st = until(lambda: status(replica),
+                       lambda st: st["syncing"] and st["sets_in_flight"] == 1,
+                       what="the sync's set staged in part")
+            assert (st["last_applied"], st["complete_waiting"]) == (0, 0)
+
+            view.mkdir()
+            try:  # a mount that wrongly succeeds would serve until the timeout
+                refused = replfs("mount", replica, view, timeout=30)
+            finally:
+                unmount(view)
+            assert_one_line_error(refused, "still in its initial sync")
+            refused = replfs("promote", replica)
+            assert_one_line_error(refused, "never finished its initial sync", "cannot be promoted")
+            assert sec.proc is not None and sec.proc.wait(30) == 0, "promote stopped it"
+
+            with secondary(replica, port=sec.port) as again:
+                checkpoint(mount)  # the stalled session ended with the secondary
+                assert status(replica)["syncing"] is False
+                with standby(replica, view):
+                    assert diff(snapshot(backing), snapshot(view)) == []
+    assert "initial sync" in again.log()
+
+
+def test_initial_sync_status_ok_progress(tmp_path: Path) -> None:
+    """While the sync runs, the primary's status shows it, its total, and how much is
+    done, only ever growing; then it streams again. A tree of many small files
+    makes many small steps, so the sync lasts long enough to be seen."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    (backing / "d").mkdir(parents=True)
+    files, size = 1500, 4096
+    for i in range(files):
+        (backing / "d" / f"f{i}").write_bytes(os.urandom(size))
+    total = files * size
+    port = free_port()
+    with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
+        samples: list[dict[str, Any]] = []
+
+        def sample() -> dict[str, Any]:
+            samples.append(status(mount))
+            return samples[-1]
+
+        with secondary(replica, port=port):
+            until(sample, lambda st: st["mode"] == "streaming" and st["last_closed_set"] >= 1,
+                  what="the initial sync closed")
+            checkpoint(mount)
+            assert diff(snapshot(backing), snapshot(replica)) == []
+    assert "initial sync begins as set 1" in pri.log()
+
+    syncing = [st for st in samples if st["mode"] == "initial sync"]
+    done = [st["resync_done_bytes"] for st in syncing]
+    assert len({d for d in done if 0 < d < total}) >= 2, f"progress seen: {done}"
+    assert done == sorted(done)
+    for st in syncing:
+        assert st["resync_total_bytes"] == total
+        assert st["resync_done_bytes"] + st["dirty_bytes"] == total
+        assert st["dirty_files"] <= files
+    after = samples[-1]
+    assert "resync_done_bytes" not in after and "dirty_bytes" not in after

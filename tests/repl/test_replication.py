@@ -5,9 +5,21 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
-from tests.support import checkpoint, diff, free_port, primary, replfs, secondary, snapshot
+from tests.support import (
+    checkpoint,
+    diff,
+    free_port,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    status,
+    until,
+    wait_applied,
+)
 
 
 def busy_tree(m: Path, rounds: int) -> None:
@@ -74,3 +86,45 @@ def test_control_bad_request_answers_error_daemon_lives(tmp_path: Path) -> None:
         assert "error" in control.request(path, "nonsense")
         assert sec.proc is not None and sec.proc.poll() is None
         assert control.request(path, "status")["role"] == "secondary"
+
+
+def test_primary_status_ok_lag_of_a_held_replica(tmp_path: Path) -> None:
+    """lag_sets, lag_seconds and lag_bytes against a backlog of known age and size:
+    two sets the held replica has not applied, the older closed over half a second
+    before the status is asked, holding 1 MiB of data between them."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    data = os.urandom(1 << 20)
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}", "--set-interval", "3600"):
+        first = checkpoint(mount)
+        st = status(mount)
+        assert (st["lag_sets"], st["lag_seconds"], st["lag_bytes"]) == (0, 0.0, 0)
+        assert replfs("pause", replica).returncode == 0
+
+        (mount / "big").write_bytes(data[: 1 << 19])
+        closing_from = time.monotonic()
+        older = int(replfs("checkpoint", mount).stdout)
+        closed_by = time.monotonic()
+        until(lambda: status(mount), lambda st: st["lag_seconds"] >= 0.5,
+              what="half a second of lag")
+        with open(mount / "big", "ab") as f:
+            f.write(data[1 << 19 :])
+        assert int(replfs("checkpoint", mount).stdout) == older + 1
+
+        asked_from = time.monotonic()
+        st = status(mount)
+        asked_by = time.monotonic()
+        assert st["lag_sets"] == older + 1 - first == 2
+        # The age of the older set, give or take the rounding to milliseconds.
+        assert asked_from - closed_by - 0.001 <= st["lag_seconds"] <= asked_by - closing_from
+        assert st["lag_seconds"] >= 0.5
+        # The journal holds the two sets: the data, and little else.
+        assert len(data) <= st["lag_bytes"] <= len(data) + (16 << 10)
+
+        assert replfs("resume", replica).returncode == 0
+        assert wait_applied(replica, older + 1) == older + 1
+        st = until(lambda: status(mount), lambda st: st["last_applied"] == older + 1,
+                   what="the primary told of the apply")
+        assert (st["lag_sets"], st["lag_seconds"], st["lag_bytes"]) == (0, 0.0, 0)
+    assert (replica / "big").read_bytes() == data

@@ -32,6 +32,7 @@ from repl.protocol import (
 from store.records import Op, Record
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.repl.peers import (
+    acknowledged,
     assert_one_line_error,
     drain,
     forged,
@@ -324,15 +325,18 @@ def test_secondary_err_path_escapes_replica(tmp_path: Path) -> None:
                                            path=same_length_relative(absolute)), absolute),
         }
 
-        async def send(*frames: Frame) -> list[Frame]:
+        async def send(frame: Frame) -> list[Frame]:
+            """A good record, acknowledged; then *frame*. Returns what came after it."""
             conn, reply = await open_raw(sec.port, cluster)
             assert reply["applied"] == set_id - 1
-            await conn.send(*frames)
+            await conn.send(record_frame(sync))
+            assert await acknowledged(conn, 1) == [(set_id, 1)]
+            await conn.send(frame)
             return await drain(conn)
 
         for why, frame in bad.items():
-            acks = trio.run(send, record_frame(sync), frame)
-            assert all(a.type == FrameType.STAGED for a in acks)
+            then = trio.run(send, frame)
+            assert [f for f in then if f.type == FrameType.STAGED] == [], "never acknowledged"
             line = wait_for_log(sec, why)
             assert len(line) == 1 and "dropped stream from 127.0.0.1:" in line[0], line
         st = status(replica)

@@ -1,0 +1,52 @@
+"""The receiver, end to end: a real secondary, fed by a raw replfs client.
+
+The client speaks the handshake and then sends exactly the records a test
+picks, in the order it picks, so what the secondary acknowledges, and when,
+is seen frame by frame.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import trio
+
+from store.records import Op, Record
+from tests.repl.peers import LOG_TIMEOUT, acknowledged, open_raw, record_frame
+from tests.support import read_staging, secondary, status, wait_applied
+
+CLUSTER = "c1c1c1c1c1c1c1c1"
+
+
+def test_claim_5_records_acknowledged_before_their_set_is_complete(tmp_path: Path) -> None:
+    """Three of a set's four records, its SYNC among them, are staged and acknowledged
+    while the set cannot be complete; the fourth completes it, and it applies."""
+    replica = tmp_path / "r"
+    create = Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644)
+    write = Record(Op.WRITE, 1, 1, path=b"a", data=b"acknowledged early")
+    mkdir = Record(Op.MKDIR, 1, 2, path=b"d", mode=stat.S_IFDIR | 0o755)
+    sync = Record(Op.SYNC, 1, 3, count=3)
+    with secondary(replica) as sec:
+
+        async def session() -> None:
+            conn, reply = await open_raw(sec.port, CLUSTER)
+            assert reply["applied"] == 0
+            await conn.send(*map(record_frame, (sync, mkdir, create)))  # seq 1 held back
+            assert sorted(await acknowledged(conn, 3)) == [(1, 0), (1, 2), (1, 3)]
+
+            st = status(replica)
+            assert (st["last_complete"], st["complete_waiting"], st["last_applied"]) == (0, 0, 0)
+            state, records = read_staging(replica)[1]
+            assert state.sync_seen and not state.complete
+            assert records == [create, mkdir, sync]
+            assert sorted(p.name for p in replica.iterdir()) == []
+
+            await conn.send(record_frame(write))
+            assert await acknowledged(conn, 1) == [(1, 1)]
+            await conn.aclose()
+
+        trio.run(session)
+        assert wait_applied(replica, 1, timeout=LOG_TIMEOUT) == 1
+        assert (replica / "a").read_bytes() == b"acknowledged early"
+        assert (replica / "d").is_dir()
