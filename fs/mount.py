@@ -89,7 +89,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         sender = None
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
-                            stall_seconds=cfg.stall_seconds)
+                            stall_seconds=cfg.stall_seconds, settled=capture.lock)
             capture.on_append = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up

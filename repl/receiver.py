@@ -82,6 +82,7 @@ class Receiver:
             tuple[_Stream, Record]](STAGE_BATCH)
         self._streams: list[_Stream] = []
         self._session: str | None = None
+        self._boot: str | None = None  # the primary process the session came from
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -131,7 +132,16 @@ class Receiver:
             for old in self._streams:
                 old.scope.cancel()
             self._streams = []
-            self._session = session
+            self._session = session  # from now on, the old streams' records are dropped
+            boot = info.get("boot")
+            if boot is None or boot != self._boot:
+                # A primary that restarted may have lost its journal's unsynced tail
+                # and now puts other records at those places: what we hold of its
+                # open sets is no longer theirs. It sends every unapplied set again.
+                dropped = self.staging.drop_partial()
+                if dropped and self._boot is not None:
+                    log.info("the primary restarted; erased partial sets %s", dropped)
+                self._boot = boot if isinstance(boot, str) else None
         # Unbounded: it only ever holds small acks, and the writer drains it.
         outbox, pending = trio.open_memory_channel[Frame](math.inf)
         with trio.CancelScope() as scope:
@@ -238,6 +248,9 @@ class Receiver:
                 except trio.WouldBlock:
                     break
                 size += len(batch[-1][1].data)
+            batch = [(s, r) for s, r in batch if s.session == self._session]
+            if not batch:
+                continue  # all from streams a newer session replaced
             result = self.staging.stage([record for _, record in batch])
             await trio.to_thread.run_sync(self.staging.sync)
             self.status.staged += len(result.keys) - result.duplicates

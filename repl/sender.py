@@ -15,10 +15,12 @@ The journal keeps every record until its set is reported applied (claim 6).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import trio
@@ -76,8 +78,16 @@ class SenderStatus:
 class Sender:
     def __init__(self, journal: Journal, host: str, port: int, *, streams: int = 4,
                  window: int = WINDOW_BYTES, scramble: int | None = None,
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 stall_seconds: float = STALL_SECONDS,
+                 settled: AbstractContextManager[object] | None = None) -> None:
         self.journal = journal
+        # Held by the journal's writer while the record it just appended may still
+        # be voided or shortened (its op not done yet): reads take it, so only
+        # final records are ever shipped.
+        self.settled = settled if settled is not None else contextlib.nullcontext()
+        # This process's incarnation: a primary that restarted may have lost its
+        # journal's unsynced tail and reuse those places for other records.
+        self.boot = secrets.token_hex(8)
         self.host, self.port = host, port
         self.nstreams = streams
         self.stall_seconds = stall_seconds
@@ -204,7 +214,8 @@ class Sender:
         await conn.send_magic()
         await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
                               node=ident.node, generation=ident.generation, session=session,
-                              stream=index, streams=self.nstreams, history=ident.history))
+                              boot=self.boot, stream=index, streams=self.nstreams,
+                              history=ident.history))
         await conn.expect_magic()
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
@@ -242,7 +253,8 @@ class Sender:
         turn = 0
         while True:
             self._wakeup = trio.Event()
-            batch = self.journal.read_raw(pos[0], pos[1], BATCH_BYTES)
+            with self.settled:
+                batch = self.journal.read_raw(pos[0], pos[1], BATCH_BYTES)
             if not batch:
                 await self._wakeup.wait()
                 await trio.sleep(COALESCE_SECONDS)  # a deliberate delay: see above
