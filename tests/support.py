@@ -64,8 +64,9 @@ class Daemon:
         threading.Thread(target=self._pump, args=(self.proc, ready, said), daemon=True).start()
         if not ready.wait(START_TIMEOUT) or not said.is_set() or self.proc.poll() is not None:
             self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not start: {self.args}\n{self.log()}")
+            code = self.proc.wait()
+            raise AssertionError(f"daemon did not start (exit {code}): {self.args}\n"
+                                 f"{self.log()}")
         return self
 
     def _pump(self, proc: subprocess.Popen[bytes], ready: threading.Event,

@@ -70,8 +70,15 @@ class Run:
 
     def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
         env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
-        return Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
-                      self.dir / "secondary.log", "listening on", env=env).start()
+        daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
+                        self.dir / "secondary.log", "listening on", env=env)
+        try:
+            return daemon.start()
+        except AssertionError:
+            if not kill_at_step or daemon.proc is None or daemon.proc.returncode != -9:
+                raise
+            # The fault fired in the redo it runs before it listens: start it again.
+            return self.start_secondary()
 
     def start_primary(self) -> Daemon:
         self.mount.mkdir(exist_ok=True)
