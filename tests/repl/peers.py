@@ -77,10 +77,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 # --- a raw replfs client -------------------------------------------------------------
 
 
+# One raw client stands for one primary process: its connections share a boot.
+BOOT = secrets.token_hex(8)
+
+
 def primary_hello(cluster: str, session: str | None = None) -> Frame:
     return hello(role="primary", version=PROTOCOL_VERSION, cluster=cluster,
                  node=secrets.token_hex(8), generation=1, session=session or secrets.token_hex(8),
-                 stream=0, streams=1, history=[])
+                 boot=BOOT, stream=0, streams=1, history=[])
 
 
 async def open_raw(port: int, cluster: str) -> tuple[Connection, dict[str, Any]]:
