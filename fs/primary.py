@@ -531,7 +531,11 @@ class PrimaryFS(pyfuse3.Operations):
     @request()
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
-        if start_id == 0:
+        if start_id == 0 or not handle.entries:
+            # Also when a handle starts past 0: the kernel served the start of the
+            # listing from its cache, then lost the rest (evicted) and asks us from
+            # there. The offsets are places in this sorted listing, which has not
+            # changed since (a change through the mount drops the kernel's cache).
             handle.entries = [b".", b"..", *sorted(map(os.fsencode, os.listdir(handle.fd)))]
         for index in range(start_id, len(handle.entries)):
             name = handle.entries[index]

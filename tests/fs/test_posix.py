@@ -673,6 +673,14 @@ def relisted(r: Path, p: Probe) -> None:
         p.note("open listing", sorted([first, *(e.name for e in it)]) in (
             ["f"], ["f", "late"]))
     lists("after an open listing")
+    for i in range(1500):
+        os.mknod(r / "a" / f"e{i:04}", stat.S_IFREG | 0o644)
+    lists("many")
+    with os.scandir(r / "a") as it:  # the kernel's cached listing evicted half way
+        first = [next(it).name for _ in range(10)]
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("1")
+        p.note("evicted mid-listing", sorted([*first, *(e.name for e in it)]))
 
 
 def test_primary_readdir_cached_ok_follows_every_change(tmp_path: Path) -> None:
