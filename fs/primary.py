@@ -54,6 +54,10 @@ _FALLOC_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.
 # Bytes one copy_file_range request copies at most: they are read into one WRITE
 # record first. A caller loops on a short copy, as it must on any filesystem.
 COPY_MAX = 4 << 20
+# How long SEEK_DATA/SEEK_HOLE waits for the writers of a file to be released: a
+# close() returns before the kernel's RELEASE of the handle is served, by the other
+# request thread, within a millisecond unless it is busy.
+SEEK_WAIT = 0.05
 
 
 def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
@@ -108,6 +112,7 @@ class PrimaryFS(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
         self.lock = capture.lock if capture is not None else threading.RLock()
+        self._released = threading.Condition(self.lock)  # a file handle was released
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
 
@@ -559,10 +564,20 @@ class PrimaryFS(pyfuse3.Operations):
         not have yet, past its end perhaps), and that would read as holes. Until the
         writers close (which writes it back), the answer is EINVAL, "not supported
         here", on which cp, tar and friends fall back to reading the whole file.
+
+        Another handle closed just before may not be released yet (the kernel
+        releases it after close() returned): this waits up to SEEK_WAIT for the
+        other writers to go. A handle that writes itself gets its answer at once.
         """
-        if any(fd in self.writable for fd in self.inodes.node(self.files[fh]).fds):
+        inode = self.files[fh]
+        if fh not in self.writable and self._writers(inode):
+            self._released.wait_for(lambda: not self._writers(inode), SEEK_WAIT)
+        if self._writers(inode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.lseek(fh, off, whence)
+
+    def _writers(self, inode: int) -> frozenset[int]:
+        return frozenset(fd for fd in self.inodes.node(inode).fds if fd in self.writable)
 
     def _data_changed(self, inode: int) -> None:
         """After a write or truncate, which clear file capabilities on the backing file."""
@@ -577,8 +592,11 @@ class PrimaryFS(pyfuse3.Operations):
 
     @request()
     async def release(self, fh: int) -> None:
-        self.writable.discard(fh)
-        self._closed(fh, self.files.pop(fh))
+        inode = self.files.pop(fh)
+        if fh in self.writable:
+            self.writable.discard(fh)
+            self._released.notify_all()
+        self._closed(fh, inode)
 
     @request(locked=False)
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -21,8 +21,11 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyfuse3
 import pytest
@@ -39,6 +42,7 @@ from tests.support import diff, primary, replay, snapshot
 
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 MiB = 1 << 20
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -275,8 +279,17 @@ def test_primary_seek_err_while_open_for_writing(tmp_path: Path) -> None:
 # over the tree as it was must give the tree as it is.
 
 
-@contextlib.asynccontextmanager
-async def in_process(tmp_path: Path) -> AsyncIterator[tuple[PrimaryFS, Path]]:
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """A handler's coroutine run to its end, as main_threads() does: it never suspends."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise AssertionError("the handler suspended")
+
+
+@contextlib.contextmanager
+def in_process(tmp_path: Path) -> Iterator[tuple[PrimaryFS, Path]]:
     """A PrimaryFS over tmp_path/backing, unmounted; a copy of the backing directory as
     it was at the start goes to tmp_path/replica, and the journal is replayed onto it
     at the end."""
@@ -296,12 +309,12 @@ async def in_process(tmp_path: Path) -> AsyncIterator[tuple[PrimaryFS, Path]]:
     assert diff(snapshot(backing, mtimes=False), snapshot(replica, mtimes=False)) == []
 
 
-async def opened(fs: PrimaryFS, name: bytes, flags: int) -> int:
-    entry = await fs.lookup(ROOT, name, None)  # type: ignore[arg-type]
-    return (await fs.open(entry.st_ino, flags, None)).fh  # type: ignore[arg-type]
+def opened(fs: PrimaryFS, name: bytes, flags: int) -> int:
+    entry = run(fs.lookup(ROOT, name, None))  # type: ignore[arg-type]
+    return run(fs.open(entry.st_ino, flags, None)).fh  # type: ignore[arg-type]
 
 
-async def test_primary_fallocate_ok_failed_part_way(tmp_path: Path,
+def test_primary_fallocate_ok_failed_part_way(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """ext4 out of space keeps what it allocated so far, and the file grows that far;
     a zeroing may stop midway: the journal holds what a reader sees after it."""
@@ -314,18 +327,18 @@ async def test_primary_fallocate_ok_failed_part_way(tmp_path: Path,
         os.ftruncate(fd, os.fstat(fd).st_size + 5000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    async with in_process(tmp_path) as (fs, backing):
+    with in_process(tmp_path) as (fs, backing):
         monkeypatch.setattr(fs_primary, "fallocate", part_way)
-        fh = await opened(fs, b"f", os.O_RDWR)
+        fh = opened(fs, b"f", os.O_RDWR)
         for mode in (ZERO_RANGE, 0):
             with pytest.raises(pyfuse3.FUSEError) as failed:
-                await fs.fallocate(fh, mode, 100, 100_000)
+                run(fs.fallocate(fh, mode, 100, 100_000))
             assert failed.value.errno == errno.ENOSPC
-        await fs.release(fh)
+        run(fs.release(fh))
     assert (backing / "f").stat().st_size == 64 * 1024 + 10_000
 
 
-async def test_primary_copy_file_range_ok_short(tmp_path: Path,
+def test_primary_copy_file_range_ok_short(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy that copies less than it read journals only what it copied."""
     (tmp_path / "backing").mkdir()
@@ -336,10 +349,34 @@ async def test_primary_copy_file_range_ok_short(tmp_path: Path,
     def half(src: int, dst: int, count: int, off_in: int, off_out: int) -> int:
         return real(src, dst, count // 2, off_in, off_out)
 
-    async with in_process(tmp_path) as (fs, backing):
+    with in_process(tmp_path) as (fs, backing):
         monkeypatch.setattr(os, "copy_file_range", half)
-        src, dst = await opened(fs, b"src", os.O_RDONLY), await opened(fs, b"dst", os.O_WRONLY)
-        assert await fs.copy_file_range(src, 0, dst, 100, 10_000, 0) == 5000
-        await fs.release(src)
-        await fs.release(dst)
+        src, dst = opened(fs, b"src", os.O_RDONLY), opened(fs, b"dst", os.O_WRONLY)
+        assert run(fs.copy_file_range(src, 0, dst, 100, 10_000, 0)) == 5000
+        run(fs.release(src))
+        run(fs.release(dst))
     assert (backing / "dst").stat().st_size == 5100
+
+
+def test_primary_seek_ok_writer_released_meanwhile(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() returns before the kernel releases the handle: a SEEK_DATA that comes
+    meanwhile, through another handle, waits for the release instead of refusing. The
+    writer asking itself is refused at once."""
+    (tmp_path / "backing").mkdir()
+    fd = os.open(tmp_path / "backing" / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"data", MiB)
+    os.close(fd)
+    monkeypatch.setattr(fs_primary, "SEEK_WAIT", 60.0)
+    with in_process(tmp_path) as (fs, _), ThreadPoolExecutor(1) as pool:
+        writer, reader = opened(fs, b"f", os.O_RDWR), opened(fs, b"f", os.O_RDONLY)
+        began = time.monotonic()
+        with pytest.raises(pyfuse3.FUSEError) as refused:
+            run(fs.lseek(writer, 0, os.SEEK_DATA))
+        assert refused.value.errno == errno.EINVAL
+        assert time.monotonic() - began < 1.0
+        pending = pool.submit(lambda: run(fs.lseek(reader, 0, os.SEEK_DATA)))
+        time.sleep(0.1)  # the seek waits meanwhile
+        run(fs.release(writer))
+        assert pending.result(timeout=10) == MiB
+        run(fs.release(reader))
