@@ -81,6 +81,16 @@ def seek(fd: int, offset: int, whence: int) -> int | str:
         return errno.errorcode[exc.errno]
 
 
+def first_hole(path: Path) -> tuple[int, int | str]:
+    """Where the first hole starts, and where the data after it starts (or ENXIO)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_HOLE)
+        return start, seek(fd, start, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+
+
 def copy_all(fd_in: int, fd_out: int, count: int, off_in: int, off_out: int) -> int:
     """copy_file_range until *count* bytes are copied or the source ends, as callers
     must: any filesystem may copy less than asked."""

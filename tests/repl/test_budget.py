@@ -6,7 +6,15 @@ import json
 import os
 from pathlib import Path
 
-from tests.fs.test_ranges import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, copy_all, fallocate, pattern
+from tests.fs.test_ranges import (
+    KEEP_SIZE,
+    PUNCH_HOLE,
+    ZERO_RANGE,
+    copy_all,
+    fallocate,
+    first_hole,
+    pattern,
+)
 from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
 
 
@@ -152,4 +160,7 @@ def test_outage_past_budget_ok_fallocate_and_copies(tmp_path: Path) -> None:
 
             with secondary(replica, port=port):
                 checkpoint(mount)
+                # Written over budget, then punched: the resync sends the hole as a hole.
+                assert first_hole(replica / "img") == first_hole(backing / "img") == (
+                    4096, 69632)
                 assert diff(snapshot(backing), snapshot(replica)) == []

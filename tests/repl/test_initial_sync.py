@@ -6,6 +6,7 @@ import os
 import threading
 from pathlib import Path
 
+from tests.fs.test_ranges import MiB, first_hole
 from tests.support import checkpoint, diff, primary, secondary, snapshot, unmount
 
 
@@ -110,3 +111,24 @@ def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
                 checkpoint(mount)
                 assert diff(snapshot(backing), snapshot(replica)) == []
     assert pri.log().count("initial sync begins") == 1, "resumed, not started over"
+
+
+def test_initial_sync_ok_sparse_files_stay_sparse(tmp_path: Path) -> None:
+    """The sync sends holes as holes, the one that ends a file included."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    fd = os.open(backing / "sparse", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"a" * 5000, 0)
+    os.pwrite(fd, b"b" * 100, 3 * MiB)
+    os.ftruncate(fd, 64 * MiB)
+    os.close(fd)
+    (backing / "holes-only").write_bytes(b"")
+    os.truncate(backing / "holes-only", 10 * MiB)
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}"):
+        checkpoint(mount)
+        assert first_hole(replica / "sparse") == first_hole(backing / "sparse") == (
+            8192, 3 * MiB)
+        assert first_hole(replica / "holes-only") == (0, "ENXIO")
+        assert sum(os.stat(replica / n).st_blocks for n in ("sparse", "holes-only")) < 100
+        assert diff(snapshot(backing), snapshot(replica)) == []

@@ -15,6 +15,7 @@ from tests.fs.test_ranges import (
     MiB,
     copy_all,
     fallocate,
+    first_hole,
     pattern,
 )
 from tests.support import (
@@ -84,16 +85,6 @@ def ranges_workload(m: Path) -> None:
     os.close(dst)
     os.close(src)
     subprocess.run(["cp", m / "img", m / "img-copy"], check=True)
-
-
-def first_hole(path: Path) -> tuple[int, int]:
-    """Where the first hole starts and ends."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        start = os.lseek(fd, 0, os.SEEK_HOLE)
-        return start, os.lseek(fd, start, os.SEEK_DATA)
-    finally:
-        os.close(fd)
 
 
 def test_replica_follows_fallocate_and_copies(tmp_path: Path) -> None:
