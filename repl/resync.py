@@ -235,6 +235,8 @@ def pieces(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
                 data, hole = at, end
             else:
                 raise
+        if hole <= data:  # a filesystem answering oddly: data to the end, never a loop
+            hole = end
         if data > at:
             yield at, min(data, end), False
         if data < end:
