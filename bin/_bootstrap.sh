@@ -5,7 +5,8 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
 # pyfuse3 is built from its sdist with bin/pyfuse3-threads.patch applied
-# (pyfuse3.main_threads), re-cythonized with a pinned Cython.
+# (pyfuse3.main_threads; fallocate, copy_file_range and lseek handlers),
+# re-cythonized with a pinned Cython.
 _REPLFS_PYFUSE3="pyfuse3==3.5.0 --hash=sha256:88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
 _REPLFS_PYFUSE3_BUILD="Cython==3.2.4 setuptools==80.9.0 setuptools_scm==8.3.1"
 _REPLFS_PATCH="$ROOT/bin/pyfuse3-threads.patch"

@@ -29,14 +29,35 @@ import pyfuse3
 
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
-from repl.apply import intent_for, renameat2
+from repl.apply import fallocate, intent_for, renameat2
 from repl.capture import Capture
-from store.records import Op, Record
+from store.records import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Op,
+    Record,
+)
 
 TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
 _AM_ROOT = os.geteuid() == 0
 _CAPABILITY = b"security.capability"
 T = TypeVar("T")
+# fallocate(2) modes passed through; the others (collapse, insert, unshare...) change
+# offsets or sharing, and are refused with EOPNOTSUPP, as by a filesystem without them.
+_FALLOC_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE})
+# Errors a filesystem gives a fallocate before it changed anything.
+_FALLOC_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM,
+                             errno.EFBIG, errno.ENODEV, errno.ESPIPE, errno.ETXTBSY,
+                             errno.EROFS, errno.EISDIR})
+# Bytes one copy_file_range request copies at most: they are read into one WRITE
+# record first. A caller loops on a short copy, as it must on any filesystem.
+COPY_MAX = 4 << 20
+# How long SEEK_DATA/SEEK_HOLE waits for the writers of a file to be released: a
+# close() returns before the kernel's RELEASE of the handle is served, by the other
+# request thread, within a millisecond unless it is busy.
+SEEK_WAIT = 0.05
 
 
 def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
@@ -87,9 +108,11 @@ class PrimaryFS(pyfuse3.Operations):
         self.inodes = inodes
         self.capture = capture
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
+        self.writable: set[int] = set()  # the fhs opened for writing
         self.dirs: dict[int, DirHandle] = {}
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
         self.lock = capture.lock if capture is not None else threading.RLock()
+        self._released = threading.Condition(self.lock)  # a file handle was released
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
 
@@ -397,8 +420,10 @@ class PrimaryFS(pyfuse3.Operations):
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def _opened(self, fd: int, inode: int) -> pyfuse3.FileInfo:
+    def _opened(self, fd: int, inode: int, flags: int) -> pyfuse3.FileInfo:
         self.files[fd] = inode
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self.writable.add(fd)
         self.inodes.node(inode).fds.add(fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=not self.direct_io, direct_io=self.direct_io)
 
@@ -431,7 +456,7 @@ class PrimaryFS(pyfuse3.Operations):
                 os.close(fd)
                 raise
             self._data_changed(inode)
-        return self._opened(fd, inode)
+        return self._opened(fd, inode, flags)
 
     @request(changes=True)
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -460,7 +485,7 @@ class PrimaryFS(pyfuse3.Operations):
             raise
         st = os.fstat(fd)
         ino = self.inodes.remember(parent_inode, name, st)
-        return self._opened(fd, ino), self._entry(st, ino)
+        return self._opened(fd, ino, flags), self._entry(st, ino)
 
     @request(locked=False)  # the handle stays open until this request is answered
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -480,6 +505,80 @@ class PrimaryFS(pyfuse3.Operations):
         self._data_changed(inode)
         return written
 
+    @request(changes=True)
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        if mode not in _FALLOC_MODES:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        inode = self.files[fh]
+        path = self.inodes.path(inode)
+        record = self._journal(Op.FALLOCATE, path, flags=mode, offset=off, length=length)
+        before = os.fstat(fh).st_size
+        try:
+            fallocate(fh, mode, off, length)
+        except OSError as exc:
+            self._void(record)
+            if record is not None and exc.errno not in _FALLOC_REFUSED:
+                self._journal_failed_fallocate(fh, path, before, mode, off, length)
+            raise
+        finally:
+            self._data_changed(inode)
+
+    def _journal_failed_fallocate(self, fh: int, path: bytes | None, before: int, mode: int,
+                                  off: int, length: int) -> None:
+        """A fallocate that failed may have done part of its work (ext4 grows the file
+        as it allocates, and may zero part of a range): journal what a reader sees now."""
+        size = os.fstat(fh).st_size
+        if size != before:
+            self.capture.record(Op.TRUNCATE, path=path, size=size)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            for at in range(off, min(off + length, size), COPY_MAX):
+                data = os.pread(fh, min(COPY_MAX, min(off + length, size) - at), at)
+                self.capture.write(path, at, data)
+
+    @request(changes=True)
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int, flags: int) -> int:
+        """Copied on BACKING, journaled as a WRITE of the bytes it copies (read first,
+        under the lock, so they are the ones copied): the replica needs no source."""
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        inode = self.files[fh_out]
+        data = os.pread(fh_in, min(length, COPY_MAX), off_in)
+        record = self.capture.write(self.inodes.path(inode), off_out, data) if data else None
+        try:
+            copied = os.copy_file_range(fh_in, fh_out, len(data), off_in, off_out)
+        except OSError:
+            self._void(record)
+            raise
+        if record is not None and copied < len(data):
+            self.capture.shorten(record, copied)
+        self._data_changed(inode)
+        return copied
+
+    @request()
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE, as BACKING's file answers them.
+
+        Only while no handle has the file open for writing: the kernel asks without
+        first writing back what its writeback cache holds (written data BACKING does
+        not have yet, past its end perhaps), and that would read as holes. Until the
+        writers close (which writes it back), the answer is EINVAL, "not supported
+        here", on which cp, tar and friends fall back to reading the whole file.
+
+        Another handle closed just before may not be released yet (the kernel
+        releases it after close() returned): this waits up to SEEK_WAIT for the
+        other writers to go. A handle that writes itself gets its answer at once.
+        """
+        inode = self.files[fh]
+        if fh not in self.writable and self._writers(inode):
+            self._released.wait_for(lambda: not self._writers(inode), SEEK_WAIT)
+        if self._writers(inode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.lseek(fh, off, whence)
+
+    def _writers(self, inode: int) -> frozenset[int]:
+        return frozenset(fd for fd in self.inodes.node(inode).fds if fd in self.writable)
+
     def _data_changed(self, inode: int) -> None:
         """After a write or truncate, which clear file capabilities on the backing file."""
         cached = self._xattrs.get(inode)
@@ -493,7 +592,11 @@ class PrimaryFS(pyfuse3.Operations):
 
     @request()
     async def release(self, fh: int) -> None:
-        self._closed(fh, self.files.pop(fh))
+        inode = self.files.pop(fh)
+        if fh in self.writable:
+            self.writable.discard(fh)
+            self._released.notify_all()
+        self._closed(fh, inode)
 
     @request(locked=False)
     async def fsync(self, fh: int, datasync: bool) -> None:

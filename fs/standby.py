@@ -27,9 +27,9 @@ from fs.primary import PrimaryFS
 from store.hold import ApplyLock, interrupted
 
 _READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
-          "getxattr", "listxattr", "access")
+          "getxattr", "listxattr", "access", "lseek")
 _CHANGES = ("setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
-            "create", "write", "setxattr", "removexattr")
+            "create", "write", "setxattr", "removexattr", "fallocate", "copy_file_range")
 
 
 def _erofs(*_: Any, **__: Any) -> Awaitable[Any]:

@@ -3,8 +3,9 @@
 The same code applies data sets on the secondary and redoes the journal's
 last record on the primary after a crash.
 
-The redo rule. Data ops (WRITE, TRUNCATE, CHMOD, CHOWN, UTIMES, SETXATTR,
-REMOVEXATTR) set bytes or attributes to values the record carries, so
+The redo rule. Data ops (WRITE, TRUNCATE, FALLOCATE, CHMOD, CHOWN, UTIMES,
+SETXATTR, REMOVEXATTR) set bytes or attributes to values the record carries
+(a FALLOCATE zeroes its range or, like a WRITE, grows the file to its end), so
 replaying any run of them in order from a state where a prefix of the run
 already happened gives the same result. Namespace ops (create, link,
 unlink, rename, ...) are not idempotent, so the caller commits a marker
@@ -33,9 +34,20 @@ import os
 import stat
 
 from repl.tree import Tree
-from store.records import RENAME_EXCHANGE, Op, Record, decode_intent, encode_intent
+from store.records import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RENAME_EXCHANGE,
+    Op,
+    Record,
+    decode_intent,
+    encode_intent,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_ZEROS = bytes(1 << 20)
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -44,6 +56,37 @@ def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> N
     if _libc.renameat2(src_fd, src, dst_fd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which Python's os module lacks. Raises OSError as it failed."""
+    if _libc.fallocate64(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _fallocate_as_seen(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), or on a filesystem without *mode* what a reader would see of it.
+
+    A replica's filesystem may lack a mode the primary's has (tmpfs has no
+    ZERO_RANGE, some have no PUNCH_HOLE): the range then gets zeros written
+    and the file its new size, the same bytes without the same allocation.
+    """
+    try:
+        fallocate(fd, mode, offset, length)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    size, end = os.fstat(fd).st_size, offset + length
+    if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        for at in range(offset, min(end, size), len(_ZEROS)):
+            zeros = memoryview(_ZEROS)[: min(end, size) - at]
+            while zeros:
+                n = os.pwrite(fd, zeros, at)
+                zeros, at = zeros[n:], at + n
+    if not mode & FALLOC_FL_KEEP_SIZE and end > size:
+        os.ftruncate(fd, end)
 
 
 def intent_for(tree: Tree, record: Record) -> bytes | None:
@@ -121,6 +164,13 @@ def apply(tree: Tree, record: Record) -> None:
         file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
         try:
             os.ftruncate(file_fd, record.size)
+        finally:
+            os.close(file_fd)
+    elif op == Op.FALLOCATE:
+        fd, name = tree.parent(record.path)
+        file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
+        try:
+            _fallocate_as_seen(file_fd, record.flags, record.offset, record.length)
         finally:
             os.close(file_fd)
     elif op == Op.CREATE:

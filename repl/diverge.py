@@ -10,7 +10,7 @@ paths either side touched:
 - ``content``: paths a namespace op touched (created, removed, renamed,
   linked) or whose xattrs changed. Each is removed on the rejoining node
   and sent again whole, subtree and all.
-- ``ranges``: files only written, truncated, chmod-ed or chown-ed. They are
+- ``ranges``: files only written, truncated, fallocated, chmod-ed or chown-ed. They are
   the same file on both sides, so only the byte ranges either side wrote
   are sent, with the size, mode and owner.
 
@@ -29,7 +29,7 @@ from store.dirty import merge
 from store.records import NAMESPACE_OPS, Op, Record, is_under
 
 END = (1 << 63) - 1  # "to the end of the file", for truncates
-_RANGE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.CHMOD, Op.CHOWN, Op.UTIMES})
+_RANGE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE, Op.CHMOD, Op.CHOWN, Op.UTIMES})
 
 
 
@@ -52,6 +52,8 @@ class Divergence:
                     self.ranges[r.path] = merge(spans, r.offset, r.offset + len(r.data))
                 elif r.op == Op.TRUNCATE:
                     self.ranges[r.path] = merge(spans, r.size, END)
+                elif r.op == Op.FALLOCATE:
+                    self.ranges[r.path] = merge(spans, r.offset, r.offset + r.length)
         return self
 
     def update(self, other: Divergence) -> Divergence:

@@ -12,23 +12,32 @@ content goes into the dirty map. From there both cases are the same.
 The data is read in steps of at most STEP bytes: each step journals WRITE
 records for a piece of a dirty range and marks it clean, and the
 application runs between steps; what it writes meanwhile becomes dirty
-again. The step that finds the map empty closes the set, so the replica goes
-from one whole set to the next. Everything lives in the journal and the dirty
-map, so an interrupted sync resumes where it was.
+again. The step that finds the map empty closes the set, so the replica
+goes from one whole set to the next. Everything lives in the journal and
+the dirty map, so an interrupted sync resumes where it was.
+
+Holes. The holes in a piece (as SEEK_DATA/SEEK_HOLE show them) are
+journaled as FALLOCATE punching them, not as zeros written, so sparse files
+stay sparse on the replica. A punch keeps the size, so a hole that ends the
+file also takes a TRUNCATE to the size: it only ever grows the replica's
+file, whose size never passes the primary's (every op that shrinks a file
+is journaled, over budget too; only writes, which grow it, are not).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
 import trio.lowlevel
 
 from repl.diverge import Divergence
-from store.records import Op
+from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op
 
 if TYPE_CHECKING:
     from repl.capture import Capture
@@ -192,15 +201,47 @@ def step(capture: Capture, max_bytes: int = STEP) -> int | None:
     dir_fd, name = capture.backing.parent(path)
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        data = os.pread(fd, max(0, min(end, st.st_size) - start), start)
+        for at, until, is_data in pieces(fd, start, min(end, st.st_size)):
+            if is_data:
+                data = os.pread(fd, until - at, at)
+                capture.journal.append(Op.WRITE, path=path, offset=at, data=data)
+                continue
+            capture.journal.append(Op.FALLOCATE, path=path, offset=at, length=until - at,
+                                   flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            if until == st.st_size:
+                capture.journal.append(Op.TRUNCATE, path=path, size=until)
     finally:
         os.close(fd)
-    if data:
-        capture.journal.append(Op.WRITE, path=path, offset=start, data=data)
     capture.touched.paths.add(path)
     capture.dirty.remove(path, start, end)
     capture.progress_done += end - start
     return None
+
+
+def pieces(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is data) of the data and the holes of [start, end) of a file.
+
+    A filesystem that cannot tell (SEEK_DATA refused) has only data.
+    """
+    at = start
+    while at < end:
+        try:
+            data = os.lseek(fd, at, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE) if data < end else end
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here on
+                data = hole = end
+            elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                data, hole = at, end
+            else:
+                raise
+        if hole <= data:  # a filesystem answering oddly: data to the end, never a loop
+            hole = end
+        if data > at:
+            yield at, min(data, end), False
+        if data < end:
+            yield data, min(hole, end), True
+        at = min(hole, end)
 
 
 async def run(capture: Capture) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from store.records import RENAME_EXCHANGE, Op, Record, is_under
 
 _DATA_OPS = frozenset(
-    {Op.WRITE, Op.TRUNCATE, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR}
+    {Op.WRITE, Op.TRUNCATE, Op.FALLOCATE, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR}
 )
 _NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK})
 

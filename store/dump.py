@@ -21,6 +21,8 @@ def describe(record: Record, raw: bytes) -> str:
         parts.append("-> " + repr(record.path2.decode(errors="backslashreplace")))
     if record.op == Op.WRITE:
         parts.append(f"offset={record.offset} length={len(record.data)}")
+    if record.op == Op.FALLOCATE:
+        parts.append(f"offset={record.offset} length={record.length}")
     for name in ("size", "mode", "uid", "gid", "rdev", "flags", "count"):
         if name in wanted:
             value = getattr(record, name)

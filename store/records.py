@@ -18,6 +18,9 @@ Layout (big-endian)::
 Field kinds: a path is u16 length + bytes (relative to the tree root, "" is
 the root itself), a blob is u32 length + bytes, integers are u32, u64 or i64.
 
+FALLOCATE carries fallocate(2)'s mode in ``flags``, its range in ``offset``
+and ``length``: the same call is made again where it is applied.
+
 This module and ``repl/protocol.py`` are the only places that pack bytes.
 """
 
@@ -63,11 +66,18 @@ class Op(enum.IntEnum):
     VOID = 17
     RESET = 18  # empty the tree: the first record of an initial sync's data set
     PRUNE = 19  # remove a path and all under it, if there: a rejoin's divergence undone
+    FALLOCATE = 20  # fallocate(2) on a range: preallocate, punch a hole, zero a range
 
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE
+# fallocate(2) modes (linux/falloc.h); the others change offsets (collapse, insert) or
+# sharing, which the mount does not pass through.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FLAGS = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -85,6 +95,7 @@ KINDS = {
     "data": "blob",
     "offset": "u64",
     "size": "u64",
+    "length": "u64",
     "mode": "u32",
     "uid": "u32",
     "gid": "u32",
@@ -115,6 +126,7 @@ FIELDS: dict[Op, tuple[str, ...]] = {
     Op.VOID: (),
     Op.RESET: (),
     Op.PRUNE: ("path",),
+    Op.FALLOCATE: ("path", "flags", "offset", "length"),
 }
 
 # Ops that change which names exist. They are not idempotent, so the
@@ -145,6 +157,7 @@ class Record:
     data: bytes = b""
     offset: int = 0
     size: int = 0
+    length: int = 0
     mode: int = 0
     uid: int = 0
     gid: int = 0
@@ -243,7 +256,8 @@ class Record:
             value = getattr(self, name)
             if not low <= value < high:
                 raise RecordError(f"{name} {value} out of range")
-        if self.offset + len(self.data) > MAX_OFFSET or self.size > MAX_OFFSET:
+        if (self.offset + len(self.data) + self.length > MAX_OFFSET
+                or self.size > MAX_OFFSET):
             raise RecordError(f"{self.op.name} record reaches past the largest file offset")
         if self.op == Op.RENAME and self.flags & ~RENAME_FLAGS:
             raise RecordError(f"unknown rename flags {self.flags:#x}")
@@ -257,6 +271,14 @@ class Record:
             raise RecordError(f"xattr name {self.name!r} contains NUL")
         if self.op == Op.SYMLINK and b"\0" in self.data:
             raise RecordError(f"symlink target {self.data!r} contains NUL")
+        if self.op == Op.FALLOCATE and self.flags & ~FALLOC_FLAGS:
+            raise RecordError(f"unknown fallocate mode {self.flags:#x}")
+        if self.op == Op.FALLOCATE and self.flags & FALLOC_FL_PUNCH_HOLE and (
+                self.flags & FALLOC_FL_ZERO_RANGE or not self.flags & FALLOC_FL_KEEP_SIZE):
+            raise RecordError(f"fallocate mode {self.flags:#x} punches a hole but not "
+                              "alone with KEEP_SIZE")
+        if self.op == Op.FALLOCATE and not self.length:
+            raise RecordError("fallocate of no bytes")
         if self.op == Op.SYNC and self.count != self.seq:
             raise RecordError(f"sync at seq {self.seq} carries op count {self.count}")
 

@@ -13,11 +13,25 @@ from tests.support import diff, primary, replay, snapshot, unmount
 # Runs on the mount until the mount dies. After each fsync returns it prints
 # the iteration, so the test knows what was promised durable.
 WORKLOAD = r"""
-import os, sys
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 m = sys.argv[1]
 os.makedirs(f"{m}/dir", exist_ok=True)
 i = 0
 while True:
+    fd = os.open(f"{m}/sparse", os.O_RDWR | os.O_CREAT, 0o644)
+    assert libc.fallocate64(fd, 0, (i % 7) * 8192, 8192) == 0  # grows it
+    assert libc.fallocate64(fd, 3, (i % 5) * 4096, 4096) == 0  # punches a hole
+    assert libc.fallocate64(fd, 0x10, (i % 3) * 5000, 100) == 0  # zeroes a range
+    os.pwrite(fd, os.urandom(3000), (i % 11) * 3000)
+    os.close(fd)
+    if os.path.exists(f"{m}/log"):
+        src = os.open(f"{m}/log", os.O_RDONLY)
+        dst = os.open(f"{m}/log-copy", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.copy_file_range(src, dst, 1 << 20, 0, 0)
+        os.close(dst)
+        os.close(src)
     with open(f"{m}/tmp{i % 3}", "wb") as f:
         f.write(os.urandom(100 + i % 5000))
     os.replace(f"{m}/tmp{i % 3}", f"{m}/dir/data{i % 5}")
@@ -69,6 +83,24 @@ def test_primary_kill9_backing_and_journal_agree(tmp_path: Path, kill_after: int
         "every fsync that returned is in the backing tree"
     replay(journal, rebuilt)
     assert diff(snapshot(backing), snapshot(rebuilt)) == [], "journal and backing disagree"
+
+
+def test_primary_recovery_redoes_a_fallocate(tmp_path: Path) -> None:
+    """A FALLOCATE journaled and cut short by a crash is done again at restart."""
+    from store.journal import Journal
+    from store.records import FALLOC_FL_ZERO_RANGE, Op
+
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    data = bytes(range(256)) * 256
+    (backing / "f").write_bytes(data)
+    journal = Journal(tmp_path / ".b.replfs" / "journal")
+    journal.append(Op.FALLOCATE, path=b"f", flags=FALLOC_FL_ZERO_RANGE, offset=60_000,
+                   length=10_000)
+    journal.close()
+    with primary(backing, mount) as daemon:
+        assert (mount / "f").read_bytes() == data[:60_000] + bytes(10_000)
+    assert "redid FALLOCATE" in daemon.log()
 
 
 def test_primary_recovery_never_prunes_its_own_tree(tmp_path: Path) -> None:

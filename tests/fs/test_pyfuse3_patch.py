@@ -7,6 +7,7 @@ these tests fail on one. The tiny file system below runs in its own process
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -94,6 +95,25 @@ class TinyFS(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
+    # The handlers the patch adds answer with what they were given, so the test can
+    # tell every argument arrived.
+
+    async def lseek(self, fh: pyfuse3.FileHandleT, off: int, whence: int) -> int:
+        return off * 10 + whence
+
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: pyfuse3.FlagT, off: int,
+                        length: int) -> None:
+        if (fh, mode, off, length) != (HELLO_INO, 1, 2, 3):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        raise pyfuse3.FUSEError(errno.EDQUOT)
+
+    async def copy_file_range(self, fh_in: pyfuse3.FileHandleT, off_in: int,
+                              fh_out: pyfuse3.FileHandleT, off_out: int, length: int,
+                              flags: pyfuse3.FlagT) -> int:
+        if (fh_in, fh_out, length, flags) != (HELLO_INO, PAIR_INO, 100, 0):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return off_in + off_out
+
 
 def serve(mountpoint: str) -> None:
     pyfuse3.init(TinyFS(), mountpoint, set(pyfuse3.default_options))
@@ -164,6 +184,38 @@ def test_main_threads_serves_reads_from_two_threads_until_unmounted(tmp_path: Pa
         out = finish(proc)
     assert proc.returncode == 0, out
     assert "main_threads returned" in out
+
+
+def test_fallocate_copy_file_range_lseek_reach_their_handlers(tmp_path: Path) -> None:
+    mount = tmp_path / "m"
+    with served(mount):
+        hello = os.open(mount / "hello", os.O_RDWR)
+        pair = os.open(mount / "pair", os.O_WRONLY)
+        try:
+            assert os.lseek(hello, 7, os.SEEK_DATA) == 7 * 10 + os.SEEK_DATA
+            assert os.lseek(hello, 8, os.SEEK_HOLE) == 8 * 10 + os.SEEK_HOLE
+            with pytest.raises(OSError) as failed:
+                os.posix_fallocate(hello, 2, 3)  # mode 0: EINVAL from the handler
+            assert failed.value.errno == errno.EINVAL
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                         ctypes.c_int64)
+            assert libc.fallocate64(hello, 1, 2, 3) == -1
+            assert ctypes.get_errno() == errno.EDQUOT
+            assert os.copy_file_range(hello, pair, 100, 30, 4) == 34
+        finally:
+            os.close(pair)
+            os.close(hello)
+
+
+def test_new_handlers_default_to_enosys() -> None:
+    """The kernel's answer to ENOSYS is its behaviour without a handler."""
+    ops = pyfuse3.Operations()
+    for call in (ops.fallocate(1, 0, 0, 1), ops.copy_file_range(1, 0, 2, 0, 1, 0),
+                 ops.lseek(1, 0, os.SEEK_DATA)):
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            call.send(None)
+        assert failed.value.errno == errno.ENOSYS
 
 
 def test_terminate_in_a_handler_stops_every_worker(tmp_path: Path) -> None:

@@ -13,9 +13,18 @@ from typing import Any
 
 import pytest
 
+import repl.apply
 from repl.apply import apply, intent_for, is_done, redo, renameat2
 from repl.tree import CACHE_SIZE, Tree
-from store.records import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, Record
+from store.records import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    Op,
+    Record,
+)
 from tests.support import diff, snapshot
 
 FILE = stat.S_IFREG
@@ -95,6 +104,58 @@ def test_apply_truncate_ok(root: Path, tree: Tree) -> None:
     assert (root / "f").read_bytes() == b"012"
     apply(tree, rec(Op.TRUNCATE, b"f", size=5))
     assert (root / "f").read_bytes() == b"012\0\0"
+
+
+KEEP, PUNCH, ZERO = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+FALLOCATES = [  # on f: 10,000 bytes of data
+    rec(Op.FALLOCATE, b"f", flags=0, offset=9000, length=7000),  # grows it to 16,000
+    rec(Op.FALLOCATE, b"f", flags=KEEP, offset=0, length=1 << 20),  # preallocates past the end
+    rec(Op.FALLOCATE, b"f", flags=PUNCH | KEEP, offset=4096, length=4096),
+    rec(Op.FALLOCATE, b"f", flags=PUNCH | KEEP, offset=15000, length=9000),  # past the end
+    rec(Op.FALLOCATE, b"f", flags=ZERO, offset=100, length=50),
+    rec(Op.FALLOCATE, b"f", flags=ZERO | KEEP, offset=15990, length=100),
+    rec(Op.FALLOCATE, b"f", flags=ZERO, offset=20000, length=10),  # grows it to 20,010
+]
+
+
+def fallocated(data: bytes) -> bytes:
+    """What a reader sees of f, holding *data*, after FALLOCATES."""
+    out = bytearray(data.ljust(16000, b"\0"))
+    for start, end in ((4096, 8192), (15000, 16000), (100, 150), (15990, 16000)):
+        out[start:end] = bytes(end - start)
+    return bytes(out.ljust(20010, b"\0"))
+
+
+def test_apply_fallocate_ok(root: Path, tree: Tree) -> None:
+    data = (root / "f").read_bytes()
+    run(root, *FALLOCATES)
+    assert (root / "f").read_bytes() == fallocated(data)
+    fd = os.open(root / "f", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 4096, os.SEEK_HOLE) == 4096, "a hole punched"
+        assert os.lseek(fd, 4096, os.SEEK_DATA) == 8192
+        assert os.fstat(fd).st_blocks * 512 > 1 << 19, "preallocated past the end"
+    finally:
+        os.close(fd)
+    apply(tree, rec(Op.FALLOCATE, b"d/g2", flags=0, offset=0, length=10))
+    assert (root / "d" / "g").read_bytes() == b"gee" + bytes(7), "one inode, two names"
+
+
+def test_apply_fallocate_ok_without_the_mode(root: Path, tree: Tree,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a replica whose filesystem lacks a mode, the bytes come out the same."""
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    data = (root / "f").read_bytes()
+    monkeypatch.setattr(repl.apply, "fallocate", unsupported)
+    run(root, *FALLOCATES)
+    assert (root / "f").read_bytes() == fallocated(data)
+
+
+def test_apply_fallocate_err_missing(root: Path, tree: Tree) -> None:
+    with pytest.raises(FileNotFoundError):
+        apply(tree, rec(Op.FALLOCATE, b"nope", flags=0, offset=0, length=1))
 
 
 def test_apply_create_ok(root: Path, tree: Tree) -> None:
@@ -398,6 +459,11 @@ DATA_RUN = [
     rec(Op.SETXATTR, b"d", name=b"user.dir", data=b"x"),
     rec(Op.CHMOD, b"d", mode=0o700),
     rec(Op.CHMOD, b"", mode=0o711),
+    rec(Op.FALLOCATE, b"d/g", flags=0, offset=0, length=9000),
+    rec(Op.WRITE, b"d/g", offset=8000, data=b"D" * 2000),
+    rec(Op.FALLOCATE, b"d/g", flags=PUNCH | KEEP, offset=4096, length=4096),
+    rec(Op.FALLOCATE, b"d/g", flags=ZERO, offset=9990, length=20),
+    rec(Op.TRUNCATE, b"d/g", size=9995),
     rec(Op.TRUNCATE, b"f", size=0),
     rec(Op.WRITE, b"f", offset=3, data=b"tail"),
     rec(Op.CHOWN, b"s", uid=3, gid=4),
@@ -460,6 +526,7 @@ def outside(tmp_path: Path, root: Path) -> Path:
 THROUGH_SYMLINKED_DIR = [
     rec(Op.WRITE, b"dirlink/file", data=b"pwned"),
     rec(Op.TRUNCATE, b"dirlink/file", size=0),
+    rec(Op.FALLOCATE, b"dirlink/file", flags=PUNCH | KEEP, offset=0, length=6),
     rec(Op.CREATE, b"dirlink/new", mode=FILE | 0o644),
     rec(Op.MKDIR, b"dirlink/newdir", mode=DIR | 0o755),
     rec(Op.MKNOD, b"dirlink/fifo", mode=stat.S_IFIFO | 0o644),
@@ -501,6 +568,7 @@ def test_apply_err_symlinked_parent(root: Path, outside: Path, record: Record) -
 FINAL_SYMLINK = [
     (rec(Op.WRITE, b"filelink", data=b"pwned"), errno.ELOOP),
     (rec(Op.TRUNCATE, b"filelink", size=0), errno.ELOOP),
+    (rec(Op.FALLOCATE, b"filelink", flags=ZERO, offset=0, length=6), errno.ELOOP),
     (rec(Op.CHMOD, b"filelink", mode=0o777), errno.EOPNOTSUPP),
     (rec(Op.SETXATTR, b"filelink", name=b"user.k", data=b"pwned"), errno.EPERM),
     (rec(Op.CHOWN, b"filelink", uid=1, gid=1), None),

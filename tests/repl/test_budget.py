@@ -13,6 +13,15 @@ from repl.errors import UsageError
 from repl.faults import ENV_SET_HASHES
 from repl.secondary import pause, resume
 from repl.verify import tree_digest
+from tests.fs.test_ranges import (
+    KEEP_SIZE,
+    PUNCH_HOLE,
+    ZERO_RANGE,
+    copy_all,
+    fallocate,
+    first_hole,
+    pattern,
+)
 from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, wait_applied
 
 
@@ -208,3 +217,43 @@ def test_resync_run_ok_every_sample_a_whole_set(tmp_path: Path,
     during = [held for held in sampler.samples if held < resynced]
     assert len(during) >= 3, f"samples while the resync ran: {sampler.samples}"
     assert sampler.samples[-1] == last
+def test_outage_past_budget_ok_fallocate_and_copies(tmp_path: Path) -> None:
+    """Over budget, fallocate is still journaled (it carries no data) and what
+    copy_file_range copies goes to the dirty map, like a write: a hole punched,
+    a range zeroed, a file grown and bytes copied all reach the replica."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--journal-max", "64K"):
+            (mount / "img").write_bytes(pattern(256 * 1024, 20))
+            (mount / "src").write_bytes(pattern(100_000, 21))
+            (mount / "dst").write_bytes(pattern(50_000, 22))
+            checkpoint(mount)
+            sec.stop()
+            for _ in range(3):
+                (mount / "filler").write_bytes(os.urandom(40_000))
+                assert replfs("checkpoint", mount).returncode == 0
+            (mount / "filler").write_bytes(b"over budget")
+            assert status(mount)["mode"] == "overflow"
+
+            fd = os.open(mount / "img", os.O_RDWR)
+            os.pwrite(fd, b"w" * 20_000, 50_000)  # dirty, and then partly punched
+            fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 4096, 64 * 1024)
+            fallocate(fd, ZERO_RANGE, 100_000, 1000)
+            fallocate(fd, 0, 200_000, 300_000)
+            os.close(fd)
+            src = os.open(mount / "src", os.O_RDONLY)
+            dst = os.open(mount / "dst", os.O_WRONLY)
+            assert copy_all(src, dst, 30_000, 10, 40_000) == 30_000
+            os.close(dst)
+            os.close(src)
+            assert diff(snapshot(backing), snapshot(replica)) != [], "the outage is real"
+
+            with secondary(replica, port=port):
+                checkpoint(mount)
+                # Written over budget, then punched: the resync sends the hole as a hole.
+                assert first_hole(replica / "img") == first_hole(backing / "img") == (
+                    4096, 69632)
+                assert diff(snapshot(backing), snapshot(replica)) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.faultproxy import UP, FaultProxy
+from tests.fs.test_ranges import MiB, first_hole
 from tests.repl.peers import assert_one_line_error
 from tests.support import (
     checkpoint,
@@ -201,3 +202,22 @@ def test_initial_sync_status_ok_progress(tmp_path: Path) -> None:
         assert st["dirty_files"] <= files
     after = samples[-1]
     assert "resync_done_bytes" not in after and "dirty_bytes" not in after
+def test_initial_sync_ok_sparse_files_stay_sparse(tmp_path: Path) -> None:
+    """The sync sends holes as holes, the one that ends a file included."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    fd = os.open(backing / "sparse", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"a" * 5000, 0)
+    os.pwrite(fd, b"b" * 100, 3 * MiB)
+    os.ftruncate(fd, 64 * MiB)
+    os.close(fd)
+    (backing / "holes-only").write_bytes(b"")
+    os.truncate(backing / "holes-only", 10 * MiB)
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}"):
+        checkpoint(mount)
+        assert first_hole(replica / "sparse") == first_hole(backing / "sparse") == (
+            8192, 3 * MiB)
+        assert first_hole(replica / "holes-only") == (0, "ENXIO")
+        assert sum(os.stat(replica / n).st_blocks for n in ("sparse", "holes-only")) < 100
+        assert diff(snapshot(backing), snapshot(replica)) == []

@@ -39,7 +39,8 @@ def test_touched_add_ok_data_ops() -> None:
         rec(Op.CHOWN, b"i"),
         rec(Op.SETXATTR, b"j", name=b"user.k"),
         rec(Op.REMOVEXATTR, b"", name=b"user.k"),
-    ) == {b"d/f", b"g", b"h", b"i", b"j", b""}
+        rec(Op.FALLOCATE, b"k", length=1),
+    ) == {b"d/f", b"g", b"h", b"i", b"j", b"", b"k"}
 
 
 def test_touched_add_ok_utimes_sets_its_own_times() -> None:

@@ -11,7 +11,15 @@ import stat
 
 import xxhash
 
-from store.records import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, Record
+from store.records import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    Op,
+    Record,
+)
 
 SET = (1 << 40) + 7  # wider than 32 bits: pins the u64 set field
 
@@ -49,6 +57,11 @@ SPECS: dict[str, Record] = {
     "sync": Record(Op.SYNC, SET, 20, count=20),
     "reset": Record(Op.RESET, SET, 21),
     "prune": Record(Op.PRUNE, SET, 22, path=b"dir/sub"),
+    "fallocate": Record(Op.FALLOCATE, SET, 23, path=b"dir/file", flags=FALLOC_FL_ZERO_RANGE,
+                        offset=(1 << 40) + 3, length=(1 << 33) + 1),
+    "fallocate-punch": Record(Op.FALLOCATE, SET, 24, path=b"f",
+                              flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset=4096,
+                              length=8192),
 }
 
 

@@ -35,6 +35,8 @@ SHOWS: dict[str, list[str]] = {
     "removexattr": ["'' name=trusted.k"],
     "reset": [],
     "prune": ["'dir/sub'"],
+    "fallocate": ["'dir/file'", "offset=1099511627779 length=8589934593", "flags=16"],
+    "fallocate-punch": ["'f'", "offset=4096 length=8192", "flags=3"],
 }
 
 

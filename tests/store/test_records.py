@@ -12,8 +12,12 @@ import pytest
 
 from store.errors import RecordError
 from store.records import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
     FIELDS,
     MAX_BLOB,
+    MAX_OFFSET,
     MAX_PATH,
     MAX_SEQ,
     NAME_MAX,
@@ -200,6 +204,7 @@ def test_record_validate_ok_limits() -> None:
     Record(Op.RMDIR, 0, 0, path=long_path).validate()
     Record(Op.WRITE, 1, 0, path=b"f", offset=(1 << 63) - 2, data=b"x").validate()
     Record(Op.UTIMES, 1, 0, path=b"f", atime_ns=-(1 << 63), mtime_ns=(1 << 63) - 1).validate()
+    Record(Op.FALLOCATE, 1, 0, path=b"f", offset=MAX_OFFSET - 1, length=1).validate()
 
 
 @pytest.mark.parametrize("set_id", [-1, 1 << 64])
@@ -220,13 +225,15 @@ def test_record_validate_err_seq_range(seq: int) -> None:
         (Record(Op.SYNC, 1, 0, count=0, path=b"f"), "path"),
         (Record(Op.VOID, 1, 0, atime_ns=-1), "atime_ns"),
         (Record(Op.CHMOD, 1, 0, path=b"f", mode=0o644, uid=5), "uid"),
+        (Record(Op.WRITE, 1, 0, path=b"f", data=b"x", length=1), "length"),
     ],
 )
 def test_record_validate_err_stray_field(record: Record, stray: str) -> None:
     assert_invalid(record, f"{record.op.name} record has a stray {stray}$")
 
 
-@pytest.mark.parametrize("op", [Op.WRITE, Op.CREATE, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.LINK])
+@pytest.mark.parametrize("op", [Op.WRITE, Op.CREATE, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.LINK,
+                                Op.FALLOCATE])
 def test_record_validate_err_root_path(op: Op) -> None:
     """Only attribute ops may name the root itself."""
     assert_invalid(Record(**{**_as_dict(SPECS_BY_OP[op]), "path": b""}), "empty path")
@@ -292,6 +299,8 @@ def test_record_validate_err_blob_too_large(field: str) -> None:
         (Op.MKNOD, "rdev", 1 << 64),
         (Op.UTIMES, "atime_ns", 1 << 63),
         (Op.UTIMES, "mtime_ns", -(1 << 63) - 1),
+        (Op.FALLOCATE, "length", 1 << 64),
+        (Op.FALLOCATE, "flags", -1),
     ],
 )
 def test_record_validate_err_int_range(op: Op, field: str, value: int) -> None:
@@ -305,6 +314,7 @@ def test_record_validate_err_int_range(op: Op, field: str, value: int) -> None:
         Record(Op.WRITE, 1, 0, path=b"f", offset=1 << 63, data=b""),
         Record(Op.WRITE, 1, 0, path=b"f", offset=(1 << 63) - 1, data=b"x"),
         Record(Op.TRUNCATE, 1, 0, path=b"f", size=1 << 63),
+        Record(Op.FALLOCATE, 1, 0, path=b"f", offset=MAX_OFFSET - 1, length=2),
     ],
 )
 def test_record_validate_err_past_max_offset(record: Record) -> None:
@@ -321,6 +331,34 @@ def test_record_validate_err_rename_exchange_noreplace() -> None:
     record = Record(Op.RENAME, 1, 0, path=b"a", path2=b"b",
                     flags=RENAME_EXCHANGE | RENAME_NOREPLACE)
     assert_invalid(record, "cannot both exchange and not replace")
+
+
+@pytest.mark.parametrize("flags", [0x04, 0x08, 0x20, 0x40, 1 << 31,
+                                   FALLOC_FL_ZERO_RANGE | 0x08])
+def test_record_validate_err_fallocate_unknown_mode(flags: int) -> None:
+    assert_invalid(Record(Op.FALLOCATE, 1, 0, path=b"f", flags=flags, length=1),
+                   f"unknown fallocate mode {flags:#x}")
+
+
+@pytest.mark.parametrize("flags", [FALLOC_FL_PUNCH_HOLE,
+                                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE,
+                                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+                                   | FALLOC_FL_KEEP_SIZE])
+def test_record_validate_err_fallocate_punch_hole(flags: int) -> None:
+    """fallocate(2) punches a hole only with KEEP_SIZE and no other mode."""
+    assert_invalid(Record(Op.FALLOCATE, 1, 0, path=b"f", flags=flags, length=1),
+                   f"fallocate mode {flags:#x} punches a hole but not alone with KEEP_SIZE")
+
+
+@pytest.mark.parametrize("flags", [0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                                   FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE])
+def test_record_validate_ok_fallocate_mode(flags: int) -> None:
+    Record(Op.FALLOCATE, 1, 0, path=b"f", flags=flags, offset=0, length=1).validate()
+
+
+def test_record_validate_err_fallocate_no_bytes() -> None:
+    assert_invalid(Record(Op.FALLOCATE, 1, 0, path=b"f", offset=5), "fallocate of no bytes")
 
 
 @pytest.mark.parametrize("kind", [0, stat.S_IFDIR, stat.S_IFLNK, 0o170000])

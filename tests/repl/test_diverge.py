@@ -1,0 +1,36 @@
+"""What a journal says two trees changed: content paths and written ranges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from repl.diverge import END, Divergence
+from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op, Record
+
+
+def rec(op: Op, path: bytes, **fields: Any) -> Record:
+    record = Record(op, 1, 0, path=path, **fields)
+    record.validate()
+    return record
+
+
+def test_divergence_add_ok_ranges() -> None:
+    """Every op that changes bytes adds the range it changed, merged per file."""
+    div = Divergence().add([
+        rec(Op.WRITE, b"f", offset=10, data=b"abc"),
+        rec(Op.FALLOCATE, b"f", flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            offset=12, length=100),
+        rec(Op.FALLOCATE, b"g", offset=4096, length=8192),
+        rec(Op.TRUNCATE, b"h", size=7),
+        rec(Op.CHMOD, b"i", mode=0o600),
+    ])
+    assert div.ranges == {b"f": [(10, 112)], b"g": [(4096, 12288)], b"h": [(7, END)],
+                          b"i": []}
+    assert div.content == set()
+
+
+def test_divergence_add_ok_content() -> None:
+    div = Divergence().add([rec(Op.UNLINK, b"a"), rec(Op.RENAME, b"b", path2=b"c"),
+                            rec(Op.SETXATTR, b"d", name=b"user.k")])
+    assert div.content == {b"a", b"b", b"c", b"d"}
+    assert div.ranges == {}
