@@ -54,7 +54,7 @@ class Rejected(ReplError):
 class _Pending:
     host: str
     scope: trio.CancelScope
-    pushed_out: bool = False
+    pushed_out: str | None = None  # why, once a newer connection took its place
 
 
 class Gate:
@@ -90,22 +90,22 @@ class Gate:
             self._pending.remove(pending)
         await trio.aclose_forcefully(stream)  # only reached when the scope was cancelled
         if pending.pushed_out:
-            raise Rejected("busy", f"pushed out: more than {MAX_HANDSHAKES_PER_HOST} "
-                           f"handshakes in progress from {host}, or {MAX_HANDSHAKES} in all")
+            raise Rejected("busy", f"pushed out by a newer connection: {pending.pushed_out}")
         raise Rejected("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s")
 
     def _make_room(self, host: str) -> None:
         """Push out the oldest handshakes, so one more stays within both bounds."""
         mine = [p for p in self._pending if p.host == host and not p.pushed_out]
         if len(mine) >= MAX_HANDSHAKES_PER_HOST:
-            self._push_out(mine[0])
+            self._push_out(mine[0], f"{MAX_HANDSHAKES_PER_HOST} handshakes in progress "
+                           f"from {host} already")
         live = [p for p in self._pending if not p.pushed_out]
         if len(live) >= MAX_HANDSHAKES:
-            self._push_out(live[0])
+            self._push_out(live[0], f"{MAX_HANDSHAKES} handshakes in progress already")
 
     @staticmethod
-    def _push_out(pending: _Pending) -> None:
-        pending.pushed_out = True
+    def _push_out(pending: _Pending, why: str) -> None:
+        pending.pushed_out = why
         pending.scope.cancel()
 
     async def _admit(self, stream: trio.SocketStream) -> trio.abc.Stream:
@@ -133,8 +133,8 @@ class Gate:
             raise Rejected(*refusal(exc.__cause__)) from None
         names = peer_names(tls.getpeercert())
         if self.creds.peer not in names:
-            text = (f"its certificate names {', '.join(names) or 'no node'}, and this "
-                    f"secondary accepts {self.creds.peer} (--peer)")
+            text = (f"the certificate names {', '.join(names) or 'no node'}, and this "
+                    f"secondary accepts only {self.creds.peer} (--peer)")
             await _tell(tls, text)
             raise Rejected("wrong-name", text)
         return tls

@@ -288,9 +288,9 @@ def refusal(exc: BaseException | None) -> tuple[str, str]:
     if isinstance(exc, ssl.SSLCertVerificationError):
         code, what = exc.verify_code, exc.verify_message
         if code == _EXPIRED:
-            return "expired", f"its certificate has expired ({what})"
+            return "expired", "its certificate has expired"
         if code == _NOT_YET_VALID:
-            return "not-yet-valid", f"its certificate is not valid yet ({what})"
+            return "not-yet-valid", "its certificate is not valid yet"
         if code in _UNTRUSTED:
             return "unknown-ca", f"its certificate is not signed by this cluster's CA ({what})"
         return "bad-certificate", f"its certificate is refused ({what})"
