@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -212,7 +213,7 @@ def credentials(prefix: Path, peer: str | None) -> Credentials:
     try:
         found.client_context()
         parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
-    except (ssl.SSLError, ValueError, TypeError, x509.InvalidSignature) as exc:
+    except (ssl.SSLError, ValueError, TypeError, InvalidSignature) as exc:
         raise UsageError(f"--tls {prefix}: {cert}, {key} and {ca} do not go together "
                          f"({exc})") from None
     return found
@@ -317,7 +318,7 @@ def client_refusal(exc: BaseException | None, peer: str) -> str:
             return ("TLS: the secondary's certificate is not signed by this cluster's CA "
                     f"({exc.verify_message})")
         return f"TLS: the secondary's certificate is refused ({exc.verify_message})"
-    if isinstance(exc, ssl.SSLEOFError):
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
         return ("TLS: the secondary closed the link during the handshake (is it running "
                 "with --insecure? its log says why)")
     if isinstance(exc, ssl.SSLError):
