@@ -131,8 +131,8 @@ class Gate:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise Rejected(*refusal(exc.__cause__)) from None
-        names = peer_names(tls.getpeercert())
-        if self.creds.peer not in names:
+        names = peer_names(tls.getpeercert() or {})
+        if self.creds.peer not in (name.lower() for name in names):
             text = (f"the certificate names {', '.join(names) or 'no node'}, and this "
                     f"secondary accepts only {self.creds.peer} (--peer)")
             await _tell(tls, text)

@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def init_ca(directory: Path) -> Path:
     cert_path, key_path = directory / f"{CA}.pem", directory / f"{CA}.key"
     if cert_path.exists() or key_path.exists():
         raise UsageError(f"{directory} holds a CA already ({cert_path}); it is kept as it is")
+    os.chmod(directory, 0o700)  # it was ours already, perhaps readable by all: not any more
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
                                          f"replfs cluster CA {os.urandom(4).hex()}")])
@@ -228,7 +230,7 @@ def names(cert: x509.Certificate) -> set[str]:
     return set(san.value.get_values_for_type(x509.DNSName))
 
 
-def peer_names(peercert: dict[str, object]) -> list[str]:
+def peer_names(peercert: Mapping[str, object]) -> list[str]:
     """The DNS names in a verified peer certificate, as ``SSLObject.getpeercert()`` gives it."""
     san = peercert.get("subjectAltName", ())
     assert isinstance(san, tuple)

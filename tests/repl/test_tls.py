@@ -63,6 +63,14 @@ def test_tls_cli_init_issue_ok(tmp_path: Path) -> None:
     assert days == tls.DEFAULT_DAYS
 
 
+def test_tls_cli_init_ok_existing_dir_made_private(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    ca.mkdir()
+    os.chmod(ca, 0o755)
+    assert replfs("tls", "init", ca).returncode == 0
+    assert mode(ca) == 0o700
+
+
 def test_tls_cli_init_err_exists(tmp_path: Path) -> None:
     ca = tmp_path / "ca"
     assert replfs("tls", "init", ca).returncode == 0
