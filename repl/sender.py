@@ -232,7 +232,9 @@ class Sender:
         if self.creds is not None:
             try:
                 await conn.expect_magic()
-            except trio.BrokenResourceError:
+            except trio.BrokenResourceError as exc:
+                if tls.broken_record(exc) is not None:
+                    raise  # a corrupt record: the link's fault, not a refusal
                 raise Refused("the secondary closed the link right after the TLS handshake: "
                               "it did not accept our certificate (its log says why)") from None
         await conn.send_magic()
