@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo import Proc
+from demo import Proc, links
 
 from repl import applier, control
 
@@ -309,6 +309,7 @@ class Bench:
             key: {target: [] for target in TARGETS} for key, _, _ in WORKLOADS}
         self.replication: dict[str, float] = {}
         self.warnings: list[str] = []
+        self.primary_tls, self.secondary_tls = links(tmp)  # TLS, as replfs runs by default
 
     def daemon(self, name: str, args: list[str], ready: str) -> Daemon:
         daemon = Daemon(name, args, self.tmp / f"{name}.log", ready)
@@ -326,7 +327,8 @@ class Bench:
     def secondary(self, port: int = 0) -> tuple[Daemon, int]:
         replica = self.tmp / "replica"
         daemon = self.daemon("secondary", ["secondary", str(replica), "--listen",
-                                           f"127.0.0.1:{port}"], "listening on")
+                                           f"127.0.0.1:{port}", *self.secondary_tls],
+                             "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
 
@@ -367,8 +369,8 @@ class Bench:
         say(f"replfs primary at {alone_mount}, no secondary")
         sec, port = self.secondary()
         pri, mount = self.primary("replicated", "--secondary", f"127.0.0.1:{port}",
-                                  "--journal-max", JOURNAL_MAX)
-        say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port}")
+                                  "--journal-max", JOURNAL_MAX, *self.primary_tls)
+        say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port} over TLS")
         checkpoint(mount, 60)
         for round_ in range(self.plan.rounds):
             if self.plan.rounds > 1:

@@ -1,7 +1,8 @@
 """``replfs demo``: a primary and a secondary on loopback, a real workload, a crash.
 
 Everything lives in a temporary directory that is removed afterwards, also
-on Ctrl-C. The demo starts both daemons as separate processes, runs a
+on Ctrl-C, the cluster's CA included: the two daemons replicate over TLS,
+each with a certificate of that CA. The demo starts both daemons as separate processes, runs a
 SQLite application and a file churner on the mount, shows replication
 progress and lag live, kills the secondary with SIGKILL halfway, restarts
 it, and at the end checks that the replica equals the primary byte for
@@ -23,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from repl import control
+from repl import control, tls
 from repl.verify import differences
 
 HERE = Path(__file__).resolve().parent
@@ -80,6 +81,17 @@ class Proc:
             self.proc.wait(30)
 
 
+def links(tmp: Path) -> tuple[list[str], list[str]]:
+    """A cluster CA in *tmp*/tls with certificates for the nodes alpha (the primary) and
+    beta (the secondary); returns the primary's and the secondary's TLS options."""
+    ca = tmp / "tls"
+    tls.init_ca(ca)
+    for name in ("alpha", "beta"):
+        tls.issue(ca, name)
+    return (["--tls", str(ca / "alpha"), "--peer", "beta"],
+            ["--tls", str(ca / "beta"), "--peer", "alpha"])
+
+
 def workload(mount: Path, stop: threading.Event, counts: dict[str, int]) -> None:
     """A small shop: orders committed to SQLite, invoices written, renamed, archived."""
     db = sqlite3.connect(mount / "shop.db")
@@ -127,10 +139,11 @@ def run() -> int:
     backing.mkdir()
     mount.mkdir()
     port = free_port()
-    sec = Proc("secondary", ["secondary", str(replica), "--listen", f"127.0.0.1:{port}"],
-               tmp / "secondary.log", "listening on")
+    primary_tls, secondary_tls = links(tmp)
+    sec = Proc("secondary", ["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
+                             *secondary_tls], tmp / "secondary.log", "listening on")
     pri = Proc("primary", ["primary", str(backing), str(mount), "--secondary",
-                           f"127.0.0.1:{port}", "--set-interval", "0.2"],
+                           f"127.0.0.1:{port}", "--set-interval", "0.2", *primary_tls],
                tmp / "primary.log", "serving")
     stop = threading.Event()
     counts = {"commits": 0, "bytes": 0}
@@ -139,9 +152,11 @@ def run() -> int:
     try:
         print(f"replfs demo in {tmp}")
         sec.start()
-        print(f"  secondary  listening on 127.0.0.1:{port}, replica {replica}")
+        print(f"  cluster CA {tmp / 'tls'}: certificates for alpha (primary), beta (secondary)")
+        print(f"  secondary  listening on 127.0.0.1:{port} (TLS as beta, accepting alpha), "
+              f"replica {replica}")
         pri.start()
-        print(f"  primary    {backing} mounted at {mount}, replicating over 4 streams")
+        print(f"  primary    {backing} mounted at {mount}, replicating over 4 TLS streams")
         worker = threading.Thread(target=workload, args=(mount, stop, counts), daemon=True)
         worker.start()
         killed = restarted = False

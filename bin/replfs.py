@@ -23,7 +23,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fs.mount import PrimaryConfig, run_primary, run_standby
-from repl import control
+from repl import control, tls
 from repl.errors import UsageError
 from repl.promote import promote
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
@@ -72,10 +72,20 @@ def build_parser() -> Parser:
         p.add_argument("--staging", type=Path, metavar="DIR",
                        help="staging directory (default: .REPLICA.replfs/staging beside REPLICA)")
 
-    def command(name: str, help: str) -> Parser:
-        p: Parser = sub.add_parser(name, help=help)
+    def command(name: str, help: str, within: argparse._SubParsersAction[Parser] = sub
+                ) -> Parser:
+        p: Parser = within.add_parser(name, help=help, description=help)
         p.set_defaults(parser=p)  # so errors name the subcommand's --help
         return p
+
+    def link_options(p: Parser, other: str) -> None:
+        p.add_argument("--tls", type=Path, metavar="DIR/NAME",
+                       help="TLS as node NAME: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem "
+                            "(see 'replfs tls')")
+        p.add_argument("--peer", metavar="NAME",
+                       help=f"the node the {other}'s certificate must name (with --tls)")
+        p.add_argument("--insecure", action="store_true",
+                       help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
 
     p = command("primary", "mount BACKING at MOUNTPOINT and journal every change")
     p.add_argument("backing", type=Path, metavar="BACKING")
@@ -89,6 +99,7 @@ def build_parser() -> Parser:
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="journal budget; past it, a dirty map stands in (default 1G)")
     p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
+    link_options(p, "secondary")
     p.add_argument("--streams", type=int, default=4, metavar="N",
                    help="parallel TCP streams to the secondary (default 4)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
@@ -101,8 +112,7 @@ def build_parser() -> Parser:
     p.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to accept the primary on (port 0 picks a free one)")
     staging_option(p)
-    p.add_argument("--insecure", action="store_true",
-                   help="allow listening on a non-loopback address without authentication")
+    link_options(p, "primary")
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
@@ -146,6 +156,16 @@ def build_parser() -> Parser:
 
     command("demo", "run a primary and a secondary on loopback through a crash")
 
+    p = command("tls", "make the cluster's CA and the nodes' certificates")
+    tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
+    p = command("init", "make the cluster's CA in DIR: ca.pem and ca.key", tls_sub)
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p = command("issue", "make NAME.pem and NAME.key in DIR, signed by its CA", tls_sub)
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("name", metavar="NAME", help="the node's name, e.g. its host name")
+    p.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, metavar="N",
+                   help=f"how long it is valid (default {tls.DEFAULT_DAYS})")
+
     p = command("dump", "print the records of a journal readably")
     p.add_argument("path", type=Path, metavar="PATH")
     return parser
@@ -184,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds))
+                args.stall_seconds, args.tls, args.peer, args.insecure))
         elif args.command == "secondary":
-            trio.run(run_secondary, args.replica, args.listen, args.staging, args.insecure,
-                     args.rejoin)
+            trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
+                     args.peer, args.insecure, args.rejoin)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":
@@ -225,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo()
         elif args.command == "dump":
             dump(args.path, sys.stdout)
+        elif args.command == "tls":
+            tls_command(args)
     except (UsageError, ReplfsError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -232,6 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def tls_command(args: argparse.Namespace) -> None:
+    if args.tls_command == "init":
+        cert = tls.init_ca(args.dir)
+        print(f"made the cluster's CA: {cert} and {cert.with_suffix('.key')} (keep ca.key "
+              "on this host only)")
+        print(f"next, for each node: replfs tls issue {args.dir} NAME")
+    else:
+        cert = tls.issue(args.dir, args.name, days=args.days)
+        print(f"made {cert} and {cert.with_suffix('.key')}, valid for {args.days} days")
+        print(f"copy them and {args.dir / 'ca.pem'} to {args.name}, into a directory only "
+              f"root can read; its daemon takes --tls THATDIR/{args.name}")
 
 
 def ask(target: Path, cmd: str, **fields: object) -> dict[str, object]:

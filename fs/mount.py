@@ -21,6 +21,7 @@ from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INT
 from repl.errors import UsageError
 from repl.secondary import default_state_dir, parse_address, staging_dir_of
 from repl.sender import STALL_SECONDS, Sender
+from repl.tls import link_credentials
 from repl.tree import Tree
 from store.hold import ApplyLock, is_held, read_applied, read_syncing
 from store.journal import Journal
@@ -67,6 +68,9 @@ class PrimaryConfig:
     streams: int = 4
     scramble: int | None = None  # seed: shuffle records across streams (testing aid)
     stall_seconds: float = STALL_SECONDS
+    tls: Path | None = None  # DIR/NAME: this node's certificate, key and CA (repl/tls.py)
+    peer: str | None = None  # the name the secondary's certificate must carry
+    insecure: bool = False  # plain TCP to a loopback secondary
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -77,6 +81,10 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
     peer = parse_address(cfg.secondary) if cfg.secondary else None
+    if peer is None and (cfg.tls or cfg.peer or cfg.insecure):
+        raise UsageError("--tls, --peer and --insecure are for the link to a secondary: "
+                         "they need --secondary HOST:PORT")
+    creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
     tree = Tree(backing)
@@ -89,7 +97,11 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         sender = None
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
-                            stall_seconds=cfg.stall_seconds, settled=capture.lock)
+                            stall_seconds=cfg.stall_seconds, settled=capture.lock,
+                            creds=creds)
+            if creds is None:
+                log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
+                            "nobody authenticated, nothing encrypted", *peer)
             capture.on_append = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
@@ -175,7 +187,10 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
+            creds = sender.creds
             out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,
+                    "insecure": creds is None, "tls_name": creds.name if creds else None,
+                    "tls_peer": creds.peer if creds else None,
                     "streams": st.streams, "peer": st.peer_node,
                     "last_shipped": list(st.shipped), "last_applied": st.applied,
                     "lag_sets": j.set - 1 - st.applied,

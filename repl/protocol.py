@@ -33,6 +33,7 @@ MAGIC = b"REPLFS\x00\x01"
 PROTOCOL_VERSION = 1
 MAX_FRAME = 80 << 20
 MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
+CLOSE_SECONDS = 1.0  # a TLS close says close_notify first: a peer reading nothing gets this long
 
 _LENGTH = struct.Struct(">I")
 _HEAD = struct.Struct(">IB")  # length, type
@@ -197,4 +198,7 @@ class Connection:
             self._reader.feed(data)
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        """Close the stream; over TLS, after a close_notify if it leaves within
+        CLOSE_SECONDS (then the socket is closed regardless)."""
+        with trio.move_on_after(CLOSE_SECONDS):
+            await self.stream.aclose()

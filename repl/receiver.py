@@ -8,9 +8,11 @@ streams. A set whose last record arrives is flagged complete in that same
 transaction, and the applier is woken.
 
 A primary's connections share a session id; a new session replaces the
-old one (the primary reconnected). A peer that is not replfs, speaks
-another version, belongs to another cluster or sends an invalid record is
-refused with one log line, and nothing of the replica changes.
+old one (the primary reconnected). A connection first passes the gate
+(repl/gate.py: TLS, the cluster's CA, the primary's name). A peer turned
+away there, or that is not replfs, speaks another version, belongs to
+another cluster or sends an invalid record, is refused with one log line
+(counted by reason in ``status``), and nothing of the replica changes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import trio
 
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
+from repl.gate import Gate, Rejected
 from repl.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -36,13 +39,16 @@ from repl.protocol import (
     parse_hello,
     staged,
 )
+from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Record
 from store.staging import Staging
 
 log = logging.getLogger("replfs.receiver")
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # the replfs handshake, once past the gate
+# Refusals logged per second at most: a flood is counted, not written out line by line.
+REFUSALS_LOGGED = 20
 STAGE_BATCH = 4096
 STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
 
@@ -57,6 +63,7 @@ class ReceiverStatus:
     stale: int = 0
     bad_frames: int = 0
     refused: int = 0
+    refused_by: dict[str, int] = field(default_factory=dict)  # reason -> connections
     last_staged: tuple[int, int] = (0, 0)
     last_complete: int = 0
     errors: list[str] = field(default_factory=list)
@@ -71,9 +78,10 @@ class _Stream:
 
 
 class Receiver:
-    def __init__(self, staging: Staging, on_complete: Callable[[], None],
+    def __init__(self, staging: Staging, gate: Gate, on_complete: Callable[[], None],
                  on_reset: Callable[[int], None]) -> None:
         self.staging = staging
+        self.gate = gate
         self.on_complete = on_complete
         self.on_reset = on_reset
         self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
@@ -83,6 +91,8 @@ class Receiver:
         self._streams: list[_Stream] = []
         self._session: str | None = None
         self._boot: str | None = None  # the primary process the session came from
+        self._refusal_second = -1  # the second whose refusals are being logged
+        self._refusals_logged = self._refusals_unlogged = 0
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -103,15 +113,36 @@ class Receiver:
         log.warning("%s", text)
         self.status.errors = [*self.status.errors[-9:], text]
 
+    def _refused(self, peer: str, reason: str, text: str) -> None:
+        """Count a refusal, and log it in one line unless a flood is under way."""
+        self.status.refused += 1
+        self.status.refused_by[reason] = self.status.refused_by.get(reason, 0) + 1
+        second = int(trio.current_time())
+        if second != self._refusal_second:
+            if self._refusals_unlogged:
+                log.warning("%d more connections refused in a second, not logged one by one "
+                            "(see replfs status)", self._refusals_unlogged)
+            self._refusal_second, self._refusals_unlogged, self._refusals_logged = second, 0, 0
+        if self._refusals_logged >= REFUSALS_LOGGED:
+            self._refusals_unlogged += 1
+            return
+        self._refusals_logged += 1
+        self._error(f"refused connection from {peer} ({reason}): {text}")
+
     async def _handle(self, socket_stream: trio.SocketStream) -> None:
-        peer = _peer(socket_stream)
-        conn = Connection(socket_stream)
+        host, peer = _peer(socket_stream)
+        try:
+            stream = await self.gate.admit(socket_stream, host)
+        except Rejected as exc:
+            self._refused(peer, exc.reason, exc.text)
+            return
+        conn = Connection(stream)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 info = await self._handshake(conn)
         except (ProtocolError, Refused) as exc:
-            self.status.refused += 1
-            self._error(f"refused connection from {peer}: {exc}")
+            self._refused(peer, "protocol" if isinstance(exc, ProtocolError) else "not-served",
+                          str(exc))
             with trio.move_on_after(1):
                 try:
                     await conn.send(Frame(FrameType.ERROR, str(exc).encode()))
@@ -158,7 +189,12 @@ class Receiver:
                 self.status.bad_frames += 1
                 self._error(f"dropped stream from {peer}: {_first(group)}")
             except* (OSError, trio.BrokenResourceError, trio.EndOfChannel) as group:
-                self._error(f"stream from {peer} closed: {_first(group)!r}")
+                broken = broken_record(_first(group))
+                if broken is not None:  # what a bad checksum is to a plain link
+                    self.status.bad_frames += 1
+                    self._error(f"dropped stream from {peer}: {broken}")
+                else:
+                    self._error(f"stream from {peer} closed: {_first(group)!r}")
             finally:
                 if stream in self._streams:
                     self._streams.remove(stream)
@@ -271,9 +307,10 @@ class Receiver:
                 self.on_complete()
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """The peer's host, and its host:port for the log."""
     try:
         host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
+        return str(host), f"{host}:{port}"
     except OSError:
-        return "?"
+        return "?", "?"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,10 @@ import trio
 from repl import control
 from repl.applier import Applier
 from repl.errors import UsageError
+from repl.gate import Gate
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
+from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.journal import Journal
 from store.staging import Staging
@@ -140,20 +140,13 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback
-                   for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
-
-
 async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
-                        insecure: bool, rejoin: bool = False) -> None:
+                        tls: Path | None, peer: str | None, insecure: bool,
+                        rejoin: bool = False) -> None:
+    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
+    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*)."""
     host, port = parse_address(listen)
-    if not insecure and not is_loopback(host):
-        raise UsageError(f"refusing to listen on {host}: peers are not authenticated yet; "
-                         "listen on a loopback address or pass --insecure")
+    creds = link_credentials(tls, peer, insecure, host)
     if not replica.is_dir():
         if not replica.parent.is_dir():
             raise UsageError(f"replica {replica}: its parent directory does not exist")
@@ -181,7 +174,8 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         bound = listeners[0].socket.getsockname()
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
-        receiver = Receiver(staging, on_complete=applier.notify, on_reset=applier.reset_to)
+        receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
+                            on_reset=applier.reset_to)
 
         def on_hello(info: dict[str, Any]) -> dict[str, Any]:
             """A rejoin: keep our own changes aside, then offer what diverged."""
@@ -207,6 +201,10 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             return {
                 "role": "secondary", "replica": str(replica), "listen": f"{host}:{bound[1]}",
                 "cluster": staging.identity.cluster, "node": staging.identity.node,
+                "generation": staging.identity.generation,
+                "insecure": creds is None,
+                "tls_name": creds.name if creds else None,
+                "tls_peer": creds.peer if creds else None,
                 "connected_streams": r.connected_streams, "peer": r.peer_node,
                 "last_staged": list(r.last_staged), "last_complete": r.last_complete,
                 "last_applied": applier.applied, "applying": applier.applying,
@@ -216,6 +214,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 "syncing": staging.syncing is not None,
                 "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
+                "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
                 "staging_bytes": staging.size(), "apply_error": applier.error,
                 "errors": r.errors,
             }
@@ -242,8 +241,13 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                                 {"status": status, "wait": wait, "wake": wake,
                                  "shutdown": shutdown})
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            log.info("listening on %s:%d for the primary; replica %s at set %d",
-                     bound[0], bound[1], replica, staging.applied)
+            if creds is None:
+                log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
+                            "encrypted: anyone who can reach %s:%d can replace this replica",
+                            bound[0], bound[1])
+            log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
+                     bound[0], bound[1], "plain TCP, --insecure" if creds is None else
+                     f"TLS as {creds.name}, accepting {creds.peer}", replica, staging.applied)
     finally:
         staging.close()
         if old_journal is not None:

@@ -11,6 +11,12 @@ Any failure of any stream ends the whole session; the next session starts
 from the set after the one the secondary says it applied, so everything
 not applied is sent again and the secondary drops what it already holds.
 The journal keeps every record until its set is reported applied (claim 6).
+
+Over TLS (repl/tls.py) each stream is a TLS 1.3 link whose certificate must
+name the secondary given to ``--peer``, and the sender waits for the
+secondary's magic before sending its own: a secondary that did not accept
+our certificate closes the link right after the TLS handshake, and we read
+that close instead of writing into it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from repl import tls
 from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
@@ -79,7 +86,8 @@ class Sender:
     def __init__(self, journal: Journal, host: str, port: int, *, streams: int = 4,
                  window: int = WINDOW_BYTES, scramble: int | None = None,
                  stall_seconds: float = STALL_SECONDS,
-                 settled: AbstractContextManager[object] | None = None) -> None:
+                 settled: AbstractContextManager[object] | None = None,
+                 creds: tls.Credentials | None = None) -> None:
         self.journal = journal
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
@@ -89,6 +97,8 @@ class Sender:
         # journal's unsynced tail and reuse those places for other records.
         self.boot = secrets.token_hex(8)
         self.host, self.port = host, port
+        self.creds = creds  # None: plain TCP (--insecure)
+        self._context = creds.client_context() if creds is not None else None
         self.nstreams = streams
         self.stall_seconds = stall_seconds
         self.window = window
@@ -179,7 +189,7 @@ class Sender:
             start = 0
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 for index in range(self.nstreams):
-                    conn = Connection(await trio.open_tcp_stream(self.host, self.port))
+                    conn = Connection(await self._connect())
                     conns.append(conn)
                     start = await self._handshake(conn, session, index)
             restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
@@ -209,14 +219,41 @@ class Sender:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
+    async def _connect(self) -> trio.abc.Stream:
+        """A new link to the secondary: over TLS, once its certificate checked out.
+
+        Raises Refused if the TLS handshake failed (its certificate, or ours).
+        """
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        if self._context is None or self.creds is None:
+            return stream
+        link = trio.SSLStream(stream, self._context, server_hostname=self.creds.peer)
+        try:
+            await link.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(link)
+            if isinstance(exc, trio.BrokenResourceError):
+                raise Refused(tls.client_refusal(exc.__cause__, self.creds.peer)) from None
+            raise
+        return link
+
     async def _handshake(self, conn: Connection, session: str, index: int) -> int:
         ident = self.journal.identity
+        if self.creds is not None:
+            try:
+                await conn.expect_magic()
+            except trio.BrokenResourceError as exc:
+                if tls.broken_record(exc) is not None:
+                    raise  # a corrupt record: the link's fault, not a refusal
+                raise Refused("the secondary closed the link right after the TLS handshake: "
+                              "it did not accept our certificate (its log says why)") from None
         await conn.send_magic()
         await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
                               node=ident.node, generation=ident.generation, session=session,
                               boot=self.boot, stream=index, streams=self.nstreams,
                               history=ident.history))
-        await conn.expect_magic()
+        if self.creds is None:
+            await conn.expect_magic()
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
             raise Refused(frame.payload.decode(errors="replace"))

@@ -1,14 +1,23 @@
-"""Shared test machinery: real daemons in real processes, and tree snapshots."""
+"""Shared test machinery: real daemons in real processes, and tree snapshots.
+
+Daemons replicate over TLS unless a test says ``--insecure``: the session
+makes one cluster CA, with a certificate for the node PRIMARY (every
+primary) and one for the node SECONDARY (every secondary).
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +28,39 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from store.records import Record, SetState
 
+from repl import tls
+
 ROOT = Path(__file__).resolve().parent.parent
 REPLFS = [sys.executable, str(ROOT / "bin" / "replfs.py")]
 START_TIMEOUT = 30.0
+PRIMARY, SECONDARY = "alpha", "beta"  # the nodes' names, in their certificates
+
+
+@functools.cache
+def cluster_ca() -> Path:
+    """The session's cluster CA directory, with PRIMARY's and SECONDARY's certificates.
+
+    Made once per process, removed when it exits.
+    """
+    base = Path(tempfile.mkdtemp(prefix="replfs-test-ca-"))
+    atexit.register(shutil.rmtree, base, True)
+    ca = base / "ca"
+    tls.init_ca(ca)
+    for name in (PRIMARY, SECONDARY):
+        tls.issue(ca, name)
+    return ca
+
+
+def tls_args(me: str, peer: str) -> list[str]:
+    """``--tls`` and ``--peer`` for node *me* of the session's CA, talking to *peer*."""
+    return ["--tls", str(cluster_ca() / me), "--peer", peer]
+
+
+def _secure(extra: tuple[str, ...], me: str, peer: str) -> list[str]:
+    """*extra*, with TLS as *me* added unless it chose a link already."""
+    if "--tls" in extra or "--insecure" in extra:
+        return list(extra)
+    return [*extra, *tls_args(me, peer)]
 
 
 def free_port() -> int:
@@ -126,7 +165,10 @@ def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
 
 def primary(backing: Path, mount: Path, *extra: str,
             log: Path | None = None) -> AbstractContextManager[Daemon]:
-    """A running `replfs primary BACKING MOUNT`."""
+    """A running `replfs primary BACKING MOUNT`; with ``--secondary``, over TLS as
+    PRIMARY unless *extra* says ``--insecure`` or ``--tls``."""
+    if "--secondary" in extra:
+        extra = tuple(_secure(extra, PRIMARY, SECONDARY))
     return mounted(["primary", str(backing), str(mount), *extra], mount,
                    log or backing.parent / f"{mount.name}.log")
 
@@ -134,8 +176,13 @@ def primary(backing: Path, mount: Path, *extra: str,
 @contextmanager
 def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
               ) -> Iterator[Daemon]:
-    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port."""
-    daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}", *extra],
+    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port.
+
+    Over TLS as SECONDARY, accepting PRIMARY, unless *extra* says ``--insecure``
+    or ``--tls``.
+    """
+    daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
+                     *_secure(extra, SECONDARY, PRIMARY)],
                     log or replica.parent / f"{replica.name}.log", "listening on")
     daemon.start()
     daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])

@@ -1,9 +1,10 @@
 """Peers that misbehave on purpose, and ways to watch a daemon refuse them.
 
-A raw replfs client speaks the handshake with ``repl.protocol`` and then
-sends whatever a test builds, including records that ``Record.encode()``
-refuses to produce; a garbage server answers anything with bytes that are
-not replfs.
+A raw replfs client speaks the handshake with ``repl.protocol`` (over TLS
+with the session's PRIMARY certificate, or any other TLS context a test
+makes) and then sends whatever a test builds, including records that
+``Record.encode()`` refuses to produce; a garbage server answers anything
+with bytes that are not replfs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import secrets
 import socket
 import socketserver
+import ssl
 import subprocess
 import threading
 import time
@@ -22,6 +24,7 @@ from typing import Any
 
 import trio
 
+from repl import tls
 from repl.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -33,7 +36,7 @@ from repl.protocol import (
 )
 from store.records import Record
 from tests.store.specs import body, reseal
-from tests.support import Daemon, replfs
+from tests.support import PRIMARY, SECONDARY, Daemon, cluster_ca, replfs
 
 LOG_TIMEOUT = 20.0
 PATH_AT = 16  # a record's first path: after the 14-byte header and its u16 length
@@ -87,13 +90,31 @@ def primary_hello(cluster: str, session: str | None = None) -> Frame:
                  boot=BOOT, stream=0, streams=1, history=[])
 
 
-async def open_raw(port: int, cluster: str) -> tuple[Connection, dict[str, Any]]:
-    """Connect as a primary of *cluster*. Returns the connection and the secondary's HELLO.
+def client_context(ca: Path | None = None, me: str = PRIMARY) -> ssl.SSLContext:
+    """A TLS client context as node *me* of the CA in *ca* (default: the session's)."""
+    return tls.credentials((ca or cluster_ca()) / me, SECONDARY).client_context()
+
+
+async def connect(port: int, context: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A link to the secondary on *port*: TLS with *context* (after its handshake), or
+    plain TCP if None."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if context is None:
+        return stream
+    link = trio.SSLStream(stream, context, server_hostname=SECONDARY)
+    await link.do_handshake()
+    return link
+
+
+async def open_raw(port: int, cluster: str, context: ssl.SSLContext | None = None
+                   ) -> tuple[Connection, dict[str, Any]]:
+    """Connect as a primary of *cluster*, over TLS as PRIMARY unless *context* says
+    otherwise. Returns the connection and the secondary's HELLO.
 
     Raises:
         ProtocolError: the secondary refused us (its ERROR frame's text), or is not replfs.
     """
-    conn = Connection(await trio.open_tcp_stream("127.0.0.1", port))
+    conn = Connection(await connect(port, context or client_context()))
     await conn.send_magic()
     await conn.send(primary_hello(cluster))
     await conn.expect_magic()

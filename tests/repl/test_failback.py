@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from tests.support import (
+    PRIMARY,
+    SECONDARY,
     checkpoint,
     diff,
     free_port,
@@ -14,6 +16,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    tls_args,
     unmount,
 )
 
@@ -80,7 +83,7 @@ def test_old_primary_tree_refused_without_rejoin(tmp_path: Path) -> None:
     a.mkdir()
     with primary(a, ma):
         (ma / "f").write_bytes(b"x")
-    result = replfs("secondary", a, "--listen", "127.0.0.1:0")
+    result = replfs("secondary", a, "--listen", "127.0.0.1:0", *tls_args(SECONDARY, PRIMARY))
     assert result.returncode == 1
     assert "pass --rejoin" in result.stderr
     assert (a / "f").read_bytes() == b"x"

@@ -1,9 +1,11 @@
 """Bad links and bad peers, end to end: real daemons, real sockets, a seeded fault proxy.
 
 A corrupted or cut link costs a reconnect and a resend, never a byte of the
-replica; a peer that is not replfs, belongs to another cluster or sends a
-path that leaves the replica is refused with one clear log line, and the
-replica does not change.
+replica, over TLS (the TLS layer refuses the corrupt record) and over plain
+TCP (the frame checksum does); a peer that is not replfs, belongs to
+another cluster or sends a path that leaves the replica is refused with one
+clear log line, and the replica does not change. Peers without the
+cluster's certificate are in test_gate.py.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from tests.repl.peers import (
     wait_for_log,
 )
 from tests.support import (
+    PRIMARY,
+    SECONDARY,
     Daemon,
     checkpoint,
     diff,
@@ -52,6 +56,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    tls_args,
     wait_applied,
 )
 
@@ -80,22 +85,26 @@ def workload(m: Path, seed: int) -> bytes:
 # --- the link ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("link", ["tls", "insecure"])
 @pytest.mark.parametrize("direction", [UP, DOWN])
-def test_link_corrupt_byte_is_refused_and_resent(tmp_path: Path, direction: str) -> None:
+def test_link_corrupt_byte_is_refused_and_resent(tmp_path: Path, direction: str,
+                                                 link: str) -> None:
     """One flipped byte: that stream is dropped, the session restarts, the replica is exact.
 
     UP flips a byte of the records the primary sends; DOWN one of the
-    secondary's handshake reply.
+    secondary's handshake reply (its HELLO, or over TLS its ServerHello).
     """
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
-    with secondary(replica) as sec, FaultProxy(sec.port, seed=11) as proxy:
+    insecure = ("--insecure",) if link == "insecure" else ()
+    with secondary(replica, *insecure) as sec, FaultProxy(sec.port, seed=11) as proxy:
         # DOWN: inside the JSON of the secondary's HELLO on the first stream
-        # (after 8 bytes of magic, 4 of length, 1 of type).
+        # (after 8 bytes of magic, 4 of length, 1 of type); over TLS, inside
+        # the ServerHello's random.
         within = IN_DATA if direction == UP else (13, 60)
         fault = proxy.corrupt(within, direction, conn=None if direction == UP else 0)
         with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}",
-                     "--set-interval", "3600"):
+                     "--set-interval", "3600", *insecure):
             data = workload(mount, seed=5)
             checkpoint(mount)
             assert fault.struck.is_set(), f"seed {proxy.seed}: {fault} never struck"
@@ -106,9 +115,13 @@ def test_link_corrupt_byte_is_refused_and_resent(tmp_path: Path, direction: str)
                 st = status(replica)
                 assert st["bad_frames"] >= 1
                 assert st["duplicates"] >= 1, "the primary sent the unapplied set again"
-                wait_for_log(sec, "frame checksum mismatch")
-            else:
+                wait_for_log(sec, "frame checksum mismatch" if insecure else
+                             "TLS record refused")
+            elif insecure:
                 assert "frame checksum mismatch" in str(status(mount)["errors"])
+            else:
+                assert "refused by" in str(status(mount)["errors"])
+                assert "TLS" in str(status(mount)["errors"])
 
 
 def test_link_cut_primary_reconnects_and_resends(tmp_path: Path) -> None:
@@ -139,19 +152,21 @@ FIRST_FRAME = len(MAGIC) + len(primary_hello("0" * 16).encode())
 def test_link_stall_primary_reconnects_and_resends(tmp_path: Path, case: str) -> None:
     """Records that stop being acknowledged, with the link still up, are sent again.
 
-    black-hole: one stream stops forwarding mid-data. length: the second byte
-    of a frame's length is flipped, so the secondary waits for a frame up to
-    16 MiB longer than what was sent.
+    black-hole (over TLS): one stream stops forwarding mid-data. length (over
+    plain TCP: TLS would refuse the record at once): the second byte of a
+    frame's length is flipped, so the secondary waits for a frame up to 16
+    MiB longer than what was sent.
     """
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
-    with secondary(replica) as sec, FaultProxy(sec.port, seed=13) as proxy:
+    insecure = ("--insecure",) if case == "length" else ()
+    with secondary(replica, *insecure) as sec, FaultProxy(sec.port, seed=13) as proxy:
         if case == "black-hole":
             fault = proxy.stall(IN_DATA)
         else:
             fault = proxy.corrupt((FIRST_FRAME + 1, FIRST_FRAME + 2), conn=0)
         with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}",
-                     "--set-interval", "3600", "--stall-seconds", "1") as prim:
+                     "--set-interval", "3600", "--stall-seconds", "1", *insecure) as prim:
             data = workload(mount, seed=7)
             checkpoint(mount)
             assert fault.struck.is_set(), f"seed {proxy.seed}: {fault} never struck"
@@ -242,18 +257,21 @@ def test_secondary_err_bad_peer(tmp_path: Path, case: str) -> None:
     """Refused with one log line, told why (after our magic), the secondary unharmed.
 
     Nothing of it stays: not even the cluster id a malformed HELLO carried.
+    Over plain TCP (--insecure), where the peers reach the replfs handshake;
+    over TLS, a peer that got that far holds the cluster's certificate.
     """
     peer, why = BAD_PEERS[case]
     replica = tmp_path / "r"
     replica.mkdir()
     (replica / "kept").write_bytes(b"already here")
     before = snapshot(replica)
-    with secondary(replica) as sec:
+    with secondary(replica, "--insecure") as sec:
         got = peer(sec.port)
         lines = wait_for_log(sec, "refused connection")
         assert len(lines) == 1 and lines[0].endswith(f": {why}"), sec.log()
         st = status(replica)
         assert (st["refused"], st["received"], st["cluster"]) == (1, 0, None)
+        assert st["refused_by"] == {"protocol": 1}
         assert sec.proc is not None and sec.proc.poll() is None
     assert diff(before, snapshot(replica)) == []
     assert got.startswith(MAGIC), got
@@ -302,7 +320,8 @@ def test_secondary_err_other_cluster(tmp_path: Path) -> None:
         lines = wait_for_log(sec, "refused connection")
         assert len(lines) == 1 and other in lines[0] and cluster in lines[0], lines
         st = status(replica)
-        assert (st["cluster"], st["refused"]) == (cluster, 1)
+        assert (st["cluster"], st["refused"], st["refused_by"]) == (cluster, 1,
+                                                                    {"not-served": 1})
         assert st["connected_streams"] == streams, "the primary's session is undisturbed"
         assert diff(before, snapshot(replica)) == []
         (mount / "a").write_bytes(b"after")  # and replication goes on
@@ -371,22 +390,24 @@ async def send_and_close(port: int, cluster: str, frames: list[Frame]) -> None:
 # --- the command line ----------------------------------------------------------------------
 
 
-def test_secondary_cli_err_listen_not_loopback(tmp_path: Path) -> None:
+def test_secondary_cli_err_insecure_not_loopback(tmp_path: Path) -> None:
     replica = tmp_path / "r"
-    result = replfs("secondary", replica, "--listen", "0.0.0.0:0", timeout=30)
-    line = assert_one_line_error(result, "refusing to listen on 0.0.0.0", "--insecure")
-    assert "not authenticated" in line
+    result = replfs("secondary", replica, "--listen", "0.0.0.0:0", "--insecure", timeout=30)
+    assert_one_line_error(result, "--insecure is for loopback only", "0.0.0.0", "--tls")
     assert not replica.exists()
 
 
-def test_secondary_cli_ok_listen_insecure(tmp_path: Path) -> None:
+def test_secondary_cli_ok_listen_any_address_with_tls(tmp_path: Path) -> None:
     replica = tmp_path / "r"
-    daemon = Daemon(["secondary", str(replica), "--listen", "0.0.0.0:0", "--insecure"],
-                    tmp_path / "r.log", "listening on")
+    daemon = Daemon(["secondary", str(replica), "--listen", "0.0.0.0:0",
+                     *tls_args(SECONDARY, PRIMARY)], tmp_path / "r.log", "listening on")
     daemon.start()
     try:
         assert "listening on 0.0.0.0:" in daemon.log()
-        assert status(replica)["listen"].startswith("0.0.0.0:")
+        st = status(replica)
+        assert st["listen"].startswith("0.0.0.0:")
+        assert (st["insecure"], st["tls_name"], st["tls_peer"]) == (False, SECONDARY, PRIMARY)
+        assert "INSECURE" not in daemon.log()
     finally:
         daemon.stop()
 
@@ -397,7 +418,7 @@ def test_secondary_cli_err_port_busy(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = replfs("secondary", tmp_path / "r", "--listen", f"127.0.0.1:{port}",
-                        timeout=30)
+                        *tls_args(SECONDARY, PRIMARY), timeout=30)
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
 
 
@@ -406,7 +427,8 @@ def test_primary_cli_err_secondary_address(tmp_path: Path, address: str) -> None
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
     mount.mkdir()
-    result = replfs("primary", backing, mount, "--secondary", address, timeout=30)
+    result = replfs("primary", backing, mount, "--secondary", address, "--insecure",
+                    timeout=30)
     assert_one_line_error(result, repr(address), "is not HOST:PORT")
     assert not os.path.ismount(mount)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "m"], "nothing created"
@@ -415,22 +437,28 @@ def test_primary_cli_err_secondary_address(tmp_path: Path, address: str) -> None
 # --- a primary whose secondary is not replfs -------------------------------------------------
 
 
+HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+# case -> (the server's answer, the link, what the primary says)
 GARBAGE = {
-    "http": (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "not replfs"),
-    "bad-hello": (MAGIC + hello(role="secondary", node="x").encode(),
+    "http": (HTTP_400, "--insecure", "replication to {address} failed", "not replfs"),
+    "bad-hello": (MAGIC + hello(role="secondary", node="x").encode(), "--insecure",
+                  "replication to {address} failed",
                   "the secondary's HELLO has no valid applied set: None"),
+    "http-tls": (HTTP_400, "--tls", "refused by {address}",
+                 "TLS: the secondary does not speak TLS (is it running with --insecure?)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GARBAGE))
 def test_primary_err_secondary_not_replfs(tmp_path: Path, case: str) -> None:
     """The mount keeps serving; the log and ``status`` say what is wrong with the peer."""
-    answer, why = GARBAGE[case]
+    answer, link, what, why = GARBAGE[case]
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
+    insecure = ("--insecure",) if link == "--insecure" else ()
     with garbage_server(answer) as port, primary(backing, mount, "--secondary",
-                                                 f"127.0.0.1:{port}") as daemon:
-        lines = wait_for_log(daemon, f"replication to 127.0.0.1:{port} failed")
+                                                 f"127.0.0.1:{port}", *insecure) as daemon:
+        lines = wait_for_log(daemon, what.format(address=f"127.0.0.1:{port}"))
         assert why in lines[0], lines
         (mount / "f").write_bytes(b"still served")
         os.rename(mount / "f", mount / "g")

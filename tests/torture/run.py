@@ -18,7 +18,16 @@ from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import is_held, read_applied, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
-from tests.support import Daemon, checkpoint, free_port, unmount, wait_applied
+from tests.support import (
+    PRIMARY,
+    SECONDARY,
+    Daemon,
+    checkpoint,
+    free_port,
+    tls_args,
+    unmount,
+    wait_applied,
+)
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
@@ -70,7 +79,10 @@ class Run:
 
     def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
         env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
-        daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}"],
+        # Over TLS, through the byte-level proxy: a corrupted byte fails a TLS record
+        # (or the handshake), and the link is made anew, as after a bad checksum.
+        daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}",
+                         *tls_args(SECONDARY, PRIMARY)],
                         self.dir / "secondary.log", "listening on", env=env)
         try:
             return daemon.start()
@@ -85,7 +97,8 @@ class Run:
         budget = ["--journal-max", self.journal_max] if self.journal_max else []
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
-                    "--stall-seconds", "1", "--scramble", str(self.seed), *budget],
+                    "--stall-seconds", "1", "--scramble", str(self.seed), *budget,
+                    *tls_args(PRIMARY, SECONDARY)],
                    self.dir / "primary.log", "serving", env={ENV_SET_HASHES: str(self.hashes)})
         return d.start()
 

@@ -1,0 +1,149 @@
+"""The secondary's door: what a connection must show before it may speak replfs.
+
+With TLS, a connection is a stranger until its TLS handshake shows a
+certificate of the cluster's CA that names the primary this secondary
+accepts (``--peer``); until then it gets no byte of replfs and can change
+nothing. Strangers cost little and not for long:
+
+- the first byte tells TLS from plain TCP (a peek, so the TLS layer still
+  reads it); a plain-TCP replfs peer is told, in plain replfs, to use TLS;
+- a peer that has not finished its handshake within HANDSHAKE_SECONDS is
+  dropped;
+- handshakes in progress are bounded, per host and in all. A new
+  connection over a bound pushes out the oldest handshake under it, so a
+  flood of silent connections cannot hold the door shut: the real
+  primary's handshake, new and done in milliseconds, gets through. Per
+  host, a flood from one address only ever pushes out its own.
+
+With ``--insecure`` the door only turns away a peer that speaks TLS (a
+primary started with ``--tls``), so that mismatch is told apart from garbage.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from repl.errors import ReplError
+from repl.protocol import MAGIC, Frame, FrameType
+from repl.tls import Credentials, peer_names, refusal
+
+# A TLS 1.3 handshake takes a few milliseconds, a few hundred on a loaded host;
+# a peer that has not finished one in this long is not a primary worth waiting for.
+HANDSHAKE_SECONDS = 5.0
+# Handshakes in progress. A primary opens its streams one after the other, so
+# it has one in progress at a time; a few per host leave room for a reconnect.
+MAX_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_HOST = 8
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
+TELL_SECONDS = 1.0  # how long a refused peer may take to read why
+
+
+class Rejected(ReplError):
+    """A connection turned away at the door: *reason* is the key ``status`` counts."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(eq=False)
+class _Pending:
+    host: str
+    scope: trio.CancelScope
+    pushed_out: str | None = None  # why, once a newer connection took its place
+
+
+class Gate:
+    """Admit connections: TLS with the right certificate (or plain TCP, for --insecure)."""
+
+    def __init__(self, creds: Credentials | None) -> None:
+        self.creds = creds
+        self._context = creds.server_context() if creds is not None else None
+        self._pending: list[_Pending] = []  # oldest first
+
+    @property
+    def in_progress(self) -> int:
+        """Connections whose handshake is under way."""
+        return len(self._pending)
+
+    async def admit(self, stream: trio.SocketStream, host: str) -> trio.abc.Stream:
+        """The stream to speak replfs on, once the peer at *host* showed what it must.
+
+        Raises:
+            Rejected: the peer may not speak replfs here; *stream* is closed.
+        """
+        pending = _Pending(host, trio.CancelScope(
+            deadline=trio.current_time() + HANDSHAKE_SECONDS))
+        self._make_room(host)
+        self._pending.append(pending)
+        try:
+            with pending.scope:
+                return await self._admit(stream)
+        except BaseException:  # Rejected, or the secondary is stopping
+            await trio.aclose_forcefully(stream)
+            raise
+        finally:
+            self._pending.remove(pending)
+        await trio.aclose_forcefully(stream)  # only reached when the scope was cancelled
+        if pending.pushed_out:
+            raise Rejected("busy", f"pushed out by a newer connection: {pending.pushed_out}")
+        raise Rejected("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s")
+
+    def _make_room(self, host: str) -> None:
+        """Push out the oldest handshakes, so one more stays within both bounds."""
+        mine = [p for p in self._pending if p.host == host and not p.pushed_out]
+        if len(mine) >= MAX_HANDSHAKES_PER_HOST:
+            self._push_out(mine[0], f"{MAX_HANDSHAKES_PER_HOST} handshakes in progress "
+                           f"from {host} already")
+        live = [p for p in self._pending if not p.pushed_out]
+        if len(live) >= MAX_HANDSHAKES:
+            self._push_out(live[0], f"{MAX_HANDSHAKES} handshakes in progress already")
+
+    @staticmethod
+    def _push_out(pending: _Pending, why: str) -> None:
+        pending.pushed_out = why
+        pending.scope.cancel()
+
+    async def _admit(self, stream: trio.SocketStream) -> trio.abc.Stream:
+        try:
+            first = await stream.socket.recv(len(MAGIC), socket.MSG_PEEK)
+        except OSError as exc:
+            raise Rejected("no-handshake", f"the link broke before a handshake ({exc!r})"
+                           ) from None
+        speaks_tls = first[:1] == bytes([TLS_HANDSHAKE_RECORD])
+        if self._context is None or self.creds is None:
+            if speaks_tls:
+                raise Rejected("tls-to-plain", "it speaks TLS and this secondary plain TCP "
+                               "(--insecure): start both with --tls, or both with --insecure")
+            return stream
+        if not first:
+            raise Rejected("no-handshake", "it closed the link before a TLS handshake")
+        if not speaks_tls:
+            await _tell(stream, "this secondary accepts TLS only: start the primary with "
+                        "--tls DIR/NAME --peer NAME (see 'replfs tls --help')")
+            raise Rejected("not-tls", f"plain TCP, not TLS (it sent {first!r})")
+        tls = trio.SSLStream(stream, self._context, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise Rejected(*refusal(exc.__cause__)) from None
+        names = peer_names(tls.getpeercert() or {})
+        if self.creds.peer not in (name.lower() for name in names):
+            text = (f"the certificate names {', '.join(names) or 'no node'}, and this "
+                    f"secondary accepts only {self.creds.peer} (--peer)")
+            await _tell(tls, text)
+            raise Rejected("wrong-name", text)
+        return tls
+
+
+async def _tell(stream: trio.abc.Stream, text: str) -> None:
+    """Say why, the way replfs refuses: our magic, then an ERROR frame."""
+    with trio.move_on_after(TELL_SECONDS):
+        try:
+            await stream.send_all(MAGIC + Frame(FrameType.ERROR, text.encode()).encode())
+        except (trio.BrokenResourceError, OSError):
+            pass  # it is gone already; refused all the same

@@ -1,0 +1,339 @@
+"""TLS on the replication links: the cluster's CA, node certificates, contexts, refusals.
+
+Every link is TLS 1.3 with a certificate at both ends, each signed by the
+cluster's CA (``replfs tls init DIR``, ``replfs tls issue DIR NAME``). A
+certificate names one node: NAME is its subject's common name and its one
+DNS subject alternative name.
+
+The peer-name rule: each daemon is told, with ``--peer NAME``, the name of
+the node at the other end of its link, and accepts the link only if the
+other end's certificate is signed by the cluster's CA, valid now, and names
+exactly that node. The primary checks the secondary's certificate as a TLS
+client checks a server's host name (``--peer`` is the name it expects
+instead of the address it dials); the secondary checks the primary's once
+the handshake verified it, before reading a byte from it. Names are not
+roles: after a failover the old secondary is the primary, and each side
+names the other as before.
+
+Certificates and keys come from ``cryptography``, links from the standard
+library's ``ssl``: nothing here does cryptography by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from repl.errors import UsageError
+from store.private import private_dir, write_private
+
+CA = "ca"
+DEFAULT_DAYS = 3650  # a node certificate's life; a new one is one `replfs tls issue` away
+CA_DAYS = 36500  # the CA outlives every certificate it will sign
+# A certificate made now is valid from a little before now, so a peer whose
+# clock is a few minutes behind still accepts it.
+BACKDATE = datetime.timedelta(hours=1)
+# A host name's syntax: dot-separated labels of letters, digits and inner hyphens.
+_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                   r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def check_name(name: str) -> str:
+    """*name* if it can name a node (a host name, lower case, not "ca"), else UsageError."""
+    if not _NAME.match(name) or name == CA:
+        raise UsageError(f"{name!r} cannot name a node: use a host name (lower-case letters, "
+                         "digits, '-' and '.'), other than 'ca'")
+    return name
+
+
+# --- making the CA and the certificates ---------------------------------------------------
+
+
+def init_ca(directory: Path) -> Path:
+    """Make the cluster's CA in *directory* (0700): ca.pem and ca.key (0600).
+
+    Returns the path of ca.pem. Raises UsageError if *directory* holds a CA
+    already (it is never replaced: every certificate it signed would stop
+    being trusted), UnsafeState if another user could write to it.
+    """
+    private_dir(directory)
+    cert_path, key_path = directory / f"{CA}.pem", directory / f"{CA}.key"
+    if cert_path.exists() or key_path.exists():
+        raise UsageError(f"{directory} holds a CA already ({cert_path}); it is kept as it is")
+    os.chmod(directory, 0o700)  # it was ours already, perhaps readable by all: not any more
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                         f"replfs cluster CA {os.urandom(4).hex()}")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    write_private(key_path, _key_pem(key))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def issue(directory: Path, name: str, *, days: int = DEFAULT_DAYS,
+          valid_from: datetime.datetime | None = None) -> Path:
+    """Make NAME.pem and NAME.key (0600) in *directory*, signed by its CA.
+
+    *valid_from* (default: now, less BACKDATE) and *days* bound its validity.
+    Returns the path of NAME.pem. Raises UsageError if there is no CA or
+    NAME has a certificate already (remove both files to issue a new one).
+    """
+    check_name(name)
+    if days < 1:
+        raise UsageError(f"a certificate must be valid for at least a day, not {days}")
+    ca_cert_path, ca_key_path = directory / f"{CA}.pem", directory / f"{CA}.key"
+    if not ca_key_path.exists() or not ca_cert_path.exists():
+        raise UsageError(f"no CA in {directory}; make one with 'replfs tls init {directory}'")
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    if cert_path.exists() or key_path.exists():
+        raise UsageError(f"{name} has a certificate already ({cert_path}); remove "
+                         f"{cert_path} and {key_path} to issue a new one")
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"{ca_key_path} is not a key that replfs tls init made")
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = valid_from or datetime.datetime.now(datetime.UTC) - BACKDATE
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    write_private(key_path, _key_pem(key))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+# --- a daemon's credentials -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a daemon's end of a link is: its certificate, and who the other end must be."""
+
+    name: str  # this node, as its certificate names it
+    peer: str  # the node the other end's certificate must name
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        """For the secondary: TLS 1.3, a client certificate of the CA required."""
+        ctx = self._context(ssl.PROTOCOL_TLS_SERVER)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """For the primary: TLS 1.3, the server's certificate must name ``peer``."""
+        ctx = self._context(ssl.PROTOCOL_TLS_CLIENT)  # checks the host name: server_hostname
+        return ctx
+
+    def _context(self, protocol: int) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(protocol)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        ctx.load_verify_locations(cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def credentials(prefix: Path, peer: str | None) -> Credentials:
+    """The credentials ``--tls DIR/NAME --peer PEER`` name, checked; else UsageError.
+
+    Reads DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem. The key must be
+    readable by its owner only, and the certificate must name NAME, be valid
+    now and be signed by the CA beside it.
+    """
+    directory, name = prefix.parent, prefix.name
+    ca, cert, key = directory / f"{CA}.pem", directory / f"{name}.pem", directory / f"{name}.key"
+    if peer is None:
+        raise UsageError("--tls needs --peer NAME: the name in the certificate of the node "
+                         "at the other end of the link")
+    check_name(peer)
+    for path in (ca, cert, key):
+        if not path.is_file():
+            raise UsageError(f"--tls {prefix}: {path} is missing; make the CA with 'replfs tls "
+                             f"init {directory}' and a certificate with 'replfs tls issue "
+                             f"{directory} {name}'")
+    if os.stat(key).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"{key} can be read by other users; run chmod 600 {key}")
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    if parsed.not_valid_after_utc < now:
+        raise UsageError(f"{cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}; issue a "
+                         f"new one with 'replfs tls issue {directory} {name}'")
+    if name not in names(parsed):
+        raise UsageError(f"{cert} names {sorted(names(parsed))}, not {name!r}")
+    found = Credentials(name, peer, ca, cert, key)
+    try:
+        found.client_context()
+        parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
+    except (ssl.SSLError, ValueError, TypeError, InvalidSignature) as exc:
+        raise UsageError(f"--tls {prefix}: {cert}, {key} and {ca} do not go together "
+                         f"({exc})") from None
+    return found
+
+
+def names(cert: x509.Certificate) -> set[str]:
+    """The DNS names a certificate carries."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return set(san.value.get_values_for_type(x509.DNSName))
+
+
+def peer_names(peercert: Mapping[str, object]) -> list[str]:
+    """The DNS names in a verified peer certificate, as ``SSLObject.getpeercert()`` gives it."""
+    san = peercert.get("subjectAltName", ())
+    assert isinstance(san, tuple)
+    return [value for kind, value in san if kind == "DNS"]
+
+
+# --- which links a daemon may open ----------------------------------------------------------
+
+NEEDS_TLS = ("replication links need TLS: make a CA with 'replfs tls init DIR' and a "
+             "certificate per node with 'replfs tls issue DIR NAME', then pass --tls DIR/NAME "
+             "--peer OTHERNAME; or pass --insecure for plain TCP on loopback only")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def link_credentials(prefix: Path | None, peer: str | None, insecure: bool,
+                     host: str) -> Credentials | None:
+    """The credentials for a link to or from *host*: None for plain TCP (``--insecure``).
+
+    Raises UsageError (one line saying how to set TLS up) without ``--tls``
+    and without ``--insecure``, with both, or with ``--insecure`` for a host
+    that is not loopback.
+    """
+    if prefix is not None and insecure:
+        raise UsageError("pass --tls or --insecure, not both")
+    if insecure:
+        if peer is not None:
+            raise UsageError("--peer names the other end's certificate: it needs --tls, "
+                             "not --insecure")
+        if not is_loopback(host):
+            raise UsageError(f"--insecure is for loopback only, and {host} is not loopback: "
+                             "use --tls DIR/NAME --peer OTHERNAME (see 'replfs tls --help')")
+        return None
+    if prefix is None:
+        raise UsageError(NEEDS_TLS)
+    return credentials(prefix, peer)
+
+
+# --- why a TLS handshake failed, in words ---------------------------------------------------
+
+# OpenSSL's verify results that mean "not signed by a CA we trust".
+_UNTRUSTED = {2, 7, 18, 19, 20, 21}  # unable to get issuer; bad signature; self-signed; ...
+_EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH = 10, 9, 62
+
+
+def refusal(exc: BaseException | None) -> tuple[str, str]:
+    """Why the secondary refused a client's TLS handshake: (reason, text).
+
+    *exc* is what the handshake raised (the cause of trio's BrokenResourceError).
+    The reason is a short key counted in ``replfs status``.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, what = exc.verify_code, exc.verify_message
+        if code == _EXPIRED:
+            return "expired", "its certificate has expired"
+        if code == _NOT_YET_VALID:
+            return "not-yet-valid", "its certificate is not valid yet"
+        if code in _UNTRUSTED:
+            return "unknown-ca", f"its certificate is not signed by this cluster's CA ({what})"
+        return "bad-certificate", f"its certificate is refused ({what})"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "no-handshake", "it closed the link during the TLS handshake"
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no-certificate", "it sent no client certificate"
+        if exc.reason in ("UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"):
+            return "tls-error", f"it does not speak TLS 1.3 ({exc.reason})"
+        return "tls-error", f"TLS handshake failed ({exc.reason or exc})"
+    return "no-handshake", f"the link broke during the TLS handshake ({exc!r})"
+
+
+def client_refusal(exc: BaseException | None, peer: str) -> str:
+    """Why the primary's TLS handshake with the secondary failed, in words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == _HOSTNAME_MISMATCH:
+            return f"TLS: the secondary's certificate does not name {peer!r} (--peer)"
+        if code == _EXPIRED:
+            return "TLS: the secondary's certificate has expired"
+        if code in _UNTRUSTED:
+            return ("TLS: the secondary's certificate is not signed by this cluster's CA "
+                    f"({exc.verify_message})")
+        return f"TLS: the secondary's certificate is refused ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
+        return ("TLS: the secondary closed the link during the handshake (is it running "
+                "with --insecure? its log says why)")
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                          "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"):
+            return "TLS: the secondary does not speak TLS (is it running with --insecure?)"
+        return f"TLS handshake failed ({exc.reason or exc})"
+    return f"TLS handshake failed ({exc!r})"
+
+
+def broken_record(exc: BaseException) -> str | None:
+    """What broke an established TLS link, if a TLS record failed (not a mere close)."""
+    cause = exc.__cause__
+    if not isinstance(cause, ssl.SSLError) or isinstance(cause, ssl.SSLEOFError):
+        return None
+    return f"TLS record refused ({cause.reason or cause}): the link corrupted it"
