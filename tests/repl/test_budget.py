@@ -53,6 +53,15 @@ def churn(m: Path, rounds: int, seed: int) -> None:
             os.unlink(m / "moved0")
 
 
+def fill_past_budget(mount: Path) -> None:
+    """With the secondary stopped, close sets past a 64K budget: the primary overflows."""
+    for _ in range(3):
+        (mount / "filler").write_bytes(os.urandom(40_000))
+        assert replfs("checkpoint", mount).returncode == 0
+    (mount / "filler").write_bytes(b"over budget")
+    assert status(mount)["mode"] == "overflow"
+
+
 def test_outage_past_budget_resyncs_as_one_set(tmp_path: Path) -> None:
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
@@ -109,11 +118,7 @@ def test_outage_past_budget_ok_names_removed_after_writes(tmp_path: Path) -> Non
             (mount / "x").write_bytes(b"x")
             checkpoint(mount)
             sec.stop()
-            for _ in range(3):
-                (mount / "filler").write_bytes(os.urandom(40_000))
-                assert replfs("checkpoint", mount).returncode == 0
-            (mount / "filler").write_bytes(b"over budget")
-            assert status(mount)["mode"] == "overflow"
+            fill_past_budget(mount)
 
             with open(mount / "a", "r+b") as f:
                 f.write(b"B" * 5_000)
@@ -232,11 +237,7 @@ def test_outage_past_budget_ok_fallocate_and_copies(tmp_path: Path) -> None:
             (mount / "dst").write_bytes(pattern(50_000, 22))
             checkpoint(mount)
             sec.stop()
-            for _ in range(3):
-                (mount / "filler").write_bytes(os.urandom(40_000))
-                assert replfs("checkpoint", mount).returncode == 0
-            (mount / "filler").write_bytes(b"over budget")
-            assert status(mount)["mode"] == "overflow"
+            fill_past_budget(mount)
 
             fd = os.open(mount / "img", os.O_RDWR)
             os.pwrite(fd, b"w" * 20_000, 50_000)  # dirty, and then partly punched
