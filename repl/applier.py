@@ -80,7 +80,6 @@ class Applier:
                 clear_applying(staging.path)  # killed after the batch was recorded applied
             else:
                 self.redo_through = torn[1]
-        self.held = False
 
     def notify(self) -> None:
         """A set became complete (called by the receiver)."""
@@ -135,12 +134,12 @@ class Applier:
                 self.applied = reset - 1
             nxt = self.applied + 1
             last = self.staging.applicable_through()
-            self.held = is_held(self.staging.path)
+            held = is_held(self.staging.path)
             if self.redo_through is not None:
                 # A torn batch: finish it even when held, then hold.
-                last = self.redo_through if self.held else max(last, self.redo_through)
-            elif last < nxt or self.held:
-                with trio.move_on_after(1.0 if self.held else math.inf):
+                last = self.redo_through if held else max(last, self.redo_through)
+            elif last < nxt or held:
+                with trio.move_on_after(1.0 if held else math.inf):
                     await self._wakeup.wait()  # a resume without a daemon to tell
                 continue
             self.applying = nxt
