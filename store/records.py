@@ -352,6 +352,8 @@ def encode_set(set_id: int) -> bytes:
 
 
 def decode_set(buf: bytes) -> int:
+    if len(buf) != _U64.size:
+        raise RecordError(f"bad set id of {len(buf)} bytes")
     (value,) = _U64.unpack(buf)
     return int(value)
 
