@@ -367,6 +367,8 @@ def encode_intent(ino: int, ino2: int) -> bytes:
 
 
 def decode_intent(buf: bytes) -> tuple[int, int]:
+    if len(buf) != _INTENT.size:
+        raise RecordError(f"bad exchange intent of {len(buf)} bytes")
     return _INTENT.unpack(buf)  # type: ignore[return-value]
 
 
