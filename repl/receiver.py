@@ -224,16 +224,16 @@ class Receiver:
         generation = info["generation"]
         if type(generation) is not int:
             raise ProtocolError(f"HELLO with generation {generation!r}")
-        if ident.cluster is None:
-            ident.cluster = cluster
-            self.staging.save_identity()
-            log.info("joined cluster %s", cluster)
-        elif cluster != ident.cluster:
+        if ident.cluster is not None and cluster != ident.cluster:
             raise Refused(f"peer belongs to cluster {cluster}, this replica to {ident.cluster}")
         if generation < ident.generation:
             raise Refused(f"primary {info['node']} is of generation {generation}, which is "
                           f"stale: this node is at generation {ident.generation} (a newer "
                           "primary was promoted); rejoin it as a secondary instead")
+        if ident.cluster is None:
+            ident.cluster = cluster
+            self.staging.save_identity()
+            log.info("joined cluster %s", cluster)
         if generation > ident.generation:
             log.info("following a new primary of generation %d (was %d)", generation,
                      ident.generation)
