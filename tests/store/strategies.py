@@ -35,10 +35,15 @@ _fallocate_modes = st.sampled_from([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE
                                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE])
 
 
+_any_op = st.sampled_from(Op)
+_any_set = st.integers(0, (1 << 64) - 1)
+_any_seq = st.integers(0, MAX_SEQ - 1)
+
+
 @st.composite
-def records(draw: st.DrawFn, ops: st.SearchStrategy[Op] = st.sampled_from(Op),
-            set_ids: st.SearchStrategy[int] = st.integers(0, (1 << 64) - 1),
-            seqs: st.SearchStrategy[int] = st.integers(0, MAX_SEQ - 1)) -> Record:
+def records(draw: st.DrawFn, ops: st.SearchStrategy[Op] = _any_op,
+            set_ids: st.SearchStrategy[int] = _any_set,
+            seqs: st.SearchStrategy[int] = _any_seq) -> Record:
     """A record that ``validate()`` accepts, of any op, with every field it carries
     drawn within its rules."""
     op = draw(ops)
