@@ -15,6 +15,8 @@ from typing import Any
 
 import lmdb
 
+from store.errors import StoreError
+
 _KEY = b"identity"
 
 
@@ -28,10 +30,14 @@ class Identity:
 
 
 def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Identity:
-    """Read the identity, creating what is missing (node id; cluster id if asked)."""
+    """Read the identity, creating what is missing (node id; cluster id if asked).
+
+    Raises:
+        StoreError: the stored identity is not one this module wrote.
+    """
     with env.begin(write=True) as txn:
         raw = txn.get(_KEY, db=db)
-        ident = Identity(**json.loads(raw)) if raw else Identity(node=secrets.token_hex(8))
+        ident = _decode(bytes(raw)) if raw else Identity(node=secrets.token_hex(8))
         if make_cluster and ident.cluster is None:
             ident.cluster = secrets.token_hex(8)
         txn.put(_KEY, json.dumps(asdict(ident)).encode(), db=db)
@@ -41,3 +47,20 @@ def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Id
 def save(env: lmdb.Environment, db: lmdb._Database, ident: Identity) -> None:
     with env.begin(write=True) as txn:
         txn.put(_KEY, json.dumps(asdict(ident)).encode(), db=db)
+
+
+def _decode(raw: bytes) -> Identity:
+    try:
+        fields = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise StoreError("the stored node identity is not JSON") from None
+    if not isinstance(fields, dict) or "node" not in fields or not set(fields) <= {
+            "node", "cluster", "generation", "history"}:
+        raise StoreError(f"the stored node identity has other fields: {raw[:200]!r}")
+    ident = Identity(**fields)
+    if (not isinstance(ident.node, str) or not isinstance(ident.cluster, str | None)
+            or type(ident.generation) is not int or ident.generation < 1
+            or not isinstance(ident.history, list)
+            or not all(isinstance(h, dict) for h in ident.history)):
+        raise StoreError(f"the stored node identity is malformed: {raw[:200]!r}")
+    return ident
