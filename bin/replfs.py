@@ -26,6 +26,7 @@ from fs.mount import PrimaryConfig, run_primary, run_standby
 from repl import control, tls
 from repl.errors import UsageError
 from repl.promote import promote
+from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from repl.verify import verify
 from store.dump import dump
@@ -101,7 +102,8 @@ def build_parser() -> Parser:
     p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
     link_options(p, "secondary")
     p.add_argument("--streams", type=int, default=4, metavar="N",
-                   help="parallel TCP streams to the secondary (default 4)")
+                   help=f"parallel TCP streams to the secondary (default 4, at most "
+                        f"{MAX_STREAMS})")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
@@ -199,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_large_buffers()
     try:
         if args.command == "primary":
-            if args.streams < 1:
-                args.parser.error("--streams must be at least 1")
+            if not 1 <= args.streams <= MAX_STREAMS:
+                args.parser.error(f"--streams must be from 1 to {MAX_STREAMS}")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
