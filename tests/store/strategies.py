@@ -24,6 +24,7 @@ _component = (st.binary(min_size=1, max_size=12)
               .filter(lambda b: b not in (b".", b"..")))
 paths = st.lists(_component, min_size=1, max_size=4).map(b"/".join)
 _no_nul = st.binary(max_size=64).map(lambda b: b.replace(b"\0", b"_"))
+_names = st.binary(min_size=1, max_size=64).map(lambda b: b.replace(b"\0", b"_"))
 _ints = {"u32": st.integers(0, (1 << 32) - 1), "u64": st.integers(0, (1 << 64) - 1),
          "i64": st.integers(-(1 << 63), (1 << 63) - 1)}
 _offsets = st.integers(0, MAX_OFFSET >> 1)
@@ -56,7 +57,7 @@ def records(draw: st.DrawFn, ops: st.SearchStrategy[Op] = _any_op,
         elif name == "path2":
             values[name] = draw(paths)
         elif name == "name":
-            values[name] = draw(_no_nul.filter(bool))
+            values[name] = draw(_names)
         elif name == "data":
             values[name] = draw(_no_nul if op == Op.SYMLINK else st.binary(max_size=64))
         elif name in ("offset", "size", "length"):
