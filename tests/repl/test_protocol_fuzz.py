@@ -45,12 +45,14 @@ from store.journal import Journal
 from store.records import Op, Record
 from store.staging import Staging
 from tests.fuzz import bounded, mutated
-from tests.repl.test_protocol import SPECS
+from tests.repl.test_protocol import GOLDEN, SPECS
 from tests.store.strategies import records
 
 frames = st.builds(Frame, st.sampled_from(FrameType), st.binary(max_size=300)) | st.sampled_from(
     sorted(SPECS.values(), key=lambda f: f.type)) | records().map(
     lambda r: Frame(FrameType.RECORD, r.encode()))
+# The checked-in corpus, good and corrupt frames alike (tests/testdata/frames).
+corpus = st.sampled_from(sorted(GOLDEN.glob("*.bin"))).map(Path.read_bytes)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
@@ -120,8 +122,8 @@ def test_frame_reader_fuzz_random_bytes(chunks: list[bytes]) -> None:
     _canonical(chunks)
 
 
-@given(st.lists(frames, min_size=1, max_size=4).map(
-    lambda fs: b"".join(f.encode() for f in fs)).flatmap(mutated).flatmap(cuts))
+@given((corpus | st.lists(frames, min_size=1, max_size=4).map(
+    lambda fs: b"".join(f.encode() for f in fs))).flatmap(mutated).flatmap(cuts))
 def test_frame_reader_fuzz_mutated(chunks: list[bytes]) -> None:
     _canonical(chunks)
 

@@ -11,6 +11,8 @@ never an allocation the input's size does not pay for.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,10 +31,13 @@ from store.records import (
     encode_set,
 )
 from tests.fuzz import bounded, mutated
-from tests.store.specs import SPECS, reseal
+from tests.store.specs import reseal
 from tests.store.strategies import records
+from tests.support import ROOT
 
-_golden = st.sampled_from(sorted(SPECS)).map(lambda case: SPECS[case].encode())
+# The checked-in corpus, good and corrupt records alike (tests/testdata/records).
+_golden = st.sampled_from(sorted((ROOT / "tests" / "testdata" / "records").glob("*.bin"))
+                          ).map(Path.read_bytes)
 u64 = st.integers(0, (1 << 64) - 1)
 
 
