@@ -609,9 +609,9 @@ class PrimaryFS(pyfuse3.Operations):
         one waits for the disk."""
         with self.lock:
             self.capture.close_set()
-            commits = self.capture.journal.commits
+            end = self.capture.journal.end
         (os.fdatasync if datasync else os.fsync)(fd)
-        self.capture.wait_durable(commits)
+        self.capture.wait_durable(end)
 
     # --- directories --------------------------------------------------------------
 

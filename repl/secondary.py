@@ -22,6 +22,7 @@ from repl.rejoin import fork_point, keep_branch
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.journal import Journal
+from store.journal import exists as journal_exists
 from store.staging import Staging
 
 log = logging.getLogger("replfs.secondary")
@@ -40,7 +41,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
     changes would be overwritten without a trace.
     """
     path = default_state_dir(replica) / "journal"
-    if not (path / "data.mdb").exists():
+    if not journal_exists(path):
         return None
     journal = Journal(path)
     if journal.last() is None and journal.base is not None:
