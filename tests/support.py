@@ -79,14 +79,16 @@ def replfs(
 
 
 class Daemon:
-    """A replfs daemon in its own process, with its log kept in a file.
+    """A replfs daemon (or with *command*, another program) in its own process, with
+    its log kept in a file.
 
     ``start()`` returns once the daemon logs *ready* (a mount is in place or
     a port is bound), so tests wait for an event, not for time.
     """
 
     def __init__(self, args: list[str], log: Path, ready: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] = REPLFS) -> None:
+        self.command = command
         self.args = args
         self.env = env or {}
         self.log_path = log
@@ -98,7 +100,7 @@ class Daemon:
     def start(self) -> Daemon:
         # Each start has its own event: a previous process's pump may still be draining.
         ready, said = threading.Event(), threading.Event()
-        self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*self.command, *self.args], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env={**os.environ, **self.env})
         threading.Thread(target=self._pump, args=(self.proc, ready, said), daemon=True).start()
         if not ready.wait(START_TIMEOUT) or not said.is_set() or self.proc.poll() is not None:
