@@ -11,6 +11,7 @@ import atexit
 import functools
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -68,6 +69,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def steady_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a daemon that stops
+    and listens on it again: no outgoing connection is given it meanwhile, as one can
+    be given a free_port() on a busy machine."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        low = int(ports.read().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 10_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def replfs(

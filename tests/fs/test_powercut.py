@@ -41,10 +41,10 @@ from tests.support import (
     Daemon,
     checkpoint,
     diff,
-    free_port,
     replfs,
     secondary,
     snapshot,
+    steady_port,
     tls_args,
     unmount,
     wait_applied,
@@ -150,7 +150,7 @@ class Host:
 @contextmanager
 def host(tmp_path: Path, *extra: str) -> Iterator[Host]:
     """A running Host; its daemons stopped and mounts gone however the test ends."""
-    with secondary(tmp_path / "r", port=free_port()) as sec, \
+    with secondary(tmp_path / "r", port=steady_port()) as sec, \
             simulator(tmp_path / "lower", tmp_path / "disk") as sim:
         h = Host(tmp_path, sim, sec, extra)
         h.primary.start()
