@@ -18,8 +18,9 @@ from fs.primary import PrimaryFS
 from fs.standby import StandbyFS
 from repl import control
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
+from repl.config import parse_address
 from repl.errors import UsageError
-from repl.secondary import default_state_dir, parse_address, staging_dir_of
+from repl.secondary import default_state_dir, staging_dir_of
 from repl.sender import STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree

@@ -15,6 +15,7 @@ import trio
 
 from repl import control
 from repl.applier import Applier
+from repl.config import parse_address
 from repl.errors import UsageError
 from repl.gate import Gate
 from repl.receiver import Receiver
@@ -131,13 +132,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             log.info("got %s, stopping", signal.Signals(signum).name)
             scope.cancel()
             return
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:7070)")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
