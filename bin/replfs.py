@@ -63,6 +63,10 @@ def build_parser() -> Parser:
         p.add_argument(name, type=Path, metavar=metavar, nargs="?", **kw)  # type: ignore[arg-type]
         p.set_defaults(needed=[*p.get_default("needed"), name])
 
+    def metrics_option(p: Parser) -> None:
+        p.add_argument("--metrics", type=address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
+
     def link_options(p: Parser, other: str) -> None:
         p.add_argument("--tls", type=Path, metavar="DIR/NAME",
                        help="TLS as node NAME: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem "
@@ -90,6 +94,7 @@ def build_parser() -> Parser:
                    help="parallel TCP streams to the secondary (default 4)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
+    metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
@@ -103,6 +108,7 @@ def build_parser() -> Parser:
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
+    metrics_option(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
@@ -222,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds, args.tls, args.peer, args.insecure))
+                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
-                     args.peer, args.insecure, args.rejoin)
+                     args.peer, args.insecure, args.rejoin, args.metrics)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":

@@ -16,7 +16,7 @@ import trio
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
 from fs.standby import StandbyFS
-from repl import control
+from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
@@ -72,6 +72,7 @@ class PrimaryConfig:
     tls: Path | None = None  # DIR/NAME: this node's certificate, key and CA (repl/tls.py)
     peer: str | None = None  # the name the secondary's certificate must carry
     insecure: bool = False  # plain TCP to a loopback secondary
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -86,6 +87,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         raise UsageError("--tls, --peer and --insecure are for the link to a secondary: "
                          "they need --secondary HOST:PORT")
     creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
+    scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
     tree = Tree(backing)
@@ -117,7 +119,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, sender, mountpoint, sock, operations, backing)
+            await _serve(capture, sender, mountpoint, sock, operations, backing, scrape)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -129,7 +131,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
 
 
 async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path) -> None:
+                 operations: PrimaryFS, backing: Path,
+                 scrape: list[trio.SocketListener]) -> None:
     async def applied_within(set_id: int, seconds: float) -> str | None:
         """Wait for the connected secondary to apply *set_id*; say why not, if not."""
         assert sender is not None
@@ -208,6 +211,11 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             await nursery.start(sender.run)
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
+        if scrape:
+            registry = metrics.registry(lambda: metrics.primary_metrics(capture, sender),
+                                        metrics.FSYNC_SECONDS, metrics.SET_BYTES)
+            await nursery.start(metrics.serve, scrape, registry)
+            log.info("metrics on http://%s/metrics", metrics.where(scrape))
         nursery.start_soon(_terminate_on_signal)
         await serve_requests()
         nursery.cancel_scope.cancel()

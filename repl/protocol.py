@@ -58,6 +58,11 @@ class Frame:
     def encode(self) -> bytes:
         return b"".join(self.parts())
 
+    @property
+    def wire_size(self) -> int:
+        """Bytes the frame takes on the wire."""
+        return _HEAD.size + len(self.payload) + _CHECKSUM.size
+
     def parts(self) -> tuple[bytes, bytes, bytes]:
         """The encoded frame in three pieces, so a payload is copied only once, by the
         join that puts a batch of frames on the wire."""

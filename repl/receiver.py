@@ -58,6 +58,8 @@ class ReceiverStatus:
     connected_streams: int = 0
     peer_node: str | None = None
     received: int = 0
+    received_bytes: int = 0  # of records
+    received_wire_bytes: int = 0  # of their frames
     staged: int = 0
     duplicates: int = 0
     stale: int = 0
@@ -272,6 +274,8 @@ class Receiver:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             record = Record.decode(frame.payload)
             self.status.received += 1
+            self.status.received_bytes += len(frame.payload)
+            self.status.received_wire_bytes += frame.wire_size
             await self._incoming_send.send((stream, record))
 
     async def _stager(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from repl import control
+from repl import control, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
@@ -136,11 +136,13 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 
 async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                         tls: Path | None, peer: str | None, insecure: bool,
-                        rejoin: bool = False) -> None:
+                        rejoin: bool = False, metrics_at: str | None = None) -> None:
     """Serve *replica*: accept the primary on *listen*, with the TLS credentials
-    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*)."""
+    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
+    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given."""
     host, port = parse_address(listen)
     creds = link_credentials(tls, peer, insecure, host)
+    scrape = await metrics.listen(metrics_at) if metrics_at else []
     if not replica.is_dir():
         if not replica.parent.is_dir():
             raise UsageError(f"replica {replica}: its parent directory does not exist")
@@ -234,6 +236,12 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             await nursery.start(control.serve, control.socket_path(replica),
                                 {"status": status, "wait": wait, "wake": wake,
                                  "shutdown": shutdown})
+            if scrape:
+                registry = metrics.registry(
+                    lambda: metrics.secondary_metrics(receiver, applier, staging),
+                    metrics.APPLY_SECONDS)
+                await nursery.start(metrics.serve, scrape, registry)
+                log.info("metrics on http://%s/metrics", metrics.where(scrape))
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             if creds is None:
                 log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "

@@ -77,9 +77,11 @@ class SenderStatus:
     applied: int = 0  # last set the secondary applied
     inflight_bytes: int = 0
     sent_bytes: int = 0  # record bytes put on the wire, all sessions
+    sent_wire_bytes: int = 0  # ... and the bytes of their frames
     sessions: int = 0
     stalled: bool = False
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the last ten
+    error_count: int = 0
 
 
 class Sender:
@@ -181,6 +183,7 @@ class Sender:
     def _error(self, text: str) -> None:
         log.warning("%s", text)
         self.status.errors = [*self.status.errors[-9:], text]
+        self.status.error_count += 1
 
     async def _session(self) -> None:
         session = secrets.token_hex(8)
@@ -311,8 +314,10 @@ class Sender:
                 else:
                     index = (turn + shipped // STREAM_SHARE) % len(outboxes)
                 shipped += len(raw)
-                per_stream[index].append(Frame(FrameType.RECORD, raw))
+                frame = Frame(FrameType.RECORD, raw)
+                per_stream[index].append(frame)
                 self.status.sent_bytes += len(raw)
+                self.status.sent_wire_bytes += frame.wire_size
                 self._inflight[(set_id, seq)] = len(raw)
                 self.status.inflight_bytes += len(raw)
             turn += 1 + shipped // STREAM_SHARE

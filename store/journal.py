@@ -197,6 +197,11 @@ class Journal(LmdbDir):
             else:
                 txn.put(key, value, db=self._meta)
 
+    def count(self) -> int:
+        """Records in the journal."""
+        with self.env.begin() as txn:
+            return int(txn.stat(self._records)["entries"])
+
     def size(self) -> int:
         """Bytes the records take in the journal's pages."""
         return self.db_bytes(self._records)
