@@ -20,6 +20,7 @@ from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.sdnotify import notify
 from repl.secondary import default_state_dir, staging_dir_of
 from repl.sender import STALL_SECONDS, Sender
 from repl.tls import link_credentials
@@ -216,7 +217,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))
-        nursery.start_soon(_terminate_on_signal)
+        await nursery.start(_terminate_on_signal)
+        notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
         await serve_requests()
         nursery.cancel_scope.cancel()
 
@@ -279,7 +281,8 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(control.serve, sock, {"status": status})
-                nursery.start_soon(_terminate_on_signal)
+                await nursery.start(_terminate_on_signal)
+                notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests()
                 nursery.cancel_scope.cancel()
         finally:
@@ -290,9 +293,13 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         lock.close()
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                               ) -> None:
+    """Stop serving on SIGINT or SIGTERM; started once they are caught."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("got %s, unmounting", signal.Signals(signum).name)
+            notify("STOPPING=1")
             pyfuse3.terminate()
             return

@@ -20,6 +20,7 @@ from repl.errors import UsageError
 from repl.gate import Gate
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
+from repl.sdnotify import notify
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.journal import Journal
@@ -126,10 +127,15 @@ def resume(replica: Path, staging: Path | None) -> int:
     return read_applied(where)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    """Cancel *scope* on SIGINT or SIGTERM; started once they are caught."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("got %s, stopping", signal.Signals(signum).name)
+            notify("STOPPING=1")
             scope.cancel()
             return
 
@@ -242,7 +248,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                     metrics.APPLY_SECONDS)
                 await nursery.start(metrics.serve, scrape, registry)
                 log.info("metrics on http://%s/metrics", metrics.where(scrape))
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(_stop_on_signal, nursery.cancel_scope)
             if creds is None:
                 log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
                             "encrypted: anyone who can reach %s:%d can replace this replica",
@@ -250,6 +256,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
                      bound[0], bound[1], "plain TCP, --insecure" if creds is None else
                      f"TLS as {creds.name}, accepting {creds.peer}", replica, staging.applied)
+            notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
     finally:
         staging.close()
         if old_journal is not None:
