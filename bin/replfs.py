@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fs.mount import PrimaryConfig, run_primary, run_standby
 from repl import config, control, tls
 from repl.config import address, count, positive, size
-from repl.errors import UsageError
 from repl.promote import promote
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from repl.verify import verify
@@ -39,8 +39,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"replfs: {message}", file=sys.stderr)
+    """Say *message* in one line on stderr (an event, with --log-format json); exit."""
+    handlers = logging.getLogger().handlers
+    if handlers and isinstance(handlers[0].formatter, JsonLines):
+        logging.getLogger("replfs").error("%s", message)
+    else:
+        print(f"replfs: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+class JsonLines(logging.Formatter):
+    """A log record as one JSON object on one line, with stable keys: ``time`` (UTC,
+    ISO 8601), ``level``, ``logger``, ``msg``, and ``error`` (a traceback, only for an
+    unexpected failure)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                     timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            event["error"] = self.formatException(record.exc_info)
+        return json.dumps(event)
 
 
 def build_parser() -> Parser:
@@ -62,6 +82,12 @@ def build_parser() -> Parser:
         """A positional the config file may give instead (checked once both are read)."""
         p.add_argument(name, type=Path, metavar=metavar, nargs="?", **kw)  # type: ignore[arg-type]
         p.set_defaults(needed=[*p.get_default("needed"), name])
+
+    def log_options(p: Parser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+        p.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="one line per event: readable text, or one JSON object with "
+                            "the keys time, level, logger, msg (and error) (default text)")
 
     def metrics_option(p: Parser) -> None:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
@@ -96,7 +122,7 @@ def build_parser() -> Parser:
                    help="report a stall after a backlog makes no progress this long (default 10)")
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    log_options(p)
 
     p = command("secondary", "receive data sets into REPLICA")
     positional(p, "replica", "REPLICA")
@@ -109,13 +135,13 @@ def build_parser() -> Parser:
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
     metrics_option(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    log_options(p)
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
     positional(p, "replica", "REPLICA")
     positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    log_options(p)
 
     p = command("verify", "compare a primary with its replica at one data set boundary")
     positional(p, "primary", "MOUNTPOINT|DIR")
@@ -221,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        logging.getLogger().handlers[0].setFormatter(JsonLines())
+        sys.excepthook = lambda kind, exc, tb: logging.getLogger("replfs").critical(
+            "unexpected failure: %r", exc, exc_info=(kind, exc, tb))
     if args.command in ("primary", "secondary", "mount"):
         keep_large_buffers()
     try:
@@ -274,13 +304,33 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             sections = config.check(args.file, build_parser())
             print(f"{args.file}: ok ({', '.join(f'[{s}]' for s in sections) or 'empty'})")
-    except (UsageError, ReplfsError) as exc:
-        fail(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as exc:
+        why = expected(exc)
+        if why is None:
+            raise
+        logging.getLogger("replfs").debug("failed", exc_info=exc)  # in full, with -v
+        fail(why)
     return 0
+
+
+def expected(exc: BaseException) -> str | None:
+    """What to say, in one line, about a failure the user can act on; None for a bug
+    (whose traceback is then logged).
+
+    Expected: replfs's own errors, and an OSError on a named path (a journal,
+    staging or certificate directory that cannot be made or used as given).
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # raised inside a nursery
+    if isinstance(exc, ReplfsError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return None
 
 
 def tls_command(args: argparse.Namespace) -> None:
