@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fs.mount import PrimaryConfig, run_primary, run_standby
 from repl import config, control, tls
-from repl.config import address, count, positive, size
+from repl.config import address, count, level, positive, size
 from repl.promote import promote
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
 from store.dump import dump
 from store.errors import ReplfsError
@@ -118,6 +119,12 @@ def build_parser() -> Parser:
     link_options(p, "secondary")
     p.add_argument("--streams", type=count, default=4, metavar="N",
                    help="parallel TCP streams to the secondary (default 4)")
+    p.add_argument("--compress-level", type=level, default=COMPRESS_LEVEL, metavar="N",
+                   help="zstd level (1-19) of the records sent, where the secondary takes "
+                        f"them; 0 sends them uncompressed (default {COMPRESS_LEVEL})")
+    p.add_argument("--max-rate", type=size, metavar="BYTES/s",
+                   help="send at most this many bytes a second to the secondary, e.g. 10M "
+                        "(default: no cap)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
     metrics_option(p)
@@ -258,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics))
+                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
+                args.compress_level, args.max_rate or None))
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
                      args.peer, args.insecure, args.rejoin, args.metrics)

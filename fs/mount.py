@@ -22,7 +22,7 @@ from repl.config import parse_address
 from repl.errors import UsageError
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, staging_dir_of
-from repl.sender import STALL_SECONDS, Sender
+from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.hold import ApplyLock, is_held, read_applied, read_syncing
@@ -74,6 +74,8 @@ class PrimaryConfig:
     peer: str | None = None  # the name the secondary's certificate must carry
     insecure: bool = False  # plain TCP to a loopback secondary
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
+    compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
+    max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -84,9 +86,9 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
     peer = parse_address(cfg.secondary) if cfg.secondary else None
-    if peer is None and (cfg.tls or cfg.peer or cfg.insecure):
-        raise UsageError("--tls, --peer and --insecure are for the link to a secondary: "
-                         "they need --secondary HOST:PORT")
+    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate):
+        raise UsageError("--tls, --peer, --insecure and --max-rate are for the link to a "
+                         "secondary: they need --secondary HOST:PORT")
     creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
@@ -102,7 +104,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
                             stall_seconds=cfg.stall_seconds, settled=capture.lock,
-                            creds=creds)
+                            creds=creds, compress_level=cfg.compress_level,
+                            max_rate=cfg.max_rate)
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
                             "nobody authenticated, nothing encrypted", *peer)
@@ -202,6 +205,10 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "lag_bytes": j.bytes,  # the journal holds exactly what is not applied
                     "lag_seconds": round(capture.lag_seconds(st.applied), 3),
                     "inflight_bytes": st.inflight_bytes, "sent_bytes": st.sent_bytes,
+                    "sent_wire_bytes": st.sent_wire_bytes, "compressing": st.compressing,
+                    "max_rate": sender.bucket.rate if sender.bucket else None,
+                    "rate_limited_seconds": round(sender.bucket.waited, 3)
+                    if sender.bucket else 0.0,
                     "stalled": st.stalled,
                     "errors": st.errors}
         return out

@@ -75,6 +75,17 @@ def count(text: str) -> int:
     return value
 
 
+def level(text: str) -> int:
+    """A compression level: 0 (off) to 19."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) to 19: {text!r}")
+    return value
+
+
 def address(text: str) -> str:
     """HOST:PORT, returned as given once it parses (port 0 picks a free one)."""
     _, sep, port = text.rpartition(":")
@@ -97,7 +108,7 @@ def parse_address(text: str) -> tuple[str, int]:
 # What a TOML value may be, for each value type of the command line.
 _TOML_TYPES: dict[Any, tuple[type, ...]] = {
     None: (str,), str: (str,), Path: (str,), address: (str,),
-    int: (int,), count: (int,), positive: (int, float), size: (int, str),
+    int: (int,), count: (int,), level: (int,), positive: (int, float), size: (int, str),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 

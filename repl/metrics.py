@@ -112,10 +112,18 @@ def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]
                 int(st.stalled), secondary=to)
     yield counter("replfs_sent_bytes", "Record bytes sent, before compression",
                   st.sent_bytes, secondary=to)
-    yield counter("replfs_sent_wire_bytes", "Bytes of record frames put on the wire",
+    yield counter("replfs_sent_wire_bytes", "Bytes of record frames put on the wire, after "
+                  "compression",
                   st.sent_wire_bytes, secondary=to)
     yield counter("replfs_sessions", "Replication sessions started", st.sessions,
                   secondary=to)
+    yield gauge("replfs_compressing", "1 while records go out zstd-compressed",
+                int(st.compressing), secondary=to)
+    yield gauge("replfs_max_rate_bytes_per_second", "The cap on bytes a second on the wire "
+                "(--max-rate; 0: none)", sender.bucket.rate if sender.bucket else 0,
+                secondary=to)
+    yield counter("replfs_rate_limited_seconds", "Time the sender waited to stay under "
+                  "--max-rate", sender.bucket.waited if sender.bucket else 0, secondary=to)
     yield counter("replfs_replication_errors", "Sessions that failed or were refused",
                   st.error_count, secondary=to)
 

@@ -36,7 +36,7 @@ def sample(key: str, action: argparse.Action) -> tuple[list[str], Any]:
         value = f"/x/{key}"
     elif action.type is config.address:
         value = "127.0.0.1:7001"
-    elif action.type in (int, config.count):
+    elif action.type in (int, config.count, config.level):
         value = 3
     elif action.type is config.positive:
         value = 2.5
