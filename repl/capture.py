@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import trio
 
 from repl import apply as applier
-from repl import faults, resync
+from repl import faults, metrics, resync
 from repl.diverge import Divergence
 from repl.touched import Touched
 from repl.tree import Tree
@@ -301,6 +301,7 @@ class Capture:
                                     mtime_ns=st.st_mtime_ns)
         self.touched.clear()
         self.closed_at = time.monotonic()
+        metrics.SET_BYTES.observe(self.journal.set_bytes)
         closed = self.journal.close_set()
         if self._record_hash is not None:
             self._record_hash(closed, self.backing.root_fd)

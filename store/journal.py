@@ -394,3 +394,7 @@ class Journal:
         self.log.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
+
+    def count(self) -> int:
+        """Records in the journal."""
+        return sum(len(where.pos) for where in self._sets.values())
