@@ -128,6 +128,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             pyfuse3.close(unmount=True)
             inodes.close()
         closed = capture.close_set()
+        capture.sync_backing()  # a clean stop: nothing for the next start to replay
         log.info("unmounted %s; last set %d", mountpoint, closed)
     finally:
         tree.close()
