@@ -47,6 +47,7 @@ With no secondary at all, the oldest sets are dropped instead.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -211,7 +212,11 @@ class Capture:
         """A handler changed the file open as *fd*: sync it at the next BACKING sync."""
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) not in self._changed:
-            self._changed[st.st_dev, st.st_ino] = os.dup(fd)
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
+                own = os.open(b"/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                own = os.dup(fd)
+            self._changed[st.st_dev, st.st_ino] = own
             if len(self._changed) == BACKING_SYNC_FILES:
                 self._wake()
 
