@@ -5,13 +5,18 @@ power-cut simulator (tests/powercut). A cut stops the disk, kills the
 primary at that instant and drops what was not synced (all of it, or a
 seeded half of the dirty pages, as if the kernel had written those back);
 then the disk comes back and the primary starts again on it. Checked after
-each cut (``PowerCuts.boot`` raises Violation):
+each cut by ``PowerCuts.boot``:
 
-- the journal is readable and the primary starts again on it;
+- the journal is readable and the primary starts again on it (if not, it
+  raises Violation: the run cannot go on);
 - BACKING is the primary's tree at the close of the journal's last durable
   set (when the journal ends with that set's SYNC: records after it, durable
   without their SYNC, leave a state no digest recorded, counted as unchecked);
 - every SQLite commit the workload got back is in the database.
+
+The last two are kept in ``problems`` and the run goes on, so that one run
+also shows what follows from them (a replica that does not converge, a torn
+sample); the run fails at its end with all of them.
 
 The replica converging and no sample showing a torn set are the run's own
 checks; set ids the primary closes again after a cut are accepted with
@@ -64,6 +69,7 @@ class PowerCuts:
         self.hashes = hashes
         self.cuts = self.pages_lost = self.unchecked = 0
         self.keep = 0.0  # the last cut's
+        self.problems: list[str] = []  # violations found after a cut
 
     @property
     def backing(self) -> Path:
@@ -101,12 +107,14 @@ class PowerCuts:
         if not closed or last not in digests:
             self.unchecked += 1
         elif tree_digest(self.backing) != digests[last]:
-            raise Violation(f"after a power cut (keep {keep}) the primary's tree is not its "
-                            f"tree at the close of set {last}, the journal's last durable set")
+            self.problems.append(f"after a power cut (keep {keep}) the primary's tree is not "
+                                 f"its tree at the close of set {last}, the journal's last "
+                                 "durable set")
         have = _sqlite_count(mount)
         if have != committed:
-            raise Violation(f"after a power cut (keep {keep}) SQLite on the primary holds "
-                            f"{have} of the {committed} commits the workload got back")
+            self.problems.append(f"after a power cut (keep {keep}) SQLite on the primary "
+                                 f"holds {have} of the {committed} commits the workload got "
+                                 "back")
         return primary
 
     def _digests(self) -> dict[int, str]:
