@@ -7,8 +7,8 @@ seeded half of the dirty pages, as if the kernel had written those back);
 then the disk comes back and the primary starts again on it. Checked after
 each cut by ``PowerCuts.boot``:
 
-- the journal is readable and the primary starts again on it (if not, it
-  raises Violation: the run cannot go on);
+- the journal is readable, the primary starts again on it and is still of
+  its cluster (if not, it raises Violation: the run cannot go on);
 - BACKING is the primary's tree at the close of the journal's last durable
   set (when the journal ends with that set's SYNC: records after it, durable
   without their SYNC, leave a state no digest recorded, counted as unchecked);
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from repl.verify import tree_digest
 from tests.powercut.harness import Simulator
-from tests.support import ROOT, Daemon, unmount
+from tests.support import ROOT, Daemon, status, unmount
 from tests.torture.violation import Violation
 
 KIND = "primary_powercut"
@@ -69,6 +69,7 @@ class PowerCuts:
         self.hashes = hashes
         self.cuts = self.pages_lost = self.unchecked = 0
         self.keep = 0.0  # the last cut's
+        self.cluster = ""  # the primary's cluster id before the last cut
         self.problems: list[str] = []  # violations found after a cut
 
     @property
@@ -83,6 +84,7 @@ class PowerCuts:
 
     def power_off(self, primary: Daemon, mount: Path, rng: random.Random) -> None:
         """Cut the power under *primary*: it dies, the disk drops what was not synced."""
+        self.cluster = status(mount)["cluster"]
         self.keep = rng.choice(KEEP)
         counts = self.sim.power_cut(primary, keep=self.keep, seed=rng.randrange(1 << 32))
         unmount(mount)
@@ -104,6 +106,9 @@ class PowerCuts:
         except AssertionError as exc:
             raise Violation(f"the primary does not start after a power cut (keep {keep}): "
                             f"{str(exc).strip().splitlines()[-1]}") from None
+        if status(mount)["cluster"] != self.cluster:
+            raise Violation(f"after a power cut (keep {keep}) the primary is another cluster, "
+                            "which its secondary refuses")
         if not closed or last not in digests:
             self.unchecked += 1
         elif tree_digest(self.backing) != digests[last]:
