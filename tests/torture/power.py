@@ -136,7 +136,8 @@ class PowerCuts:
                               capture_output=True, text=True)
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-            raise Violation(f"the journal is unreadable after a power cut: {why}")
+            raise Violation(f"the journal is unreadable after a power cut (keep {self.keep}): "
+                            f"{why}")
         set_id, closed = done.stdout.split()
         return int(set_id), closed == "1"
 
