@@ -43,20 +43,18 @@ KIND = "primary_powercut"
 KEEP = (0.0, 0.0, 0.5)  # the fraction of dirty pages the kernel wrote back before the cut
 
 # Prints "SET CLOSED": the journal's last set, and 1 if it ends with that set's SYNC
-# (or holds no record: SET is then the last set trimmed), 0 if records of an open
-# set follow. Run in its own process: a corrupt LMDB file can kill its reader.
+# (or holds no record: SET is then the set before the next one), 0 if records of an
+# open set follow. Run in its own process, as a reader beside nobody.
 LAST_SET = r"""
-import sys, lmdb
-from store.records import Op, Record, decode_set
-env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=4)
-with env.begin() as txn:
-    cursor = txn.cursor(db=env.open_db(b"records", txn=txn, create=False))
-    if cursor.last():
-        last = Record.decode(cursor.value())
-        print(last.set, int(last.op == Op.SYNC))
-    else:
-        raw = txn.get(b"next_set", db=env.open_db(b"meta", txn=txn, create=False))
-        print(decode_set(raw) - 1 if raw else 0, 1)
+import sys
+from store.journal import Journal
+from store.records import Op
+journal = Journal(sys.argv[1], read_only=True)
+last = journal.last()
+if last is not None:
+    print(last.set, int(last.op == Op.SYNC))
+else:
+    print(journal.set - 1, 1)
 """
 
 
