@@ -51,6 +51,7 @@ import fcntl
 import functools
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -211,6 +212,8 @@ class Capture:
     def track(self, fd: int) -> None:
         """A handler changed the file open as *fd*: sync it at the next BACKING sync."""
         st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return  # a fifo, a socket: nothing to sync of its own; its directory is
         if (st.st_dev, st.st_ino) not in self._changed:
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
                 own = os.open(b"/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
@@ -230,7 +233,10 @@ class Capture:
             self._track_dir(path)
             return
         try:
-            self.track(fd)
+            if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+                self.track(fd)
+            else:
+                self._track_dir(path)
         finally:
             os.close(fd)
 

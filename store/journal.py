@@ -323,6 +323,10 @@ class Journal:
                 return set_id
         return self.set
 
+    def bytes_after(self, set_id: int) -> int:
+        """Bytes of the records of the sets after *set_id*."""
+        return sum(sum(self._sets[s].size) for s in self._sets_from(set_id + 1))
+
     def first_set(self) -> int | None:
         """The oldest set still journaled."""
         return self._order[0] if self._order else None
