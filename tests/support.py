@@ -372,10 +372,13 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
 
 def read_journal(backing: Path) -> list[Record]:
     """Every record the journal of the primary of *backing* holds, in stream order."""
-    from store.records import Record
+    from store.journal import Journal
 
-    (records,) = _read_lmdb(state_dir(backing) / "journal", b"records")
-    return [Record.decode(v) for _, v in records]
+    journal = Journal(state_dir(backing) / "journal", read_only=True)  # beside the daemon
+    try:
+        return list(journal.records())
+    finally:
+        journal.close()
 
 
 def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[str, Any]:
