@@ -22,7 +22,7 @@ def test_torture_short_campaign() -> None:
 
 @pytest.mark.xfail(strict=True, reason="issue 11: after a power cut the primary's BACKING is not "
                    "the journal's last durable set (writes lost that the journal has, metadata "
-                   "kept that it lost), and a partial writeback can corrupt the journal")
+                   "kept that it lost)")
 def test_torture_power_cuts_short_campaign() -> None:
     out = io.StringIO()
     results = campaign(runs=2, seed=20261201, minutes=None, seconds=4.0, out=out,

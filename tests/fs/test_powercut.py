@@ -274,9 +274,9 @@ def test_primary_power_cut_partial_writeback_ok(tmp_path: Path, seed: int) -> No
         h.converged()
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE + "the cluster id the journal makes at its first "
-                   "start is committed without a sync: a power cut before the first fsync "
-                   "makes the primary a new cluster, which its secondary then refuses")
+@pytest.mark.xfail(strict=True, reason=ISSUE + "the cluster id survives now (the journal "
+                   "syncs it when it is made); the file created before the first fsync is on "
+                   "BACKING at once, its record lost with the power: the replica never gets it")
 def test_primary_power_cut_before_first_fsync_ok(tmp_path: Path) -> None:
     with host(tmp_path, "--set-interval", "3600") as h:
         cluster = status(h.mount)["cluster"]

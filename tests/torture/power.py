@@ -28,34 +28,20 @@ from __future__ import annotations
 import random
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from repl.verify import tree_digest
+from store.errors import StoreError
+from store.journal import Journal
 from tests.powercut.harness import Simulator
-from tests.support import ROOT, Daemon, status, unmount
+from tests.support import Daemon, status, unmount
 from tests.torture.violation import Violation
 
 KIND = "primary_powercut"
 KEEP = (0.0, 0.0, 0.5)  # the fraction of dirty pages the kernel wrote back before the cut
 
-# Prints "SET CLOSED": the journal's last set, and 1 if it ends with that set's SYNC
-# (or holds no record: SET is then the set before the next one), 0 if records of an
-# open set follow. Run in its own process, as a reader beside nobody.
-LAST_SET = r"""
-import sys
-from store.journal import Journal
-from store.records import Op
-journal = Journal(sys.argv[1], read_only=True)
-last = journal.last()
-if last is not None:
-    print(last.set, int(last.op == Op.SYNC))
-else:
-    print(journal.set - 1, 1)
-"""
 
 
 class PowerCuts:
@@ -129,15 +115,17 @@ class PowerCuts:
         return out
 
     def _last_set(self) -> tuple[int, bool]:
-        journal = self.sim.lower / ".b.replfs" / "journal"
-        done = subprocess.run([sys.executable, "-c", LAST_SET, str(journal)], cwd=ROOT,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        """The journal's last set on the disk as the cut left it, and whether it ends
+        with that set's SYNC (or holds no record after a trim)."""
+        try:
+            journal = Journal(self.sim.lower / ".b.replfs" / "journal", read_only=True)
+        except StoreError as exc:
             raise Violation(f"the journal is unreadable after a power cut (keep {self.keep}): "
-                            f"{why}")
-        set_id, closed = done.stdout.split()
-        return int(set_id), closed == "1"
+                            f"{exc}") from None
+        try:
+            return (journal.set - 1, True) if journal.seq == 0 else (journal.set, False)
+        finally:
+            journal.close()
 
 
 def _sqlite_count(tree: Path) -> int:
