@@ -39,6 +39,7 @@ from repl.gate import Gate, Rejected
 from repl.protocol import (
     MAX_STREAMS,
     PROTOCOL_VERSION,
+    ZSTD,
     Connection,
     Frame,
     FrameType,
@@ -46,6 +47,7 @@ from repl.protocol import (
     hello,
     parse_applied,
     parse_hello,
+    parse_records,
     staged,
 )
 from repl.tls import broken_record
@@ -74,6 +76,8 @@ class ReceiverStatus:
     connected_streams: int = 0
     peer_node: str | None = None
     received: int = 0
+    received_bytes: int = 0  # of records
+    received_wire_bytes: int = 0  # of their frames
     staged: int = 0
     duplicates: int = 0
     stale: int = 0
@@ -91,6 +95,7 @@ class _Stream:
     outbox: trio.MemorySendChannel[Frame]
     scope: trio.CancelScope
     session: str
+    compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
     dropped: str | None = None  # why the stager cut it off
 
 
@@ -213,7 +218,7 @@ class Receiver:
                 self._boot = boot if isinstance(boot, str) else None
         outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
-            stream = _Stream(conn, outbox, scope, session)
+            stream = _Stream(conn, outbox, scope, session, takes_zstd(info))
             self._streams.append(stream)
             self.status.connected_streams = len(self._streams)
             self.status.peer_node = info.get("node")
@@ -290,7 +295,8 @@ class Receiver:
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,
                               applied=self.staging.applied,
-                              syncing=self.staging.syncing, **extra))
+                              syncing=self.staging.syncing,
+                              **({"compress": ZSTD} if takes_zstd(info) else {}), **extra))
 
     async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
         async for frame in frames:
@@ -311,20 +317,31 @@ class Receiver:
                          set_id)
                 self.on_reset(set_id)
                 continue
-            if frame.type != FrameType.RECORD:
+            if frame.type == FrameType.RECORD:
+                raws = [frame.payload]
+            elif frame.type == FrameType.RECORDS_ZSTD and stream.compressed:
+                raws = parse_records(frame)
+            else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
-            record = Record.decode(frame.payload)
-            self.status.received += 1
-            size = len(frame.payload)
-            while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
-                await self._dequeued.park()  # backpressure: the peer waits, not our memory
-            self._queued += size
-            try:
-                await self._incoming_send.send((stream, record, size))
-            except BaseException:  # not sent: the stager will not give it back
-                self._queued -= size
-                self._dequeued.unpark_all()
-                raise
+            self.status.received_wire_bytes += frame.wire_size
+            for raw in raws:
+                record = Record.decode(raw)
+                self.status.received += 1
+                self.status.received_bytes += len(raw)
+                await self._queue(stream, record, len(raw))
+
+    async def _queue(self, stream: _Stream, record: Record, size: int) -> None:
+        """Hand *record* (*size* bytes encoded) to the stager, once the records queued
+        before it are within STAGE_QUEUE_BYTES: the peer waits, not our memory."""
+        while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
+            await self._dequeued.park()
+        self._queued += size
+        try:
+            await self._incoming_send.send((stream, record, size))
+        except BaseException:  # not sent: the stager will not give it back
+            self._queued -= size
+            self._dequeued.unpark_all()
+            raise
 
     async def _stager(self) -> None:
         while True:
@@ -379,6 +396,12 @@ async def _tell(conn: Connection, text: str) -> None:
         except trio.BrokenResourceError:
             pass  # the peer is gone already; it was refused all the same
     await conn.aclose()
+
+
+def takes_zstd(hello: dict[str, Any]) -> bool:
+    """Whether the primary's HELLO offers zstd-compressed records (it is then taken)."""
+    offer = hello.get("compress")
+    return isinstance(offer, list) and ZSTD in offer
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str]:

@@ -271,10 +271,11 @@ def test_sender_handshake_fuzz(info: dict[str, Any]) -> None:
         ours, theirs = trio.testing.memory_stream_pair()
         await ours.send_all(MAGIC + Frame(FrameType.HELLO, json.dumps(info).encode()).encode())
         try:
-            applied = await sender._handshake(Connection(theirs), "5e5e", 0)
+            applied, zstd = await sender._handshake(Connection(theirs), "5e5e", 0)
         except (ProtocolError, Refused):
             return
         assert applied == info["applied"] and 0 <= applied < 1 << 64
+        assert zstd is (info.get("compress") == "zstd")
 
     trio.run(check)
 
