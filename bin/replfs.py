@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_large_buffers()
     try:
         if args.command == "primary":
-            if args.streams > MAX_STREAMS:
-                args.parser.error(f"--streams must be at most {MAX_STREAMS}")
+            if not 1 <= args.streams <= MAX_STREAMS:
+                args.parser.error(f"--streams must be from 1 to {MAX_STREAMS}")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,

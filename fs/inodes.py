@@ -160,7 +160,9 @@ class Inodes:
         """(parent dir fd, name) reaching *ino* in the backing directory.
 
         With ``verify`` (a tree that changes under the mount, like a replica),
-        each name is checked to still hold *ino*, and stale names are dropped.
+        each name is checked to still hold *ino*, and stale names are dropped,
+        also those whose parent directory is gone: its number may be known again
+        as a file's, as the backing filesystem reuses numbers (ext4 at once).
         """
         if not self.verify:
             found = self.name_of(ino)
@@ -170,12 +172,12 @@ class Inodes:
         node = self.node(ino)
         for parent, name in list(node.names):
             if parent in self.nodes:
-                fd = self.dir_fd(parent)
                 try:
+                    fd = self.dir_fd(parent)
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     if self.ino_of(st) == ino:
                         return fd, name
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     pass
             node.names.discard((parent, name))
         raise FileNotFoundError(2, "inode has no name left")

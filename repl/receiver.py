@@ -328,20 +328,16 @@ class Receiver:
                 record = Record.decode(raw)
                 self.status.received += 1
                 self.status.received_bytes += len(raw)
-                await self._queue(stream, record, len(raw))
-
-    async def _queue(self, stream: _Stream, record: Record, size: int) -> None:
-        """Hand *record* (*size* bytes encoded) to the stager, once the records queued
-        before it are within STAGE_QUEUE_BYTES: the peer waits, not our memory."""
-        while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
-            await self._dequeued.park()
-        self._queued += size
-        try:
-            await self._incoming_send.send((stream, record, size))
-        except BaseException:  # not sent: the stager will not give it back
-            self._queued -= size
-            self._dequeued.unpark_all()
-            raise
+                size = len(raw)
+                while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
+                    await self._dequeued.park()  # backpressure: the peer waits, not our memory
+                self._queued += size
+                try:
+                    await self._incoming_send.send((stream, record, size))
+                except BaseException:  # not sent: the stager will not give it back
+                    self._queued -= size
+                    self._dequeued.unpark_all()
+                    raise
 
     async def _stager(self) -> None:
         while True:

@@ -33,7 +33,7 @@ def parse(raw: bytes | None, *, make_cluster: bool) -> Identity:
     """The identity stored as *raw*, or a new one; a cluster id is made if asked.
 
     Raises:
-        StoreError: *raw* is not an identity this module wrote.
+        StoreError: the stored identity is not one this module wrote.
     """
     ident = _decode(bytes(raw)) if raw else Identity(node=secrets.token_hex(8))
     if make_cluster and ident.cluster is None:

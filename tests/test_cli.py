@@ -38,16 +38,16 @@ def test_cli_err_bad_size(tmp_path: Path) -> None:
                           "not a size")
 
 
-@pytest.mark.parametrize(("streams", "why"), [
-    ("0", "must be at least 1"), (str(MAX_STREAMS + 1), f"must be at most {MAX_STREAMS}")])
-def test_cli_err_streams(tmp_path: Path, streams: str, why: str) -> None:
+@pytest.mark.parametrize(("streams", "says"), [
+    ("0", "--streams: must be at least 1"),
+    (str(MAX_STREAMS + 1), f"--streams must be from 1 to {MAX_STREAMS}")])
+def test_cli_err_streams(tmp_path: Path, streams: str, says: str) -> None:
     """A secondary takes at most MAX_STREAMS streams of one primary: asking for more
     is refused before anything starts."""
     (tmp_path / "b").mkdir()
     (tmp_path / "m").mkdir()
     assert_one_line_error(replfs("primary", tmp_path / "b", tmp_path / "m", "--secondary",
-                                 "127.0.0.1:1", "--insecure", "--streams", streams),
-                          "--streams", why)
+                                 "127.0.0.1:1", "--insecure", "--streams", streams), says)
 
 
 def test_primary_err_backing_missing(tmp_path: Path) -> None:

@@ -115,3 +115,34 @@ def test_standby_samples_are_whole_sets(tmp_path: Path) -> None:
         thread.join()
     assert seen == sorted(seen), "the set shown never goes back"
     assert len(set(seen)) > 1, "samples saw the replica move"
+
+
+def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path: Path
+                                                                        ) -> None:
+    """A set moves a directory's files out and puts a file of the same name in its
+    place: the view shows that set, though it knew each file by its old name.
+
+    ext4 gives the new file the directory's inode number at once, so an old name
+    leads to a file where a directory was; each file must still be reached by its
+    new name (not fail with ENOTDIR, or ENOENT where the number is not reused).
+    """
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    names = [f"f{i}" for i in range(32)]  # the old name is tried first half the time
+    with secondary(replica) as sec, primary(backing, mount, "--secondary",
+                                            f"127.0.0.1:{sec.port}"), standby(replica, view):
+        (mount / "d").mkdir()
+        for name in names:
+            (mount / "d" / name).write_bytes(name.encode())
+        checkpoint(mount)
+        assert sorted(os.listdir(view / "d")) == sorted(names)  # the view learns the names
+        held = os.open(view / "d", os.O_PATH)  # the kernel keeps the directory's inode
+        try:
+            for name in names:
+                os.rename(mount / "d" / name, mount / f"moved-{name}")
+            os.rmdir(mount / "d")
+            (mount / "d").write_bytes(b"a file now")
+            checkpoint(mount)
+            assert diff(snapshot(replica), snapshot(view)) == []
+        finally:
+            os.close(held)
