@@ -237,7 +237,8 @@ class Capture:
             self._track_dir(path)
             return
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 self.track(fd)
             else:
                 self._track_dir(path)

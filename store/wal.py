@@ -214,9 +214,6 @@ class Log:
         base = max(b for b in self._fds if b <= pos)
         return os.pread(self._fds[base], length, pos - base)
 
-    def segment_of(self, pos: int) -> int:
-        return max(b for b in self._fds if b <= pos)
-
     def drop_before(self, pos: int) -> None:
         """Delete the segments that end at or before *pos* (never the one written)."""
         with self._sync_lock:
