@@ -110,21 +110,15 @@ class ActivityLog:
 
     # --- before an op ---------------------------------------------------------------
 
-    def need(self, op: Op, fields: Mapping[str, Any], at: int, *,
-             force: bool = False) -> list[Note]:
+    def need(self, op: Op, fields: Mapping[str, Any], at: int) -> list[Note]:
         """The notes *op* needs before it may touch BACKING (journal them, durably,
-        then ``add`` them); the notes that already cover it are marked used at *at*.
-
-        With *force*, a namespace op gets new NAME notes, covered or not: their
-        entry in the journal shows recovery that the op came after the records
-        before it (repl/capture.py ``recover``).
-        """
+        then ``add`` them); the notes that already cover it are marked used at *at*."""
         now = time.monotonic()
         path = fields.get("path", b"")
         if op in NAMESPACE_OPS:
             out = []
             for name in changed_names(op, fields):
-                entry = None if force else self._name_cover(name, now)
+                entry = self._name_cover(name, now)
                 if entry is None:
                     out.append(Note(NoteKind.NAME, name))
                 else:

@@ -91,6 +91,7 @@ BACKING_SYNC_FILES = 1024  # ... and as soon as this many files and directories 
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
 _BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
+_BOOT = b"boot"  # the machine's boot id when the daemon last started (repl/faults.py)
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
@@ -150,8 +151,8 @@ class Capture:
         # Paths journaled by data and attribute ops since the last BACKING sync that
         # finished (and those of the sync under way): synced before a name above them
         # is removed or moved, so recovery may skip their records (repl/activity.py).
-        self._unsynced: dict[bytes, None] = {}
-        self._unsynced_syncing: dict[bytes, None] = {}
+        self._unsynced: dict[bytes, int] = {}  # path -> where its first such record ends
+        self._unsynced_syncing: dict[bytes, int] = {}
         self.activity = ActivityLog(journal.notes)
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
@@ -183,10 +184,11 @@ class Capture:
         else:
             if op in _ATTRIBUTE_OPS:
                 self._track_node(fields["path"])
-            self._unsynced[fields["path"]] = None
             if self.activity.under_name(fields["path"]):
                 self._flag()
         record = self.journal.append(op, intent, **fields)
+        if op not in NAMESPACE_OPS:
+            self._unsynced.setdefault(fields["path"], self.journal.end)
         self._unsettled = record
         if self.journal.set_bytes >= self.set_bytes:
             self._close_due = True
@@ -195,28 +197,30 @@ class Capture:
 
     def _ahead(self, op: Op, fields: dict[str, Any]) -> None:
         """Before *op* touches the backing directory: what it may change there is
-        noted, durably, in the activity log (repl/activity.py), and an op that
-        removes or moves a name first syncs the files under it written since the
-        last BACKING sync (recovery skips their records once a NAME note is there)."""
-        synced = op in _MOVES and self._sync_unsynced_under(fields["path"], fields.get("path2"))
-        notes = self.activity.need(op, fields, self.journal.end, force=synced)
+        noted, durably, in the activity log (repl/activity.py); and an op that
+        removes or moves a name first syncs what was written at or under it since
+        BACKING's last sync, if a flush may have made that durable (recovery after
+        a power cut skips the records under a NAME note: they must be on disk)."""
+        if op in _MOVES:
+            self._flag()  # first: a flush that begins from here on syncs BACKING first
+            self._sync_written_under(fields["path"], fields.get("path2"))
+        notes = self.activity.need(op, fields, self.journal.end)
         if notes:
             self.journal.add_notes(notes)
             self.journal.sync()
             self.activity.add(notes, self.journal.end)
 
-    def _sync_unsynced_under(self, *tops: bytes | None) -> bool:
-        """fsync the nodes journaled since the last BACKING sync at or under *tops*;
-        True if there were any."""
-        found = False
+    def _sync_written_under(self, *tops: bytes | None) -> None:
+        """fsync the nodes journaled since BACKING's last sync at or under *tops*, if
+        one of their records is durable or a flush is under way."""
+        flushing = self._flush_lock.locked()
         for written in (self._unsynced, self._unsynced_syncing):
             hit = [p for p in written if any(top is not None and is_under(p, top)
                                              for top in tops)]
-            for path in hit:
-                self._sync_node(path)
-                del written[path]
-            found = found or bool(hit)
-        return found
+            if hit and (flushing or min(written[p] for p in hit) <= self.journal.durable):
+                for path in hit:
+                    self._sync_node(path)
+                    del written[path]
 
     def _sync_node(self, path: bytes) -> None:
         """fsync the file or directory *path* names, or the directory of anything else
@@ -620,40 +624,56 @@ class Capture:
            reached BACKING: it is redone by the applier's redo rule; an op that
            fails again is voided, as it would have been.
         3. Notes in the activity log mean the daemon stopped uncleanly (a clean
-           stop leaves none): BACKING may hold changes the journal lost, so what
-           they name is resent (``_resend``).
+           stop leaves none). If the machine rebooted since (the power went), the
+           page cache went with it: BACKING may hold changes the journal lost,
+           and records under a NAME note may not name their file any more. Those
+           records are not replayed, and what the notes name is resent
+           (``_resend``). After a crash of the daemon alone nothing was lost.
         4. The open set, if it has ops and is not held open, is closed, with the
            UTIMES of every path it touched.
 
-        Then what recovery changed or resends is synced in BACKING, ``backing_at``
-        moves to the end and the activity log starts empty. Returns a line saying
-        what was done, or None if nothing was needed.
+        Then what recovery replayed, and all the notes name, is synced in BACKING,
+        ``backing_at`` moves to the end and the activity log starts empty.
+        Returns a line saying what was done, or None if nothing was needed.
         """
         notes = list(self.journal.notes)
-        roots = name_roots(notes)
+        boot = faults.boot_id()
+        rebooted = self.journal.get_meta(_BOOT) != boot or not boot
+        roots = name_roots(notes) if rebooted else []
         last = self.journal.last()
         pending = (last is not None and last.op not in (Op.SYNC, Op.VOID)
                    and self.journal.is_last_entry(last))
         lines, synced = self._replay(roots)
         if pending:
             assert last is not None
-            lines.append(self._redo(last))
-            synced.update((last.path, last.path2) if last.path2 else (last.path,))
+            if _under(last, roots):
+                lines.append(f"left {last.op.name} at {last.set}/{last.seq} to the resend")
+            else:
+                lines.append(self._redo(last))
+                synced.update((last.path, last.path2) if last.path2 else (last.path,))
         for record in self.journal.records(self.journal.set):
             self.touched.add(record)
         self.touched.paths.update(self.dirty.files)
-        if notes:
-            lines.append(self._resend(notes))
+        whole = name_roots(notes)
+        synced.update(n.path for n in notes if not any(is_under(n.path, r) for r in whole))
+        if notes and rebooted:
+            line, resent = self._resend(notes)
+            lines.append(line)
+            whole = sorted(set(whole) | set(resent))
         if self.overflow and not self.journal.set_is_empty:
             lines.append(f"set {self.journal.set} stays open until the secondary has the "
                          "sets before it")
         elif not self.journal.set_is_empty:
             lines.append(f"closed set {self.close_set()}")
-        for path in synced - {b""}:
+        # What the replica has or gets must be what a power cut leaves: sync it all.
+        for path in whole:
+            self.backing.sync(path)
+        for path in synced:
             self._sync_node(path)
             self._sync_node(path.rpartition(b"/")[0])
         self.backing_at = self.journal.end
         self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
+        self.journal.put_meta(_BOOT, boot)
         self.activity = ActivityLog()
         self.activity.reset(self.backing_at)
         self.journal.reset_notes([])
@@ -677,8 +697,7 @@ class Capture:
             record = Record.decode(raw)
             if record.op in (Op.SYNC, Op.VOID, Op.RESET, Op.PRUNE):
                 continue
-            if any(is_under(record.path, top) or (record.path2 and is_under(record.path2, top))
-                   for top in roots):
+            if _under(record, roots):
                 skipped += 1
                 continue
             try:
@@ -725,26 +744,29 @@ class Capture:
             # reaching the file again by name can fail where that did not.
             return f"kept {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
 
-    def _resend(self, notes: list[Note]) -> str:
-        """The daemon stopped uncleanly: BACKING may hold changes the journal lost, at
-        the paths *notes* name. They go to the secondary again, as BACKING holds them,
-        in the open set, which stays open (as over budget) until the secondary has
-        applied every set before it; then the dirty map's ranges are read into it and
-        it closes (repl/resync.py). Without a secondary the journal forgets which
+    def _resend(self, notes: list[Note]) -> tuple[str, list[bytes]]:
+        """After a power cut: BACKING may hold changes the journal lost, at the paths
+        *notes* name. They go to the secondary again, as BACKING holds them, in the
+        open set, which stays open (as over budget) until the secondary has applied
+        every set before it; then the dirty map's ranges are read into it and it
+        closes (repl/resync.py). Without a secondary the journal forgets which
         replica it could bring forward: the next secondary gets an initial sync.
+        Returns (what was done, the paths resent whole).
         """
         if not self.replicating:
             self.journal.base = None
             return ("the backing directory may hold changes its journal lost, and there "
-                    "is no secondary to send them to: the next one gets an initial sync")
+                    "is no secondary to send them to: the next one gets an initial sync"), []
         if not self.overflow:
             self.overflow = True
             self.journal.put_meta(_OVERFLOW, b"1")
-        entries, total, whole, in_place = resync.resend(self, notes)
-        for path in whole:  # what the replica gets must be what a power cut leaves
-            self.backing.sync(path)
-        for path in in_place:
-            self._sync_node(path)
+        entries, total, whole = resync.resend(self, notes)
         return (f"the backing directory may hold changes its journal lost: {entries} "
                 f"entries ({total / 1e6:.1f} MB) go to the secondary again in set "
-                f"{self.journal.set}")
+                f"{self.journal.set}"), whole
+
+
+def _under(record: Record, roots: list[bytes]) -> bool:
+    """Whether a path of *record* is at or under one of *roots*."""
+    return any(is_under(record.path, top) or (bool(record.path2) and is_under(record.path2, top))
+               for top in roots)

@@ -101,7 +101,7 @@ def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes], list[bytes]]:
+def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes]]:
     """Journal, in the open set, what makes a replica's copy of the noted paths what
     the backing directory holds now; their data goes to the dirty map.
 
@@ -112,7 +112,7 @@ def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes], 
     owner (ATTR), one extended attribute (XATTR). Every path goes into the set's
     UTIMES.
 
-    Returns (entries, data bytes, the whole paths, the paths sent in place).
+    Returns (entries, data bytes, the paths sent whole).
     """
     journal, backing = capture.journal, capture.backing
     div = Divergence({n.path for n in notes if n.kind == NoteKind.NAME})
@@ -160,8 +160,7 @@ def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes], 
                 journal.append(Op.REMOVEXATTR, path=note.path, name=note.name)
             else:
                 journal.append(Op.SETXATTR, path=note.path, name=note.name, data=value)
-    return counts[0], counts[1], [r for r in roots if backing.lstat(r) is not None], \
-        list(in_place)
+    return counts[0], counts[1], roots
 
 
 def _walk(capture: Capture, dir_fd: int, prefix: bytes, first_name: dict[int, bytes],

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from repl.faults import ENV_SET_HASHES
+from repl.faults import ENV_BOOT_ID, ENV_SET_HASHES
 from repl.secondary import pause, resume
 from repl.verify import tree_digest
 from tests.powercut.harness import Simulator, simulator
@@ -86,7 +86,8 @@ class Host:
         self.primary = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                                f"127.0.0.1:{sec.port}", *extra, *tls_args(PRIMARY, SECONDARY)],
                               tmp / "primary.log", "serving",
-                              env={ENV_SET_HASHES: str(self.hashes)})
+                              env={ENV_SET_HASHES: str(self.hashes),
+                                   ENV_BOOT_ID: str(sim.boot_id)})
 
     def power_cut(self, keep: float = 0.0, seed: int = 0) -> dict[str, int]:
         """The power goes: the primary dies with the disk; what was not synced is
