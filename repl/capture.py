@@ -27,6 +27,16 @@ the journal, BACKING is synced (the changed files and the directories the
 op changed), so that op, and every one before it, is before ``backing_at``.
 Over budget, writes are not journaled, and an fsync syncs the file itself.
 
+What a power cut leaves in BACKING beyond the journal (a page written back,
+a name the filesystem committed, their records lost) is found by the
+activity log (repl/activity.py): before an op touches BACKING, what it may
+change is noted durably in the journal. After a reboot, ``recover()``
+resends what the notes name, and skips the records under a NAME note, which
+may not name their file any more. So that skipping loses nothing an fsync
+returned, a record under a NAME note makes the next flush sync BACKING
+first (as a namespace op does), and an op that removes or moves a name
+first syncs the files under it written since BACKING's last sync.
+
 Group commit: ``wait_durable()`` flushes the journal once for every caller
 waiting when the flush starts; callers that arrive while it runs share the
 next one. The sender ships only durable records, so a set closed by the
