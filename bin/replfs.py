@@ -22,7 +22,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import PrimaryConfig, run_primary, run_standby
+from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
 from repl import control, tls
 from repl.errors import UsageError
 from repl.promote import promote
@@ -116,9 +116,13 @@ def build_parser() -> Parser:
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
+    p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
+                   help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
+                        "cached by the kernel (whole data sets only, as with replfs mount)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
-    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
+    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
+                         "(uncached; see secondary --mount)")
     p.add_argument("replica", type=Path, metavar="REPLICA")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     staging_option(p)
@@ -205,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds, args.tls, args.peer, args.insecure))
+        elif args.command == "secondary" and args.mount:
+            trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
+                     args.staging, args.tls, args.peer, args.insecure, args.rejoin)
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
                      args.peer, args.insecure, args.rejoin)

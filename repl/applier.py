@@ -28,6 +28,7 @@ import trio
 
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
+from repl.footprint import Footprint, Invalidator
 from repl.tree import Tree
 from store.hold import ApplyLock, clear_applying, interrupted, is_held, mark_applying
 from store.records import NAMESPACE_OPS
@@ -45,6 +46,9 @@ APPLY_INTERVAL = 0.01
 # Errors the replica's disk can recover from: the set is retried at once, under the
 # lock, so readers wait instead of seeing it torn.
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
+# With a mount that caches (an invalidator), a batch is first read for what it touches;
+# it ends after the set that takes that past this many records, so the read stays short.
+FOOTPRINT_RECORDS = 20_000
 
 
 def syncfs(fd: int) -> None:
@@ -59,10 +63,12 @@ class Stopping(Exception):
 
 class Applier:
     def __init__(self, staging: Staging, replica: str | os.PathLike[str],
-                 on_applied: Callable[[int], None] = lambda _: None) -> None:
+                 on_applied: Callable[[int], None] = lambda _: None,
+                 invalidator: Invalidator | None = None) -> None:
         self.staging = staging
         self.replica = replica
         self.on_applied = on_applied
+        self.invalidator = invalidator  # the standby mount's kernel caches, if it has them
         self.applied = staging.applied
         self.applying: int | None = None
         self.error: str | None = None
@@ -173,33 +179,72 @@ class Applier:
         A batch that fails half way (a full disk, most often) is retried under the
         same lock until it is whole: readers wait rather than see a torn replica.
         Raises Stopping if the daemon stops meanwhile.
+
+        With an invalidator, the kernel's caches of what the batch touches are
+        dropped first, while readers go on (the replica still shows the set
+        before), until, with the lock taken, nothing of it was read back in since
+        (repl/footprint.py, Invalidator); then the batch is applied.
         """
-        delay = 0.1
-        with self.lock.exclusive():
-            redo = self.redo_through
-            if redo is None and is_held(self.staging.path):
-                return False
-            # A crash before the batch is recorded leaves it after `applied`, so the
-            # replica reads as torn until the redo completes it; the redo must reach
-            # `last`, as the crash may have reached any set up to there.
-            self.redo_through = last if redo is None else max(redo, last)
-            mark_applying(self.staging.path, first, self.redo_through)
+        if self.invalidator is None:
+            with self.lock.exclusive():
+                return self._apply_locked(tree, first, last, retry)
+        touched, last = self._footprint(tree, first, last)
+        self.invalidator.begin(touched)
+        try:
             while True:
-                try:
-                    self._apply_batch(tree, first, last, at_least=self.redo_through)
-                    clear_applying(self.staging.path)
-                    self.redo_through = None
-                    self.error = None
-                    return True
-                except OSError as exc:
-                    if not retry or exc.errno not in TRANSIENT:
-                        raise
-                    self.error = f"applying sets from {first} failed: {exc}; retrying"
-                    log.error("%s", self.error)
-                    tree.forget_dirs()
-                    if self.stopping.wait(delay):
-                        raise Stopping from exc
-                    delay = min(delay * 2, RETRY_MAX)
+                with self.lock.exclusive():
+                    if self.invalidator.settled():
+                        done = self._apply_locked(tree, first, last, retry)
+                        if done:
+                            self.invalidator.applied(touched.created_inodes())
+                        return done
+                self.invalidator.sweep()
+        finally:
+            self.invalidator.end()
+
+    def _footprint(self, tree: Tree, first: int, last: int) -> tuple[Footprint, int]:
+        """What sets *first*.. touch, and the last of them (FOOTPRINT_RECORDS).
+
+        A batch a crash cut short leaves the replica torn, not at a set: it is
+        named by nothing then, and all the kernel knows is dropped.
+        """
+        if self.redo_through is not None:
+            return Footprint(tree, everything=True), last
+        touched = Footprint(tree)
+        for set_id in range(first, last + 1):
+            for record in self.staging.records(set_id):
+                touched.add(record)
+            if touched.records >= FOOTPRINT_RECORDS:
+                return touched, set_id
+        return touched, last
+
+    def _apply_locked(self, tree: Tree, first: int, last: int, retry: bool) -> bool:
+        """apply_sets, holding the apply lock."""
+        delay = 0.1
+        redo = self.redo_through
+        if redo is None and is_held(self.staging.path):
+            return False
+        # A crash before the batch is recorded leaves it after `applied`, so the
+        # replica reads as torn until the redo completes it; the redo must reach
+        # `last`, as the crash may have reached any set up to there.
+        self.redo_through = last if redo is None else max(redo, last)
+        mark_applying(self.staging.path, first, self.redo_through)
+        while True:
+            try:
+                self._apply_batch(tree, first, last, at_least=self.redo_through)
+                clear_applying(self.staging.path)
+                self.redo_through = None
+                self.error = None
+                return True
+            except OSError as exc:
+                if not retry or exc.errno not in TRANSIENT:
+                    raise
+                self.error = f"applying sets from {first} failed: {exc}; retrying"
+                log.error("%s", self.error)
+                tree.forget_dirs()
+                if self.stopping.wait(delay):
+                    raise Stopping from exc
+                delay = min(delay * 2, RETRY_MAX)
 
     def _apply_batch(self, tree: Tree, first: int, last: int, at_least: int) -> None:
         """Apply sets *first*.. in order, then sync the replica and record the last.
