@@ -1,0 +1,246 @@
+"""``bin/bench``'s standby reads: the secondary's cached standby mount against the
+replica directory it shows, read natively, in the same run.
+
+On a tree the replicated primary wrote (2,000 small files and one large
+file), three figures, each on both targets in turn, idle and then while
+about 100 sets a second arrive that touch other files: stats of the 2,000
+files, 4 KiB random reads of the large file once cached, and sequential
+reads of it after a first pass. Then how long a set takes to show on the
+standby once the replica directory shows it (a writer closes a set every
+10 ms; a reader watches both). Each round is printed; the figures are the
+medians, with the spread of the ratio over the rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+MB = 1e6
+SET_INTERVAL = 0.01  # the load: a set closed every 10 ms, about 100 a second
+LOAD_FILES = 16
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    big: int  # the large file's size
+    seconds: float  # each timed figure
+    rounds: int
+    files: int = 2_000
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def stats(root: Path, plan: ReadPlan) -> float:
+    paths = [f"{root}/reads/f{i:05}" for i in range(plan.files)]
+    for path in paths:
+        os.stat(path)  # once, so both are cached
+    count, start = 0, now()
+    while now() - start < plan.seconds:
+        for path in paths:
+            os.stat(path)
+        count += len(paths)
+    return count / (now() - start)
+
+
+def random_reads(root: Path, plan: ReadPlan) -> float:
+    fd = os.open(root / "reads" / "big", os.O_RDONLY)
+    try:
+        while os.read(fd, MiB):  # a first pass caches it
+            pass
+        rng = random.Random(4096)
+        blocks = plan.big // 4096
+        count, start = 0, now()
+        while now() - start < plan.seconds:
+            for _ in range(256):
+                os.pread(fd, 4096, rng.randrange(blocks) * 4096)
+            count += 256
+        return count / (now() - start)
+    finally:
+        os.close(fd)
+
+
+def sequential(root: Path, plan: ReadPlan) -> float:
+    """MB/s of whole passes over the large file after a first, untimed one."""
+    buf = bytearray(MiB)
+
+    def one_pass() -> int:
+        done = 0
+        with open(root / "reads" / "big", "rb", buffering=0) as f:
+            while n := f.readinto(buf):  # type: ignore[attr-defined]
+                done += n
+        return done
+
+    one_pass()
+    done, start = 0, now()
+    while now() - start < plan.seconds:
+        done += one_pass()
+    return done / MB / (now() - start)
+
+
+FIGURES: list[tuple[str, str, Callable[[Path, ReadPlan], float]]] = [
+    ("stat", "stats/s", stats),
+    ("rand4k_read", "reads/s", random_reads),
+    ("seq_read_again", "MB/s", sequential),
+]
+
+
+def prepare(mount: Path, plan: ReadPlan) -> None:
+    """The tree the figures read, written through the primary."""
+    d = mount / "reads"
+    d.mkdir()
+    for i in range(plan.files):
+        (d / f"f{i:05}").write_bytes(b"x" * 100)
+    chunk = os.urandom(MiB)
+    with open(d / "big", "wb") as f:
+        for _ in range(plan.big // MiB):
+            f.write(chunk)
+    (mount / "load").mkdir()
+
+
+class Load:
+    """A writer on the primary closing a set every SET_INTERVAL, each writing one of
+    LOAD_FILES small files and ``tick``, which holds the set's number."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.stop = threading.Event()
+        self.sets = 0
+        self.failed: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self.started = now()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.rate = self.sets / (now() - self.started)
+        if self.failed:
+            raise self.failed[0]
+
+    def _run(self) -> None:
+        block = os.urandom(4096)
+        try:
+            while not self.stop.wait(SET_INTERVAL):
+                i = self.sets + 1
+                (self.mount / "load" / f"w{i % LOAD_FILES:02}").write_bytes(block)
+                with open(self.mount / "load" / "tick", "wb") as f:
+                    f.write(b"%012d" % i)
+                    f.flush()
+                    os.fsync(f.fileno())  # closes set i
+                self.sets = i
+        except OSError as exc:
+            self.failed.append(exc)
+
+
+def visibility(mount: Path, replica: Path, standby: Path, seconds: float) -> list[float]:
+    """Seconds from the replica directory showing each set's tick to the standby
+    showing it, while the Load runs. One thread watches each: a read of the
+    standby waits while a set is applied, and must not hide the replica's moment."""
+    seen: dict[Path, dict[int, float]] = {replica: {}, standby: {}}
+    stop = threading.Event()
+
+    def watch(root: Path) -> None:
+        mine = seen[root]
+        while not stop.is_set():
+            try:
+                raw = (root / "load" / "tick").read_bytes()
+            except FileNotFoundError:
+                continue
+            if len(raw) == 12:  # else the replica is between truncate and write
+                mine.setdefault(int(raw), now())
+
+    watchers = [threading.Thread(target=watch, args=(root,), daemon=True)
+                for root in (replica, standby)]
+    with Load(mount):
+        for t in watchers:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+    for t in watchers:
+        t.join(30)
+    return [at - seen[replica][n] for n, at in seen[standby].items() if n in seen[replica]]
+
+
+def run(mount: Path, replica: Path, standby: Path, plan: ReadPlan,
+        checkpoint: Callable[[Path], int], say: Callable[[str], None]) -> dict[str, Any]:
+    prepare(mount, plan)
+    checkpoint(mount)
+    results: dict[str, dict[str, list[float]]] = {}
+    for round_ in range(plan.rounds):
+        for load in (False, True):
+            for key, unit, figure in FIGURES:
+                name = f"{key}_{'load' if load else 'idle'}"
+                got = results.setdefault(name, {"native": [], "standby": [], "sets_per_s": []})
+                for target, root in (("native", replica), ("standby", standby)):
+                    if load:
+                        with Load(mount) as writer:
+                            value = figure(root, plan)
+                        got["sets_per_s"].append(writer.rate)
+                    else:
+                        value = figure(root, plan)
+                    got[target].append(value)
+                extra = f"  ({got['sets_per_s'][-1]:.0f} sets/s)" if load else ""
+                say(f"  round {round_ + 1}  {name:<20} native {got['native'][-1]:>12,.0f}  "
+                    f"standby {got['standby'][-1]:>12,.0f} {unit}  ratio "
+                    f"{got['standby'][-1] / got['native'][-1]:.3f}{extra}")
+    out: dict[str, Any] = {}
+    for key, unit, _ in FIGURES:
+        for phase in ("idle", "load"):
+            got = results[f"{key}_{phase}"]
+            ratios = [s / n for s, n in zip(got["standby"], got["native"], strict=True)]
+            entry = {"unit": unit, "native": round(statistics.median(got["native"]), 1),
+                     "standby": round(statistics.median(got["standby"]), 1),
+                     "ratio": round(statistics.median(ratios), 4),
+                     "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4)}
+            if got["sets_per_s"]:
+                entry["sets_per_s"] = round(statistics.median(got["sets_per_s"]), 1)
+            out[f"{key}_{phase}"] = entry
+    delays = visibility(mount, replica, standby, max(2.0, plan.seconds * 4))
+    ordered = sorted(delays)
+    out["visibility"] = {
+        "sets": len(delays),
+        "p50_ms": round(ordered[len(ordered) // 2] * 1e3, 2) if delays else None,
+        "p99_ms": round(ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] * 1e3, 2)
+        if delays else None,
+        "max_ms": round(ordered[-1] * 1e3, 2) if delays else None,
+    }
+    say(f"  visibility after apply: {len(delays)} sets, p50 {out['visibility']['p50_ms']} ms, "
+        f"p99 {out['visibility']['p99_ms']} ms")
+    return out
+
+
+def table(reads: dict[str, Any]) -> list[str]:
+    rows = [("standby read", "unit", "native", "standby", "ratio", "spread", "load")]
+    for key, entry in reads.items():
+        if key == "visibility":
+            continue
+        load = f"{entry['sets_per_s']:.0f} sets/s" if "sets_per_s" in entry else "idle"
+        rows.append((key, entry["unit"], f"{entry['native']:,.1f}", f"{entry['standby']:,.1f}",
+                     f"{entry['ratio']:.3f}", f"{entry['ratio_min']:.2f}-{entry['ratio_max']:.2f}",
+                     load))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i in (0, 1, 6) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    v = reads["visibility"]
+    lines.append("ratio: the secondary's cached standby mount / the replica directory read "
+                 "natively; spread: lowest-highest ratio over the rounds")
+    lines.append(f"a set's visibility on the standby after the replica directory shows it: "
+                 f"p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms "
+                 f"({v['sets']} sets, one closed every {SET_INTERVAL * 1e3:.0f} ms)")
+    return lines
