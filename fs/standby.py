@@ -28,7 +28,7 @@ import pyfuse3
 from fs.errors import log
 from fs.kernel_cache import KernelCache
 from fs.primary import TIMEOUT, PrimaryFS
-from store.hold import ApplyLock, interrupted
+from store.hold import ApplyLock, torn
 
 _READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
           "getxattr", "listxattr", "access", "lseek")
@@ -67,10 +67,10 @@ class StandbyFS(PrimaryFS):
         async def run(*args: Any, **kwargs: Any) -> Any:
             # Handlers do not await inside, so the lock spans exactly one request.
             with self.apply_lock.shared():
-                torn = interrupted(self.staging_dir)
-                if torn is not None:
+                cut = torn(self.staging_dir)
+                if cut is not None:
                     log.error("the replica was cut short in set %d by a crash; start the "
-                              "secondary to finish it", torn[0])
+                              "secondary to finish it", cut[0])
                     raise pyfuse3.FUSEError(errno.EIO)
                 return await handler(*args, **kwargs)
 
