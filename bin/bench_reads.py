@@ -2,8 +2,9 @@
 replica directory it shows, read natively, in the same run.
 
 On a tree the replicated primary wrote (2,000 small files and one large
-file), three figures, each on both targets in turn, idle and then while
-about 100 sets a second arrive that touch other files: stats of the 2,000
+file), three figures, each taken on both targets in turns (so both see the
+same machine), idle and then while about 100 sets a second arrive that
+touch other files: stats of the 2,000
 files, 4 KiB random reads of the large file once cached, and sequential
 reads of it after a first pass. Then how long a set takes to show on the
 standby once the replica directory shows it (a writer closes a set every
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,62 +40,82 @@ class ReadPlan:
     files: int = 2_000
 
 
+SLICES = 6  # each figure alternates between the two targets, so both see the same machine
+
+
 def now() -> float:
     return time.perf_counter()
 
 
-def stats(root: Path, plan: ReadPlan) -> float:
+Step = Callable[[], float]  # does some work, returns how much (in the figure's unit)
+
+
+def stats(root: Path, plan: ReadPlan) -> tuple[Step, Callable[[], None]]:
     paths = [f"{root}/reads/f{i:05}" for i in range(plan.files)]
-    for path in paths:
-        os.stat(path)  # once, so both are cached
-    count, start = 0, now()
-    while now() - start < plan.seconds:
+
+    def step() -> float:
         for path in paths:
             os.stat(path)
-        count += len(paths)
-    return count / (now() - start)
+        return len(paths)
+
+    step()  # once, so both are cached
+    return step, lambda: None
 
 
-def random_reads(root: Path, plan: ReadPlan) -> float:
+def random_reads(root: Path, plan: ReadPlan) -> tuple[Step, Callable[[], None]]:
     fd = os.open(root / "reads" / "big", os.O_RDONLY)
-    try:
-        while os.read(fd, MiB):  # a first pass caches it
-            pass
-        rng = random.Random(4096)
-        blocks = plan.big // 4096
-        count, start = 0, now()
-        while now() - start < plan.seconds:
-            for _ in range(256):
-                os.pread(fd, 4096, rng.randrange(blocks) * 4096)
-            count += 256
-        return count / (now() - start)
-    finally:
-        os.close(fd)
+    while os.read(fd, MiB):  # a first pass caches it
+        pass
+    rng = random.Random(4096)
+    blocks = plan.big // 4096
+
+    def step() -> float:
+        for _ in range(256):
+            os.pread(fd, 4096, rng.randrange(blocks) * 4096)
+        return 256
+
+    return step, lambda: os.close(fd)
 
 
-def sequential(root: Path, plan: ReadPlan) -> float:
-    """MB/s of whole passes over the large file after a first, untimed one."""
+def sequential(root: Path, plan: ReadPlan) -> tuple[Step, Callable[[], None]]:
+    """Whole passes over the large file (MB), after a first one."""
     buf = bytearray(MiB)
 
-    def one_pass() -> int:
+    def step() -> float:
         done = 0
         with open(root / "reads" / "big", "rb", buffering=0) as f:
-            while n := f.readinto(buf):  # type: ignore[attr-defined]
+            while n := f.readinto(buf):
                 done += n
-        return done
+        return done / MB
 
-    one_pass()
-    done, start = 0, now()
-    while now() - start < plan.seconds:
-        done += one_pass()
-    return done / MB / (now() - start)
+    step()
+    return step, lambda: None
 
 
-FIGURES: list[tuple[str, str, Callable[[Path, ReadPlan], float]]] = [
+FIGURES: list[tuple[str, str, Callable[[Path, ReadPlan], tuple[Step, Callable[[], None]]]]] = [
     ("stat", "stats/s", stats),
     ("rand4k_read", "reads/s", random_reads),
     ("seq_read_again", "MB/s", sequential),
 ]
+
+
+def measure(make: Callable[[Path, ReadPlan], tuple[Step, Callable[[], None]]],
+            roots: dict[str, Path], plan: ReadPlan) -> dict[str, float]:
+    """The rate of *make*'s steps on each root, over SLICES turns each."""
+    runners = {target: make(root, plan) for target, root in roots.items()}
+    done = dict.fromkeys(roots, 0.0)
+    spent = dict.fromkeys(roots, 0.0)
+    try:
+        for turn in range(SLICES):
+            for target in (list(roots) if turn % 2 == 0 else list(reversed(roots))):
+                step, start = runners[target][0], now()
+                while now() - start < plan.seconds / SLICES:
+                    done[target] += step()
+                spent[target] += now() - start
+    finally:
+        for _, close in runners.values():
+            close()
+    return {target: done[target] / spent[target] for target in roots}
 
 
 def prepare(mount: Path, plan: ReadPlan) -> None:
@@ -109,41 +132,44 @@ def prepare(mount: Path, plan: ReadPlan) -> None:
 
 
 class Load:
-    """A writer on the primary closing a set every SET_INTERVAL, each writing one of
-    LOAD_FILES small files and ``tick``, which holds the set's number."""
+    """A writer on the primary, in a process of its own (so it gets its share of the
+    machine), closing a set every SET_INTERVAL with ``replfs checkpoint``. Each set
+    writes ``tick``, which holds its number, and one in four also one of LOAD_FILES
+    files of 4 KiB. ``rate``: sets a second, once stopped."""
 
     def __init__(self, mount: Path) -> None:
         self.mount = mount
-        self.stop = threading.Event()
-        self.sets = 0
-        self.failed: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.rate = 0.0
 
     def __enter__(self) -> Load:
-        self.started = now()
-        self.thread.start()
+        self.proc = subprocess.Popen([sys.executable, __file__, "load", str(self.mount)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.rate = self.sets / (now() - self.started)
-        if self.failed:
-            raise self.failed[0]
+        out, _ = self.proc.communicate(b"", timeout=60)  # end of input: stop
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"the load writer failed (exit {self.proc.returncode})")
+        sets, seconds = map(float, out.split())
+        self.rate = sets / seconds
 
-    def _run(self) -> None:
-        block = os.urandom(4096)
-        try:
-            while not self.stop.wait(SET_INTERVAL):
-                i = self.sets + 1
-                (self.mount / "load" / f"w{i % LOAD_FILES:02}").write_bytes(block)
-                with open(self.mount / "load" / "tick", "wb") as f:
-                    f.write(b"%012d" % i)
-                    f.flush()
-                    os.fsync(f.fileno())  # closes set i
-                self.sets = i
-        except OSError as exc:
-            self.failed.append(exc)
+
+def _load(mount: Path) -> None:
+    """The Load's process: write and close sets until its input ends."""
+    from repl import control
+
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    block = os.urandom(4096)
+    sets, started = 0, now()
+    while not stop.wait(max(0.0, started + sets * SET_INTERVAL - now())):
+        i = sets + 1
+        if i % 4 == 0:
+            (mount / "load" / f"w{i // 4 % LOAD_FILES:02}").write_bytes(block)
+        (mount / "load" / "tick").write_bytes(b"%012d" % i)
+        control.request(control.socket_path(mount), "checkpoint", timeout=30)
+        sets = i
+    print(sets, now() - started)
 
 
 def visibility(mount: Path, replica: Path, standby: Path, seconds: float) -> list[float]:
@@ -177,26 +203,28 @@ def visibility(mount: Path, replica: Path, standby: Path, seconds: float) -> lis
 
 def run(mount: Path, replica: Path, standby: Path, plan: ReadPlan,
         checkpoint: Callable[[Path], int], say: Callable[[str], None]) -> dict[str, Any]:
+    """The figures; *checkpoint* closes a set and waits until it is applied."""
     prepare(mount, plan)
     checkpoint(mount)
     results: dict[str, dict[str, list[float]]] = {}
+    roots = {"native": replica, "standby": standby}
     for round_ in range(plan.rounds):
         for load in (False, True):
-            for key, unit, figure in FIGURES:
+            for key, unit, make in FIGURES:
                 name = f"{key}_{'load' if load else 'idle'}"
                 got = results.setdefault(name, {"native": [], "standby": [], "sets_per_s": []})
-                for target, root in (("native", replica), ("standby", standby)):
-                    if load:
-                        with Load(mount) as writer:
-                            value = figure(root, plan)
-                        got["sets_per_s"].append(writer.rate)
-                    else:
-                        value = figure(root, plan)
-                    got[target].append(value)
+                if load:
+                    with Load(mount) as writer:
+                        rates = measure(make, roots, plan)
+                    got["sets_per_s"].append(writer.rate)
+                else:
+                    rates = measure(make, roots, plan)
+                for target, rate in rates.items():
+                    got[target].append(rate)
                 extra = f"  ({got['sets_per_s'][-1]:.0f} sets/s)" if load else ""
-                say(f"  round {round_ + 1}  {name:<20} native {got['native'][-1]:>12,.0f}  "
-                    f"standby {got['standby'][-1]:>12,.0f} {unit}  ratio "
-                    f"{got['standby'][-1] / got['native'][-1]:.3f}{extra}")
+                say(f"  round {round_ + 1}  {name:<20} native {rates['native']:>12,.0f}  "
+                    f"standby {rates['standby']:>12,.0f} {unit}  ratio "
+                    f"{rates['standby'] / rates['native']:.3f}{extra}")
     out: dict[str, Any] = {}
     for key, unit, _ in FIGURES:
         for phase in ("idle", "load"):
@@ -244,3 +272,9 @@ def table(reads: dict[str, Any]) -> list[str]:
                  f"p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms "
                  f"({v['sets']} sets, one closed every {SET_INTERVAL * 1e3:.0f} ms)")
     return lines
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if sys.argv[1:2] == ["load"]:
+        _load(Path(sys.argv[2]))

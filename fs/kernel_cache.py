@@ -25,12 +25,14 @@ into the cache after it was dropped must go too, and three things see to it:
   an attribute answer older than an invalidation, and a name's drop waits
   for the lookup in flight.
 - Pages: a read of a file the batch writes, answered after its pages were
-  dropped, marks the file; with the apply lock taken (no read in flight,
-  none can start), the applier asks whether any file is marked. If so it
-  lets the lock go, drops those files' pages again, and asks again; if not,
-  nothing cached holds a byte the batch changes, and the batch is applied.
-  A drop is short (a file read between two of them is one read back), so
-  this ends quickly even under readers.
+  dropped, marks the file, and the applier drops those files' pages again
+  until none was marked since. Then, with the apply lock taken (no read in
+  flight, none can start), it asks once more: if a file was marked, it lets
+  the lock go and starts over; if not, nothing cached holds a byte the
+  batch changes, and the batch is applied. A drop is short, so few reads
+  land between two, and this ends quickly even under readers. (Asking first
+  without the lock matters: readers that waited for the lock would read
+  again the moment it went.)
 - With the batch applied and the lock still held: attributes are dropped
   once more (that also drops cached ACLs), and the pages of any inode
   number the batch gave to a new node, which the kernel may know from a
@@ -133,8 +135,8 @@ class KernelCache:
 
     def settled(self) -> bool:
         """Whether no page the batch changes was read back in since the last sweep
-        (ask holding the apply lock exclusively). If some were, the next sweep drops
-        them."""
+        (only final when asked holding the apply lock exclusively). If some were,
+        the next sweep drops them."""
         assert self._batch is not None
         with self._mutex:
             reread, self._batch.reread = self._batch.reread, set()

@@ -212,6 +212,10 @@ class Applier:
         invalidator.begin(touched)
         try:
             while True:
+                # Readers that waited for the lock would read again as soon as it
+                # went: the lock is taken only once nothing was read back in.
+                while not invalidator.settled():
+                    invalidator.sweep()
                 with self.lock.exclusive():
                     if invalidator.settled():
                         done = self._apply_locked(tree, first, last, retry)

@@ -37,9 +37,11 @@ class Invalidator(Protocol):
 
     The order, for each batch: ``begin`` (drop the caches of what the batch
     touches while readers go on: the replica still shows the set before);
-    then, holding the apply lock exclusively, ``settled``; if that says no,
-    let the lock go, ``sweep`` and ask again; once settled, apply the batch
-    and call ``applied`` before letting the lock go; ``end`` in any case.
+    then ``settled`` (was nothing of it read back in since?) and, if not,
+    ``sweep`` (drop that too), until it is; then the same, holding the apply
+    lock exclusively, but letting it go to sweep; once settled with the lock
+    held, apply the batch and call ``applied`` before letting the lock go;
+    ``end`` in any case.
     """
 
     def begin(self, touched: Footprint) -> None: ...
