@@ -96,3 +96,11 @@ def test_checkpoint_prints_closed_set(tmp_path: Path) -> None:
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert int(second.stdout) == int(first.stdout) + 1
     assert int(empty.stdout) == int(second.stdout), "nothing new: no new set"
+
+
+def test_secondary_err_mount_missing(tmp_path: Path) -> None:
+    """A standby mountpoint that is not there stops the secondary before it starts."""
+    result = replfs("secondary", tmp_path / "r", "--listen", "127.0.0.1:0", "--insecure",
+                    "--mount", tmp_path / "nope")
+    assert_one_line_error(result, "mountpoint", "mkdir")
+    assert not (tmp_path / "r").exists()

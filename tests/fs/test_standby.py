@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,6 +157,24 @@ def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> N
             assert (view / "other").read_bytes() == b"%d" % i
             assert (view / "kept").read_bytes() == b"old"
             assert os.stat(view / "kept").st_mode == before.st_mode
+        status = replfs("status", view, "--json")
+        assert status.returncode == 0 and '"cached": true' in status.stdout
+
+
+def test_standby_cached_ok_secondary_goes_on_when_unmounted(tmp_path: Path) -> None:
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    with secondary(replica, "--mount", str(view)) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+        (mount / "f").write_bytes(b"1")
+        checkpoint(mount)
+        assert (view / "f").read_bytes() == b"1"
+        subprocess.run(["fusermount3", "-u", str(view)], check=True)
+        sec.wait_for("the secondary goes on without it")
+        (mount / "f").write_bytes(b"2")
+        checkpoint(mount)
+        assert (replica / "f").read_bytes() == b"2"
+        assert sec.proc is not None and sec.proc.poll() is None
 
 
 def test_standby_cached_ok_readers_under_load_see_sets_only_grow(tmp_path: Path) -> None:
