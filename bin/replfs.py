@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,10 +24,11 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
-from repl import control, tls
-from repl.errors import UsageError
+from repl import config, control, tls
+from repl.config import address, count, level, positive, size
 from repl.promote import promote
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
 from store.dump import dump
 from store.errors import ReplfsError
@@ -38,29 +40,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"replfs: {message}", file=sys.stderr)
+    """Say *message* in one line on stderr (an event, with --log-format json); exit."""
+    handlers = logging.getLogger().handlers
+    if handlers and isinstance(handlers[0].formatter, JsonLines):
+        logging.getLogger("replfs").error("%s", message)
+    else:
+        print(f"replfs: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
-def size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M)") from None
+class JsonLines(logging.Formatter):
+    """A log record as one JSON object on one line, with stable keys: ``time`` (UTC,
+    ISO 8601), ``level``, ``logger``, ``msg``, and ``error`` (a traceback, only for an
+    unexpected failure)."""
 
-
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+    def format(self, record: logging.LogRecord) -> str:
+        event = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                     timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            event["error"] = self.formatException(record.exc_info)
+        return json.dumps(event)
 
 
 def build_parser() -> Parser:
@@ -75,8 +76,23 @@ def build_parser() -> Parser:
     def command(name: str, help: str, within: argparse._SubParsersAction[Parser] = sub
                 ) -> Parser:
         p: Parser = within.add_parser(name, help=help, description=help)
-        p.set_defaults(parser=p)  # so errors name the subcommand's --help
+        p.set_defaults(parser=p, needed=[])  # errors name the subcommand's --help
         return p
+
+    def positional(p: Parser, name: str, metavar: str, **kw: object) -> None:
+        """A positional the config file may give instead (checked once both are read)."""
+        p.add_argument(name, type=Path, metavar=metavar, nargs="?", **kw)  # type: ignore[arg-type]
+        p.set_defaults(needed=[*p.get_default("needed"), name])
+
+    def log_options(p: Parser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+        p.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="one line per event: readable text, or one JSON object with "
+                            "the keys time, level, logger, msg (and error) (default text)")
+
+    def metrics_option(p: Parser) -> None:
+        p.add_argument("--metrics", type=address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
     def link_options(p: Parser, other: str) -> None:
         p.add_argument("--tls", type=Path, metavar="DIR/NAME",
@@ -88,8 +104,8 @@ def build_parser() -> Parser:
                        help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
 
     p = command("primary", "mount BACKING at MOUNTPOINT and journal every change")
-    p.add_argument("backing", type=Path, metavar="BACKING")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    positional(p, "backing", "BACKING")
+    positional(p, "mountpoint", "MOUNTPOINT")
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="journal directory (default: .BACKING.replfs/journal beside BACKING)")
     p.add_argument("--set-interval", type=positive, default=1.0, metavar="SECONDS",
@@ -98,19 +114,28 @@ def build_parser() -> Parser:
                    help="close a data set once it holds this much (default 64M)")
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="journal budget; past it, a dirty map stands in (default 1G)")
-    p.add_argument("--secondary", metavar="HOST:PORT", help="replicate to this secondary")
+    p.add_argument("--secondary", type=address, metavar="HOST:PORT",
+                   help="replicate to this secondary")
     link_options(p, "secondary")
-    p.add_argument("--streams", type=int, default=4, metavar="N",
+    p.add_argument("--streams", type=count, default=4, metavar="N",
                    help="parallel TCP streams to the secondary (default 4)")
+    p.add_argument("--compress-level", type=level, default=COMPRESS_LEVEL, metavar="N",
+                   help="zstd level (1-19) of the records sent, where the secondary takes "
+                        f"them; 0 sends them uncompressed (default {COMPRESS_LEVEL})")
+    p.add_argument("--max-rate", type=size, metavar="BYTES/s",
+                   help="send at most this many bytes a second to the secondary, e.g. 10M "
+                        "(default: no cap)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
+    metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    log_options(p)
 
     p = command("secondary", "receive data sets into REPLICA")
-    p.add_argument("replica", type=Path, metavar="REPLICA")
-    p.add_argument("--listen", required=True, metavar="HOST:PORT",
-                   help="address to accept the primary on (port 0 picks a free one)")
+    positional(p, "replica", "REPLICA")
+    p.add_argument("--listen", type=address, metavar="HOST:PORT",
+                   help="address to accept the primary on (port 0 picks a free one); required")
+    p.set_defaults(needed=["replica", "listen"])
     staging_option(p)
     link_options(p, "primary")
     p.add_argument("--rejoin", action="store_true",
@@ -119,23 +144,24 @@ def build_parser() -> Parser:
     p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
                    help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
                         "cached by the kernel (whole data sets only, as with replfs mount)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    metrics_option(p)
+    log_options(p)
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
                          "(uncached; see secondary --mount)")
-    p.add_argument("replica", type=Path, metavar="REPLICA")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    positional(p, "replica", "REPLICA")
+    positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    log_options(p)
 
     p = command("verify", "compare a primary with its replica at one data set boundary")
-    p.add_argument("primary", type=Path, metavar="MOUNTPOINT|DIR")
-    p.add_argument("replica", type=Path, metavar="REPLICA")
+    positional(p, "primary", "MOUNTPOINT|DIR")
+    positional(p, "replica", "REPLICA")
     p.add_argument("--wait", type=positive, default=60.0, metavar="SECONDS",
                    help="how long the secondary may take to apply the checkpoint (default 60)")
 
     p = command("promote", "make REPLICA the new primary's tree (after the primary died)")
-    p.add_argument("replica", type=Path, metavar="REPLICA")
+    positional(p, "replica", "REPLICA")
     staging_option(p)
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="the new primary's journal (default: .REPLICA.replfs/journal)")
@@ -143,19 +169,19 @@ def build_parser() -> Parser:
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):
         p = command(name, text)
-        p.add_argument("replica", type=Path, metavar="REPLICA")
+        positional(p, "replica", "REPLICA")
         staging_option(p)
         if name == "pause":
             p.add_argument("--timeout", type=positive, default=60.0, metavar="SECONDS",
                            help="give up waiting for a set being applied (default 60)")
 
     p = command("checkpoint", "close a data set now and print its id")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    positional(p, "mountpoint", "MOUNTPOINT")
     p.add_argument("--wait", type=positive, metavar="SECONDS",
                    help="also wait until the secondary has applied it")
 
     p = command("status", "show a running daemon's state")
-    p.add_argument("target", type=Path, metavar="MOUNTPOINT|REPLICA")
+    positional(p, "target", "MOUNTPOINT|REPLICA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     command("demo", "run a primary and a secondary on loopback through a crash")
@@ -163,15 +189,27 @@ def build_parser() -> Parser:
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
     p = command("init", "make the cluster's CA in DIR: ca.pem and ca.key", tls_sub)
-    p.add_argument("dir", type=Path, metavar="DIR")
+    positional(p, "dir", "DIR")
     p = command("issue", "make NAME.pem and NAME.key in DIR, signed by its CA", tls_sub)
-    p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("name", metavar="NAME", help="the node's name, e.g. its host name")
+    positional(p, "dir", "DIR")
+    p.add_argument("name", metavar="NAME", nargs="?", help="the node's name, e.g. its host name")
+    p.set_defaults(needed=["dir", "name"])
     p.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, metavar="N",
                    help=f"how long it is valid (default {tls.DEFAULT_DAYS})")
 
     p = command("dump", "print the records of a journal readably")
-    p.add_argument("path", type=Path, metavar="PATH")
+    positional(p, "path", "PATH")
+
+    for path, leaf in config.leaves(parser):
+        leaf.set_defaults(command_path=path)
+        leaf.add_argument("--config", type=Path, metavar="FILE",
+                          help="read options from this TOML file's section for the command "
+                               "(flags win; see docs/replfs.toml)")
+
+    p = command("config", "check a config file")
+    config_sub = p.add_subparsers(dest="config_command", required=True, parser_class=Parser)
+    p = command("check", "check every section of FILE without starting anything", config_sub)
+    p.add_argument("file", type=Path, metavar="FILE")
     return parser
 
 
@@ -191,30 +229,55 @@ def keep_large_buffers() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, over the command's section of ``--config FILE`` if given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "config", None) is not None:
+        path = args.command_path
+        try:
+            values = config.section(args.config, config.load(args.config), path, args.parser)
+        except config.ConfigError as exc:
+            fail(str(exc))
+        args.parser.set_defaults(**values)
+        args, extra = parser.parse_known_args(argv)
     if extra:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    missing = [(a.option_strings or [a.metavar])[0] for a in args.parser._actions
+               if a.dest in args.needed and getattr(args, a.dest) is None]
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)} "
+                          f"(on the command line or in [{'.'.join(args.command_path)}] of "
+                          "--config FILE)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     faulthandler.enable()  # a crash in C code leaves its Python stack in the log
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        logging.getLogger().handlers[0].setFormatter(JsonLines())
+        sys.excepthook = lambda kind, exc, tb: logging.getLogger("replfs").critical(
+            "unexpected failure: %r", exc, exc_info=(kind, exc, tb))
     if args.command in ("primary", "secondary", "mount"):
         keep_large_buffers()
     try:
         if args.command == "primary":
-            if args.streams < 1:
-                args.parser.error("--streams must be at least 1")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds, args.tls, args.peer, args.insecure))
+                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
+                args.compress_level, args.max_rate or None))
         elif args.command == "secondary" and args.mount:
             trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
-                     args.staging, args.tls, args.peer, args.insecure, args.rejoin)
+                     args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                     args.metrics)
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
-                     args.peer, args.insecure, args.rejoin)
+                     args.peer, args.insecure, args.rejoin, args.metrics)
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":
@@ -254,13 +317,36 @@ def main(argv: list[str] | None = None) -> int:
             dump(args.path, sys.stdout)
         elif args.command == "tls":
             tls_command(args)
-    except (UsageError, ReplfsError) as exc:
-        fail(str(exc))
+        elif args.command == "config":
+            sections = config.check(args.file, build_parser())
+            print(f"{args.file}: ok ({', '.join(f'[{s}]' for s in sections) or 'empty'})")
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as exc:
+        why = expected(exc)
+        if why is None:
+            raise
+        logging.getLogger("replfs").debug("failed", exc_info=exc)  # in full, with -v
+        fail(why)
     return 0
+
+
+def expected(exc: BaseException) -> str | None:
+    """What to say, in one line, about a failure the user can act on; None for a bug
+    (whose traceback is then logged).
+
+    Expected: replfs's own errors, and an OSError on a named path (a journal,
+    staging or certificate directory that cannot be made or used as given).
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # raised inside a nursery
+    if isinstance(exc, ReplfsError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return None
 
 
 def tls_command(args: argparse.Namespace) -> None:

@@ -16,17 +16,13 @@ import trio
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
 from fs.standby import StandbyFS
-from repl import control
+from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
+from repl.config import parse_address
 from repl.errors import UsageError
-from repl.secondary import (
-    default_state_dir,
-    make_replica,
-    parse_address,
-    run_secondary,
-    staging_dir_of,
-)
-from repl.sender import STALL_SECONDS, Sender
+from repl.sdnotify import notify
+from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
+from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.hold import ApplyLock, is_held, read_applied, read_syncing
@@ -77,6 +73,9 @@ class PrimaryConfig:
     tls: Path | None = None  # DIR/NAME: this node's certificate, key and CA (repl/tls.py)
     peer: str | None = None  # the name the secondary's certificate must carry
     insecure: bool = False  # plain TCP to a loopback secondary
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
+    compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
+    max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -87,10 +86,11 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
     peer = parse_address(cfg.secondary) if cfg.secondary else None
-    if peer is None and (cfg.tls or cfg.peer or cfg.insecure):
-        raise UsageError("--tls, --peer and --insecure are for the link to a secondary: "
-                         "they need --secondary HOST:PORT")
+    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate):
+        raise UsageError("--tls, --peer, --insecure and --max-rate are for the link to a "
+                         "secondary: they need --secondary HOST:PORT")
     creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
+    scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
     tree = Tree(backing)
@@ -104,7 +104,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
                             stall_seconds=cfg.stall_seconds, settled=capture.lock,
-                            creds=creds)
+                            creds=creds, compress_level=cfg.compress_level,
+                            max_rate=cfg.max_rate)
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
                             "nobody authenticated, nothing encrypted", *peer)
@@ -122,7 +123,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, sender, mountpoint, sock, operations, backing)
+            await _serve(capture, sender, mountpoint, sock, operations, backing, scrape)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -134,7 +135,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
 
 
 async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path) -> None:
+                 operations: PrimaryFS, backing: Path,
+                 scrape: list[trio.SocketListener]) -> None:
     async def applied_within(set_id: int, seconds: float) -> str | None:
         """Wait for the connected secondary to apply *set_id*; say why not, if not."""
         assert sender is not None
@@ -203,6 +205,10 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "lag_bytes": j.bytes,  # the journal holds exactly what is not applied
                     "lag_seconds": round(capture.lag_seconds(st.applied), 3),
                     "inflight_bytes": st.inflight_bytes, "sent_bytes": st.sent_bytes,
+                    "sent_wire_bytes": st.sent_wire_bytes, "compressing": st.compressing,
+                    "max_rate": sender.bucket.rate if sender.bucket else None,
+                    "rate_limited_seconds": round(sender.bucket.waited, 3)
+                    if sender.bucket else 0.0,
                     "stalled": st.stalled,
                     "errors": st.errors}
         return out
@@ -213,7 +219,13 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             await nursery.start(sender.run)
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
-        nursery.start_soon(_terminate_on_signal)
+        if scrape:
+            registry = metrics.registry(lambda: metrics.primary_metrics(capture, sender),
+                                        metrics.FSYNC_SECONDS, metrics.SET_BYTES)
+            await nursery.start(metrics.serve, scrape, registry)
+            log.info("metrics on http://%s/metrics", metrics.where(scrape))
+        await nursery.start(_terminate_on_signal)
+        notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
         await serve_requests()
         nursery.cancel_scope.cancel()
 
@@ -268,7 +280,8 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
             async with trio.open_nursery() as nursery:
                 await _serve_status(nursery, sock, replica, mountpoint, lock, where,
                                     cached=False)
-                nursery.start_soon(_terminate_on_signal)
+                await nursery.start(_terminate_on_signal)
+                notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests()
                 nursery.cancel_scope.cancel()
         finally:
@@ -281,7 +294,8 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
 
 async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str,
                                 staging: Path | None, tls: Path | None, peer: str | None,
-                                insecure: bool, rejoin: bool = False) -> None:
+                                insecure: bool, rejoin: bool = False,
+                                metrics_at: str | None = None) -> None:
     """The secondary (repl/secondary.py), also serving the standby mount of its replica.
 
     In one process, the applier can drop the kernel's caches of what each batch
@@ -312,7 +326,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str,
                                     cached=True)
                 nursery.start_soon(serve_mount)
                 await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
-                                    invalidator=cache)
+                                    metrics_at, invalidator=cache)
                 nursery.cancel_scope.cancel()
         finally:
             cache.mounted = False
@@ -345,9 +359,13 @@ async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountp
     await nursery.start(control.serve, sock, {"status": status})
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                               ) -> None:
+    """Stop serving on SIGINT or SIGTERM; started once they are caught."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("got %s, unmounting", signal.Signals(signum).name)
+            notify("STOPPING=1")
             pyfuse3.terminate()
             return

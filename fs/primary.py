@@ -21,6 +21,7 @@ import functools
 import os
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -31,6 +32,7 @@ from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
 from repl.apply import fallocate, intent_for, renameat2
 from repl.capture import Capture
+from repl.metrics import FSYNC_SECONDS
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -614,11 +616,13 @@ class PrimaryFS(pyfuse3.Operations):
 
         Only closing the set holds the lock: other requests go on while this
         one waits for the disk."""
+        began = time.monotonic()
         with self.lock:
             self.capture.close_set()
-            commits = self.capture.journal.commits
+            end = self.capture.journal.end
         (os.fdatasync if datasync else os.fsync)(fd)
-        self.capture.wait_durable(commits)
+        self.capture.wait_durable(end)
+        FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- directories --------------------------------------------------------------
 

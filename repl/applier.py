@@ -30,6 +30,7 @@ import trio
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
 from repl.footprint import Footprint, Invalidator
+from repl.metrics import APPLY_SECONDS
 from repl.tree import Tree
 from store.hold import (
     ApplyLock,
@@ -174,6 +175,7 @@ class Applier:
             finally:
                 self.applying = None
             delay = 0.1
+            APPLY_SECONDS.observe(trio.current_time() - began)
             self.applied = self.staging.applied  # nxt, unless an initial sync reset it
             self._applied_changed.set()
             self._applied_changed = trio.Event()

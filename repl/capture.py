@@ -16,7 +16,11 @@ one ``Waker`` (repl/wake.py), never a handoff per record.
 
 Group commit: ``wait_durable()`` flushes the journal once for every caller
 waiting when the flush starts; callers that arrive while it runs share the
-next one.
+next one. The sender ships only durable records, so a set closed by the
+timer or the size bound is flushed at once, and an open set's records
+within OPEN_FLUSH_SECONDS (at once past FLUSH_BYTES), so a set streams
+before it closes; an fsync meanwhile flushes them first, and no second
+flush follows.
 
 The journal budget. Records stay until the secondary applied their set.
 If it stays away until the journal passes ``journal_max``, capture stops
@@ -40,7 +44,7 @@ from typing import Any, TypeVar
 import trio
 
 from repl import apply as applier
-from repl import faults, resync
+from repl import faults, metrics, resync
 from repl.diverge import Divergence
 from repl.touched import Touched
 from repl.tree import Tree
@@ -54,6 +58,8 @@ log = logging.getLogger("replfs.capture")
 DEFAULT_SET_INTERVAL = 1.0
 DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
+FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
+OPEN_FLUSH_SECONDS = 0.05  # an open set's records are flushed (and shipped) within this
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
 T = TypeVar("T")
@@ -87,7 +93,7 @@ class Capture:
         self.set_bytes = set_bytes
         self.journal_max = journal_max
         self.replicating = replicating
-        self.dirty = DirtyMap(journal.env)
+        self.dirty = DirtyMap(journal)
         self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
         self.overflow = journal.get_meta(_OVERFLOW) is not None
         self.applied = 0  # the last set the secondary reported applied
@@ -102,9 +108,11 @@ class Capture:
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
-        self._durable_commits = journal.commits
+        self._unflushed = trio.Event()  # something journaled is not durable yet
+        self._flush_wanted = trio.Event()  # ... and it must be flushed now
         self._close_wanted = trio.Event()
         self._close_due = False
+        self._flush_due = False  # a set closed: flush it for the sender
         self._wake: Callable[[], None] = self._woken  # a Waker once run() started
 
     # --- called by the FUSE handlers, synchronously ------------------------
@@ -125,9 +133,21 @@ class Capture:
         self._wake()
         return record
 
+    def flush_soon(self) -> None:
+        """In trio: flush what was journaled, for the sender (a resync's step...)."""
+        self._unflushed.set()
+        self._flush_wanted.set()
+
     def _woken(self) -> None:
-        """In trio: records were appended."""
+        """In trio: records were appended, or made durable."""
         self.on_append()
+        pending = self.journal.end - self.journal.durable
+        if not pending:
+            self._flush_due = False
+            return
+        self._unflushed.set()
+        if pending >= FLUSH_BYTES or self._flush_due:
+            self._flush_wanted.set()
         if self._close_due:
             self._close_due = False
             self._close_wanted.set()
@@ -222,6 +242,7 @@ class Capture:
         self.journal.put_meta(_SYNCING, encode_set(set_id))
         self.journal.base = set_id - 1
         self.progress_done, self.progress_total = 0, total
+        self.flush_soon()
         log.info("%s begins as set %d: %d entries, %.1f MB of data",
                  "initial sync" if only is None else "rejoin sync of what diverged", set_id,
                  entries, total / 1e6)
@@ -280,6 +301,7 @@ class Capture:
                                     mtime_ns=st.st_mtime_ns)
         self.touched.clear()
         self.closed_at = time.monotonic()
+        metrics.SET_BYTES.observe(self.journal.set_bytes)
         closed = self.journal.close_set()
         if self._record_hash is not None:
             self._record_hash(closed, self.backing.root_fd)
@@ -288,6 +310,7 @@ class Capture:
             del self.closed_times[min(self.closed_times)]
         if not self.replicating:
             self._drop_oldest()
+        self._flush_due = True
         self._wake()
         return closed
 
@@ -311,22 +334,21 @@ class Capture:
     # --- async side -----------------------------------------------------------
 
     def wait_durable(self, target: int) -> None:
-        """Block until the journal's first *target* commits are durable on disk.
+        """Block until the journal is durable up to log position *target*.
 
         One caller flushes; the others wait on ``_flush_lock`` meanwhile and
-        find their commits covered by that flush, or flush once for all of
-        them (group commit).
+        find their records covered by that flush, or flush once for all of
+        them (group commit). Wakes the sender, which ships durable records only.
         """
         with self._flush_lock:
-            if self._durable_commits >= target:
+            if self.journal.durable >= target:
                 return
-            covered = self.journal.commits
             self.journal.sync()
-            self._durable_commits = covered
+        self._wake()
 
     async def durable(self) -> None:
-        """Return once every record committed so far is durable on disk."""
-        await trio.to_thread.run_sync(self.wait_durable, self.journal.commits)
+        """Return once every record journaled so far is durable on disk."""
+        await trio.to_thread.run_sync(self.wait_durable, self.journal.end)
 
     async def checkpoint(self) -> int:
         """Close a set and wait until it is durable. Returns its id.
@@ -346,6 +368,7 @@ class Capture:
         self._wake = Waker(self._woken)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._closer)
+            nursery.start_soon(self._flusher)
             nursery.start_soon(resync.run, self)
             task_status.started()
 
@@ -360,6 +383,21 @@ class Capture:
                     self.closed_at = time.monotonic()
                 else:
                     self.close_set()
+
+    async def _flusher(self) -> None:
+        """Flush what was journaled, for the sender: at once when a set closed or
+        FLUSH_BYTES piled up, else OPEN_FLUSH_SECONDS after the first record
+        that is not durable. An fsync's own flush usually covers it first."""
+        while True:
+            await self._unflushed.wait()
+            with trio.move_on_after(OPEN_FLUSH_SECONDS):
+                await self._flush_wanted.wait()
+            self._unflushed = trio.Event()
+            self._flush_wanted = trio.Event()
+            if self._flush_lock.locked():
+                continue  # an fsync is flushing; when done it wakes us to look again
+            self._flush_due = False
+            await self.durable()
 
     # --- after a crash ------------------------------------------------------------
 
@@ -399,6 +437,8 @@ class Capture:
             self.touched.add(record)
         self.touched.paths.update(self.dirty.files)
         if self.overflow:
+            self.journal.sync()
             return f"{what}; set {last.set} stays open over budget"
         closed = self.close_set()
+        self.journal.sync()
         return f"{what}; closed set {closed}"

@@ -12,6 +12,13 @@ A frame whose checksum does not match is never used: the stream can no
 longer be trusted, so the receiver counts it and drops the connection, and
 everything not acknowledged is sent again on the next one.
 
+Compression is negotiated in the HELLOs, within protocol version 1: the
+primary offers ``"compress": ["zstd"]``, and a secondary that takes it
+answers ``"compress": "zstd"``. Only then may the primary send RECORDS_ZSTD
+frames (each a run of records, compressed together); a peer from before
+compression ignores the offer, answers without it, and gets plain RECORD
+frames; a primary that offers nothing is served plainly.
+
 This module and ``store/records.py`` are the only places that pack bytes.
 """
 
@@ -25,12 +32,14 @@ from typing import Any
 
 import trio
 import xxhash
+import zstandard
 
 from repl.errors import ProtocolError
 from store.records import decode_key, decode_set, encode_key, encode_set
 
 MAGIC = b"REPLFS\x00\x01"
 PROTOCOL_VERSION = 1
+ZSTD = "zstd"  # the one compression offered in a HELLO
 MAX_FRAME = 80 << 20
 MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
 CLOSE_SECONDS = 1.0  # a TLS close says close_notify first: a peer reading nothing gets this long
@@ -39,6 +48,7 @@ _LENGTH = struct.Struct(">I")
 _HEAD = struct.Struct(">IB")  # length, type
 _CHECKSUM = struct.Struct(">Q")
 _KEY_SIZE = 12
+_DECOMPRESSOR = zstandard.ZstdDecompressor()
 
 
 class FrameType(enum.IntEnum):
@@ -48,6 +58,7 @@ class FrameType(enum.IntEnum):
     APPLIED = 4  # u64 set id: the replica now equals the primary at that set's close
     ERROR = 5  # UTF-8 text: why the peer is refused; the connection closes after it
     RESET_TO = 6  # u64 set id: an initial sync begins there; older sets are moot
+    RECORDS_ZSTD = 7  # zstd of (u32 length, encoded record)*: only once negotiated
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +68,11 @@ class Frame:
 
     def encode(self) -> bytes:
         return b"".join(self.parts())
+
+    @property
+    def wire_size(self) -> int:
+        """Bytes the frame takes on the wire."""
+        return _HEAD.size + len(self.payload) + _CHECKSUM.size
 
     def parts(self) -> tuple[bytes, bytes, bytes]:
         """The encoded frame in three pieces, so a payload is copied only once, by the
@@ -83,6 +99,44 @@ def parse_hello(frame: Frame) -> dict[str, Any]:
     if not isinstance(fields, dict):
         raise ProtocolError("HELLO is not a JSON object")
     return fields
+
+
+def record_frames(raws: list[bytes], compressor: zstandard.ZstdCompressor | None
+                  ) -> list[Frame]:
+    """Frames that carry the encoded records *raws*, in order: one RECORDS_ZSTD frame if
+    a *compressor* is given and makes them smaller, else a RECORD frame each."""
+    if compressor is not None and raws:
+        plain = b"".join(part for raw in raws for part in (_LENGTH.pack(len(raw)), raw))
+        packed = compressor.compress(plain)
+        if len(packed) < len(plain) and len(plain) <= MAX_FRAME:
+            return [Frame(FrameType.RECORDS_ZSTD, packed)]
+    return [Frame(FrameType.RECORD, raw) for raw in raws]
+
+
+def parse_records(frame: Frame) -> list[bytes]:
+    """The encoded records a RECORDS_ZSTD frame carries. Raises ProtocolError if it does
+    not decompress to whole records within MAX_FRAME bytes."""
+    try:
+        size = zstandard.frame_content_size(frame.payload)
+    except zstandard.ZstdError:
+        size = -1  # not a zstd frame
+    if not 0 < size <= MAX_FRAME:
+        raise ProtocolError(f"RECORDS_ZSTD frame of {size} bytes uncompressed")
+    try:
+        plain = _DECOMPRESSOR.decompress(frame.payload)
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"RECORDS_ZSTD frame does not decompress: {exc}") from None
+    raws, pos = [], 0
+    while pos < len(plain):
+        if pos + _LENGTH.size > len(plain):
+            raise ProtocolError("RECORDS_ZSTD frame ends inside a length")
+        (length,) = _LENGTH.unpack_from(plain, pos)
+        pos += _LENGTH.size
+        if pos + length > len(plain):
+            raise ProtocolError("RECORDS_ZSTD frame ends inside a record")
+        raws.append(plain[pos : pos + length])
+        pos += length
+    return raws
 
 
 def staged(keys: list[tuple[int, int]]) -> Frame:

@@ -30,6 +30,7 @@ from repl.errors import first_error as _first
 from repl.gate import Gate, Rejected
 from repl.protocol import (
     PROTOCOL_VERSION,
+    ZSTD,
     Connection,
     Frame,
     FrameType,
@@ -37,6 +38,7 @@ from repl.protocol import (
     hello,
     parse_applied,
     parse_hello,
+    parse_records,
     staged,
 )
 from repl.tls import broken_record
@@ -58,6 +60,8 @@ class ReceiverStatus:
     connected_streams: int = 0
     peer_node: str | None = None
     received: int = 0
+    received_bytes: int = 0  # of records
+    received_wire_bytes: int = 0  # of their frames
     staged: int = 0
     duplicates: int = 0
     stale: int = 0
@@ -75,6 +79,7 @@ class _Stream:
     outbox: trio.MemorySendChannel[Frame]
     scope: trio.CancelScope
     session: str
+    compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
 
 
 class Receiver:
@@ -176,7 +181,7 @@ class Receiver:
         # Unbounded: it only ever holds small acks, and the writer drains it.
         outbox, pending = trio.open_memory_channel[Frame](math.inf)
         with trio.CancelScope() as scope:
-            stream = _Stream(conn, outbox, scope, session)
+            stream = _Stream(conn, outbox, scope, session, takes_zstd(info))
             self._streams.append(stream)
             self.status.connected_streams = len(self._streams)
             self.status.peer_node = info.get("node")
@@ -246,7 +251,8 @@ class Receiver:
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,
                               applied=self.staging.applied,
-                              syncing=self.staging.syncing, **extra))
+                              syncing=self.staging.syncing,
+                              **({"compress": ZSTD} if takes_zstd(info) else {}), **extra))
         return info
 
     async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
@@ -268,11 +274,18 @@ class Receiver:
                          set_id)
                 self.on_reset(set_id)
                 continue
-            if frame.type != FrameType.RECORD:
+            if frame.type == FrameType.RECORD:
+                raws = [frame.payload]
+            elif frame.type == FrameType.RECORDS_ZSTD and stream.compressed:
+                raws = parse_records(frame)
+            else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
-            record = Record.decode(frame.payload)
-            self.status.received += 1
-            await self._incoming_send.send((stream, record))
+            self.status.received_wire_bytes += frame.wire_size
+            for raw in raws:
+                record = Record.decode(raw)
+                self.status.received += 1
+                self.status.received_bytes += len(raw)
+                await self._incoming_send.send((stream, record))
 
     async def _stager(self) -> None:
         while True:
@@ -305,6 +318,12 @@ class Receiver:
             if result.completed:
                 self.status.last_complete = max(self.status.last_complete, *result.completed)
                 self.on_complete()
+
+
+def takes_zstd(hello: dict[str, Any]) -> bool:
+    """Whether the primary's HELLO offers zstd-compressed records (it is then taken)."""
+    offer = hello.get("compress")
+    return isinstance(offer, list) and ZSTD in offer
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str]:

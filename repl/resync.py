@@ -256,6 +256,7 @@ async def run(capture: Capture) -> None:
                 capture.settle()
                 if step(capture) is not None:
                     break
+            capture.flush_soon()
             now = trio.current_time()
             if now - last_report >= PROGRESS_EVERY:
                 last_report = now

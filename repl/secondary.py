@@ -13,16 +13,19 @@ from typing import Any
 
 import trio
 
-from repl import control
+from repl import control, metrics
 from repl.applier import Applier
+from repl.config import parse_address
 from repl.errors import UsageError
 from repl.footprint import Invalidator
 from repl.gate import Gate
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
+from repl.sdnotify import notify
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.journal import Journal
+from store.journal import exists as journal_exists
 from store.staging import Staging
 
 log = logging.getLogger("replfs.secondary")
@@ -41,7 +44,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
     changes would be overwritten without a trace.
     """
     path = default_state_dir(replica) / "journal"
-    if not (path / "data.mdb").exists():
+    if not journal_exists(path):
         return None
     journal = Journal(path)
     if journal.last() is None and journal.base is not None:
@@ -126,19 +129,17 @@ def resume(replica: Path, staging: Path | None) -> int:
     return read_applied(where)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    """Cancel *scope* on SIGINT or SIGTERM; started once they are caught."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("got %s, stopping", signal.Signals(signum).name)
+            notify("STOPPING=1")
             scope.cancel()
             return
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:7070)")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def make_replica(replica: Path) -> None:
@@ -151,15 +152,18 @@ def make_replica(replica: Path) -> None:
 
 async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                         tls: Path | None, peer: str | None, insecure: bool,
-                        rejoin: bool = False, invalidator: Invalidator | None = None) -> None:
+                        rejoin: bool = False, metrics_at: str | None = None,
+                        invalidator: Invalidator | None = None) -> None:
     """Serve *replica*: accept the primary on *listen*, with the TLS credentials
-    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*).
+    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
+    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
 
     *invalidator*: the kernel caches of a standby mount of the replica, which the
     applier drops as it applies sets (fs/kernel_cache.py).
     """
     host, port = parse_address(listen)
     creds = link_credentials(tls, peer, insecure, host)
+    scrape = await metrics.listen(metrics_at) if metrics_at else []
     make_replica(replica)
     os.umask(0)
     old_journal = _old_primary_journal(replica, rejoin)
@@ -223,7 +227,9 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 "applicable_through": staging.applicable_through(),
                 "held": is_held(staging.path),
                 "syncing": staging.syncing is not None,
-                "received": r.received, "duplicates": r.duplicates, "stale": r.stale,
+                "received": r.received, "received_bytes": r.received_bytes,
+                "received_wire_bytes": r.received_wire_bytes,
+                "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
                 "staging_bytes": staging.size(), "apply_error": applier.error,
@@ -251,7 +257,13 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             await nursery.start(control.serve, control.socket_path(replica),
                                 {"status": status, "wait": wait, "wake": wake,
                                  "shutdown": shutdown})
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            if scrape:
+                registry = metrics.registry(
+                    lambda: metrics.secondary_metrics(receiver, applier, staging),
+                    metrics.APPLY_SECONDS)
+                await nursery.start(metrics.serve, scrape, registry)
+                log.info("metrics on http://%s/metrics", metrics.where(scrape))
+            await nursery.start(_stop_on_signal, nursery.cancel_scope)
             if creds is None:
                 log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
                             "encrypted: anyone who can reach %s:%d can replace this replica",
@@ -259,6 +271,7 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
                      bound[0], bound[1], "plain TCP, --insecure" if creds is None else
                      f"TLS as {creds.name}, accepting {creds.peer}", replica, staging.applied)
+            notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
     finally:
         staging.close()
         if old_journal is not None:

@@ -8,15 +8,26 @@ it, an unlink forgets the path. When the secondary is back, the ranges are
 read from the backing directory into the still-open data set, which then
 closes: the replica jumps from one whole set to the next.
 
-The map lives in the journal's LMDB environment so it survives a crash of
-the primary; an in-memory copy serves the merging.
+Every change to the map is an entry of the journal's log (store/journal.py),
+so it survives a crash of the primary as far as the journal does; the map
+itself is kept in memory.
 """
 
 from __future__ import annotations
 
-import lmdb
+from typing import Protocol
 
-from store.records import decode_ranges, encode_ranges, is_under
+from store.records import is_under
+
+
+class Store(Protocol):
+    """Where the map's changes are kept: the journal."""
+
+    dirty: dict[bytes, list[tuple[int, int]]]
+
+    def put_dirty(self, path: bytes, ranges: list[tuple[int, int]]) -> None: ...
+
+    def clear_dirty(self) -> None: ...
 
 
 def merge(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
@@ -32,12 +43,9 @@ def merge(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int
 
 
 class DirtyMap:
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.env = env
-        self._db = env.open_db(b"dirty")
-        with env.begin() as txn:
-            self.files: dict[bytes, list[tuple[int, int]]] = {
-                bytes(k): decode_ranges(v) for k, v in txn.cursor(db=self._db)}
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.files = store.dirty  # as the journal read it at open
 
     def __bool__(self) -> bool:
         return bool(self.files)
@@ -47,18 +55,14 @@ class DirtyMap:
 
     def add(self, path: bytes, start: int, end: int) -> None:
         ranges = self.files[path] = merge(self.files.get(path, []), start, end)
-        with self.env.begin(write=True) as txn:
-            txn.put(path, encode_ranges(ranges), db=self._db)
+        self.store.put_dirty(path, ranges)
 
     def forget(self, path: bytes) -> list[tuple[int, int]]:
         """Drop *path* and everything under it; returns the ranges *path* had."""
-        gone = [p for p in self.files if is_under(p, path)]
-        with self.env.begin(write=True) as txn:
-            for p in gone:
-                txn.delete(p, db=self._db)
         had = self.files.get(path, [])
-        for p in gone:
+        for p in [p for p in self.files if is_under(p, path)]:
             del self.files[p]
+            self.store.put_dirty(p, [])
         return had
 
     def move(self, moves: dict[bytes, bytes]) -> None:
@@ -68,12 +72,11 @@ class DirtyMap:
             for src, dst in moves.items():
                 if is_under(p, src):
                     renamed[dst + p[len(src):]] = self.files.pop(p)
+                    self.store.put_dirty(p, [])
                     break
-        with self.env.begin(write=True) as txn:
-            txn.drop(self._db, delete=False)
-            self.files.update(renamed)
-            for p, ranges in self.files.items():
-                txn.put(p, encode_ranges(ranges), db=self._db)
+        self.files.update(renamed)
+        for p, ranges in renamed.items():
+            self.store.put_dirty(p, ranges)
 
     def next_chunk(self, max_bytes: int) -> tuple[bytes, int, int] | None:
         """Some dirty (path, start, end) of at most *max_bytes*, still in the map."""
@@ -90,15 +93,12 @@ class DirtyMap:
                 left.append((s, min(e, start)))
             if e > end:
                 left.append((max(s, end), e))
-        with self.env.begin(write=True) as txn:
-            if left:
-                self.files[path] = left
-                txn.put(path, encode_ranges(left), db=self._db)
-            else:
-                self.files.pop(path, None)
-                txn.delete(path, db=self._db)
+        if left:
+            self.files[path] = left
+        else:
+            self.files.pop(path, None)
+        self.store.put_dirty(path, left)
 
     def clear(self) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.drop(self._db, delete=False)
         self.files.clear()
+        self.store.clear_dirty()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-import lmdb
-
 from store.errors import StoreError
-from store.records import FIELDS, Op, Record, RecordError, decode_key
+from store.journal import Journal
+from store.journal import exists as journal_exists
+from store.records import FIELDS, Op, Record, RecordError
 
 
 def describe(record: Record, raw: bytes) -> str:
@@ -39,26 +39,24 @@ def describe(record: Record, raw: bytes) -> str:
 
 def dump(path: Path, out: TextIO) -> None:
     """Print every record of the journal at *path*; a bad record prints as such."""
-    if not (path / "data.mdb").exists():
-        raise StoreError(f"{path} holds no journal (no data.mdb); give a journal directory")
+    if not journal_exists(path):
+        raise StoreError(f"{path} holds no journal (no *.log segment); give a journal "
+                         "directory")
+    journal = Journal(path, read_only=True)
     try:
-        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=4)
-    except lmdb.Error as exc:
-        raise StoreError(f"{path} holds no readable journal ({exc})") from exc
-    try:
-        with env.begin() as txn:
+        count = 0
+        for set_id, seq, raw, _ in journal.iter_raw():
             try:
-                db = env.open_db(b"records", txn=txn, create=False)
-            except lmdb.NotFoundError:
-                raise StoreError(f"{path} holds an LMDB store but no journal records") from None
-            count = 0
-            for key, value in txn.cursor(db=db):
-                try:
-                    out.write(describe(Record.decode(value), bytes(value)) + "\n")
-                except RecordError as exc:
-                    set_id, seq = decode_key(key)
-                    out.write(f"{set_id:>8}/{seq:<6} BAD         {exc}\n")
-                count += 1
+                out.write(describe(Record.decode(raw), raw) + "\n")
+            except RecordError as exc:
+                out.write(f"{set_id:>8}/{seq:<6} BAD         {exc}\n")
+            count += 1
+        if count == 0 and journal.log.torn is not None and not journal.get_meta(b"identity"):
+            raise StoreError(f"{path} holds no readable journal: its log begins with a "
+                             "damaged entry")
         out.write(f"# {count} records\n")
+        if journal.log.torn is not None:
+            out.write(f"# the log ends in a damaged or unfinished entry at position "
+                      f"{journal.log.torn}; the primary cuts it off when it starts\n")
     finally:
-        env.close()
+        journal.close()

@@ -1,12 +1,18 @@
-"""The primary's journal: every replicated op, in stream order, in LMDB.
+"""The primary's journal: every replicated op, in stream order, in a log.
 
-Keys are (set, seq) so a cursor walks the stream in order. Every append is
-its own LMDB write transaction, committed without fsync before the op
-touches the backing directory: a killed daemon loses nothing that reached
-the page cache, so at most the very last record can be journaled but not
-applied, and recovery redoes exactly that one (Capture.recover in repl/capture.py). Durability
-against power loss is bought once per commit point with ``sync()``, which
-many fsyncs share (group commit).
+The journal is the primary's durable copy of every change: records are
+appended to a log of segment files (store/wal.py) before the op touches
+the backing directory, so a killed daemon loses nothing that reached the
+page cache; ``sync()`` makes everything appended so far durable with one
+flush, shared by every fsync waiting meanwhile (group commit). Only
+durable records are handed out for shipping (``read_raw``): a secondary
+never holds a record that a power cut of the primary could take back.
+
+An index in memory maps (set, seq) to where each record lies; it is rebuilt
+by reading the log at open. The journal's small meta values (identity,
+base, the budget's state) and the dirty map (store/dirty.py) are entries of
+the same log, written again at the head of each new segment, so dropping
+old segments loses none of them.
 
 Records stay until ``trim()``: the secondary reports a set applied, or the
 journal runs over its budget with nobody to send to.
@@ -14,48 +20,186 @@ journal runs over its budget with nobody to send to.
 
 from __future__ import annotations
 
+import bisect
 import os
+from array import array
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from store import identity
 from store.errors import StoreError
-from store.lmdbdir import COMMIT_BYTES, LmdbDir
-from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
+from store.lmdbdir import lock_dir
+from store.private import private_dir
+from store.records import (
+    Op,
+    Record,
+    RecordError,
+    decode_ranges,
+    decode_set,
+    encode_ranges,
+    encode_set,
+    peek_key,
+)
+from store.wal import Kind, Log, keyed, unkey
 
 _NEXT_SET = b"next_set"
-_INTENT = b"intent"
 _BASE = b"base"
+_IDENTITY = b"identity"
+_TRIMMED = b"trimmed"
 
 
-class Journal(LmdbDir):
-    """An LMDB journal directory, held exclusively by one daemon."""
+class _Set:
+    """Where the records of one set lie in the log, by seq."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path, "journal")
-        self._records = self.env.open_db(b"records")
-        self._meta = self.env.open_db(b"meta")
-        self.identity = identity.load(self.env, self._meta, make_cluster=True)
+    __slots__ = ("pos", "size")
+
+    def __init__(self) -> None:
+        self.pos = array("Q")
+        self.size = array("I")
+
+
+def exists(path: os.PathLike[str] | str) -> bool:
+    """True if *path* holds a journal."""
+    return any(os.path.basename(p).endswith(".log") for p in _listdir(path))
+
+
+def _listdir(path: os.PathLike[str] | str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+class Journal:
+    """A journal directory, held exclusively by one daemon."""
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        """Open (or make) the journal at *path*.
+
+        With *read_only*, only look: no lock taken, nothing written or cut off
+        (``replfs dump`` of a live journal).
+        """
+        self.path = Path(path) if read_only else private_dir(path)
+        if (self.path / "data.mdb").exists():
+            raise StoreError(f"journal {self.path} was written by an older replfs (LMDB); "
+                             "stop replication, move it aside and start again (the secondary "
+                             "then gets an initial sync)")
+        self._lock_fd = -1 if read_only else lock_dir(self.path / "LOCK")
+        self._sets: dict[int, _Set] = {}
+        self._order: list[int] = []  # the ids of self._sets, ascending
+        self._meta: dict[bytes, bytes] = {}
+        self.dirty: dict[bytes, list[tuple[int, int]]] = {}
+        self._intent: tuple[bytes, bytes] | None = None
+        self.bytes = 0  # of the records indexed, for the budget
+        self._snapshotting = False
+        self._gaps: set[int] | None = set()  # sets whose first records lie in deleted segments
+        try:
+            self.log = Log(self.path, self._replay, read_only=read_only)
+            torn = (self._gaps or set()) & self._sets.keys()
+            if torn:
+                raise ValueError(f"the records of set {min(torn)} begin in a segment that "
+                                 "is gone")
+        except (OSError, RecordError, ValueError) as exc:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+            raise StoreError(f"open journal {self.path}: {exc}") from exc
+        self._gaps = None
+        self.identity = identity.parse(self._meta.get(_IDENTITY), make_cluster=True)
+        if _IDENTITY not in self._meta and not read_only:
+            self.put_meta(_IDENTITY, identity.dumps(self.identity))
+            self.sync()
         self.set, self.seq = self._position()
-        self.set_bytes = 0
-        self.commits = 0
-        self.bytes = self.size()  # kept current by append and trim, for the budget
+        open_set = self._sets.get(self.set)
+        self.set_bytes = sum(open_set.size) if open_set else 0
+
+    # --- reading the log at open ----------------------------------------------
+
+    def _replay(self, kind: Kind, body: bytes, pos: int) -> None:
+        if kind == Kind.RECORD:
+            set_id, seq = peek_key(body)
+            if set_id <= decode_set(self._meta.get(_TRIMMED, encode_set(0))):
+                return
+            self._index(set_id, seq, pos, len(body))
+        elif kind == Kind.INTENT:
+            self._intent = unkey(body)
+        elif kind == Kind.META:
+            key, value = unkey(body)
+            self._meta[key] = value
+            if key == _TRIMMED:
+                self._drop_through(decode_set(value))
+        elif kind == Kind.META_DEL:
+            self._meta.pop(body, None)
+        elif kind == Kind.DIRTY:
+            path, raw = unkey(body)
+            if raw:
+                self.dirty[path] = decode_ranges(raw)
+            else:
+                self.dirty.pop(path, None)
+        elif kind == Kind.DIRTY_CLEAR:
+            self.dirty.clear()
+
+    def _index(self, set_id: int, seq: int, pos: int, size: int) -> None:
+        where = self._sets.get(set_id)
+        if where is None:
+            if self._order and set_id < self._order[-1]:
+                raise StoreError(f"journal {self.path}: set {set_id} after set "
+                                 f"{self._order[-1]}")
+            where = self._sets[set_id] = _Set()
+            self._order.append(set_id)
+        if seq < len(where.pos):  # a record put again (voided, shortened)
+            self.bytes += size - where.size[seq]
+            where.pos[seq], where.size[seq] = pos, size
+        elif seq == len(where.pos):
+            where.pos.append(pos)
+            where.size.append(size)
+            self.bytes += size
+        elif not where.pos and self._gaps is not None:
+            # At open: the set's start was in a segment dropped once a later trim
+            # (further on in the log) took the whole set; that trim drops it again.
+            self._gaps.add(set_id)
+            where.pos.extend([0] * seq)
+            where.size.extend([0] * seq)
+            self._index(set_id, seq, pos, size)
+        else:
+            raise StoreError(f"journal {self.path}: record {set_id}/{seq} after "
+                             f"{set_id}/{len(where.pos) - 1}")
 
     def _position(self) -> tuple[int, int]:
         """Where the next record goes: after the last one, or after the last trim."""
-        with self.env.begin() as txn:
-            raw = txn.get(_NEXT_SET, db=self._meta)
-            next_set = decode_set(raw) if raw else 1
-            cursor = txn.cursor(db=self._records)
-            if not cursor.last():
-                return next_set, 0
-            set_id, seq = decode_key(cursor.key())
-            if Record.decode(cursor.value()).op == Op.SYNC:
-                return max(next_set, set_id + 1), 0
-            return set_id, seq + 1
+        raw = self._meta.get(_NEXT_SET)
+        next_set = decode_set(raw) if raw else 1
+        last = self.last()
+        if last is None:
+            return next_set, 0
+        if last.op == Op.SYNC:
+            return max(next_set, last.set + 1), 0
+        return last.set, last.seq + 1
+
+    # --- writing ----------------------------------------------------------------
+
+    def _write(self, kind: Kind, body: bytes) -> int:
+        segment = self.log.base
+        pos = self.log.append(kind, body)
+        if self.log.base != segment and not self._snapshotting:
+            self._snapshot()
+        return pos
+
+    def _snapshot(self) -> None:
+        """Write the meta values and the dirty map again at a new segment's head,
+        so the segments before it can go."""
+        self._snapshotting = True
+        try:
+            for key, value in self._meta.items():
+                self.log.append(Kind.META, keyed(key, value))
+            self.log.append(Kind.DIRTY_CLEAR, b"")
+            for path, ranges in self.dirty.items():
+                self.log.append(Kind.DIRTY, keyed(path, encode_ranges(ranges)))
+        finally:
+            self._snapshotting = False
 
     def append(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
-        """Journal one op at the next (set, seq) and commit it (without fsync).
+        """Journal one op at the next (set, seq), in the page cache (no flush).
 
         Args:
             intent: what an exchange expects to swap, kept beside the record so
@@ -63,22 +207,22 @@ class Journal(LmdbDir):
         """
         record = Record(op, self.set, self.seq, **fields)
         value = record.encode()
-        with self.env.begin(write=True) as txn:
-            txn.put(record.key, value, db=self._records)
-            if intent is not None:
-                txn.put(_INTENT, record.key + intent, db=self._meta)
-        self.commits += 1
-        self.passed(len(value) + COMMIT_BYTES)
+        if intent is not None:
+            self._write(Kind.INTENT, keyed(record.key, intent))
+            self._intent = (record.key, intent)
+        pos = self._write(Kind.RECORD, value)
+        self._index(record.set, record.seq, pos, len(value))
         self.seq += 1
         self.set_bytes += len(value)
-        self.bytes += len(value)
         return record
 
     def put(self, record: Record) -> None:
-        """Overwrite a journaled record in place (a void, or a short write)."""
-        with self.env.begin(write=True) as txn:
-            txn.put(record.key, record.encode(), db=self._records)
-        self.commits += 1
+        """Journal *record* again in place of the one with its key (a void, or a
+        short write). Only the last record of the open set may be put again."""
+        value = record.encode()
+        pos = self._write(Kind.RECORD, value)
+        self.set_bytes += len(value) - self._sets[record.set].size[record.seq]
+        self._index(record.set, record.seq, pos, len(value))
 
     def close_set(self) -> int:
         """Append the current set's SYNC record and start the next set. Returns the closed id."""
@@ -91,67 +235,110 @@ class Journal(LmdbDir):
     def set_is_empty(self) -> bool:
         return self.seq == 0
 
-    def sync(self) -> None:
-        """Make every committed record durable. Blocking; call it from a thread."""
-        self.env.sync(True)
+    @property
+    def end(self) -> int:
+        """The log position after the last entry: what ``sync()`` must reach."""
+        return self.log.end
+
+    @property
+    def durable(self) -> int:
+        """The log position up to which everything is on disk."""
+        return self.log.durable
+
+    def sync(self) -> int:
+        """Make everything appended so far durable (one flush). Blocking; call it
+        from a thread. Returns the position reached."""
+        return self.log.sync()
+
+    # --- reading ----------------------------------------------------------------
+
+    def _sets_from(self, start_set: int) -> list[int]:
+        return self._order[bisect.bisect_left(self._order, start_set):]
+
+    def _read(self, set_id: int, seq: int) -> bytes:
+        where = self._sets[set_id]
+        return self.log.read(where.pos[seq], where.size[seq])
 
     def last(self) -> Record | None:
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._records)
-            return Record.decode(cursor.value()) if cursor.last() else None
+        for set_id in reversed(self._order):
+            if self._sets[set_id].pos:
+                return Record.decode(self._read(set_id, len(self._sets[set_id].pos) - 1))
+        return None
 
     def intent(self, record: Record) -> bytes | None:
         """The intent stored with *record*, if it was the last one given one."""
-        with self.env.begin() as txn:
-            raw = txn.get(_INTENT, db=self._meta)
-        if raw and raw[: len(record.key)] == record.key:
-            return bytes(raw[len(record.key) :])
+        if self._intent is not None and self._intent[0] == record.key:
+            return self._intent[1]
         return None
 
+    def iter_raw(self, start_set: int = 0, start_seq: int = 0
+                 ) -> Iterator[tuple[int, int, bytes, int]]:
+        """(set, seq, encoded record, log position after it) from (start_set, start_seq) on."""
+        for set_id in self._sets_from(start_set):
+            where = self._sets.get(set_id)
+            seq = start_seq if set_id == start_set else 0
+            while where is not None and seq < len(where.pos):
+                pos, size = where.pos[seq], where.size[seq]
+                yield set_id, seq, self.log.read(pos, size), pos + size
+                seq += 1
+
     def records(self, start_set: int = 0, start_seq: int = 0) -> Iterator[Record]:
-        """Every record from (start_set, start_seq) on, in stream order."""
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._records)
-            if not cursor.set_range(encode_key(start_set, start_seq)):
-                return
-            for value in cursor.iternext(keys=False, values=True):
-                yield Record.decode(value)
+        """Every record from (start_set, start_seq) on, in stream order, durable or not."""
+        for _, _, raw, _ in self.iter_raw(start_set, start_seq):
+            yield Record.decode(raw)
 
     def read_raw(self, start_set: int, start_seq: int, max_bytes: int
                  ) -> list[tuple[int, int, bytes]]:
-        """Up to about *max_bytes* of encoded records from (start_set, start_seq) on.
+        """Up to about *max_bytes* of encoded durable records from (start_set, start_seq) on.
 
         Returns (set, seq, encoded record) tuples, for shipping without decoding.
         """
         out: list[tuple[int, int, bytes]] = []
-        total = 0
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._records)
-            if not cursor.set_range(encode_key(start_set, start_seq)):
-                return out
-            for key, value in cursor:
-                set_id, seq = decode_key(key)
-                out.append((set_id, seq, bytes(value)))
-                total += len(value)
-                if total >= max_bytes:
-                    break
-        self.passed(total)
+        total, limit = 0, self.log.durable
+        for set_id, seq, raw, end in self.iter_raw(start_set, start_seq):
+            if end > limit:
+                break
+            out.append((set_id, seq, raw))
+            total += len(raw)
+            if total >= max_bytes:
+                break
         return out
+
+    def first_set(self) -> int | None:
+        """The oldest set still journaled."""
+        return self._order[0] if self._order else None
+
+    def size(self) -> int:
+        """Bytes of the records journaled."""
+        return self.bytes
+
+    # --- trimming ---------------------------------------------------------------
+
+    def _drop_through(self, upto_set: int) -> int:
+        dropped = 0
+        while self._order and self._order[0] <= upto_set:
+            where = self._sets.pop(self._order.pop(0))
+            dropped += len(where.pos)
+            self.bytes -= sum(where.size)
+        return dropped
 
     def trim(self, upto_set: int) -> int:
         """Drop every record of sets up to *upto_set*. Returns how many were dropped."""
-        with self.env.begin(write=True) as txn:
-            dropped = self.delete_run(txn, self._records, b"",
-                                      lambda key: decode_key(key)[0] > upto_set)
-            raw = txn.get(_NEXT_SET, db=self._meta)
-            if not raw or decode_set(raw) <= upto_set:
-                txn.put(_NEXT_SET, encode_set(upto_set + 1), db=self._meta)
-            raw = txn.get(_BASE, db=self._meta)
-            if raw and decode_set(raw) < upto_set:  # older replicas now need a full sync
-                txn.put(_BASE, encode_set(upto_set), db=self._meta)
-        self.commits += 1
-        self.bytes = self.size()
+        dropped = self._drop_through(upto_set)
+        self.put_meta(_TRIMMED, encode_set(upto_set))
+        raw = self._meta.get(_NEXT_SET)
+        if not raw or decode_set(raw) <= upto_set:
+            self.put_meta(_NEXT_SET, encode_set(upto_set + 1))
+        raw = self._meta.get(_BASE)
+        if raw and decode_set(raw) < upto_set:  # older replicas now need a full sync
+            self.put_meta(_BASE, encode_set(upto_set))
+        # A record put again lies later than the next one: the set's least position.
+        first = min(self._sets[self._order[0]].pos, default=self.log.end) if self._order \
+            else self.log.end
+        self.log.drop_before(first)
         return dropped
+
+    # --- meta values and the dirty map --------------------------------------------
 
     def start_generation(self, ident: identity.Identity, next_set: int) -> None:
         """Make this journal a new primary's: its identity, sets from *next_set* on."""
@@ -159,10 +346,11 @@ class Journal(LmdbDir):
             raise StoreError(f"journal {self.path} is not empty; a promoted node needs a "
                              "fresh one")
         self.identity = ident
-        identity.save(self.env, self._meta, ident)
+        self.put_meta(_IDENTITY, identity.dumps(ident))
         self.put_meta(_NEXT_SET, encode_set(next_set))
         self.base = next_set - 1
         self.set, self.seq = next_set, 0
+        self.sync()
 
     @property
     def base(self) -> int | None:
@@ -171,32 +359,42 @@ class Journal(LmdbDir):
         None: no replica can (the journal began on a tree that was not empty),
         so a secondary needs an initial sync first.
         """
-        raw = self.get_meta(_BASE)
+        raw = self._meta.get(_BASE)
         return decode_set(raw) if raw else None
 
     @base.setter
     def base(self, set_id: int | None) -> None:
         self.put_meta(_BASE, b"" if set_id is None else encode_set(set_id))
 
-    def first_set(self) -> int | None:
-        """The oldest set still journaled."""
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._records)
-            return decode_key(cursor.key())[0] if cursor.first() else None
-
     def get_meta(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
-            raw = txn.get(key, db=self._meta)
-        return bytes(raw) if raw is not None else None
+        return self._meta.get(key)
 
     def put_meta(self, key: bytes, value: bytes | None) -> None:
-        """Set (or with None, delete) a small meta value, committed at once."""
-        with self.env.begin(write=True) as txn:
-            if value is None:
-                txn.delete(key, db=self._meta)
-            else:
-                txn.put(key, value, db=self._meta)
+        """Set (or with None, delete) a small meta value, durable with the next sync."""
+        if value is None:
+            if self._meta.pop(key, None) is not None:
+                self._write(Kind.META_DEL, key)
+        else:
+            self._meta[key] = value
+            self._write(Kind.META, keyed(key, value))
 
-    def size(self) -> int:
-        """Bytes the records take in the journal's pages."""
-        return self.db_bytes(self._records)
+    def put_dirty(self, path: bytes, ranges: list[tuple[int, int]]) -> None:
+        """Journal the dirty ranges of *path* (none: it is clean)."""
+        if ranges:
+            self.dirty[path] = ranges
+        else:
+            self.dirty.pop(path, None)
+        self._write(Kind.DIRTY, keyed(path, encode_ranges(ranges) if ranges else b""))
+
+    def clear_dirty(self) -> None:
+        self.dirty.clear()
+        self._write(Kind.DIRTY_CLEAR, b"")
+
+    def close(self) -> None:
+        self.log.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+
+    def count(self) -> int:
+        """Records in the journal."""
+        return sum(len(where.pos) for where in self._sets.values())

@@ -38,7 +38,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 class LmdbDir:
     def __init__(self, path: str | os.PathLike[str], what: str) -> None:
         self.path = private_dir(path)
-        self._lock_fd = _lock(self.path / "LOCK")
+        self._lock_fd = lock_dir(self.path / "LOCK")
         for name in ("data.mdb", "lock.mdb"):  # made by an older replfs, maybe 0644
             if (self.path / name).exists():
                 os.chmod(self.path / name, FILE_MODE)
@@ -100,7 +100,7 @@ class LmdbDir:
         os.close(self._lock_fd)
 
 
-def _lock(path: Path) -> int:
+def lock_dir(path: Path) -> int:
     """Take the directory's exclusive lock, or say which daemon holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)

@@ -347,6 +347,14 @@ def decode_key(key: bytes) -> tuple[int, int]:
     return _KEY.unpack(key)  # type: ignore[return-value]
 
 
+def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
+    """(set, seq) of an encoded record, read from its header without decoding it."""
+    if len(buf) < _HEADER.size:
+        raise RecordError(f"record too short ({len(buf)} bytes)")
+    _, _, set_id, seq = _HEADER.unpack_from(buf)
+    return set_id, seq
+
+
 def encode_set(set_id: int) -> bytes:
     return _U64.pack(set_id)
 

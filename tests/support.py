@@ -11,6 +11,7 @@ import atexit
 import functools
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -70,6 +71,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def steady_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a daemon that stops
+    and listens on it again: no outgoing connection is given it meanwhile, as one can
+    be given a free_port() on a busy machine."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        low = int(ports.read().split()[0])
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 10_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
+
+
 def replfs(
     *args: str | os.PathLike[str], timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
@@ -79,14 +98,16 @@ def replfs(
 
 
 class Daemon:
-    """A replfs daemon in its own process, with its log kept in a file.
+    """A replfs daemon (or with *command*, another program) in its own process, with
+    its log kept in a file.
 
     ``start()`` returns once the daemon logs *ready* (a mount is in place or
     a port is bound), so tests wait for an event, not for time.
     """
 
     def __init__(self, args: list[str], log: Path, ready: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] = REPLFS) -> None:
+        self.command = command
         self.args = args
         self.env = env or {}
         self.log_path = log
@@ -98,7 +119,7 @@ class Daemon:
     def start(self) -> Daemon:
         # Each start has its own event: a previous process's pump may still be draining.
         ready, said = threading.Event(), threading.Event()
-        self.proc = subprocess.Popen([*REPLFS, *self.args], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*self.command, *self.args], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env={**os.environ, **self.env})
         threading.Thread(target=self._pump, args=(self.proc, ready, said), daemon=True).start()
         if not ready.wait(START_TIMEOUT) or not said.is_set() or self.proc.poll() is not None:
@@ -357,10 +378,13 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
 
 def read_journal(backing: Path) -> list[Record]:
     """Every record the journal of the primary of *backing* holds, in stream order."""
-    from store.records import Record
+    from store.journal import Journal
 
-    (records,) = _read_lmdb(state_dir(backing) / "journal", b"records")
-    return [Record.decode(v) for _, v in records]
+    journal = Journal(state_dir(backing) / "journal", read_only=True)  # beside the daemon
+    try:
+        return list(journal.records())
+    finally:
+        journal.close()
 
 
 def open_set_staged(mount: Path, replica: Path, timeout: float = 30.0) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
-from tests.support import REPLFS, primary, replfs
+from tests.support import REPLFS, Daemon, primary, replfs
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -96,6 +97,41 @@ def test_checkpoint_prints_closed_set(tmp_path: Path) -> None:
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert int(second.stdout) == int(first.stdout) + 1
     assert int(empty.stdout) == int(second.stdout), "nothing new: no new set"
+
+
+def test_cli_err_state_dirs_unusable(tmp_path: Path) -> None:
+    backing, mount, afile = tmp_path / "b", tmp_path / "m", tmp_path / "afile"
+    backing.mkdir()
+    mount.mkdir()
+    afile.write_text("")
+    assert_one_line_error(replfs("primary", backing, mount, "--journal", afile),
+                          "cannot use", "afile", "Not a directory")
+    assert not os.path.ismount(mount)
+    assert_one_line_error(replfs("secondary", tmp_path / "r", "--listen", "127.0.0.1:0",
+                                 "--insecure", "--staging", afile / "staging"),
+                          "cannot use", "afile")
+    assert_one_line_error(replfs("tls", "init", afile / "ca"), "cannot use", "afile")
+
+
+def test_cli_log_format_json_ok_one_event_a_line(tmp_path: Path) -> None:
+    log = tmp_path / "sec.log"
+    daemon = Daemon(["secondary", str(tmp_path / "r"), "--listen", "127.0.0.1:0",
+                     "--insecure", "--log-format", "json"], log, "listening on")
+    daemon.start()
+    assert daemon.stop() == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(list(e) == ["time", "level", "logger", "msg"] for e in events), events
+    assert {"warning", "info"} <= {e["level"] for e in events}
+    assert any(e["msg"].startswith("listening on 127.0.0.1:") and
+               e["logger"] == "replfs.secondary" for e in events), events
+    assert all(e["time"].endswith("Z") and "T" in e["time"] for e in events)
+
+    result = replfs("secondary", tmp_path / "r", "--listen", "127.0.0.1:0", "--log-format",
+                    "json")
+    assert result.returncode == 1
+    (event,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert (event["level"], event["logger"]) == ("error", "replfs")
+    assert "need TLS" in event["msg"]
 
 
 def test_secondary_err_mount_missing(tmp_path: Path) -> None:

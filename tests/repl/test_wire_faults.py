@@ -24,6 +24,7 @@ import trio
 from repl.errors import ProtocolError
 from repl.protocol import (
     MAGIC,
+    ZSTD,
     Frame,
     FrameReader,
     FrameType,
@@ -144,8 +145,10 @@ def test_link_cut_primary_reconnects_and_resends(tmp_path: Path) -> None:
             assert any("lost" in e for e in status(mount)["errors"])
 
 
-# The first record frame on a stream starts after the magic and the primary's HELLO.
-FIRST_FRAME = len(MAGIC) + len(primary_hello("0" * 16).encode())
+# The first record frame on a stream starts after the magic and the primary's HELLO,
+# which offers compression.
+FIRST_FRAME = len(MAGIC) + len(
+    hello(**parse_hello(primary_hello("0" * 16)), compress=[ZSTD]).encode())
 
 
 @pytest.mark.parametrize("case", ["black-hole", "length"])

@@ -8,7 +8,7 @@ import lmdb
 import pytest
 
 from store.journal import Journal
-from store.records import FIELDS, Op, Record, encode_key
+from store.records import FIELDS, Op, Record
 from tests.store.specs import SPECS
 from tests.support import replfs
 
@@ -85,29 +85,26 @@ def test_dump_ok_empty_journal(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "# 0 records\n", "")
 
 
-def test_dump_ok_bad_record(tmp_path: Path) -> None:
-    """A damaged record prints as BAD with the reason; the others still print."""
+def test_dump_ok_torn_log(tmp_path: Path) -> None:
+    """A damaged entry ends the dump, said as such; the records before it print."""
     path = tmp_path / "journal"
     j = Journal(path)
     try:
-        good = [j.append(Op.UNLINK, path=b"a"), j.append(Op.UNLINK, path=b"b")]
+        j.append(Op.UNLINK, path=b"a")
+        j.append(Op.UNLINK, path=b"b")
+        end = j.end
     finally:
         j.close()
-    env = lmdb.open(str(path), max_dbs=4)
-    try:
-        db = env.open_db(b"records")
-        with env.begin(write=True, db=db) as txn:
-            raw = bytearray(good[0].encode())
-            raw[-1] ^= 1
-            txn.put(encode_key(1, 0), bytes(raw))
-    finally:
-        env.close()
+    (segment,) = path.glob("*.log")
+    with open(segment, "r+b") as f:
+        f.seek(end - 1)
+        f.write(b"\xff")  # the last byte of the last entry's checksum
     result = replfs("dump", path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "       1/0      BAD         record checksum mismatch"
-    assert lines[1].startswith("       1/1      UNLINK      'b'")
-    assert lines[2] == "# 2 records"
+    assert lines[0].startswith("       1/0      UNLINK      'a'")
+    assert lines[1] == "# 1 records"
+    assert lines[2].startswith("# the log ends in a damaged or unfinished entry at position ")
 
 
 @pytest.mark.parametrize("what", ["empty-dir", "missing", "file", "other-lmdb", "garbage"])
@@ -124,7 +121,7 @@ def test_dump_err_no_journal(tmp_path: Path, what: str) -> None:
         env.close()
     elif what == "garbage":
         path.mkdir()
-        (path / "data.mdb").write_bytes(b"\x5a" * 8192)
+        (path / f"{0:016x}.log").write_bytes(b"\x5a" * 8192)
     result = replfs("dump", path)
     assert result.returncode == 1
     assert result.stdout == ""

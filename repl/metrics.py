@@ -1,0 +1,240 @@
+"""Prometheus metrics on ``--metrics HOST:PORT``: what status shows, as series to scrape.
+
+Every name is here, in one place, and follows Prometheus's conventions:
+``replfs_`` first, the base unit last (``_seconds``, ``_bytes``), ``_total``
+on counters. Gauges and counters are read at scrape time from the objects
+``replfs status`` reads, so the two never disagree; histograms are observed
+where their events happen (an fsync in a FUSE request thread, a set closed,
+a batch of sets applied; prometheus-client's histograms take a lock).
+
+The endpoint is a small HTTP/1.1 responder run by trio on the daemon's own
+thread: a scrape reads the daemon's state between two of its steps, never
+in the middle of one. It answers ``GET /metrics`` and nothing else, and
+holds no secret: bind it to loopback or a management network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from repl.config import parse_address
+from repl.errors import UsageError
+from store.hold import is_held
+
+if TYPE_CHECKING:
+    from repl.applier import Applier
+    from repl.capture import Capture
+    from repl.receiver import Receiver
+    from repl.sender import Sender
+    from store.identity import Identity
+    from store.staging import Staging
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
+REQUEST_SECONDS = 10.0  # a scraper that has not sent its request by then is dropped
+MAX_REQUEST = 8192
+
+FSYNC_SECONDS = Histogram(
+    "replfs_fsync_seconds", "Time an fsync on the primary's mount took: the set closed, "
+    "the file and the journal on disk", registry=None,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SET_BYTES = Histogram(
+    "replfs_set_size_bytes", "Bytes of records in each data set the primary closed",
+    registry=None, buckets=tuple(float(4 ** n << 10) for n in range(9)))  # 1K .. 64M
+APPLY_SECONDS = Histogram(
+    "replfs_set_apply_seconds", "Time the secondary took to apply a batch of complete "
+    "sets (one set when it keeps up) and sync the replica", registry=None,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+def gauge(name: str, doc: str, value: float, **labels: str) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def counter(name: str, doc: str, value: float, **labels: str) -> Metric:
+    """A counter; its sample is *name* + ``_total``."""
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _info(role: str, ident: Identity) -> Iterator[Metric]:
+    yield gauge("replfs_node_info", "This daemon: its role, node and cluster (always 1)", 1,
+                role=role, node=ident.node, cluster=ident.cluster or "")
+    yield gauge("replfs_generation", "The cluster generation this node follows or leads",
+                ident.generation)
+
+
+def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]:
+    """The primary's gauges and counters, as of now."""
+    j = capture.journal
+    yield from _info("primary", j.identity)
+    yield gauge("replfs_last_closed_set", "The last data set closed", j.set - 1)
+    yield gauge("replfs_open_set_records", "Records in the data set still open", j.seq)
+    yield gauge("replfs_journal_bytes", "Bytes the journal's records take", j.bytes)
+    yield gauge("replfs_journal_records", "Records in the journal", j.count())
+    yield gauge("replfs_journal_max_bytes", "The journal's budget (--journal-max)",
+                capture.journal_max)
+    yield gauge("replfs_overflow", "1 while over the journal's budget (a dirty map stands "
+                "in for the journal until a resync)", int(capture.overflow))
+    yield gauge("replfs_initial_sync", "1 during an initial sync of a secondary",
+                int(capture.syncing is not None))
+    yield gauge("replfs_resync_done_bytes", "Bytes of the running resync sent so far",
+                capture.progress_done if capture.overflow else 0)
+    yield gauge("replfs_resync_total_bytes", "Bytes the running resync sends in all",
+                capture.progress_total if capture.overflow else 0)
+    if sender is None:
+        return
+    st, to = sender.status, f"{sender.host}:{sender.port}"
+    yield gauge("replfs_secondary_connected", "1 while a session with the secondary is up",
+                int(st.connected), secondary=to)
+    yield gauge("replfs_connected_streams", "TCP streams of the replication session",
+                st.streams if st.connected else 0, secondary=to)
+    yield gauge("replfs_last_shipped_set", "The data set of the last record sent",
+                st.shipped[0], secondary=to)
+    yield gauge("replfs_last_applied_set", "The last data set the secondary applied",
+                st.applied, secondary=to)
+    yield gauge("replfs_lag_sets", "Closed data sets the secondary has not applied",
+                j.set - 1 - st.applied, secondary=to)
+    yield gauge("replfs_lag_bytes", "Journal bytes the secondary has not applied", j.bytes,
+                secondary=to)
+    yield gauge("replfs_lag_seconds", "How long the oldest closed set the secondary has not "
+                "applied has waited", capture.lag_seconds(st.applied), secondary=to)
+    yield gauge("replfs_inflight_bytes", "Record bytes sent and not yet staged",
+                st.inflight_bytes, secondary=to)
+    yield gauge("replfs_stalled", "1 while a backlog makes no progress (--stall-seconds)",
+                int(st.stalled), secondary=to)
+    yield counter("replfs_sent_bytes", "Record bytes sent, before compression",
+                  st.sent_bytes, secondary=to)
+    yield counter("replfs_sent_wire_bytes", "Bytes of record frames put on the wire, after "
+                  "compression",
+                  st.sent_wire_bytes, secondary=to)
+    yield counter("replfs_sessions", "Replication sessions started", st.sessions,
+                  secondary=to)
+    yield gauge("replfs_compressing", "1 while records go out zstd-compressed",
+                int(st.compressing), secondary=to)
+    yield gauge("replfs_max_rate_bytes_per_second", "The cap on bytes a second on the wire "
+                "(--max-rate; 0: none)", sender.bucket.rate if sender.bucket else 0,
+                secondary=to)
+    yield counter("replfs_rate_limited_seconds", "Time the sender waited to stay under "
+                  "--max-rate", sender.bucket.waited if sender.bucket else 0, secondary=to)
+    yield counter("replfs_replication_errors", "Sessions that failed or were refused",
+                  st.error_count, secondary=to)
+
+
+def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging
+                      ) -> Iterable[Metric]:
+    """The secondary's gauges and counters, as of now."""
+    r = receiver.status
+    yield from _info("secondary", staging.identity)
+    yield gauge("replfs_connected_streams", "TCP streams from the primary",
+                r.connected_streams)
+    yield gauge("replfs_last_staged_set", "The data set of the last record staged",
+                r.last_staged[0])
+    yield gauge("replfs_last_complete_set", "The last data set staged whole",
+                r.last_complete)
+    yield gauge("replfs_last_applied_set", "The last data set applied to the replica",
+                applier.applied)
+    yield gauge("replfs_sets_in_staging", "Data sets in staging, whole or not",
+                len(staging.sets()))
+    yield gauge("replfs_staging_bytes", "Bytes the staging store takes", staging.size())
+    yield gauge("replfs_held", "1 while the replica is paused (replfs pause)",
+                int(is_held(staging.path)))
+    yield gauge("replfs_initial_sync", "1 while the replica is rebuilt by an initial sync",
+                int(staging.syncing is not None))
+    yield gauge("replfs_apply_failing", "1 while applying a set fails and is retried",
+                int(applier.error is not None))
+    yield gauge("replfs_handshakes_in_progress", "Connections in their handshake",
+                receiver.gate.in_progress)
+    yield counter("replfs_received_records", "Records received", r.received)
+    yield counter("replfs_received_bytes", "Record bytes received, after decompression",
+                  r.received_bytes)
+    yield counter("replfs_received_wire_bytes", "Bytes of record frames taken off the wire",
+                  r.received_wire_bytes)
+    yield counter("replfs_duplicate_records", "Records received again and dropped",
+                  r.duplicates)
+    yield counter("replfs_stale_records", "Records of sets already applied, dropped",
+                  r.stale)
+    yield counter("replfs_bad_frames", "Frames or records that failed their checks (the "
+                  "stream was dropped)", r.bad_frames)
+    refused = CounterMetricFamily("replfs_refused_connections",
+                                  "Connections refused, by reason", labels=["reason"])
+    for reason, n in sorted(r.refused_by.items()):
+        refused.add_metric([reason], n)
+    yield refused
+
+
+class _Collector:
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.families())
+
+
+def registry(families: Callable[[], Iterable[Metric]], *histograms: Histogram
+             ) -> CollectorRegistry:
+    """A registry of *families* (read at each scrape), *histograms* and the process's
+    own (CPU, memory, open files)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(families))
+    for histogram in histograms:
+        reg.register(histogram)
+    ProcessCollector(registry=reg)
+    return reg
+
+
+async def listen(text: str) -> list[trio.SocketListener]:
+    """Bind the metrics address HOST:PORT. Raises UsageError if it cannot be bound."""
+    host, port = parse_address(text)
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {text}: {exc.strerror or exc}; pick "
+                         "another --metrics port or stop what uses it") from None
+
+
+def where(listeners: list[trio.SocketListener]) -> str:
+    """HOST:PORT the first of *listeners* is bound to (the port chosen, for port 0)."""
+    host, port = listeners[0].socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(listeners: list[trio.SocketListener], reg: CollectorRegistry, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer ``GET /metrics`` on *listeners* until cancelled; each connection gets one
+    answer and is closed."""
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await _answer(stream, reg)
+            except trio.BrokenResourceError:
+                pass  # the scraper went away
+
+    await trio.serve_listeners(answer, listeners, task_status=task_status)
+
+
+async def _answer(stream: trio.SocketStream, reg: CollectorRegistry) -> None:
+    with trio.move_on_after(REQUEST_SECONDS):
+        head = b""
+        while b"\r\n\r\n" not in head and b"\n\n" not in head:
+            chunk = await stream.receive_some(MAX_REQUEST)
+            if not chunk or len(head) > MAX_REQUEST:
+                return
+            head += chunk
+        words = head.split(b"\r\n", 1)[0].split()
+        path = words[1].split(b"?")[0] if len(words) >= 2 else b""
+        if words[:1] == [b"GET"] and path == b"/metrics":
+            code, kind, body = "200 OK", CONTENT_TYPE, generate_latest(reg)
+        else:
+            code, kind, body = ("404 Not Found", "text/plain; charset=utf-8",
+                                b"replfs serves GET /metrics only\n")
+        await stream.send_all(
+            f"HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: "
+            f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)

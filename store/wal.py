@@ -1,0 +1,235 @@
+"""The journal's log: append-only segment files of checksummed entries.
+
+A segment is a file named by the log position of its first byte (16 hex
+digits, ``.log``); positions grow across segments, so a position names one
+byte of the log for as long as its segment lives. Each entry (big-endian)::
+
+    u32 length     of the body
+    u8  kind       Kind
+    ...            the body
+    u64 checksum   xxh3_64 of every byte before it
+
+Entries are only ever appended, so a crash of the process loses nothing
+that ``write()`` took, and a power cut loses at most what came after the
+last ``sync()``: on open, the log is read from the start and ends at the
+first entry that is short or fails its checksum (torn, or never written:
+the pages a cut dropped read as zeros or as older bytes), and everything
+from there on is cut off. ``sync()`` is one ``fdatasync`` of the segment
+being written (and of the directory, after a new segment), shared by every
+caller waiting meanwhile.
+
+This module and ``store/records.py`` pack the journal's bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+from store.private import FILE_MODE
+
+SEGMENT_BYTES = 64 << 20
+MAX_ENTRY = (64 << 20) + (1 << 20)  # a record's largest blob, and room for its fields
+_HEAD = struct.Struct(">IB")
+_SUM = struct.Struct(">Q")
+_KEYED = struct.Struct(">H")
+OVERHEAD = _HEAD.size + _SUM.size
+_READ_CHUNK = 8 << 20
+
+
+class Kind(enum.IntEnum):
+    RECORD = 1  # an encoded record (store/records.py)
+    INTENT = 2  # the intent of the record that follows: u16 key length, key, intent
+    META = 3  # u16 key length, key, value
+    META_DEL = 4  # the key alone
+    DIRTY = 5  # u16 path length, path, encoded ranges (none: the path is clean)
+    DIRTY_CLEAR = 6  # empty
+
+
+def keyed(key: bytes, value: bytes) -> bytes:
+    """The body of a META, DIRTY or INTENT entry."""
+    return _KEYED.pack(len(key)) + key + value
+
+
+def unkey(body: bytes) -> tuple[bytes, bytes]:
+    """(key, value) of a body made by ``keyed``. Raises ValueError if malformed."""
+    if len(body) < _KEYED.size:
+        raise ValueError("keyed body too short")
+    (length,) = _KEYED.unpack_from(body)
+    if _KEYED.size + length > len(body):
+        raise ValueError("keyed body shorter than its key")
+    return body[_KEYED.size : _KEYED.size + length], body[_KEYED.size + length :]
+
+
+def _entry(kind: Kind, body: bytes) -> bytes:
+    head = _HEAD.pack(len(body), kind)
+    checksum = xxhash.xxh3_64(head)
+    checksum.update(body)
+    return b"".join((head, body, _SUM.pack(checksum.intdigest())))
+
+
+# Called for each entry found on open: (kind, body, log position of the body).
+Replay = Callable[[Kind, bytes, int], None]
+
+
+class Log:
+    """The segment files of one directory. Appends and reads come from any
+    thread but never two appends at once (the journal's caller serialises them);
+    ``sync()`` may run beside them."""
+
+    def __init__(self, path: Path, replay: Replay, *, read_only: bool = False) -> None:
+        """Open the log in *path*, calling *replay* for each entry in order.
+
+        A torn tail is cut off and a missing log begun, unless *read_only*.
+        """
+        self.path = path
+        self.read_only = read_only
+        self.torn: int | None = None  # where the log ended in a damaged entry, if it did
+        self._fds: dict[int, int] = {}  # segment base -> fd (read and write)
+        self._sync_lock = threading.Lock()
+        self._dir_synced = True
+        bases = sorted(int(p.stem, 16) for p in path.glob("*.log")
+                       if len(p.stem) == 16 and all(c in "0123456789abcdef" for c in p.stem))
+        self.end = bases[0] if bases else 0
+        for index, base in enumerate(bases):
+            if base != self.end:  # the segment before ended early: a cut shortened it
+                self._drop(bases[index:])
+                break
+            mode = os.O_RDONLY if read_only else os.O_RDWR
+            fd = self._fds[base] = os.open(self._name(base), mode | os.O_CLOEXEC)
+            if not self._scan(base, fd, replay):
+                self.torn = self.end
+            if self.torn is not None and not read_only:
+                # A cut tore the log here: nothing after it was ever synced.
+                os.ftruncate(fd, self.end - base)
+                os.fsync(fd)
+                self._drop(bases[index + 1 :])
+                break
+        if not self._fds and not read_only:
+            self._new_segment(self.end)
+        self.base = max(self._fds, default=0)
+        self.durable = self.end if read_only else 0
+        self._synced_upto = self.base  # segments before this base are synced
+        if not read_only:
+            self.sync()
+
+    def _name(self, base: int) -> Path:
+        return self.path / f"{base:016x}.log"
+
+    def _scan(self, base: int, fd: int, replay: Replay) -> bool:
+        """Replay the entries of one segment; False if it ends in a torn entry."""
+        size = os.fstat(fd).st_size
+        offset, buf, buf_at = 0, b"", 0
+        while offset < size:
+            if offset + _HEAD.size > buf_at + len(buf):
+                buf, buf_at = os.pread(fd, _READ_CHUNK, offset), offset
+            view = buf[offset - buf_at :]
+            if len(view) < _HEAD.size:
+                self.end = base + offset
+                return False
+            length, kind = _HEAD.unpack_from(view)
+            total = _HEAD.size + length + _SUM.size
+            if length > MAX_ENTRY or kind not in Kind._value2member_map_:
+                self.end = base + offset
+                return False
+            if len(view) < total:
+                buf, buf_at = os.pread(fd, max(_READ_CHUNK, total), offset), offset
+                view = buf
+                if len(view) < total:
+                    self.end = base + offset
+                    return False
+            (want,) = _SUM.unpack_from(view, total - _SUM.size)
+            if xxhash.xxh3_64_intdigest(view[: total - _SUM.size]) != want:
+                self.end = base + offset
+                return False
+            replay(Kind(kind), view[_HEAD.size : _HEAD.size + length],
+                   base + offset + _HEAD.size)
+            offset += total
+        self.end = base + offset
+        return True
+
+    def _drop(self, bases: list[int]) -> None:
+        if self.read_only:
+            return
+        for base in bases:
+            os.unlink(self._name(base))
+        self._sync_dir()
+
+    def _new_segment(self, base: int) -> None:
+        fd = os.open(self._name(base), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     FILE_MODE)
+        self._fds[base] = fd
+        self.base = base
+        self._dir_synced = False
+
+    def append(self, kind: Kind, body: bytes) -> int:
+        """Append one entry; returns the log position of its body.
+
+        Raises OSError (ENOSPC...) with the log unchanged.
+        """
+        entry = _entry(kind, body)
+        if self.end - self.base + len(entry) > SEGMENT_BYTES and self.end > self.base:
+            self._new_segment(self.end)
+        fd, at = self._fds[self.base], self.end - self.base
+        try:
+            written = os.pwrite(fd, entry, at)
+            while written < len(entry):
+                written += os.pwrite(fd, entry[written:], at + written)
+        except OSError:
+            os.ftruncate(fd, at)  # no torn entry stays behind
+            raise
+        self.end += len(entry)
+        return self.end - len(entry) + _HEAD.size
+
+    def sync(self) -> int:
+        """Make every entry appended so far durable; returns the position it reached."""
+        with self._sync_lock:
+            end, base = self.end, self.base
+            for segment in list(self._fds):
+                if self._synced_upto <= segment <= base:
+                    os.fdatasync(self._fds[segment])
+            if not self._dir_synced:
+                self._dir_synced = True
+                self._sync_dir()
+            self._synced_upto = base
+            self.durable = max(self.durable, end)
+            return self.durable
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, pos: int, length: int) -> bytes:
+        """*length* bytes at log position *pos* (inside one segment)."""
+        base = max(b for b in self._fds if b <= pos)
+        return os.pread(self._fds[base], length, pos - base)
+
+    def segment_of(self, pos: int) -> int:
+        return max(b for b in self._fds if b <= pos)
+
+    def drop_before(self, pos: int) -> None:
+        """Delete the segments that end at or before *pos* (never the one written)."""
+        with self._sync_lock:
+            bases = sorted(self._fds)
+            for base, following in itertools.pairwise(bases):
+                if following > pos:
+                    break
+                os.close(self._fds.pop(base))
+                os.unlink(self._name(base))
+
+    def close(self) -> None:
+        if not self.read_only:
+            self.sync()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

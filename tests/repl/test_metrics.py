@@ -1,0 +1,158 @@
+"""Prometheus metrics scraped from a live pair: known values, units, and every series the
+shipped Grafana dashboard and alert rules use."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import (
+    ROOT,
+    Daemon,
+    checkpoint,
+    free_port,
+    primary,
+    replfs,
+    secondary,
+    status,
+    until,
+)
+from tests.test_cli import assert_one_line_error
+
+DASHBOARD = ROOT / "docs" / "grafana" / "replfs.json"
+ALERTS = ROOT / "docs" / "prometheus" / "replfs-alerts.yml"
+METRICS = ["--metrics", "127.0.0.1:0"]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics_url(daemon: Daemon) -> str:
+    daemon.wait_for("metrics on http://")
+    return daemon.log().split("metrics on ")[-1].split()[0]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample at *url*, by (name, labels)."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str) -> float:
+    """The one sample called *name*, whatever its labels."""
+    found = [v for (n, _), v in samples.items() if n == name]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+def used_by_docs() -> set[str]:
+    """Every replfs series the dashboard's queries and the alert rules' expressions name."""
+    exprs = [target["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"]
+             for target in panel["targets"]]
+    exprs += re.findall(r"^\s*expr:\s*(.+)$", ALERTS.read_text(), re.MULTILINE)
+    names = {name for expr in exprs for name in re.findall(r"\breplfs_\w+", expr)}
+    assert len(names) > 20, names
+    return names
+
+
+def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica, *METRICS) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", *METRICS) as pri:
+        pri_url, sec_url = metrics_url(pri), metrics_url(sec)
+        with open(mount / "a", "wb") as f:
+            f.write(os.urandom(100_000))
+            os.fsync(f.fileno())
+        held = checkpoint(mount)
+        assert replfs("pause", replica).returncode == 0
+
+        # Three sets closed that the paused replica does not apply: a known lag.
+        before = time.monotonic()
+        for n in range(3):
+            (mount / f"f{n}").write_bytes(b"x" * 1000)
+            last = int(replfs("checkpoint", mount).stdout)
+            if n == 0:
+                after_first = time.monotonic()
+        until(lambda: status(replica), lambda st: st["last_complete"] == last,
+              what="the three sets staged whole")
+        p, s = scrape(pri_url), scrape(sec_url)
+        scraped_at = time.monotonic()
+        st = status(mount)
+
+        assert value(p, "replfs_lag_sets") == last - held == 3
+        assert value(p, "replfs_last_closed_set") == last == st["last_closed_set"]
+        assert value(p, "replfs_last_applied_set") == held
+        assert value(p, "replfs_journal_bytes") == st["journal_bytes"] > 3000
+        assert value(p, "replfs_lag_bytes") == st["journal_bytes"]
+        assert value(p, "replfs_journal_records") >= 6  # three writes and three SYNCs
+        assert value(p, "replfs_secondary_connected") == 1
+        assert value(p, "replfs_connected_streams") == 4
+        # Seconds, not milliseconds: the first unapplied set closed between two clocks.
+        lag = value(p, "replfs_lag_seconds")
+        assert scraped_at - after_first - 0.5 <= lag <= time.monotonic() - before + 0.5, lag
+        # The fsync was timed in seconds; the sets were measured in bytes.
+        assert value(p, "replfs_fsync_seconds_count") >= 1
+        assert 0 < value(p, "replfs_fsync_seconds_sum") < 10
+        assert value(p, "replfs_set_size_bytes_sum") >= 103_000
+        assert value(p, "replfs_sent_bytes_total") >= 103_000
+        assert value(p, "replfs_sent_wire_bytes_total") > 0
+
+        assert value(s, "replfs_last_applied_set") == held
+        assert value(s, "replfs_last_complete_set") == last
+        assert value(s, "replfs_held") == 1
+        assert value(s, "replfs_received_bytes_total") >= 103_000
+        assert value(s, "replfs_set_apply_seconds_count") >= 1
+
+        # A stranger at the secondary's door is refused, and counted by reason.
+        with socket.create_connection(("127.0.0.1", sec.port)) as stranger:
+            stranger.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            stranger.recv(100)
+        until(lambda: status(replica)["refused"], lambda n: n >= 1, what="a refusal")
+        s = scrape(sec_url)
+        refused = {labels: v for (n, labels), v in s.items()
+                   if n == "replfs_refused_connections_total"}
+        assert sum(refused.values()) >= 1 and all(dict(k)["reason"] for k in refused)
+
+        assert replfs("resume", replica).returncode == 0
+        until(lambda: scrape(pri_url), lambda m: value(m, "replfs_lag_sets") == 0,
+              what="no lag once resumed")
+        assert value(scrape(pri_url), "replfs_lag_seconds") == 0
+
+        # Every series the dashboard and the alert rules use is served.
+        served = {name for name, _ in p} | {name for name, _ in s}
+        missing = used_by_docs() - served
+        assert not missing, f"the docs use series no daemon serves: {sorted(missing)}"
+
+        try:
+            urllib.request.urlopen(pri_url.replace("/metrics", "/"), timeout=10)
+            raise AssertionError("/ answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+
+
+def test_metrics_listen_err_port_busy(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    mount.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = replfs("secondary", replica, "--listen", "127.0.0.1:0", "--insecure",
+                        "--metrics", f"127.0.0.1:{port}")
+        assert_one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}",
+                              "in use")
+        result = replfs("primary", backing, mount, "--metrics", f"127.0.0.1:{port}")
+        assert_one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}")
+        assert not os.path.ismount(mount)
