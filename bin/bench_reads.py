@@ -8,7 +8,7 @@ touch other files: stats of the 2,000
 files, 4 KiB random reads of the large file once cached, and sequential
 reads of it after a first pass. Then how long a set takes to show on the
 standby once the replica directory shows it (a writer closes a set every
-10 ms; a reader watches both). Each round is printed; the figures are the
+10 ms; a process watches each). Each round is printed; the figures are the
 medians, with the spread of the ratio over the rounds.
 """
 
@@ -174,31 +174,35 @@ def _load(mount: Path) -> None:
 
 def visibility(mount: Path, replica: Path, standby: Path, seconds: float) -> list[float]:
     """Seconds from the replica directory showing each set's tick to the standby
-    showing it, while the Load runs. One thread watches each: a read of the
-    standby waits while a set is applied, and must not hide the replica's moment."""
-    seen: dict[Path, dict[int, float]] = {replica: {}, standby: {}}
-    stop = threading.Event()
-
-    def watch(root: Path) -> None:
-        mine = seen[root]
-        while not stop.is_set():
-            try:
-                raw = (root / "load" / "tick").read_bytes()
-            except FileNotFoundError:
-                continue
-            if len(raw) == 12:  # else the replica is between truncate and write
-                mine.setdefault(int(raw), now())
-
-    watchers = [threading.Thread(target=watch, args=(root,), daemon=True)
-                for root in (replica, standby)]
+    showing it, while the Load runs. A process watches each (a read of the standby
+    waits while a set is applied, and must not hide the replica's moment); both
+    take their times from one clock, the machine's monotonic one."""
+    watchers = {root: subprocess.Popen([sys.executable, __file__, "watch", str(root)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                for root in (replica, standby)}
     with Load(mount):
-        for t in watchers:
-            t.start()
         time.sleep(seconds)
-        stop.set()
-    for t in watchers:
-        t.join(30)
+    seen: dict[Path, dict[int, float]] = {}
+    for root, proc in watchers.items():
+        out, _ = proc.communicate(b"", timeout=60)  # end of input: stop
+        seen[root] = {int(n): float(t) for n, t in map(bytes.split, out.splitlines())}
     return [at - seen[replica][n] for n, at in seen[standby].items() if n in seen[replica]]
+
+
+def _watch(root: Path) -> None:
+    """A visibility watcher's process: when each tick first shows under *root*."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    seen: dict[int, float] = {}
+    while not stop.is_set():
+        try:
+            raw = (root / "load" / "tick").read_bytes()
+        except FileNotFoundError:
+            continue
+        if len(raw) == 12:  # else the replica is between truncate and write
+            seen.setdefault(int(raw), time.monotonic())
+    for n, at in seen.items():
+        print(n, at)
 
 
 def run(mount: Path, replica: Path, standby: Path, plan: ReadPlan,
@@ -278,3 +282,5 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if sys.argv[1:2] == ["load"]:
         _load(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["watch"]:
+        _watch(Path(sys.argv[2]))

@@ -59,6 +59,7 @@ from fs.inodes import ROOT, Inodes
 from repl.footprint import Footprint
 
 log = logging.getLogger("replfs.standby")
+SWEEPS_TO_LOG = 50  # a batch whose pages took more drops than this is worth a line
 
 
 @dataclass
@@ -85,6 +86,7 @@ class KernelCache:
         self._mutex = threading.Lock()
         self._batch: _Batch | None = None
         self._pending: list[int] = []  # files whose pages the next sweep drops
+        self._sweeps = 0  # of the batch under way
         self.mounted = True
 
     # --- the request threads ---------------------------------------------------------
@@ -145,6 +147,7 @@ class KernelCache:
         return not self._pending
 
     def sweep(self) -> None:
+        self._sweeps += 1
         for ino in self._pending:
             self._drop(ino)
         self._pending = []
@@ -170,6 +173,10 @@ class KernelCache:
         with self._mutex:
             self._batch = None
         self._pending = []
+        if self._sweeps > SWEEPS_TO_LOG:
+            log.info("readers kept reading what a batch changes: its pages were dropped %d "
+                     "times before it could be applied", self._sweeps)
+        self._sweeps = 0
 
     # --- the kernel ------------------------------------------------------------------
 
