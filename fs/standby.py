@@ -48,8 +48,8 @@ class StandbyFS(PrimaryFS):
 
     def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path,
                  cached: bool = False) -> None:
-        """With *cached*, the kernel may cache the view, and ``self.cache`` must be
-        the applier's invalidator."""
+        """With *cached*, the kernel may cache the view: ``self.cache`` is then what
+        the applier must drop caches through (its invalidator)."""
         super().__init__(inodes, capture=None)  # type: ignore[arg-type]
         self.apply_lock = lock
         self.staging_dir = staging_dir
