@@ -27,6 +27,7 @@ from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_stan
 from repl import config, control, tls
 from repl.config import address, count, level, positive, size
 from repl.promote import promote
+from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
@@ -118,7 +119,8 @@ def build_parser() -> Parser:
                    help="replicate to this secondary")
     link_options(p, "secondary")
     p.add_argument("--streams", type=count, default=4, metavar="N",
-                   help="parallel TCP streams to the secondary (default 4)")
+                   help=f"parallel TCP streams to the secondary (default 4, at most "
+                        f"{MAX_STREAMS})")
     p.add_argument("--compress-level", type=level, default=COMPRESS_LEVEL, metavar="N",
                    help="zstd level (1-19) of the records sent, where the secondary takes "
                         f"them; 0 sends them uncompressed (default {COMPRESS_LEVEL})")
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_large_buffers()
     try:
         if args.command == "primary":
+            if not 1 <= args.streams <= MAX_STREAMS:
+                args.parser.error(f"--streams must be from 1 to {MAX_STREAMS}")
             trio.run(run_primary, PrimaryConfig(
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,

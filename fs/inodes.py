@@ -162,7 +162,9 @@ class Inodes:
         """(parent dir fd, name) reaching *ino* in the backing directory.
 
         With ``verify`` (a tree that changes under the mount, like a replica),
-        each name is checked to still hold *ino*, and stale names are dropped; with
+        each name is checked to still hold *ino*, and stale names are dropped,
+        also those whose parent directory is gone: its number may be known again
+        as a file's, as the backing filesystem reuses numbers (ext4 at once). With
         none left, ESTALE: the kernel's view is older than the tree, and a path
         lookup that gets ESTALE looks its names up again.
         """

@@ -128,6 +128,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             pyfuse3.close(unmount=True)
             inodes.close()
         closed = capture.close_set()
+        capture.sync_backing()  # a clean stop: nothing for the next start to replay
         log.info("unmounted %s; last set %d", mountpoint, closed)
     finally:
         tree.close()
@@ -202,7 +203,7 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "streams": st.streams, "peer": st.peer_node,
                     "last_shipped": list(st.shipped), "last_applied": st.applied,
                     "lag_sets": j.set - 1 - st.applied,
-                    "lag_bytes": j.bytes,  # the journal holds exactly what is not applied
+                    "lag_bytes": j.bytes_after(capture.applied),
                     "lag_seconds": round(capture.lag_seconds(st.applied), 3),
                     "inflight_bytes": st.inflight_bytes, "sent_bytes": st.sent_bytes,
                     "sent_wire_bytes": st.sent_wire_bytes, "compressing": st.compressing,

@@ -14,6 +14,19 @@ holds it from ``record()`` to the end of its op, so the journal's order is
 the order the ops reached the backing directory. Appends wake trio through
 one ``Waker`` (repl/wake.py), never a handoff per record.
 
+The journal is the durable copy; BACKING follows it. An fsync returns once
+its set is durable in the journal (one flush), without syncing the file:
+BACKING is synced lazily (``sync_backing()``: every BACKING_SYNC_SECONDS,
+past BACKING_SYNC_FILES changed files, at a clean stop), each sync noted in
+the journal as ``backing_at``, and the journal keeps every record past it
+even once applied. After any crash, power included, ``recover()`` replays
+the records past ``backing_at`` into BACKING with the applier's redo rule
+before the mount serves anything. Replay goes by path, so paths must mean
+the same files throughout: before a flush makes a namespace op durable in
+the journal, BACKING is synced (the changed files and the directories the
+op changed), so that op, and every one before it, is before ``backing_at``.
+Over budget, writes are not journaled, and an fsync syncs the file itself.
+
 Group commit: ``wait_durable()`` flushes the journal once for every caller
 waiting when the flush starts; callers that arrive while it runs share the
 next one. The sender ships only durable records, so a set closed by the
@@ -34,8 +47,11 @@ With no secondary at all, the oldest sets are dropped instead.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -59,9 +75,15 @@ DEFAULT_SET_INTERVAL = 1.0
 DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
 FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
-OPEN_FLUSH_SECONDS = 0.05  # an open set's records are flushed (and shipped) within this
+OPEN_FLUSH_SECONDS = 0.2  # an open set's records are flushed (and shipped) within this
+BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
+BACKING_SYNC_FILES = 1024  # ... and as soon as this many files and directories changed
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
+_BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
+# Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
+# close a set restate times a data op or a namespace op already synced with its node).
+_ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 T = TypeVar("T")
 
 
@@ -108,6 +130,12 @@ class Capture:
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
+        self._backing_lock = threading.Lock()
+        self._changed: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
+        self._namespace_changed = False  # a namespace op since the last sync of BACKING
+        self._backing_sync_wanted = trio.Event()
+        raw = journal.get_meta(_BACKING_AT)
+        self.backing_at = decode_set(raw) if raw else journal.end
         self._unflushed = trio.Event()  # something journaled is not durable yet
         self._flush_wanted = trio.Event()  # ... and it must be flushed now
         self._close_wanted = trio.Event()
@@ -126,6 +154,13 @@ class Capture:
                 op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE) else None
             if gone is not None:
                 resync.keep_data(self, gone)
+        if op in NAMESPACE_OPS:
+            self._namespace_changed = True
+            self._track_dir(fields["path"])
+            if op in (Op.RENAME, Op.LINK):
+                self._track_dir(fields["path2"])
+        elif op in _ATTRIBUTE_OPS:
+            self._track_node(fields["path"])
         record = self.journal.append(op, intent, **fields)
         self._unsettled = record
         if self.journal.set_bytes >= self.set_bytes:
@@ -141,6 +176,8 @@ class Capture:
     def _woken(self) -> None:
         """In trio: records were appended, or made durable."""
         self.on_append()
+        if len(self._changed) >= BACKING_SYNC_FILES:
+            self._backing_sync_wanted.set()
         pending = self.journal.end - self.journal.durable
         if not pending:
             self._flush_due = False
@@ -170,6 +207,44 @@ class Capture:
     @_locked
     def settle(self) -> None:
         self._settle()
+
+    @_locked
+    def track(self, fd: int) -> None:
+        """A handler changed the file open as *fd*: sync it at the next BACKING sync."""
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return  # a fifo, a socket: nothing to sync of its own; its directory is
+        if (st.st_dev, st.st_ino) not in self._changed:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
+                own = os.open(b"/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                own = os.dup(fd)
+            self._changed[st.st_dev, st.st_ino] = own
+            if len(self._changed) == BACKING_SYNC_FILES:
+                self._wake()
+
+    def _track_node(self, path: bytes) -> None:
+        """Track the node *path* names (its attributes change), or if it cannot be
+        opened (a symlink, a socket), its directory."""
+        try:
+            fd = os.open(self.backing.proc_path(path), os.O_RDONLY | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._track_dir(path)
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+                self.track(fd)
+            else:
+                self._track_dir(path)
+        finally:
+            os.close(fd)
+
+    def _track_dir(self, path: bytes) -> None:
+        try:
+            self.track(self.backing.parent(path)[0])
+        except OSError:
+            pass  # no such parent: the op fails, and is voided
 
     def _settle(self) -> None:
         """Account for the last op, now that it succeeded on the backing directory.
@@ -265,12 +340,18 @@ class Capture:
     def caught_up(self, applied: int) -> None:
         """The secondary applied *applied*: drop those sets from the journal, and
         resync once nothing closed is pending."""
-        self.journal.trim(applied)
         self.applied = applied
+        self._trim()
         if self.overflow and applied >= self.journal.set - 1:
             if not self.progress_total:
                 self.progress_done, self.progress_total = 0, self.dirty.bytes()
             self.resync_wanted.set()
+
+    def _trim(self) -> None:
+        """Drop what the secondary applied and BACKING holds durably."""
+        upto = min(self.applied, self.journal.sets_before(self.backing_at))
+        if upto >= (self.journal.first_set() or upto + 1):
+            self.journal.trim(upto)
 
     @_locked
     def void(self, record: Record) -> None:
@@ -318,7 +399,8 @@ class Capture:
         """With nobody to send to, keep the journal within budget by dropping old sets."""
         while self.journal.bytes > self.journal_max:
             first = self.journal.first_set()
-            if first is None or first >= self.journal.set - 1:
+            if first is None or first >= self.journal.set - 1 \
+                    or first > self.journal.sets_before(self.backing_at):
                 return
             self.journal.trim(first)
 
@@ -343,8 +425,48 @@ class Capture:
         with self._flush_lock:
             if self.journal.durable >= target:
                 return
+            if self._namespace_changed:
+                self.sync_backing()
             self.journal.sync()
         self._wake()
+
+    def sync_backing(self) -> None:
+        """Make BACKING durable as far as the journal goes now, and journal that.
+
+        Blocking; call it from a thread. Syncs every file and directory changed
+        since the last time; the note in the journal becomes durable with the
+        journal's next flush (until then, recovery just replays more).
+        """
+        with self._backing_lock:
+            with self.lock:
+                self._settle()
+                at = self.journal.end
+                changed, self._changed = self._changed, {}
+                self._namespace_changed = False
+            try:
+                for fd in changed.values():
+                    os.fsync(fd)
+            finally:
+                for fd in changed.values():
+                    os.close(fd)
+            with self.lock:
+                if at > self.backing_at:
+                    self.backing_at = at
+                    self.journal.put_meta(_BACKING_AT, encode_set(at))
+                    if self.replicating:
+                        self._trim()
+                    else:
+                        self._drop_oldest()
+
+    async def _backing_syncer(self) -> None:
+        """Sync BACKING every BACKING_SYNC_SECONDS while it changes, or sooner past
+        BACKING_SYNC_FILES changed files."""
+        while True:
+            with trio.move_on_after(BACKING_SYNC_SECONDS):
+                await self._backing_sync_wanted.wait()
+            self._backing_sync_wanted = trio.Event()
+            if self._changed or self.journal.end > self.backing_at:
+                await trio.to_thread.run_sync(self.sync_backing)
 
     async def durable(self) -> None:
         """Return once every record journaled so far is durable on disk."""
@@ -369,6 +491,7 @@ class Capture:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._closer)
             nursery.start_soon(self._flusher)
+            nursery.start_soon(self._backing_syncer)
             nursery.start_soon(resync.run, self)
             task_status.started()
 
@@ -401,6 +524,60 @@ class Capture:
 
     # --- after a crash ------------------------------------------------------------
 
+    def _replay(self) -> str | None:
+        """Bring BACKING to the journal's state: redo every record past ``backing_at``.
+
+        BACKING lost, or never got to disk, whatever a power cut took of what
+        followed its last sync; the journal holds it (see the module comment).
+        The files replayed are synced, then ``backing_at`` moves to the end.
+        Returns a line saying what was done, or None if nothing was needed.
+        """
+        if self.overflow:
+            return None  # writes were not journaled: BACKING is the only copy of them
+        count, failed, paths = 0, 0, set()
+        for _, _, raw, end in self.journal.iter_raw(self.journal.set_of(self.backing_at)):
+            if end - len(raw) < self.backing_at:
+                continue
+            record = Record.decode(raw)
+            if record.op in (Op.SYNC, Op.VOID, Op.RESET, Op.PRUNE):
+                continue
+            try:
+                if record.op in NAMESPACE_OPS:
+                    applier.redo(self.backing, record, self.journal.intent(record))
+                else:
+                    applier.apply(self.backing, record)
+                count += 1
+                paths.add(record.path)
+                if record.op in (Op.RENAME, Op.LINK):
+                    paths.add(record.path2)
+            except (OSError, ValueError) as exc:
+                failed += 1
+                log.warning("replay of %s at %d/%d failed: %s", record.op.name, record.set,
+                            record.seq, exc)
+        for path in paths:
+            self._sync_path(path)
+        self.backing_at = self.journal.end
+        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
+        self.journal.sync()
+        notes = []
+        if count or failed:
+            notes.append(f"replayed {count} records into the backing directory" + (
+                f" ({failed} failed, see above)" if failed else ""))
+        return "; ".join(notes) or None
+
+    def _sync_path(self, path: bytes) -> None:
+        """fsync *path* and its directory, if they are still there."""
+        for target in (path, path.rpartition(b"/")[0]):
+            try:
+                fd = os.open(self.backing.proc_path(target), os.O_RDONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def recover(self) -> str | None:
         """Make the backing directory agree with the journal after a crash.
 
@@ -410,9 +587,10 @@ class Capture:
         if any, is closed, with the UTIMES of every path it touched.
         Returns a line saying what was done, or None if nothing was needed.
         """
+        replayed = self._replay()
         last = self.journal.last()
         if last is None or last.op in (Op.SYNC, Op.VOID):
-            return None
+            return replayed
         if last.op in (Op.RESET, Op.PRUNE):
             # Instructions for a replica, never ops on this tree: a sync's snapshot
             # was under way; the next secondary to connect gets a new one.
@@ -423,6 +601,8 @@ class Capture:
             else:
                 applier.apply(self.backing, last)
             what = f"redid {last.op.name} at {last.set}/{last.seq}"
+            if replayed:
+                what = f"{replayed}; {what}"
             self._unsettled = last
             self._settle()  # the dirty map follows it, as it would have
         except OSError as exc:

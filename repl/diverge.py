@@ -25,8 +25,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from repl.errors import ProtocolError
 from store.dirty import merge
-from store.records import NAMESPACE_OPS, Op, Record, is_under
+from store.errors import RecordError
+from store.records import NAMESPACE_OPS, Op, Record, check_path, is_under
 
 END = (1 << 63) - 1  # "to the end of the file", for truncates
 _RANGE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE, Op.CHMOD, Op.CHOWN, Op.UTIMES})
@@ -102,11 +104,38 @@ class Divergence:
                 "ranges": {p.hex(): r for p, r in sorted(self.ranges.items())}}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Divergence:
-        content = data.get("content", [])
-        ranges = data.get("ranges", {})
+    def from_json(cls, data: object) -> Divergence:
+        """Read what a rejoining secondary sent (the shape ``to_json`` makes).
+
+        Raises:
+            ProtocolError: another shape, a path that leaves the tree, or a range that
+                is not 0 <= start <= end <= END.
+        """
+        if not isinstance(data, dict):
+            raise ProtocolError("the rejoin divergence is not a JSON object")
+        content, ranges = data.get("content", []), data.get("ranges", {})
         if not isinstance(content, list) or not isinstance(ranges, dict):
-            raise ValueError("malformed divergence")
-        return cls({bytes.fromhex(p) for p in content},
-                   {bytes.fromhex(p): [(int(s), int(e)) for s, e in r]
-                    for p, r in ranges.items()})
+            raise ProtocolError("malformed rejoin divergence")
+        div = cls({_path(text) for text in content})
+        for text, spans in ranges.items():
+            if not isinstance(spans, list):
+                raise ProtocolError(f"bad ranges {spans!r:.80} in the rejoin divergence")
+            div.ranges[_path(text)] = [_span(span) for span in spans]
+        return div
+
+
+def _path(text: object) -> bytes:
+    """A path of the divergence (hex), refused unless it stays inside the tree."""
+    try:
+        path = bytes.fromhex(text)  # type: ignore[arg-type]
+        check_path(path, root_ok=True)
+    except (TypeError, ValueError, RecordError):
+        raise ProtocolError(f"bad path {text!r:.80} in the rejoin divergence") from None
+    return path
+
+
+def _span(span: object) -> tuple[int, int]:
+    if (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)
+            and 0 <= span[0] <= span[1] <= END):
+        return span[0], span[1]
+    raise ProtocolError(f"bad range {span!r:.80} in the rejoin divergence")

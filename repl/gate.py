@@ -2,18 +2,21 @@
 
 With TLS, a connection is a stranger until its TLS handshake shows a
 certificate of the cluster's CA that names the primary this secondary
-accepts (``--peer``); until then it gets no byte of replfs and can change
-nothing. Strangers cost little and not for long:
+accepts (``--peer``), and its HELLO has arrived; until the certificate
+checks out it gets no byte of replfs and can change nothing. Strangers cost
+little and not for long:
 
 - the first byte tells TLS from plain TCP (a peek, so the TLS layer still
   reads it); a plain-TCP replfs peer is told, in plain replfs, to use TLS;
-- a peer that has not finished its handshake within HANDSHAKE_SECONDS is
-  dropped;
-- handshakes in progress are bounded, per host and in all. A new
-  connection over a bound pushes out the oldest handshake under it, so a
-  flood of silent connections cannot hold the door shut: the real
-  primary's handshake, new and done in milliseconds, gets through. Per
-  host, a flood from one address only ever pushes out its own.
+- a peer that has not finished its TLS handshake and sent its HELLO within
+  HANDSHAKE_SECONDS is dropped;
+- strangers are bounded, per host and in all. A new connection over a
+  bound pushes out an older stranger under it: one that has not sent a
+  byte yet if there is one (a real primary speaks at once), else the
+  oldest. So a flood of silent connections, even from the primary's own
+  address, cannot hold the door shut: the real primary's handshake, which
+  speaks at once and is done in milliseconds, gets through. Per host, a
+  flood from one address only ever pushes out its own.
 
 With ``--insecure`` the door only turns away a peer that speaks TLS (a
 primary started with ``--tls``), so that mismatch is told apart from garbage.
@@ -22,7 +25,9 @@ primary started with ``--tls``), so that mismatch is told apart from garbage.
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -30,11 +35,13 @@ from repl.errors import ReplError
 from repl.protocol import MAGIC, Frame, FrameType
 from repl.tls import Credentials, peer_names, refusal
 
-# A TLS 1.3 handshake takes a few milliseconds, a few hundred on a loaded host;
-# a peer that has not finished one in this long is not a primary worth waiting for.
+T = TypeVar("T")
+
+# A TLS 1.3 handshake and a HELLO take a few milliseconds, a few hundred on a loaded
+# host; a peer that has not finished them in this long is not a primary worth waiting for.
 HANDSHAKE_SECONDS = 5.0
-# Handshakes in progress. A primary opens its streams one after the other, so
-# it has one in progress at a time; a few per host leave room for a reconnect.
+# Strangers (handshakes in progress). A primary opens its streams one after the
+# other, so it has one in progress at a time; a few per host leave room for a reconnect.
 MAX_HANDSHAKES = 64
 MAX_HANDSHAKES_PER_HOST = 8
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
@@ -54,6 +61,7 @@ class Rejected(ReplError):
 class _Pending:
     host: str
     scope: trio.CancelScope
+    spoke: bool = False  # it sent a byte: the silent ones are pushed out first
     pushed_out: str | None = None  # why, once a newer connection took its place
 
 
@@ -70,11 +78,15 @@ class Gate:
         """Connections whose handshake is under way."""
         return len(self._pending)
 
-    async def admit(self, stream: trio.SocketStream, host: str) -> trio.abc.Stream:
-        """The stream to speak replfs on, once the peer at *host* showed what it must.
+    async def admit(self, stream: trio.SocketStream, host: str,
+                    greet: Callable[[trio.abc.Stream], Awaitable[T]]) -> T:
+        """What ``greet(link)`` returns, *link* being the stream to speak replfs on once
+        the peer at *host* showed what it must. *greet* reads the peer's HELLO: until
+        it returns, the connection is a stranger, under the deadline and the bounds.
 
         Raises:
-            Rejected: the peer may not speak replfs here; *stream* is closed.
+            Rejected: the peer may not speak replfs here (or *greet* said so); *stream*
+                is closed.
         """
         pending = _Pending(host, trio.CancelScope(
             deadline=trio.current_time() + HANDSHAKE_SECONDS))
@@ -82,7 +94,7 @@ class Gate:
         self._pending.append(pending)
         try:
             with pending.scope:
-                return await self._admit(stream)
+                return await greet(await self._admit(stream, pending))
         except BaseException:  # Rejected, or the secondary is stopping
             await trio.aclose_forcefully(stream)
             raise
@@ -94,26 +106,30 @@ class Gate:
         raise Rejected("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s")
 
     def _make_room(self, host: str) -> None:
-        """Push out the oldest handshakes, so one more stays within both bounds."""
+        """Push out older strangers, so one more stays within both bounds."""
         mine = [p for p in self._pending if p.host == host and not p.pushed_out]
         if len(mine) >= MAX_HANDSHAKES_PER_HOST:
-            self._push_out(mine[0], f"{MAX_HANDSHAKES_PER_HOST} handshakes in progress "
+            self._push_out(mine, f"{MAX_HANDSHAKES_PER_HOST} handshakes in progress "
                            f"from {host} already")
         live = [p for p in self._pending if not p.pushed_out]
         if len(live) >= MAX_HANDSHAKES:
-            self._push_out(live[0], f"{MAX_HANDSHAKES} handshakes in progress already")
+            self._push_out(live, f"{MAX_HANDSHAKES} handshakes in progress already")
 
     @staticmethod
-    def _push_out(pending: _Pending, why: str) -> None:
+    def _push_out(candidates: list[_Pending], why: str) -> None:
+        """Push out the oldest of *candidates* (oldest first) that said nothing yet, or
+        the oldest."""
+        pending = next((p for p in candidates if not p.spoke), candidates[0])
         pending.pushed_out = why
         pending.scope.cancel()
 
-    async def _admit(self, stream: trio.SocketStream) -> trio.abc.Stream:
+    async def _admit(self, stream: trio.SocketStream, pending: _Pending) -> trio.abc.Stream:
         try:
             first = await stream.socket.recv(len(MAGIC), socket.MSG_PEEK)
         except OSError as exc:
             raise Rejected("no-handshake", f"the link broke before a handshake ({exc!r})"
                            ) from None
+        pending.spoke = bool(first)
         speaks_tls = first[:1] == bytes([TLS_HANDSHAKE_RECORD])
         if self._context is None or self.creds is None:
             if speaks_tls:

@@ -102,8 +102,8 @@ def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]
                 st.applied, secondary=to)
     yield gauge("replfs_lag_sets", "Closed data sets the secondary has not applied",
                 j.set - 1 - st.applied, secondary=to)
-    yield gauge("replfs_lag_bytes", "Journal bytes the secondary has not applied", j.bytes,
-                secondary=to)
+    yield gauge("replfs_lag_bytes", "Journal bytes the secondary has not applied",
+                j.bytes_after(st.applied), secondary=to)
     yield gauge("replfs_lag_seconds", "How long the oldest closed set the secondary has not "
                 "applied has waited", capture.lag_seconds(st.applied), secondary=to)
     yield gauge("replfs_inflight_bytes", "Record bytes sent and not yet staged",

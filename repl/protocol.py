@@ -42,6 +42,7 @@ PROTOCOL_VERSION = 1
 ZSTD = "zstd"  # the one compression offered in a HELLO
 MAX_FRAME = 80 << 20
 MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
+MAX_STREAMS = 8  # streams of one primary's session a secondary accepts
 CLOSE_SECONDS = 1.0  # a TLS close says close_notify first: a peer reading nothing gets this long
 
 _LENGTH = struct.Struct(">I")

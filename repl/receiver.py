@@ -9,16 +9,24 @@ transaction, and the applier is woken.
 
 A primary's connections share a session id; a new session replaces the
 old one (the primary reconnected). A connection first passes the gate
-(repl/gate.py: TLS, the cluster's CA, the primary's name). A peer turned
-away there, or that is not replfs, speaks another version, belongs to
-another cluster or sends an invalid record, is refused with one log line
-(counted by reason in ``status``), and nothing of the replica changes.
+(repl/gate.py: TLS, the cluster's CA, the primary's name, and its HELLO). A
+peer turned away there, or that is not replfs, speaks another version,
+belongs to another cluster or sends an invalid record, is refused with one
+log line (counted by reason in ``status``), and nothing of the replica
+changes.
+
+What a peer can make the receiver hold is bounded, whoever it is:
+strangers by the gate; past it, MAX_STREAMS streams of the current session
+(a new session closes the old one's); on each stream one frame being read
+(MAX_FRAME) and at most OUTBOX_FRAMES acknowledgements it has not read
+(past that it is dropped, as ``not-reading``); and records read but not
+yet staged, STAGE_QUEUE_BYTES across all streams (a stream stops reading
+until the stager catches up).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +37,7 @@ from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
 from repl.gate import Gate, Rejected
 from repl.protocol import (
+    MAX_STREAMS,
     PROTOCOL_VERSION,
     ZSTD,
     Connection,
@@ -48,11 +57,18 @@ from store.staging import Staging
 
 log = logging.getLogger("replfs.receiver")
 
-HANDSHAKE_TIMEOUT = 10.0  # the replfs handshake, once past the gate
+HANDSHAKE_TIMEOUT = 10.0  # the rest of the replfs handshake, once the HELLO is in
 # Refusals logged per second at most: a flood is counted, not written out line by line.
 REFUSALS_LOGGED = 20
 STAGE_BATCH = 4096
 STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
+# Records read and not yet staged, all streams together: twice what a primary keeps in
+# flight (its window, 32 MiB), so a real one never waits for it.
+STAGE_QUEUE_BYTES = 64 << 20
+# Acknowledgement frames a stream may leave unread (each names at most STAGE_BATCH
+# records, 48 KiB): a primary reads them as they come, so only a peer that does
+# not read them reaches this.
+OUTBOX_FRAMES = 256
 
 
 @dataclass
@@ -80,6 +96,7 @@ class _Stream:
     scope: trio.CancelScope
     session: str
     compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
+    dropped: str | None = None  # why the stager cut it off
 
 
 class Receiver:
@@ -92,7 +109,9 @@ class Receiver:
         self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
-            tuple[_Stream, Record]](STAGE_BATCH)
+            tuple[_Stream, Record, int]](STAGE_BATCH)
+        self._queued = 0  # bytes of the records read and not yet staged
+        self._dequeued = trio.lowlevel.ParkingLot()  # readers waiting for _queued to drop
         self._streams: list[_Stream] = []
         self._session: str | None = None
         self._boot: str | None = None  # the primary process the session came from
@@ -137,23 +156,42 @@ class Receiver:
     async def _handle(self, socket_stream: trio.SocketStream) -> None:
         host, peer = _peer(socket_stream)
         try:
-            stream = await self.gate.admit(socket_stream, host)
+            conn, info = await self.gate.admit(socket_stream, host, self._greet)
         except Rejected as exc:
             self._refused(peer, exc.reason, exc.text)
             return
+        await self._serve(conn, info, peer)
+
+    async def _greet(self, stream: trio.abc.Stream) -> tuple[Connection, dict[str, Any]]:
+        """Both magics, and the peer's HELLO (while it is a stranger at the gate).
+
+        Raises:
+            Rejected: it is not replfs, or the link broke; it was told why if it could be.
+        """
         conn = Connection(stream)
         try:
+            # Our magic goes first, so a peer we refuse can still read why (even one
+            # speaking another wire version): the ERROR frame follows it.
+            await conn.send_magic()
+            await conn.expect_magic()
+            return conn, parse_hello(await conn.receive())
+        except ProtocolError as exc:
+            await _tell(conn, str(exc))
+            raise Rejected("protocol", str(exc)) from None
+        except (OSError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            raise Rejected("no-handshake", f"the link broke during the handshake ({exc!r})"
+                           ) from None
+
+    async def _serve(self, conn: Connection, info: dict[str, Any], peer: str) -> None:
+        """Answer the HELLO, then stage what the stream brings until it ends."""
+        try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                info = await self._handshake(conn)
-        except (ProtocolError, Refused) as exc:
-            self._refused(peer, "protocol" if isinstance(exc, ProtocolError) else "not-served",
-                          str(exc))
-            with trio.move_on_after(1):
-                try:
-                    await conn.send(Frame(FrameType.ERROR, str(exc).encode()))
-                except trio.BrokenResourceError:
-                    pass  # the peer is gone already; it was refused all the same
-            await conn.aclose()
+                await self._accept(conn, info)
+        except (ProtocolError, Refused, Rejected) as exc:
+            reason = (exc.reason if isinstance(exc, Rejected) else
+                      "protocol" if isinstance(exc, ProtocolError) else "not-served")
+            self._refused(peer, reason, str(exc))
+            await _tell(conn, str(exc))
             return
         except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError) as exc:
             self._error(f"connection from {peer} failed during handshake: {exc!r}")
@@ -178,8 +216,7 @@ class Receiver:
                 if dropped and self._boot is not None:
                     log.info("the primary restarted; erased partial sets %s", dropped)
                 self._boot = boot if isinstance(boot, str) else None
-        # Unbounded: it only ever holds small acks, and the writer drains it.
-        outbox, pending = trio.open_memory_channel[Frame](math.inf)
+        outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
             stream = _Stream(conn, outbox, scope, session, takes_zstd(info))
             self._streams.append(stream)
@@ -206,13 +243,17 @@ class Receiver:
                 self.status.connected_streams = len(self._streams)
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
+        if stream.dropped:
+            self._refused(peer, "not-reading", stream.dropped)
 
-    async def _handshake(self, conn: Connection) -> dict[str, object]:
-        # Our magic goes first, so a peer we refuse can still read why (even one
-        # speaking another wire version): the ERROR frame follows it.
-        await conn.send_magic()
-        await conn.expect_magic()
-        info = parse_hello(await conn.receive())
+    async def _accept(self, conn: Connection, info: dict[str, Any]) -> None:
+        """Check the primary's HELLO, follow what it says, and answer it.
+
+        Raises:
+            ProtocolError: the HELLO is malformed.
+            Refused: the primary may not be served (version, cluster, generation).
+            Rejected: it has MAX_STREAMS streams open already.
+        """
         ident = self.staging.identity
         if info.get("role") != "primary":
             raise ProtocolError(f"peer is a {info.get('role')!r}, not a primary")
@@ -229,16 +270,19 @@ class Receiver:
         generation = info["generation"]
         if type(generation) is not int:
             raise ProtocolError(f"HELLO with generation {generation!r}")
-        if ident.cluster is None:
-            ident.cluster = cluster
-            self.staging.save_identity()
-            log.info("joined cluster %s", cluster)
-        elif cluster != ident.cluster:
+        if str(info["session"]) == self._session and len(self._streams) >= MAX_STREAMS:
+            raise Rejected("too-many-streams", f"this primary has {MAX_STREAMS} streams open "
+                           "already")
+        if ident.cluster is not None and cluster != ident.cluster:
             raise Refused(f"peer belongs to cluster {cluster}, this replica to {ident.cluster}")
         if generation < ident.generation:
             raise Refused(f"primary {info['node']} is of generation {generation}, which is "
                           f"stale: this node is at generation {ident.generation} (a newer "
                           "primary was promoted); rejoin it as a secondary instead")
+        if ident.cluster is None:
+            ident.cluster = cluster
+            self.staging.save_identity()
+            log.info("joined cluster %s", cluster)
         if generation > ident.generation:
             log.info("following a new primary of generation %d (was %d)", generation,
                      ident.generation)
@@ -253,7 +297,6 @@ class Receiver:
                               applied=self.staging.applied,
                               syncing=self.staging.syncing,
                               **({"compress": ZSTD} if takes_zstd(info) else {}), **extra))
-        return info
 
     async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
         async for frame in frames:
@@ -285,7 +328,16 @@ class Receiver:
                 record = Record.decode(raw)
                 self.status.received += 1
                 self.status.received_bytes += len(raw)
-                await self._incoming_send.send((stream, record))
+                size = len(raw)
+                while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
+                    await self._dequeued.park()  # backpressure: the peer waits, not our memory
+                self._queued += size
+                try:
+                    await self._incoming_send.send((stream, record, size))
+                except BaseException:  # not sent: the stager will not give it back
+                    self._queued -= size
+                    self._dequeued.unpark_all()
+                    raise
 
     async def _stager(self) -> None:
         while True:
@@ -297,27 +349,49 @@ class Receiver:
                 except trio.WouldBlock:
                     break
                 size += len(batch[-1][1].data)
-            batch = [(s, r) for s, r in batch if s.session == self._session]
-            if not batch:
-                continue  # all from streams a newer session replaced
-            result = self.staging.stage([record for _, record in batch])
-            await trio.to_thread.run_sync(self.staging.sync)
-            self.status.staged += len(result.keys) - result.duplicates
-            self.status.duplicates += result.duplicates
-            self.status.stale += result.stale
-            if result.keys:
-                self.status.last_staged = max(self.status.last_staged, max(result.keys))
-            acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
-            for stream, record in batch:
-                acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
-            for stream, keys in acks.values():
-                try:
-                    stream.outbox.send_nowait(staged(keys))
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass  # unacknowledged records are sent again; duplicates are dropped
-            if result.completed:
-                self.status.last_complete = max(self.status.last_complete, *result.completed)
-                self.on_complete()
+            try:
+                await self._stage([(s, r) for s, r, _ in batch if s.session == self._session])
+            finally:
+                self._queued -= sum(queued for _, _, queued in batch)
+                self._dequeued.unpark_all()
+
+    async def _stage(self, batch: list[tuple[_Stream, Record]]) -> None:
+        """Stage *batch* durably, acknowledge it on the streams it came from, and wake
+        the applier if a set is complete."""
+        if not batch:
+            return  # all from streams a newer session replaced
+        result = self.staging.stage([record for _, record in batch])
+        await trio.to_thread.run_sync(self.staging.sync)
+        self.status.staged += len(result.keys) - result.duplicates
+        self.status.duplicates += result.duplicates
+        self.status.stale += result.stale
+        if result.keys:
+            self.status.last_staged = max(self.status.last_staged, max(result.keys))
+        acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
+        for stream, record in batch:
+            acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
+        for stream, keys in acks.values():
+            try:
+                stream.outbox.send_nowait(staged(keys))
+            except trio.WouldBlock:
+                stream.dropped = (f"{OUTBOX_FRAMES} acknowledgements unread: it sends and "
+                                  "does not read")
+                stream.scope.cancel()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # unacknowledged records are sent again; duplicates are dropped
+        if result.completed:
+            self.status.last_complete = max(self.status.last_complete, *result.completed)
+            self.on_complete()
+
+
+async def _tell(conn: Connection, text: str) -> None:
+    """Say why in an ERROR frame (if the peer takes it within a second), then close."""
+    with trio.move_on_after(1):
+        try:
+            await conn.send(Frame(FrameType.ERROR, text.encode()))
+        except trio.BrokenResourceError:
+            pass  # the peer is gone already; it was refused all the same
+    await conn.aclose()
 
 
 def takes_zstd(hello: dict[str, Any]) -> bool:

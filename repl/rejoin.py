@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from repl.diverge import Divergence
-from repl.errors import Refused
+from repl.errors import ProtocolError, Refused
 from store.journal import Journal
 from store.private import private_dir, write_private
 
@@ -28,15 +28,27 @@ log = logging.getLogger("replfs.rejoin")
 
 def fork_point(history: Any, generation: int) -> int:
     """The first set of the first generation after *generation*, from the new primary's
-    history: every set before it, both sides share."""
+    history: every set before it, both sides share.
+
+    Raises:
+        ProtocolError: the history is not a list of {"generation", "first_set"} entries.
+        Refused: it has no generation after ours.
+    """
     if not isinstance(history, list):
         raise Refused("the primary sent no generation history; cannot rejoin it")
-    newer = [h for h in history if isinstance(h, dict) and int(h.get("generation", 0))
-             > generation]
+    newer = []
+    for entry in history:
+        gen = entry.get("generation") if isinstance(entry, dict) else None
+        first = entry.get("first_set") if isinstance(entry, dict) else None
+        if type(gen) is not int or type(first) is not int or not 1 <= first < 1 << 64:
+            raise ProtocolError(f"the primary's generation history has a bad entry "
+                                f"{entry!r:.100}")
+        if gen > generation:
+            newer.append(first)
     if not newer:
         raise Refused(f"the primary has no generation after ours ({generation}): it is not "
                       "the primary that replaced us; nothing to rejoin")
-    return min(int(h["first_set"]) for h in newer)
+    return min(newer)
 
 
 def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tuple[Divergence,

@@ -284,17 +284,15 @@ class Sender:
         if reply.get("role") != "secondary":
             raise ProtocolError(f"peer is a {reply.get('role')!r}, not a secondary")
         applied = reply.get("applied")
-        if type(applied) is not int or applied < 0:
-            raise ProtocolError(f"the secondary's HELLO has no valid applied set: {applied!r}")
+        if type(applied) is not int or not 0 <= applied < 1 << 64:
+            raise ProtocolError(f"the secondary's HELLO has no valid applied set: "
+                                f"{applied!r:.40}")
         syncing = reply.get("syncing")
-        if syncing is not None and (type(syncing) is not int or syncing < 1):
-            raise ProtocolError(f"the secondary's HELLO has a bad syncing set: {syncing!r}")
+        if syncing is not None and (type(syncing) is not int or not 1 <= syncing < 1 << 64):
+            raise ProtocolError(f"the secondary's HELLO has a bad syncing set: {syncing!r:.40}")
         self._peer_syncing = syncing  # an initial sync it is in the middle of
         rejoin = reply.get("rejoin")
-        try:
-            self._peer_rejoin = Divergence.from_json(rejoin) if rejoin is not None else None
-        except (ValueError, TypeError, AttributeError):
-            raise ProtocolError("the secondary's HELLO has a malformed rejoin") from None
+        self._peer_rejoin = Divergence.from_json(rejoin) if rejoin is not None else None
         self.status.peer_node = reply.get("node")
         conn.handshake_done()
         return applied, reply.get("compress") == ZSTD

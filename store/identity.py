@@ -15,6 +15,8 @@ from typing import Any
 
 import lmdb
 
+from store.errors import StoreError
+
 _KEY = b"identity"
 
 
@@ -28,8 +30,12 @@ class Identity:
 
 
 def parse(raw: bytes | None, *, make_cluster: bool) -> Identity:
-    """The identity stored as *raw*, or a new one; a cluster id is made if asked."""
-    ident = Identity(**json.loads(raw)) if raw else Identity(node=secrets.token_hex(8))
+    """The identity stored as *raw*, or a new one; a cluster id is made if asked.
+
+    Raises:
+        StoreError: the stored identity is not one this module wrote.
+    """
+    ident = _decode(bytes(raw)) if raw else Identity(node=secrets.token_hex(8))
     if make_cluster and ident.cluster is None:
         ident.cluster = secrets.token_hex(8)
     return ident
@@ -40,7 +46,11 @@ def dumps(ident: Identity) -> bytes:
 
 
 def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Identity:
-    """Read the identity, creating what is missing (node id; cluster id if asked)."""
+    """Read the identity, creating what is missing (node id; cluster id if asked).
+
+    Raises:
+        StoreError: the stored identity is not one this module wrote.
+    """
     with env.begin(write=True) as txn:
         ident = parse(txn.get(_KEY, db=db), make_cluster=make_cluster)
         txn.put(_KEY, dumps(ident), db=db)
@@ -50,3 +60,20 @@ def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Id
 def save(env: lmdb.Environment, db: lmdb._Database, ident: Identity) -> None:
     with env.begin(write=True) as txn:
         txn.put(_KEY, dumps(ident), db=db)
+
+
+def _decode(raw: bytes) -> Identity:
+    try:
+        fields = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise StoreError("the stored node identity is not JSON") from None
+    if not isinstance(fields, dict) or "node" not in fields or not set(fields) <= {
+            "node", "cluster", "generation", "history"}:
+        raise StoreError(f"the stored node identity has other fields: {raw[:200]!r}")
+    ident = Identity(**fields)
+    if (not isinstance(ident.node, str) or not isinstance(ident.cluster, str | None)
+            or type(ident.generation) is not int or ident.generation < 1
+            or not isinstance(ident.history, list)
+            or not all(isinstance(h, dict) for h in ident.history)):
+        raise StoreError(f"the stored node identity is malformed: {raw[:200]!r}")
+    return ident

@@ -304,6 +304,29 @@ class Journal:
                 break
         return out
 
+    def sets_before(self, pos: int) -> int:
+        """The last set whose records all lie before log position *pos* (or the one
+        before the first set journaled)."""
+        last = (self._order[0] - 1) if self._order else self.set - 1
+        for set_id in self._order:
+            where = self._sets[set_id]
+            if not where.pos or max(where.pos) >= pos or set_id >= self.set:
+                break
+            last = set_id
+        return last
+
+    def set_of(self, pos: int) -> int:
+        """The first set with a record at or past log position *pos* (the open set if
+        none has)."""
+        for set_id in self._order:
+            if self._sets[set_id].pos and max(self._sets[set_id].pos) >= pos:
+                return set_id
+        return self.set
+
+    def bytes_after(self, set_id: int) -> int:
+        """Bytes of the records of the sets after *set_id*."""
+        return sum(sum(self._sets[s].size) for s in self._sets_from(set_id + 1))
+
     def first_set(self) -> int | None:
         """The oldest set still journaled."""
         return self._order[0] if self._order else None

@@ -360,6 +360,8 @@ def encode_set(set_id: int) -> bytes:
 
 
 def decode_set(buf: bytes) -> int:
+    if len(buf) != _U64.size:
+        raise RecordError(f"bad set id of {len(buf)} bytes")
     (value,) = _U64.unpack(buf)
     return int(value)
 
@@ -373,6 +375,8 @@ def encode_intent(ino: int, ino2: int) -> bytes:
 
 
 def decode_intent(buf: bytes) -> tuple[int, int]:
+    if len(buf) != _INTENT.size:
+        raise RecordError(f"bad exchange intent of {len(buf)} bytes")
     return _INTENT.unpack(buf)  # type: ignore[return-value]
 
 
@@ -412,8 +416,12 @@ class SetState:
         return int.from_bytes(self.bitmap, "little").bit_count()
 
     def check_complete(self) -> bool:
-        """Set and return the complete flag: SYNC seen, seqs 0..count all present, no other."""
-        if self.sync_seen and int.from_bytes(self.bitmap, "little") == (1 << self.count + 1) - 1:
+        """Set and return the complete flag: SYNC seen, seqs 0..count all present, no other.
+
+        Costs the bitmap's size, never the count's: a count the bitmap cannot
+        hold is not complete."""
+        if (self.sync_seen and len(self.bitmap) * 8 > self.count
+                and int.from_bytes(self.bitmap, "little") == (1 << self.count + 1) - 1):
             self.complete = True
         return self.complete
 
@@ -428,6 +436,10 @@ class SetState:
         flags, count = _SET_STATE.unpack_from(buf)
         if flags & ~(_SYNC_SEEN | _COMPLETE):
             raise RecordError(f"unknown set state flags {flags:#x}")
+        if count >= MAX_SEQ:
+            raise RecordError(f"set state with op count {count}")
+        if len(buf) - _SET_STATE.size > MAX_SEQ // 8:
+            raise RecordError(f"set state bitmap of {len(buf) - _SET_STATE.size} bytes")
         return cls(bool(flags & _SYNC_SEEN), count, bool(flags & _COMPLETE),
                    bytearray(buf[_SET_STATE.size :]))
 

@@ -7,6 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from repl.protocol import MAX_STREAMS
 from tests.support import REPLFS, Daemon, primary, replfs
 
 
@@ -33,6 +36,18 @@ def test_cli_err_missing_command() -> None:
 def test_cli_err_bad_size(tmp_path: Path) -> None:
     assert_one_line_error(replfs("primary", tmp_path, tmp_path, "--set-bytes", "lots"),
                           "not a size")
+
+
+@pytest.mark.parametrize(("streams", "says"), [
+    ("0", "--streams: must be at least 1"),
+    (str(MAX_STREAMS + 1), f"--streams must be from 1 to {MAX_STREAMS}")])
+def test_cli_err_streams(tmp_path: Path, streams: str, says: str) -> None:
+    """A secondary takes at most MAX_STREAMS streams of one primary: asking for more
+    is refused before anything starts."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    assert_one_line_error(replfs("primary", tmp_path / "b", tmp_path / "m", "--secondary",
+                                 "127.0.0.1:1", "--insecure", "--streams", streams), says)
 
 
 def test_primary_err_backing_missing(tmp_path: Path) -> None:

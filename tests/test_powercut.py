@@ -54,6 +54,22 @@ def test_powercut_fsync_ok(sim: Simulator, flush: object) -> None:
     assert os.stat(lower).st_mtime_ns >= before
 
 
+def test_powercut_syncfs_keeps_nothing(sim: Simulator) -> None:
+    """syncfs(2) and sync(2) never reach a plain FUSE daemon (the kernel sends
+    FUSE_SYNCFS to virtiofs only): a caller that wants data kept fsyncs each file."""
+    import ctypes
+
+    (sim.mountpoint / "f").write_bytes(b"synced by syncfs, not by fsync")
+    fd = os.open(sim.mountpoint, os.O_RDONLY)
+    try:
+        assert ctypes.CDLL(None, use_errno=True).syncfs(fd) == 0
+    finally:
+        os.close(fd)
+    assert sim.pending() == {"files": 1, "pages": 1}
+    sim.cut()
+    assert (sim.lower / "f").read_bytes() == b""
+
+
 def test_powercut_truncate_and_extend_ok(sim: Simulator) -> None:
     m, lower = sim.mountpoint, sim.lower
     durable = bytes(range(256)) * 40  # 10240 bytes

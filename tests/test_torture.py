@@ -20,9 +20,10 @@ def test_torture_short_campaign() -> None:
     assert [r.error for r in results] == [None, None, None], out.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: after a power cut the primary's BACKING is not "
-                   "the journal's last durable set (writes lost that the journal has, metadata "
-                   "kept that it lost), and a partial writeback can corrupt the journal")
+# Not strict: whether a run meets the gap depends on what the cut happens to take.
+@pytest.mark.xfail(strict=False, reason="issue 11: a change a power cut left on BACKING's "
+                   "disk but took from the journal (a name, a page written back early) is "
+                   "not replicated")
 def test_torture_power_cuts_short_campaign() -> None:
     out = io.StringIO()
     results = campaign(runs=2, seed=20261201, minutes=None, seconds=4.0, out=out,

@@ -137,6 +137,35 @@ def test_standby_samples_are_whole_sets(tmp_path: Path, cached: bool) -> None:
     assert len(set(seen)) > 1, "samples saw the replica move"
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["mount", "cached"])
+def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path: Path,
+                                                                        cached: bool) -> None:
+    """A set moves a directory's files out and puts a file of the same name in its
+    place: the view shows that set, though it knew each file by its old name.
+
+    ext4 gives the new file the directory's inode number at once, so an old name
+    leads to a file where a directory was; each file must still be reached by its
+    new name (not fail with ENOTDIR, or ENOENT where the number is not reused).
+    """
+    names = [f"f{i}" for i in range(32)]  # the old name is tried first half the time
+    with replicated(tmp_path, cached) as (mount, replica, view):
+        (mount / "d").mkdir()
+        for name in names:
+            (mount / "d" / name).write_bytes(name.encode())
+        checkpoint(mount)
+        assert sorted(os.listdir(view / "d")) == sorted(names)  # the view learns the names
+        held = os.open(view / "d", os.O_PATH)  # the kernel keeps the directory's inode
+        try:
+            for name in names:
+                os.rename(mount / "d" / name, mount / f"moved-{name}")
+            os.rmdir(mount / "d")
+            (mount / "d").write_bytes(b"a file now")
+            checkpoint(mount)
+            assert diff(snapshot(replica), snapshot(view)) == []
+        finally:
+            os.close(held)
+
+
 def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> None:
     """Sets that touch other files leave a file's cached pages and attributes alone.
 

@@ -106,17 +106,18 @@ async def connect(port: int, context: ssl.SSLContext | None) -> trio.abc.Stream:
     return link
 
 
-async def open_raw(port: int, cluster: str, context: ssl.SSLContext | None = None
-                   ) -> tuple[Connection, dict[str, Any]]:
-    """Connect as a primary of *cluster*, over TLS as PRIMARY unless *context* says
-    otherwise. Returns the connection and the secondary's HELLO.
+async def open_raw(port: int, cluster: str, context: ssl.SSLContext | None = None,
+                   session: str | None = None) -> tuple[Connection, dict[str, Any]]:
+    """Connect as a primary of *cluster* (on a session of its own unless *session*
+    names one), over TLS as PRIMARY unless *context* says otherwise. Returns the
+    connection and the secondary's HELLO.
 
     Raises:
         ProtocolError: the secondary refused us (its ERROR frame's text), or is not replfs.
     """
     conn = Connection(await connect(port, context or client_context()))
     await conn.send_magic()
-    await conn.send(primary_hello(cluster))
+    await conn.send(primary_hello(cluster, session))
     await conn.expect_magic()
     return conn, parse_hello(await conn.receive())
 

@@ -35,7 +35,14 @@ import trio
 import trio.testing
 
 from repl import tls
-from repl.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_HOST, Gate, Rejected
+from repl.gate import (
+    HANDSHAKE_SECONDS,
+    MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_HOST,
+    TLS_HANDSHAKE_RECORD,
+    Gate,
+    Rejected,
+)
 from repl.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -381,11 +388,14 @@ def test_gate_admit_err_silent_peer(tmp_path: Path) -> None:
 
 
 class Flood:
-    """Silent connections opened one after the other until stopped, from 127.0.0.2 and
-    in turn from 100 more loopback addresses: other hosts than the primary's."""
+    """Silent connections opened one after the other until stopped, by default from
+    127.0.0.2 and in turn from 100 more loopback addresses: other hosts than the
+    primary's; or from *host* alone."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str | None = None, pace: float = 0.001) -> None:
         self.port = port
+        self.host = host
+        self.pace = pace
         self.opened = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -401,7 +411,8 @@ class Flood:
     def _run(self) -> None:
         held: list[socket.socket] = []
         while not self._stop.is_set():
-            host = "127.0.0.2" if self.opened % 2 else f"127.0.1.{1 + self.opened // 2 % 100}"
+            host = self.host or ("127.0.0.2" if self.opened % 2
+                                 else f"127.0.1.{1 + self.opened // 2 % 100}")
             sock = socket.socket()
             sock.bind((host, 0))
             sock.connect(("127.0.0.1", self.port))
@@ -409,7 +420,7 @@ class Flood:
             self.opened += 1
             if len(held) > 300:
                 held.pop(0).close()
-            time.sleep(0.001)  # pacing: about a thousand a second, leaving the cores room
+            time.sleep(self.pace)  # by default about a thousand a second, leaving the cores room
         for sock in held:
             sock.close()
 
@@ -439,20 +450,29 @@ def test_gate_admit_ok_flood_of_silent_peers(tmp_path: Path) -> None:
 # --- the bounds, in process --------------------------------------------------------------
 
 
-async def _flood_in_process(hosts: list[str]) -> tuple[list[str], int]:
+async def _flood_in_process(hosts: list[str], speaker: str | None = None
+                            ) -> tuple[list[str], int]:
     """Silent connections from *hosts* (one each, in order) to a gate; then a real
-    primary's. Returns the outcomes in order, and how many were in progress
-    before the primary came."""
+    primary's. With *speaker*, a connection from that host that sends the first byte
+    of a TLS handshake and no more comes before them all. Returns the outcomes in
+    order ("speaker: ..." for the speaker's), and how many were in progress before
+    the primary came."""
     gate = Gate(tls.credentials(cluster_ca() / SECONDARY, PRIMARY))
     outcomes: list[str] = []
+    speaker_port = -1
+
+    async def greet(link: trio.abc.Stream) -> trio.abc.Stream:
+        return link  # no HELLO: admitted once its TLS handshake is done
 
     async def handle(stream: trio.SocketStream) -> None:
+        host, port = stream.socket.getpeername()[:2]
+        who = "speaker: " if port == speaker_port else ""
         try:
-            admitted = await gate.admit(stream, stream.socket.getpeername()[0])
+            admitted = await gate.admit(stream, host, greet)
         except Rejected as exc:
-            outcomes.append(exc.reason)
+            outcomes.append(who + exc.reason)
             return
-        outcomes.append("admitted")
+        outcomes.append(who + "admitted")
         await trio.aclose_forcefully(admitted)
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -460,13 +480,17 @@ async def _flood_in_process(hosts: list[str]) -> tuple[list[str], int]:
     socks = []
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
-        for host in hosts:
+        for host in [speaker] * (speaker is not None) + hosts:
             sock = trio.socket.socket()
             await sock.bind((host, 0))
             await sock.connect(("127.0.0.1", port))
+            if speaker_port == -1 and speaker is not None:
+                speaker_port = sock.getsockname()[1]
+                await sock.send(bytes([TLS_HANDSHAKE_RECORD]))
             socks.append(sock)
+            await trio.testing.wait_all_tasks_blocked()
         with trio.fail_after(10):
-            while gate.in_progress + len(outcomes) < len(hosts):
+            while gate.in_progress + len(outcomes) < len(socks):
                 await trio.testing.wait_all_tasks_blocked()
         waiting = gate.in_progress
         link = await connect(port, client_context())
@@ -494,3 +518,19 @@ async def test_gate_admit_err_busy_in_all() -> None:
     outcomes, waiting = await _flood_in_process(hosts)
     assert waiting == MAX_HANDSHAKES
     assert outcomes == ["busy"] * 6 + ["admitted"], "the primary's pushed out one more"
+
+
+async def test_gate_admit_ok_silent_pushed_out_first() -> None:
+    """A connection that began a TLS handshake outlives silent ones of its host, older
+    or newer: over the bound, the oldest silent one makes room."""
+    outcomes, waiting = await _flood_in_process(["127.0.0.2"] *
+                                                (MAX_HANDSHAKES_PER_HOST + 3), "127.0.0.2")
+    assert waiting == MAX_HANDSHAKES_PER_HOST
+    assert outcomes == ["busy"] * 4 + ["admitted"], "the speaker was pushed out"
+
+
+async def test_gate_admit_ok_silent_pushed_out_first_in_all() -> None:
+    hosts = [f"127.0.2.{i}" for i in range(1, MAX_HANDSHAKES + 6)]
+    outcomes, waiting = await _flood_in_process(hosts, "127.0.3.1")
+    assert waiting == MAX_HANDSHAKES
+    assert outcomes == ["busy"] * 7 + ["admitted"], "the speaker was pushed out"

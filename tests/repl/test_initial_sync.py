@@ -140,8 +140,9 @@ def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> Non
     populate(backing, 4)
     with secondary(replica) as sec, FaultProxy(sec.port, seed=21) as proxy:
         stall = proxy.stall((2_000, 100_000), UP, conn=0)
+        # Uncompressed: records one a frame, so the first ones pass before the stall.
         with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}", "--streams", "1",
-                     "--stall-seconds", "3600"):
+                     "--stall-seconds", "3600", "--compress-level", "0"):
             assert stall.struck.wait(30)
             # What came before the stall is staged in time, after the reset to the sync.
             st = until(lambda: status(replica),

@@ -23,7 +23,7 @@ from tests.support import (
     SECONDARY,
     Daemon,
     checkpoint,
-    free_port,
+    steady_port,
     tls_args,
     unmount,
     wait_applied,
@@ -267,7 +267,7 @@ class Run:
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
                             str(self.replica)], check=True)
             self.tmpfs = True
-        self.port = free_port()
+        self.port = steady_port()  # the secondary restarts on it
         secondary = self.start_secondary()
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
@@ -322,7 +322,6 @@ class Run:
             if self.power is not None:
                 self.result.pages_lost = self.power.pages_lost
                 self.result.unchecked = self.power.unchecked
-                self.power.close()
             if self.tmpfs:
                 subprocess.run(["umount", "-l", str(self.replica)], capture_output=True)
         return self.result
@@ -384,6 +383,15 @@ def run_one(seed: int, seconds: float, base: Path, keep: bool = False,
         run.result.error = str(exc)
     except Exception as exc:  # a harness or product failure: also a failed run
         run.result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if run.power is not None:  # after the daemons that used it stopped
+            try:
+                run.power.close()
+            except AssertionError as exc:  # the simulator did not stop cleanly
+                run.result.error = run.result.error or f"simulator: {exc}"
+    if run.power is not None and run.power.problems:
+        found = [*run.power.problems, *([run.result.error] if run.result.error else [])]
+        run.result.error = "\n  ".join(found)
     if run.result.ok and not keep:
         shutil.rmtree(run.dir, ignore_errors=True)
     else:

@@ -20,6 +20,7 @@ class Workload:
         """*fsync_git*: git fsyncs what it writes (by default it does not sync loose
         objects, which a power cut then leaves empty: git's loss, not replfs's)."""
         self.root = root
+        self.fsync_git = fsync_git
         self.git = ["git", "-c", "core.fsync=all", "-c", "core.fsyncMethod=fsync"] \
             if fsync_git else ["git"]
         self.rng = random.Random(seed)
@@ -134,6 +135,13 @@ class Workload:
         if not self.git_ready:
             repo.mkdir(exist_ok=True)
             subprocess.run([*self.git, "init", "-q", str(repo)], check=True, env=env)
+            if self.fsync_git:  # init syncs none of what it writes: HEAD, config...
+                for path in [repo / ".git", *(repo / ".git").rglob("*")]:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
             self.git_ready = True
         (repo / f"file{self.rng.randrange(5)}").write_bytes(self.rng.randbytes(500))
         subprocess.run([*self.git, "-C", str(repo), "add", "-A"], check=True, env=env)
