@@ -194,8 +194,12 @@ class Capture:
         """Journal a write, or only mark its range dirty while over budget."""
         if path is None:
             return None  # a file with no name left: nothing any name shows changes
-        backlog = self.journal.bytes - self.journal.set_bytes  # closed sets not yet applied
-        if not self.overflow and self.replicating and backlog > self.journal_max:
+        # The closed sets not yet applied (the journal also keeps applied ones until
+        # BACKING's next sync: counted only once the cheap bound is passed).
+        if (not self.overflow and self.replicating
+                and self.journal.bytes - self.journal.set_bytes > self.journal_max
+                and self.journal.bytes_after(self.applied) - self.journal.set_bytes
+                > self.journal_max):
             self._enter_overflow()
         if self.overflow:
             self._settle()

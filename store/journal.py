@@ -96,7 +96,8 @@ class Journal:
         self._gaps: set[int] | None = set()  # sets whose first records lie in deleted segments
         try:
             self.log = Log(self.path, self._replay, read_only=read_only)
-            torn = (self._gaps or set()) & self._sets.keys()
+            trimmed = decode_set(self._meta.get(_TRIMMED, encode_set(0)))
+            torn = {s for s in self._gaps or () if s > trimmed}
             if torn:
                 raise ValueError(f"the records of set {min(torn)} begin in a segment that "
                                  "is gone")
@@ -140,6 +141,12 @@ class Journal:
             self.dirty.clear()
 
     def _index(self, set_id: int, seq: int, pos: int, size: int) -> None:
+        if self._gaps is not None and (set_id in self._gaps or (
+                seq > 0 and not (set_id in self._sets and self._sets[set_id].pos))):
+            # At open: the set's start was in a segment dropped once a later trim
+            # (further on in the log) took the whole set; that trim must come.
+            self._gaps.add(set_id)
+            return
         where = self._sets.get(set_id)
         if where is None:
             if self._order and set_id < self._order[-1]:
@@ -154,13 +161,6 @@ class Journal:
             where.pos.append(pos)
             where.size.append(size)
             self.bytes += size
-        elif not where.pos and self._gaps is not None:
-            # At open: the set's start was in a segment dropped once a later trim
-            # (further on in the log) took the whole set; that trim drops it again.
-            self._gaps.add(set_id)
-            where.pos.extend([0] * seq)
-            where.size.extend([0] * seq)
-            self._index(set_id, seq, pos, size)
         else:
             raise StoreError(f"journal {self.path}: record {set_id}/{seq} after "
                              f"{set_id}/{len(where.pos) - 1}")

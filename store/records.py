@@ -352,6 +352,8 @@ def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
     if len(buf) < _HEADER.size:
         raise RecordError(f"record too short ({len(buf)} bytes)")
     _, _, set_id, seq = _HEADER.unpack_from(buf)
+    if seq >= MAX_SEQ:
+        raise RecordError(f"seq {seq} out of range")
     return set_id, seq
 
 

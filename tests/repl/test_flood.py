@@ -204,7 +204,7 @@ async def test_receiver_read_ok_queue_bounded(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as scope:
-                stream = _Stream(conn, outbox, scope, "session")
+                stream = _Stream(conn, outbox, scope, "session", compressed=False)
                 nursery.start_soon(receiver._read, stream)
                 await trio.testing.wait_all_tasks_blocked()
                 assert receiver.status.received <= STAGE_QUEUE_BYTES // big + 1

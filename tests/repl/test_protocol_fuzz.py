@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 import trio.testing
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,7 +37,9 @@ from repl.protocol import (
     FrameType,
     parse_applied,
     parse_hello,
+    parse_records,
     parse_staged,
+    record_frames,
 )
 from repl.receiver import Receiver
 from repl.rejoin import fork_point
@@ -165,6 +168,30 @@ def test_frame_payloads_fuzz(kind: FrameType, payload: bytes) -> None:
         pass
 
 
+_zstd = zstandard.ZstdCompressor()
+compressed_runs = st.lists(records().map(Record.encode), min_size=1, max_size=4).map(
+    lambda raws: record_frames(raws, _zstd)[0].payload)
+
+
+@given(compressed_runs | compressed_runs.flatmap(mutated) | st.binary(max_size=64))
+def test_parse_records_fuzz(payload: bytes) -> None:
+    """A RECORDS_ZSTD payload, as sent or damaged: the records it holds, never more than
+    MAX_FRAME bytes of them, or ProtocolError."""
+    try:
+        raws = parse_records(Frame(FrameType.RECORDS_ZSTD, payload))
+    except ProtocolError:
+        return
+    assert sum(len(raw) for raw in raws) <= MAX_FRAME
+
+
+@given(st.lists(records(), min_size=1, max_size=4))
+def test_parse_records_ok_round_trip(sent: list[Record]) -> None:
+    frames = record_frames([r.encode() for r in sent], _zstd)
+    got = [Record.decode(raw) for f in frames for raw in (
+        parse_records(f) if f.type == FrameType.RECORDS_ZSTD else [f.payload])]
+    assert got == sent
+
+
 @given(st.binary(max_size=16))
 def test_connection_expect_magic_fuzz(raw: bytes) -> None:
     async def check() -> None:
@@ -271,10 +298,11 @@ def test_sender_handshake_fuzz(info: dict[str, Any]) -> None:
         ours, theirs = trio.testing.memory_stream_pair()
         await ours.send_all(MAGIC + Frame(FrameType.HELLO, json.dumps(info).encode()).encode())
         try:
-            applied = await sender._handshake(Connection(theirs), "5e5e", 0)
+            applied, zstd = await sender._handshake(Connection(theirs), "5e5e", 0)
         except (ProtocolError, Refused):
             return
         assert applied == info["applied"] and 0 <= applied < 1 << 64
+        assert zstd is (info.get("compress") == "zstd")
 
     trio.run(check)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from store.errors import JournalLocked, RecordError
+from store.errors import JournalLocked, RecordError, StoreError
 from store.journal import Journal
 from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
 from tests.support import ROOT
@@ -421,3 +421,19 @@ def test_journal_open_ok_after_close(path: Path) -> None:
         pass
     with opened(path) as j:
         write(j, 1)
+
+
+def test_journal_open_err_set_without_its_start(path: Path) -> None:
+    """A set whose first records are nowhere (a segment removed by hand, or a damaged
+    entry) is refused at open in one line, without making room for the missing ones."""
+    from store.records import MAX_SEQ
+    from store.wal import Kind, Log
+
+    with opened(path) as j:
+        write(j, 1)
+    log = Log(path, lambda *_: None)
+    log.append(Kind.RECORD, Record(Op.UNLINK, 2, MAX_SEQ - 1, path=b"f").encode())
+    log.close()
+    with pytest.raises(StoreError) as exc:
+        Journal(path)
+    assert "the records of set 2 begin in a segment that is gone" in str(exc.value)

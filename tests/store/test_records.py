@@ -32,6 +32,7 @@ from store.records import (
     encode_intent,
     encode_key,
     encode_set,
+    peek_key,
 )
 from tests.store.specs import SET, SPECS, body, reseal
 
@@ -495,3 +496,14 @@ def test_record_golden_err(case: str) -> None:
 def test_record_golden_ok_no_strays() -> None:
     """Every golden file belongs to a case, so none silently stops being checked."""
     assert {p.stem for p in GOLDEN.glob("*.bin")} == set(SPECS) | set(CORRUPT)
+
+
+def test_record_peek_key_ok() -> None:
+    assert peek_key(SPECS["write"].encode()) == (SET, 0)
+
+
+def test_record_peek_key_err_seq_range() -> None:
+    """A seq no record may have is refused before anything is sized by it (the
+    journal's index of a set grows to the seq it reads)."""
+    with pytest.raises(RecordError, match=f"seq {MAX_SEQ} out of range"):
+        peek_key(patched(SPECS["void"], FIELDS_AT - 4, MAX_SEQ.to_bytes(4, "big")))
