@@ -75,8 +75,9 @@ class Gate:
 
     @property
     def in_progress(self) -> int:
-        """Connections whose handshake is under way."""
-        return len(self._pending)
+        """Connections whose handshake is under way (not those pushed out, still
+        winding down)."""
+        return sum(1 for p in self._pending if not p.pushed_out)
 
     async def admit(self, stream: trio.SocketStream, host: str,
                     greet: Callable[[trio.abc.Stream], Awaitable[T]]) -> T:
