@@ -23,7 +23,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import PrimaryConfig, run_primary, run_standby
+from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
 from repl import config, control, tls
 from repl.config import address, count, level, positive, size
 from repl.promote import promote
@@ -143,10 +143,14 @@ def build_parser() -> Parser:
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
+    p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
+                   help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
+                        "cached by the kernel (whole data sets only, as with replfs mount)")
     metrics_option(p)
     log_options(p)
 
-    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
+    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
+                         "(uncached; see secondary --mount)")
     positional(p, "replica", "REPLICA")
     positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
@@ -271,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
                 args.compress_level, args.max_rate or None))
+        elif args.command == "secondary" and args.mount:
+            trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
+                     args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                     args.metrics)
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
                      args.peer, args.insecure, args.rejoin, args.metrics)

@@ -159,6 +159,12 @@ class PrimaryFS(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
+    def _named(self, entry: pyfuse3.EntryAttributes, parent: int, name: bytes
+               ) -> pyfuse3.EntryAttributes:
+        """*entry*, the answer for *name* in *parent* (the standby may shorten its
+        timeouts)."""
+        return entry
+
     def _journal(self, op: Op, path: bytes | None, **fields: object) -> Record | None:
         """Journal *op* unless it touches something no name reaches."""
         if path is None:
@@ -223,8 +229,9 @@ class PrimaryFS(pyfuse3.Operations):
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
             e.entry_timeout = self.timeout
-            return e
-        return self._entry(st, self.inodes.remember(parent_inode, name, st))
+            return self._named(e, parent_inode, name)
+        return self._named(self._entry(st, self.inodes.remember(parent_inode, name, st)),
+                           parent_inode, name)
 
     @request()
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -662,7 +669,7 @@ class PrimaryFS(pyfuse3.Operations):
                     entry = self._entry(self.inodes.stat(ino), ino)
                 else:
                     st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-                    entry = self._entry(st)
+                    entry = self._named(self._entry(st), handle.ino, name)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):

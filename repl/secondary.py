@@ -17,6 +17,7 @@ from repl import control, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.footprint import Invalidator
 from repl.gate import Gate
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
@@ -141,19 +142,29 @@ async def _stop_on_signal(scope: trio.CancelScope, *,
             return
 
 
-async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
-                        tls: Path | None, peer: str | None, insecure: bool,
-                        rejoin: bool = False, metrics_at: str | None = None) -> None:
-    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
-    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
-    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given."""
-    host, port = parse_address(listen)
-    creds = link_credentials(tls, peer, insecure, host)
-    scrape = await metrics.listen(metrics_at) if metrics_at else []
+def make_replica(replica: Path) -> None:
+    """Create the replica directory if it is missing (not its parents)."""
     if not replica.is_dir():
         if not replica.parent.is_dir():
             raise UsageError(f"replica {replica}: its parent directory does not exist")
         replica.mkdir()
+
+
+async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
+                        tls: Path | None, peer: str | None, insecure: bool,
+                        rejoin: bool = False, metrics_at: str | None = None,
+                        invalidator: Invalidator | None = None) -> None:
+    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
+    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
+    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
+
+    *invalidator*: the kernel caches of a standby mount of the replica, which the
+    applier drops as it applies sets (fs/kernel_cache.py).
+    """
+    host, port = parse_address(listen)
+    creds = link_credentials(tls, peer, insecure, host)
+    scrape = await metrics.listen(metrics_at) if metrics_at else []
+    make_replica(replica)
     os.umask(0)
     old_journal = _old_primary_journal(replica, rejoin)
     staging = Staging(staging_dir_of(replica, staging_dir))
@@ -176,7 +187,8 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                              "pick another port or stop what uses it") from None
         bound = listeners[0].socket.getsockname()
         receiver: Receiver
-        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
+        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
+                          invalidator=invalidator)
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
                             on_reset=applier.reset_to)
 

@@ -200,18 +200,24 @@ def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
     """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port.
 
     Over TLS as SECONDARY, accepting PRIMARY, unless *extra* says ``--insecure``
-    or ``--tls``.
+    or ``--tls``. With ``--mount VIEW``, VIEW is made, and unmounted however the
+    test ends.
     """
+    view = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
+    if view is not None:
+        view.mkdir(exist_ok=True)
     daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
                      *_secure(extra, SECONDARY, PRIMARY)],
                     log or replica.parent / f"{replica.name}.log", "listening on")
-    daemon.start()
-    daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])
     try:
+        daemon.start()
+        daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])
         yield daemon
     finally:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
+        if view is not None:
+            unmount(view)
 
 
 def checkpoint(mount: Path, wait: float = 60.0) -> int:
