@@ -197,7 +197,8 @@ def primary(backing: Path, mount: Path, *extra: str,
 @contextmanager
 def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
               ) -> Iterator[Daemon]:
-    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port.
+    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port,
+    a steady_port() unless *port* is given, so the test may start it there again.
 
     Over TLS as SECONDARY, accepting PRIMARY, unless *extra* says ``--insecure``
     or ``--tls``. With ``--mount VIEW``, VIEW is made, and unmounted however the
@@ -206,7 +207,8 @@ def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
     view = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
     if view is not None:
         view.mkdir(exist_ok=True)
-    daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
+    daemon = Daemon(["secondary", str(replica), "--listen",
+                     f"127.0.0.1:{port or steady_port()}",
                      *_secure(extra, SECONDARY, PRIMARY)],
                     log or replica.parent / f"{replica.name}.log", "listening on")
     try:
