@@ -566,7 +566,8 @@ def report(bench: Bench) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    rows = [("workload", "unit", "native", "replfs", "replicated", "ratio")]
+    rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
+                                    "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))

@@ -147,19 +147,30 @@ class Load:
         return self
 
     def __exit__(self, *_: object) -> None:
-        out, _ = self.proc.communicate(b"", timeout=60)  # end of input: stop
+        out, _err = self.proc.communicate(b"", timeout=60)  # end of input: stop
         if self.proc.returncode != 0:
             raise RuntimeError(f"the load writer failed (exit {self.proc.returncode})")
         sets, seconds = map(float, out.split())
         self.rate = sets / seconds
 
 
+def _stop_at_end_of_input() -> threading.Event:
+    """An event set once this process's input ends (its parent says stop)."""
+    stop = threading.Event()
+
+    def wait() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return stop
+
+
 def _load(mount: Path) -> None:
     """The Load's process: write and close sets until its input ends."""
     from repl import control
 
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop = _stop_at_end_of_input()
     block = os.urandom(4096)
     sets, started = 0, now()
     while not stop.wait(max(0.0, started + sets * SET_INTERVAL - now())):
@@ -191,8 +202,7 @@ def visibility(mount: Path, replica: Path, standby: Path, seconds: float) -> lis
 
 def _watch(root: Path) -> None:
     """A visibility watcher's process: when each tick first shows under *root*."""
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    stop = _stop_at_end_of_input()
     seen: dict[int, float] = {}
     while not stop.is_set():
         try:

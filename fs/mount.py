@@ -191,7 +191,7 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                      "overflow" if capture.overflow else "streaming"),
         }
         if capture.overflow:
-            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes(),
+            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
                     "resync_done_bytes": capture.progress_done,
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:

@@ -22,9 +22,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
@@ -44,7 +44,7 @@ from store.records import (
 TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
 _AM_ROOT = os.geteuid() == 0
 _CAPABILITY = b"security.capability"
-T = TypeVar("T")
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 # fallocate(2) modes passed through; the others (collapse, insert, unshare...) change
 # offsets or sharing, and are refused with EOPNOTSUPP, as by a filesystem without them.
 _FALLOC_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -63,16 +63,16 @@ SEEK_WAIT = 0.05
 
 
 def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
-            ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+            ) -> Callable[[Handler], Handler]:
     """Wrap a request handler: it runs holding the lock (unless not *locked*: it
     then takes the lock itself where it needs it); a change (*changes*, or
     ``changes(*args)`` is true) waits while the mount is frozen (verify); an error
     becomes an errno (fs/errors.py); and the directory fds the handler borrowed are
     trimmed to the cache's bound once it is done (fs/inodes.py)."""
 
-    def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def run(self: PrimaryFS, *args: object, **kwargs: object) -> T:
+        async def run(self: PrimaryFS, *args: object, **kwargs: object) -> Any:
             try:
                 if not locked:
                     return await handler(self, *args, **kwargs)
@@ -85,7 +85,7 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
             except Exception as exc:
                 raise fuse_error(exc, handler.__name__) from None
 
-        return run
+        return cast(Handler, run)
 
     return wrap
 

@@ -42,7 +42,7 @@ def _erofs(*_: Any, **__: Any) -> Awaitable[Any]:
 
 class StandbyFS(PrimaryFS):
     enable_writeback_cache = False
-    timeout = 0
+    timeout = 0.0
     direct_io = True
     cache_listings = False  # the applier changes the replica under the view
 
