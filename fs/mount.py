@@ -78,6 +78,32 @@ class PrimaryConfig:
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
 
 
+def lift_dirty_limit(where: str) -> None:
+    """Let the kernel keep this mount's dirty pages as it keeps a disk's.
+
+    The kernel holds a FUSE mount to a strict 1 % of the dirty page limit (about
+    48 MB on a 24 GiB host), as its daemon may be any user's and never write back:
+    past that a writer waits for each page to reach the daemon, and random writes
+    over a large file cost a request a page. replfs runs as root and writes back
+    like a disk, so its mount gets a disk's share. *where* is the mountpoint's real
+    path, taken before mounting: the mount is found by its device in
+    /proc/self/mountinfo, since a stat of it would wait for a daemon that does not
+    serve yet.
+    """
+    for char, escaped in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+        where = where.replace(char, escaped)
+    with open("/proc/self/mountinfo") as mounts:
+        devices = [f[2] for f in map(str.split, mounts) if f[4] == where]
+    if not devices:
+        return
+    bdi = Path("/sys/class/bdi") / devices[-1]
+    try:
+        (bdi / "strict_limit").write_text("0")
+        (bdi / "max_ratio").write_text("100")
+    except OSError as exc:
+        log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
+
+
 async def run_primary(cfg: PrimaryConfig) -> None:
     backing, mountpoint = cfg.backing, cfg.mountpoint
     if not backing.is_dir():
@@ -115,11 +141,13 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+        where = os.path.realpath(mountpoint)  # so does this
         try:
             pyfuse3.init(operations, str(mountpoint), mount_options())
         except RuntimeError:
             raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
                              "check permissions and that it is not in use") from None
+        lift_dirty_limit(where)
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
