@@ -23,7 +23,7 @@ from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
 from repl.tls import link_credentials
-from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold, torn
+from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
 from store.journal import Journal
 from store.journal import exists as journal_exists
 from store.staging import Staging
@@ -101,10 +101,11 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
         while True:
             try:
                 with lock.shared(max(0.0, deadline - time.monotonic())):
-                    cut = torn(where)
-                    if cut is None:  # a batch done on this boot shows, synced or not
-                        done = interrupted(where)
-                        return done[1] if done else read_applied(where)
+                    # A batch done on this boot but not yet recorded applied counts
+                    # as not finished: the set returned is the one the apply log says.
+                    cut = interrupted(where)
+                    if cut is None:
+                        return read_applied(where)
             except TimeoutError:
                 raise UsageError(f"replica {replica} is in the middle of a set that has not "
                                  f"finished after {timeout:g}s (see replfs status {replica}); "
