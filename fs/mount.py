@@ -217,6 +217,7 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             "journal_max": capture.journal_max,
             "mode": ("initial sync" if capture.syncing else
                      "overflow" if capture.overflow else "streaming"),
+            "requests": operations.requests.snapshot(),
         }
         if capture.overflow:
             out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
@@ -249,7 +250,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         if scrape:
-            registry = metrics.registry(lambda: metrics.primary_metrics(capture, sender),
+            registry = metrics.registry(lambda: metrics.primary_metrics(
+                                            capture, sender, operations.requests.snapshot()),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))

@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from fs.counts import RequestCounts
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
 from repl.apply import fallocate, intent_for, renameat2
@@ -67,12 +68,16 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
     """Wrap a request handler: it runs holding the lock (unless not *locked*: it
     then takes the lock itself where it needs it); a change (*changes*, or
     ``changes(*args)`` is true) waits while the mount is frozen (verify); an error
-    becomes an errno (fs/errors.py); and the directory fds the handler borrowed are
-    trimmed to the cache's bound once it is done (fs/inodes.py)."""
+    becomes an errno (fs/errors.py); the directory fds the handler borrowed are
+    trimmed to the cache's bound once it is done (fs/inodes.py); and the request is
+    counted (fs/counts.py)."""
 
     def wrap(handler: Handler) -> Handler:
+        name = handler.__name__
+
         @functools.wraps(handler)
         async def run(self: PrimaryFS, *args: object, **kwargs: object) -> Any:
+            self.requests.add(name)
             try:
                 if not locked:
                     return await handler(self, *args, **kwargs)
@@ -83,7 +88,7 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
                     self.inodes.trim()
                     self.lock.release()
             except Exception as exc:
-                raise fuse_error(exc, handler.__name__) from None
+                raise fuse_error(exc, name) from None
 
         return cast(Handler, run)
 
@@ -109,6 +114,7 @@ class PrimaryFS(pyfuse3.Operations):
         super().__init__()
         self.inodes = inodes
         self.capture = capture
+        self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
         self.dirs: dict[int, DirHandle] = {}
