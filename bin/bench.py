@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_reads
 from demo import Proc, links
 
-from repl import applier, control
+from repl import control
+from store import libc
 
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
@@ -104,7 +105,7 @@ def syncfs(path: Path) -> None:
     """Write back everything dirty on the filesystem holding *path*."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        applier.syncfs(fd)
+        libc.syncfs(fd)
     finally:
         os.close(fd)
 

@@ -31,9 +31,10 @@ import pyfuse3
 from fs.counts import RequestCounts
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
-from repl.apply import fallocate, intent_for, renameat2
+from repl.apply import intent_for
 from repl.capture import Capture
 from repl.metrics import FSYNC_SECONDS
+from store.libc import fallocate, fd_path, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -459,7 +460,7 @@ class PrimaryFS(pyfuse3.Operations):
         unlinked = self.inodes.unlinked_fd(inode)
         if unlinked is not None:
             # Reopen through the magic link, which O_NOFOLLOW would refuse.
-            fd = os.open(f"/proc/self/fd/{unlinked}",
+            fd = os.open(fd_path(unlinked),
                          self._open_flags(flags) & ~os.O_NOFOLLOW)
         else:
             dir_fd, name = self.inodes.at(inode)
@@ -719,7 +720,7 @@ class PrimaryFS(pyfuse3.Operations):
         if unlinked is not None:
             return unlinked, True
         fd, name = self.inodes.at(inode)
-        return b"/proc/self/fd/%d/%s" % (fd, name), False
+        return fd_path(fd, name), False
 
     @request()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
