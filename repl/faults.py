@@ -22,6 +22,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from store.libc import fd_path
+
 ENV_KILL_AT_APPLY_STEP = "REPLFS_FAULT_KILL_AT_APPLY_STEP"
 ENV_SET_HASHES = "REPLFS_TEST_SET_HASHES"
 ENV_SET_TREES = "REPLFS_TEST_SET_TREES"
@@ -47,7 +49,7 @@ def set_hash_recorder() -> Callable[[int, int], None] | None:
     from repl.verify import tree_digest, walk
 
     def record(set_id: int, root_fd: int) -> None:
-        root = f"/proc/self/fd/{root_fd}"
+        root = os.fsdecode(fd_path(root_fd))
         digest = tree_digest(root)
         if trees:
             with open(os.path.join(trees, str(set_id)), "w") as out:

@@ -12,6 +12,8 @@ import os
 import stat
 from collections import OrderedDict
 
+from store.libc import fd_path
+
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYNC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CACHE_SIZE = 256
@@ -81,9 +83,8 @@ class Tree:
     def proc_path(self, path: bytes) -> bytes:
         """A /proc path naming *path* itself (for calls without an *at form, like xattrs)."""
         if not path:
-            return b"/proc/self/fd/%d" % self.root_fd
-        fd, name = self.parent(path)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
+            return fd_path(self.root_fd)
+        return fd_path(*self.parent(path))
 
     def sync(self, path: bytes) -> None:
         """fsync every regular file and directory at and under *path*, and the

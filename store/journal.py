@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from store import identity
-from store.errors import StoreError
+from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
 from store.private import private_dir
 from store.records import (
     Note,
     Op,
     Record,
-    RecordError,
     decode_notes,
     decode_ranges,
     decode_set,

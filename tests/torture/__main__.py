@@ -54,7 +54,9 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
               "in an open set, the tree not compared; after "
               f"{sum(r.resent for r in results)} the primary resent what its activity log "
               "noted, the rest of the tree compared)", file=out)
-    print(f"{'samples checked':<18}{sum(r.samples for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'samples checked':<18}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
+          f"mounts ({sum(r.cached_lost for r in results)} missed the cached one: the "
+          "secondary serving it had died)", file=out)
     print(f"{'user holds':<18}{sum(r.holds for r in results)} "  # type: ignore[arg-type]
           f"({sum(r.refused for r in results)} pauses refused, none left a hold)", file=out)
     print(f"{'small journals':<18}{sum(1 for r in results if r.journal_max)} runs",  # type: ignore[arg-type]
