@@ -230,26 +230,8 @@ class Capture:
                                              for top in tops)]
             if hit and (flushing or min(written[p] for p in hit) <= self.journal.durable):
                 for path in hit:
-                    self._sync_node(path)
+                    self.backing.sync_node(path)
                     del written[path]
-
-    def _sync_node(self, path: bytes) -> None:
-        """fsync the file or directory *path* names, or the directory of anything else
-        (a symlink, a fifo: their inode goes with their directory's). Gone: nothing."""
-        try:
-            fd = os.open(self.backing.proc_path(path), os.O_RDONLY | os.O_NOFOLLOW
-                         | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            fd = -1
-        try:
-            mode = os.fstat(fd).st_mode if fd >= 0 else 0
-            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                os.fsync(fd)
-            elif path:
-                self._sync_node(path.rpartition(b"/")[0])
-        finally:
-            if fd >= 0:
-                os.close(fd)
 
     def _flag(self) -> None:
         self._namespace_changed = True
@@ -680,8 +662,8 @@ class Capture:
         for path in whole:
             self.backing.sync(path)
         for path in synced:
-            self._sync_node(path)
-            self._sync_node(path.rpartition(b"/")[0])
+            self.backing.sync_node(path)
+            self.backing.sync_node(path.rpartition(b"/")[0])
         self.backing_at = self.journal.end
         self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
         self.journal.put_meta(_BOOT, boot)

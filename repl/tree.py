@@ -86,6 +86,23 @@ class Tree:
             return fd_path(self.root_fd)
         return fd_path(*self.parent(path))
 
+    def sync_node(self, path: bytes) -> None:
+        """fsync the file or directory *path* names, or the directory of anything else
+        (a symlink, a fifo: their inode goes with their directory's). Gone: nothing."""
+        try:
+            fd = os.open(self.proc_path(path), _SYNC_FLAGS)
+        except OSError:
+            fd = -1
+        try:
+            mode = os.fstat(fd).st_mode if fd >= 0 else 0
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                os.fsync(fd)
+            elif path:
+                self.sync_node(path.rpartition(b"/")[0])
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def sync(self, path: bytes) -> None:
         """fsync every regular file and directory at and under *path*, and the
         directory that holds it (where the node's own name and metadata live).
