@@ -26,11 +26,16 @@ just made holds the names made in it), so untarring into a new directory
 or filling one with small files flushes once, not once a file.
 
 Notes stay in force until BACKING is durable past the op they covered:
-every BACKING sync ends with ``reset()``, which keeps the notes used after
-the sync began, and those used since the previous sync (a file written now
-is likely written again: SQLite's database and WAL keep their notes and
-never flush for one). A clean stop keeps none, so a journal that holds
-notes at start was stopped uncleanly.
+every BACKING sync ends with ``reset()``, which keeps the notes an op used
+after the sync began. It also keeps a file's notes while the file changed
+in the last RETAIN_SECONDS (a file written now is likely written again:
+SQLite's database and WAL keep their notes and never flush for one), but
+no NAME note: records under one are not replayed after a power cut, so an
+fsync of them syncs BACKING too (repl/capture.py). A directory made lately
+whose note went is remembered, and the next name made in it notes the
+directory again: one flush each BACKING sync, not one each name. A clean
+stop keeps no note, so a journal that holds notes at start was stopped
+uncleanly.
 
 After an unclean stop, recovery (repl/capture.py) skips the records under a
 NAME note (the path may name another file now) and resends every noted
@@ -41,6 +46,7 @@ whole, the others in place.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +57,7 @@ from store.records import NAMESPACE_OPS, Note, NoteKind, Op, is_under
 EXTENT = 4 << 20  # a DATA note's step: one note, and one flush, per 4 MiB first written
 BIG = 64 * EXTENT  # a range past this is noted as one span, not extent by extent
 NAME_COVER_SECONDS = 60.0  # a NAME note covers what is made under it for this long
+RETAIN_SECONDS = 10.0  # a file's notes stay this long after its last change (2 timer syncs)
 _ATTR_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES})
 _XATTR_OPS = frozenset({Op.SETXATTR, Op.REMOVEXATTR})
 _DEEP = 64  # path components past which ancestors are found by scanning the notes
@@ -101,7 +108,9 @@ class ActivityLog:
         self.data: dict[bytes, _Data] = {}
         self.attrs: dict[bytes, int] = {}
         self.xattrs: dict[tuple[bytes, bytes], int] = {}
+        self.dormant: dict[bytes, float] = {}  # young NAME notes a reset dropped -> made
         self.epoch_at = 0  # where the last reset's BACKING sync began
+        self._resets: deque[tuple[float, int]] = deque()  # (time.monotonic(), at) of resets
         self._added = False  # a note was added since the last reset
         self.add(notes, -1)
 
@@ -116,13 +125,17 @@ class ActivityLog:
         now = time.monotonic()
         path = fields.get("path", b"")
         if op in NAMESPACE_OPS:
-            out = []
+            out: list[Note] = []
             for name in changed_names(op, fields):
                 entry = self._name_cover(name, now)
-                if entry is None:
-                    out.append(Note(NoteKind.NAME, name))
-                else:
+                if entry is not None:
                     entry.last_use = entry.last_ns_use = at
+                    continue
+                young = [top for top in self._ancestors(name, self.dormant)
+                         if now - self.dormant[top] < NAME_COVER_SECONDS]
+                note = Note(NoteKind.NAME, young[-1] if young else name)  # the highest
+                if note not in out:
+                    out.append(note)
             return out
         young = self._young_name(path, now)
         if young is not None:  # made (or made in) since the last reset: it covers
@@ -164,15 +177,19 @@ class ActivityLog:
                 return entry
         return None
 
-    def _ancestors(self, path: bytes) -> list[bytes]:
-        """The noted NAME paths strictly above *path*."""
-        if not self.names:
+    def _ancestors(self, path: bytes, names: Mapping[bytes, object] | None = None
+                   ) -> list[bytes]:
+        """The paths of *names* (the NAME notes in force) strictly above *path*,
+        nearest first."""
+        names = self.names if names is None else names
+        if not names:
             return []
         if path.count(b"/") > _DEEP:
-            return [top for top in self.names if top != path and is_under(path, top)]
+            return sorted((top for top in names if top != path and is_under(path, top)),
+                          key=len, reverse=True)
         out, end = [], len(path)
         while (end := path.rfind(b"/", 0, end)) > 0:
-            if path[:end] in self.names:
+            if path[:end] in names:
                 out.append(path[:end])
         return out
 
@@ -207,7 +224,7 @@ class ActivityLog:
         for note in notes:
             self._added = True
             if note.kind == NoteKind.NAME:
-                self.names[note.path] = _Name(now, at, at)
+                self.names[note.path] = _Name(self.dormant.pop(note.path, now), at, at)
             elif note.kind == NoteKind.ATTR:
                 self.attrs[note.path] = at
             elif note.kind == NoteKind.XATTR:
@@ -228,16 +245,25 @@ class ActivityLog:
 
     def reset(self, at: int, *, retain: bool = True) -> list[Note] | None:
         """BACKING is durable up to log position *at*: drop the notes no op used after
-        it, unless (with *retain*) one used them since the previous reset.
+        it, but (with *retain*) those of files changed in the last RETAIN_SECONDS.
 
         Returns the notes to journal in place of all (``Journal.reset_notes``), or
         None if none was dropped or added since the last reset.
         """
-        since = self.epoch_at if retain else at
+        now = time.monotonic()
+        self._resets.append((now, at))
+        while len(self._resets) > 1 and now - self._resets[1][0] >= RETAIN_SECONDS:
+            self._resets.popleft()
+        oldest_time, oldest_at = self._resets[0]
+        since = at if not retain else oldest_at if now - oldest_time >= RETAIN_SECONDS else -1
         self.epoch_at = at
         before = len(self.notes())
-        self.names = {p: e for p, e in self.names.items()
-                      if e.last_use >= at or (retain and e.last_ns_use >= since)}
+        for path, entry in list(self.names.items()):
+            if entry.last_use < at:
+                del self.names[path]
+                self.dormant[path] = entry.made
+        self.dormant = {p: made for p, made in self.dormant.items()
+                        if now - made < NAME_COVER_SECONDS}
         self.attrs = {p: use for p, use in self.attrs.items() if use >= since}
         self.xattrs = {k: use for k, use in self.xattrs.items() if use >= since}
         for path in list(self.data):

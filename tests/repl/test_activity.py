@@ -60,8 +60,9 @@ def test_activity_need_ok_name_covers_data_only_in_the_epoch_of_its_namespace_op
     log = ActivityLog()
     noted(log, Op.CREATE, 1, path=b"f")
     write = {"path": b"f", "offset": 0, "data": b"x"}
-    assert log.need(Op.WRITE, write, 2) == []
+    assert log.need(Op.WRITE, write, 12) == []
     log.reset(10)
+    assert b"f" in log.names, "a write after the sync began used it: it stays"
     assert log.need(Op.WRITE, write, 11) == [Note(DATA, b"f", 0, EXTENT)], \
         "a file made before BACKING's last sync gets notes of its own"
 
@@ -109,17 +110,23 @@ def test_activity_under_name_ok_deep_path() -> None:
     assert not ActivityLog([Note(NAME, b"e")]).under_name(deep)
 
 
-def test_activity_reset_ok_keeps_what_was_used_since_the_previous_reset() -> None:
+def test_activity_reset_ok_keeps_a_file_changed_lately(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(activity.time, "monotonic", lambda: clock[0])
     log = ActivityLog()
     noted(log, Op.WRITE, 1, path=b"hot", offset=0, data=b"x")
     noted(log, Op.WRITE, 2, path=b"cold", offset=0, data=b"x")
-    noted(log, Op.CREATE, 3, path=b"made")
-    assert log.reset(10) == [Note(NAME, b"made"), Note(DATA, b"cold", 0, EXTENT),
-                             Note(DATA, b"hot", 0, EXTENT)]
+    noted(log, Op.CHMOD, 3, path=b"cold")
+    assert log.reset(10) == [Note(DATA, b"cold", 0, EXTENT), Note(DATA, b"hot", 0, EXTENT),
+                             Note(ATTR, b"cold")]
+    clock[0] += activity.RETAIN_SECONDS / 2
     assert log.need(Op.WRITE, {"path": b"hot", "offset": 1, "data": b"y"}, 11) == []
-    assert log.reset(20) == [Note(DATA, b"hot", 0, EXTENT)]
-    assert log.reset(30) == []
-    assert log.reset(40) is None, "nothing dropped or added: nothing to journal"
+    assert log.reset(20) is None, "nothing dropped or added: nothing to journal"
+    clock[0] += activity.RETAIN_SECONDS / 2
+    assert log.reset(30) == [Note(DATA, b"hot", 0, EXTENT)]
+    clock[0] += activity.RETAIN_SECONDS
+    assert log.reset(40) == []
 
 
 def test_activity_reset_ok_always_keeps_what_an_op_after_the_sync_began_used() -> None:
@@ -131,19 +138,35 @@ def test_activity_reset_ok_always_keeps_what_an_op_after_the_sync_began_used() -
     assert log.reset(16, retain=False) == []
 
 
-def test_activity_reset_ok_name_kept_only_while_namespace_ops_use_it() -> None:
+def test_activity_reset_ok_young_directory_noted_again_once_a_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NAME note goes at the first reset no op needed it for; the next name made
+    under a young directory notes the directory again, not the name."""
     log = ActivityLog()
     noted(log, Op.MKDIR, 1, path=b"d")
+    made = log.names[b"d"].made
+    assert log.need(Op.CREATE, {"path": b"d/f"}, 2) == []
     log.reset(10)
-    assert log.need(Op.CREATE, {"path": b"d/f"}, 11) == []
-    assert log.need(Op.WRITE, {"path": b"d/f", "offset": 0, "data": b"x"}, 12) == []
+    assert b"d" not in log.names
+    assert noted(log, Op.CREATE, 11, path=b"d/g") == [Note(NAME, b"d")]
+    assert log.names[b"d"].made == made, "as young as it was"
+    assert log.need(Op.RENAME, {"path": b"d/g", "path2": b"d/h"}, 12) == []
+    assert log.need(Op.WRITE, {"path": b"d/h", "offset": 0, "data": b"x"}, 13) == []
     log.reset(20)
-    assert b"d" in log.names
-    assert noted(log, Op.WRITE, 21, path=b"d/f", offset=0, data=b"x") == [
-        Note(DATA, b"d/f", 0, EXTENT)]
+    assert noted(log, Op.WRITE, 21, path=b"d/h", offset=0, data=b"x") == [
+        Note(DATA, b"d/h", 0, EXTENT)], "a write covers nothing made: it gets its own note"
+    monkeypatch.setattr(activity.time, "monotonic",
+                        lambda: made + activity.NAME_COVER_SECONDS)
     log.reset(30)
-    assert b"d" not in log.names, "writes alone do not keep a NAME note"
-    assert log.notes() == [Note(DATA, b"d/f", 0, EXTENT)]
+    assert log.need(Op.CREATE, {"path": b"d/i"}, 31) == [Note(NAME, b"d/i")]
+
+
+def test_activity_reset_ok_name_kept_while_an_op_after_the_sync_began_used_it() -> None:
+    log = ActivityLog()
+    noted(log, Op.MKDIR, 1, path=b"d")
+    assert log.need(Op.CREATE, {"path": b"d/f"}, 12) == []
+    log.reset(10)
+    assert b"d" in log.names
 
 
 def test_activity_notes_ok_compacted() -> None:
