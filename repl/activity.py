@@ -51,7 +51,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from repl import faults
 from repl.diverge import END, Divergence
+from store.journal import Journal
 from store.records import NAMESPACE_OPS, Note, NoteKind, Op, is_under
 
 EXTENT = 4 << 20  # a DATA note's step: one note, and one flush, per 4 MiB first written
@@ -61,6 +63,22 @@ RETAIN_SECONDS = 10.0  # a file's notes stay this long after its last change (2 
 _ATTR_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES})
 _XATTR_OPS = frozenset({Op.SETXATTR, Op.REMOVEXATTR})
 _DEEP = 64  # path components past which ancestors are found by scanning the notes
+
+
+BOOT = b"boot"  # journal meta: the machine's boot id when the daemon last started
+
+
+def power_lost(journal: Journal) -> bool:
+    """Whether the machine rebooted since the journal's daemon last started: the page
+    cache went, and with it whatever the notes in force name may differ from the
+    journal. (After a crash of the daemon alone nothing was lost.)"""
+    boot = faults.boot_id()
+    return not boot or journal.get_meta(BOOT) != boot
+
+
+def note_boot(journal: Journal) -> None:
+    """Journal this boot's id, for ``power_lost`` at the next start."""
+    journal.put_meta(BOOT, faults.boot_id())
 
 
 def changed_names(op: Op, fields: Mapping[str, Any]) -> list[bytes]:

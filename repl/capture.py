@@ -71,7 +71,7 @@ import trio
 
 from repl import apply as applier
 from repl import faults, metrics, resync
-from repl.activity import ActivityLog, name_roots
+from repl.activity import ActivityLog, name_roots, note_boot, power_lost
 from repl.diverge import Divergence
 from repl.touched import Touched
 from repl.tree import Tree
@@ -102,7 +102,6 @@ BACKING_SYNC_FILES = 1024  # ... and as soon as this many files and directories 
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
 _BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
-_BOOT = b"boot"  # the machine's boot id when the daemon last started (repl/faults.py)
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
@@ -630,8 +629,7 @@ class Capture:
         Returns a line saying what was done, or None if nothing was needed.
         """
         notes = list(self.journal.notes)
-        boot = faults.boot_id()
-        rebooted = self.journal.get_meta(_BOOT) != boot or not boot
+        rebooted = power_lost(self.journal)
         roots = name_roots(notes) if rebooted else []
         last = self.journal.last()
         pending = (last is not None and last.op not in (Op.SYNC, Op.VOID)
@@ -666,7 +664,7 @@ class Capture:
             self.backing.sync_node(path.rpartition(b"/")[0])
         self.backing_at = self.journal.end
         self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
-        self.journal.put_meta(_BOOT, boot)
+        note_boot(self.journal)
         self.activity = ActivityLog()
         self.activity.reset(self.backing_at)
         self.journal.reset_notes([])
