@@ -614,13 +614,15 @@ class Capture:
         1. The records past ``backing_at`` are replayed (``_replay``).
         2. The last record, if nothing was journaled after it, may never have
            reached BACKING: it is redone by the applier's redo rule; an op that
-           fails again is voided, as it would have been.
+           fails again is voided, as it would have been. (Anything journaled
+           after it shows its op ran: a handler journals, then does its op.)
         3. Notes in the activity log mean the daemon stopped uncleanly (a clean
            stop leaves none). If the machine rebooted since (the power went), the
            page cache went with it: BACKING may hold changes the journal lost,
            and records under a NAME note may not name their file any more. Those
-           records are not replayed, and what the notes name is resent
-           (``_resend``). After a crash of the daemon alone nothing was lost.
+           records are neither replayed nor redone, and what the notes name is
+           resent (``_resend``). After a crash of the daemon alone nothing was
+           lost, and nothing is resent.
         4. The open set, if it has ops and is not held open, is closed, with the
            UTIMES of every path it touched.
 
