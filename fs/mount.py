@@ -20,10 +20,11 @@ from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.link import FrameDialer
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, staging_dir_of
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
-from repl.tls import link_credentials
+from repl.tls import Credentials, link_credentials
 from repl.tree import Tree
 from store.hold import ApplyLock, is_held, read_applied, read_syncing
 from store.journal import Journal
@@ -102,9 +103,9 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             log.info("recovered the journal: %s", note)
         sender = None
         if peer is not None:
-            sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
-                            stall_seconds=cfg.stall_seconds, settled=capture.lock,
-                            creds=creds, compress_level=cfg.compress_level,
+            sender = Sender(journal, FrameDialer(*peer, creds), streams=cfg.streams,
+                            scramble=cfg.scramble, stall_seconds=cfg.stall_seconds,
+                            settled=capture.lock, compress_level=cfg.compress_level,
                             max_rate=cfg.max_rate)
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
@@ -123,7 +124,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, sender, mountpoint, sock, operations, backing, scrape)
+            await _serve(capture, sender, creds, mountpoint, sock, operations, backing, scrape)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -135,8 +136,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         journal.close()
 
 
-async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path,
+async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | None,
+                 mountpoint: Path, sock: Path, operations: PrimaryFS, backing: Path,
                  scrape: list[trio.SocketListener]) -> None:
     async def applied_within(set_id: int, seconds: float) -> str | None:
         """Wait for the connected secondary to apply *set_id*; say why not, if not."""
@@ -196,8 +197,7 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
-            creds = sender.creds
-            out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,
+            out |= {"secondary": sender.address, "connected": st.connected,
                     "insecure": creds is None, "tls_name": creds.name if creds else None,
                     "tls_peer": creds.peer if creds else None,
                     "streams": st.streams, "peer": st.peer_node,

@@ -91,7 +91,7 @@ def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]
                 capture.progress_total if capture.overflow else 0)
     if sender is None:
         return
-    st, to = sender.status, f"{sender.host}:{sender.port}"
+    st, to = sender.status, sender.address
     yield gauge("replfs_secondary_connected", "1 while a session with the secondary is up",
                 int(st.connected), secondary=to)
     yield gauge("replfs_connected_streams", "TCP streams of the replication session",
