@@ -20,7 +20,10 @@ from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
-from repl.link import FrameDialer
+from repl.iscsi import chap
+from repl.iscsi.link import IscsiDialer
+from repl.iscsi.names import is_iscsi, parse_url
+from repl.link import Dialer, FrameDialer
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, staging_dir_of
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
@@ -77,6 +80,7 @@ class PrimaryConfig:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
     compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
+    chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -86,11 +90,28 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     check_mountpoint(mountpoint)
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
-    peer = parse_address(cfg.secondary) if cfg.secondary else None
-    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate):
-        raise UsageError("--tls, --peer, --insecure and --max-rate are for the link to a "
-                         "secondary: they need --secondary HOST:PORT")
-    creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
+    if cfg.secondary is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate
+                                  or cfg.chap):
+        raise UsageError("--tls, --peer, --insecure, --chap and --max-rate are for the link "
+                         "to a secondary: they need --secondary HOST:PORT")
+    creds, secrets = None, None
+    iscsi = cfg.secondary is not None and is_iscsi(cfg.secondary)
+    if iscsi:
+        assert cfg.secondary is not None
+        parse_url(cfg.secondary)
+        if cfg.tls or cfg.peer or cfg.insecure:
+            raise UsageError("an iscsi:// secondary is plain iSCSI over TCP with mutual CHAP "
+                             "(--chap FILE), not --tls, --peer or --insecure")
+        if cfg.chap is None:
+            raise UsageError("an iscsi:// secondary needs --chap FILE, the CHAP secrets "
+                             "(make them with 'replfs chap FILE')")
+        secrets = chap.load(cfg.chap)
+    elif cfg.secondary is not None:
+        if cfg.chap:
+            raise UsageError("--chap is for an iscsi:// secondary")
+        host = parse_address(cfg.secondary)[0]
+        creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, host)
+    peer = cfg.secondary
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
@@ -103,13 +124,21 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             log.info("recovered the journal: %s", note)
         sender = None
         if peer is not None:
-            sender = Sender(journal, FrameDialer(*peer, creds), streams=cfg.streams,
+            dialer: Dialer = (IscsiDialer(peer, secrets, journal.identity.node)
+                              if secrets is not None else
+                              FrameDialer(*parse_address(peer), creds))
+            sender = Sender(journal, dialer, streams=cfg.streams,
                             scramble=cfg.scramble, stall_seconds=cfg.stall_seconds,
-                            settled=capture.lock, compress_level=cfg.compress_level,
+                            settled=capture.lock,
+                            # one record, one SCSI WRITE: no compression over iSCSI
+                            compress_level=0 if iscsi else cfg.compress_level,
                             max_rate=cfg.max_rate)
-            if creds is None:
-                log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
-                            "nobody authenticated, nothing encrypted", *peer)
+            if iscsi:
+                log.info("replicating to %s over iSCSI, mutual CHAP as %s: authenticated, "
+                         "not encrypted", peer, secrets and secrets.initiator_name)
+            elif creds is None:
+                log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
+                            "nobody authenticated, nothing encrypted", peer)
             capture.on_append = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
@@ -197,8 +226,11 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
+            iscsi = is_iscsi(sender.address)
             out |= {"secondary": sender.address, "connected": st.connected,
-                    "insecure": creds is None, "tls_name": creds.name if creds else None,
+                    "transport": "iscsi" if iscsi else "frames",
+                    "insecure": creds is None and not iscsi,
+                    "tls_name": creds.name if creds else None,
                     "tls_peer": creds.peer if creds else None,
                     "streams": st.streams, "peer": st.peer_node,
                     "last_shipped": list(st.shipped), "last_applied": st.applied,

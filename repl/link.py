@@ -27,6 +27,8 @@ from repl import tls
 from repl.errors import Refused
 from repl.protocol import Connection, Frame
 
+CONNECT_SECONDS = 10.0  # a link not open by then is given up (the session is tried again)
+
 
 class Link(Protocol):
     """One stream of a replication session: frames both ways.
@@ -55,8 +57,9 @@ class Dialer(Protocol):
     def open(self) -> AbstractAsyncContextManager[Link]:
         """A new link, ready for the primary's HELLO; closed when the context exits.
 
-        Raises Refused if the secondary turned us away before any HELLO (a
-        certificate, a CHAP secret), or what ``Link.receive`` raises.
+        Gives up with trio.TooSlowError after CONNECT_SECONDS. Raises Refused if
+        the secondary turned us away before any HELLO (a certificate, a CHAP
+        secret), or what ``Link.receive`` raises.
         """
         ...
 
@@ -71,26 +74,31 @@ class FrameDialer:
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Link]:
-        conn = Connection(await self._connect())
+        with trio.fail_after(CONNECT_SECONDS):
+            conn = Connection(await self._connect())
         try:
-            if self.creds is not None:
-                try:
-                    await conn.expect_magic()
-                except trio.BrokenResourceError as exc:
-                    if tls.broken_record(exc) is not None:
-                        raise  # a corrupt record: the link's fault, not a refusal
-                    raise Refused("the secondary closed the link right after the TLS "
-                                  "handshake: it did not accept our certificate (its log "
-                                  "says why)") from None
-                await conn.send_magic()
-            else:
-                # The secondary peeks at our first byte before it says anything.
-                await conn.send_magic()
-                await conn.expect_magic()
+            with trio.fail_after(CONNECT_SECONDS):
+                await self._greet(conn)
             yield conn
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
+
+    async def _greet(self, conn: Connection) -> None:
+        """Both magics, in the order the secondary expects them."""
+        if self.creds is None:
+            # The secondary peeks at our first byte before it says anything.
+            await conn.send_magic()
+            await conn.expect_magic()
+            return
+        try:
+            await conn.expect_magic()
+        except trio.BrokenResourceError as exc:
+            if tls.broken_record(exc) is not None:
+                raise  # a corrupt record: the link's fault, not a refusal
+            raise Refused("the secondary closed the link right after the TLS handshake: it "
+                          "did not accept our certificate (its log says why)") from None
+        await conn.send_magic()
 
     async def _connect(self) -> trio.abc.Stream:
         """A new link to the secondary: over TLS, once its certificate checked out.

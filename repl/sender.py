@@ -198,12 +198,14 @@ class Sender:
         conns: list[Link] = []
         async with AsyncExitStack() as links:
             start, compress = 0, self._compressor is not None
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                for index in range(self.nstreams):
-                    conn = await links.enter_async_context(self.dialer.open())
-                    conns.append(conn)
+            deadline = trio.current_time() + HANDSHAKE_TIMEOUT
+            for index in range(self.nstreams):
+                # The dialer bounds its own connect; no scope may span a link's opening.
+                conn = await links.enter_async_context(self.dialer.open())
+                conns.append(conn)
+                with trio.fail_at(deadline):
                     start, takes_zstd = await self._handshake(conn, session, index)
-                    compress = compress and takes_zstd
+                compress = compress and takes_zstd
             restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
             if restart is not None:
                 await conns[0].send(reset_to(restart))

@@ -28,6 +28,7 @@ from repl.iscsi.pdu import F_FINAL, NO_TAG, Opcode, Pdu, PduStream, sn_lt, words
 _R, _W, _SIMPLE = 0x40, 0x20, 0x01
 _DATA_S = 0x01
 LOGOUT_SECONDS = 1.0
+LOGIN_SECONDS = 10.0  # a target that has not let us in by then is given up
 # What ends a session: the link broke or closed, or the target broke the protocol.
 ENDS = (ProtocolError, OSError, trio.BrokenResourceError, trio.EndOfChannel,
         trio.ClosedResourceError)
@@ -252,11 +253,14 @@ def new_isid() -> int:
 async def open_session(host: str, port: int, secrets_: chap.Secrets, initiator: str,
                        target: str | None) -> AsyncIterator[Initiator]:
     """A logged-in session to *target* on *host*:*port* (discovery if None), its reader
-    running; logged out and closed when the context exits."""
-    stream = await trio.open_tcp_stream(host, port)
+    running; logged out and closed when the context exits. Raises trio.TooSlowError
+    if the connect or the login take over LOGIN_SECONDS each."""
+    with trio.fail_after(LOGIN_SECONDS):
+        stream = await trio.open_tcp_stream(host, port)
     pdus = PduStream(stream, text.MAX_RECV)
     try:
-        session = await login.initiate(pdus, secrets_, initiator, target, new_isid())
+        with trio.fail_after(LOGIN_SECONDS):
+            session = await login.initiate(pdus, secrets_, initiator, target, new_isid())
         initiator_ = Initiator(pdus, session)
         async with trio.open_nursery() as nursery:
             await nursery.start(initiator_.run)

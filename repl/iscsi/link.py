@@ -21,45 +21,18 @@ compression over iSCSI.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 
-from repl.errors import ProtocolError, UsageError
+from repl.errors import ProtocolError
 from repl.iscsi import chap, scsi
 from repl.iscsi.initiator import Initiator, Result, open_session
+from repl.iscsi.names import parse_url
 from repl.link import Link
 from repl.protocol import Frame, FrameReader, FrameType, applied, staged
 from store.records import peek_key
-
-SCHEME = "iscsi://"
-DEFAULT_PORT = 3260
-DEFAULT_IQN = "iqn.2025-01.io.replfs:replica"
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s/]+)?|eui\.[0-9A-Fa-f]{16})$")
-
-
-def is_iscsi(address: str) -> bool:
-    return address.startswith(SCHEME)
-
-
-def check_iqn(name: str) -> str:
-    if not _IQN.match(name):
-        raise UsageError(f"{name!r} is not an iSCSI name (for example {DEFAULT_IQN})")
-    return name
-
-
-def parse_url(url: str) -> tuple[str, int, str]:
-    """(host, port, target IQN) of ``iscsi://HOST[:PORT]/IQN``; else UsageError."""
-    rest = url.removeprefix(SCHEME)
-    where, _, iqn = rest.partition("/")
-    host, sep, port = where.rpartition(":")
-    if not sep:
-        host, port = where, str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or not iqn:
-        raise UsageError(f"{url!r} is not iscsi://HOST:PORT/IQN")
-    return host.strip("[]"), int(port), check_iqn(iqn)
 
 
 class InitiatorLink:
