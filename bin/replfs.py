@@ -197,7 +197,9 @@ def build_parser() -> Parser:
     positional(p, "target", "MOUNTPOINT|REPLICA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    command("demo", "run a primary and a secondary on loopback through a crash")
+    p = command("demo", "run a primary and a secondary on loopback through a crash")
+    p.add_argument("--transport", choices=("frames", "iscsi"), default="frames",
+                   help="replfs frames over TLS (default), or iSCSI with mutual CHAP")
 
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from demo import run as demo
 
-            return demo()
+            return demo(args.transport)
         elif args.command == "chap":
             chap.make(args.file, args.initiator, args.target)
             print(f"made {args.file}: copy it to both hosts (mode 0600) and pass --chap "
