@@ -9,7 +9,9 @@ minute. The table gives each figure and the ratio replicated/native
 (native/replicated for latencies). Then, with the secondary: lag from a set's close to its apply
 (``checkpoint --wait`` round trips under a steady writer), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
-application byte.
+application byte. Last, the standby's reads (bin/bench_reads.py): the
+secondary's cached standby mount against the replica directory, idle and
+while sets arrive.
 
 Timed workloads run for a fixed time and count what they did; the file
 writers write a fixed volume (``--quick``: smaller volumes, shorter times,
@@ -47,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_reads
 from demo import Proc, links
 
 from repl import applier, control
@@ -59,6 +62,9 @@ JOURNAL_MAX = "4G"
 TARGETS = ("native", "replfs", "replfs_replicated")
 
 
+READS = bench_reads.ReadPlan(big=256 * MiB, seconds=2.0, rounds=3)
+
+
 @dataclass(frozen=True)
 class Plan:
     seq_bytes: int  # seq_write volume
@@ -69,12 +75,14 @@ class Plan:
     stat_files: int = 2_000
     dir_entries: int = 10_000
     rounds: int = 3  # each figure is the median of this many runs
+    reads: bench_reads.ReadPlan = READS
 
 
 FULL = Plan(seq_bytes=512 * MiB, rand_file=256 * MiB, seconds=5.0, lag_seconds=20.0,
             outage_bytes=1024 * MiB)
 QUICK = Plan(seq_bytes=64 * MiB, rand_file=32 * MiB, seconds=0.5, lag_seconds=3.0,
-             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1)
+             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1,
+             reads=bench_reads.ReadPlan(big=32 * MiB, seconds=0.5, rounds=1))
 
 
 @dataclass
@@ -308,6 +316,7 @@ class Bench:
         self.results: dict[str, dict[str, list[Result]]] = {
             key: {target: [] for target in TARGETS} for key, _, _ in WORKLOADS}
         self.replication: dict[str, float] = {}
+        self.reads: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.primary_tls, self.secondary_tls = links(tmp)  # TLS, as replfs runs by default
 
@@ -325,9 +334,14 @@ class Bench:
         return self.daemon(name, ["primary", str(backing), str(mount), *extra], "serving"), mount
 
     def secondary(self, port: int = 0) -> tuple[Daemon, int]:
-        replica = self.tmp / "replica"
+        """The secondary, serving its cached standby mount at TMP/standby too."""
+        replica, standby = self.tmp / "replica", self.tmp / "standby"
+        standby.mkdir(exist_ok=True)
+        if standby not in self.mounts:
+            self.mounts.append(standby)
         daemon = self.daemon("secondary", ["secondary", str(replica), "--listen",
-                                           f"127.0.0.1:{port}", *self.secondary_tls],
+                                           f"127.0.0.1:{port}", "--mount", str(standby),
+                                           *self.secondary_tls],
                              "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
@@ -381,6 +395,10 @@ class Bench:
         self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
         alone.stop()
         unmount(alone_mount)
+        say("standby reads: the secondary's cached standby mount against the replica "
+            "directory")
+        self.reads = bench_reads.run(mount, self.tmp / "replica", self.tmp / "standby",
+                                     self.plan.reads, checkpoint, say)
         self.lag(mount)
         sec = self.outage(mount, sec, port)
         self.replication |= {  # RssAnon at the end leaves out the mapped LMDB pages VmHWM counts
@@ -544,11 +562,12 @@ def report(bench: Bench) -> dict[str, Any]:
         workloads[key] = entry
     return {"workloads": workloads,
             "replication": {k: round(v, 3) for k, v in bench.replication.items()},
-            "warnings": bench.warnings}
+            "standby_reads": bench.reads, "warnings": bench.warnings}
 
 
 def table(out: dict[str, Any]) -> str:
-    rows = [("workload", "unit", "native", "replfs", "replicated", "ratio")]
+    rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
+                                    "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))
@@ -578,6 +597,9 @@ def table(out: dict[str, Any]) -> str:
         for key, value in out["replication"].items():
             shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
             lines.append(f"  {key:<26} {shown:>14}")
+    if out["standby_reads"]:
+        lines.append("")
+        lines.extend(bench_reads.table(out["standby_reads"]))
     lines.extend(f"warning: {text}" for text in out["warnings"])
     return "\n".join(lines)
 

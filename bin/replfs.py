@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import PrimaryConfig, run_primary, run_standby
+from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
 from repl import config, control, tls
 from repl.config import address, count, iqn, level, positive, secondary_address, size
 from repl.iscsi import chap
@@ -158,10 +159,14 @@ def build_parser() -> Parser:
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
+    p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
+                   help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
+                        "cached by the kernel (whole data sets only, as with replfs mount)")
     metrics_option(p)
     log_options(p)
 
-    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
+    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
+                         "(uncached; see secondary --mount)")
     positional(p, "replica", "REPLICA")
     positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
@@ -299,9 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.listen is None and args.iscsi is None:
                 args.parser.error("the following arguments are required: --listen or --iscsi "
                                   "(on the command line or in [secondary] of --config FILE)")
-            trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
-                     args.peer, args.insecure, args.rejoin, args.metrics, args.iscsi,
-                     args.iqn, args.chap)
+            if args.mount:
+                trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
+                         args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                         args.metrics, args.iscsi, args.iqn, args.chap)
+            else:
+                trio.run(functools.partial(
+                    run_secondary, args.replica, args.listen, args.staging, args.tls,
+                    args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
+                    iqn=args.iqn, chap_file=args.chap))
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":

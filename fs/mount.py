@@ -1,4 +1,4 @@
-"""Run the primary: recover the journal, mount, serve until unmounted or signalled."""
+"""Run the mounts: the primary; a standby on its own; a standby served by the secondary."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from repl.config import parse_address
 from repl.errors import UsageError
 from repl.iscsi import chap
 from repl.iscsi.link import IscsiDialer
-from repl.iscsi.names import is_iscsi, parse_url
+from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
 from repl.link import Dialer, FrameDialer
 from repl.sdnotify import notify
-from repl.secondary import default_state_dir, staging_dir_of
+from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import Credentials, link_credentials
 from repl.tree import Tree
@@ -221,7 +221,7 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
                      "overflow" if capture.overflow else "streaming"),
         }
         if capture.overflow:
-            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes(),
+            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
                     "resync_done_bytes": capture.progress_done,
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
@@ -289,7 +289,10 @@ async def serve_requests() -> None:
 
 
 async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
-    """Mount a read-only view of *replica* that only ever shows whole data sets."""
+    """Mount a read-only view of *replica* that only ever shows whole data sets.
+
+    Nothing tells this process what a set changes, so the kernel caches nothing.
+    """
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     check_mountpoint(mountpoint)
@@ -300,27 +303,16 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
                          "has no consistent set to show yet; see replfs status on the primary")
     lock = ApplyLock(where)
     inodes = Inodes(str(replica), verify=True)
-    sock = control.socket_path(mountpoint)
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
     try:
-        try:
-            pyfuse3.init(StandbyFS(inodes, lock, where), str(mountpoint),
-                         mount_options() | {"ro"})
-        except RuntimeError:
-            raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
-                             "check permissions and that it is not in use") from None
+        _mount_standby(StandbyFS(inodes, lock, where), mountpoint)
         with lock.shared():
             shown = read_applied(where)
         log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
-
-        async def status(_: dict[str, Any]) -> dict[str, Any]:
-            with lock.shared():
-                return {"role": "standby mount", "replica": str(replica),
-                        "mountpoint": str(mountpoint), "shows_set": read_applied(where),
-                        "held": is_held(where)}
-
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, sock, {"status": status})
+                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
+                                    cached=False)
                 await nursery.start(_terminate_on_signal)
                 notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests()
@@ -331,6 +323,76 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
     finally:
         inodes.close()
         lock.close()
+
+
+async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | None,
+                                staging: Path | None, tls: Path | None, peer: str | None,
+                                insecure: bool, rejoin: bool = False,
+                                metrics_at: str | None = None, iscsi: str | None = None,
+                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None
+                                ) -> None:
+    """The secondary (repl/secondary.py), also serving the standby mount of its replica.
+
+    In one process, the applier can drop the kernel's caches of what each batch
+    touches before applying it (fs/kernel_cache.py), so the kernel caches the view.
+    If the mount is unmounted from outside, replication goes on without it.
+    """
+    check_mountpoint(mountpoint)
+    make_replica(replica)
+    where = staging_dir_of(replica, staging)
+    lock = ApplyLock(where)
+    inodes = Inodes(str(replica), verify=True)
+    operations = StandbyFS(inodes, lock, where, cached=True)
+    cache = operations.cache
+    assert cache is not None
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+    try:
+        _mount_standby(operations, mountpoint)
+        log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
+
+        async def serve_mount() -> None:
+            await serve_requests()
+            cache.mounted = False
+            log.info("unmounted %s; the secondary goes on without it", mountpoint)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
+                                    cached=True)
+                nursery.start_soon(serve_mount)
+                await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
+                                    metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
+                                    chap_file=chap_file)
+                nursery.cancel_scope.cancel()
+        finally:
+            cache.mounted = False
+            pyfuse3.close(unmount=True)
+    finally:
+        inodes.close()
+        lock.close()
+
+
+def _mount_standby(operations: StandbyFS, mountpoint: Path) -> None:
+    try:
+        pyfuse3.init(operations, str(mountpoint), mount_options() | {"ro"})
+    except RuntimeError:
+        raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
+                         "check permissions and that it is not in use") from None
+
+
+async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountpoint: Path,
+                        lock: ApplyLock, where: Path, cached: bool) -> None:
+    """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
+    holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        out = {"role": "standby mount", "replica": str(replica),
+               "mountpoint": str(mountpoint), "held": is_held(where), "cached": cached}
+        if not cached:
+            with lock.shared():
+                out["shows_set"] = read_applied(where)
+        return out
+
+    await nursery.start(control.serve, sock, {"status": status})
 
 
 async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -131,8 +131,8 @@ def apply(tree: Tree, record: Record) -> None:
     if op == Op.RESET:
         tree.forget_dirs()
         _empty_dir(tree.root_fd)
-        for name in os.listxattr(tree.root_fd):
-            os.removexattr(tree.root_fd, name)
+        for attr in os.listxattr(tree.root_fd):
+            os.removexattr(tree.root_fd, attr)
         return
     if op == Op.PRUNE:
         st = tree.lstat(record.path)

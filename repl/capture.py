@@ -349,7 +349,7 @@ class Capture:
         self._trim()
         if self.overflow and applied >= self.journal.set - 1:
             if not self.progress_total:
-                self.progress_done, self.progress_total = 0, self.dirty.bytes()
+                self.progress_done, self.progress_total = 0, self.dirty.total()
             self.resync_wanted.set()
 
     def _trim(self) -> None:

@@ -207,7 +207,8 @@ def where(listeners: list[trio.SocketListener]) -> str:
 
 
 async def serve(listeners: list[trio.SocketListener], reg: CollectorRegistry, *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
     """Answer ``GET /metrics`` on *listeners* until cancelled; each connection gets one
     answer and is closed."""
     async def answer(stream: trio.SocketStream) -> None:

@@ -17,6 +17,7 @@ from repl import control, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.footprint import Invalidator
 from repl.gate import Gate
 from repl.iscsi import chap, target
 from repl.iscsi.names import DEFAULT_IQN
@@ -156,15 +157,27 @@ async def _stop_on_signal(scope: trio.CancelScope, *,
             return
 
 
+def make_replica(replica: Path) -> None:
+    """Create the replica directory if it is missing (not its parents)."""
+    if not replica.is_dir():
+        if not replica.parent.is_dir():
+            raise UsageError(f"replica {replica}: its parent directory does not exist")
+        replica.mkdir()
+
+
 async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | None,
                         tls: Path | None, peer: str | None, insecure: bool,
                         rejoin: bool = False, metrics_at: str | None = None,
-                        iscsi: str | None = None, iqn: str = DEFAULT_IQN,
-                        chap_file: Path | None = None) -> None:
+                        invalidator: Invalidator | None = None, iscsi: str | None = None,
+                        iqn: str = DEFAULT_IQN, chap_file: Path | None = None) -> None:
     """Serve *replica*: accept the primary on *listen* (replfs frames), with the TLS
     credentials ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback
     (*insecure*), and on *iscsi* as the iSCSI target *iqn* with the CHAP secrets in
-    *chap_file*; serve Prometheus metrics on *metrics_at* (HOST:PORT) if given."""
+    *chap_file*; serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
+
+    *invalidator*: the kernel caches of a standby mount of the replica, which the
+    applier drops as it applies sets (fs/kernel_cache.py).
+    """
     if listen is None and (tls or peer or insecure):
         raise UsageError("--tls, --peer and --insecure are for --listen (replfs frames); "
                          "the iSCSI target is authenticated with --chap")
@@ -175,10 +188,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
     creds = link_credentials(tls, peer, insecure, host) if listen else None
     secrets = chap.load(chap_file) if chap_file is not None else None
     scrape = await metrics.listen(metrics_at) if metrics_at else []
-    if not replica.is_dir():
-        if not replica.parent.is_dir():
-            raise UsageError(f"replica {replica}: its parent directory does not exist")
-        replica.mkdir()
+    make_replica(replica)
     os.umask(0)
     old_journal = _old_primary_journal(replica, rejoin)
     staging = Staging(staging_dir_of(replica, staging_dir))
@@ -198,7 +208,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         targets = await _listen(*parse_address(iscsi)) if iscsi else []
         bound = (listeners or targets)[0].socket.getsockname()
         receiver: Receiver
-        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
+        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
+                          invalidator=invalidator)
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
                             on_reset=applier.reset_to)
 

@@ -41,7 +41,8 @@ def _summary(dir_fd: int, name: str | None, st: os.stat_result) -> Entry:
             os.close(fd)
         body = h.hexdigest()
     elif stat.S_ISLNK(st.st_mode):
-        body = os.readlink(name, dir_fd=dir_fd)  # type: ignore[arg-type]
+        assert name is not None  # the root is a directory
+        body = os.readlink(name, dir_fd=dir_fd)
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         body = st.st_rdev
     size = None if stat.S_ISDIR(st.st_mode) else st.st_size

@@ -79,7 +79,7 @@ class LmdbDir:
         cursor = txn.cursor(db=db)
         deleted = 0
         if cursor.set_range(start):
-            while cursor.key() and not stop(cursor.key()):
+            while cursor.key() and not stop(bytes(cursor.key())):
                 cursor.delete()
                 deleted += 1
                 if deleted % every == 0:

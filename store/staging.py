@@ -157,9 +157,9 @@ class Staging(LmdbDir):
     def _delete_through(self, txn: lmdb.Transaction, last: int) -> None:
         """Delete every set up to *last* (set keys sort in set order)."""
         for key in list(txn.cursor(db=self._sets).iternext(values=False)):
-            if decode_set(key) > last:
+            if decode_set(bytes(key)) > last:
                 return
-            self._delete_set(txn, decode_set(key))
+            self._delete_set(txn, decode_set(bytes(key)))
 
     def _delete_set(self, txn: lmdb.Transaction, set_id: int) -> None:
         self.delete_run(txn, self._records, encode_key(set_id, 0),
