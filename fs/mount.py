@@ -25,8 +25,9 @@ from repl.secondary import default_state_dir, make_replica, run_secondary, stagi
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
-from store.hold import ApplyLock, is_held, read_applied, read_syncing
+from store.hold import ApplyLock, is_held
 from store.journal import Journal
+from store.staging import read_applied, read_syncing
 
 log = logging.getLogger("replfs.primary")
 

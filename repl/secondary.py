@@ -23,10 +23,10 @@ from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
 from repl.tls import link_credentials
-from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
+from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
 from store.journal import exists as journal_exists
-from store.staging import Staging
+from store.staging import Staging, read_applied
 
 log = logging.getLogger("replfs.secondary")
 
