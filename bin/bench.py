@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_reads
 from demo import Proc, links
 
-from repl import applier, control
+from repl import control
+from store import libc
 
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
@@ -89,6 +90,7 @@ QUICK = Plan(seq_bytes=64 * MiB, rand_file=32 * MiB, seconds=0.5, lag_seconds=3.
 class Result:
     value: float
     extra: dict[str, float] = field(default_factory=dict)
+    ops: int = 0  # the application's calls that did the work: a write(2), a file, a commit
 
 
 def now() -> float:
@@ -103,7 +105,7 @@ def syncfs(path: Path) -> None:
     """Write back everything dirty on the filesystem holding *path*."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        applier.syncfs(fd)
+        libc.syncfs(fd)
     finally:
         os.close(fd)
 
@@ -141,7 +143,7 @@ def entries(root: Path, count: int) -> list[str]:
 def seq_write(d: Path, plan: Plan) -> Result:
     start = now()
     write_file(d / "seq", plan.seq_bytes)
-    return Result(plan.seq_bytes / MB / (now() - start))
+    return Result(plan.seq_bytes / MB / (now() - start), ops=plan.seq_bytes // MiB)
 
 
 def rand4k_write(d: Path, plan: Plan) -> Result:
@@ -161,7 +163,7 @@ def rand4k_write(d: Path, plan: Plan) -> Result:
             done += 256
     finally:
         os.close(fd)  # a FUSE close writes back the cached pages: part of the cost
-    return Result(done * 4096 / MB / (now() - start))
+    return Result(done * 4096 / MB / (now() - start), ops=done)
 
 
 def fsync4k(d: Path, plan: Plan) -> Result:
@@ -181,7 +183,7 @@ def fsync4k(d: Path, plan: Plan) -> Result:
     elapsed = now() - start
     return Result(len(latencies) * 4096 / MB / elapsed,
                   {"p50_us": percentile(latencies, 50) * 1e6,
-                   "p99_us": percentile(latencies, 99) * 1e6})
+                   "p99_us": percentile(latencies, 99) * 1e6}, ops=len(latencies))
 
 
 def small_files(d: Path, plan: Plan) -> Result:
@@ -195,7 +197,7 @@ def small_files(d: Path, plan: Plan) -> Result:
             os.write(fd, block)
             os.close(fd)
             count += 1
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def stat_files(d: Path, plan: Plan) -> Result:
@@ -207,7 +209,7 @@ def stat_files(d: Path, plan: Plan) -> Result:
         for path in paths:
             os.stat(path)
         count += len(paths)
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def readdir(d: Path, plan: Plan) -> Result:
@@ -219,7 +221,7 @@ def readdir(d: Path, plan: Plan) -> Result:
         if len(os.listdir(directory)) != plan.dir_entries:
             raise RuntimeError(f"readdir of {directory} lost entries")
         count += 1
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def sqlite_commits(d: Path, plan: Plan) -> Result:
@@ -238,7 +240,7 @@ def sqlite_commits(d: Path, plan: Plan) -> Result:
         elapsed = now() - start
     finally:
         db.close()
-    return Result(count / elapsed)
+    return Result(count / elapsed, ops=count)
 
 
 Workload = Callable[[Path, Plan], Result]
@@ -298,6 +300,11 @@ def ask(target: Path, cmd: str, timeout: float = 30.0, **fields: Any) -> dict[st
     if "error" in reply:
         raise RuntimeError(f"replfs {cmd} {target}: {reply['error']}")
     return reply
+
+
+def requests(mount: Path | None) -> dict[str, int]:
+    """The FUSE requests *mount*'s daemon served so far, by handler (none for native)."""
+    return {} if mount is None else dict(ask(mount, "status")["requests"])
 
 
 def checkpoint(mount: Path, wait: float = 600.0) -> int:
@@ -368,12 +375,21 @@ class Bench:
             d = root / f"{key}.{round_}"
             d.mkdir()
             began = now()
+            served = requests(mount)
             result = run(d, self.plan)
-            self.results[key][target].append(result)
             self.settle(mount, replicated)
-            extra = "".join(f"  {k} {v:,.0f}" for k, v in result.extra.items())
+            if mount is not None and result.ops:
+                served = {op: n - served.get(op, 0) for op, n in requests(mount).items()}
+                result.extra["requests_per_op"] = sum(served.values()) / result.ops
+            self.results[key][target].append(result)
+            extra = "".join(f"  {k} {v:,.{1 if k == 'requests_per_op' else 0}f}"
+                            for k, v in result.extra.items())
             say(f"  {target:<18} {key:<15} {result.value:>12,.1f} {unit}{extra}"
                 f"  ({now() - began:.1f}s)")
+            if mount is not None and result.ops:
+                say("    requests per op: " + ", ".join(
+                    f"{op} {n / result.ops:.2f}" for op, n in
+                    sorted(served.items(), key=lambda item: -item[1]) if n))
 
     def run(self) -> None:
         native = self.tmp / "native"
@@ -555,6 +571,10 @@ def report(bench: Bench) -> dict[str, Any]:
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
+        served = {t: round(statistics.median(r.extra["requests_per_op"] for r in runs[t]), 2)
+                  for t in TARGETS[1:] if all("requests_per_op" in r.extra for r in runs[t])}
+        if served:
+            entry["requests_per_op"] = served
         if key == "stat":
             entry["files"] = bench.plan.stat_files
         if key == "readdir":

@@ -8,7 +8,6 @@ non-zero exit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import functools
 import json
@@ -34,6 +33,7 @@ from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
+from store import libc
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -248,12 +248,8 @@ def keep_large_buffers() -> None:
     pays a page fault per 4 KiB: ten times the cost of the copy. Kept in the
     heap (with at most 8 MiB of free heap held back), they are reused.
     """
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 8 << 20)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(libc.M_MMAP_THRESHOLD, 4 << 20)
+    libc.mallopt(libc.M_TRIM_THRESHOLD, 8 << 20)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

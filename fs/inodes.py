@@ -19,6 +19,8 @@ from collections import OrderedDict
 
 import pyfuse3
 
+from store.libc import fd_path
+
 ROOT = pyfuse3.ROOT_INODE
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})  # a name no longer there
@@ -128,7 +130,7 @@ class Inodes:
                     return cached
             except OSError:
                 pass
-        root = b"/proc/self/fd/%d" % self.root_fd
+        root = fd_path(self.root_fd)
         for top, _, files in os.walk(root):
             for name in files:
                 full = os.path.join(top, name)

@@ -29,8 +29,9 @@ from repl.secondary import default_state_dir, make_replica, run_secondary, stagi
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import Credentials, link_credentials
 from repl.tree import Tree
-from store.hold import ApplyLock, is_held, read_applied, read_syncing
+from store.hold import ApplyLock, is_held
 from store.journal import Journal
+from store.staging import read_applied, read_syncing
 
 log = logging.getLogger("replfs.primary")
 
@@ -81,6 +82,32 @@ class PrimaryConfig:
     compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
+
+
+def lift_dirty_limit(where: str) -> None:
+    """Let the kernel keep this mount's dirty pages as it keeps a disk's.
+
+    The kernel holds a FUSE mount to a strict 1 % of the dirty page limit (about
+    48 MB on a 24 GiB host), as its daemon may be any user's and never write back:
+    past that a writer waits for each page to reach the daemon, and random writes
+    over a large file cost a request a page. replfs runs as root and writes back
+    like a disk, so its mount gets a disk's share. *where* is the mountpoint's real
+    path, taken before mounting: the mount is found by its device in
+    /proc/self/mountinfo, since a stat of it would wait for a daemon that does not
+    serve yet.
+    """
+    for char, escaped in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+        where = where.replace(char, escaped)
+    with open("/proc/self/mountinfo") as mounts:
+        devices = [f[2] for f in map(str.split, mounts) if f[4] == where]
+    if not devices:
+        return
+    bdi = Path("/sys/class/bdi") / devices[-1]
+    try:
+        (bdi / "strict_limit").write_text("0")
+        (bdi / "max_ratio").write_text("100")
+    except OSError as exc:
+        log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -145,11 +172,13 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+        where = os.path.realpath(mountpoint)  # so does this
         try:
             pyfuse3.init(operations, str(mountpoint), mount_options())
         except RuntimeError:
             raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
                              "check permissions and that it is not in use") from None
+        lift_dirty_limit(where)
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
@@ -219,6 +248,7 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
             "journal_max": capture.journal_max,
             "mode": ("initial sync" if capture.syncing else
                      "overflow" if capture.overflow else "streaming"),
+            "requests": operations.requests.snapshot(),
         }
         if capture.overflow:
             out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
@@ -253,7 +283,8 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         if scrape:
-            registry = metrics.registry(lambda: metrics.primary_metrics(capture, sender),
+            registry = metrics.registry(lambda: metrics.primary_metrics(
+                                            capture, sender, operations.requests.snapshot()),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))

@@ -28,11 +28,13 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from fs.counts import RequestCounts
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
-from repl.apply import fallocate, intent_for, renameat2
+from repl.apply import intent_for
 from repl.capture import Capture
 from repl.metrics import FSYNC_SECONDS
+from store.libc import fallocate, fd_path, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -67,12 +69,16 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
     """Wrap a request handler: it runs holding the lock (unless not *locked*: it
     then takes the lock itself where it needs it); a change (*changes*, or
     ``changes(*args)`` is true) waits while the mount is frozen (verify); an error
-    becomes an errno (fs/errors.py); and the directory fds the handler borrowed are
-    trimmed to the cache's bound once it is done (fs/inodes.py)."""
+    becomes an errno (fs/errors.py); the directory fds the handler borrowed are
+    trimmed to the cache's bound once it is done (fs/inodes.py); and the request is
+    counted (fs/counts.py)."""
 
     def wrap(handler: Handler) -> Handler:
+        name = handler.__name__
+
         @functools.wraps(handler)
         async def run(self: PrimaryFS, *args: object, **kwargs: object) -> Any:
+            self.requests.add(name)
             try:
                 if not locked:
                     return await handler(self, *args, **kwargs)
@@ -83,7 +89,7 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
                     self.inodes.trim()
                     self.lock.release()
             except Exception as exc:
-                raise fuse_error(exc, handler.__name__) from None
+                raise fuse_error(exc, name) from None
 
         return cast(Handler, run)
 
@@ -109,6 +115,7 @@ class PrimaryFS(pyfuse3.Operations):
         super().__init__()
         self.inodes = inodes
         self.capture = capture
+        self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
         self.dirs: dict[int, DirHandle] = {}
@@ -453,7 +460,7 @@ class PrimaryFS(pyfuse3.Operations):
         unlinked = self.inodes.unlinked_fd(inode)
         if unlinked is not None:
             # Reopen through the magic link, which O_NOFOLLOW would refuse.
-            fd = os.open(f"/proc/self/fd/{unlinked}",
+            fd = os.open(fd_path(unlinked),
                          self._open_flags(flags) & ~os.O_NOFOLLOW)
         else:
             dir_fd, name = self.inodes.at(inode)
@@ -713,7 +720,7 @@ class PrimaryFS(pyfuse3.Operations):
         if unlinked is not None:
             return unlinked, True
         fd, name = self.inodes.at(inode)
-        return b"/proc/self/fd/%d/%s" % (fd, name), False
+        return fd_path(fd, name), False
 
     @request()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

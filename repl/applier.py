@@ -16,7 +16,6 @@ streams; the thread owns the replica's Tree.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import math
@@ -40,12 +39,12 @@ from store.hold import (
     mark_applied,
     mark_applying,
 )
+from store.libc import syncfs
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
 
 log = logging.getLogger("replfs.applier")
 
-_libc = ctypes.CDLL(None, use_errno=True)
 RETRY_MAX = 5.0
 BATCH_SECONDS = 0.05  # a batch ends after the set that takes it past this: readers wait
 # Batches start at most this often. Each ends in a syncfs and an apply-log sync; a
@@ -58,12 +57,6 @@ TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 # With a mount that caches (an invalidator), a batch is first read for what it touches;
 # it ends after the set that takes that past this many records, so the read stays short.
 FOOTPRINT_RECORDS = 20_000
-
-
-def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class Stopping(Exception):

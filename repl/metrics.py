@@ -15,7 +15,7 @@ holds no secret: bind it to loopback or a management network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -71,8 +71,10 @@ def _info(role: str, ident: Identity) -> Iterator[Metric]:
                 ident.generation)
 
 
-def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]:
-    """The primary's gauges and counters, as of now."""
+def primary_metrics(capture: Capture, sender: Sender | None,
+                    requests: Mapping[str, int]) -> Iterable[Metric]:
+    """The primary's gauges and counters, as of now; *requests* are the mount's, by
+    handler (fs/counts.py)."""
     j = capture.journal
     yield from _info("primary", j.identity)
     yield gauge("replfs_last_closed_set", "The last data set closed", j.set - 1)
@@ -89,6 +91,11 @@ def primary_metrics(capture: Capture, sender: Sender | None) -> Iterable[Metric]
                 capture.progress_done if capture.overflow else 0)
     yield gauge("replfs_resync_total_bytes", "Bytes the running resync sends in all",
                 capture.progress_total if capture.overflow else 0)
+    served = CounterMetricFamily("replfs_fuse_requests", "FUSE requests the primary's mount "
+                                 "served, by handler", labels=["op"])
+    for op, count in requests.items():
+        served.add_metric([op], count)
+    yield served
     if sender is None:
         return
     st, to = sender.status, sender.address

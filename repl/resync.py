@@ -37,6 +37,7 @@ import trio
 import trio.lowlevel
 
 from repl.diverge import Divergence
+from store.libc import fd_path
 from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[
 
 
 def _xattrs(capture: Capture, dir_fd: int, name: bytes | None, path: bytes) -> None:
-    where: bytes | int = b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else dir_fd
+    where: bytes | int = fd_path(dir_fd, name) if name else dir_fd
     follow = name is None
     for attr in sorted(os.listxattr(where, follow_symlinks=follow)):
         value = os.getxattr(where, attr, follow_symlinks=follow)

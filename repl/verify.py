@@ -20,13 +20,14 @@ import xxhash
 
 from repl import control
 from repl.errors import UsageError
+from store.libc import fd_path
 
 Entry = tuple[object, ...]
 _CHUNK = 1 << 20
 
 
 def _summary(dir_fd: int, name: str | None, st: os.stat_result) -> Entry:
-    where: str | int = f"/proc/self/fd/{dir_fd}/{name}" if name else dir_fd
+    where: bytes | int = fd_path(dir_fd, os.fsencode(name)) if name else dir_fd
     names = sorted(os.listxattr(where, follow_symlinks=name is None))
     xattrs = tuple((n, os.getxattr(where, n, follow_symlinks=name is None)) for n in names)
     body: object = None

@@ -27,10 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import lmdb
-
 from store.private import FILE_MODE, private_dir, write_private
-from store.records import decode_set
 
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
@@ -161,28 +158,3 @@ def set_hold(staging_dir: Path, held: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_applied(staging_dir: Path) -> int:
-    """The last set applied to the replica, read without disturbing a running daemon."""
-    raw = _read_meta(staging_dir, b"applied")
-    return decode_set(raw) if raw else 0
-
-
-def read_syncing(staging_dir: Path) -> int | None:
-    """The initial sync's set while the replica has no consistent set yet, else None."""
-    raw = _read_meta(staging_dir, b"syncing")
-    return decode_set(raw) if raw else None
-
-
-def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:
-    if not (staging_dir / "data.mdb").exists():
-        return None
-    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            raw = txn.get(key, db=meta)
-        return bytes(raw) if raw is not None else None
-    finally:
-        env.close()
