@@ -175,9 +175,10 @@ class Initiator:
             else:
                 task.done(Result(pdu.b3, sense, bytes(task.read)))
         elif pdu.opcode == Opcode.DATA_IN:
-            task = self._tasks.get(pdu.itt)
-            if task is None:
+            reading = self._tasks.get(pdu.itt)
+            if reading is None:
                 raise ProtocolError(f"Data-In for no command (ITT {pdu.itt:#x})")
+            task = reading
             offset = pdu.words[2]
             if offset != len(task.read):
                 raise ProtocolError(f"Data-In at offset {offset}, expected {len(task.read)}")

@@ -112,7 +112,8 @@ class Pdu:
     def words(self) -> tuple[int, int, int, int]:
         """The tail as four words: MaxCmdSN, DataSN or R2TSN, buffer offset, and the
         residual count or desired transfer length."""
-        return _WORDS.unpack(self.tail)  # type: ignore[return-value]
+        a, b, c, d = _WORDS.unpack(self.tail)
+        return a, b, c, d
 
     @property
     def final(self) -> bool:

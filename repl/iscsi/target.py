@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import trio
 
@@ -49,6 +50,13 @@ MAX_READ = 4 << 20  # the most one READ may ask for
 FRAMES_WAITING = 64  # frames read and not yet taken by the receiver: then we stop reading
 _R, _W = 0x40, 0x20
 _DATA_S, _DATA_U, _DATA_O = 0x01, 0x02, 0x04
+
+
+class _Sns(TypedDict):
+    """The sequence numbers of a PDU to the initiator (Pdu's keyword arguments)."""
+
+    sn: int
+    exp_sn: int
 
 
 @dataclass
@@ -176,13 +184,13 @@ class TargetLink:
         if sn_lt(self._max_cmd_sn, new):
             self._max_cmd_sn = new
 
-    def _sns(self, *, advance: bool = True) -> dict[str, int]:
+    def _sns(self, *, advance: bool = True) -> _Sns:
         """StatSN, ExpCmdSN and MaxCmdSN for a PDU to the initiator."""
         stat_sn = self._stat_sn
         if advance:
             self._stat_sn = (stat_sn + 1) & 0xFFFFFFFF
         self._window()
-        return {"sn": stat_sn, "exp_sn": self._exp_cmd_sn}
+        return _Sns(sn=stat_sn, exp_sn=self._exp_cmd_sn)
 
     async def _handle(self, pdu: Pdu) -> bool:
         """Answer one PDU; True once the session is over (a logout)."""
@@ -395,7 +403,7 @@ class TargetLink:
             return await self._respond(itt, scsi.GOOD, expected=expected, length=len(data))
         await self.pdus.send(*pdus)
 
-    def _done(self) -> dict[str, int]:
+    def _done(self) -> _Sns:
         """The SNs of a command's final answer: one command fewer outstanding."""
         self._outstanding = max(0, self._outstanding - 1)
         return self._sns()
@@ -423,7 +431,8 @@ def _residual(length: int, expected: int) -> tuple[int, int]:
 
 async def serve(listeners: list[trio.SocketListener], secrets: Secrets, iqn: str,
                 serial: str, on_link: Callable[[TargetLink, str], Awaitable[None]], *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[list[trio.SocketListener]]
+                = trio.TASK_STATUS_IGNORED) -> None:
     """Accept iSCSI connections on *listeners* for the target *iqn*, whose LUN has the
     unit serial number *serial*; hand each normal session, once logged in, to
     *on_link* (the receiver) with the peer's address."""
