@@ -27,14 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import lmdb
-
 from store.private import FILE_MODE, private_dir, write_private
-from store.records import decode_set
 
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
 APPLYING = "APPLYING"
+_APPLYING_BYTES = 128  # two set ids and a boot id fit, with room
 
 
 class ApplyLock:
@@ -95,17 +93,30 @@ class ApplyLock:
 
 def mark_applying(staging_dir: Path, first: int, last: int) -> None:
     """Say, beside the replica, that sets *first* to at most *last* are being applied."""
-    write_private(staging_dir / APPLYING, f"{first} {last}\n".encode())
+    _write_applying(staging_dir, f"{first} {last}")
 
 
 def mark_applied(staging_dir: Path, first: int, last: int) -> None:
     """Say that the ops of sets *first* to *last* are all done, on this boot; the
     batch is not durable yet."""
-    write_private(staging_dir / APPLYING, f"{first} {last} {_boot_id()}\n".encode())
+    _write_applying(staging_dir, f"{first} {last} {_boot_id()}")
 
 
 def clear_applying(staging_dir: Path) -> None:
-    (staging_dir / APPLYING).unlink(missing_ok=True)
+    """No batch under way. The file stays, blank: a batch costs no file made and removed."""
+    if (staging_dir / APPLYING).exists():
+        _write_applying(staging_dir, "")
+
+
+def _write_applying(staging_dir: Path, text: str) -> None:
+    """Overwrite APPLYING in place, always _APPLYING_BYTES long (blanks after *text*), so
+    it keeps its size and blocks: no truncate, no new file."""
+    data = text.encode().ljust(_APPLYING_BYTES - 1) + b"\n"
+    fd = os.open(staging_dir / APPLYING, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
 
 
 def interrupted(staging_dir: Path) -> tuple[int, int] | None:
@@ -161,28 +172,3 @@ def set_hold(staging_dir: Path, held: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_applied(staging_dir: Path) -> int:
-    """The last set applied to the replica, read without disturbing a running daemon."""
-    raw = _read_meta(staging_dir, b"applied")
-    return decode_set(raw) if raw else 0
-
-
-def read_syncing(staging_dir: Path) -> int | None:
-    """The initial sync's set while the replica has no consistent set yet, else None."""
-    raw = _read_meta(staging_dir, b"syncing")
-    return decode_set(raw) if raw else None
-
-
-def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:
-    if not (staging_dir / "data.mdb").exists():
-        return None
-    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            raw = txn.get(key, db=meta)
-        return bytes(raw) if raw is not None else None
-    finally:
-        env.close()
