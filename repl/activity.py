@@ -149,9 +149,9 @@ class ActivityLog:
                 if entry is not None:
                     entry.last_use = entry.last_ns_use = at
                     continue
-                young = [top for top in self._ancestors(name, self.dormant)
-                         if now - self.dormant[top] < NAME_COVER_SECONDS]
-                note = Note(NoteKind.NAME, young[-1] if young else name)  # the highest
+                tops = [top for top in self._ancestors(name, self.dormant)
+                        if now - self.dormant[top] < NAME_COVER_SECONDS]
+                note = Note(NoteKind.NAME, tops[-1] if tops else name)  # the highest
                 if note not in out:
                     out.append(note)
             return out

@@ -78,7 +78,7 @@ from repl.tree import Tree
 from repl.wake import Waker
 from store.dirty import DirtyMap
 from store.journal import Journal
-from store.libc import fd_path
+from store.libc import fd_path, syncfs
 from store.records import (
     NAMESPACE_OPS,
     RENAME_EXCHANGE,
@@ -611,7 +611,12 @@ class Capture:
         """Make the backing directory agree with the journal after a crash, and resend
         what it may hold beyond it. Blocking; before the mount serves anything.
 
-        1. The records past ``backing_at`` are replayed (``_replay``).
+        1. After a reboot, the records past ``backing_at`` are replayed
+           (``_replay``). After a crash of the daemon alone the page cache kept
+           BACKING as every op left it, and nothing is replayed: the log holds
+           records never flushed too, renames among them, and a replay by path
+           across a rename that BACKING already holds writes into the wrong file.
+           BACKING is synced whole instead (syncfs).
         2. The last record, if nothing was journaled after it, may never have
            reached BACKING: it is redone by the applier's redo rule; an op that
            fails again is voided, as it would have been. (Anything journaled
@@ -636,7 +641,7 @@ class Capture:
         last = self.journal.last()
         pending = (last is not None and last.op not in (Op.SYNC, Op.VOID)
                    and self.journal.is_last_entry(last))
-        lines, synced = self._replay(roots)
+        lines, synced = self._replay(roots) if rebooted else ([], set())
         if pending:
             assert last is not None
             if _under(last, roots):
@@ -659,6 +664,8 @@ class Capture:
         elif not self.journal.set_is_empty:
             lines.append(f"closed set {self.close_set()}")
         # What the replica has or gets must be what a power cut leaves: sync it all.
+        if not rebooted:
+            syncfs(self.backing.root_fd)
         for path in whole:
             self.backing.sync(path)
         for path in synced:
