@@ -80,21 +80,30 @@ class Divergence:
                 if not any(is_under(p, top) for top in roots)}
 
     def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
-        """Add every name of each touched file, symlink or node that has more than one
-        (one walk)."""
+        """Add every name of each file, symlink or node with more than one that is at
+        or under a touched path, so that it is sent as one inode (two walks: the
+        touched directories, then the tree)."""
+        base = os.fsencode(root)
         linked: set[int] = set()
         for path in [*self.content, *self.ranges]:
+            full = os.path.join(base, path) if path else base
             try:
-                st = os.lstat(os.path.join(os.fsencode(root), path) if path else root)
+                st = os.lstat(full)
             except OSError:
                 continue
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                linked.add(st.st_ino)
+            if not stat.S_ISDIR(st.st_mode):
+                if st.st_nlink > 1:
+                    linked.add(st.st_ino)
+                continue
+            for top, dirs, files in os.walk(full):
+                for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
+                    st = os.lstat(os.path.join(top, name))
+                    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                        linked.add(st.st_ino)
         if not linked:
             return self
-        base = os.fsencode(root)
         for top, dirs, files in os.walk(base):
-            for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
+            for name in (*files, *dirs):
                 full = os.path.join(top, name)
                 if os.lstat(full).st_ino in linked:
                     self.content.add(os.path.relpath(full, base))

@@ -308,3 +308,30 @@ def test_capture_recover_ok_power_cut_resends_a_linked_node_as_one_inode(
               if r.op in (Op.PRUNE, made, Op.LINK)]
     assert resent == [(Op.PRUNE, b"s", b""), (made, b"s", b""), (Op.PRUNE, b"t", b""),
                       (Op.LINK, b"s", b"t")]
+
+
+def test_capture_recover_ok_power_cut_resends_a_file_linked_into_a_noted_directory(
+        tmp_path: Path, boot: Path) -> None:
+    """A noted directory holds a second name of a file named outside it too: the file
+    is resent as one inode, both names linked to it."""
+    backing, journal = tmp_path / "b", tmp_path / "j"
+    backing.mkdir()
+    (backing / "g").write_bytes(b"one file, two names")
+    ids = {"uid": os.getuid(), "gid": os.getgid()}
+    with capturing(backing, journal) as capture:
+        capture.close_set()
+        capture.sync_backing()
+        capture.journal.sync()
+        capture.record(Op.MKDIR, path=b"d", mode=stat.S_IFDIR | 0o755, **ids)
+        (backing / "d").mkdir()
+        capture.record(Op.LINK, path=b"g", path2=b"d/f")
+        os.link(backing / "g", backing / "d" / "f")
+        durable = capture.journal.durable
+    power_cut(journal, durable)
+    reboot(boot)
+    with capturing(backing, journal):
+        pass
+    made = [(r.op, r.path, r.path2) for r in open_set(journal)
+            if r.op in (Op.CREATE, Op.LINK)]
+    assert made in ([(Op.CREATE, b"d/f", b""), (Op.LINK, b"d/f", b"g")],
+                    [(Op.CREATE, b"g", b""), (Op.LINK, b"g", b"d/f")])
