@@ -17,6 +17,9 @@ a directory of 2,000 entries instead of 10,000). MB is 10^6 bytes. The replicati
 runs with ``--journal-max 4G`` so the outage stays in the journal and the
 catch-up measures journal streaming, not a resync.
 
+``--only fsync4k,sqlite_commits`` runs just those workloads (and skips the
+replication figures); ``--rounds N`` sets how many times round the targets.
+
 Everything is removed afterwards, also on Ctrl-C or failure.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -300,9 +304,10 @@ def checkpoint(mount: Path, wait: float = 600.0) -> int:
 # --- the run ------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path) -> None:
+    def __init__(self, plan: Plan, tmp: Path, only: list[str] | None = None) -> None:
         self.plan = plan
         self.tmp = tmp
+        self.only = only  # the workloads to run (None: all, and the replication figures)
         self.daemons: list[Daemon] = []
         self.mounts: list[Path] = []
         self.results: dict[str, dict[str, list[Result]]] = {
@@ -351,6 +356,8 @@ class Bench:
     def workloads(self, target: str, root: Path, mount: Path | None = None,
                   replicated: bool = False, round_: int = 0) -> None:
         for key, unit, run in WORKLOADS:
+            if self.only is not None and key not in self.only:
+                continue
             d = root / f"{key}.{round_}"
             d.mkdir()
             began = now()
@@ -381,6 +388,8 @@ class Bench:
         self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
         alone.stop()
         unmount(alone_mount)
+        if self.only is not None:
+            return
         self.lag(mount)
         sec = self.outage(mount, sec, port)
         self.replication |= {  # RssAnon at the end leaves out the mapped LMDB pages VmHWM counts
@@ -595,12 +604,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes, under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", metavar="W1,W2", help="run only these workloads ("
+                        + ", ".join(key for key, _, _ in WORKLOADS)
+                        + "), without the replication figures")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="times round the targets (default 3, 1 with --quick)")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or ()) - {key for key, _, _ in WORKLOADS})
+    if unknown:
+        parser.error(f"no such workload: {', '.join(unknown)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
     tmp = Path(tempfile.mkdtemp(prefix="replfs-bench-"))
-    bench = Bench(plan, tmp)
+    bench = Bench(plan, tmp, only)
     started = now()
     try:
         info = machine(tmp)
