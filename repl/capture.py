@@ -54,6 +54,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -126,7 +127,8 @@ class Capture:
         self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
         self.on_append: Callable[[], None] = lambda: None  # wakes the sender (trio side)
-        self.closed_times: dict[int, float] = {}  # set -> when it closed (time.monotonic)
+        # set -> when it closed (time.monotonic), oldest first
+        self.closed_times: OrderedDict[int, float] = OrderedDict()
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -136,11 +138,9 @@ class Capture:
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
         self.backing_at = decode_set(raw) if raw else journal.end
-        self._unflushed = trio.Event()  # something journaled is not durable yet
-        self._flush_wanted = trio.Event()  # ... and it must be flushed now
+        self._flush_wanted = trio.Event()  # flush what is journaled now, not at the tick
         self._close_wanted = trio.Event()
         self._close_due = False
-        self._flush_due = False  # a set closed: flush it for the sender
         self._wake: Callable[[], None] = self._woken  # a Waker once run() started
 
     # --- called by the FUSE handlers, synchronously ------------------------
@@ -161,29 +161,30 @@ class Capture:
                 self._track_dir(fields["path2"])
         elif op in _ATTRIBUTE_OPS:
             self._track_node(fields["path"])
+        pending = self.journal.end - self.journal.durable
         record = self.journal.append(op, intent, **fields)
         self._unsettled = record
-        if self.journal.set_bytes >= self.set_bytes:
+        if self.journal.set_bytes >= self.set_bytes and not self._close_due:
             self._close_due = True
-        self._wake()
+            self._wake()
+        elif pending < FLUSH_BYTES <= self.journal.end - self.journal.durable:
+            self._wake()
         return record
 
     def flush_soon(self) -> None:
         """In trio: flush what was journaled, for the sender (a resync's step...)."""
-        self._unflushed.set()
         self._flush_wanted.set()
 
     def _woken(self) -> None:
-        """In trio: records were appended, or made durable."""
+        """In trio: records were made durable (the sender ships them), or a bound was
+        passed: the set's size, FLUSH_BYTES not durable, BACKING_SYNC_FILES changed.
+
+        Appends do not wake trio one by one (a handoff to the trio thread costs
+        more than the append): the flusher's tick finds them."""
         self.on_append()
         if len(self._changed) >= BACKING_SYNC_FILES:
             self._backing_sync_wanted.set()
-        pending = self.journal.end - self.journal.durable
-        if not pending:
-            self._flush_due = False
-            return
-        self._unflushed.set()
-        if pending >= FLUSH_BYTES or self._flush_due:
+        if self.journal.end - self.journal.durable >= FLUSH_BYTES:
             self._flush_wanted.set()
         if self._close_due:
             self._close_due = False
@@ -211,6 +212,21 @@ class Capture:
     @_locked
     def settle(self) -> None:
         self._settle()
+
+    @_locked
+    def restates_times(self, path: bytes, fd: int | None = None) -> bool:
+        """True if the open set ends with *path*'s times as BACKING has them then
+        (its close journals a UTIMES of each path it touched), so a change of its
+        times alone needs no record of its own. If so, the node (open as *fd*, if
+        given) is tracked for BACKING's sync, as for a journaled change."""
+        self._settle()
+        if path not in self.touched.paths:
+            return False
+        if fd is not None:
+            self.track(fd)
+        else:
+            self._track_node(path)
+        return True
 
     @_locked
     def track(self, fd: int) -> None:
@@ -393,11 +409,9 @@ class Capture:
             self._record_hash(closed, self.backing.root_fd)
         self.closed_times[closed] = self.closed_at
         if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
-            del self.closed_times[min(self.closed_times)]
+            self.closed_times.popitem(last=False)
         if not self.replicating:
             self._drop_oldest()
-        self._flush_due = True
-        self._wake()
         return closed
 
     def _drop_oldest(self) -> None:
@@ -412,20 +426,21 @@ class Capture:
     @_locked
     def lag_seconds(self, applied: int) -> float:
         """How long the oldest closed set not yet applied has waited."""
-        for set_id in [s for s in self.closed_times if s <= applied]:
-            del self.closed_times[set_id]
+        while self.closed_times and next(iter(self.closed_times)) <= applied:
+            self.closed_times.popitem(last=False)
         if not self.closed_times:
             return 0.0
-        return time.monotonic() - min(self.closed_times.values())
+        return time.monotonic() - next(iter(self.closed_times.values()))
 
     # --- async side -----------------------------------------------------------
 
     def wait_durable(self, target: int) -> None:
         """Block until the journal is durable up to log position *target*.
 
-        One caller flushes; the others wait on ``_flush_lock`` meanwhile and
-        find their records covered by that flush, or flush once for all of
-        them (group commit). Wakes the sender, which ships durable records only.
+        One caller flushes, in its own thread; the others wait on ``_flush_lock``
+        meanwhile and find their records covered by that flush, or flush once
+        for all of them (group commit). Then wakes the sender, if there is one:
+        it ships durable records only.
         """
         with self._flush_lock:
             if self.journal.durable >= target:
@@ -433,7 +448,8 @@ class Capture:
             if self._namespace_changed:
                 self.sync_backing()
             self.journal.sync()
-        self._wake()
+        if self.replicating:
+            self._wake()
 
     def sync_backing(self) -> None:
         """Make BACKING durable as far as the journal goes now, and journal that.
@@ -511,21 +527,19 @@ class Capture:
                     self.closed_at = time.monotonic()
                 else:
                     self.close_set()
+                    self._flush_wanted.set()  # for the sender, at once
 
     async def _flusher(self) -> None:
-        """Flush what was journaled, for the sender: at once when a set closed or
-        FLUSH_BYTES piled up, else OPEN_FLUSH_SECONDS after the first record
-        that is not durable. An fsync's own flush usually covers it first."""
+        """Flush what was journaled, for the sender: at once when asked (a set closed
+        by the timer or the size bound, FLUSH_BYTES piled up, a resync's step), else
+        at a tick every OPEN_FLUSH_SECONDS if anything is not durable. An fsync
+        flushes in its own thread; the tick finds nothing left then."""
         while True:
-            await self._unflushed.wait()
             with trio.move_on_after(OPEN_FLUSH_SECONDS):
                 await self._flush_wanted.wait()
-            self._unflushed = trio.Event()
             self._flush_wanted = trio.Event()
-            if self._flush_lock.locked():
-                continue  # an fsync is flushing; when done it wakes us to look again
-            self._flush_due = False
-            await self.durable()
+            if self.journal.durable < self.journal.end:
+                await self.durable()
 
     # --- after a crash ------------------------------------------------------------
 
