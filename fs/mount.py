@@ -109,7 +109,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
                             "nobody authenticated, nothing encrypted", *peer)
-            capture.on_append = sender.notify
+            capture.on_durable = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
         inodes = Inodes(str(backing))

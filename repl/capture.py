@@ -11,8 +11,11 @@ Threads. The FUSE request threads call in while trio's tasks (the set
 closer, the resync, the sender's handshake) do too: ``lock`` is held
 around every change to the journal and the dirty map, and a request thread
 holds it from ``record()`` to the end of its op, so the journal's order is
-the order the ops reached the backing directory. Appends wake trio through
-one ``Waker`` (repl/wake.py), never a handoff per record.
+the order the ops reached the backing directory. Appends do not wake trio
+(a handoff to its thread costs more than an append): its flusher ticks, and
+only passing a bound (the set's size, FLUSH_BYTES not durable,
+BACKING_SYNC_FILES changed) wakes it, through one ``Waker`` (repl/wake.py).
+A flush tells the sender, from its own thread (``on_durable``).
 
 The journal is the durable copy; BACKING follows it. An fsync returns once
 its set is durable in the journal (one flush), without syncing the file:
@@ -126,7 +129,8 @@ class Capture:
         self.resync_wanted = trio.Event()
         self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
-        self.on_append: Callable[[], None] = lambda: None  # wakes the sender (trio side)
+        # Called from the thread that made records durable (the sender's notify).
+        self.on_durable: Callable[[], None] = lambda: None
         # set -> when it closed (time.monotonic), oldest first
         self.closed_times: OrderedDict[int, float] = OrderedDict()
         self.closed_at = time.monotonic()
@@ -176,12 +180,11 @@ class Capture:
         self._flush_wanted.set()
 
     def _woken(self) -> None:
-        """In trio: records were made durable (the sender ships them), or a bound was
-        passed: the set's size, FLUSH_BYTES not durable, BACKING_SYNC_FILES changed.
+        """In trio: a bound was passed: the set's size, FLUSH_BYTES not durable,
+        BACKING_SYNC_FILES changed.
 
         Appends do not wake trio one by one (a handoff to the trio thread costs
         more than the append): the flusher's tick finds them."""
-        self.on_append()
         if len(self._changed) >= BACKING_SYNC_FILES:
             self._backing_sync_wanted.set()
         if self.journal.end - self.journal.durable >= FLUSH_BYTES:
@@ -448,8 +451,7 @@ class Capture:
             if self._namespace_changed:
                 self.sync_backing()
             self.journal.sync()
-        if self.replicating:
-            self._wake()
+        self.on_durable()
 
     def sync_backing(self) -> None:
         """Make BACKING durable as far as the journal goes now, and journal that.

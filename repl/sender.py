@@ -50,6 +50,7 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
+from repl.wake import Waker
 from store.journal import Journal
 
 log = logging.getLogger("replfs.sender")
@@ -62,7 +63,8 @@ _LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSl
 BATCH_BYTES = 1 << 20
 # Records journaled one by one (small writes, one set per fsync) would each cost a
 # send, an ack and a staging commit on their own; waiting this long after the first
-# one lets those that follow within it share all three. Lag grows by as much at most.
+# one (after an idle spell), or after the last send (under a steady stream of small
+# sets), lets those that follow within it share all three. Lag grows by as much at most.
 COALESCE_SECONDS = 0.005
 STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in turn
 WINDOW_BYTES = 32 << 20  # the secondary holds what is in flight in memory
@@ -120,6 +122,8 @@ class Sender:
         self.bucket = TokenBucket(max_rate) if max_rate else None  # --max-rate
         self.status = SenderStatus()
         self._wakeup = trio.Event()
+        self._waiting = False  # the feeder waits for durable records: notify() wakes it
+        self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
         self._acked = trio.Event()
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
         # The secondary applied a set: the journal's owner trims it (capture).
@@ -146,12 +150,17 @@ class Sender:
             await self.applied_event.wait()
 
     def notify(self) -> None:
-        """New records are in the journal (called by capture, synchronously)."""
-        self._wakeup.set()
+        """New records are durable in the journal. Called from any thread (capture's
+        flush, an fsync's); wakes the feeder only if it waits for records: flushes
+        while it ships, or while it lets records gather, cost no handoff to trio."""
+        if self._waiting:
+            self._waiting = False
+            self._waker()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Replicate forever, reconnecting after any failure."""
+        self._waker = Waker(lambda: self._wakeup.set())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog)
             task_status.started()
@@ -310,14 +319,22 @@ class Sender:
         pos = (start_set, 0)
         turn = 0
         most = BATCH_BYTES if self.bucket is None else min(BATCH_BYTES, self.bucket.chunk)
+        sent_at = -COALESCE_SECONDS
         while True:
             self._wakeup = trio.Event()
+            self._waiting = True  # before reading: a flush after the read wakes us
             with self.settled:
                 batch = self.journal.read_raw(pos[0], pos[1], most)
             if not batch:
                 await self._wakeup.wait()
                 await trio.sleep(COALESCE_SECONDS)  # a deliberate delay: see above
                 continue
+            self._waiting = False
+            if (sum(len(raw) for _, _, raw in batch) < most
+                    and trio.current_time() < sent_at + COALESCE_SECONDS):
+                await trio.sleep_until(sent_at + COALESCE_SECONDS)  # let more gather
+                continue
+            sent_at = trio.current_time()
             while self.status.inflight_bytes > self.window:
                 self._acked = trio.Event()
                 await self._acked.wait()
