@@ -131,7 +131,7 @@ class PrimaryFS(pyfuse3.Operations):
     def _enter(self, change: bool) -> None:
         """Take the lock; a change first waits until the mount is not frozen."""
         while True:
-            if change:
+            if change and not self._thawed.is_set():
                 self._thawed.wait()
             self.lock.acquire()
             if not change or self._thawed.is_set():
@@ -510,7 +510,7 @@ class PrimaryFS(pyfuse3.Operations):
             raise
         if record is not None and written < len(buf):
             self.capture.shorten(record, written)
-        self.capture.track(fh)
+        self.capture.track(fh, inode)
         self._data_changed(inode)
         return written
 

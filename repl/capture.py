@@ -138,6 +138,7 @@ class Capture:
         self._flush_lock = threading.Lock()
         self._backing_lock = threading.Lock()
         self._changed: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
+        self._dev = os.fstat(backing.root_fd).st_dev
         self._namespace_changed = False  # a namespace op since the last sync of BACKING
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
@@ -232,8 +233,13 @@ class Capture:
         return True
 
     @_locked
-    def track(self, fd: int) -> None:
-        """A handler changed the file open as *fd*: sync it at the next BACKING sync."""
+    def track(self, fd: int, ino: int | None = None) -> None:
+        """A handler changed the file open as *fd*: sync it at the next BACKING sync.
+
+        *ino*, its inode number if the caller knows it, spares an fstat when the
+        file is tracked already (BACKING is one filesystem)."""
+        if ino is not None and (self._dev, ino) in self._changed:
+            return
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return  # a fifo, a socket: nothing to sync of its own; its directory is
