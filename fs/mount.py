@@ -22,6 +22,7 @@ from repl.config import parse_address
 from repl.errors import UsageError
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, staging_dir_of
+from repl.semisync import FSYNC_TIMEOUT, Semisync
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
@@ -76,6 +77,8 @@ class PrimaryConfig:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
     compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
+    fsync: str = "local"  # "remote": an fsync also waits for the secondary's staging
+    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
@@ -86,9 +89,10 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
     peer = parse_address(cfg.secondary) if cfg.secondary else None
-    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate):
-        raise UsageError("--tls, --peer, --insecure and --max-rate are for the link to a "
-                         "secondary: they need --secondary HOST:PORT")
+    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate
+                         or cfg.fsync == "remote"):
+        raise UsageError("--tls, --peer, --insecure, --max-rate and --fsync remote are for "
+                         "the link to a secondary: they need --secondary HOST:PORT")
     creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
@@ -101,11 +105,12 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if note:
             log.info("recovered the journal: %s", note)
         sender = None
+        remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
         if peer is not None:
             sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
                             stall_seconds=cfg.stall_seconds, settled=capture.lock,
                             creds=creds, compress_level=cfg.compress_level,
-                            max_rate=cfg.max_rate)
+                            max_rate=cfg.max_rate, semisync=remote)
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
                             "nobody authenticated, nothing encrypted", *peer)
@@ -113,7 +118,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
         inodes = Inodes(str(backing))
-        operations = PrimaryFS(inodes, capture)
+        operations = PrimaryFS(inodes, capture, remote)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
         try:
             pyfuse3.init(operations, str(mountpoint), mount_options())
@@ -211,7 +216,11 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "rate_limited_seconds": round(sender.bucket.waited, 3)
                     if sender.bucket else 0.0,
                     "stalled": st.stalled,
-                    "errors": st.errors}
+                    "errors": st.errors,
+                    "fsync": "local" if operations.remote is None else "remote"}
+            if operations.remote is not None:
+                out |= {"fsync_in_step": operations.remote.in_step,
+                        "fsync_local_only": operations.remote.local_only}
         return out
 
     async with trio.open_nursery() as nursery:
@@ -221,7 +230,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
         await nursery.start(control.serve, sock,
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         if scrape:
-            registry = metrics.registry(lambda: metrics.primary_metrics(capture, sender),
+            registry = metrics.registry(lambda: metrics.primary_metrics(
+                                            capture, sender, operations.remote),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))

@@ -33,6 +33,7 @@ from fs.inodes import ROOT, Inodes
 from repl.apply import fallocate, intent_for, renameat2
 from repl.capture import Capture
 from repl.metrics import FSYNC_SECONDS
+from repl.semisync import Semisync
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -105,10 +106,12 @@ class PrimaryFS(pyfuse3.Operations):
     direct_io = False
     cache_listings = True
 
-    def __init__(self, inodes: Inodes, capture: Capture) -> None:
+    def __init__(self, inodes: Inodes, capture: Capture, remote: Semisync | None = None
+                 ) -> None:
         super().__init__()
         self.inodes = inodes
         self.capture = capture
+        self.remote = remote  # --fsync remote: an fsync waits for the secondary's staging
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
         self.dirs: dict[int, DirHandle] = {}
@@ -616,18 +619,21 @@ class PrimaryFS(pyfuse3.Operations):
     def _commit(self, fd: int, datasync: bool) -> None:
         """Close the set and return once it is durable in the journal (an fsync's
         promise: after a crash the journal brings BACKING back to it; see
-        repl/capture.py). Over budget, *fd* itself is synced too.
+        repl/capture.py). Over budget, *fd* itself is synced too. With --fsync
+        remote, also wait until the secondary staged the set (repl/semisync.py).
 
         Only closing the set holds the lock: other requests go on while this
-        one waits for the disk."""
+        one waits for the disk and the secondary."""
         began = time.monotonic()
         with self.lock:
-            self.capture.close_set()
+            closed = self.capture.close_set()
             end = self.capture.journal.end
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
         self.capture.wait_durable(end)
+        if self.remote is not None and not unjournaled:
+            self.remote.wait_staged(closed)
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- directories --------------------------------------------------------------

@@ -50,8 +50,10 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
+from repl.semisync import Semisync
 from repl.wake import Waker
 from store.journal import Journal
+from store.records import is_sync
 
 log = logging.getLogger("replfs.sender")
 
@@ -100,8 +102,9 @@ class Sender:
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
                  creds: tls.Credentials | None = None, compress_level: int = COMPRESS_LEVEL,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, semisync: Semisync | None = None) -> None:
         self.journal = journal
+        self.semisync = semisync  # --fsync remote: what is staged, for the fsyncs waiting
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
@@ -124,6 +127,7 @@ class Sender:
         self._wakeup = trio.Event()
         self._waiting = False  # the feeder waits for durable records: notify() wakes it
         self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
+        self._hurried = trio.Event()  # an fsync waits for the secondary: ship at once
         self._acked = trio.Event()
         self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
         # The secondary applied a set: the journal's owner trims it (capture).
@@ -161,6 +165,8 @@ class Sender:
                   ) -> None:
         """Replicate forever, reconnecting after any failure."""
         self._waker = Waker(lambda: self._wakeup.set())
+        if self.semisync is not None:
+            self.semisync.hurry = Waker(lambda: self._hurried.set())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog)
             task_status.started()
@@ -197,6 +203,8 @@ class Sender:
                             f"{_first(group)!r}")
                 delay = 0.1 if self.status.connected or was else min(delay * 2, RETRY_MAX)
             finally:
+                if self.semisync is not None:
+                    self.semisync.disconnected()
                 self.status.connected = False
                 self._inflight.clear()
                 self.status.inflight_bytes = 0
@@ -224,6 +232,8 @@ class Sender:
                 start = restart - 1
                 self._reset_to = restart
             self.status.connected = True
+            if self.semisync is not None:
+                self.semisync.connected(start, self.journal.set - 1)
             self._set_applied(start, new_session=True)  # this secondary's, maybe not the last's
             self._progress_at = trio.current_time()  # a new link gets its full timeout
             self.status.streams = len(conns)
@@ -327,12 +337,13 @@ class Sender:
                 batch = self.journal.read_raw(pos[0], pos[1], most)
             if not batch:
                 await self._wakeup.wait()
-                await trio.sleep(COALESCE_SECONDS)  # a deliberate delay: see above
+                await self._gather(trio.current_time() + COALESCE_SECONDS)
                 continue
             self._waiting = False
             if (sum(len(raw) for _, _, raw in batch) < most
-                    and trio.current_time() < sent_at + COALESCE_SECONDS):
-                await trio.sleep_until(sent_at + COALESCE_SECONDS)  # let more gather
+                    and trio.current_time() < sent_at + COALESCE_SECONDS
+                    and not self._urgent()):
+                await self._gather(sent_at + COALESCE_SECONDS)
                 continue
             sent_at = trio.current_time()
             while self.status.inflight_bytes > self.window:
@@ -358,6 +369,8 @@ class Sender:
             last = max((s, q) for s, q, _ in batch)
             pos = (last[0], last[1] + 1)
             self.status.shipped = last
+            if self.semisync is not None:
+                self.semisync.shipped(sorted((s, q, is_sync(raw)) for s, q, raw in batch))
             for outbox, raws in zip(outboxes, per_stream, strict=True):
                 if raws:
                     frames = record_frames(raws, compressor)
@@ -366,6 +379,18 @@ class Sender:
                     if self.bucket is not None:
                         await self.bucket.take(wire)
                     await outbox.send(frames)
+
+    def _urgent(self) -> bool:
+        return self.semisync is not None and self.semisync.waiting > 0
+
+    async def _gather(self, until: float) -> None:
+        """Let records gather until *until* (see COALESCE_SECONDS), unless an fsync
+        waits for the secondary to stage them (--fsync remote): then not at all."""
+        if self._urgent():
+            return
+        self._hurried = trio.Event()
+        with trio.move_on_at(until):
+            await self._hurried.wait()
 
     async def _ack_watchdog(self) -> None:
         """End the session when records in flight go unacknowledged for ``stall_seconds``.
@@ -389,10 +414,12 @@ class Sender:
         while True:
             frame = await conn.receive()
             if frame.type == FrameType.STAGED:
-                for key in parse_staged(frame):
-                    size = self._inflight.pop(key, 0)
-                    self.status.inflight_bytes -= size
-                    self.status.staged += 1
+                keys = [key for key in parse_staged(frame) if key in self._inflight]
+                for key in keys:
+                    self.status.inflight_bytes -= self._inflight.pop(key)
+                self.status.staged += len(keys)
+                if self.semisync is not None:
+                    self.semisync.staged(keys)
                 self._progress_at = self._acked_at = trio.current_time()
                 self._acked.set()
             elif frame.type == FrameType.APPLIED:

@@ -358,6 +358,11 @@ def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
     return set_id, seq
 
 
+def is_sync(buf: bytes | memoryview) -> bool:
+    """True if the encoded record is a SYNC, the last of its set (read from its header)."""
+    return len(buf) > 1 and buf[1] == Op.SYNC
+
+
 def encode_set(set_id: int) -> bytes:
     return _U64.pack(set_id)
 
