@@ -1,13 +1,16 @@
 """``bin/bench``: what replfs costs, workload by workload, against the native filesystem.
 
-Every workload runs on three targets, in one temporary directory on one
-disk: a native directory, a replfs primary mount with no secondary, and a
-primary mount replicating to a live secondary on loopback. The full run
-goes round all three three times, interleaved, and reports the median of
-each figure: this machine's disk and CPU move by 2-3x from minute to
-minute. The table gives each figure and the ratio replicated/native
-(native/replicated for latencies). Then, with the secondary: lag from a set's close to its apply
-(``checkpoint --wait`` round trips under a steady writer), the catch-up
+Every workload runs on four targets, in one temporary directory on one
+disk: a native directory, a replfs primary mount with no secondary, a
+primary mount replicating to a live secondary on loopback, and one with
+``--fsync remote`` replicating to a secondary of its own (an fsync waits
+for the secondary's staging). The full run goes round the targets three
+times, interleaved, and reports the median of each figure, with the range
+of the rounds under it: this machine's disk and CPU move by 2-3x from
+minute to minute. The table gives each figure and the ratio
+replicated/native (native/replicated for latencies). Then, with the
+secondary: lag from a set's close to its apply (``checkpoint --wait``
+round trips under a steady writer), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
 application byte.
 
@@ -60,7 +63,7 @@ REPLFS = [sys.executable, str(HERE / "replfs.py")]
 MiB = 1 << 20
 MB = 1e6
 JOURNAL_MAX = "4G"
-TARGETS = ("native", "replfs", "replfs_replicated")
+TARGETS = ("native", "replfs", "replfs_replicated", "replfs_remote")
 
 
 @dataclass(frozen=True)
@@ -329,10 +332,10 @@ class Bench:
         self.mounts.append(mount)
         return self.daemon(name, ["primary", str(backing), str(mount), *extra], "serving"), mount
 
-    def secondary(self, port: int = 0) -> tuple[Daemon, int]:
-        replica = self.tmp / "replica"
-        daemon = self.daemon("secondary", ["secondary", str(replica), "--listen",
-                                           f"127.0.0.1:{port}", *self.secondary_tls],
+    def secondary(self, port: int = 0, name: str = "secondary") -> tuple[Daemon, int]:
+        replica = self.tmp / f"{name}-replica"
+        daemon = self.daemon(name, ["secondary", str(replica), "--listen",
+                                    f"127.0.0.1:{port}", *self.secondary_tls],
                              "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
@@ -378,16 +381,29 @@ class Bench:
         pri, mount = self.primary("replicated", "--secondary", f"127.0.0.1:{port}",
                                   "--journal-max", JOURNAL_MAX, *self.primary_tls)
         say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port} over TLS")
+        remote_sec, remote_port = self.secondary(name="secondary-remote")
+        remote, remote_mount = self.primary(
+            "remote", "--secondary", f"127.0.0.1:{remote_port}", "--fsync", "remote",
+            "--journal-max", JOURNAL_MAX, *self.primary_tls)
+        say(f"replfs primary at {remote_mount}, --fsync remote to 127.0.0.1:{remote_port}")
         checkpoint(mount, 60)
+        checkpoint(remote_mount, 60)
         for round_ in range(self.plan.rounds):
             if self.plan.rounds > 1:
                 say(f"round {round_ + 1} of {self.plan.rounds}")
             self.workloads("native", native, round_=round_)
             self.workloads("replfs", alone_mount, alone_mount, round_=round_)
             self.workloads("replfs_replicated", mount, mount, replicated=True, round_=round_)
+            self.workloads("replfs_remote", remote_mount, remote_mount, replicated=True,
+                           round_=round_)
+        if ask(remote_mount, "status")["fsync_local_only"]:
+            self.warn("some fsyncs of the --fsync remote primary did not wait for its "
+                      "secondary (it was behind or gone)")
         self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
-        alone.stop()
+        for daemon in (alone, remote, remote_sec):
+            daemon.stop()
         unmount(alone_mount)
+        unmount(remote_mount)
         if self.only is not None:
             return
         self.lag(mount)
@@ -538,11 +554,17 @@ def report(bench: Bench) -> dict[str, Any]:
         got = {t: statistics.median(r.value for r in runs[t]) for t in TARGETS}
         native, replicated = got["native"], got["replfs_replicated"]
         entry: dict[str, Any] = {"unit": unit, **{t: round(got[t], 2) for t in TARGETS},
-                                 "ratio": round(replicated / native, 4) if native else None}
+                                 "ratio": round(replicated / native, 4) if native else None,
+                                 "range": {t: [round(min(r.value for r in runs[t]), 2),
+                                               round(max(r.value for r in runs[t]), 2)]
+                                           for t in TARGETS}}
         for name in runs["native"][0].extra:
             per = {t: round(statistics.median(r.extra[name] for r in runs[t]), 1)
                    for t in TARGETS}
             entry[name] = per
+            entry[name + "_range"] = {t: [round(min(r.extra[name] for r in runs[t]), 1),
+                                          round(max(r.extra[name] for r in runs[t]), 1)]
+                                      for t in TARGETS}
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
@@ -557,23 +579,33 @@ def report(bench: Bench) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
-    rows = [("workload", "unit", "native", "replfs", "replicated", "ratio")]
+    rounds = out["machine"].get("rounds", 1)
+
+    def spread(ranges: dict[str, list[float]], fmt: str) -> tuple[str, ...]:
+        return tuple(f"{format(ranges[t][0], fmt)}-{format(ranges[t][1], fmt)}"
+                     for t in TARGETS)
+
+    rows = [("workload", "unit", "native", "replfs", "replicated", "fsync remote", "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))
+        if rounds > 1:
+            rows.append(("  range", "", *spread(entry["range"], ",.0f"), ""))
         for name in ("p50_us", "p99_us"):
             if name in entry:
                 rows.append((f"  fsync {name[:3]}", "µs", *(f"{entry[name][t]:,.0f}"
                                                            for t in TARGETS),
                              f"{entry[name[:3] + '_ratio']:.3f}"))
+                if rounds > 1:
+                    rows.append(("    range", "", *spread(entry[name + "_range"], ",.0f"), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratio: replicated / native (latencies: native / replicated)"
-                 + (f"; medians of {out['machine']['rounds']} rounds"
-                    if out["machine"].get("rounds", 1) > 1 else ""))
+                 + (f"; medians of {rounds} rounds, range: the lowest and highest round"
+                    if rounds > 1 else ""))
     w = out["workloads"]
     if "stat" in w and "readdir" in w:
         lines.append(f"stat: {w['stat']['files']:,} files; readdir: a directory of "

@@ -376,7 +376,7 @@ class PrimaryFS(pyfuse3.Operations):
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             # The kernel's writeback of a written file's times, at every fsync: the
             # set already restates that path's times at its close (repl/touched.py).
-            record = None if path is not None and self.capture.restates_times(path, fh) \
+            record = None if path is not None and self.capture.restates_times(path, fh, inode) \
                 else self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
             self._do(record, self._on_node, inode, fh, os.utime, ns=times)
         return self._entry(self._stat(inode, fh), inode)

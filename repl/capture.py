@@ -218,16 +218,17 @@ class Capture:
         self._settle()
 
     @_locked
-    def restates_times(self, path: bytes, fd: int | None = None) -> bool:
+    def restates_times(self, path: bytes, fd: int | None = None, ino: int | None = None
+                       ) -> bool:
         """True if the open set ends with *path*'s times as BACKING has them then
         (its close journals a UTIMES of each path it touched), so a change of its
-        times alone needs no record of its own. If so, the node (open as *fd*, if
-        given) is tracked for BACKING's sync, as for a journaled change."""
+        times alone needs no record of its own. If so, the node (open as *fd*, inode
+        *ino*, if given) is tracked for BACKING's sync, as for a journaled change."""
         self._settle()
         if path not in self.touched.paths:
             return False
         if fd is not None:
-            self.track(fd)
+            self.track(fd, ino)
         else:
             self._track_node(path)
         return True
