@@ -12,7 +12,9 @@ replicated/native (native/replicated for latencies). Then, with the
 secondary: lag from a set's close to its apply (``checkpoint --wait``
 round trips under a steady writer), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
-application byte.
+application byte. Last, the standby's reads (bin/bench_reads.py): the
+secondary's cached standby mount against the replica directory, idle and
+while sets arrive.
 
 Timed workloads run for a fixed time and count what they did; the file
 writers write a fixed volume (``--quick``: smaller volumes, shorter times,
@@ -21,7 +23,8 @@ runs with ``--journal-max 4G`` so the outage stays in the journal and the
 catch-up measures journal streaming, not a resync.
 
 ``--only fsync4k,sqlite_commits`` runs just those workloads (and skips the
-replication figures); ``--rounds N`` sets how many times round the targets.
+replication figures and the standby's reads); ``--rounds N`` sets how many
+times round the targets.
 
 Everything is removed afterwards, also on Ctrl-C or failure.
 """
@@ -54,9 +57,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_reads
 from demo import Proc, links
 
-from repl import applier, control
+from repl import control
+from store import libc
 
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
@@ -64,6 +69,9 @@ MiB = 1 << 20
 MB = 1e6
 JOURNAL_MAX = "4G"
 TARGETS = ("native", "replfs", "replfs_replicated", "replfs_remote")
+
+
+READS = bench_reads.ReadPlan(big=256 * MiB, seconds=2.0, rounds=3)
 
 
 @dataclass(frozen=True)
@@ -76,18 +84,21 @@ class Plan:
     stat_files: int = 2_000
     dir_entries: int = 10_000
     rounds: int = 3  # each figure is the median of this many runs
+    reads: bench_reads.ReadPlan = READS
 
 
 FULL = Plan(seq_bytes=512 * MiB, rand_file=256 * MiB, seconds=5.0, lag_seconds=20.0,
             outage_bytes=1024 * MiB)
 QUICK = Plan(seq_bytes=64 * MiB, rand_file=32 * MiB, seconds=0.5, lag_seconds=3.0,
-             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1)
+             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1,
+             reads=bench_reads.ReadPlan(big=32 * MiB, seconds=0.5, rounds=1))
 
 
 @dataclass
 class Result:
     value: float
     extra: dict[str, float] = field(default_factory=dict)
+    ops: int = 0  # the application's calls that did the work: a write(2), a file, a commit
 
 
 def now() -> float:
@@ -102,7 +113,7 @@ def syncfs(path: Path) -> None:
     """Write back everything dirty on the filesystem holding *path*."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        applier.syncfs(fd)
+        libc.syncfs(fd)
     finally:
         os.close(fd)
 
@@ -140,7 +151,7 @@ def entries(root: Path, count: int) -> list[str]:
 def seq_write(d: Path, plan: Plan) -> Result:
     start = now()
     write_file(d / "seq", plan.seq_bytes)
-    return Result(plan.seq_bytes / MB / (now() - start))
+    return Result(plan.seq_bytes / MB / (now() - start), ops=plan.seq_bytes // MiB)
 
 
 def rand4k_write(d: Path, plan: Plan) -> Result:
@@ -160,7 +171,7 @@ def rand4k_write(d: Path, plan: Plan) -> Result:
             done += 256
     finally:
         os.close(fd)  # a FUSE close writes back the cached pages: part of the cost
-    return Result(done * 4096 / MB / (now() - start))
+    return Result(done * 4096 / MB / (now() - start), ops=done)
 
 
 def fsync4k(d: Path, plan: Plan) -> Result:
@@ -180,7 +191,7 @@ def fsync4k(d: Path, plan: Plan) -> Result:
     elapsed = now() - start
     return Result(len(latencies) * 4096 / MB / elapsed,
                   {"p50_us": percentile(latencies, 50) * 1e6,
-                   "p99_us": percentile(latencies, 99) * 1e6})
+                   "p99_us": percentile(latencies, 99) * 1e6}, ops=len(latencies))
 
 
 def small_files(d: Path, plan: Plan) -> Result:
@@ -194,7 +205,7 @@ def small_files(d: Path, plan: Plan) -> Result:
             os.write(fd, block)
             os.close(fd)
             count += 1
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def stat_files(d: Path, plan: Plan) -> Result:
@@ -206,7 +217,7 @@ def stat_files(d: Path, plan: Plan) -> Result:
         for path in paths:
             os.stat(path)
         count += len(paths)
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def readdir(d: Path, plan: Plan) -> Result:
@@ -218,7 +229,7 @@ def readdir(d: Path, plan: Plan) -> Result:
         if len(os.listdir(directory)) != plan.dir_entries:
             raise RuntimeError(f"readdir of {directory} lost entries")
         count += 1
-    return Result(count / (now() - start))
+    return Result(count / (now() - start), ops=count)
 
 
 def sqlite_commits(d: Path, plan: Plan) -> Result:
@@ -237,7 +248,7 @@ def sqlite_commits(d: Path, plan: Plan) -> Result:
         elapsed = now() - start
     finally:
         db.close()
-    return Result(count / elapsed)
+    return Result(count / elapsed, ops=count)
 
 
 Workload = Callable[[Path, Plan], Result]
@@ -299,6 +310,11 @@ def ask(target: Path, cmd: str, timeout: float = 30.0, **fields: Any) -> dict[st
     return reply
 
 
+def requests(mount: Path | None) -> dict[str, int]:
+    """The FUSE requests *mount*'s daemon served so far, by handler (none for native)."""
+    return {} if mount is None else dict(ask(mount, "status")["requests"])
+
+
 def checkpoint(mount: Path, wait: float = 600.0) -> int:
     """Close a set and wait until the secondary applied it (``replfs checkpoint --wait``)."""
     return int(ask(mount, "checkpoint", timeout=wait + 30, wait=wait)["set"])
@@ -316,6 +332,7 @@ class Bench:
         self.results: dict[str, dict[str, list[Result]]] = {
             key: {target: [] for target in TARGETS} for key, _, _ in WORKLOADS}
         self.replication: dict[str, float] = {}
+        self.reads: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.primary_tls, self.secondary_tls = links(tmp)  # TLS, as replfs runs by default
 
@@ -333,9 +350,17 @@ class Bench:
         return self.daemon(name, ["primary", str(backing), str(mount), *extra], "serving"), mount
 
     def secondary(self, port: int = 0, name: str = "secondary") -> tuple[Daemon, int]:
-        replica = self.tmp / f"{name}-replica"
+        """A secondary; the first serves its cached standby mount at TMP/standby too."""
+        replica, standby = self.tmp / "replica", self.tmp / "standby"
+        extra = ["--mount", str(standby)]
+        if name == "secondary":
+            standby.mkdir(exist_ok=True)
+            if standby not in self.mounts:
+                self.mounts.append(standby)
+        else:
+            replica, extra = self.tmp / f"{name}-replica", []
         daemon = self.daemon(name, ["secondary", str(replica), "--listen",
-                                    f"127.0.0.1:{port}", *self.secondary_tls],
+                                    f"127.0.0.1:{port}", *extra, *self.secondary_tls],
                              "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
@@ -364,12 +389,21 @@ class Bench:
             d = root / f"{key}.{round_}"
             d.mkdir()
             began = now()
+            served = requests(mount)
             result = run(d, self.plan)
-            self.results[key][target].append(result)
             self.settle(mount, replicated)
-            extra = "".join(f"  {k} {v:,.0f}" for k, v in result.extra.items())
+            if mount is not None and result.ops:
+                served = {op: n - served.get(op, 0) for op, n in requests(mount).items()}
+                result.extra["requests_per_op"] = sum(served.values()) / result.ops
+            self.results[key][target].append(result)
+            extra = "".join(f"  {k} {v:,.{1 if k == 'requests_per_op' else 0}f}"
+                            for k, v in result.extra.items())
             say(f"  {target:<18} {key:<15} {result.value:>12,.1f} {unit}{extra}"
                 f"  ({now() - began:.1f}s)")
+            if mount is not None and result.ops:
+                say("    requests per op: " + ", ".join(
+                    f"{op} {n / result.ops:.2f}" for op, n in
+                    sorted(served.items(), key=lambda item: -item[1]) if n))
 
     def run(self) -> None:
         native = self.tmp / "native"
@@ -406,6 +440,10 @@ class Bench:
         unmount(remote_mount)
         if self.only is not None:
             return
+        say("standby reads: the secondary's cached standby mount against the replica "
+            "directory")
+        self.reads = bench_reads.run(mount, self.tmp / "replica", self.tmp / "standby",
+                                     self.plan.reads, checkpoint, say)
         self.lag(mount)
         sec = self.outage(mount, sec, port)
         self.replication |= {  # RssAnon at the end leaves out the mapped LMDB pages VmHWM counts
@@ -568,6 +606,10 @@ def report(bench: Bench) -> dict[str, Any]:
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
+        served = {t: round(statistics.median(r.extra["requests_per_op"] for r in runs[t]), 2)
+                  for t in TARGETS[1:] if all("requests_per_op" in r.extra for r in runs[t])}
+        if served:
+            entry["requests_per_op"] = served
         if key == "stat":
             entry["files"] = bench.plan.stat_files
         if key == "readdir":
@@ -575,29 +617,29 @@ def report(bench: Bench) -> dict[str, Any]:
         workloads[key] = entry
     return {"workloads": workloads,
             "replication": {k: round(v, 3) for k, v in bench.replication.items()},
-            "warnings": bench.warnings}
+            "standby_reads": bench.reads, "warnings": bench.warnings}
 
 
 def table(out: dict[str, Any]) -> str:
     rounds = out["machine"].get("rounds", 1)
 
-    def spread(ranges: dict[str, list[float]], fmt: str) -> tuple[str, ...]:
-        return tuple(f"{format(ranges[t][0], fmt)}-{format(ranges[t][1], fmt)}"
-                     for t in TARGETS)
+    def spread(ranges: dict[str, list[float]]) -> tuple[str, ...]:
+        return tuple(f"{ranges[t][0]:,.0f}-{ranges[t][1]:,.0f}" for t in TARGETS)
 
-    rows = [("workload", "unit", "native", "replfs", "replicated", "fsync remote", "ratio")]
+    rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
+                                    "fsync remote", "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))
         if rounds > 1:
-            rows.append(("  range", "", *spread(entry["range"], ",.0f"), ""))
+            rows.append(("  range", "", *spread(entry["range"]), ""))
         for name in ("p50_us", "p99_us"):
             if name in entry:
                 rows.append((f"  fsync {name[:3]}", "µs", *(f"{entry[name][t]:,.0f}"
                                                            for t in TARGETS),
                              f"{entry[name[:3] + '_ratio']:.3f}"))
                 if rounds > 1:
-                    rows.append(("    range", "", *spread(entry[name + "_range"], ",.0f"), ""))
+                    rows.append(("    range", "", *spread(entry[name + "_range"]), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
@@ -619,6 +661,9 @@ def table(out: dict[str, Any]) -> str:
         for key, value in out["replication"].items():
             shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
             lines.append(f"  {key:<26} {shown:>14}")
+    if out["standby_reads"]:
+        lines.append("")
+        lines.extend(bench_reads.table(out["standby_reads"]))
     lines.extend(f"warning: {text}" for text in out["warnings"])
     return "\n".join(lines)
 

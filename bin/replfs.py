@@ -8,7 +8,6 @@ non-zero exit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import json
 import logging
@@ -23,7 +22,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fs.mount import PrimaryConfig, run_primary, run_standby
+from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
 from repl import config, control, tls
 from repl.config import address, count, level, positive, size
 from repl.promote import promote
@@ -32,6 +31,7 @@ from repl.secondary import default_state_dir, pause, resume, run_secondary, stag
 from repl.semisync import FSYNC_TIMEOUT
 from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
+from store import libc
 from store.dump import dump
 from store.errors import ReplfsError
 
@@ -153,10 +153,14 @@ def build_parser() -> Parser:
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
+    p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
+                   help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
+                        "cached by the kernel (whole data sets only, as with replfs mount)")
     metrics_option(p)
     log_options(p)
 
-    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only")
+    p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
+                         "(uncached; see secondary --mount)")
     positional(p, "replica", "REPLICA")
     positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
@@ -229,12 +233,8 @@ def keep_large_buffers() -> None:
     pays a page fault per 4 KiB: ten times the cost of the copy. Kept in the
     heap (with at most 8 MiB of free heap held back), they are reused.
     """
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 8 << 20)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(libc.M_MMAP_THRESHOLD, 4 << 20)
+    libc.mallopt(libc.M_TRIM_THRESHOLD, 8 << 20)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
                 args.compress_level, args.max_rate or None, args.fsync, args.fsync_timeout))
+        elif args.command == "secondary" and args.mount:
+            trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
+                     args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                     args.metrics)
         elif args.command == "secondary":
             trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
                      args.peer, args.insecure, args.rejoin, args.metrics)

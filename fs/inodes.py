@@ -13,13 +13,17 @@ surplus; handlers call it when they are done with the fds they borrowed.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import OrderedDict
 
 import pyfuse3
 
+from store.libc import fd_path
+
 ROOT = pyfuse3.ROOT_INODE
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})  # a name no longer there
 
 
 class Node:
@@ -126,7 +130,7 @@ class Inodes:
                     return cached
             except OSError:
                 pass
-        root = b"/proc/self/fd/%d" % self.root_fd
+        root = fd_path(self.root_fd)
         for top, _, files in os.walk(root):
             for name in files:
                 full = os.path.join(top, name)
@@ -162,30 +166,43 @@ class Inodes:
         With ``verify`` (a tree that changes under the mount, like a replica),
         each name is checked to still hold *ino*, and stale names are dropped,
         also those whose parent directory is gone: its number may be known again
-        as a file's, as the backing filesystem reuses numbers (ext4 at once).
+        as a file's, as the backing filesystem reuses numbers (ext4 at once). With
+        none left, ESTALE: the kernel's view is older than the tree, and a path
+        lookup that gets ESTALE looks its names up again.
         """
         if not self.verify:
             found = self.name_of(ino)
             if found is None:
                 raise FileNotFoundError(2, "inode has no name")
             return self.dir_fd(found[0]), found[1]
-        node = self.node(ino)
+        found = self._verified(self.node(ino))
+        if found is None:
+            raise OSError(errno.ESTALE, "inode has no name left")
+        return found
+
+    def _verified(self, node: Node) -> tuple[int, bytes] | None:
+        """(parent dir fd, name) of a name that still holds *node*; the stale ones
+        are dropped."""
         for parent, name in list(node.names):
             if parent in self.nodes:
                 try:
                     fd = self.dir_fd(parent)
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if self.ino_of(st) == ino:
+                    if self.ino_of(st) == node.ino:
                         return fd, name
-                except (FileNotFoundError, NotADirectoryError):
-                    pass
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        raise
             node.names.discard((parent, name))
-        raise FileNotFoundError(2, "inode has no name left")
+        return None
 
     def unlinked_fd(self, ino: int) -> int | None:
-        """An open handle of *ino* when no known name reaches it (open, then removed)."""
+        """An open handle of *ino* when no known name reaches it (open, then removed,
+        or, with ``verify``, replaced under the mount)."""
         node = self.node(ino)
-        if node.fds and self.name_of(ino) is None:
+        if not node.fds:
+            return None
+        if self.name_of(ino) is None or (self.verify and self._verified(node) is None):
             return next(iter(node.fds))
         return None
 

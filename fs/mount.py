@@ -1,4 +1,4 @@
-"""Run the primary: recover the journal, mount, serve until unmounted or signalled."""
+"""Run the mounts: the primary; a standby on its own; a standby served by the secondary."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INT
 from repl.config import parse_address
 from repl.errors import UsageError
 from repl.sdnotify import notify
-from repl.secondary import default_state_dir, staging_dir_of
+from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
 from repl.semisync import FSYNC_TIMEOUT, Semisync
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
-from store.hold import ApplyLock, is_held, read_applied, read_syncing
+from store.hold import ApplyLock, is_held
 from store.journal import Journal
+from store.staging import read_applied, read_syncing
 
 log = logging.getLogger("replfs.primary")
 
@@ -81,6 +82,32 @@ class PrimaryConfig:
     fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
 
 
+def lift_dirty_limit(where: str) -> None:
+    """Let the kernel keep this mount's dirty pages as it keeps a disk's.
+
+    The kernel holds a FUSE mount to a strict 1 % of the dirty page limit (about
+    48 MB on a 24 GiB host), as its daemon may be any user's and never write back:
+    past that a writer waits for each page to reach the daemon, and random writes
+    over a large file cost a request a page. replfs runs as root and writes back
+    like a disk, so its mount gets a disk's share. *where* is the mountpoint's real
+    path, taken before mounting: the mount is found by its device in
+    /proc/self/mountinfo, since a stat of it would wait for a daemon that does not
+    serve yet.
+    """
+    for char, escaped in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+        where = where.replace(char, escaped)
+    with open("/proc/self/mountinfo") as mounts:
+        devices = [f[2] for f in map(str.split, mounts) if f[4] == where]
+    if not devices:
+        return
+    bdi = Path("/sys/class/bdi") / devices[-1]
+    try:
+        (bdi / "strict_limit").write_text("0")
+        (bdi / "max_ratio").write_text("100")
+    except OSError as exc:
+        log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
+
+
 async def run_primary(cfg: PrimaryConfig) -> None:
     backing, mountpoint = cfg.backing, cfg.mountpoint
     if not backing.is_dir():
@@ -120,11 +147,13 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture, remote)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+        where = os.path.realpath(mountpoint)  # so does this
         try:
             pyfuse3.init(operations, str(mountpoint), mount_options())
         except RuntimeError:
             raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
                              "check permissions and that it is not in use") from None
+        lift_dirty_limit(where)
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
@@ -194,9 +223,10 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
             "journal_max": capture.journal_max,
             "mode": ("initial sync" if capture.syncing else
                      "overflow" if capture.overflow else "streaming"),
+            "requests": operations.requests.snapshot(),
         }
         if capture.overflow:
-            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.bytes(),
+            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
                     "resync_done_bytes": capture.progress_done,
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
@@ -231,7 +261,8 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         if scrape:
             registry = metrics.registry(lambda: metrics.primary_metrics(
-                                            capture, sender, operations.remote),
+                                            capture, sender, operations.requests.snapshot(),
+                                            operations.remote),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))
@@ -267,7 +298,10 @@ async def serve_requests() -> None:
 
 
 async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
-    """Mount a read-only view of *replica* that only ever shows whole data sets."""
+    """Mount a read-only view of *replica* that only ever shows whole data sets.
+
+    Nothing tells this process what a set changes, so the kernel caches nothing.
+    """
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     check_mountpoint(mountpoint)
@@ -278,27 +312,16 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
                          "has no consistent set to show yet; see replfs status on the primary")
     lock = ApplyLock(where)
     inodes = Inodes(str(replica), verify=True)
-    sock = control.socket_path(mountpoint)
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
     try:
-        try:
-            pyfuse3.init(StandbyFS(inodes, lock, where), str(mountpoint),
-                         mount_options() | {"ro"})
-        except RuntimeError:
-            raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
-                             "check permissions and that it is not in use") from None
+        _mount_standby(StandbyFS(inodes, lock, where), mountpoint)
         with lock.shared():
             shown = read_applied(where)
         log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
-
-        async def status(_: dict[str, Any]) -> dict[str, Any]:
-            with lock.shared():
-                return {"role": "standby mount", "replica": str(replica),
-                        "mountpoint": str(mountpoint), "shows_set": read_applied(where),
-                        "held": is_held(where)}
-
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, sock, {"status": status})
+                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
+                                    cached=False)
                 await nursery.start(_terminate_on_signal)
                 notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests()
@@ -309,6 +332,73 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
     finally:
         inodes.close()
         lock.close()
+
+
+async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str,
+                                staging: Path | None, tls: Path | None, peer: str | None,
+                                insecure: bool, rejoin: bool = False,
+                                metrics_at: str | None = None) -> None:
+    """The secondary (repl/secondary.py), also serving the standby mount of its replica.
+
+    In one process, the applier can drop the kernel's caches of what each batch
+    touches before applying it (fs/kernel_cache.py), so the kernel caches the view.
+    If the mount is unmounted from outside, replication goes on without it.
+    """
+    check_mountpoint(mountpoint)
+    make_replica(replica)
+    where = staging_dir_of(replica, staging)
+    lock = ApplyLock(where)
+    inodes = Inodes(str(replica), verify=True)
+    operations = StandbyFS(inodes, lock, where, cached=True)
+    cache = operations.cache
+    assert cache is not None
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+    try:
+        _mount_standby(operations, mountpoint)
+        log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
+
+        async def serve_mount() -> None:
+            await serve_requests()
+            cache.mounted = False
+            log.info("unmounted %s; the secondary goes on without it", mountpoint)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
+                                    cached=True)
+                nursery.start_soon(serve_mount)
+                await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
+                                    metrics_at, invalidator=cache)
+                nursery.cancel_scope.cancel()
+        finally:
+            cache.mounted = False
+            pyfuse3.close(unmount=True)
+    finally:
+        inodes.close()
+        lock.close()
+
+
+def _mount_standby(operations: StandbyFS, mountpoint: Path) -> None:
+    try:
+        pyfuse3.init(operations, str(mountpoint), mount_options() | {"ro"})
+    except RuntimeError:
+        raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
+                         "check permissions and that it is not in use") from None
+
+
+async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountpoint: Path,
+                        lock: ApplyLock, where: Path, cached: bool) -> None:
+    """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
+    holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        out = {"role": "standby mount", "replica": str(replica),
+               "mountpoint": str(mountpoint), "held": is_held(where), "cached": cached}
+        if not cached:
+            with lock.shared():
+                out["shows_set"] = read_applied(where)
+        return out
+
+    await nursery.start(control.serve, sock, {"status": status})
 
 
 async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

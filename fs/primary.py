@@ -22,18 +22,20 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from fs.counts import RequestCounts
 from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
-from repl.apply import fallocate, intent_for, renameat2
+from repl.apply import intent_for
 from repl.capture import Capture
 from repl.metrics import FSYNC_SECONDS
 from repl.semisync import Semisync
+from store.libc import fallocate, fd_path, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -45,7 +47,7 @@ from store.records import (
 TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
 _AM_ROOT = os.geteuid() == 0
 _CAPABILITY = b"security.capability"
-T = TypeVar("T")
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 # fallocate(2) modes passed through; the others (collapse, insert, unshare...) change
 # offsets or sharing, and are refused with EOPNOTSUPP, as by a filesystem without them.
 _FALLOC_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -64,16 +66,20 @@ SEEK_WAIT = 0.05
 
 
 def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
-            ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+            ) -> Callable[[Handler], Handler]:
     """Wrap a request handler: it runs holding the lock (unless not *locked*: it
     then takes the lock itself where it needs it); a change (*changes*, or
     ``changes(*args)`` is true) waits while the mount is frozen (verify); an error
-    becomes an errno (fs/errors.py); and the directory fds the handler borrowed are
-    trimmed to the cache's bound once it is done (fs/inodes.py)."""
+    becomes an errno (fs/errors.py); the directory fds the handler borrowed are
+    trimmed to the cache's bound once it is done (fs/inodes.py); and the request is
+    counted (fs/counts.py)."""
 
-    def wrap(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    def wrap(handler: Handler) -> Handler:
+        name = handler.__name__
+
         @functools.wraps(handler)
-        async def run(self: PrimaryFS, *args: object, **kwargs: object) -> T:
+        async def run(self: PrimaryFS, *args: object, **kwargs: object) -> Any:
+            self.requests.add(name)
             try:
                 if not locked:
                     return await handler(self, *args, **kwargs)
@@ -84,9 +90,9 @@ def request(*, changes: bool | Callable[..., bool] = False, locked: bool = True
                     self.inodes.trim()
                     self.lock.release()
             except Exception as exc:
-                raise fuse_error(exc, handler.__name__) from None
+                raise fuse_error(exc, name) from None
 
-        return run
+        return cast(Handler, run)
 
     return wrap
 
@@ -112,6 +118,7 @@ class PrimaryFS(pyfuse3.Operations):
         self.inodes = inodes
         self.capture = capture
         self.remote = remote  # --fsync remote: an fsync waits for the secondary's staging
+        self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
         self.dirs: dict[int, DirHandle] = {}
@@ -161,6 +168,12 @@ class PrimaryFS(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _named(self, entry: pyfuse3.EntryAttributes, parent: int, name: bytes
+               ) -> pyfuse3.EntryAttributes:
+        """*entry*, the answer for *name* in *parent* (the standby may shorten its
+        timeouts)."""
+        return entry
 
     def _journal(self, op: Op, path: bytes | None, **fields: object) -> Record | None:
         """Journal *op* unless it touches something no name reaches."""
@@ -226,8 +239,9 @@ class PrimaryFS(pyfuse3.Operations):
             e = pyfuse3.EntryAttributes()
             e.st_ino = 0
             e.entry_timeout = self.timeout
-            return e
-        return self._entry(st, self.inodes.remember(parent_inode, name, st))
+            return self._named(e, parent_inode, name)
+        return self._named(self._entry(st, self.inodes.remember(parent_inode, name, st)),
+                           parent_inode, name)
 
     @request()
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -452,7 +466,7 @@ class PrimaryFS(pyfuse3.Operations):
         unlinked = self.inodes.unlinked_fd(inode)
         if unlinked is not None:
             # Reopen through the magic link, which O_NOFOLLOW would refuse.
-            fd = os.open(f"/proc/self/fd/{unlinked}",
+            fd = os.open(fd_path(unlinked),
                          self._open_flags(flags) & ~os.O_NOFOLLOW)
         else:
             dir_fd, name = self.inodes.at(inode)
@@ -671,7 +685,7 @@ class PrimaryFS(pyfuse3.Operations):
                     entry = self._entry(self.inodes.stat(ino), ino)
                 else:
                     st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-                    entry = self._entry(st)
+                    entry = self._named(self._entry(st), handle.ino, name)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):
@@ -715,7 +729,7 @@ class PrimaryFS(pyfuse3.Operations):
         if unlinked is not None:
             return unlinked, True
         fd, name = self.inodes.at(inode)
-        return b"/proc/self/fd/%d/%s" % (fd, name), False
+        return fd_path(fd, name), False
 
     @request()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -2,12 +2,15 @@
 
 Every request runs under the replica's apply lock, taken shared: while the
 applier applies set N (holding it exclusively) a request waits, so it sees
-N-1 before or N after, never a mix. The kernel is told to cache nothing
-(zero timeouts, direct I/O), so the next request after N sees N at once; a
-reader that needs one set across many requests pauses the replica
-(``replfs pause``). A replica that a crash cut short in the middle of a set
-answers EIO until the secondary's redo finishes that set (which it does at
-once when it starts, held or not). Every change is
+N-1 before or N after, never a mix. Served by the secondary itself (``replfs
+secondary --mount``), the kernel caches the view like any filesystem and the
+applier drops, before each batch, what the batch touches (fs/kernel_cache.py).
+Served on its own (``replfs mount``), nothing tells it what a set changed, so
+the kernel is told to cache nothing (zero timeouts, direct I/O), and the next
+request after N sees N at once. A reader that needs one set across many
+requests pauses the replica (``replfs pause``). A replica that a crash cut
+short in the middle of a set answers EIO until the secondary's redo finishes
+that set (which it does at once when it starts, held or not). Every change is
 refused with EROFS, by the kernel (the mount is ``ro``) and by the handlers.
 """
 
@@ -23,8 +26,9 @@ from typing import Any
 import pyfuse3
 
 from fs.errors import log
-from fs.primary import PrimaryFS
-from store.hold import ApplyLock, interrupted
+from fs.kernel_cache import KernelCache
+from fs.primary import TIMEOUT, PrimaryFS
+from store.hold import ApplyLock, torn
 
 _READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
           "getxattr", "listxattr", "access", "lseek")
@@ -38,14 +42,21 @@ def _erofs(*_: Any, **__: Any) -> Awaitable[Any]:
 
 class StandbyFS(PrimaryFS):
     enable_writeback_cache = False
-    timeout = 0
+    timeout = 0.0
     direct_io = True
     cache_listings = False  # the applier changes the replica under the view
 
-    def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path) -> None:
+    def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path,
+                 cached: bool = False) -> None:
+        """With *cached*, the kernel may cache the view: ``self.cache`` is then what
+        the applier must drop caches through (its invalidator)."""
         super().__init__(inodes, capture=None)  # type: ignore[arg-type]
         self.apply_lock = lock
         self.staging_dir = staging_dir
+        self.cache: KernelCache | None = None
+        if cached:
+            self.cache = KernelCache(inodes, self.lock)
+            self.timeout, self.direct_io = TIMEOUT, False
         for name in _READS:
             setattr(self, name, self._locked(getattr(self, name)))
         for name in _CHANGES:
@@ -56,14 +67,31 @@ class StandbyFS(PrimaryFS):
         async def run(*args: Any, **kwargs: Any) -> Any:
             # Handlers do not await inside, so the lock spans exactly one request.
             with self.apply_lock.shared():
-                torn = interrupted(self.staging_dir)
-                if torn is not None:
+                cut = torn(self.staging_dir)
+                if cut is not None:
                     log.error("the replica was cut short in set %d by a crash; start the "
-                              "secondary to finish it", torn[0])
+                              "secondary to finish it", cut[0])
                     raise pyfuse3.FUSEError(errno.EIO)
                 return await handler(*args, **kwargs)
 
         return run
+
+    def _entry(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
+        e = super()._entry(st, ino)
+        if self.cache is not None:
+            e.attr_timeout = self.cache.attr_timeout(e.st_ino, e.attr_timeout)
+        return e
+
+    def _named(self, entry: pyfuse3.EntryAttributes, parent: int, name: bytes
+               ) -> pyfuse3.EntryAttributes:
+        if self.cache is not None:
+            entry.entry_timeout = self.cache.entry_timeout(parent, name, entry.entry_timeout)
+        return entry
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.cache is not None:
+            self.cache.reading(self.files[fh])
+        return await super().read(fh, off, size)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:

@@ -4,10 +4,11 @@ Set N is applied only after N-1 (claim 24), and only once its complete flag
 is set (claims 20, 21, 25). Applying is redo-safe (repl/apply.py): a marker
 is committed before every namespace op, and after a crash applying resumes
 at the marker. The complete sets waiting in a row are applied as one batch
-under the apply lock, then the replica is synced (syncfs) once and the
-apply log says the last of them is applied; only then is it reported to
-the primary. One sync per batch instead of per set is what lets the
-replica keep up with a primary that closes a set at every small fsync.
+under the apply lock; then, the lock let go (readers see the batch from
+there), the replica is synced (syncfs) once and the apply log says the last
+of them is applied; only then is it reported to the primary. One sync per
+batch instead of per set is what lets the replica keep up with a primary
+that closes a set at every small fsync.
 
 Sets are applied in a worker thread, so a large set never stalls the
 streams; the thread owns the replica's Tree.
@@ -15,7 +16,6 @@ streams; the thread owns the replica's Tree.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import math
@@ -28,33 +28,38 @@ import trio
 
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
+from repl.footprint import Footprint, Invalidator
 from repl.metrics import APPLY_SECONDS
 from repl.tree import Tree
-from store.hold import ApplyLock, clear_applying, interrupted, is_held, mark_applying
+from store.hold import (
+    ApplyLock,
+    clear_applying,
+    interrupted,
+    is_held,
+    mark_applied,
+    mark_applying,
+)
+from store.libc import syncfs
 from store.records import NAMESPACE_OPS
 from store.staging import Staging
 
 log = logging.getLogger("replfs.applier")
 
-_libc = ctypes.CDLL(None, use_errno=True)
 RETRY_MAX = 5.0
 BATCH_SECONDS = 0.05  # a batch ends after the set that takes it past this: readers wait
-# Batches start at most this often. Each costs about four flushes of the replica's
-# disk (the batch's mark, a syncfs, the apply log's sync); a primary that closes a
-# set at every fsync would otherwise get them for each set. At 20 batches a second
-# that stays under 100 flushes; at 100 (10 ms), on the bench's one shared disk,
-# they took a fifth of the primary's fsync latency. Lag grows by as much at most;
-# what the secondary staged, an fsync with --fsync remote waits for, does not.
+# Batches start at most this often. Each ends in a syncfs (which writes back all
+# the replica's filesystem holds dirty) and an apply-log sync; a primary that closes
+# a set at every fsync would otherwise get both for each set. At 100 batches a
+# second (10 ms), on the bench's one shared disk, they took a fifth of the
+# primary's fsync latency. Lag grows by as much at most; what the secondary staged,
+# which an fsync with --fsync remote waits for, does not.
 APPLY_INTERVAL = 0.05
 # Errors the replica's disk can recover from: the set is retried at once, under the
 # lock, so readers wait instead of seeing it torn.
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
-
-
-def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+# With a mount that caches (an invalidator), a batch is first read for what it touches;
+# it ends after the set that takes that past this many records, so the read stays short.
+FOOTPRINT_RECORDS = 20_000
 
 
 class Stopping(Exception):
@@ -63,10 +68,12 @@ class Stopping(Exception):
 
 class Applier:
     def __init__(self, staging: Staging, replica: str | os.PathLike[str],
-                 on_applied: Callable[[int], None] = lambda _: None) -> None:
+                 on_applied: Callable[[int], None] = lambda _: None,
+                 invalidator: Invalidator | None = None) -> None:
         self.staging = staging
         self.replica = replica
         self.on_applied = on_applied
+        self.invalidator = invalidator  # the standby mount's kernel caches, if it has them
         self.applied = staging.applied
         self.applying: int | None = None
         self.error: str | None = None
@@ -173,41 +180,117 @@ class Applier:
 
     def apply_sets(self, tree: Tree, first: int, last: int, retry: bool = True) -> bool:
         """Apply complete sets *first*..*last* (or fewer, see BATCH_SECONDS) under the
-        apply lock, unless a hold came first.
+        apply lock, unless a hold came first; then make them durable.
 
         A batch that fails half way (a full disk, most often) is retried under the
         same lock until it is whole: readers wait rather than see a torn replica.
-        Raises Stopping if the daemon stops meanwhile.
-        """
-        delay = 0.1
-        with self.lock.exclusive():
-            redo = self.redo_through
-            if redo is None and is_held(self.staging.path):
-                return False
-            # A crash before the batch is recorded leaves it after `applied`, so the
-            # replica reads as torn until the redo completes it; the redo must reach
-            # `last`, as the crash may have reached any set up to there.
-            self.redo_through = last if redo is None else max(redo, last)
-            mark_applying(self.staging.path, first, self.redo_through)
-            while True:
-                try:
-                    self._apply_batch(tree, first, last, at_least=self.redo_through)
-                    clear_applying(self.staging.path)
-                    self.redo_through = None
-                    self.error = None
-                    return True
-                except OSError as exc:
-                    if not retry or exc.errno not in TRANSIENT:
-                        raise
-                    self.error = f"applying sets from {first} failed: {exc}; retrying"
-                    log.error("%s", self.error)
-                    tree.forget_dirs()
-                    if self.stopping.wait(delay):
-                        raise Stopping from exc
-                    delay = min(delay * 2, RETRY_MAX)
+        Once its ops are done the lock goes, and readers see the batch while the
+        replica is synced and the apply log records it (store/hold.py). Returns
+        False if held. Raises Stopping if the daemon stops meanwhile.
 
-    def _apply_batch(self, tree: Tree, first: int, last: int, at_least: int) -> None:
-        """Apply sets *first*.. in order, then sync the replica and record the last.
+        With an invalidator, the kernel's caches of what the batch touches are
+        dropped first, while readers go on (the replica still shows the set
+        before), until, with the lock taken, nothing of it was read back in since
+        (repl/footprint.py, Invalidator); then the batch is applied.
+        """
+        if self.invalidator is None:
+            with self.lock.exclusive():
+                done = self._apply_locked(tree, first, last, retry)
+        else:
+            done = self._apply_swept(self.invalidator, tree, first, last, retry)
+        if done is None:
+            return False
+        self._make_durable(tree, first, done, retry)
+        return True
+
+    def _apply_swept(self, invalidator: Invalidator, tree: Tree, first: int, last: int,
+                     retry: bool) -> int | None:
+        """_apply_locked, with the kernel's caches of the batch dropped first."""
+        touched, last = self._footprint(tree, first, last)
+        invalidator.begin(touched)
+        try:
+            while True:
+                # Readers that waited for the lock would read again as soon as it
+                # went: the lock is taken only once nothing was read back in.
+                while not invalidator.settled():
+                    invalidator.sweep()
+                with self.lock.exclusive():
+                    if invalidator.settled():
+                        done = self._apply_locked(tree, first, last, retry)
+                        if done is not None:
+                            invalidator.applied(touched.created_inodes())
+                        return done
+                invalidator.sweep()
+        finally:
+            invalidator.end()
+
+    def _footprint(self, tree: Tree, first: int, last: int) -> tuple[Footprint, int]:
+        """What sets *first*.. touch, and the last of them (FOOTPRINT_RECORDS).
+
+        A batch a crash cut short leaves the replica torn, not at a set: it is
+        named by nothing then, and all the kernel knows is dropped.
+        """
+        if self.redo_through is not None:
+            return Footprint(tree, everything=True), last
+        touched = Footprint(tree)
+        for set_id in range(first, last + 1):
+            for record in self.staging.records(set_id):
+                touched.add(record)
+            if touched.records >= FOOTPRINT_RECORDS:
+                return touched, set_id
+        return touched, last
+
+    def _apply_locked(self, tree: Tree, first: int, last: int, retry: bool) -> int | None:
+        """The ops of the batch, holding the apply lock: the last set applied, or
+        None if held."""
+        delay = 0.1
+        redo = self.redo_through
+        if redo is None and is_held(self.staging.path):
+            return None
+        # A crash before the batch is recorded leaves it after `applied`, so the
+        # replica reads as torn until the redo completes it; the redo must reach
+        # `last`, as the crash may have reached any set up to there.
+        self.redo_through = last if redo is None else max(redo, last)
+        mark_applying(self.staging.path, first, self.redo_through)
+        while True:
+            try:
+                done = self._apply_batch(tree, first, last, at_least=self.redo_through)
+                mark_applied(self.staging.path, first, self.redo_through)
+                return done
+            except OSError as exc:
+                self._retry_or_raise(tree, first, exc, retry, delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _make_durable(self, tree: Tree, first: int, set_id: int, retry: bool) -> None:
+        """Sync the replica and record *set_id* applied, without the lock."""
+        delay = 0.1
+        while True:
+            try:
+                self.faults.step(set_id, -1)
+                syncfs(tree.root_fd)
+                self.staging.finish(set_id)
+                clear_applying(self.staging.path)
+                self.redo_through = None
+                self.error = None
+                log.debug("applied sets %d to %d", first, set_id)
+                return
+            except OSError as exc:
+                self._retry_or_raise(tree, first, exc, retry, delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _retry_or_raise(self, tree: Tree, first: int, exc: OSError, retry: bool,
+                        delay: float) -> None:
+        """Wait *delay* before trying again after a transient error; raise others."""
+        if not retry or exc.errno not in TRANSIENT:
+            raise exc
+        self.error = f"applying sets from {first} failed: {exc}; retrying"
+        log.error("%s", self.error)
+        tree.forget_dirs()
+        if self.stopping.wait(delay):
+            raise Stopping from exc
+
+    def _apply_batch(self, tree: Tree, first: int, last: int, at_least: int) -> int:
+        """Apply sets *first*.. in order; returns the last one applied.
 
         Stops after *last*, or earlier once past BATCH_SECONDS but never before
         *at_least* (the end of a batch a crash cut short). Resumes at the marker
@@ -225,12 +308,8 @@ class Applier:
                                 else None)
             if set_id == last or (set_id >= at_least
                                   and time.monotonic() - began > BATCH_SECONDS):
-                break
+                return set_id
             set_id += 1
-        self.faults.step(set_id, -1)
-        syncfs(tree.root_fd)
-        self.staging.finish(set_id)
-        log.debug("applied sets %d to %d", first, set_id)
 
     def _apply_records(self, tree: Tree, set_id: int,
                        marker: tuple[int, int, bytes | None] | None) -> None:

@@ -28,12 +28,12 @@ it leaves behind, which nothing after it in the replayed run can change
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 
 from repl.tree import Tree
+from store.libc import fallocate, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -45,24 +45,9 @@ from store.records import (
     encode_intent,
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _ZEROS = bytes(1 << 20)
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> None:
-    if _libc.renameat2(src_fd, src, dst_fd, dst, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2), which Python's os module lacks. Raises OSError as it failed."""
-    if _libc.fallocate64(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _fallocate_as_seen(fd: int, mode: int, offset: int, length: int) -> None:
@@ -131,8 +116,8 @@ def apply(tree: Tree, record: Record) -> None:
     if op == Op.RESET:
         tree.forget_dirs()
         _empty_dir(tree.root_fd)
-        for name in os.listxattr(tree.root_fd):
-            os.removexattr(tree.root_fd, name)
+        for attr in os.listxattr(tree.root_fd):
+            os.removexattr(tree.root_fd, attr)
         return
     if op == Op.PRUNE:
         st = tree.lstat(record.path)

@@ -71,6 +71,7 @@ from repl.tree import Tree
 from repl.wake import Waker
 from store.dirty import DirtyMap
 from store.journal import Journal
+from store.libc import fd_path
 from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record, decode_set, encode_set
 
 log = logging.getLogger("replfs.capture")
@@ -246,7 +247,7 @@ class Capture:
             return  # a fifo, a socket: nothing to sync of its own; its directory is
         if (st.st_dev, st.st_ino) not in self._changed:
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
-                own = os.open(b"/proc/self/fd/%d" % fd, os.O_RDONLY | os.O_CLOEXEC)
+                own = os.open(fd_path(fd), os.O_RDONLY | os.O_CLOEXEC)
             else:
                 own = os.dup(fd)
             self._changed[st.st_dev, st.st_ino] = own
@@ -325,7 +326,7 @@ class Capture:
         if rejoin is not None and follows:
             ours = Divergence().add(self.journal.records(applied + 1))
             return self.start_full_sync(rejoin.update(ours).follow_links(
-                f"/proc/self/fd/{self.backing.root_fd}"))
+                os.fsdecode(fd_path(self.backing.root_fd))))
         if follows:
             return None
         return self.start_full_sync()
@@ -375,7 +376,7 @@ class Capture:
         self._trim()
         if self.overflow and applied >= self.journal.set - 1:
             if not self.progress_total:
-                self.progress_done, self.progress_total = 0, self.dirty.bytes()
+                self.progress_done, self.progress_total = 0, self.dirty.total()
             self.resync_wanted.set()
 
     def _trim(self) -> None:

@@ -53,6 +53,7 @@ async def serve(path: Path, handlers: dict[str, Handler], *,
 
         async def answer(stream: trio.SocketStream) -> None:
             async with stream:
+                reply: dict[str, Any]
                 try:
                     request = json.loads(await _read_line(stream))
                     handler = handlers.get(request.get("cmd"))

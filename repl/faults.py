@@ -17,6 +17,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from store.libc import fd_path
+
 ENV_KILL_AT_APPLY_STEP = "REPLFS_FAULT_KILL_AT_APPLY_STEP"
 ENV_SET_HASHES = "REPLFS_TEST_SET_HASHES"
 
@@ -29,7 +31,7 @@ def set_hash_recorder() -> Callable[[int, int], None] | None:
     from repl.verify import tree_digest
 
     def record(set_id: int, root_fd: int) -> None:
-        digest = tree_digest(f"/proc/self/fd/{root_fd}")
+        digest = tree_digest(os.fsdecode(fd_path(root_fd)))
         with open(target, "a") as out:
             out.write(f"{set_id} {digest}\n")
 

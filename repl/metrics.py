@@ -15,7 +15,7 @@ holds no secret: bind it to loopback or a management network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -73,8 +73,10 @@ def _info(role: str, ident: Identity) -> Iterator[Metric]:
 
 
 def primary_metrics(capture: Capture, sender: Sender | None,
-                    remote: Semisync | None = None) -> Iterable[Metric]:
-    """The primary's gauges and counters, as of now."""
+                    requests: Mapping[str, int], remote: Semisync | None = None
+                    ) -> Iterable[Metric]:
+    """The primary's gauges and counters, as of now; *requests* are the mount's, by
+    handler (fs/counts.py); *remote*, with --fsync remote, where the secondary stands."""
     j = capture.journal
     yield from _info("primary", j.identity)
     yield gauge("replfs_last_closed_set", "The last data set closed", j.set - 1)
@@ -91,6 +93,11 @@ def primary_metrics(capture: Capture, sender: Sender | None,
                 capture.progress_done if capture.overflow else 0)
     yield gauge("replfs_resync_total_bytes", "Bytes the running resync sends in all",
                 capture.progress_total if capture.overflow else 0)
+    served = CounterMetricFamily("replfs_fuse_requests", "FUSE requests the primary's mount "
+                                 "served, by handler", labels=["op"])
+    for op, count in requests.items():
+        served.add_metric([op], count)
+    yield served
     if sender is None:
         return
     st, to = sender.status, f"{sender.host}:{sender.port}"
@@ -215,7 +222,8 @@ def where(listeners: list[trio.SocketListener]) -> str:
 
 
 async def serve(listeners: list[trio.SocketListener], reg: CollectorRegistry, *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
     """Answer ``GET /metrics`` on *listeners* until cancelled; each connection gets one
     answer and is closed."""
     async def answer(stream: trio.SocketStream) -> None:

@@ -179,7 +179,7 @@ class FrameReader:
         self._buf = bytearray()
         self._pos = 0  # frames before it are consumed; compacted on feed
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0

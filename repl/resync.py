@@ -37,6 +37,7 @@ import trio
 import trio.lowlevel
 
 from repl.diverge import Divergence
+from store.libc import fd_path
 from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
     if b"" in roots:
         return snapshot_tree(capture)
     capture.dirty.clear()
-    journal, first_name = capture.journal, {}
+    journal = capture.journal
+    first_name: dict[int, bytes] = {}
     counts = [0, 0]
     for path in roots:
         journal.append(Op.PRUNE, path=path)
@@ -125,23 +127,23 @@ def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[
     journal = capture.journal
     st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
     counts[0] += 1
-    mode, owner = st.st_mode, {"uid": st.st_uid, "gid": st.st_gid}
+    mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
     capture.touched.paths.add(path)
     if stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
         journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
         return False  # one inode: its data and xattrs came with the first name
     if stat.S_ISDIR(mode):
-        journal.append(Op.MKDIR, path=path, mode=mode, **owner)
+        journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
     elif stat.S_ISREG(mode):
         first_name[st.st_ino] = path
-        journal.append(Op.CREATE, path=path, mode=mode, **owner)
+        journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
         if st.st_size:
             capture.dirty.add(path, 0, st.st_size)
             counts[1] += st.st_size
     elif stat.S_ISLNK(mode):
-        journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd), **owner)
+        journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd), uid=uid, gid=gid)
     else:
-        journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, **owner)
+        journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, uid=uid, gid=gid)
     _xattrs(capture, fd, raw, path)
     if stat.S_ISDIR(mode) and descend:
         sub = os.open(raw, _DIR_FLAGS, dir_fd=fd)
@@ -153,7 +155,7 @@ def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[
 
 
 def _xattrs(capture: Capture, dir_fd: int, name: bytes | None, path: bytes) -> None:
-    where: bytes | int = b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else dir_fd
+    where: bytes | int = fd_path(dir_fd, name) if name else dir_fd
     follow = name is None
     for attr in sorted(os.listxattr(where, follow_symlinks=follow)):
         value = os.getxattr(where, attr, follow_symlinks=follow)
@@ -170,7 +172,7 @@ def keep_data(capture: Capture, path: bytes) -> None:
     """
     ranges = capture.dirty.files.get(path)
     st = capture.backing.lstat(path) if ranges else None
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+    if ranges is None or st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
         return  # the file goes with its name (or is not one): nothing to keep
     dir_fd, name = capture.backing.parent(path)
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)

@@ -17,15 +17,16 @@ from repl import control, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.footprint import Invalidator
 from repl.gate import Gate
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
 from repl.tls import link_credentials
-from store.hold import ApplyLock, interrupted, is_held, read_applied, set_hold
+from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
 from store.journal import exists as journal_exists
-from store.staging import Staging
+from store.staging import Staging, read_applied
 
 log = logging.getLogger("replfs.secondary")
 
@@ -61,6 +62,17 @@ def staging_dir_of(replica: Path, staging: Path | None) -> Path:
     return staging or default_state_dir(replica) / "staging"
 
 
+def _staging_of_replica(replica: Path, staging: Path | None) -> Path:
+    """The staging store of *replica*; raises UsageError if it is not a replica."""
+    if not replica.is_dir():
+        raise UsageError(f"replica {replica} does not exist")
+    where = staging_dir_of(replica, staging)
+    if not (where / "data.mdb").is_file():
+        raise UsageError(f"{replica} is not a replica: no staging store at {where} "
+                         "(a secondary makes one; give --staging if it is elsewhere)")
+    return where
+
+
 def pause(replica: Path, staging: Path | None, timeout: float = 60.0) -> int:
     """Hold the replica at its current set; returns that set once no set is being
     applied and the replica is whole.
@@ -71,9 +83,7 @@ def pause(replica: Path, staging: Path | None, timeout: float = 60.0) -> int:
     finish it, or if the replica is not whole within *timeout* seconds; a
     refused pause takes back the hold it placed.
     """
-    where = staging_dir_of(replica, staging)
-    if not replica.is_dir():
-        raise UsageError(f"replica {replica} does not exist")
+    where = _staging_of_replica(replica, staging)
     held_before = is_held(where)
     set_hold(where, True)
     try:
@@ -91,8 +101,10 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
         while True:
             try:
                 with lock.shared(max(0.0, deadline - time.monotonic())):
-                    torn = interrupted(where)
-                    if torn is None:
+                    # A batch done on this boot but not yet recorded applied counts
+                    # as not finished: the set returned is the one the apply log says.
+                    cut = interrupted(where)
+                    if cut is None:
                         return read_applied(where)
             except TimeoutError:
                 raise UsageError(f"replica {replica} is in the middle of a set that has not "
@@ -101,14 +113,14 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
             try:  # a running secondary finishes the torn batch, held or not
                 control.request(control.socket_path(replica), "wait",
                                 timeout=max(1.0, deadline - time.monotonic() + 5),
-                                set=torn[0], seconds=max(0.0, deadline - time.monotonic()))
+                                set=cut[0], seconds=max(0.0, deadline - time.monotonic()))
             except OSError:
                 raise UsageError(f"replica {replica} was cut short in the middle of set "
-                                 f"{torn[0]} by a crash and no secondary is running to finish "
+                                 f"{cut[0]} by a crash and no secondary is running to finish "
                                  f"it; start replfs secondary {replica}, then pause") from None
             if time.monotonic() >= deadline:
                 raise UsageError(f"replica {replica} was cut short in the middle of set "
-                                 f"{torn[0]} by a crash and the secondary has not finished it "
+                                 f"{cut[0]} by a crash and the secondary has not finished it "
                                  f"after {timeout:g}s (see replfs status {replica}); "
                                  "not paused")
     finally:
@@ -117,7 +129,7 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
 
 def resume(replica: Path, staging: Path | None) -> int:
     """Let applying go on; wakes a running secondary at once."""
-    where = staging_dir_of(replica, staging)
+    where = _staging_of_replica(replica, staging)
     if not is_held(where):
         raise UsageError(f"replica {replica} is not paused")
     set_hold(where, False)
@@ -141,19 +153,29 @@ async def _stop_on_signal(scope: trio.CancelScope, *,
             return
 
 
-async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
-                        tls: Path | None, peer: str | None, insecure: bool,
-                        rejoin: bool = False, metrics_at: str | None = None) -> None:
-    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
-    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
-    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given."""
-    host, port = parse_address(listen)
-    creds = link_credentials(tls, peer, insecure, host)
-    scrape = await metrics.listen(metrics_at) if metrics_at else []
+def make_replica(replica: Path) -> None:
+    """Create the replica directory if it is missing (not its parents)."""
     if not replica.is_dir():
         if not replica.parent.is_dir():
             raise UsageError(f"replica {replica}: its parent directory does not exist")
         replica.mkdir()
+
+
+async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
+                        tls: Path | None, peer: str | None, insecure: bool,
+                        rejoin: bool = False, metrics_at: str | None = None,
+                        invalidator: Invalidator | None = None) -> None:
+    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
+    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
+    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
+
+    *invalidator*: the kernel caches of a standby mount of the replica, which the
+    applier drops as it applies sets (fs/kernel_cache.py).
+    """
+    host, port = parse_address(listen)
+    creds = link_credentials(tls, peer, insecure, host)
+    scrape = await metrics.listen(metrics_at) if metrics_at else []
+    make_replica(replica)
     os.umask(0)
     old_journal = _old_primary_journal(replica, rejoin)
     staging = Staging(staging_dir_of(replica, staging_dir))
@@ -176,7 +198,8 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                              "pick another port or stop what uses it") from None
         bound = listeners[0].socket.getsockname()
         receiver: Receiver
-        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n))
+        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
+                          invalidator=invalidator)
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
                             on_reset=applier.reset_to)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
+from store.libc import fd_path
+
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CACHE_SIZE = 256
 
@@ -79,9 +81,8 @@ class Tree:
     def proc_path(self, path: bytes) -> bytes:
         """A /proc path naming *path* itself (for calls without an *at form, like xattrs)."""
         if not path:
-            return b"/proc/self/fd/%d" % self.root_fd
-        fd, name = self.parent(path)
-        return b"/proc/self/fd/%d/%s" % (fd, name)
+            return fd_path(self.root_fd)
+        return fd_path(*self.parent(path))
 
     def forget_dirs(self) -> None:
         """Drop cached directory fds; call after any rename, rmdir or exchange."""

@@ -20,13 +20,14 @@ import xxhash
 
 from repl import control
 from repl.errors import UsageError
+from store.libc import fd_path
 
 Entry = tuple[object, ...]
 _CHUNK = 1 << 20
 
 
 def _summary(dir_fd: int, name: str | None, st: os.stat_result) -> Entry:
-    where: str | int = f"/proc/self/fd/{dir_fd}/{name}" if name else dir_fd
+    where: bytes | int = fd_path(dir_fd, os.fsencode(name)) if name else dir_fd
     names = sorted(os.listxattr(where, follow_symlinks=name is None))
     xattrs = tuple((n, os.getxattr(where, n, follow_symlinks=name is None)) for n in names)
     body: object = None
@@ -41,7 +42,8 @@ def _summary(dir_fd: int, name: str | None, st: os.stat_result) -> Entry:
             os.close(fd)
         body = h.hexdigest()
     elif stat.S_ISLNK(st.st_mode):
-        body = os.readlink(name, dir_fd=dir_fd)  # type: ignore[arg-type]
+        assert name is not None  # the root is a directory
+        body = os.readlink(name, dir_fd=dir_fd)
     elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         body = st.st_rdev
     size = None if stat.S_ISDIR(st.st_mode) else st.st_size

@@ -50,7 +50,8 @@ class DirtyMap:
     def __bool__(self) -> bool:
         return bool(self.files)
 
-    def bytes(self) -> int:
+    def total(self) -> int:
+        """Bytes the map holds dirty, over every file."""
         return sum(e - s for ranges in self.files.values() for s, e in ranges)
 
     def add(self, path: bytes, start: int, end: int) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
-from store.errors import StoreError
+from store.errors import RecordError, StoreError
 from store.journal import Journal
 from store.journal import exists as journal_exists
-from store.records import FIELDS, Op, Record, RecordError
+from store.records import FIELDS, Op, Record
 
 
 def describe(record: Record, raw: bytes) -> str:

@@ -1,16 +1,25 @@
 """The replica's hold and the lock around applying a set.
 
-The applier takes ``apply_lock`` exclusively for the whole of each set; a
-reader that must see one whole set (each request of the standby mount,
-``replfs pause``) takes it shared. A hold is a file beside the staging
+The applier takes ``apply_lock`` exclusively while it applies a batch of
+sets; a reader that must see one whole set (each request of the standby
+mount, ``replfs pause``) takes it shared. A hold is a file beside the staging
 store, so it outlives any daemon: while it exists the applier starts no
 new set, and staging keeps receiving. A hold never stops the redo of a
 batch a crash cut short: until that is done the replica is not a whole set.
+
+Beside it, APPLYING names the batch under way, from before its first op
+until it is durable (synced, and recorded in the apply log). Once its ops
+are all done, the applier says so there, with this boot's id, and lets the
+lock go before it syncs: the standby shows the batch without waiting for
+the disk. A crash of the daemon leaves the page cache, so the replica is
+whole then; a reboot may not have kept it, so on another boot the batch
+reads as torn until the redo.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import threading
 import time
@@ -18,10 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import lmdb
-
 from store.private import FILE_MODE, private_dir, write_private
-from store.records import decode_set
 
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
@@ -89,24 +95,50 @@ def mark_applying(staging_dir: Path, first: int, last: int) -> None:
     write_private(staging_dir / APPLYING, f"{first} {last}\n".encode())
 
 
+def mark_applied(staging_dir: Path, first: int, last: int) -> None:
+    """Say that the ops of sets *first* to *last* are all done, on this boot; the
+    batch is not durable yet."""
+    write_private(staging_dir / APPLYING, f"{first} {last} {_boot_id()}\n".encode())
+
+
 def clear_applying(staging_dir: Path) -> None:
     (staging_dir / APPLYING).unlink(missing_ok=True)
 
 
 def interrupted(staging_dir: Path) -> tuple[int, int] | None:
-    """The batch of sets (first, last) a crash cut short, if any (ask with the apply
+    """The batch of sets (first, last) not yet durable, if any (ask with the apply
     lock held).
 
-    With the lock held, no applier is at work, so sets still marked as being
-    applied were cut short: the replica is torn until the secondary's redo
-    finishes them. The crash may have reached any set of the batch, so the redo
-    applies all of them, held or not.
+    With the lock held, no applier is at work on the replica, so sets still
+    marked as being applied were cut short by a crash (the replica is torn
+    until the secondary's redo finishes them), or are applied and being
+    synced. Either way the apply log does not say them yet. The crash may have
+    reached any set of the batch, so the redo applies all of them, held or not.
     """
+    fields = _applying(staging_dir)
+    return (fields[0], fields[1]) if fields else None
+
+
+def torn(staging_dir: Path) -> tuple[int, int] | None:
+    """The batch (first, last) a crash cut short, if the replica is torn by one (ask
+    with the apply lock held): it is not if all its ops were done on this boot."""
+    fields = _applying(staging_dir)
+    if fields is None or fields[2] == _boot_id():
+        return None
+    return fields[0], fields[1]
+
+
+def _applying(staging_dir: Path) -> tuple[int, int, str | None] | None:
     try:
-        first, _, last = (staging_dir / APPLYING).read_text().strip().partition(" ")
-        return int(first), int(last or first)
+        first, *rest = (staging_dir / APPLYING).read_text().split()
+        return int(first), int(rest[0] if rest else first), rest[1] if len(rest) > 1 else None
     except (FileNotFoundError, ValueError):
         return None
+
+
+@functools.cache
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def is_held(staging_dir: Path) -> bool:
@@ -126,28 +158,3 @@ def set_hold(staging_dir: Path, held: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_applied(staging_dir: Path) -> int:
-    """The last set applied to the replica, read without disturbing a running daemon."""
-    raw = _read_meta(staging_dir, b"applied")
-    return decode_set(raw) if raw else 0
-
-
-def read_syncing(staging_dir: Path) -> int | None:
-    """The initial sync's set while the replica has no consistent set yet, else None."""
-    raw = _read_meta(staging_dir, b"syncing")
-    return decode_set(raw) if raw else None
-
-
-def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:
-    if not (staging_dir / "data.mdb").exists():
-        return None
-    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            raw = txn.get(key, db=meta)
-        return bytes(raw) if raw is not None else None
-    finally:
-        env.close()

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from store import identity
-from store.errors import StoreError
+from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
 from store.private import private_dir
 from store.records import (
     Op,
     Record,
-    RecordError,
     decode_ranges,
     decode_set,
     encode_ranges,

@@ -14,7 +14,6 @@ the page cache; a read maps them again).
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 import lmdb
 
 from store.errors import JournalLocked, StoreError
+from store.libc import MADV_DONTNEED, madvise
 from store.private import FILE_MODE, private_dir
 
 MAP_SIZE = 1 << 40  # address space only: the file grows with what is stored
@@ -30,9 +30,6 @@ RELEASE_BYTES = 8 << 20
 # A commit writes the pages it changed to new places (copy on write), so the next
 # reads map fresh pages even where nothing new was stored: count each as this much.
 COMMIT_BYTES = 256 << 10
-_MADV_DONTNEED = 4
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class LmdbDir:
@@ -64,7 +61,7 @@ class LmdbDir:
         """Let go of every page of the map (a few µs when few are mapped)."""
         self._read = 0
         if self._map is not None:
-            _libc.madvise(self._map[0], self._map[1], _MADV_DONTNEED)
+            madvise(self._map[0], self._map[1], MADV_DONTNEED)
 
     def delete_run(self, txn: lmdb.Transaction, db: lmdb._Database, start: bytes,
                    stop: Callable[[bytes], bool]) -> int:
@@ -79,7 +76,7 @@ class LmdbDir:
         cursor = txn.cursor(db=db)
         deleted = 0
         if cursor.set_range(start):
-            while cursor.key() and not stop(cursor.key()):
+            while cursor.key() and not stop(bytes(cursor.key())):
                 cursor.delete()
                 deleted += 1
                 if deleted % every == 0:

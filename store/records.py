@@ -345,7 +345,8 @@ def encode_key(set_id: int, seq: int) -> bytes:
 def decode_key(key: bytes) -> tuple[int, int]:
     if len(key) != _KEY.size:
         raise RecordError(f"bad record key of {len(key)} bytes")
-    return _KEY.unpack(key)  # type: ignore[return-value]
+    set_id, seq = _KEY.unpack(key)
+    return set_id, seq
 
 
 def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
@@ -385,7 +386,8 @@ def encode_intent(ino: int, ino2: int) -> bytes:
 def decode_intent(buf: bytes) -> tuple[int, int]:
     if len(buf) != _INTENT.size:
         raise RecordError(f"bad exchange intent of {len(buf)} bytes")
-    return _INTENT.unpack(buf)  # type: ignore[return-value]
+    a, b = _INTENT.unpack(buf)
+    return a, b
 
 
 _SET_STATE = struct.Struct(">BI")
@@ -463,4 +465,4 @@ def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
 def decode_ranges(buf: bytes) -> list[tuple[int, int]]:
     if len(buf) % _RANGE.size:
         raise RecordError(f"dirty ranges of {len(buf)} bytes")
-    return [_RANGE.unpack_from(buf, i) for i in range(0, len(buf), _RANGE.size)]  # type: ignore[misc]
+    return [(s, e) for s, e in _RANGE.iter_unpack(buf)]

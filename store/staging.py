@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lmdb
 
@@ -157,9 +158,9 @@ class Staging(LmdbDir):
     def _delete_through(self, txn: lmdb.Transaction, last: int) -> None:
         """Delete every set up to *last* (set keys sort in set order)."""
         for key in list(txn.cursor(db=self._sets).iternext(values=False)):
-            if decode_set(key) > last:
+            if decode_set(bytes(key)) > last:
                 return
-            self._delete_set(txn, decode_set(key))
+            self._delete_set(txn, decode_set(bytes(key)))
 
     def _delete_set(self, txn: lmdb.Transaction, set_id: int) -> None:
         self.delete_run(txn, self._records, encode_key(set_id, 0),
@@ -240,3 +241,29 @@ class Staging(LmdbDir):
 
     def size(self) -> int:
         return self.db_bytes(self._records)
+
+
+def read_applied(staging_dir: Path) -> int:
+    """The last set applied to the replica, read without disturbing (or waiting for) a
+    running daemon that holds the store open."""
+    raw = _read_meta(staging_dir, _APPLIED)
+    return decode_set(raw) if raw else 0
+
+
+def read_syncing(staging_dir: Path) -> int | None:
+    """The initial sync's set while the replica has no consistent set yet, else None."""
+    raw = _read_meta(staging_dir, _SYNCING)
+    return decode_set(raw) if raw else None
+
+
+def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:
+    if not (staging_dir / "data.mdb").exists():
+        return None
+    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            raw = txn.get(key, db=meta)
+        return bytes(raw) if raw is not None else None
+    finally:
+        env.close()

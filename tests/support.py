@@ -197,21 +197,29 @@ def primary(backing: Path, mount: Path, *extra: str,
 @contextmanager
 def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
               ) -> Iterator[Daemon]:
-    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port.
+    """A running `replfs secondary REPLICA` on loopback; ``daemon.port`` is its port,
+    a steady_port() unless *port* is given, so the test may start it there again.
 
     Over TLS as SECONDARY, accepting PRIMARY, unless *extra* says ``--insecure``
-    or ``--tls``.
+    or ``--tls``. With ``--mount VIEW``, VIEW is made, and unmounted however the
+    test ends.
     """
-    daemon = Daemon(["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
+    view = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
+    if view is not None:
+        view.mkdir(exist_ok=True)
+    daemon = Daemon(["secondary", str(replica), "--listen",
+                     f"127.0.0.1:{port or steady_port()}",
                      *_secure(extra, SECONDARY, PRIMARY)],
                     log or replica.parent / f"{replica.name}.log", "listening on")
-    daemon.start()
-    daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])
     try:
+        daemon.start()
+        daemon.port = int(daemon.log().split("listening on 127.0.0.1:")[-1].split()[0])
         yield daemon
     finally:
         if daemon.proc and daemon.proc.poll() is None:
             daemon.stop()
+        if view is not None:
+            unmount(view)
 
 
 def checkpoint(mount: Path, wait: float = 60.0) -> int:

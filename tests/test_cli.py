@@ -147,3 +147,11 @@ def test_cli_log_format_json_ok_one_event_a_line(tmp_path: Path) -> None:
     (event,) = [json.loads(line) for line in result.stderr.splitlines()]
     assert (event["level"], event["logger"]) == ("error", "replfs")
     assert "need TLS" in event["msg"]
+
+
+def test_secondary_err_mount_missing(tmp_path: Path) -> None:
+    """A standby mountpoint that is not there stops the secondary before it starts."""
+    result = replfs("secondary", tmp_path / "r", "--listen", "127.0.0.1:0", "--insecure",
+                    "--mount", tmp_path / "nope")
+    assert_one_line_error(result, "mountpoint", "mkdir")
+    assert not (tmp_path / "r").exists()

@@ -138,3 +138,22 @@ def test_write_through_unlinked_name_of_hard_linked_file_is_journaled(tmp_path: 
     assert (backing / "d" / "q").read_bytes() == b"AFTER!"
     replay(tmp_path / ".b.replfs" / "journal", replica)
     assert diff(snapshot(backing), snapshot(replica)) == []
+
+
+def test_mount_keeps_dirty_pages_like_a_disk(tmp_path: Path) -> None:
+    """The kernel's strict 1 % share of dirty pages for FUSE is lifted (fs/mount.py), and
+    written data still reaches the journal and BACKING."""
+    backing, mount = tmp_path / "b b", tmp_path / "m m"  # mountinfo escapes the spaces
+    backing.mkdir()
+    with primary(backing, mount):
+        dev = os.stat(mount).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
+        assert (bdi / "strict_limit").read_text().strip() == "0"
+        assert (bdi / "max_ratio").read_text().strip() == "100"
+        block = os.urandom(1 << 20)
+        fd = os.open(mount / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        for i in range(64):
+            os.pwrite(fd, block, i << 20)
+        os.fsync(fd)
+        os.close(fd)
+        assert (backing / "f").read_bytes() == block * 64

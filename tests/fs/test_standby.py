@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, standby
+
+BIG = 8 << 20  # a file of many pages: reads of it are in flight while sets arrive
+
+
+@contextmanager
+def replicated(tmp_path: Path, cached: bool, *primary_extra: str
+               ) -> Iterator[tuple[Path, Path, Path]]:
+    """A primary replicating to a secondary, and the standby view of the replica:
+    served by the secondary (``--mount``, cached by the kernel) or by ``replfs mount``
+    (uncached). Yields (primary mount, replica, view)."""
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    extra = ("--mount", str(view)) if cached else ()
+    with secondary(replica, *extra) as sec, primary(backing, mount, "--secondary",
+                                                    f"127.0.0.1:{sec.port}", *primary_extra):
+        if cached:
+            yield mount, replica, view
+        else:
+            with standby(replica, view):
+                yield mount, replica, view
 
 
 def test_standby_refuses_every_change_with_erofs(tmp_path: Path) -> None:
@@ -82,13 +105,11 @@ def test_standby_shows_new_set_at_once(tmp_path: Path) -> None:
         assert status.returncode == 0 and "shows set" in status.stdout
 
 
-def test_standby_samples_are_whole_sets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["mount", "cached"])
+def test_standby_samples_are_whole_sets(tmp_path: Path, cached: bool) -> None:
     """Each set ends with a == b; a sample taken between pause and resume must too."""
-    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
-    backing.mkdir()
     done = threading.Event()
-    with secondary(replica) as sec, primary(backing, mount, "--secondary",
-                                            f"127.0.0.1:{sec.port}", "--set-interval", "3600"):
+    with replicated(tmp_path, cached, "--set-interval", "3600") as (mount, replica, view):
         (mount / "a").write_bytes(b"0")
         (mount / "b").write_bytes(b"0")
         checkpoint(mount)
@@ -105,20 +126,20 @@ def test_standby_samples_are_whole_sets(tmp_path: Path) -> None:
         thread = threading.Thread(target=writer)
         thread.start()
         seen = []
-        with standby(replica, view):
-            while not done.is_set() or len(seen) < 5:
-                assert replfs("pause", replica).returncode == 0
-                a, b = (view / "a").read_bytes(), (view / "b").read_bytes()
-                assert replfs("resume", replica).returncode == 0
-                assert a == b, f"torn sample: a={a!r} b={b!r}"
-                seen.append(int(a))
+        while not done.is_set() or len(seen) < 5:
+            assert replfs("pause", replica).returncode == 0
+            a, b = (view / "a").read_bytes(), (view / "b").read_bytes()
+            assert replfs("resume", replica).returncode == 0
+            assert a == b, f"torn sample: a={a!r} b={b!r}"
+            seen.append(int(a))
         thread.join()
     assert seen == sorted(seen), "the set shown never goes back"
     assert len(set(seen)) > 1, "samples saw the replica move"
 
 
-def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path: Path
-                                                                        ) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["mount", "cached"])
+def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path: Path,
+                                                                        cached: bool) -> None:
     """A set moves a directory's files out and puts a file of the same name in its
     place: the view shows that set, though it knew each file by its old name.
 
@@ -126,11 +147,8 @@ def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path
     leads to a file where a directory was; each file must still be reached by its
     new name (not fail with ENOTDIR, or ENOENT where the number is not reused).
     """
-    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
-    backing.mkdir()
     names = [f"f{i}" for i in range(32)]  # the old name is tried first half the time
-    with secondary(replica) as sec, primary(backing, mount, "--secondary",
-                                            f"127.0.0.1:{sec.port}"), standby(replica, view):
+    with replicated(tmp_path, cached) as (mount, replica, view):
         (mount / "d").mkdir()
         for name in names:
             (mount / "d" / name).write_bytes(name.encode())
@@ -146,3 +164,148 @@ def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path
             assert diff(snapshot(replica), snapshot(view)) == []
         finally:
             os.close(held)
+
+
+def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> None:
+    """Sets that touch other files leave a file's cached pages and attributes alone.
+
+    The replica's copy is changed behind the view's back: only a cache that was
+    kept still shows the old bytes.
+    """
+    with replicated(tmp_path, cached=True) as (mount, replica, view):
+        (mount / "kept").write_bytes(b"old")
+        (mount / "other").write_bytes(b"0")
+        checkpoint(mount)
+        assert (view / "kept").read_bytes() == b"old"
+        before = os.stat(view / "kept")
+        (replica / "kept").write_bytes(b"new")
+        os.chmod(replica / "kept", 0o600)
+        for i in range(1, 4):
+            (mount / "other").write_bytes(b"%d" % i)
+            checkpoint(mount)
+            assert (view / "other").read_bytes() == b"%d" % i
+            assert (view / "kept").read_bytes() == b"old"
+            assert os.stat(view / "kept").st_mode == before.st_mode
+        status = replfs("status", view, "--json")
+        assert status.returncode == 0 and '"cached": true' in status.stdout
+
+
+def test_standby_cached_ok_secondary_goes_on_when_unmounted(tmp_path: Path) -> None:
+    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing.mkdir()
+    with secondary(replica, "--mount", str(view)) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+        (mount / "f").write_bytes(b"1")
+        checkpoint(mount)
+        assert (view / "f").read_bytes() == b"1"
+        subprocess.run(["fusermount3", "-u", str(view)], check=True)
+        sec.wait_for("the secondary goes on without it")
+        (mount / "f").write_bytes(b"2")
+        checkpoint(mount)
+        assert (replica / "f").read_bytes() == b"2"
+        assert sec.proc is not None and sec.proc.poll() is None
+
+
+def test_standby_cached_ok_readers_under_load_see_sets_only_grow(tmp_path: Path) -> None:
+    """Readers that keep the whole tree in the kernel's cache read it while sets arrive.
+
+    Set i writes i into a and b, into the first and a far page of a large file,
+    into a new file renamed over e, as c's mtime, and as the one name in n/.
+    Sizes and mtimes of the written files stay the same, so only dropping the
+    pages tells the kernel they changed. Whatever order a reader reads these in,
+    without a pause, what it reads can only grow: one value older than one read
+    before it is a stale cache. A pause holds one set, so a sample between pause
+    and resume shows one value everywhere. The readers keep reads and lookups in
+    flight while the applier drops their caches: a deadlock there stops the test
+    at its deadlines.
+    """
+    sets = 150
+    with replicated(tmp_path, True, "--set-interval", "3600") as (mount, replica, view):
+        (mount / "n").mkdir()
+        (mount / "n" / "0").write_bytes(b"")
+        for name in ("a", "b", "c", "e"):
+            (mount / name).write_bytes(b"%08d" % 0)
+            os.utime(mount / name, ns=(1, 1))
+        os.utime(mount / "c", ns=(0, 0))
+        with open(mount / "big", "wb") as f:
+            f.truncate(BIG)
+            f.write(b"%-4096d" % 0)
+            f.seek(BIG - 4096)
+            f.write(b"%-4096d" % 0)
+        os.utime(mount / "big", ns=(1, 1))
+        checkpoint(mount)
+        done = threading.Event()
+        failures: list[str] = []
+
+        def writer() -> None:
+            try:
+                for i in range(1, sets + 1):
+                    (mount / "a").write_bytes(b"%08d" % i)
+                    os.utime(mount / "a", ns=(1, 1))
+                    with open(mount / "big", "r+b") as big:  # close hands the pages over
+                        os.pwrite(big.fileno(), b"%-4096d" % i, 0)
+                        os.pwrite(big.fileno(), b"%-4096d" % i, BIG - 4096)
+                    os.utime(mount / "big", ns=(1, 1))
+                    (mount / "new").write_bytes(b"%08d" % i)
+                    os.rename(mount / "new", mount / "e")
+                    (mount / "n" / str(i)).write_bytes(b"")
+                    os.unlink(mount / "n" / str(i - 1))
+                    os.utime(mount / "c", ns=(i, i))
+                    with open(mount / "b", "wb") as f:
+                        f.write(b"%08d" % i)
+                        f.flush()
+                        os.utime(f.fileno(), ns=(1, 1))
+                        os.fsync(f.fileno())  # closes set i
+            except OSError as exc:
+                failures.append(f"writer: {exc}")
+            finally:
+                done.set()
+
+        def big_page(at: int) -> int:
+            with open(view / "big", "rb") as f:
+                f.seek(at)
+                return int(f.read(4096))
+
+        probes: dict[str, Callable[[], int]] = {
+            "a": lambda: int((view / "a").read_bytes()),
+            "b": lambda: int((view / "b").read_bytes()),
+            "c": lambda: os.stat(view / "c").st_mtime_ns,
+            "e": lambda: int((view / "e").read_bytes()),
+            "n": lambda: int(os.listdir(view / "n")[0]),
+            "big0": lambda: big_page(0),
+            "big_end": lambda: big_page(BIG - 4096),
+        }
+
+        def reader(order: list[str]) -> None:
+            last, last_name = 0, "start"
+            try:
+                while not done.is_set():
+                    for name in order:
+                        value = probes[name]()
+                        if value < last:
+                            failures.append(f"{name}={value} read after {last_name}={last}")
+                            return
+                        last, last_name = value, name
+            except (OSError, ValueError, IndexError) as exc:
+                failures.append(f"reader {order}: {exc!r} {getattr(exc, 'filename', '')}")
+
+        orders = [list(probes), list(reversed(probes)), ["big_end", "a", "big0", "n"],
+                  ["c", "b", "n", "a"]]
+        threads = [threading.Thread(target=writer)] + [
+            threading.Thread(target=reader, args=(order,)) for order in orders]
+        for t in threads:
+            t.start()
+        samples = 0
+        while not done.is_set() and not failures:
+            assert replfs("pause", replica).returncode == 0
+            seen = {name: probe() for name, probe in probes.items()}
+            assert replfs("resume", replica).returncode == 0
+            assert len(set(seen.values())) == 1, f"torn sample under pause: {seen}"
+            samples += 1
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a reader or the writer hangs"
+        assert failures == [], failures
+        checkpoint(mount)
+        assert {name: probe() for name, probe in probes.items()} == dict.fromkeys(probes, sets)
+        assert samples > 0

@@ -8,6 +8,7 @@ close of the last set, every op done once.
 
 from __future__ import annotations
 
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import trio
 from repl.applier import Applier
 from repl.apply import apply
 from repl.tree import Tree
-from store.hold import interrupted, set_hold
+from store.hold import ApplyLock, interrupted, set_hold, torn
 from store.records import Op, Record
 from store.staging import Staging
 from tests.repl.peers import acknowledged, open_raw, record_frame
@@ -155,6 +156,36 @@ async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) ->
         assert staging.applied == 4, "held: the batch is finished, the next set waits"
         assert interrupted(staging.path) is None
     assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+def test_apply_sets_ok_readers_see_the_batch_while_it_is_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The apply lock goes once the ops are done: the sync waits for no reader, and
+    no reader waits for the disk. The apply log says the batch once it is synced."""
+    sets = data_sets()
+    syncing, go = threading.Event(), threading.Event()
+
+    def slow_syncfs(fd: int) -> None:
+        syncing.set()
+        assert go.wait(30)
+
+    monkeypatch.setattr("repl.applier.syncfs", slow_syncfs)
+    replica, staging = fresh(tmp_path, sets)
+    with closing(staging):
+        thread = threading.Thread(target=apply_all, args=(staging, replica, None))
+        thread.start()
+        try:
+            assert syncing.wait(30)
+            with closing(ApplyLock(staging.path)) as lock, lock.shared(timeout=10):
+                assert torn(staging.path) is None
+                assert not diff(snapshot(replica), expected(tmp_path, sets))
+                assert staging.applied == 0, "not in the apply log before the sync"
+                assert interrupted(staging.path) == (1, 4), "a crash now is redone"
+        finally:
+            go.set()
+            thread.join(30)
+        assert staging.applied == len(sets)
+        assert interrupted(staging.path) is None
 
 
 def test_claim_24_gap_holds_back_later_complete_sets(tmp_path: Path) -> None:

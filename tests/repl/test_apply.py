@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 import repl.apply
-from repl.apply import apply, intent_for, is_done, redo, renameat2
+from repl.apply import apply, intent_for, is_done, redo
 from repl.tree import CACHE_SIZE, Tree
+from store.libc import renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,

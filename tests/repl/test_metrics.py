@@ -141,6 +141,28 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
             assert exc.code == 404
 
 
+def test_requests_counted_by_handler_in_status_and_metrics(tmp_path: Path) -> None:
+    """Every request the mount serves is counted by its handler (fs/counts.py), the
+    same in status and in the scrape: what bin/bench divides by ops."""
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount, *METRICS) as pri:
+        url = metrics_url(pri)
+        before = status(mount)["requests"]
+        for n in range(5):
+            fd = os.open(mount / f"f{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.pwrite(fd, b"x" * 4096, 0)
+            os.fsync(fd)
+            os.close(fd)
+        after = status(mount)["requests"]
+        served = {dict(labels)["op"]: v for (n, labels), v in scrape(url).items()
+                  if n == "replfs_fuse_requests_total"}
+    grown = {op: after[op] - before.get(op, 0) for op in after}
+    assert grown["create"] == 5 and grown["fsync"] == 5 and grown["release"] == 5
+    assert grown["write"] >= 5  # the kernel may split a page's writeback, never join files
+    assert set(served) == set(after) and all(served[op] >= after[op] for op in after)
+
+
 def test_metrics_listen_err_port_busy(tmp_path: Path) -> None:
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()

@@ -86,10 +86,23 @@ def test_pause_outlives_the_daemon(tmp_path: Path) -> None:
 
 
 def test_resume_err_not_paused(tmp_path: Path) -> None:
-    (tmp_path / "r").mkdir()
+    with secondary(tmp_path / "r"):
+        pass
     result = replfs("resume", tmp_path / "r")
     assert result.returncode == 1
     assert result.stderr.strip() == f"replfs: replica {tmp_path / 'r'} is not paused"
+
+
+def test_pause_err_not_a_replica_places_no_hold(tmp_path: Path) -> None:
+    """A directory no secondary ever served is refused, and nothing is written beside it."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for command in ("pause", "resume"):
+        result = replfs(command, plain)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith(f"replfs: {plain} is not a replica: no staging store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
 
 
 def test_secondary_status_ok_held_as_soon_as_paused(tmp_path: Path) -> None:
@@ -137,7 +150,8 @@ def test_resume_ok_daemon_stops_without_answering(tmp_path: Path) -> None:
     """The hold is lifted and resume succeeds even if the secondary, stopping, takes
     the wake-up and hangs up without a word."""
     replica = tmp_path / "r"
-    replica.mkdir()
+    with secondary(replica):
+        pass
     assert replfs("pause", replica).returncode == 0
     with silent_control_socket(replica):
         resumed = replfs("resume", replica)

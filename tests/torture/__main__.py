@@ -52,7 +52,9 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
         print(f"{POWER_CUT:<18}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "
               "in an open set, the tree not compared)", file=out)
-    print(f"{'samples checked':<18}{sum(r.samples for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'samples checked':<18}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
+          f"mounts ({sum(r.cached_lost for r in results)} missed the cached one: the "
+          "secondary serving it had died)", file=out)
     print(f"{'user holds':<18}{sum(r.holds for r in results)} "  # type: ignore[arg-type]
           f"({sum(r.refused for r in results)} pauses refused, none left a hold)", file=out)
     print(f"{'small journals':<18}{sum(1 for r in results if r.journal_max)} runs",  # type: ignore[arg-type]

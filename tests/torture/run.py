@@ -16,7 +16,8 @@ from repl.errors import UsageError
 from repl.faults import ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES
 from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
-from store.hold import is_held, read_applied, read_syncing
+from store.hold import is_held
+from store.staging import read_applied, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.support import (
     PRIMARY,
@@ -50,6 +51,7 @@ class Result:
     holds: int = 0  # user holds placed (pause ... resume), the standby read while held
     refused: int = 0  # pauses refused (no secondary to finish a torn set), no hold left
     journal_max: str | None = None  # a small journal budget, if the run drew one
+    cached_lost: int = 0  # cached samples not taken: the secondary (serving it) had died
     pages_lost: int = 0  # dirty pages the power cuts dropped
     unchecked: int = 0  # power cuts after which the journal ended in an open set
     ops: int = 0
@@ -72,7 +74,9 @@ class Run:
         self.power = PowerCuts(self.dir, self.hashes) if power_cuts else None
         if self.power is not None:
             self.backing = self.power.backing
-        self.standby = self.dir / "s"
+        self.standby = self.dir / "s"  # replfs mount: uncached
+        self.cached = self.dir / "c"  # the secondary's own standby mount: cached
+        self.secondary: Daemon | None = None
         self.staging = self.dir / ".r.replfs" / "staging"
         self.result = Result(seed)
         self.last_sample = 0
@@ -86,9 +90,13 @@ class Run:
         env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
         # Over TLS, through the byte-level proxy: a corrupted byte fails a TLS record
         # (or the handshake), and the link is made anew, as after a bad checksum.
+        # It serves the cached standby mount too; a killed one leaves it dead.
+        unmount(self.cached)
+        self.cached.mkdir(exist_ok=True)
         daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}",
-                         *tls_args(SECONDARY, PRIMARY)],
+                         "--mount", str(self.cached), *tls_args(SECONDARY, PRIMARY)],
                         self.dir / "secondary.log", "listening on", env=env)
+        self.secondary = daemon
         try:
             return daemon.start()
         except AssertionError:
@@ -135,7 +143,8 @@ class Run:
 
     def sample(self, workload: Workload) -> None:
         """Hold the replica at one set, and check it is the primary at that set's close,
-        read directly and through the standby mount."""
+        read directly and through both standby mounts (the cached one keeps what it
+        read in the kernel's cache from one sample to the next)."""
         if self.hold is not None:
             self.check_held(workload)
             return
@@ -160,11 +169,28 @@ class Run:
             what = list(differences(self.replica, self.standby))[:3]
             raise Violation(f"standby mount at set {held} differs from the primary at its "
                             f"close: {what}")
+        cached = self.cached_digest()
+        if cached is not None and cached not in want:
+            what = list(differences(self.replica, self.cached))[:3]
+            raise Violation(f"cached standby mount at set {held} differs from the primary "
+                            f"at its close: {what}")
         if held < self.last_sample:
             raise Violation(f"replica went back from set {self.last_sample} to {held}")
         self.last_sample = held
         self.check_apps(self.replica, workload, final=False)
         self.result.samples += 1
+
+    def cached_digest(self) -> str | None:
+        """The cached standby's digest; None if its secondary died meanwhile (an
+        apply-step kill may strike in the redo a hold lets run)."""
+        try:
+            return tree_digest(self.cached)
+        except OSError:
+            sec = self.secondary
+            if sec is None or sec.proc is None or sec.proc.poll() is not None:
+                self.result.cached_lost += 1
+                return None
+            raise
 
     # --- user holds ----------------------------------------------------------------
 
@@ -292,6 +318,7 @@ class Run:
                     daemon.stop()
             unmount(self.mount)
             unmount(self.standby)
+            unmount(self.cached)
             self.proxy.__exit__(None, None, None)
             if self.power is not None:
                 self.result.pages_lost = self.power.pages_lost

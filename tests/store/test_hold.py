@@ -1,0 +1,39 @@
+"""The batch marker: torn for readers only when a crash cut its ops short."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from store.hold import APPLYING, clear_applying, interrupted, mark_applied, mark_applying, torn
+
+
+def test_torn_ok_none_without_a_batch(tmp_path: Path) -> None:
+    assert torn(tmp_path) is None and interrupted(tmp_path) is None
+
+
+def test_torn_err_ops_under_way(tmp_path: Path) -> None:
+    """With the apply lock held, a batch still marked as applying was cut short."""
+    mark_applying(tmp_path, 3, 5)
+    assert torn(tmp_path) == (3, 5)
+    assert interrupted(tmp_path) == (3, 5)
+
+
+def test_torn_ok_ops_done_on_this_boot(tmp_path: Path) -> None:
+    """Applied but not durable yet: whole for readers, still to redo for the applier."""
+    mark_applying(tmp_path, 3, 5)
+    mark_applied(tmp_path, 3, 5)
+    assert torn(tmp_path) is None
+    assert interrupted(tmp_path) == (3, 5)
+    clear_applying(tmp_path)
+    assert interrupted(tmp_path) is None
+
+
+def test_torn_err_ops_done_on_another_boot(tmp_path: Path) -> None:
+    """A reboot may have lost what the page cache held: torn until the redo."""
+    (tmp_path / APPLYING).write_text("3 5 00000000-0000-0000-0000-000000000000\n")
+    assert torn(tmp_path) == (3, 5)
+
+
+def test_torn_err_marker_of_one_set(tmp_path: Path) -> None:
+    (tmp_path / APPLYING).write_text("7\n")
+    assert torn(tmp_path) == (7, 7) and interrupted(tmp_path) == (7, 7)
