@@ -646,8 +646,11 @@ class PrimaryFS(pyfuse3.Operations):
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
         self.capture.wait_durable(end)
-        if self.remote is not None and not unjournaled:
-            self.remote.wait_staged(closed)
+        if self.remote is not None:
+            if unjournaled:
+                self.remote.count_local()  # its data went to the dirty map: nothing to wait for
+            else:
+                self.remote.wait_staged(closed)
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- directories --------------------------------------------------------------

@@ -141,3 +141,9 @@ class Semisync:
                 return True
             self.local_only += 1
             return False
+
+    def count_local(self) -> None:
+        """An fsync returned without waiting, over the journal's budget (its data is
+        in the dirty map, sent with the resync)."""
+        with self._cond:
+            self.local_only += 1
