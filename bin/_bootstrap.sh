@@ -24,6 +24,14 @@ if ! command -v fusermount3 >/dev/null 2>&1 || ! pkg-config --exists fuse3 2>/de
         { echo "replfs: could not install fuse3; install fuse3 libfuse3-dev pkg-config and retry" >&2; exit 1; }
 fi
 
+# iSCSI checked against implementations replfs did not write: libiscsi's tools probe
+# the target, tgtd is a target for the initiator, tshark decodes captures of both.
+if ! command -v iscsi-inq >/dev/null 2>&1 || ! command -v tgtd >/dev/null 2>&1 ||
+        ! command -v tshark >/dev/null 2>&1; then
+    _replfs_apt libiscsi-bin tgt tshark ||
+        echo "replfs: could not install libiscsi-bin tgt tshark; the iSCSI interop tests skip" >&2
+fi
+
 # What building pyfuse3 needs beyond libfuse: a C compiler, Python's headers, git apply.
 _replfs_build_tools() {
     local need=() include

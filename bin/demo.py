@@ -2,7 +2,9 @@
 
 Everything lives in a temporary directory that is removed afterwards, also
 on Ctrl-C, the cluster's CA included: the two daemons replicate over TLS,
-each with a certificate of that CA. The demo starts both daemons as separate processes, runs a
+each with a certificate of that CA (or, with ``--transport iscsi``, over
+iSCSI with mutual CHAP: the secondary an iSCSI target, the primary its
+initiator). The demo starts both daemons as separate processes, runs a
 SQLite application and a file churner on the mount, shows replication
 progress and lag live, kills the secondary with SIGKILL halfway, restarts
 it, and at the end checks that the replica equals the primary byte for
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from repl import control, tls
+from repl.iscsi import chap
 from repl.verify import differences
 
 HERE = Path(__file__).resolve().parent
@@ -133,18 +136,30 @@ def show_logs(*procs: Proc) -> None:
             print(f"--- last lines of the {proc.name} log ---\n{proc.tail()}", file=sys.stderr)
 
 
-def run() -> int:
+IQN = "iqn.2025-01.io.replfs:demo"
+
+
+def run(transport: str = "frames") -> int:
     tmp = Path(tempfile.mkdtemp(prefix="replfs-demo-"))
     backing, mount, replica = tmp / "primary-data", tmp / "mnt", tmp / "replica"
     backing.mkdir()
     mount.mkdir()
     port = free_port()
-    primary_tls, secondary_tls = links(tmp)
-    sec = Proc("secondary", ["secondary", str(replica), "--listen", f"127.0.0.1:{port}",
-                             *secondary_tls], tmp / "secondary.log", "listening on")
-    pri = Proc("primary", ["primary", str(backing), str(mount), "--secondary",
-                           f"127.0.0.1:{port}", "--set-interval", "0.2", *primary_tls],
-               tmp / "primary.log", "serving")
+    if transport == "iscsi":
+        chap.make(tmp / "chap.secret", "alpha", "beta")
+        keys = ["--chap", str(tmp / "chap.secret")]
+        listen = ["--iscsi", f"127.0.0.1:{port}", "--iqn", IQN, *keys]
+        to = [f"iscsi://127.0.0.1:{port}/{IQN}", *keys]
+        how = "iSCSI target {IQN} (mutual CHAP: beta, accepting alpha)"
+    else:
+        primary_tls, secondary_tls = links(tmp)
+        listen = ["--listen", f"127.0.0.1:{port}", *secondary_tls]
+        to = [f"127.0.0.1:{port}", *primary_tls]
+        how = "TLS as beta, accepting alpha"
+    sec = Proc("secondary", ["secondary", str(replica), *listen], tmp / "secondary.log",
+               "listening on")
+    pri = Proc("primary", ["primary", str(backing), str(mount), "--set-interval", "0.2",
+                           "--secondary", *to], tmp / "primary.log", "serving")
     stop = threading.Event()
     counts = {"commits": 0, "bytes": 0}
     lags: list[float] = []
@@ -152,11 +167,16 @@ def run() -> int:
     try:
         print(f"replfs demo in {tmp}")
         sec.start()
-        print(f"  cluster CA {tmp / 'tls'}: certificates for alpha (primary), beta (secondary)")
-        print(f"  secondary  listening on 127.0.0.1:{port} (TLS as beta, accepting alpha), "
+        if transport == "iscsi":
+            print(f"  CHAP secrets {tmp / 'chap.secret'}: alpha (initiator), beta (target)")
+        else:
+            print(f"  cluster CA {tmp / 'tls'}: certificates for alpha (primary), beta "
+                  "(secondary)")
+        print(f"  secondary  listening on 127.0.0.1:{port} ({how.format(IQN=IQN)}), "
               f"replica {replica}")
         pri.start()
-        print(f"  primary    {backing} mounted at {mount}, replicating over 4 TLS streams")
+        print(f"  primary    {backing} mounted at {mount}, replicating over 4 "
+              f"{'iSCSI sessions' if transport == 'iscsi' else 'TLS streams'}")
         worker = threading.Thread(target=workload, args=(mount, stop, counts), daemon=True)
         worker.start()
         killed = restarted = False

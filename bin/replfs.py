@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
 from repl import config, control, tls
-from repl.config import address, count, level, positive, size
+from repl.config import address, count, iqn, level, positive, secondary_address, size
+from repl.iscsi import chap
+from repl.iscsi.names import DEFAULT_IQN
 from repl.promote import promote
 from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
@@ -92,6 +95,11 @@ def build_parser() -> Parser:
                        help="one line per event: readable text, or one JSON object with "
                             "the keys time, level, logger, msg (and error) (default text)")
 
+    def chap_option(p: Parser) -> None:
+        p.add_argument("--chap", type=Path, metavar="FILE",
+                       help="iSCSI CHAP secrets, mode 0600, the same file on both hosts "
+                            "(make it with 'replfs chap FILE')")
+
     def metrics_option(p: Parser) -> None:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
@@ -116,9 +124,11 @@ def build_parser() -> Parser:
                    help="close a data set once it holds this much (default 64M)")
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="journal budget; past it, a dirty map stands in (default 1G)")
-    p.add_argument("--secondary", type=address, metavar="HOST:PORT",
-                   help="replicate to this secondary")
+    p.add_argument("--secondary", type=secondary_address, metavar="HOST:PORT",
+                   help="replicate to this secondary: HOST:PORT (replfs frames over TLS), "
+                        "or iscsi://HOST:PORT/IQN (iSCSI, with --chap)")
     link_options(p, "secondary")
+    chap_option(p)
     p.add_argument("--streams", type=count, default=4, metavar="N",
                    help=f"parallel TCP streams to the secondary (default 4, at most "
                         f"{MAX_STREAMS})")
@@ -146,10 +156,16 @@ def build_parser() -> Parser:
     p = command("secondary", "receive data sets into REPLICA")
     positional(p, "replica", "REPLICA")
     p.add_argument("--listen", type=address, metavar="HOST:PORT",
-                   help="address to accept the primary on (port 0 picks a free one); required")
-    p.set_defaults(needed=["replica", "listen"])
+                   help="address to accept the primary on, replfs frames (port 0 picks a "
+                        "free one); this or --iscsi is required")
+    p.add_argument("--iscsi", type=address, metavar="HOST:PORT",
+                   help="also (or only) serve the replica's staging as an iSCSI target here "
+                        "(3260 is iSCSI's port), with --chap")
+    p.add_argument("--iqn", type=iqn, default=DEFAULT_IQN, metavar="IQN",
+                   help=f"the iSCSI target's name (default {DEFAULT_IQN})")
     staging_option(p)
     link_options(p, "primary")
+    chap_option(p)
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
                         "only what diverged and keeping its own changes aside")
@@ -196,7 +212,9 @@ def build_parser() -> Parser:
     positional(p, "target", "MOUNTPOINT|REPLICA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    command("demo", "run a primary and a secondary on loopback through a crash")
+    p = command("demo", "run a primary and a secondary on loopback through a crash")
+    p.add_argument("--transport", choices=("frames", "iscsi"), default="frames",
+                   help="replfs frames over TLS (default), or iSCSI with mutual CHAP")
 
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
@@ -208,6 +226,13 @@ def build_parser() -> Parser:
     p.set_defaults(needed=["dir", "name"])
     p.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, metavar="N",
                    help=f"how long it is valid (default {tls.DEFAULT_DAYS})")
+
+    p = command("chap", "make an iSCSI CHAP secrets file (0600) for --chap")
+    positional(p, "file", "FILE")
+    p.add_argument("--initiator", default="alpha", metavar="NAME",
+                   help="the primary's CHAP name (default alpha)")
+    p.add_argument("--target", default="beta", metavar="NAME",
+                   help="the secondary's CHAP name (default beta)")
 
     p = command("dump", "print the records of a journal readably")
     positional(p, "path", "PATH")
@@ -280,14 +305,21 @@ def main(argv: list[str] | None = None) -> int:
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
-                args.compress_level, args.max_rate or None, args.fsync, args.fsync_timeout))
-        elif args.command == "secondary" and args.mount:
-            trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
-                     args.staging, args.tls, args.peer, args.insecure, args.rejoin,
-                     args.metrics)
+                args.compress_level, args.max_rate or None, args.chap, fsync=args.fsync,
+                fsync_timeout=args.fsync_timeout))
         elif args.command == "secondary":
-            trio.run(run_secondary, args.replica, args.listen, args.staging, args.tls,
-                     args.peer, args.insecure, args.rejoin, args.metrics)
+            if args.listen is None and args.iscsi is None:
+                args.parser.error("the following arguments are required: --listen or --iscsi "
+                                  "(on the command line or in [secondary] of --config FILE)")
+            if args.mount:
+                trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
+                         args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                         args.metrics, args.iscsi, args.iqn, args.chap)
+            else:
+                trio.run(functools.partial(
+                    run_secondary, args.replica, args.listen, args.staging, args.tls,
+                    args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
+                    iqn=args.iqn, chap_file=args.chap))
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":
@@ -322,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from demo import run as demo
 
-            return demo()
+            return demo(args.transport)
+        elif args.command == "chap":
+            chap.make(args.file, args.initiator, args.target)
+            print(f"made {args.file}: copy it to both hosts (mode 0600) and pass --chap "
+                  f"{args.file} to both daemons")
         elif args.command == "dump":
             dump(args.path, sys.stdout)
         elif args.command == "tls":

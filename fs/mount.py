@@ -20,11 +20,15 @@ from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.iscsi import chap
+from repl.iscsi.link import IscsiDialer
+from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
+from repl.link import Dialer, FrameDialer
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
 from repl.semisync import FSYNC_TIMEOUT, Semisync
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
-from repl.tls import link_credentials
+from repl.tls import Credentials, link_credentials
 from repl.tree import Tree
 from store.hold import ApplyLock, is_held
 from store.journal import Journal
@@ -78,6 +82,7 @@ class PrimaryConfig:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
     compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
+    chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
     fsync: str = "local"  # "remote": an fsync also waits for the secondary's staging
     fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
 
@@ -115,12 +120,28 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     check_mountpoint(mountpoint)
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
-    peer = parse_address(cfg.secondary) if cfg.secondary else None
-    if peer is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate
-                         or cfg.fsync == "remote"):
-        raise UsageError("--tls, --peer, --insecure, --max-rate and --fsync remote are for "
-                         "the link to a secondary: they need --secondary HOST:PORT")
-    creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, peer[0]) if peer else None
+    if cfg.secondary is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate
+                                  or cfg.chap or cfg.fsync == "remote"):
+        raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
+                         "are for the link to a secondary: they need --secondary HOST:PORT")
+    creds, secrets = None, None
+    iscsi = cfg.secondary is not None and is_iscsi(cfg.secondary)
+    if iscsi:
+        assert cfg.secondary is not None
+        parse_url(cfg.secondary)
+        if cfg.tls or cfg.peer or cfg.insecure:
+            raise UsageError("an iscsi:// secondary is plain iSCSI over TCP with mutual CHAP "
+                             "(--chap FILE), not --tls, --peer or --insecure")
+        if cfg.chap is None:
+            raise UsageError("an iscsi:// secondary needs --chap FILE, the CHAP secrets "
+                             "(make them with 'replfs chap FILE')")
+        secrets = chap.load(cfg.chap)
+    elif cfg.secondary is not None:
+        if cfg.chap:
+            raise UsageError("--chap is for an iscsi:// secondary")
+        host = parse_address(cfg.secondary)[0]
+        creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, host)
+    peer = cfg.secondary
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
@@ -134,13 +155,21 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         sender = None
         remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
         if peer is not None:
-            sender = Sender(journal, *peer, streams=cfg.streams, scramble=cfg.scramble,
-                            stall_seconds=cfg.stall_seconds, settled=capture.lock,
-                            creds=creds, compress_level=cfg.compress_level,
+            dialer: Dialer = (IscsiDialer(peer, secrets, journal.identity.node)
+                              if secrets is not None else
+                              FrameDialer(*parse_address(peer), creds))
+            sender = Sender(journal, dialer, streams=cfg.streams,
+                            scramble=cfg.scramble, stall_seconds=cfg.stall_seconds,
+                            settled=capture.lock,
+                            # one record, one SCSI WRITE: no compression over iSCSI
+                            compress_level=0 if iscsi else cfg.compress_level,
                             max_rate=cfg.max_rate, semisync=remote)
-            if creds is None:
-                log.warning("INSECURE (--insecure): replicating to %s:%d over plain TCP, "
-                            "nobody authenticated, nothing encrypted", *peer)
+            if iscsi:
+                log.info("replicating to %s over iSCSI, mutual CHAP as %s: authenticated, "
+                         "not encrypted", peer, secrets and secrets.initiator_name)
+            elif creds is None:
+                log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
+                            "nobody authenticated, nothing encrypted", peer)
             capture.on_durable = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
@@ -157,7 +186,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, sender, mountpoint, sock, operations, backing, scrape)
+            await _serve(capture, sender, creds, mountpoint, sock, operations, backing, scrape)
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -169,8 +198,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         journal.close()
 
 
-async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path,
+async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | None,
+                 mountpoint: Path, sock: Path, operations: PrimaryFS, backing: Path,
                  scrape: list[trio.SocketListener]) -> None:
     async def applied_within(set_id: int, seconds: float) -> str | None:
         """Wait for the connected secondary to apply *set_id*; say why not, if not."""
@@ -231,9 +260,11 @@ async def _serve(capture: Capture, sender: Sender | None, mountpoint: Path, sock
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
-            creds = sender.creds
-            out |= {"secondary": f"{sender.host}:{sender.port}", "connected": st.connected,
-                    "insecure": creds is None, "tls_name": creds.name if creds else None,
+            iscsi = is_iscsi(sender.address)
+            out |= {"secondary": sender.address, "connected": st.connected,
+                    "transport": "iscsi" if iscsi else "frames",
+                    "insecure": creds is None and not iscsi,
+                    "tls_name": creds.name if creds else None,
                     "tls_peer": creds.peer if creds else None,
                     "streams": st.streams, "peer": st.peer_node,
                     "last_shipped": list(st.shipped), "last_applied": st.applied,
@@ -334,10 +365,12 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         lock.close()
 
 
-async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str,
+async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | None,
                                 staging: Path | None, tls: Path | None, peer: str | None,
                                 insecure: bool, rejoin: bool = False,
-                                metrics_at: str | None = None) -> None:
+                                metrics_at: str | None = None, iscsi: str | None = None,
+                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None
+                                ) -> None:
     """The secondary (repl/secondary.py), also serving the standby mount of its replica.
 
     In one process, the applier can drop the kernel's caches of what each batch
@@ -368,7 +401,8 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str,
                                     cached=True)
                 nursery.start_soon(serve_mount)
                 await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
-                                    metrics_at, invalidator=cache)
+                                    metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
+                                    chap_file=chap_file)
                 nursery.cancel_scope.cancel()
         finally:
             cache.mounted = False

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from repl.errors import UsageError
+from repl.iscsi.names import check_iqn, is_iscsi, parse_url
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -95,6 +96,25 @@ def address(text: str) -> str:
     return text
 
 
+def secondary_address(text: str) -> str:
+    """HOST:PORT (replfs frames), or iscsi://HOST:PORT/IQN; returned as given."""
+    if is_iscsi(text):
+        try:
+            parse_url(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return address(text)
+
+
+def iqn(text: str) -> str:
+    """An iSCSI name: iqn.YYYY-MM.reversed.domain[:anything]."""
+    try:
+        return check_iqn(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """HOST:PORT as (host, port); an empty host is loopback. Raises UsageError."""
     try:
@@ -107,7 +127,8 @@ def parse_address(text: str) -> tuple[str, int]:
 
 # What a TOML value may be, for each value type of the command line.
 _TOML_TYPES: dict[Any, tuple[type, ...]] = {
-    None: (str,), str: (str,), Path: (str,), address: (str,),
+    None: (str,), str: (str,), Path: (str,), address: (str,), secondary_address: (str,),
+    iqn: (str,),
     int: (int,), count: (int,), level: (int,), positive: (int, float), size: (int, str),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}

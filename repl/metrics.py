@@ -100,7 +100,7 @@ def primary_metrics(capture: Capture, sender: Sender | None,
     yield served
     if sender is None:
         return
-    st, to = sender.status, f"{sender.host}:{sender.port}"
+    st, to = sender.status, sender.address
     yield gauge("replfs_secondary_connected", "1 while a session with the secondary is up",
                 int(st.connected), secondary=to)
     yield gauge("replfs_connected_streams", "TCP streams of the replication session",

@@ -35,7 +35,8 @@ import trio
 
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
-from repl.gate import Gate, Rejected
+from repl.gate import HANDSHAKE_SECONDS, Gate, Rejected
+from repl.link import Link
 from repl.protocol import (
     MAX_STREAMS,
     PROTOCOL_VERSION,
@@ -95,7 +96,7 @@ class ReceiverStatus:
 
 @dataclass
 class _Stream:
-    conn: Connection
+    conn: Link
     outbox: trio.MemorySendChannel[Frame]
     scope: trio.CancelScope
     session: str
@@ -124,10 +125,30 @@ class Receiver:
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stage what every link brings: those accepted on *listeners* (replfs frames,
+        through the gate) and those handed to ``serve_link``, until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stager)
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            if listeners:
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started()
+
+    async def serve_link(self, link: Link, peer: str) -> None:
+        """Serve a link that another listener accepted and authenticated (an iSCSI
+        session after its CHAP login): its HELLO within the gate's deadline, then
+        like any stream, until it ends. Closes *link*."""
+        try:
+            with trio.fail_after(HANDSHAKE_SECONDS):
+                info = parse_hello(await link.receive())
+        except ProtocolError as exc:
+            self._refused(peer, "protocol", str(exc))
+            await _tell(link, str(exc))
+            return
+        except (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSlowError) as exc:
+            self._refused(peer, "no-handshake", f"no HELLO ({exc!r})")
+            await link.aclose()
+            return
+        await self._serve(link, info, peer)
 
     def report_applied(self, set_id: int) -> None:
         """Tell the connected primary that *set_id* is applied (called by the applier)."""
@@ -186,7 +207,7 @@ class Receiver:
             raise Rejected("no-handshake", f"the link broke during the handshake ({exc!r})"
                            ) from None
 
-    async def _serve(self, conn: Connection, info: dict[str, Any], peer: str) -> None:
+    async def _serve(self, conn: Link, info: dict[str, Any], peer: str) -> None:
         """Answer the HELLO, then stage what the stream brings until it ends."""
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -250,7 +271,7 @@ class Receiver:
         if stream.dropped:
             self._refused(peer, "not-reading", stream.dropped)
 
-    async def _accept(self, conn: Connection, info: dict[str, Any]) -> None:
+    async def _accept(self, conn: Link, info: dict[str, Any]) -> None:
         """Check the primary's HELLO, follow what it says, and answer it.
 
         Raises:
@@ -302,7 +323,7 @@ class Receiver:
                               syncing=self.staging.syncing,
                               **({"compress": ZSTD} if takes_zstd(info) else {}), **extra))
 
-    async def _writer(self, conn: Connection, frames: trio.MemoryReceiveChannel[Frame]) -> None:
+    async def _writer(self, conn: Link, frames: trio.MemoryReceiveChannel[Frame]) -> None:
         async for frame in frames:
             batch = [frame]
             while True:
@@ -396,7 +417,7 @@ class Receiver:
             self.on_complete()
 
 
-async def _tell(conn: Connection, text: str) -> None:
+async def _tell(conn: Link, text: str) -> None:
     """Say why in an ERROR frame (if the peer takes it within a second), then close."""
     with trio.move_on_after(1):
         try:

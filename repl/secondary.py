@@ -19,6 +19,8 @@ from repl.config import parse_address
 from repl.errors import UsageError
 from repl.footprint import Invalidator
 from repl.gate import Gate
+from repl.iscsi import chap, target
+from repl.iscsi.names import DEFAULT_IQN
 from repl.receiver import Receiver
 from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
@@ -140,6 +142,19 @@ def resume(replica: Path, staging: Path | None) -> int:
     return read_applied(where)
 
 
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; "
+                         "pick another port or stop what uses it") from None
+
+
+def _where(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"{host}:{port}"
+
+
 async def _stop_on_signal(scope: trio.CancelScope, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
@@ -161,19 +176,28 @@ def make_replica(replica: Path) -> None:
         replica.mkdir()
 
 
-async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
+async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | None,
                         tls: Path | None, peer: str | None, insecure: bool,
                         rejoin: bool = False, metrics_at: str | None = None,
-                        invalidator: Invalidator | None = None) -> None:
-    """Serve *replica*: accept the primary on *listen*, with the TLS credentials
-    ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback (*insecure*);
-    serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
+                        invalidator: Invalidator | None = None, iscsi: str | None = None,
+                        iqn: str = DEFAULT_IQN, chap_file: Path | None = None) -> None:
+    """Serve *replica*: accept the primary on *listen* (replfs frames), with the TLS
+    credentials ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback
+    (*insecure*), and on *iscsi* as the iSCSI target *iqn* with the CHAP secrets in
+    *chap_file*; serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
 
     *invalidator*: the kernel caches of a standby mount of the replica, which the
     applier drops as it applies sets (fs/kernel_cache.py).
     """
-    host, port = parse_address(listen)
-    creds = link_credentials(tls, peer, insecure, host)
+    if listen is None and (tls or peer or insecure):
+        raise UsageError("--tls, --peer and --insecure are for --listen (replfs frames); "
+                         "the iSCSI target is authenticated with --chap")
+    if (iscsi is None) != (chap_file is None):
+        raise UsageError("--iscsi HOST:PORT and --chap FILE go together: the iSCSI target "
+                         "accepts only initiators that know the CHAP secret")
+    host, port = parse_address(listen) if listen else ("", 0)
+    creds = link_credentials(tls, peer, insecure, host) if listen else None
+    secrets = chap.load(chap_file) if chap_file is not None else None
     scrape = await metrics.listen(metrics_at) if metrics_at else []
     make_replica(replica)
     os.umask(0)
@@ -191,12 +215,9 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         dropped = staging.drop_partial()
         if dropped:
             log.info("erased partial sets %s; the primary sends them again", dropped)
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; "
-                             "pick another port or stop what uses it") from None
-        bound = listeners[0].socket.getsockname()
+        listeners = await _listen(host, port) if listen else []
+        targets = await _listen(*parse_address(iscsi)) if iscsi else []
+        bound = (listeners or targets)[0].socket.getsockname()
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
                           invalidator=invalidator)
@@ -225,10 +246,12 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
             sets = staging.sets()
             complete = [n for n, s in sets.items() if s.complete]
             return {
-                "role": "secondary", "replica": str(replica), "listen": f"{host}:{bound[1]}",
+                "role": "secondary", "replica": str(replica),
+                "listen": f"{host}:{bound[1]}" if listen else None,
+                "iscsi": _where(targets[0]) if targets else None, "iqn": iqn if iscsi else None,
                 "cluster": staging.identity.cluster, "node": staging.identity.node,
                 "generation": staging.identity.generation,
-                "insecure": creds is None,
+                "insecure": creds is None and bool(listen),
                 "tls_name": creds.name if creds else None,
                 "tls_peer": creds.peer if creds else None,
                 "connected_streams": r.connected_streams, "peer": r.peer_node,
@@ -256,6 +279,9 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
         async with trio.open_nursery() as nursery:
             await nursery.start(applier.run)
             await nursery.start(receiver.serve, listeners)
+            if secrets is not None:
+                await nursery.start(target.serve, targets, secrets, iqn,
+                                    staging.identity.node, receiver.serve_link)
             async def wake(_: dict[str, Any]) -> dict[str, Any]:
                 applier.notify()
                 return {"applied": applier.applied}
@@ -275,13 +301,18 @@ async def run_secondary(replica: Path, listen: str, staging_dir: Path | None,
                 await nursery.start(metrics.serve, scrape, registry)
                 log.info("metrics on http://%s/metrics", metrics.where(scrape))
             await nursery.start(_stop_on_signal, nursery.cancel_scope)
-            if creds is None:
+            if creds is None and listen:
                 log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
                             "encrypted: anyone who can reach %s:%d can replace this replica",
                             bound[0], bound[1])
+            ways = ([] if not listen else ["plain TCP, --insecure" if creds is None else
+                                           f"TLS as {creds.name}, accepting {creds.peer}"])
+            if secrets is not None:
+                ways.append(f"iSCSI target {iqn} on {_where(targets[0])}, CHAP as "
+                            f"{secrets.target_name}, accepting {secrets.initiator_name}, "
+                            "not encrypted")
             log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
-                     bound[0], bound[1], "plain TCP, --insecure" if creds is None else
-                     f"TLS as {creds.name}, accepting {creds.peer}", replica, staging.applied)
+                     bound[0], bound[1], "; ".join(ways), replica, staging.applied)
             notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
     finally:
         staging.close()

@@ -12,11 +12,8 @@ from the set after the one the secondary says it applied, so everything
 not applied is sent again and the secondary drops what it already holds.
 The journal keeps every record until its set is reported applied (claim 6).
 
-Over TLS (repl/tls.py) each stream is a TLS 1.3 link whose certificate must
-name the secondary given to ``--peer``, and the sender waits for the
-secondary's magic before sending its own: a secondary that did not accept
-our certificate closes the link right after the TLS handshake, and we read
-that close instead of writing into it.
+Each stream is a link (repl/link.py) its dialer opens: replfs frames over
+TLS or TCP, or iSCSI. The sender only sees frames.
 """
 
 from __future__ import annotations
@@ -26,21 +23,20 @@ import logging
 import random
 import secrets
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 
 import trio
 import zstandard
 
-from repl import tls
 from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
+from repl.link import Dialer, Link
 from repl.pacing import TokenBucket
 from repl.protocol import (
     PROTOCOL_VERSION,
     ZSTD,
-    Connection,
     Frame,
     FrameType,
     hello,
@@ -97,11 +93,11 @@ class SenderStatus:
 
 
 class Sender:
-    def __init__(self, journal: Journal, host: str, port: int, *, streams: int = 4,
+    def __init__(self, journal: Journal, dialer: Dialer, *, streams: int = 4,
                  window: int = WINDOW_BYTES, scramble: int | None = None,
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
-                 creds: tls.Credentials | None = None, compress_level: int = COMPRESS_LEVEL,
+                 compress_level: int = COMPRESS_LEVEL,
                  max_rate: float | None = None, semisync: Semisync | None = None) -> None:
         self.journal = journal
         self.semisync = semisync  # --fsync remote: what is staged, for the fsyncs waiting
@@ -112,9 +108,8 @@ class Sender:
         # This process's incarnation: a primary that restarted may have lost its
         # journal's unsynced tail and reuse those places for other records.
         self.boot = secrets.token_hex(8)
-        self.host, self.port = host, port
-        self.creds = creds  # None: plain TCP (--insecure)
-        self._context = creds.client_context() if creds is not None else None
+        self.dialer = dialer
+        self.address = dialer.address  # the secondary, for logs, status and metrics
         self.nstreams = streams
         self.stall_seconds = stall_seconds
         self.window = window
@@ -183,7 +178,7 @@ class Sender:
             if stalled and not self.status.stalled:
                 log.warning("replication stalled: %d sets behind, no progress for %.0fs (%s)",
                             backlog, idle, "connected" if self.status.connected
-                            else f"secondary {self.host}:{self.port} unreachable")
+                            else f"secondary {self.address} unreachable")
             elif self.status.stalled and not stalled:
                 log.info("replication is progressing again")
             self.status.stalled = stalled
@@ -195,10 +190,10 @@ class Sender:
             try:
                 await self._session()
             except* Refused as group:
-                self._error(f"refused by {self.host}:{self.port}: {_first(group)}")
+                self._error(f"refused by {self.address}: {_first(group)}")
                 delay = RETRY_MAX
             except* _LINK_ERRORS as group:
-                self._error(f"replication to {self.host}:{self.port} "
+                self._error(f"replication to {self.address} "
                             f"{'lost' if self.status.connected else 'failed'}: "
                             f"{_first(group)!r}")
                 delay = 0.1 if self.status.connected or was else min(delay * 2, RETRY_MAX)
@@ -217,15 +212,17 @@ class Sender:
 
     async def _session(self) -> None:
         session = secrets.token_hex(8)
-        conns: list[Connection] = []
-        try:
+        conns: list[Link] = []
+        async with AsyncExitStack() as links:
             start, compress = 0, self._compressor is not None
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                for index in range(self.nstreams):
-                    conn = Connection(await self._connect())
-                    conns.append(conn)
+            deadline = trio.current_time() + HANDSHAKE_TIMEOUT
+            for index in range(self.nstreams):
+                # The dialer bounds its own connect; no scope may span a link's opening.
+                conn = await links.enter_async_context(self.dialer.open())
+                conns.append(conn)
+                with trio.fail_at(deadline):
                     start, takes_zstd = await self._handshake(conn, session, index)
-                    compress = compress and takes_zstd
+                compress = compress and takes_zstd
             restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
             if restart is not None:
                 await conns[0].send(reset_to(restart))
@@ -240,8 +237,8 @@ class Sender:
             self.status.sessions += 1
             self.status.staged = 0
             self.status.compressing = compress
-            log.info("replicating to %s:%d over %d streams, from set %d%s", self.host,
-                     self.port, len(conns), start + 1, ", zstd-compressed" if compress else "")
+            log.info("replicating to %s over %d streams, from set %d%s", self.address,
+                     len(conns), start + 1, ", zstd-compressed" if compress else "")
             async with trio.open_nursery() as nursery:
                 outboxes = []
                 for conn in conns:
@@ -252,50 +249,16 @@ class Sender:
                 nursery.start_soon(self._feeder, outboxes, start + 1,
                                    self._compressor if compress else None)
                 nursery.start_soon(self._ack_watchdog)
-        finally:
-            for conn in conns:
-                with trio.CancelScope(shield=True):
-                    await conn.aclose()
 
-    async def _connect(self) -> trio.abc.Stream:
-        """A new link to the secondary: over TLS, once its certificate checked out.
-
-        Raises Refused if the TLS handshake failed (its certificate, or ours).
-        """
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        if self._context is None or self.creds is None:
-            return stream
-        link = trio.SSLStream(stream, self._context, server_hostname=self.creds.peer)
-        try:
-            await link.do_handshake()
-        except BaseException as exc:
-            await trio.aclose_forcefully(link)
-            if isinstance(exc, trio.BrokenResourceError):
-                raise Refused(tls.client_refusal(exc.__cause__, self.creds.peer)) from None
-            raise
-        return link
-
-    async def _handshake(self, conn: Connection, session: str, index: int
-                         ) -> tuple[int, bool]:
+    async def _handshake(self, conn: Link, session: str, index: int) -> tuple[int, bool]:
         """Introduce ourselves on *conn*; returns the set the secondary applied last,
         and whether it takes zstd-compressed records."""
         ident = self.journal.identity
-        if self.creds is not None:
-            try:
-                await conn.expect_magic()
-            except trio.BrokenResourceError as exc:
-                if tls.broken_record(exc) is not None:
-                    raise  # a corrupt record: the link's fault, not a refusal
-                raise Refused("the secondary closed the link right after the TLS handshake: "
-                              "it did not accept our certificate (its log says why)") from None
-        await conn.send_magic()
         await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
                               node=ident.node, generation=ident.generation, session=session,
                               boot=self.boot, stream=index, streams=self.nstreams,
                               history=ident.history,
                               **({"compress": [ZSTD]} if self._compressor else {})))
-        if self.creds is None:
-            await conn.expect_magic()
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
             raise Refused(frame.payload.decode(errors="replace"))
@@ -405,12 +368,12 @@ class Sender:
                 raise trio.TooSlowError(f"no acknowledgement for {self.stall_seconds:g}s "
                                         f"with {len(self._inflight)} records in flight")
 
-    async def _writer(self, conn: Connection,
+    async def _writer(self, conn: Link,
                       frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:
         async for batch in frames:
             await conn.send(*batch)
 
-    async def _reader(self, conn: Connection) -> None:
+    async def _reader(self, conn: Link) -> None:
         while True:
             frame = await conn.receive()
             if frame.type == FrameType.STAGED:

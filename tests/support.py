@@ -58,8 +58,9 @@ def tls_args(me: str, peer: str) -> list[str]:
 
 
 def _secure(extra: tuple[str, ...], me: str, peer: str) -> list[str]:
-    """*extra*, with TLS as *me* added unless it chose a link already."""
-    if "--tls" in extra or "--insecure" in extra:
+    """*extra*, with TLS as *me* added unless it chose a link already (or iSCSI, whose
+    link is authenticated with --chap)."""
+    if "--tls" in extra or "--insecure" in extra or "--chap" in extra:
         return list(extra)
     return [*extra, *tls_args(me, peer)]
 

@@ -34,8 +34,10 @@ def sample(key: str, action: argparse.Action) -> tuple[list[str], Any]:
         value: Any = list(action.choices)[-1]
     elif action.type is Path:
         value = f"/x/{key}"
-    elif action.type is config.address:
+    elif action.type in (config.address, config.secondary_address):
         value = "127.0.0.1:7001"
+    elif action.type is config.iqn:
+        value = "iqn.2025-01.io.replfs:x"
     elif action.type in (int, config.count, config.level):
         value = 3
     elif action.type is config.positive:
