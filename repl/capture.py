@@ -484,9 +484,9 @@ class Capture:
         self.touched.clear()
         self.closed_at = time.monotonic()
         metrics.SET_BYTES.observe(self.journal.set_bytes)
+        if self._record_hash is not None:  # before the SYNC: no set closes without it
+            self._record_hash(self.journal.set, self.backing.root_fd)
         closed = self.journal.close_set()
-        if self._record_hash is not None:
-            self._record_hash(closed, self.backing.root_fd)
         self.closed_times[closed] = self.closed_at
         if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
             self.closed_times.popitem(last=False)

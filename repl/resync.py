@@ -153,6 +153,9 @@ def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes]]:
                 journal.append(Op.CHMOD, path=note.path, mode=stat.S_IMODE(st.st_mode))
             journal.append(Op.CHOWN, path=note.path, uid=st.st_uid, gid=st.st_gid)
         elif note.kind == NoteKind.XATTR:
+            if note.name.startswith(b"user.") and not (stat.S_ISREG(st.st_mode)
+                                                       or stat.S_ISDIR(st.st_mode)):
+                continue  # user xattrs live on files and directories only: none to send
             where = backing.proc_path(note.path)
             try:
                 value = os.getxattr(where, note.name, follow_symlinks=not note.path)

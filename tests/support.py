@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from store.records import Record, SetState
+    from store.records import Op, Record, SetState
 
 from repl import tls
 
@@ -63,6 +63,24 @@ def _secure(extra: tuple[str, ...], me: str, peer: str) -> list[str]:
     if "--tls" in extra or "--insecure" in extra or "--chap" in extra:
         return list(extra)
     return [*extra, *tls_args(me, peer)]
+
+
+def record_of(op: Op, path: bytes, **fields: Any) -> Record:
+    """A valid record of set 1, seq 0 (for tests of what an op touches)."""
+    from store.records import Record
+
+    record = Record(op, 1, 0, path=path, **fields)
+    record.validate()
+    return record
+
+
+def golden_bytes(path: Path, raw: bytes) -> bytes:
+    """The golden bytes kept at *path* for a format test: written from *raw* instead
+    when REPLFS_REGENERATE=1 (after a deliberate format change; review the diff)."""
+    if os.environ.get("REPLFS_REGENERATE") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+    return path.read_bytes()
 
 
 def free_port() -> int:

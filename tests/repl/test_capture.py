@@ -255,3 +255,27 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
     reboot(boot)
     with capturing(backing, journal) as capture:
         assert not capture.overflow, "a clean stop: nothing to resend"
+
+
+def test_capture_recover_ok_power_cut_sends_no_user_xattr_op_for_a_symlink(
+        tmp_path: Path, boot: Path) -> None:
+    """An xattr note on a name that is a symlink by the cut (user xattrs live on files
+    and directories only) sends nothing: a REMOVEXATTR of it is EPERM on the replica,
+    which would retry the set forever."""
+    backing, journal = tmp_path / "b", tmp_path / "j"
+    backing.mkdir()
+    (backing / "l").symlink_to("elsewhere")
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, journal) as capture:
+        capture.close_set()
+        capture.sync_backing()
+        capture.journal.sync()
+        for path in (b"l", b"f"):
+            capture.void(capture.record(Op.REMOVEXATTR, path=path, name=b"user.k"))
+        durable = capture.journal.durable
+    power_cut(journal, durable)
+    reboot(boot)
+    with capturing(backing, journal):
+        pass
+    sent = [(r.op, r.path) for r in open_set(journal) if r.op == Op.REMOVEXATTR]
+    assert sent == [(Op.REMOVEXATTR, b"f")], "the file's note is sent, the symlink's is not"
