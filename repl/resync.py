@@ -196,13 +196,15 @@ def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[
     counts[0] += 1
     mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
     capture.touched.paths.add(path)
-    if stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
-        journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
-        return False  # one inode: its data and xattrs came with the first name
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        # A file, a symlink or a node with several names: one inode on the replica too.
+        if st.st_ino in first_name:
+            journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
+            return False  # its data and xattrs came with the first name
+        first_name[st.st_ino] = path
     if stat.S_ISDIR(mode):
         journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
     elif stat.S_ISREG(mode):
-        first_name[st.st_ino] = path
         journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
         if st.st_size:
             capture.dirty.add(path, 0, st.st_size)

@@ -279,3 +279,32 @@ def test_capture_recover_ok_power_cut_sends_no_user_xattr_op_for_a_symlink(
         pass
     sent = [(r.op, r.path) for r in open_set(journal) if r.op == Op.REMOVEXATTR]
     assert sent == [(Op.REMOVEXATTR, b"f")], "the file's note is sent, the symlink's is not"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_capture_recover_ok_power_cut_resends_a_linked_node_as_one_inode(
+        tmp_path: Path, boot: Path, kind: str) -> None:
+    """A symlink or a fifo with two names, one of them noted, is resent as one inode:
+    made under its first name and linked to the other, as the primary has it."""
+    backing, journal = tmp_path / "b", tmp_path / "j"
+    backing.mkdir()
+    if kind == "symlink":
+        (backing / "s").symlink_to("elsewhere")
+    else:
+        os.mkfifo(backing / "s")
+    with capturing(backing, journal) as capture:
+        capture.close_set()
+        capture.sync_backing()
+        capture.journal.sync()
+        capture.record(Op.LINK, path=b"s", path2=b"t")
+        os.link(backing / "s", backing / "t", follow_symlinks=False)
+        durable = capture.journal.durable
+    power_cut(journal, durable)
+    reboot(boot)
+    with capturing(backing, journal):
+        pass
+    made = Op.SYMLINK if kind == "symlink" else Op.MKNOD
+    resent = [(r.op, r.path, r.path2) for r in open_set(journal)
+              if r.op in (Op.PRUNE, made, Op.LINK)]
+    assert resent == [(Op.PRUNE, b"s", b""), (made, b"s", b""), (Op.PRUNE, b"t", b""),
+                      (Op.LINK, b"s", b"t")]
