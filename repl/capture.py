@@ -293,10 +293,12 @@ class Capture:
         """True if the open set ends with *path*'s times as BACKING has them then
         (its close journals a UTIMES of each path it touched), so a change of its
         times alone needs no record of its own. If so, the node (open as *fd*, inode
-        *ino*, if given) is tracked for BACKING's sync, as for a journaled change."""
+        *ino*, if given) is tracked for BACKING's sync, and the activity log notes
+        the change (usually a note in force covers it), as for a journaled change."""
         self._settle()
         if path not in self.touched.paths:
             return False
+        self._ahead(Op.UTIMES, {"path": path})
         if fd is not None:
             self.track(fd, ino)
         else:

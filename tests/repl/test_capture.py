@@ -308,3 +308,18 @@ def test_capture_recover_ok_power_cut_resends_a_linked_node_as_one_inode(
               if r.op in (Op.PRUNE, made, Op.LINK)]
     assert resent == [(Op.PRUNE, b"s", b""), (made, b"s", b""), (Op.PRUNE, b"t", b""),
                       (Op.LINK, b"s", b"t")]
+
+
+def test_capture_restates_times_ok_notes_the_change(tmp_path: Path, boot: Path) -> None:
+    """A times change the set's close restates needs no record, but the activity log
+    notes it all the same: BACKING may hold it after a power cut."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, tmp_path / "j") as capture:
+        assert not capture.restates_times(b"f"), "not touched in the open set"
+        capture.write(b"f", 0, b"x")
+        assert Note(NoteKind.ATTR, b"f") not in capture.journal.notes
+        assert capture.restates_times(b"f")
+        assert Note(NoteKind.ATTR, b"f") in capture.journal.notes
+        assert capture.journal.durable == capture.journal.end, "noted before the change"
