@@ -325,9 +325,10 @@ async def run(capture: Capture) -> None:
         while capture.overflow and capture.applied >= capture.journal.set - 1:
             with capture.lock:  # the request threads wait one step at most
                 capture.settle()
-                if step(capture) is not None:
-                    break
+                finished = step(capture) is not None
             capture.flush_soon()
+            if finished:
+                break
             now = trio.current_time()
             if now - last_report >= PROGRESS_EVERY:
                 last_report = now

@@ -397,6 +397,19 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
     return out
 
 
+def staged_whole(replica: Path, set_id: int) -> bool:
+    """True if the secondary of *replica* holds *set_id* durably: staged complete, or
+    applied already (read from its staging store, so a stopped daemon can be asked)."""
+    from store.records import SetState, decode_set
+
+    sets, meta = _read_lmdb(state_dir(replica) / "staging", b"sets", b"meta")
+    applied = dict(meta).get(b"applied")
+    if applied is not None and set_id <= decode_set(applied):
+        return True
+    states = {decode_set(k): SetState.decode(v) for k, v in sets}
+    return set_id in states and states[set_id].complete
+
+
 def read_journal(backing: Path) -> list[Record]:
     """Every record the journal of the primary of *backing* holds, in stream order."""
     from store.journal import Journal

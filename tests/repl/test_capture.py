@@ -335,3 +335,18 @@ def test_capture_recover_ok_power_cut_resends_a_file_linked_into_a_noted_directo
             if r.op in (Op.CREATE, Op.LINK)]
     assert made in ([(Op.CREATE, b"d/f", b""), (Op.LINK, b"d/f", b"g")],
                     [(Op.CREATE, b"g", b""), (Op.LINK, b"g", b"d/f")])
+
+
+def test_capture_restates_times_ok_notes_the_change(tmp_path: Path, boot: Path) -> None:
+    """A times change the set's close restates needs no record, but the activity log
+    notes it all the same: BACKING may hold it after a power cut."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, tmp_path / "j") as capture:
+        assert not capture.restates_times(b"f"), "not touched in the open set"
+        capture.write(b"f", 0, b"x")
+        assert Note(NoteKind.ATTR, b"f") not in capture.journal.notes
+        assert capture.restates_times(b"f")
+        assert Note(NoteKind.ATTR, b"f") in capture.journal.notes
+        assert capture.journal.durable == capture.journal.end, "noted before the change"
