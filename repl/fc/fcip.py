@@ -39,7 +39,7 @@ import trio
 
 from repl.errors import ProtocolError
 from repl.fc.frame import HEADER_SIZE as FC_HEADER_SIZE
-from repl.fc.frame import MAX_PAYLOAD, FcFrame, decode
+from repl.fc.frame import MAX_PAYLOAD, Eof, FcFrame, Sof, decode
 
 PROTOCOL, VERSION = 1, 1
 PORT = 3225  # FCIP's registered port
@@ -67,12 +67,14 @@ def _header(words: int, pflags: int = 0) -> bytes:
                       words, ~words & 0xFFFF, 0, 0, 0)
 
 
+_WORDS = {code: _complemented(code, code).to_bytes(4, "big") for code in (*Sof, *Eof)}
+
+
 def encapsulate(frame: FcFrame) -> bytes:
     """*frame* as FCIP carries it: header, SOF, frame, EOF."""
     body = frame.encode()
     words = (ENCAPSULATION + 4 + len(body) + 4) // 4
-    return (_header(words) + _complemented(frame.sof, frame.sof).to_bytes(4, "big") + body
-            + _complemented(frame.eof, frame.eof).to_bytes(4, "big"))
+    return b"".join((_header(words), _WORDS[frame.sof], body, _WORDS[frame.eof]))
 
 
 def check_header(head: bytes) -> tuple[int, int]:
@@ -110,11 +112,18 @@ def _delimiter(word: bytes, what: str) -> int:
 def decapsulate(data: bytes) -> FcFrame:
     """The FC frame in one whole encapsulated frame *data*. Raises ProtocolError."""
     pflags, size = check_header(data[:ENCAPSULATION])
-    if pflags & PF_SPECIAL or len(data) != size:
+    if len(data) != size:
+        raise ProtocolError("not one whole encapsulated frame")
+    return _frame(data, pflags)
+
+
+def _frame(data: bytes, pflags: int) -> FcFrame:
+    """The FC frame in *data*, whose header was checked."""
+    if pflags & PF_SPECIAL:
         raise ProtocolError("not an encapsulated FC frame")
     sof = _delimiter(data[ENCAPSULATION : ENCAPSULATION + 4], "SOF")
     eof = _delimiter(data[-4:], "EOF")
-    return decode(data[ENCAPSULATION + 4 : -4], sof, eof)
+    return decode(memoryview(data)[ENCAPSULATION + 4 : -4], sof, eof)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +178,7 @@ class FcipStream:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buf = bytearray()
+        self._start = 0  # where the next frame begins in _buf
         self._send_lock = trio.Lock()
         self._sock: socket.socket | None = None
         if isinstance(stream, trio.SocketStream):
@@ -207,23 +217,28 @@ class FcipStream:
     async def receive(self) -> FcFrame:
         """The next FC frame. Raises trio.EndOfChannel at a clean close between frames,
         ProtocolError for a malformed one or a special frame."""
-        data = await self._next()
-        return decapsulate(data)
+        data, pflags = await self._next()
+        return _frame(data, pflags)
 
     async def receive_special(self) -> SpecialFrame:
         """The special frame that opens a connection. Raises as ``receive`` does."""
-        return SpecialFrame.decode(await self._next())
+        return SpecialFrame.decode((await self._next())[0])
 
-    async def _next(self) -> bytes:
+    async def _next(self) -> tuple[bytes, int]:
+        """The next encapsulated frame, whole, and its pFlags."""
         await self._fill(ENCAPSULATION)
-        _, size = check_header(bytes(self._buf[:ENCAPSULATION]))
+        start = self._start
+        pflags, size = check_header(bytes(self._buf[start : start + ENCAPSULATION]))
         await self._fill(size)
-        data = bytes(self._buf[:size])
-        del self._buf[:size]
-        return data
+        start = self._start
+        self._start += size
+        return bytes(self._buf[start : start + size]), pflags
 
     async def _fill(self, size: int) -> None:
-        while len(self._buf) < size:
+        """At least *size* bytes from ``_start`` on; what was read before is dropped."""
+        while len(self._buf) - self._start < size:
+            del self._buf[: self._start]
+            self._start = 0
             chunk = await self.stream.receive_some(max(size - len(self._buf), 1 << 16))
             if not chunk:
                 if self._buf:

@@ -143,8 +143,10 @@ class FcFrame:
         head = _HEADER.pack(self.r_ctl << 24 | self.d_id, self.cs_ctl << 24 | self.s_id,
                             self.type << 24 | self.f_ctl | fill, self.seq_id, self.df_ctl,
                             self.seq_cnt, self.ox_id, self.rx_id, self.parameter)
-        body = head + self.payload + bytes(fill)
-        return body + _CRC.pack(zlib.crc32(body))
+        crc = zlib.crc32(self.payload, zlib.crc32(head))
+        if fill:
+            crc = zlib.crc32(bytes(fill), crc)
+        return b"".join((head, self.payload, bytes(fill), _CRC.pack(crc)))
 
     @property
     def responder(self) -> bool:
@@ -155,29 +157,32 @@ class FcFrame:
         return bool(self.f_ctl & END_SEQUENCE)
 
 
-def decode(data: bytes, sof: int, eof: int) -> FcFrame:
+_SOFS = {code.value: code for code in Sof}
+_EOFS = {code.value: code for code in Eof}
+
+
+def decode(data: bytes | memoryview, sof: int, eof: int) -> FcFrame:
     """The frame of *data* (header, payload, CRC) between *sof* and *eof*. Raises
     ProtocolError if it is short, its CRC is wrong, or a delimiter is unknown."""
-    if len(data) < HEADER_SIZE + _CRC.size or len(data) % 4:
-        raise ProtocolError(f"an FC frame of {len(data)} bytes")
-    body = data[: -_CRC.size]
-    (crc,) = _CRC.unpack_from(data, len(body))
-    if crc != zlib.crc32(body):
+    view = memoryview(data)
+    if len(view) < HEADER_SIZE + _CRC.size or len(view) % 4:
+        raise ProtocolError(f"an FC frame of {len(view)} bytes")
+    end = len(view) - _CRC.size
+    (crc,) = _CRC.unpack_from(view, end)
+    if crc != zlib.crc32(view[:end]):
         raise ProtocolError("FC frame CRC mismatch")
-    try:
-        start, end = Sof(sof), Eof(eof)
-    except ValueError:
-        raise ProtocolError(f"unknown delimiter: SOF {sof:#x}, EOF {eof:#x}") from None
-    (w0, w1, w2, seq_id, df_ctl, seq_cnt, ox_id, rx_id, parameter) = _HEADER.unpack_from(body)
+    start, stop = _SOFS.get(sof), _EOFS.get(eof)
+    if start is None or stop is None:
+        raise ProtocolError(f"unknown delimiter: SOF {sof:#x}, EOF {eof:#x}")
+    (w0, w1, w2, seq_id, df_ctl, seq_cnt, ox_id, rx_id, parameter) = _HEADER.unpack_from(view)
     fill = w2 & FILL_BYTES
-    payload = body[HEADER_SIZE : len(body) - fill]
-    if fill and any(body[len(body) - fill :]):
+    if fill and any(view[end - fill : end]):
         raise ProtocolError("FC fill bytes are not zero")
-    frame = FcFrame(w0 >> 24, w0 & 0xFFFFFF, w1 & 0xFFFFFF, w2 >> 24, w2 & 0xFFFFFF & ~fill,
-                    ox_id, rx_id, seq_id, seq_cnt, parameter, bytes(payload), start, end,
-                    w1 >> 24, df_ctl)
-    frame.validate()
-    return frame
+    if w2 & ~_F_CTL_KNOWN & 0xFFFFFC:  # the other fields cannot be out of range
+        raise ProtocolError(f"F_CTL bits {w2 & ~_F_CTL_KNOWN & 0xFFFFFC:#08x} not supported")
+    return FcFrame(w0 >> 24, w0 & 0xFFFFFF, w1 & 0xFFFFFF, w2 >> 24, w2 & 0xFFFFFF & ~fill,
+                   ox_id, rx_id, seq_id, seq_cnt, parameter,
+                   bytes(view[HEADER_SIZE : end - fill]), start, stop, w1 >> 24, df_ctl)
 
 
 def sequence(first: FcFrame, payload: bytes, *, last_f_ctl: int,

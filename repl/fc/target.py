@@ -65,21 +65,29 @@ class TargetPort:
         the receiver reads EndOfChannel (or the error that ended it). Never raises."""
         error: Exception | None = None
         try:
-            while True:
-                got = None
-                with trio.move_on_at(self.lun.deadline()):
-                    got = await self.link.receive()
-                if got is None:
-                    await self.lun.expire()
-                    continue
-                if await self._handle(got):
-                    return
-        except (ProtocolError, RecordError, OSError, trio.BrokenResourceError) as exc:
-            error = exc
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            pass
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire)
+                try:
+                    while not await self._handle(await self.link.receive()):
+                        pass
+                except (ProtocolError, RecordError, OSError, trio.BrokenResourceError) as exc:
+                    error = exc
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()
         finally:
             await self.lun.ended(error)
+
+    async def _expire(self) -> None:
+        """Answer the LUN's long-poll reads that are due, a few times a WAIT_SECONDS (a
+        timer of their own: a deadline around every frame's read costs more). A link
+        that broke is left to the frame loop to find."""
+        try:
+            while True:
+                await trio.sleep(spc.WAIT_SECONDS / 4)
+                await self.lun.expire()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _handle(self, got: FcFrame) -> bool:
         """Answer one frame; True once the session is over (a LOGO)."""
