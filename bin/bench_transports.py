@@ -9,7 +9,7 @@ them). The transports take turns, round after round, in one run on the same
 disk and cores; every round is printed, then the median of each figure with
 its lowest and highest.
 
-    bin/bench_transports.py [--quick] [--rounds N] [--json]
+    bin/bench --transports [--quick] [--rounds N] [--json]
 """
 
 from __future__ import annotations
