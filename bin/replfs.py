@@ -31,6 +31,7 @@ from repl.iscsi.names import DEFAULT_IQN
 from repl.promote import promote
 from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.semisync import FSYNC_TIMEOUT
 from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
 from store import libc
@@ -140,6 +141,15 @@ def build_parser() -> Parser:
                         "(default: no cap)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
+    p.add_argument("--fsync", choices=("local", "remote"), default="local",
+                   help="when an fsync returns: once durable here (local, the default), or "
+                        "also staged by the secondary while it is connected and caught up "
+                        "(remote)")
+    p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
+                   metavar="SECONDS",
+                   help="with --fsync remote, how long an fsync waits for the secondary "
+                        "before fsyncs go on without it until it catches up "
+                        f"(default {FSYNC_TIMEOUT:g})")
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
     log_options(p)
@@ -300,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
                 args.journal_max, args.secondary, args.streams, args.scramble,
                 args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
-                args.compress_level, args.max_rate or None, args.chap))
+                args.compress_level, args.max_rate or None, args.chap, fsync=args.fsync,
+                fsync_timeout=args.fsync_timeout))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None and args.fcip is None:
                 args.parser.error("the following arguments are required: --listen, --iscsi "

@@ -29,6 +29,7 @@ from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
 from repl.link import Dialer, FrameDialer, transport
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
+from repl.semisync import FSYNC_TIMEOUT, Semisync
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import Credentials, link_credentials
 from repl.tree import Tree
@@ -85,6 +86,8 @@ class PrimaryConfig:
     compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
+    fsync: str = "local"  # "remote": an fsync also waits for the secondary's staging
+    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
 
 
 def lift_dirty_limit(where: str) -> None:
@@ -121,9 +124,9 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
         raise UsageError("the mountpoint cannot be the backing directory itself")
     if cfg.secondary is None and (cfg.tls or cfg.peer or cfg.insecure or cfg.max_rate
-                                  or cfg.chap):
-        raise UsageError("--tls, --peer, --insecure, --chap and --max-rate are for the link "
-                         "to a secondary: they need --secondary HOST:PORT")
+                                  or cfg.chap or cfg.fsync == "remote"):
+        raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
+                         "are for the link to a secondary: they need --secondary HOST:PORT")
     creds, secrets = None, None
     scsi = cfg.secondary is not None and (is_iscsi(cfg.secondary) or is_fcip(cfg.secondary))
     if scsi:
@@ -157,6 +160,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if note:
             log.info("recovered the journal: %s", note)
         sender = None
+        remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
         if peer is not None:
             node = journal.identity.node
             dialer: Dialer = (FrameDialer(*parse_address(peer), creds) if secrets is None
@@ -167,18 +171,18 @@ async def run_primary(cfg: PrimaryConfig) -> None:
                             settled=capture.lock,
                             # one record, one SCSI WRITE: no compression over SCSI
                             compress_level=0 if scsi else cfg.compress_level,
-                            max_rate=cfg.max_rate)
+                            max_rate=cfg.max_rate, semisync=remote)
             if scsi:
                 log.info("replicating to %s over %s, CHAP as %s: authenticated, not "
                          "encrypted", peer, transport(peer), secrets and secrets.initiator_name)
             elif creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
                             "nobody authenticated, nothing encrypted", peer)
-            capture.on_append = sender.notify
+            capture.on_durable = sender.notify
             sender.on_applied = capture.caught_up
             sender.bring_up = capture.bring_up
         inodes = Inodes(str(backing))
-        operations = PrimaryFS(inodes, capture)
+        operations = PrimaryFS(inodes, capture, remote)
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
         where = os.path.realpath(mountpoint)  # so does this
         try:
@@ -280,7 +284,11 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
                     "rate_limited_seconds": round(sender.bucket.waited, 3)
                     if sender.bucket else 0.0,
                     "stalled": st.stalled,
-                    "errors": st.errors}
+                    "errors": st.errors,
+                    "fsync": "local" if operations.remote is None else "remote"}
+            if operations.remote is not None:
+                out |= {"fsync_in_step": operations.remote.in_step,
+                        "fsync_local_only": operations.remote.local_only}
         return out
 
     async with trio.open_nursery() as nursery:
@@ -291,7 +299,8 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
                             {"checkpoint": checkpoint, "status": status, "freeze": freeze})
         if scrape:
             registry = metrics.registry(lambda: metrics.primary_metrics(
-                                            capture, sender, operations.requests.snapshot()),
+                                            capture, sender, operations.requests.snapshot(),
+                                            operations.remote),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from repl.applier import Applier
     from repl.capture import Capture
     from repl.receiver import Receiver
+    from repl.semisync import Semisync
     from repl.sender import Sender
     from store.identity import Identity
     from store.staging import Staging
@@ -72,9 +73,10 @@ def _info(role: str, ident: Identity) -> Iterator[Metric]:
 
 
 def primary_metrics(capture: Capture, sender: Sender | None,
-                    requests: Mapping[str, int]) -> Iterable[Metric]:
+                    requests: Mapping[str, int], remote: Semisync | None = None
+                    ) -> Iterable[Metric]:
     """The primary's gauges and counters, as of now; *requests* are the mount's, by
-    handler (fs/counts.py)."""
+    handler (fs/counts.py); *remote*, with --fsync remote, where the secondary stands."""
     j = capture.journal
     yield from _info("primary", j.identity)
     yield gauge("replfs_last_closed_set", "The last data set closed", j.set - 1)
@@ -133,6 +135,12 @@ def primary_metrics(capture: Capture, sender: Sender | None,
                   "--max-rate", sender.bucket.waited if sender.bucket else 0, secondary=to)
     yield counter("replfs_replication_errors", "Sessions that failed or were refused",
                   st.error_count, secondary=to)
+    if remote is not None:
+        yield gauge("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary "
+                    "to stage their set (--fsync remote)", int(remote.in_step), secondary=to)
+        yield counter("replfs_fsync_local_only", "fsyncs that returned without the "
+                      "secondary's staging (--fsync remote, the secondary gone or behind)",
+                      remote.local_only, secondary=to)
 
 
 def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging

@@ -10,7 +10,6 @@ independently of the encoders.
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from repl.fc.els import Auth, AuthMessage, Command, Login, Prli, Reject
 from repl.fc.fcip import FcipStream, SpecialFrame, decapsulate, encapsulate
 from repl.fc.frame import Eof, FcFrame, RCtl, Sof, Type
 from repl.scsi import spc
+from tests.support import golden_bytes
 
 GOLDEN = Path(__file__).resolve().parent.parent.parent / "testdata" / "fcip"
-REGENERATE = os.environ.get("REPLFS_REGENERATE") == "1"
 INI, TGT = 0x010201, 0x010100  # an initiator's and the target's N_Port IDs
 PORT, NODE = 0x3300_0000_0000_00AA, 0x3200_0000_0000_00AA
 CDB = spc.cdb16(spc.Op.WRITE_16, spc.RECORDS_LBA, 2)
@@ -138,11 +137,7 @@ def special_layout() -> bytes:
 
 
 def golden(case: str, raw: bytes) -> bytes:
-    path = GOLDEN / f"{case}.bin"
-    if REGENERATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
-    return path.read_bytes()
+    return golden_bytes(GOLDEN / f"{case}.bin", raw)
 
 
 @pytest.mark.parametrize("case", sorted(FRAMES))
