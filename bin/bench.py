@@ -61,6 +61,7 @@ import bench_reads
 from demo import Proc, links
 
 from repl import control
+from repl.iscsi import chap
 from store import libc
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +70,8 @@ MiB = 1 << 20
 MB = 1e6
 JOURNAL_MAX = "4G"
 TARGETS = ("native", "replfs", "replfs_replicated", "replfs_remote")
+TRANSPORTS = {"frames": "TLS", "iscsi": "iSCSI", "fcip": "FCIP"}
+IQN = "iqn.2025-01.io.replfs:bench"
 
 
 READS = bench_reads.ReadPlan(big=256 * MiB, seconds=2.0, rounds=3)
@@ -323,9 +326,11 @@ def checkpoint(mount: Path, wait: float = 600.0) -> int:
 # --- the run ------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path, only: list[str] | None = None) -> None:
+    def __init__(self, plan: Plan, tmp: Path, transport: str = "frames",
+                 only: list[str] | None = None) -> None:
         self.plan = plan
         self.tmp = tmp
+        self.transport = transport  # frames (over TLS), iscsi or fcip
         self.only = only  # the workloads to run (None: all, and the replication figures)
         self.daemons: list[Daemon] = []
         self.mounts: list[Path] = []
@@ -335,6 +340,8 @@ class Bench:
         self.reads: dict[str, Any] = {}
         self.warnings: list[str] = []
         self.primary_tls, self.secondary_tls = links(tmp)  # TLS, as replfs runs by default
+        if transport != "frames":
+            chap.make(tmp / "chap.secret", "alpha", "beta")
 
     def daemon(self, name: str, args: list[str], ready: str) -> Daemon:
         daemon = Daemon(name, args, self.tmp / f"{name}.log", ready)
@@ -359,11 +366,23 @@ class Bench:
                 self.mounts.append(standby)
         else:
             replica, extra = self.tmp / f"{name}-replica", []
-        daemon = self.daemon(name, ["secondary", str(replica), "--listen",
-                                    f"127.0.0.1:{port}", *extra, *self.secondary_tls],
+        listen = {"frames": ["--listen", f"127.0.0.1:{port}", *self.secondary_tls],
+                  "iscsi": ["--iscsi", f"127.0.0.1:{port}", "--iqn", IQN, *self.chap()],
+                  "fcip": ["--fcip", f"127.0.0.1:{port}", *self.chap()]}[self.transport]
+        daemon = self.daemon(name, ["secondary", str(replica), *listen, *extra],
                              "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
+
+    def chap(self) -> list[str]:
+        return ["--chap", str(self.tmp / "chap.secret")]
+
+    def to_secondary(self, port: int) -> list[str]:
+        """The primary's options to replicate to the secondary on *port*."""
+        return {"frames": ["--secondary", f"127.0.0.1:{port}", *self.primary_tls],
+                "iscsi": ["--secondary", f"iscsi://127.0.0.1:{port}/{IQN}", *self.chap()],
+                "fcip": ["--secondary", f"fcip://127.0.0.1:{port}", *self.chap()]
+                }[self.transport]
 
     def warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -412,13 +431,14 @@ class Bench:
         alone, alone_mount = self.primary("replfs")
         say(f"replfs primary at {alone_mount}, no secondary")
         sec, port = self.secondary()
-        pri, mount = self.primary("replicated", "--secondary", f"127.0.0.1:{port}",
-                                  "--journal-max", JOURNAL_MAX, *self.primary_tls)
-        say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port} over TLS")
+        pri, mount = self.primary("replicated", *self.to_secondary(port),
+                                  "--journal-max", JOURNAL_MAX)
+        say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port} over "
+            f"{TRANSPORTS[self.transport]}")
         remote_sec, remote_port = self.secondary(name="secondary-remote")
         remote, remote_mount = self.primary(
-            "remote", "--secondary", f"127.0.0.1:{remote_port}", "--fsync", "remote",
-            "--journal-max", JOURNAL_MAX, *self.primary_tls)
+            "remote", *self.to_secondary(remote_port), "--fsync", "remote",
+            "--journal-max", JOURNAL_MAX)
         say(f"replfs primary at {remote_mount}, --fsync remote to 127.0.0.1:{remote_port}")
         checkpoint(mount, 60)
         checkpoint(remote_mount, 60)
@@ -657,7 +677,8 @@ def table(out: dict[str, Any]) -> str:
                  f"Python {m['python']}, {m['fs_type']} at {m['tmp_dir']}")
     if out["replication"]:
         lines.append("")
-        lines.append(f"replication (secondary on loopback, primary --journal-max {JOURNAL_MAX})")
+        lines.append(f"replication over {TRANSPORTS[m.get('transport', 'frames')]} (secondary "
+                     f"on loopback, primary --journal-max {JOURNAL_MAX})")
         for key, value in out["replication"].items():
             shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
             lines.append(f"  {key:<26} {shown:>14}")
@@ -681,6 +702,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes, under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="frames",
+                        help="how the replicated target reaches its secondary: replfs frames "
+                             "over TLS (default), iSCSI or FCIP (bin/bench_transports.py "
+                             "compares the three)")
     parser.add_argument("--only", metavar="W1,W2", help="run only these workloads ("
                         + ", ".join(key for key, _, _ in WORKLOADS)
                         + "), without the replication figures")
@@ -699,7 +724,7 @@ def main() -> int:
     if args.rounds is not None:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     tmp = Path(tempfile.mkdtemp(prefix="replfs-bench-"))
-    bench = Bench(plan, tmp, only)
+    bench = Bench(plan, tmp, args.transport, only)
     started = now()
     try:
         info = machine(tmp)
@@ -723,6 +748,7 @@ def main() -> int:
     out["machine"]["bench_seconds"] = round(now() - started, 1)
     out["machine"]["mode"] = "quick" if args.quick else "full"
     out["machine"]["rounds"] = plan.rounds
+    out["machine"]["transport"] = args.transport
     print(json.dumps(out, indent=2) if args.json else table(out))
     return 0
 

@@ -4,11 +4,12 @@ Everything lives in a temporary directory that is removed afterwards, also
 on Ctrl-C, the cluster's CA included: the two daemons replicate over TLS,
 each with a certificate of that CA (or, with ``--transport iscsi``, over
 iSCSI with mutual CHAP: the secondary an iSCSI target, the primary its
-initiator). The demo starts both daemons as separate processes, runs a
-SQLite application and a file churner on the mount, shows replication
-progress and lag live, kills the secondary with SIGKILL halfway, restarts
-it, and at the end checks that the replica equals the primary byte for
-byte, metadata included.
+initiator; with ``--transport fcip``, Fibre Channel over FCIP, the secondary
+a fabric with an FCP target, authenticated with DH-CHAP). The demo starts
+both daemons as separate processes, runs a SQLite application and a file
+churner on the mount, shows replication progress and lag live, kills the
+secondary with SIGKILL halfway, restarts it, and at the end checks that
+the replica equals the primary byte for byte, metadata included.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def show_logs(*procs: Proc) -> None:
 
 
 IQN = "iqn.2025-01.io.replfs:demo"
+STREAMS = {"frames": "TLS streams", "iscsi": "iSCSI sessions", "fcip": "FCIP connections"}
 
 
 def run(transport: str = "frames") -> int:
@@ -145,12 +147,17 @@ def run(transport: str = "frames") -> int:
     backing.mkdir()
     mount.mkdir()
     port = free_port()
-    if transport == "iscsi":
+    if transport in ("iscsi", "fcip"):
         chap.make(tmp / "chap.secret", "alpha", "beta")
         keys = ["--chap", str(tmp / "chap.secret")]
+    if transport == "iscsi":
         listen = ["--iscsi", f"127.0.0.1:{port}", "--iqn", IQN, *keys]
         to = [f"iscsi://127.0.0.1:{port}/{IQN}", *keys]
-        how = "iSCSI target {IQN} (mutual CHAP: beta, accepting alpha)"
+        how = f"iSCSI target {IQN} (mutual CHAP: beta, accepting alpha)"
+    elif transport == "fcip":
+        listen = ["--fcip", f"127.0.0.1:{port}", *keys]
+        to = [f"fcip://127.0.0.1:{port}", *keys]
+        how = "FCP target over FCIP (DH-CHAP both ways: beta, accepting alpha)"
     else:
         primary_tls, secondary_tls = links(tmp)
         listen = ["--listen", f"127.0.0.1:{port}", *secondary_tls]
@@ -167,16 +174,16 @@ def run(transport: str = "frames") -> int:
     try:
         print(f"replfs demo in {tmp}")
         sec.start()
-        if transport == "iscsi":
+        if transport in ("iscsi", "fcip"):
             print(f"  CHAP secrets {tmp / 'chap.secret'}: alpha (initiator), beta (target)")
         else:
             print(f"  cluster CA {tmp / 'tls'}: certificates for alpha (primary), beta "
                   "(secondary)")
-        print(f"  secondary  listening on 127.0.0.1:{port} ({how.format(IQN=IQN)}), "
+        print(f"  secondary  listening on 127.0.0.1:{port} ({how}), "
               f"replica {replica}")
         pri.start()
         print(f"  primary    {backing} mounted at {mount}, replicating over 4 "
-              f"{'iSCSI sessions' if transport == 'iscsi' else 'TLS streams'}")
+              f"{STREAMS[transport]}")
         worker = threading.Thread(target=workload, args=(mount, stop, counts), daemon=True)
         worker.start()
         killed = restarted = False

@@ -97,8 +97,8 @@ def build_parser() -> Parser:
 
     def chap_option(p: Parser) -> None:
         p.add_argument("--chap", type=Path, metavar="FILE",
-                       help="iSCSI CHAP secrets, mode 0600, the same file on both hosts "
-                            "(make it with 'replfs chap FILE')")
+                       help="CHAP secrets for iSCSI and FCIP, mode 0600, the same file on "
+                            "both hosts (make it with 'replfs chap FILE')")
 
     def metrics_option(p: Parser) -> None:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
@@ -126,7 +126,8 @@ def build_parser() -> Parser:
                    help="journal budget; past it, a dirty map stands in (default 1G)")
     p.add_argument("--secondary", type=secondary_address, metavar="HOST:PORT",
                    help="replicate to this secondary: HOST:PORT (replfs frames over TLS), "
-                        "or iscsi://HOST:PORT/IQN (iSCSI, with --chap)")
+                        "iscsi://HOST:PORT/IQN (iSCSI, with --chap) or fcip://HOST:PORT "
+                        "(Fibre Channel over FCIP, with --chap)")
     link_options(p, "secondary")
     chap_option(p)
     p.add_argument("--streams", type=count, default=4, metavar="N",
@@ -157,12 +158,15 @@ def build_parser() -> Parser:
     positional(p, "replica", "REPLICA")
     p.add_argument("--listen", type=address, metavar="HOST:PORT",
                    help="address to accept the primary on, replfs frames (port 0 picks a "
-                        "free one); this or --iscsi is required")
+                        "free one); this, --iscsi or --fcip is required")
     p.add_argument("--iscsi", type=address, metavar="HOST:PORT",
                    help="also (or only) serve the replica's staging as an iSCSI target here "
                         "(3260 is iSCSI's port), with --chap")
     p.add_argument("--iqn", type=iqn, default=DEFAULT_IQN, metavar="IQN",
                    help=f"the iSCSI target's name (default {DEFAULT_IQN})")
+    p.add_argument("--fcip", type=address, metavar="HOST:PORT",
+                   help="also (or only) serve the replica's staging as a Fibre Channel (FCP) "
+                        "target over FCIP here (3225 is FCIP's port), with --chap")
     staging_option(p)
     link_options(p, "primary")
     chap_option(p)
@@ -213,8 +217,9 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("demo", "run a primary and a secondary on loopback through a crash")
-    p.add_argument("--transport", choices=("frames", "iscsi"), default="frames",
-                   help="replfs frames over TLS (default), or iSCSI with mutual CHAP")
+    p.add_argument("--transport", choices=("frames", "iscsi", "fcip"), default="frames",
+                   help="replfs frames over TLS (default), iSCSI with mutual CHAP, or Fibre "
+                        "Channel over FCIP with DH-CHAP")
 
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
@@ -227,7 +232,7 @@ def build_parser() -> Parser:
     p.add_argument("--days", type=int, default=tls.DEFAULT_DAYS, metavar="N",
                    help=f"how long it is valid (default {tls.DEFAULT_DAYS})")
 
-    p = command("chap", "make an iSCSI CHAP secrets file (0600) for --chap")
+    p = command("chap", "make a CHAP secrets file (0600) for --chap (iSCSI, FCIP)")
     positional(p, "file", "FILE")
     p.add_argument("--initiator", default="alpha", metavar="NAME",
                    help="the primary's CHAP name (default alpha)")
@@ -308,18 +313,19 @@ def main(argv: list[str] | None = None) -> int:
                 args.compress_level, args.max_rate or None, args.chap, fsync=args.fsync,
                 fsync_timeout=args.fsync_timeout))
         elif args.command == "secondary":
-            if args.listen is None and args.iscsi is None:
-                args.parser.error("the following arguments are required: --listen or --iscsi "
-                                  "(on the command line or in [secondary] of --config FILE)")
+            if args.listen is None and args.iscsi is None and args.fcip is None:
+                args.parser.error("the following arguments are required: --listen, --iscsi "
+                                  "or --fcip (on the command line or in [secondary] of "
+                                  "--config FILE)")
             if args.mount:
                 trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
                          args.staging, args.tls, args.peer, args.insecure, args.rejoin,
-                         args.metrics, args.iscsi, args.iqn, args.chap)
+                         args.metrics, args.iscsi, args.iqn, args.chap, args.fcip)
             else:
                 trio.run(functools.partial(
                     run_secondary, args.replica, args.listen, args.staging, args.tls,
                     args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
-                    iqn=args.iqn, chap_file=args.chap))
+                    iqn=args.iqn, chap_file=args.chap, fcip=args.fcip))
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":

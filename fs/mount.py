@@ -20,10 +20,13 @@ from repl import control, metrics
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.fc.link import FcipDialer
+from repl.fc.names import is_fcip
+from repl.fc.names import parse_url as parse_fcip_url
 from repl.iscsi import chap
 from repl.iscsi.link import IscsiDialer
 from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
-from repl.link import Dialer, FrameDialer
+from repl.link import Dialer, FrameDialer, transport
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
 from repl.semisync import FSYNC_TIMEOUT, Semisync
@@ -125,20 +128,24 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
                          "are for the link to a secondary: they need --secondary HOST:PORT")
     creds, secrets = None, None
-    iscsi = cfg.secondary is not None and is_iscsi(cfg.secondary)
-    if iscsi:
+    scsi = cfg.secondary is not None and (is_iscsi(cfg.secondary) or is_fcip(cfg.secondary))
+    if scsi:
         assert cfg.secondary is not None
-        parse_url(cfg.secondary)
+        kind = "an iscsi://" if is_iscsi(cfg.secondary) else "an fcip://"
+        if is_iscsi(cfg.secondary):
+            parse_url(cfg.secondary)
+        else:
+            parse_fcip_url(cfg.secondary)
         if cfg.tls or cfg.peer or cfg.insecure:
-            raise UsageError("an iscsi:// secondary is plain iSCSI over TCP with mutual CHAP "
-                             "(--chap FILE), not --tls, --peer or --insecure")
+            raise UsageError(f"{kind} secondary is authenticated with CHAP (--chap FILE), "
+                             "not --tls, --peer or --insecure")
         if cfg.chap is None:
-            raise UsageError("an iscsi:// secondary needs --chap FILE, the CHAP secrets "
+            raise UsageError(f"{kind} secondary needs --chap FILE, the CHAP secrets "
                              "(make them with 'replfs chap FILE')")
         secrets = chap.load(cfg.chap)
     elif cfg.secondary is not None:
         if cfg.chap:
-            raise UsageError("--chap is for an iscsi:// secondary")
+            raise UsageError("--chap is for an iscsi:// or fcip:// secondary")
         host = parse_address(cfg.secondary)[0]
         creds = link_credentials(cfg.tls, cfg.peer, cfg.insecure, host)
     peer = cfg.secondary
@@ -155,18 +162,19 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         sender = None
         remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
         if peer is not None:
-            dialer: Dialer = (IscsiDialer(peer, secrets, journal.identity.node)
-                              if secrets is not None else
-                              FrameDialer(*parse_address(peer), creds))
+            node = journal.identity.node
+            dialer: Dialer = (FrameDialer(*parse_address(peer), creds) if secrets is None
+                              else IscsiDialer(peer, secrets, node) if is_iscsi(peer)
+                              else FcipDialer(peer, secrets, node))
             sender = Sender(journal, dialer, streams=cfg.streams,
                             scramble=cfg.scramble, stall_seconds=cfg.stall_seconds,
                             settled=capture.lock,
-                            # one record, one SCSI WRITE: no compression over iSCSI
-                            compress_level=0 if iscsi else cfg.compress_level,
+                            # one record, one SCSI WRITE: no compression over SCSI
+                            compress_level=0 if scsi else cfg.compress_level,
                             max_rate=cfg.max_rate, semisync=remote)
-            if iscsi:
-                log.info("replicating to %s over iSCSI, mutual CHAP as %s: authenticated, "
-                         "not encrypted", peer, secrets and secrets.initiator_name)
+            if scsi:
+                log.info("replicating to %s over %s, CHAP as %s: authenticated, not "
+                         "encrypted", peer, transport(peer), secrets and secrets.initiator_name)
             elif creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
                             "nobody authenticated, nothing encrypted", peer)
@@ -260,10 +268,9 @@ async def _serve(capture: Capture, sender: Sender | None, creds: Credentials | N
                     "resync_total_bytes": capture.progress_total}
         if sender is not None:
             st = sender.status
-            iscsi = is_iscsi(sender.address)
             out |= {"secondary": sender.address, "connected": st.connected,
-                    "transport": "iscsi" if iscsi else "frames",
-                    "insecure": creds is None and not iscsi,
+                    "transport": transport(sender.address),
+                    "insecure": creds is None and transport(sender.address) == "frames",
                     "tls_name": creds.name if creds else None,
                     "tls_peer": creds.peer if creds else None,
                     "streams": st.streams, "peer": st.peer_node,
@@ -369,8 +376,8 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
                                 staging: Path | None, tls: Path | None, peer: str | None,
                                 insecure: bool, rejoin: bool = False,
                                 metrics_at: str | None = None, iscsi: str | None = None,
-                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None
-                                ) -> None:
+                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
+                                fcip: str | None = None) -> None:
     """The secondary (repl/secondary.py), also serving the standby mount of its replica.
 
     In one process, the applier can drop the kernel's caches of what each batch
@@ -402,7 +409,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
                 nursery.start_soon(serve_mount)
                 await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
                                     metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
-                                    chap_file=chap_file)
+                                    chap_file=chap_file, fcip=fcip)
                 nursery.cancel_scope.cancel()
         finally:
             cache.mounted = False

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from repl.errors import UsageError
+from repl.fc.names import is_fcip
+from repl.fc.names import parse_url as parse_fcip_url
 from repl.iscsi.names import check_iqn, is_iscsi, parse_url
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -97,10 +99,11 @@ def address(text: str) -> str:
 
 
 def secondary_address(text: str) -> str:
-    """HOST:PORT (replfs frames), or iscsi://HOST:PORT/IQN; returned as given."""
-    if is_iscsi(text):
+    """HOST:PORT (replfs frames), iscsi://HOST:PORT/IQN or fcip://HOST:PORT; returned as
+    given."""
+    if is_iscsi(text) or is_fcip(text):
         try:
-            parse_url(text)
+            parse_url(text) if is_iscsi(text) else parse_fcip_url(text)
         except UsageError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return text

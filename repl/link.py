@@ -9,7 +9,9 @@ carries them; how is its own business:
   dialed by ``FrameDialer``): ``--secondary HOST:PORT``;
 - iSCSI (repl/iscsi/): every RECORD is a SCSI WRITE(16) and its GOOD status
   the STAGED acknowledgement, APPLIED is read back from a status block:
-  ``--secondary iscsi://HOST:PORT/IQN``.
+  ``--secondary iscsi://HOST:PORT/IQN``;
+- Fibre Channel over FCIP (repl/fc/): the same SCSI commands (repl/scsi/) as
+  FCP exchanges in FC frames, over TCP: ``--secondary fcip://HOST:PORT``.
 
 The primary opens one link per stream with a ``Dialer``; the secondary's
 listeners hand each accepted link to the receiver (``Receiver.serve_link``).
@@ -25,9 +27,16 @@ import trio
 
 from repl import tls
 from repl.errors import Refused
+from repl.fc.names import is_fcip
+from repl.iscsi.names import is_iscsi
 from repl.protocol import Connection, Frame
 
 CONNECT_SECONDS = 10.0  # a link not open by then is given up (the session is tried again)
+
+
+def transport(address: str) -> str:
+    """The transport a ``--secondary`` address names: "iscsi", "fcip" or "frames"."""
+    return "iscsi" if is_iscsi(address) else "fcip" if is_fcip(address) else "frames"
 
 
 class Link(Protocol):

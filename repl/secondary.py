@@ -17,6 +17,8 @@ from repl import control, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
+from repl.fc import target as fc_target
+from repl.fc.names import Names, show
 from repl.footprint import Invalidator
 from repl.gate import Gate
 from repl.iscsi import chap, target
@@ -180,21 +182,23 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                         tls: Path | None, peer: str | None, insecure: bool,
                         rejoin: bool = False, metrics_at: str | None = None,
                         invalidator: Invalidator | None = None, iscsi: str | None = None,
-                        iqn: str = DEFAULT_IQN, chap_file: Path | None = None) -> None:
+                        iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
+                        fcip: str | None = None) -> None:
     """Serve *replica*: accept the primary on *listen* (replfs frames), with the TLS
     credentials ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback
-    (*insecure*), and on *iscsi* as the iSCSI target *iqn* with the CHAP secrets in
-    *chap_file*; serve Prometheus metrics on *metrics_at* (HOST:PORT) if given.
+    (*insecure*), on *iscsi* as the iSCSI target *iqn* and on *fcip* as a Fibre Channel
+    target over FCIP, both with the CHAP secrets in *chap_file*; serve Prometheus
+    metrics on *metrics_at* (HOST:PORT) if given.
 
     *invalidator*: the kernel caches of a standby mount of the replica, which the
     applier drops as it applies sets (fs/kernel_cache.py).
     """
     if listen is None and (tls or peer or insecure):
         raise UsageError("--tls, --peer and --insecure are for --listen (replfs frames); "
-                         "the iSCSI target is authenticated with --chap")
-    if (iscsi is None) != (chap_file is None):
-        raise UsageError("--iscsi HOST:PORT and --chap FILE go together: the iSCSI target "
-                         "accepts only initiators that know the CHAP secret")
+                         "the iSCSI and FCIP targets are authenticated with --chap")
+    if (iscsi is None and fcip is None) != (chap_file is None):
+        raise UsageError("--iscsi or --fcip HOST:PORT and --chap FILE go together: those "
+                         "targets accept only initiators that know the CHAP secret")
     host, port = parse_address(listen) if listen else ("", 0)
     creds = link_credentials(tls, peer, insecure, host) if listen else None
     secrets = chap.load(chap_file) if chap_file is not None else None
@@ -217,7 +221,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
             log.info("erased partial sets %s; the primary sends them again", dropped)
         listeners = await _listen(host, port) if listen else []
         targets = await _listen(*parse_address(iscsi)) if iscsi else []
-        bound = (listeners or targets)[0].socket.getsockname()
+        fabric = await _listen(*parse_address(fcip)) if fcip else []
+        bound = (listeners or targets or fabric)[0].socket.getsockname()
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
                           invalidator=invalidator)
@@ -249,6 +254,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 "role": "secondary", "replica": str(replica),
                 "listen": f"{host}:{bound[1]}" if listen else None,
                 "iscsi": _where(targets[0]) if targets else None, "iqn": iqn if iscsi else None,
+                "fcip": _where(fabric[0]) if fabric else None,
                 "cluster": staging.identity.cluster, "node": staging.identity.node,
                 "generation": staging.identity.generation,
                 "insecure": creds is None and bool(listen),
@@ -279,8 +285,11 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         async with trio.open_nursery() as nursery:
             await nursery.start(applier.run)
             await nursery.start(receiver.serve, listeners)
-            if secrets is not None:
+            if targets and secrets is not None:
                 await nursery.start(target.serve, targets, secrets, iqn,
+                                    staging.identity.node, receiver.serve_link)
+            if fabric and secrets is not None:
+                await nursery.start(fc_target.serve, fabric, secrets, staging.identity.node,
                                     staging.identity.node, receiver.serve_link)
             async def wake(_: dict[str, Any]) -> dict[str, Any]:
                 applier.notify()
@@ -307,10 +316,14 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                             bound[0], bound[1])
             ways = ([] if not listen else ["plain TCP, --insecure" if creds is None else
                                            f"TLS as {creds.name}, accepting {creds.peer}"])
-            if secrets is not None:
+            if targets and secrets is not None:
                 ways.append(f"iSCSI target {iqn} on {_where(targets[0])}, CHAP as "
                             f"{secrets.target_name}, accepting {secrets.initiator_name}, "
                             "not encrypted")
+            if fabric and secrets is not None:
+                ways.append(f"FCP target {show(Names.of(staging.identity.node).port)} over "
+                            f"FCIP on {_where(fabric[0])}, DH-CHAP accepting "
+                            f"{secrets.initiator_name}, not encrypted")
             log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
                      bound[0], bound[1], "; ".join(ways), replica, staging.applied)
             notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")

@@ -9,7 +9,7 @@ in Data-Out PDUs no larger than the target's MaxRecvDataSegmentLength.
 
 ``open_session`` logs in (mutual CHAP) and runs the PDU reader; it is all
 an interop test needs to drive a target such as tgtd, and what the
-replication link (link.py) is built on.
+replication link (repl/scsi/link.py) is built on.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import trio
 
 from repl.errors import ProtocolError, first_error
-from repl.iscsi import chap, login, scsi, text
+from repl.iscsi import chap, login, text
 from repl.iscsi.pdu import F_FINAL, NO_TAG, Opcode, Pdu, PduStream, sn_lt, words
+from repl.scsi import spc
+from repl.scsi.link import Result
 
 _R, _W, _SIMPLE = 0x40, 0x20, 0x01
 _DATA_S = 0x01
@@ -32,26 +34,6 @@ LOGIN_SECONDS = 10.0  # a target that has not let us in by then is given up
 # What ends a session: the link broke or closed, or the target broke the protocol.
 ENDS = (ProtocolError, OSError, trio.BrokenResourceError, trio.EndOfChannel,
         trio.ClosedResourceError)
-
-
-@dataclass
-class Result:
-    """How a command ended: SCSI status, sense data if any, and what was read."""
-
-    status: int
-    sense: scsi.Sense | None = None
-    data: bytes = b""
-
-    @property
-    def good(self) -> bool:
-        return self.status == scsi.GOOD
-
-    def check(self, what: str) -> Result:
-        """Self, if GOOD; else ProtocolError saying *what* failed and why."""
-        if not self.good:
-            raise ProtocolError(f"{what}: SCSI status {self.status:#04x}"
-                                f"{f' ({self.sense})' if self.sense else ''}")
-        return self
 
 
 @dataclass
@@ -139,6 +121,9 @@ class Initiator:
             assert isinstance(leaf, Exception)
             self._fail(leaf)
 
+    async def aclose(self) -> None:
+        await self.pdus.aclose()
+
     def _fail(self, exc: Exception) -> None:
         self.error = exc
         self.ended.set()
@@ -166,9 +151,9 @@ class Initiator:
             self._stat(pdu)
             task = self._task(pdu)
             sense = None
-            if pdu.b3 == scsi.CHECK_CONDITION and len(pdu.data) >= 2:
+            if pdu.b3 == spc.CHECK_CONDITION and len(pdu.data) >= 2:
                 size = int.from_bytes(pdu.data[:2], "big")
-                sense = scsi.Sense.decode(pdu.data[2 : 2 + size])
+                sense = spc.Sense.decode(pdu.data[2 : 2 + size])
             if pdu.b2 != 0:
                 task.done(ProtocolError(f"the target could not complete the command "
                                         f"(iSCSI response {pdu.b2:#x})"))

@@ -23,7 +23,8 @@ most common meaning:
     bytes 32..47  ``tail``: the CDB of a SCSI command; else four words,
                   MaxCmdSN, DataSN/R2TSN, buffer offset, residual/desired length
 
-This module and repl/iscsi/scsi.py are the only places in repl/iscsi that pack bytes.
+This module is the only place in repl/iscsi that packs bytes (the SCSI CDBs and
+data it carries are packed by repl/scsi/spc.py).
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl.iscsi import chap, scsi
+from repl.iscsi import chap
 from repl.iscsi.initiator import open_session
+from repl.scsi import spc
 from store.private import write_private
 from tests.support import Daemon, free_port, until
 
@@ -88,7 +89,7 @@ def test_libiscsi_inq_ok(target: str) -> None:
 
 def test_libiscsi_readcapacity16_ok(target: str) -> None:
     out = run(tool("iscsi-readcapacity16"), target)
-    assert f"RETURNED LOGICAL BLOCK ADDRESS:{scsi.BLOCKS - 1}" in out
+    assert f"RETURNED LOGICAL BLOCK ADDRESS:{spc.BLOCKS - 1}" in out
     assert "LOGICAL BLOCK LENGTH IN BYTES:512" in out
 
 
@@ -155,29 +156,29 @@ async def test_initiator_tgtd_ok_write_read(tgtd: int) -> None:
     write through R2T and Data-Out, and 64 writes in flight at once."""
     async with open_session("127.0.0.1", tgtd, SECRETS, "iqn.2025-01.io.replfs:primary",
                             IQN) as session:
-        await session.command(scsi.simple_cdb(scsi.Op.TEST_UNIT_READY), lun=1)  # attention
-        (await session.command(scsi.simple_cdb(scsi.Op.TEST_UNIT_READY), lun=1)).check("TUR")
-        inquiry = (await session.command(scsi.inquiry_cdb(), read=255, lun=1)).check("INQ")
+        await session.command(spc.simple_cdb(spc.Op.TEST_UNIT_READY), lun=1)  # attention
+        (await session.command(spc.simple_cdb(spc.Op.TEST_UNIT_READY), lun=1)).check("TUR")
+        inquiry = (await session.command(spc.inquiry_cdb(), read=255, lun=1)).check("INQ")
         assert inquiry.data[8:16] == b"IET     "
-        capacity = await session.command(scsi.read_capacity16_cdb(), read=32, lun=1)
-        assert scsi.parse_read_capacity16(capacity.check("READ CAPACITY").data) == (
+        capacity = await session.command(spc.read_capacity16_cdb(), read=32, lun=1)
+        assert spc.parse_read_capacity16(capacity.check("READ CAPACITY").data) == (
             (64 << 20) // 512, 512)
         data = os.urandom(3 << 20)
         blocks = len(data) // 512
-        (await session.command(scsi.cdb16(scsi.Op.WRITE_16, 100, blocks), data_out=data,
+        (await session.command(spc.cdb16(spc.Op.WRITE_16, 100, blocks), data_out=data,
                                lun=1)).check("WRITE")
-        back = await session.command(scsi.cdb16(scsi.Op.READ_16, 100, blocks), read=len(data),
+        back = await session.command(spc.cdb16(spc.Op.READ_16, 100, blocks), read=len(data),
                                      lun=1)
         assert back.check("READ").data == data
 
         async def write(i: int) -> None:
             block = bytes([i]) * 4096
-            (await session.command(scsi.cdb16(scsi.Op.WRITE_16, 10_000 + 8 * i, 8),
+            (await session.command(spc.cdb16(spc.Op.WRITE_16, 10_000 + 8 * i, 8),
                                    data_out=block, lun=1)).check("WRITE")
 
         async with trio.open_nursery() as nursery:
             for i in range(64):
                 nursery.start_soon(write, i)
-        back = await session.command(scsi.cdb16(scsi.Op.READ_16, 10_000, 8 * 64),
+        back = await session.command(spc.cdb16(spc.Op.READ_16, 10_000, 8 * 64),
                                      read=64 * 4096, lun=1)
         assert back.check("READ").data == b"".join(bytes([i]) * 4096 for i in range(64))

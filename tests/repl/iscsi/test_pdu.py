@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from repl.errors import ProtocolError
-from repl.iscsi import scsi
 from repl.iscsi.pdu import Ahs, Opcode, Pdu, PduStream, decode, sn_lt, words
+from repl.scsi import spc
 from tests.support import golden_bytes
 
 GOLDEN = Path(__file__).resolve().parent.parent.parent / "testdata" / "iscsi"
@@ -26,7 +26,7 @@ SPECS: dict[str, Pdu] = {
     # WRITE(16) of 2 blocks at LBA 4096 with 5 bytes of immediate data (padded to 8).
     "scsi-command": Pdu(Opcode.SCSI_COMMAND, 0x80 | 0x20 | 0x01, lun=0, itt=0x11223344,
                         ttt=1024, sn=7, exp_sn=9,
-                        tail=scsi.cdb16(scsi.Op.WRITE_16, 4096, 2), data=b"hello"),
+                        tail=spc.cdb16(spc.Op.WRITE_16, 4096, 2), data=b"hello"),
     "login-request": Pdu(Opcode.LOGIN_REQUEST, 0x80 | 0x01, lun=0x8000_0000_0001 << 16,
                          itt=0, ttt=0, sn=1, exp_sn=0, immediate=True,
                          data=b"AuthMethod=CHAP\0"),

@@ -17,10 +17,8 @@ import trio.lowlevel
 import trio.testing
 
 from repl.errors import ProtocolError
-from repl.iscsi import chap, login, scsi, target
+from repl.iscsi import chap, login, target
 from repl.iscsi.initiator import open_session
-from repl.iscsi.link import InitiatorLink
-from repl.iscsi.target import TargetLink
 from repl.protocol import (
     Frame,
     FrameType,
@@ -31,6 +29,9 @@ from repl.protocol import (
     parse_staged,
     staged,
 )
+from repl.scsi import spc
+from repl.scsi.link import InitiatorLink
+from repl.scsi.lun import Lun
 from store.records import Op, Record
 
 SECRETS = chap.Secrets("alpha", b"initiator-secret", "beta", b"target-secret!")
@@ -38,7 +39,7 @@ IQN = "iqn.2025-01.io.replfs:test"
 
 
 @asynccontextmanager
-async def serving(on_link: Callable[[TargetLink, str], Awaitable[None]]
+async def serving(on_link: Callable[[Lun, str], Awaitable[None]]
                   ) -> AsyncIterator[int]:
     """A target on a loopback port (yielded) whose sessions go to *on_link*."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -49,12 +50,12 @@ async def serving(on_link: Callable[[TargetLink, str], Awaitable[None]]
 
 
 @asynccontextmanager
-async def linked() -> AsyncIterator[tuple[InitiatorLink, TargetLink]]:
+async def linked() -> AsyncIterator[tuple[InitiatorLink, Lun]]:
     """An initiator's link and the target's end of it, past the replfs HELLO."""
-    links_in, links = trio.open_memory_channel[TargetLink](1)
+    links_in, links = trio.open_memory_channel[Lun](1)
     done = trio.Event()
 
-    async def on_link(link: TargetLink, peer: str) -> None:
+    async def on_link(link: Lun, peer: str) -> None:
         assert parse_hello(await link.receive())["role"] == "primary"
         await link.send(hello(role="secondary", applied=0))
         await links_in.send(link)
@@ -72,7 +73,7 @@ async def linked() -> AsyncIterator[tuple[InitiatorLink, TargetLink]]:
         nursery.cancel_scope.cancel()
 
 
-async def idle(link: TargetLink, peer: str) -> None:
+async def idle(link: Lun, peer: str) -> None:
     """A receiver that reads nothing: the target answers what it answers alone."""
     await trio.sleep_forever()
 
@@ -168,18 +169,18 @@ async def test_target_write_err_before_hello_and_elsewhere() -> None:
     """Records before the HELLO, and writes outside CONTROL and RECORDS, are refused."""
     async with serving(idle) as port, open_session(
             "127.0.0.1", port, SECRETS, "iqn.2025-01.io.x:y", IQN) as session:
-        data = scsi.envelope(record(0).payload)
-        blocks = scsi.blocks_for(len(data))
-        result = await session.command(scsi.cdb16(scsi.Op.WRITE_16, scsi.RECORDS_LBA, blocks),
+        data = spc.envelope(record(0).payload)
+        blocks = spc.blocks_for(len(data))
+        result = await session.command(spc.cdb16(spc.Op.WRITE_16, spc.RECORDS_LBA, blocks),
                                        data_out=data)
-        assert result.sense == scsi.NOT_SERVED
-        result = await session.command(scsi.cdb16(scsi.Op.WRITE_16, scsi.STATUS_LBA, blocks),
+        assert result.sense == spc.NOT_SERVED
+        result = await session.command(spc.cdb16(spc.Op.WRITE_16, spc.STATUS_LBA, blocks),
                                        data_out=data)
-        assert result.sense == scsi.WRITE_PROTECTED
-        result = await session.command(scsi.cdb16(scsi.Op.READ_16, scsi.BLOCKS, 1), read=512)
-        assert result.sense == scsi.LBA_OUT_OF_RANGE
+        assert result.sense == spc.WRITE_PROTECTED
+        result = await session.command(spc.cdb16(spc.Op.READ_16, spc.BLOCKS, 1), read=512)
+        assert result.sense == spc.LBA_OUT_OF_RANGE
         result = await session.command(bytes([0xC5]) + bytes(15))
-        assert result.sense == scsi.INVALID_OPCODE
+        assert result.sense == spc.INVALID_OPCODE
 
 
 async def test_link_applied_ok_read_back() -> None:

@@ -16,7 +16,9 @@ A block written (CONTROL, RECORDS) or read (REPLY) is an envelope: u32
 length, then that many bytes, then zeros to the block's end. Every other
 block reads as zeros; a WRITE elsewhere is refused (DATA PROTECT).
 
-This module and repl/iscsi/pdu.py are the only places in repl/iscsi that pack bytes.
+The same for every transport: iSCSI (repl/iscsi/) and FCP (repl/fc/) carry
+these CDBs and this data, each in its own PDUs or frames. This module is the
+only place in repl/scsi that packs bytes.
 """
 
 from __future__ import annotations
@@ -168,15 +170,15 @@ def simple_cdb(op: int) -> bytes:
 # --- what the LUN answers ----------------------------------------------------------------
 
 
-def standard_inquiry(lun_present: bool = True) -> bytes:
+ISCSI_VERSION, FCP4_VERSION = 0x0960, 0x0A40  # version descriptors (SPC-4 table 29)
+
+
+def standard_inquiry(transport: int, lun_present: bool = True) -> bytes:
     """Standard INQUIRY data: a direct-access device, SPC-4, command queuing, and the
-    versions it claims."""
+    versions it claims: SAM-5, the *transport*'s version descriptor, SPC-4, SBC-3."""
     head = bytes([0x00 if lun_present else 0x7F, 0, 0x06, 0x12, 91, 0, 0, 0x02])
-    versions = b"".join(v.to_bytes(2, "big") for v in _VERSIONS)
+    versions = b"".join(v.to_bytes(2, "big") for v in (0x00A0, transport, 0x0460, 0x04C0))
     return (head + VENDOR + PRODUCT + REVISION + bytes(22) + versions).ljust(96, b"\0")
-
-
-_VERSIONS = (0x00A0, 0x0960, 0x0460, 0x04C0)  # SAM-5, iSCSI, SPC-4, SBC-3
 
 
 def vpd_page(page: int, serial: bytes, target: str) -> bytes | None:
