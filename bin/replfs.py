@@ -103,12 +103,17 @@ def build_parser() -> Parser:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
-    def link_options(p: Parser, other: str) -> None:
+    def link_options(p: Parser, other: str, many: bool = False) -> None:
         p.add_argument("--tls", type=Path, metavar="DIR/NAME",
                        help="TLS as node NAME: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem "
                             "(see 'replfs tls')")
-        p.add_argument("--peer", metavar="NAME",
-                       help=f"the node the {other}'s certificate must name (with --tls)")
+        if many:
+            p.add_argument("--peer", metavar="NAME", action="append",
+                           help=f"the node the {other}'s certificate must name (with --tls); "
+                                "one per --secondary, in the same order")
+        else:
+            p.add_argument("--peer", metavar="NAME",
+                           help=f"the node the {other}'s certificate must name (with --tls)")
         p.add_argument("--insecure", action="store_true",
                        help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
 
@@ -124,9 +129,11 @@ def build_parser() -> Parser:
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="journal budget; past it, a dirty map stands in (default 1G)")
     p.add_argument("--secondary", type=secondary_address, metavar="HOST:PORT",
+                   action="append",
                    help="replicate to this secondary: HOST:PORT (replfs frames over TLS), "
-                        "or iscsi://HOST:PORT/IQN (iSCSI, with --chap)")
-    link_options(p, "secondary")
+                        "or iscsi://HOST:PORT/IQN (iSCSI, with --chap); give it once for "
+                        "each secondary")
+    link_options(p, "secondary", many=True)
     chap_option(p)
     p.add_argument("--streams", type=count, default=4, metavar="N",
                    help=f"parallel TCP streams to the secondary (default 4, at most "
@@ -262,8 +269,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             values = config.section(args.config, config.load(args.config), path, args.parser)
         except config.ConfigError as exc:
             fail(str(exc))
+        # A list given on the command line replaces the file's (argparse would add to it).
+        given = {a.dest: getattr(args, a.dest) for a in args.parser._actions
+                 if isinstance(a, argparse._AppendAction) and getattr(args, a.dest)}
         args.parser.set_defaults(**values)
         args, extra = parser.parse_known_args(argv)
+        for dest, value in given.items():
+            setattr(args, dest, value)
     if extra:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     missing = [(a.option_strings or [a.metavar])[0] for a in args.parser._actions
@@ -292,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             if not 1 <= args.streams <= MAX_STREAMS:
                 args.parser.error(f"--streams must be from 1 to {MAX_STREAMS}")
             trio.run(run_primary, PrimaryConfig(
-                args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
-                args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
-                args.compress_level, args.max_rate or None, args.chap))
+                args.backing, args.mountpoint, journal=args.journal,
+                set_interval=args.set_interval, set_bytes=args.set_bytes,
+                journal_max=args.journal_max, secondaries=args.secondary or [],
+                streams=args.streams, scramble=args.scramble,
+                stall_seconds=args.stall_seconds, tls=args.tls, peers=args.peer or [],
+                insecure=args.insecure, metrics=args.metrics,
+                compress_level=args.compress_level, max_rate=args.max_rate or None,
+                chap=args.chap))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None:
                 args.parser.error("the following arguments are required: --listen or --iscsi "

@@ -124,6 +124,7 @@ class PrimaryFS(pyfuse3.Operations):
         self._released = threading.Condition(self.lock)  # a file handle was released
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
+        self.fenced = False  # every change is refused with EROFS (a cluster's lost lease)
 
     def freeze(self) -> None:
         """Hold every change at the door (reads go on), e.g. while verify compares.
@@ -135,12 +136,26 @@ class PrimaryFS(pyfuse3.Operations):
     def thaw(self) -> None:
         self._thawed.set()
 
+    def fence(self, on: bool = True) -> None:
+        """Refuse every change with EROFS (reads go on), or no longer.
+
+        A cluster's primary that may have lost its lease (repl/node.py) must not
+        change anything another primary may change. Returns once no change is
+        under way, so none is journaled after it.
+        """
+        with self.lock:
+            self.fenced = on
+
     def _enter(self, change: bool) -> None:
-        """Take the lock; a change first waits until the mount is not frozen."""
+        """Take the lock; a change first waits until the mount is not frozen, and is
+        refused (EROFS) while it is fenced."""
         while True:
             if change:
                 self._thawed.wait()
             self.lock.acquire()
+            if change and self.fenced:
+                self.lock.release()
+                raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             if not change or self._thawed.is_set():
                 return
             self.lock.release()  # frozen in between: wait again
@@ -633,6 +648,8 @@ class PrimaryFS(pyfuse3.Operations):
         one waits for the disk."""
         began = time.monotonic()
         with self.lock:
+            if self.fenced:
+                raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             self.capture.close_set()
             end = self.capture.journal.end
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal

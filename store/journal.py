@@ -391,6 +391,10 @@ class Journal:
     def get_meta(self, key: bytes) -> bytes | None:
         return self._meta.get(key)
 
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every meta value whose key starts with *prefix*, as (key, value)."""
+        return [(k, v) for k, v in self._meta.items() if k.startswith(prefix)]
+
     def put_meta(self, key: bytes, value: bytes | None) -> None:
         """Set (or with None, delete) a small meta value, durable with the next sync."""
         if value is None:

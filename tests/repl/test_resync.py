@@ -64,7 +64,7 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
     total = FILES * SIZE
     logger = logging.getLogger("replfs.resync")
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
-        capture = Capture(journal, tree, replicating=True)
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
         closed = trio.Event()  # the sync's set closes: its SYNC is journaled, the sender told
         capture.on_append = closed.set
         set_id = capture.start_full_sync()
@@ -76,7 +76,8 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
                 nursery.start_soon(resync.run, capture)
                 nursery.start_soon(ticker, clock)
                 started = trio.current_time()
-                capture.caught_up(set_id - 1)  # the secondary is at the set before the sync
+                # the secondary is at the set before the sync
+                capture.caught_up("beta:7070", set_id - 1)
                 await closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
