@@ -127,6 +127,10 @@ def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
     journal = capture.journal
     first_name: dict[int, bytes] = {}
     counts = [0, 0]
+    # The set is never empty, even when nothing differs (an old primary whose every
+    # change had reached the new one): the replica waits for it to close.
+    top = os.fstat(capture.backing.root_fd)
+    journal.append(Op.UTIMES, path=b"", atime_ns=top.st_atime_ns, mtime_ns=top.st_mtime_ns)
     for path in roots:
         journal.append(Op.PRUNE, path=path)
         capture.touched.paths.update((path, path.rpartition(b"/")[0]))
