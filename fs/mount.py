@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -31,6 +32,7 @@ from repl.secondary import default_state_dir, make_replica, run_secondary, stagi
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
+from store.errors import ReplfsError
 from store.hold import ApplyLock, is_held
 from store.journal import Journal
 from store.staging import read_applied, read_syncing
@@ -85,6 +87,7 @@ class PrimaryConfig:
     max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
     dynamic: bool = False  # secondaries are added at run time (a cluster's primary)
+    fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
 
 
 def lift_dirty_limit(where: str) -> None:
@@ -215,6 +218,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         capture.on_append = fanout.notify
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture)
+        if cfg.fenced:
+            operations.fence()  # until the node that runs us says its lease holds
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
         where = os.path.realpath(mountpoint)  # so does this
         try:
@@ -272,16 +277,21 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
         return reply
 
     async def fence(request: dict[str, Any]) -> dict[str, Any]:
-        """Refuse every change with EROFS from now on (``on``), or no longer: a cluster's
-        primary that may have lost its lease (repl/node.py)."""
-        operations.fence(bool(request.get("on", True)))
+        """Refuse every change with EROFS from time.monotonic() ``until`` on (now if not
+        given; null: never): a cluster's primary writes while its lease holds, and
+        is given a new deadline at each renewal (repl/node.py)."""
+        until = request.get("until", 0.0)
+        operations.fence(math.inf if until is None else float(until))
         return {"fenced": operations.fenced}
 
     async def add_secondary(request: dict[str, Any]) -> dict[str, Any]:
         """Replicate to one more secondary (a cluster's node that joined)."""
         peer = request.get("peer")
-        return {"added": await fanout.add(str(request["address"]),
-                                          str(peer) if peer is not None else None)}
+        try:
+            return {"added": await fanout.add(str(request["address"]),
+                                              str(peer) if peer is not None else None)}
+        except ReplfsError as exc:
+            return {"error": f"cannot replicate to {request['address']}: {exc}"}
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         j = capture.journal
@@ -389,8 +399,9 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
 
 
 async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | None,
-                                staging: Path | None, tls: Path | None, peer: str | None,
-                                insecure: bool, rejoin: bool = False,
+                                staging: Path | None, tls: Path | None,
+                                peer: str | list[str] | None, insecure: bool,
+                                rejoin: bool = False,
                                 metrics_at: str | None = None, iscsi: str | None = None,
                                 iqn: str = DEFAULT_IQN, chap_file: Path | None = None
                                 ) -> None:

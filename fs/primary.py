@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import stat
 import threading
@@ -124,7 +125,9 @@ class PrimaryFS(pyfuse3.Operations):
         self._released = threading.Condition(self.lock)  # a file handle was released
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
-        self.fenced = False  # every change is refused with EROFS (a cluster's lost lease)
+        # Changes are refused with EROFS from this time.monotonic() on: a cluster's
+        # primary may write only while its lease holds (repl/node.py).
+        self.write_until = math.inf
 
     def freeze(self) -> None:
         """Hold every change at the door (reads go on), e.g. while verify compares.
@@ -136,15 +139,21 @@ class PrimaryFS(pyfuse3.Operations):
     def thaw(self) -> None:
         self._thawed.set()
 
-    def fence(self, on: bool = True) -> None:
-        """Refuse every change with EROFS (reads go on), or no longer.
+    def fence(self, until: float = 0.0) -> None:
+        """Refuse every change with EROFS from time.monotonic() *until* on (reads go on);
+        math.inf lifts the fence.
 
-        A cluster's primary that may have lost its lease (repl/node.py) must not
-        change anything another primary may change. Returns once no change is
-        under way, so none is journaled after it.
+        A cluster's primary writes only while its lease holds (repl/node.py): it is
+        given a deadline at each renewal, so it stops by itself when they stop
+        coming. Returns once no change is under way (a fence in the past is in
+        force when it returns: none is journaled after it).
         """
         with self.lock:
-            self.fenced = on
+            self.write_until = until
+
+    @property
+    def fenced(self) -> bool:
+        return time.monotonic() >= self.write_until
 
     def _enter(self, change: bool) -> None:
         """Take the lock; a change first waits until the mount is not frozen, and is
@@ -153,7 +162,7 @@ class PrimaryFS(pyfuse3.Operations):
             if change:
                 self._thawed.wait()
             self.lock.acquire()
-            if change and self.fenced:
+            if change and time.monotonic() >= self.write_until:
                 self.lock.release()
                 raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             if not change or self._thawed.is_set():
@@ -648,7 +657,7 @@ class PrimaryFS(pyfuse3.Operations):
         one waits for the disk."""
         began = time.monotonic()
         with self.lock:
-            if self.fenced:
+            if time.monotonic() >= self.write_until:
                 raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             self.capture.close_set()
             end = self.capture.journal.end

@@ -100,7 +100,7 @@ def test_config_check_ok_example() -> None:
         Path("/srv/data"), ["beta:7070"], ["beta"], 64 << 20)
     secondary = module.parse(["secondary", "--config", str(EXAMPLE)])
     assert (secondary.replica, secondary.listen, secondary.peer) == (
-        Path("/srv/data"), "0.0.0.0:7070", "beta")
+        Path("/srv/data"), "0.0.0.0:7070", ["beta"])
     assert module.parse(["mount", "--config", str(EXAMPLE)]).mountpoint == Path("/mnt/standby")
 
 
