@@ -109,8 +109,9 @@ def build_parser() -> Parser:
                             "(see 'replfs tls')")
         if many:
             p.add_argument("--peer", metavar="NAME", action="append",
-                           help=f"the node the {other}'s certificate must name (with --tls); "
-                                "one per --secondary, in the same order")
+                           help=f"the node the {other}'s certificate must name (with --tls)"
+                                + ("; one per --secondary, in the same order"
+                                   if other == "secondary" else "; several: any of them"))
         else:
             p.add_argument("--peer", metavar="NAME",
                            help=f"the node the {other}'s certificate must name (with --tls)")
@@ -148,6 +149,8 @@ def build_parser() -> Parser:
                    help="report a stall after a backlog makes no progress this long (default 10)")
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
+    # Run by `replfs node`: changes wait for its lease, secondaries are added as they join.
+    p.add_argument("--fenced", action="store_true", help=argparse.SUPPRESS)
     log_options(p)
 
     p = command("secondary", "receive data sets into REPLICA")
@@ -161,7 +164,7 @@ def build_parser() -> Parser:
     p.add_argument("--iqn", type=iqn, default=DEFAULT_IQN, metavar="IQN",
                    help=f"the iSCSI target's name (default {DEFAULT_IQN})")
     staging_option(p)
-    link_options(p, "primary")
+    link_options(p, "primary", many=True)
     chap_option(p)
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
@@ -171,6 +174,45 @@ def build_parser() -> Parser:
                         "cached by the kernel (whole data sets only, as with replfs mount)")
     metrics_option(p)
     log_options(p)
+
+    p = command("node", "serve this host's node of a cluster: the primary or a standby, as "
+                        "an etcd lease decides")
+    p.add_argument("--name", metavar="NAME", help="this node's name (its certificate's)")
+    positional(p, "data", "DATA")
+    positional(p, "mount", "MOUNTPOINT")
+    p.add_argument("--listen", type=address, metavar="HOST:PORT",
+                   help="where this node's secondary listens for the primary")
+    p.add_argument("--advertise", type=address, metavar="HOST:PORT",
+                   help="where the other nodes reach it (default: --listen)")
+    p.add_argument("--etcd", metavar="URL", action="append",
+                   help="an etcd client URL, e.g. http://10.0.0.9:2379 (give each)")
+    p.add_argument("--cluster", default="replfs", metavar="NAME",
+                   help="the cluster's name: its keys are under /replfs/NAME/ (default replfs)")
+    p.add_argument("--tls", type=Path, metavar="DIR/NAME",
+                   help="TLS as this node: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem")
+    p.add_argument("--peer", metavar="NAME", action="append",
+                   help="a node it accepts besides those registered in etcd (give each)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
+    p.add_argument("--lease-ttl", type=positive, default=10.0, metavar="SECONDS",
+                   help="the lease's time to live: a dead primary is replaced within about "
+                        "this (default 10)")
+    p.add_argument("--set-interval", type=positive, default=1.0, metavar="SECONDS",
+                   help="as a primary: close a data set at least this often (default 1)")
+    p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
+                   help="as a primary: the journal's budget (default 1G)")
+    log_options(p)
+
+    p = command("cluster", "look at a cluster of nodes")
+    cluster_sub = p.add_subparsers(dest="cluster_command", required=True, parser_class=Parser)
+    p = command("status", "the members, the primary, each node's applied set and lag",
+                cluster_sub)
+    p.add_argument("--etcd", metavar="URL", action="append",
+                   help="an etcd client URL (give each)")
+    p.set_defaults(needed=["etcd"])
+    p.add_argument("--cluster", default="replfs", metavar="NAME",
+                   help="the cluster's name (default replfs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
                          "(uncached; see secondary --mount)")
@@ -293,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for chatty in ("httpx", "httpcore"):  # a line per etcd request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if getattr(args, "log_format", "text") == "json":
         logging.getLogger().handlers[0].setFormatter(JsonLines())
         sys.excepthook = lambda kind, exc, tb: logging.getLogger("replfs").critical(
@@ -311,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 stall_seconds=args.stall_seconds, tls=args.tls, peers=args.peer or [],
                 insecure=args.insecure, metrics=args.metrics,
                 compress_level=args.compress_level, max_rate=args.max_rate or None,
-                chap=args.chap))
+                chap=args.chap, dynamic=args.fenced, fenced=args.fenced))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None:
                 args.parser.error("the following arguments are required: --listen or --iscsi "
@@ -325,6 +369,23 @@ def main(argv: list[str] | None = None) -> int:
                     run_secondary, args.replica, args.listen, args.staging, args.tls,
                     args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
                     iqn=args.iqn, chap_file=args.chap))
+        elif args.command == "node":
+            from repl.node import NodeConfig, run_node
+
+            if args.name is None or args.listen is None:
+                args.parser.error("the following arguments are required: --name and --listen "
+                                  "(on the command line or in [node] of --config FILE)")
+            trio.run(run_node, NodeConfig(
+                args.name, args.data, args.mount, args.listen, args.etcd or [],
+                cluster=args.cluster, advertise=args.advertise, tls=args.tls,
+                insecure=args.insecure, peers=args.peer or [], lease_ttl=args.lease_ttl,
+                set_interval=args.set_interval, journal_max=args.journal_max))
+        elif args.command == "cluster":
+            from repl.members import render
+            from repl.members import show as cluster_status
+
+            out = trio.run(cluster_status, args.etcd, args.cluster)
+            print(json.dumps(out) if args.json else render(out))
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":
