@@ -157,8 +157,8 @@ class Retention:
             if record.set > upto:
                 break
             for address, follower in dropped.items():
-                if record.set <= follower.applied:
-                    continue
+                if record.set <= follower.applied or b"" in follower.missed.content:
+                    continue  # not its to miss, or it gets the whole tree anyway
                 follower.missed.add([record])
                 content, ranges = changed[address]
                 (content if record.path in follower.missed.content else ranges).add(record.path)
@@ -169,21 +169,19 @@ class Retention:
 
     def _persist_missed(self, address: str, follower: Follower, content: set[bytes],
                         ranges: set[bytes]) -> None:
+        """Journal the entries of what *address* missed that changed (*content* and
+        *ranges* paths), or, past MISSED_PATHS or after a RESET, the whole tree."""
         missed = follower.missed
-        if b"" not in missed.content and len(missed.content) + len(missed.ranges) \
-                > MISSED_PATHS:
-            log.warning("secondary %s missed more than %d paths: it gets the whole tree when "
-                        "it is back", address, MISSED_PATHS)
-            self._forget_missed(address, follower)
-            missed.content, missed.ranges = {b""}, {}
-            content, ranges = {b""}, set()
-        if b"" in missed.content and content != {b""}:
-            content, ranges = set(), set()  # the whole tree already: nothing to add
-            if missed.ranges or len(missed.content) > 1:
-                self._forget_missed(address, follower)
-                missed.content, missed.ranges = {b""}, {}
-                content = {b""}
         prefix = _MISSED + address.encode() + b"\0"
+        if b"" in missed.content or len(missed.content) + len(missed.ranges) > MISSED_PATHS:
+            if missed.content != {b""} or missed.ranges:  # not yet the whole tree alone
+                if b"" not in missed.content:
+                    log.warning("secondary %s missed more than %d paths: it gets the whole "
+                                "tree when it is back", address, MISSED_PATHS)
+                self._forget_missed(address, follower)
+                missed.content.add(b"")
+                self.journal.put_meta(prefix + b"c", b"")
+            return
         for path in content:
             if path in missed.content:
                 self.journal.put_meta(prefix + b"c" + path, b"")
@@ -195,7 +193,8 @@ class Retention:
         prefix = _MISSED + address.encode() + b"\0"
         for key, _ in list(self.journal.meta_items(prefix)):
             self.journal.put_meta(key, None)
-        follower.missed = Divergence()
+        follower.missed.content.clear()
+        follower.missed.ranges.clear()
 
     def save(self) -> None:
         """Keep each secondary's applied set in the journal (with a trim: cheap)."""
