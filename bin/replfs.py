@@ -254,6 +254,9 @@ def build_parser() -> Parser:
     p = command("demo", "run a primary and a secondary on loopback through a crash")
     p.add_argument("--transport", choices=("frames", "iscsi"), default="frames",
                    help="replfs frames over TLS (default), or iSCSI with mutual CHAP")
+    p.add_argument("--cluster", action="store_true",
+                   help="three nodes and an etcd instead: the primary killed, another "
+                        "elected")
 
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
@@ -418,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                 for key, value in reply.items():
                     print(f"{key.replace('_', ' ')}: {value}")
         elif args.command == "demo":
+            if args.cluster:
+                from demo_cluster import run as cluster_demo
+
+                return cluster_demo()
             from demo import run as demo
 
             return demo(args.transport)

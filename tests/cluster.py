@@ -275,6 +275,15 @@ class Partition:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
+    def isolate(self, index: int) -> None:
+        """Node *index* reaches nobody, and nobody it: its link goes down."""
+        _ip("-n", self.names[index], "link", "set", f"{self.names[index]}c", "down")
+
+    def reconnect(self, index: int) -> None:
+        ns = self.names[index]
+        _ip("-n", ns, "link", "set", f"{ns}c", "up")
+        # The address stays; the route of the subnet comes back with the link.
+
     def cut(self, index: int, target: str) -> None:
         """Node *index* can no longer reach *target* (an address): packets to it fail."""
         _ip("-n", self.names[index], "route", "add", "blackhole", f"{target}/32")
