@@ -8,6 +8,12 @@ journal keeps, and for which of them, is repl/retention.py.
 
 Secondaries are named by their address as ``--secondary`` gives it; a
 cluster's primary (repl/node.py) adds them as nodes join.
+
+``--fsync remote`` (an fsync waits until the secondary staged its set) meets
+several secondaries here: the fsync waits until *at least one* secondary in
+step staged the set, so the loss of the primary and any one other node loses
+nothing an fsync returned for, while a slow one holds no fsync back. Each
+Sender reports what its secondary staged; the waiting is this module's.
 """
 
 from __future__ import annotations

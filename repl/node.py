@@ -499,10 +499,10 @@ def check(cfg: NodeConfig) -> None:
 
 
 async def run_node(cfg: NodeConfig) -> None:
+    await clear_dead_mount(cfg.mount)  # a daemon of this node killed with it left it
     check(cfg)
     etcd = Etcd(cfg.etcd)
     node = Node(cfg, etcd)
-    await clear_dead_mount(cfg.mount)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
