@@ -236,7 +236,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             pyfuse3.close(unmount=True)
             inodes.close()
         closed = capture.close_set()
-        capture.sync_backing()  # a clean stop: nothing for the next start to replay
+        capture.sync_backing(final=True)  # a clean stop: nothing to replay or resend
         log.info("unmounted %s; last set %d", mountpoint, closed)
     finally:
         tree.close()

@@ -27,6 +27,16 @@ the journal, BACKING is synced (the changed files and the directories the
 op changed), so that op, and every one before it, is before ``backing_at``.
 Over budget, writes are not journaled, and an fsync syncs the file itself.
 
+What a power cut leaves in BACKING beyond the journal (a page written back,
+a name the filesystem committed, their records lost) is found by the
+activity log (repl/activity.py): before an op touches BACKING, what it may
+change is noted durably in the journal. After a reboot, ``recover()``
+resends what the notes name, and skips the records under a NAME note, which
+may not name their file any more. So that skipping loses nothing an fsync
+returned, a record under a NAME note makes the next flush sync BACKING
+first (as a namespace op does), and an op that removes or moves a name
+first syncs the files under it written since BACKING's last sync.
+
 Group commit: ``wait_durable()`` flushes the journal once for every caller
 waiting when the flush starts; callers that arrive while it runs share the
 next one. The sender ships only durable records, so a set closed by the
@@ -64,6 +74,7 @@ import trio
 
 from repl import apply as applier
 from repl import faults, metrics, resync
+from repl.activity import ActivityLog, name_roots, note_boot, power_lost
 from repl.diverge import Divergence
 from repl.retention import Retention
 from repl.touched import Touched
@@ -71,8 +82,17 @@ from repl.tree import Tree
 from repl.wake import Waker
 from store.dirty import DirtyMap
 from store.journal import Journal
-from store.libc import fd_path
-from store.records import NAMESPACE_OPS, RENAME_EXCHANGE, Op, Record, decode_set, encode_set
+from store.libc import fd_path, syncfs
+from store.records import (
+    NAMESPACE_OPS,
+    RENAME_EXCHANGE,
+    Note,
+    Op,
+    Record,
+    decode_set,
+    encode_set,
+    is_under,
+)
 
 log = logging.getLogger("replfs.capture")
 
@@ -90,6 +110,7 @@ _BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
+_MOVES = frozenset({Op.UNLINK, Op.RMDIR, Op.RENAME})  # ops that remove or move a name
 T = TypeVar("T")
 
 
@@ -140,7 +161,16 @@ class Capture:
         self._flush_lock = threading.Lock()
         self._backing_lock = threading.Lock()
         self._changed: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
-        self._namespace_changed = False  # a namespace op since the last sync of BACKING
+        # A namespace op, or a record under a NAME note, since the last sync of BACKING:
+        # the next flush syncs BACKING first (see the module comment).
+        self._namespace_changed = False
+        self._flagged = 0  # times it was set: a sync clears it only if none came meanwhile
+        # Paths journaled by data and attribute ops since the last BACKING sync that
+        # finished (and those of the sync under way): synced before a name above them
+        # is removed or moved, so recovery may skip their records (repl/activity.py).
+        self._unsynced: dict[bytes, int] = {}  # path -> where its first such record ends
+        self._unsynced_syncing: dict[bytes, int] = {}
+        self.activity = ActivityLog(journal.notes)
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
         self.backing_at = decode_set(raw) if raw else journal.end
@@ -172,19 +202,56 @@ class Capture:
                 op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE) else None
             if gone is not None:
                 resync.keep_data(self, gone)
+        self._ahead(op, fields)
         if op in NAMESPACE_OPS:
-            self._namespace_changed = True
+            self._flag()
             self._track_dir(fields["path"])
             if op in (Op.RENAME, Op.LINK):
                 self._track_dir(fields["path2"])
-        elif op in _ATTRIBUTE_OPS:
-            self._track_node(fields["path"])
+        else:
+            if op in _ATTRIBUTE_OPS:
+                self._track_node(fields["path"])
+            if self.activity.under_name(fields["path"]):
+                self._flag()
         record = self.journal.append(op, intent, **fields)
+        if op not in NAMESPACE_OPS:
+            self._unsynced.setdefault(fields["path"], self.journal.end)
         self._unsettled = record
         if self.journal.set_bytes >= self.set_bytes:
             self._close_due = True
         self._wake()
         return record
+
+    def _ahead(self, op: Op, fields: dict[str, Any]) -> None:
+        """Before *op* touches the backing directory: what it may change there is
+        noted, durably, in the activity log (repl/activity.py); and an op that
+        removes or moves a name first syncs what was written at or under it since
+        BACKING's last sync, if a flush may have made that durable (recovery after
+        a power cut skips the records under a NAME note: they must be on disk)."""
+        if op in _MOVES:
+            self._flag()  # first: a flush that begins from here on syncs BACKING first
+            self._sync_written_under(fields["path"], fields.get("path2"))
+        notes = self.activity.need(op, fields, self.journal.end)
+        if notes:
+            self.journal.add_notes(notes)
+            self.journal.sync()
+            self.activity.add(notes, self.journal.end)
+
+    def _sync_written_under(self, *tops: bytes | None) -> None:
+        """fsync the nodes journaled since BACKING's last sync at or under *tops*, if
+        one of their records is durable or a flush is under way."""
+        flushing = self._flush_lock.locked()
+        for written in (self._unsynced, self._unsynced_syncing):
+            hit = [p for p in written if any(top is not None and is_under(p, top)
+                                             for top in tops)]
+            if hit and (flushing or min(written[p] for p in hit) <= self.journal.durable):
+                for path in hit:
+                    self.backing.sync_node(path)
+                    del written[path]
+
+    def _flag(self) -> None:
+        self._namespace_changed = True
+        self._flagged += 1
 
     def flush_soon(self) -> None:
         """In trio: flush what was journaled, for the sender (a resync's step...)."""
@@ -219,6 +286,7 @@ class Capture:
             self._budget()
         if self.overflow:
             self._settle()
+            self._ahead(Op.WRITE, {"path": path, "offset": offset, "data": data})
             self.dirty.add(path, offset, offset + len(data))
             self.touched.paths.add(path)
             return None
@@ -467,26 +535,29 @@ class Capture:
         them (group commit). Wakes the sender, which ships durable records only.
         """
         with self._flush_lock:
-            if self.journal.durable >= target:
+            if self.journal.durable >= target and not self._namespace_changed:
                 return
             if self._namespace_changed:
                 self.sync_backing()
             self.journal.sync()
         self._wake()
 
-    def sync_backing(self) -> None:
+    def sync_backing(self, *, final: bool = False) -> None:
         """Make BACKING durable as far as the journal goes now, and journal that.
 
         Blocking; call it from a thread. Syncs every file and directory changed
         since the last time; the note in the journal becomes durable with the
-        journal's next flush (until then, recovery just replays more).
+        journal's next flush (until then, recovery just replays more). Then the
+        activity log drops the notes no op used since (repl/activity.py); with
+        *final* (a clean stop) it keeps none.
         """
         with self._backing_lock:
             with self.lock:
                 self._settle()
                 at = self.journal.end
                 changed, self._changed = self._changed, {}
-                self._namespace_changed = False
+                self._unsynced_syncing, self._unsynced = self._unsynced, {}
+                flagged = self._flagged
             try:
                 for fd in changed.values():
                     os.fsync(fd)
@@ -494,6 +565,9 @@ class Capture:
                 for fd in changed.values():
                     os.close(fd)
             with self.lock:
+                self._unsynced_syncing = {}
+                if self._flagged == flagged:
+                    self._namespace_changed = False
                 if at > self.backing_at:
                     self.backing_at = at
                     self.journal.put_meta(_BACKING_AT, encode_set(at))
@@ -501,6 +575,9 @@ class Capture:
                         self._trim()
                     else:
                         self._drop_oldest()
+                notes = self.activity.reset(at, retain=not final)
+                if notes is not None:  # after backing_at: durable only with it
+                    self.journal.reset_notes(notes)
 
     async def _backing_syncer(self) -> None:
         """Sync BACKING every BACKING_SYNC_SECONDS while it changes, or sooner past
@@ -568,22 +645,98 @@ class Capture:
 
     # --- after a crash ------------------------------------------------------------
 
-    def _replay(self) -> str | None:
-        """Bring BACKING to the journal's state: redo every record past ``backing_at``.
+    def recover(self) -> str | None:
+        """Make the backing directory agree with the journal after a crash, and resend
+        what it may hold beyond it. Blocking; before the mount serves anything.
+
+        1. After a reboot, the records past ``backing_at`` are replayed
+           (``_replay``). After a crash of the daemon alone the page cache kept
+           BACKING as every op left it, and nothing is replayed: the log holds
+           records never flushed too, renames among them, and a replay by path
+           across a rename that BACKING already holds writes into the wrong file.
+           BACKING is synced whole instead (syncfs).
+        2. The last record, if nothing was journaled after it, may never have
+           reached BACKING: it is redone by the applier's redo rule; an op that
+           fails again is voided, as it would have been. (Anything journaled
+           after it shows its op ran: a handler journals, then does its op.)
+        3. Notes in the activity log mean the daemon stopped uncleanly (a clean
+           stop leaves none). If the machine rebooted since (the power went), the
+           page cache went with it: BACKING may hold changes the journal lost,
+           and records under a NAME note may not name their file any more. Those
+           records are neither replayed nor redone, and what the notes name is
+           resent (``_resend``). After a crash of the daemon alone nothing was
+           lost, and nothing is resent.
+        4. The open set, if it has ops and is not held open, is closed, with the
+           UTIMES of every path it touched.
+
+        Then what recovery replayed, and all the notes name, is synced in BACKING,
+        ``backing_at`` moves to the end and the activity log starts empty.
+        Returns a line saying what was done, or None if nothing was needed.
+        """
+        notes = list(self.journal.notes)
+        rebooted = power_lost(self.journal)
+        roots = name_roots(notes) if rebooted else []
+        last = self.journal.last()
+        pending = (last is not None and last.op not in (Op.SYNC, Op.VOID)
+                   and self.journal.is_last_entry(last))
+        lines, synced = self._replay(roots) if rebooted else ([], set())
+        if pending:
+            assert last is not None
+            if _under(last, roots):
+                lines.append(f"left {last.op.name} at {last.set}/{last.seq} to the resend")
+            else:
+                lines.append(self._redo(last))
+                synced.update((last.path, last.path2) if last.path2 else (last.path,))
+        for record in self.journal.records(self.journal.set):
+            self.touched.add(record)
+        self.touched.paths.update(self.dirty.files)
+        whole = name_roots(notes)
+        synced.update(n.path for n in notes if not any(is_under(n.path, r) for r in whole))
+        if notes and rebooted:
+            line, resent = self._resend(notes)
+            lines.append(line)
+            whole = sorted(set(whole) | set(resent))
+        if self.overflow and not self.journal.set_is_empty:
+            lines.append(f"set {self.journal.set} stays open until the secondary has the "
+                         "sets before it")
+        elif not self.journal.set_is_empty:
+            lines.append(f"closed set {self.close_set()}")
+        # What the replica has or gets must be what a power cut leaves: sync it all.
+        if not rebooted:
+            syncfs(self.backing.root_fd)
+        for path in whole:
+            self.backing.sync(path)
+        for path in synced:
+            self.backing.sync_node(path)
+            self.backing.sync_node(path.rpartition(b"/")[0])
+        self.backing_at = self.journal.end
+        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
+        note_boot(self.journal)
+        self.activity = ActivityLog()
+        self.activity.reset(self.backing_at)
+        self.journal.reset_notes([])
+        self.journal.sync()
+        return "; ".join(lines) or None
+
+    def _replay(self, roots: list[bytes]) -> tuple[list[str], set[bytes]]:
+        """Bring BACKING to the journal's state: redo every record past ``backing_at``,
+        but those under a NAME note's path (*roots*): such a path may name another
+        file now, and is resent whole. Returns (what was done, the paths replayed).
 
         BACKING lost, or never got to disk, whatever a power cut took of what
         followed its last sync; the journal holds it (see the module comment).
-        The files replayed are synced, then ``backing_at`` moves to the end.
-        Returns a line saying what was done, or None if nothing was needed.
         """
         if self.overflow:
-            return None  # writes were not journaled: BACKING is the only copy of them
-        count, failed, paths = 0, 0, set()
+            return [], set()  # writes were not journaled: BACKING is the only copy of them
+        count, failed, skipped, paths = 0, 0, 0, set()
         for _, _, raw, end in self.journal.iter_raw(self.journal.set_of(self.backing_at)):
             if end - len(raw) < self.backing_at:
                 continue
             record = Record.decode(raw)
             if record.op in (Op.SYNC, Op.VOID, Op.RESET, Op.PRUNE):
+                continue
+            if _under(record, roots):
+                skipped += 1
                 continue
             try:
                 if record.op in NAMESPACE_OPS:
@@ -598,43 +751,17 @@ class Capture:
                 failed += 1
                 log.warning("replay of %s at %d/%d failed: %s", record.op.name, record.set,
                             record.seq, exc)
-        for path in paths:
-            self._sync_path(path)
-        self.backing_at = self.journal.end
-        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
-        self.journal.sync()
-        notes = []
+        lines = []
         if count or failed:
-            notes.append(f"replayed {count} records into the backing directory" + (
+            lines.append(f"replayed {count} records into the backing directory" + (
                 f" ({failed} failed, see above)" if failed else ""))
-        return "; ".join(notes) or None
+        if skipped:
+            lines.append(f"left {skipped} records under names a namespace op may have "
+                         "changed to the resend")
+        return lines, paths
 
-    def _sync_path(self, path: bytes) -> None:
-        """fsync *path* and its directory, if they are still there."""
-        for target in (path, path.rpartition(b"/")[0]):
-            try:
-                fd = os.open(self.backing.proc_path(target), os.O_RDONLY | os.O_NOFOLLOW
-                             | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def recover(self) -> str | None:
-        """Make the backing directory agree with the journal after a crash.
-
-        Only the last record can be journaled and not applied (see
-        store/journal.py), so it is redone by the applier's redo rule; an op
-        that fails again is voided, as it would have been. Then the open set,
-        if any, is closed, with the UTIMES of every path it touched.
-        Returns a line saying what was done, or None if nothing was needed.
-        """
-        replayed = self._replay()
-        last = self.journal.last()
-        if last is None or last.op in (Op.SYNC, Op.VOID):
-            return replayed
+    def _redo(self, last: Record) -> str:
+        """Redo the journal's last record, which may never have reached BACKING."""
         if last.op in (Op.RESET, Op.PRUNE):
             # Instructions for a replica, never ops on this tree: a sync's snapshot
             # was under way; the next secondary to connect gets a new one.
@@ -644,25 +771,40 @@ class Capture:
                 applier.redo(self.backing, last, self.journal.intent(last))
             else:
                 applier.apply(self.backing, last)
-            what = f"redid {last.op.name} at {last.set}/{last.seq}"
-            if replayed:
-                what = f"{replayed}; {what}"
             self._unsettled = last
             self._settle()  # the dirty map follows it, as it would have
+            return f"redid {last.op.name} at {last.set}/{last.seq}"
         except OSError as exc:
             if last.op in NAMESPACE_OPS:
                 self.void(last)
-                what = f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
-            else:
-                # Its first run went through an open handle and most likely worked;
-                # reaching the file again by name can fail where that did not.
-                what = f"kept {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
-        for record in self.journal.records(self.journal.set):
-            self.touched.add(record)
-        self.touched.paths.update(self.dirty.files)
-        if self.overflow:
-            self.journal.sync()
-            return f"{what}; set {last.set} stays open over budget"
-        closed = self.close_set()
-        self.journal.sync()
-        return f"{what}; closed set {closed}"
+                return f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
+            # Its first run went through an open handle and most likely worked;
+            # reaching the file again by name can fail where that did not.
+            return f"kept {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
+
+    def _resend(self, notes: list[Note]) -> tuple[str, list[bytes]]:
+        """After a power cut: BACKING may hold changes the journal lost, at the paths
+        *notes* name. They go to the secondary again, as BACKING holds them, in the
+        open set, which stays open (as over budget) until the secondary has applied
+        every set before it; then the dirty map's ranges are read into it and it
+        closes (repl/resync.py). Without a secondary the journal forgets which
+        replica it could bring forward: the next secondary gets an initial sync.
+        Returns (what was done, the paths resent whole).
+        """
+        if not self.replicating:
+            self.journal.base = None
+            return ("the backing directory may hold changes its journal lost, and there "
+                    "is no secondary to send them to: the next one gets an initial sync"), []
+        if not self.overflow:
+            self.overflow = True
+            self.journal.put_meta(_OVERFLOW, b"1")
+        entries, total, whole = resync.resend(self, notes)
+        return (f"the backing directory may hold changes its journal lost: {entries} "
+                f"entries ({total / 1e6:.1f} MB) go to the secondary again in set "
+                f"{self.journal.set}"), whole
+
+
+def _under(record: Record, roots: list[bytes]) -> bool:
+    """Whether a path of *record* is at or under one of *roots*."""
+    return any(is_under(record.path, top) or (bool(record.path2) and is_under(record.path2, top))
+               for top in roots)

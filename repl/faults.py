@@ -8,7 +8,12 @@ at the Nth step, exactly as a crash there would.
 The fault harness checks every sample of the replica against the primary's
 tree at set boundaries: with ``REPLFS_TEST_SET_HASHES=FILE`` the primary
 appends "set digest" to FILE each time it closes a set, the digest taken at
-that very moment (repl.verify.tree_digest).
+that very moment (repl.verify.tree_digest); with ``REPLFS_TEST_SET_TREES=DIR``
+also every entry's summary to DIR/<set>, one "path-hex summary" a line.
+
+A simulated power cut (tests/powercut) loses what the page cache held without
+rebooting the machine: with ``REPLFS_TEST_BOOT_ID=FILE`` the primary reads
+the boot id from FILE, which the simulator changes at each cut.
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ from store.libc import fd_path
 
 ENV_KILL_AT_APPLY_STEP = "REPLFS_FAULT_KILL_AT_APPLY_STEP"
 ENV_SET_HASHES = "REPLFS_TEST_SET_HASHES"
+ENV_SET_TREES = "REPLFS_TEST_SET_TREES"
+ENV_BOOT_ID = "REPLFS_TEST_BOOT_ID"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> bytes:
+    """This boot of the machine (a new one after every reboot), or b"" if unknown."""
+    try:
+        with open(os.environ.get(ENV_BOOT_ID) or BOOT_ID, "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
 
 
 def set_hash_recorder() -> Callable[[int, int], None] | None:
@@ -28,10 +45,16 @@ def set_hash_recorder() -> Callable[[int, int], None] | None:
     target = os.environ.get(ENV_SET_HASHES)
     if not target:
         return None
-    from repl.verify import tree_digest
+    trees = os.environ.get(ENV_SET_TREES)
+    from repl.verify import tree_digest, walk
 
     def record(set_id: int, root_fd: int) -> None:
-        digest = tree_digest(os.fsdecode(fd_path(root_fd)))
+        root = os.fsdecode(fd_path(root_fd))
+        digest = tree_digest(root)
+        if trees:
+            with open(os.path.join(trees, str(set_id)), "w") as out:
+                for path, entry in walk(root):
+                    out.write(f"{path.encode('utf-8', 'surrogateescape').hex()} {entry!r}\n")
         with open(target, "a") as out:
             out.write(f"{set_id} {digest}\n")
 

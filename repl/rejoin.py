@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from repl.activity import divergence, power_lost
 from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from store.journal import Journal
@@ -66,7 +67,10 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
                                                                                   Path]:
     """Copy our own changes since *fork* aside, with a manifest. Returns (what, where)."""
     records = list(journal.records(fork))
-    ours = Divergence().add(records).follow_links(tree)
+    ours = Divergence().add(records)
+    if power_lost(journal):  # what the tree may hold that the journal lost, too
+        ours.update(divergence(journal.notes))
+    ours.follow_links(tree)
     gen = journal.identity.generation
     branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"
     private_dir(branch / "tree")  # the copies inside keep their own modes

@@ -1,7 +1,9 @@
 """Bringing a replica up to date from the backing directory, not from the journal.
 
-Two cases end here. Over budget (repl/capture.py), the open set holds the
-namespace ops and the dirty map holds the written ranges. For an initial
+Three cases end here. Over budget (repl/capture.py), the open set holds the
+namespace ops and the dirty map holds the written ranges. After an unclean
+stop, what the activity log noted (repl/activity.py) is sent again as the
+backing directory holds it (``resend``): the same open set and dirty map. For an initial
 sync (a replica that the journal cannot bring forward: new, older than what
 the journal keeps, or of a tree that was never empty), the open set gets a
 RESET record and then one record per entry of the backing tree: directories,
@@ -39,7 +41,7 @@ import trio.lowlevel
 from repl.diverge import Divergence
 from repl.errors import NotYet
 from store.libc import fd_path
-from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op
+from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Note, NoteKind, Op, is_under
 
 if TYPE_CHECKING:
     from repl.capture import Capture
@@ -152,6 +154,68 @@ def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
         capture.touched.paths.add(path)
         counts[0] += 1
     return counts[0], counts[1]
+
+
+def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes]]:
+    """Journal, in the open set, what makes a replica's copy of the noted paths what
+    the backing directory holds now; their data goes to the dirty map.
+
+    A NAME note's path (and every other name of a file with several, found by one
+    walk of the tree) is removed on the replica and sent again whole: PRUNE, then
+    its entry and subtree. The other notes are sent in place, where no NAME
+    path covers them: a file's size and noted ranges (DATA), a node's mode and
+    owner (ATTR), one extended attribute (XATTR). Every path goes into the set's
+    UTIMES.
+
+    Returns (entries, data bytes, the paths sent whole).
+    """
+    journal, backing = capture.journal, capture.backing
+    div = Divergence({n.path for n in notes if n.kind == NoteKind.NAME})
+    roots = div.follow_links(os.fsdecode(fd_path(backing.root_fd))).roots()
+    first_name: dict[int, bytes] = {}
+    counts = [0, 0]
+    for root in roots:
+        capture.dirty.forget(root)
+        journal.append(Op.PRUNE, path=root)
+        capture.touched.paths.update((root, root.rpartition(b"/")[0]))
+        if backing.lstat(root) is not None:
+            fd, name = backing.parent(root)
+            _entry(capture, fd, name, root, first_name, counts)
+    in_place: dict[bytes, None] = {}
+    sized: set[bytes] = set()
+    for note in notes:
+        if note.kind == NoteKind.NAME or any(is_under(note.path, top) for top in roots):
+            continue
+        st = backing.lstat(note.path)
+        if st is None:
+            continue  # removed before BACKING's last sync, as the replica has it
+        if note.path not in in_place:
+            in_place[note.path] = None
+            counts[0] += 1
+            capture.touched.paths.add(note.path)
+        if note.kind == NoteKind.DATA and stat.S_ISREG(st.st_mode):
+            if note.path not in sized:
+                sized.add(note.path)
+                journal.append(Op.TRUNCATE, path=note.path, size=st.st_size)
+            end = min(note.end, st.st_size)
+            if end > note.start:
+                capture.dirty.add(note.path, note.start, end)
+                counts[1] += end - note.start
+        elif note.kind == NoteKind.ATTR:
+            if not stat.S_ISLNK(st.st_mode):
+                journal.append(Op.CHMOD, path=note.path, mode=stat.S_IMODE(st.st_mode))
+            journal.append(Op.CHOWN, path=note.path, uid=st.st_uid, gid=st.st_gid)
+        elif note.kind == NoteKind.XATTR:
+            where = backing.proc_path(note.path)
+            try:
+                value = os.getxattr(where, note.name, follow_symlinks=not note.path)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                journal.append(Op.REMOVEXATTR, path=note.path, name=note.name)
+            else:
+                journal.append(Op.SETXATTR, path=note.path, name=note.name, data=value)
+    return counts[0], counts[1], roots
 
 
 def _walk(capture: Capture, dir_fd: int, prefix: bytes, first_name: dict[int, bytes],

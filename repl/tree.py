@@ -9,11 +9,13 @@ Walked directories are kept in a small cache; any namespace change drops it.
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict
 
 from store.libc import fd_path
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYNC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CACHE_SIZE = 256
 
 
@@ -84,6 +86,52 @@ class Tree:
             return fd_path(self.root_fd)
         return fd_path(*self.parent(path))
 
+    def sync_node(self, path: bytes) -> None:
+        """fsync the file or directory *path* names, or the directory of anything else
+        (a symlink, a fifo: their inode goes with their directory's). Gone: nothing."""
+        try:
+            fd = os.open(self.proc_path(path), _SYNC_FLAGS)
+        except OSError:
+            fd = -1
+        try:
+            mode = os.fstat(fd).st_mode if fd >= 0 else 0
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                os.fsync(fd)
+            elif path:
+                self.sync_node(path.rpartition(b"/")[0])
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def sync(self, path: bytes) -> None:
+        """fsync every regular file and directory at and under *path*, and the
+        directory that holds it (where the node's own name and metadata live).
+        Gone: nothing."""
+        stack = [path.rpartition(b"/")[0]] if path else []
+        try:
+            fd, name = self.parent(path) if path else (self.root_fd, b".")
+            top = os.open(name, _SYNC_FLAGS, dir_fd=fd)
+        except OSError:
+            top = -1
+        try:
+            if top >= 0 and stat.S_ISDIR(os.fstat(top).st_mode):
+                _sync_dir_tree(top)
+            elif top >= 0 and stat.S_ISREG(os.fstat(top).st_mode):
+                os.fsync(top)
+        finally:
+            if top >= 0:
+                os.close(top)
+        for parent in stack:
+            try:
+                parent_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                    dir_fd=self.dir_fd(parent))
+            except OSError:
+                continue
+            try:
+                os.fsync(parent_fd)
+            finally:
+                os.close(parent_fd)
+
     def forget_dirs(self) -> None:
         """Drop cached directory fds; call after any rename, rmdir or exchange."""
         for fd in self._dirs.values():
@@ -93,3 +141,37 @@ class Tree:
     def close(self) -> None:
         self.forget_dirs()
         os.close(self.root_fd)
+
+
+def _sync_dir_tree(top: int) -> None:
+    """fsync the directory open as *top*, and every file and directory under it
+    (iterative, one open fd per level, so trees of any depth are synced)."""
+    stack: list[tuple[int, list[str]]] = []
+    fd = os.dup(top)
+    try:
+        while True:
+            os.fsync(fd)
+            stack.append((fd, os.listdir(fd)))
+            fd = -1
+            while stack and fd < 0:
+                parent, names = stack[-1]
+                if not names:
+                    os.close(stack.pop()[0])
+                    continue
+                name = names.pop()
+                mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    fd = os.open(name, _SYNC_FLAGS | os.O_DIRECTORY, dir_fd=parent)
+                elif stat.S_ISREG(mode):
+                    child = os.open(name, _SYNC_FLAGS, dir_fd=parent)
+                    try:
+                        os.fsync(child)
+                    finally:
+                        os.close(child)
+            if fd < 0:
+                return
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for open_fd, _ in stack:
+            os.close(open_fd)

@@ -32,6 +32,7 @@ from store.private import FILE_MODE, private_dir, write_private
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
 APPLYING = "APPLYING"
+_APPLYING_BYTES = 128  # two set ids and a boot id fit, with room
 
 
 class ApplyLock:
@@ -92,17 +93,30 @@ class ApplyLock:
 
 def mark_applying(staging_dir: Path, first: int, last: int) -> None:
     """Say, beside the replica, that sets *first* to at most *last* are being applied."""
-    write_private(staging_dir / APPLYING, f"{first} {last}\n".encode())
+    _write_applying(staging_dir, f"{first} {last}")
 
 
 def mark_applied(staging_dir: Path, first: int, last: int) -> None:
     """Say that the ops of sets *first* to *last* are all done, on this boot; the
     batch is not durable yet."""
-    write_private(staging_dir / APPLYING, f"{first} {last} {_boot_id()}\n".encode())
+    _write_applying(staging_dir, f"{first} {last} {_boot_id()}")
 
 
 def clear_applying(staging_dir: Path) -> None:
-    (staging_dir / APPLYING).unlink(missing_ok=True)
+    """No batch under way. The file stays, blank: a batch costs no file made and removed."""
+    if (staging_dir / APPLYING).exists():
+        _write_applying(staging_dir, "")
+
+
+def _write_applying(staging_dir: Path, text: str) -> None:
+    """Overwrite APPLYING in place, always _APPLYING_BYTES long (blanks after *text*), so
+    it keeps its size and blocks: no truncate, no new file."""
+    data = text.encode().ljust(_APPLYING_BYTES - 1) + b"\n"
+    fd = os.open(staging_dir / APPLYING, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
 
 
 def interrupted(staging_dir: Path) -> tuple[int, int] | None:

@@ -10,9 +10,10 @@ never holds a record that a power cut of the primary could take back.
 
 An index in memory maps (set, seq) to where each record lies; it is rebuilt
 by reading the log at open. The journal's small meta values (identity,
-base, the budget's state) and the dirty map (store/dirty.py) are entries of
-the same log, written again at the head of each new segment, so dropping
-old segments loses none of them.
+base, the budget's state), the dirty map (store/dirty.py) and the notes of
+the activity log (repl/activity.py) are entries of the same log, written
+again at the head of each new segment, so dropping old segments loses none
+of them.
 
 Records stay until ``trim()``: the secondary reports a set applied, or the
 journal runs over its budget with nobody to send to.
@@ -32,10 +33,13 @@ from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
 from store.private import private_dir
 from store.records import (
+    Note,
     Op,
     Record,
+    decode_notes,
     decode_ranges,
     decode_set,
+    encode_notes,
     encode_ranges,
     encode_set,
     peek_key,
@@ -89,6 +93,7 @@ class Journal:
         self._order: list[int] = []  # the ids of self._sets, ascending
         self._meta: dict[bytes, bytes] = {}
         self.dirty: dict[bytes, list[tuple[int, int]]] = {}
+        self.notes: list[Note] = []  # the activity log's notes in force (repl/activity.py)
         self._intent: tuple[bytes, bytes] | None = None
         self.bytes = 0  # of the records indexed, for the budget
         self._snapshotting = False
@@ -138,6 +143,10 @@ class Journal:
                 self.dirty.pop(path, None)
         elif kind == Kind.DIRTY_CLEAR:
             self.dirty.clear()
+        elif kind == Kind.NOTES:
+            self.notes.extend(decode_notes(body))
+        elif kind == Kind.NOTES_RESET:
+            self.notes = decode_notes(body)
 
     def _index(self, set_id: int, seq: int, pos: int, size: int) -> None:
         if self._gaps is not None and (set_id in self._gaps or (
@@ -185,8 +194,8 @@ class Journal:
         return pos
 
     def _snapshot(self) -> None:
-        """Write the meta values and the dirty map again at a new segment's head,
-        so the segments before it can go."""
+        """Write the meta values, the dirty map and the notes again at a new segment's
+        head, so the segments before it can go."""
         self._snapshotting = True
         try:
             for key, value in self._meta.items():
@@ -194,6 +203,7 @@ class Journal:
             self.log.append(Kind.DIRTY_CLEAR, b"")
             for path, ranges in self.dirty.items():
                 self.log.append(Kind.DIRTY, keyed(path, encode_ranges(ranges)))
+            self.log.append(Kind.NOTES_RESET, encode_notes(self.notes))
         finally:
             self._snapshotting = False
 
@@ -263,6 +273,14 @@ class Journal:
             if self._sets[set_id].pos:
                 return Record.decode(self._read(set_id, len(self._sets[set_id].pos) - 1))
         return None
+
+    def is_last_entry(self, record: Record) -> bool:
+        """Whether *record* (as the journal holds it now) is the last entry of the log:
+        nothing at all was journaled after it."""
+        where = self._sets.get(record.set)
+        if where is None or record.seq >= len(where.pos):
+            return False
+        return self.log.is_last(where.pos[record.seq], where.size[record.seq])
 
     def intent(self, record: Record) -> bytes | None:
         """The intent stored with *record*, if it was the last one given one."""
@@ -444,6 +462,27 @@ class Journal:
     def clear_dirty(self) -> None:
         self.dirty.clear()
         self._write(Kind.DIRTY_CLEAR, b"")
+
+    def add_notes(self, notes: list[Note]) -> None:
+        """Journal notes added to the activity log (durable with the next sync)."""
+        body = encode_notes(notes)
+        self.notes.extend(notes)
+        try:
+            self._write(Kind.NOTES, body)
+        except OSError:
+            del self.notes[len(self.notes) - len(notes) :]
+            raise
+
+    def reset_notes(self, notes: list[Note]) -> None:
+        """Journal the activity log's notes, in place of all before (one entry, so a
+        power cut leaves either the old notes or these)."""
+        body = encode_notes(notes)
+        old, self.notes = self.notes, list(notes)
+        try:
+            self._write(Kind.NOTES_RESET, body)
+        except OSError:
+            self.notes = old
+            raise
 
     def close(self) -> None:
         self.log.close()

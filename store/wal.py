@@ -51,6 +51,8 @@ class Kind(enum.IntEnum):
     META_DEL = 4  # the key alone
     DIRTY = 5  # u16 path length, path, encoded ranges (none: the path is clean)
     DIRTY_CLEAR = 6  # empty
+    NOTES = 7  # notes added to the activity log (store/records.py encode_notes)
+    NOTES_RESET = 8  # the activity log's notes from here on, in place of all before
 
 
 def keyed(key: bytes, value: bytes) -> bytes:
@@ -209,18 +211,28 @@ class Log:
         finally:
             os.close(fd)
 
+    def is_last(self, pos: int, length: int) -> bool:
+        """Whether the entry whose body lies at *pos* (*length* bytes) ends the log."""
+        return pos + length + _SUM.size == self.end
+
     def read(self, pos: int, length: int) -> bytes:
         """*length* bytes at log position *pos* (inside one segment)."""
         base = max(b for b in self._fds if b <= pos)
         return os.pread(self._fds[base], length, pos - base)
 
     def drop_before(self, pos: int) -> None:
-        """Delete the segments that end at or before *pos* (never the one written)."""
+        """Delete the segments that end at or before *pos* (never the one written).
+
+        What the journal keeps of them (its meta values, dirty map and notes) was
+        written again at the head of a later segment: that is made durable first.
+        """
+        bases = sorted(self._fds)
+        doomed = [base for base, following in itertools.pairwise(bases) if following <= pos]
+        if not doomed:
+            return
+        self.sync()
         with self._sync_lock:
-            bases = sorted(self._fds)
-            for base, following in itertools.pairwise(bases):
-                if following > pos:
-                    break
+            for base in doomed:
                 os.close(self._fds.pop(base))
                 os.unlink(self._name(base))
 

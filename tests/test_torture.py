@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import os
 
-import pytest
-
 from tests.torture.__main__ import campaign
 from tests.torture.run import POWER_CUT
 
@@ -20,10 +18,6 @@ def test_torture_short_campaign() -> None:
     assert [r.error for r in results] == [None, None, None], out.getvalue()
 
 
-# Not strict: whether a run meets the gap depends on what the cut happens to take.
-@pytest.mark.xfail(strict=False, reason="issue 11: a change a power cut left on BACKING's "
-                   "disk but took from the journal (a name, a page written back early) is "
-                   "not replicated")
 def test_torture_power_cuts_short_campaign() -> None:
     out = io.StringIO()
     results = campaign(runs=2, seed=20261201, minutes=None, seconds=4.0, out=out,

@@ -118,3 +118,29 @@ def test_primary_recovery_never_prunes_its_own_tree(tmp_path: Path) -> None:
     with primary(backing, mount) as daemon:
         assert (mount / "keep" / "data").read_bytes() == b"precious"
     assert "starts again" in daemon.log()
+
+
+def test_primary_recovery_after_a_kill_replays_nothing_across_a_rename(tmp_path: Path) -> None:
+    """A kill -9 keeps the page cache: BACKING holds every op journaled before the
+    last, and the log holds records never flushed, a rename among them. Replaying
+    them by path would cross that rename and write into the wrong file."""
+    from repl.activity import note_boot
+    from store.journal import Journal
+    from store.records import Op, encode_set
+
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    (backing / "b").write_bytes(b"X" * 10)  # the first a, written, then renamed to b
+    (backing / "a").write_bytes(b"Y" * 20)  # a new a
+    journal = Journal(tmp_path / ".b.replfs" / "journal")
+    journal.append(Op.CREATE, path=b"a", mode=0o100644, uid=0, gid=0)
+    journal.put_meta(b"backing_at", encode_set(journal.end))  # BACKING synced here
+    journal.append(Op.WRITE, path=b"a", offset=0, data=b"X" * 10)
+    journal.append(Op.RENAME, path=b"a", path2=b"b", flags=0)
+    journal.append(Op.CREATE, path=b"a", mode=0o100644, uid=0, gid=0)
+    journal.append(Op.WRITE, path=b"a", offset=0, data=b"Y" * 20)
+    note_boot(journal)  # the daemon was killed on this boot
+    journal.close()
+    with primary(backing, mount):
+        assert (mount / "b").read_bytes() == b"X" * 10
+        assert (mount / "a").read_bytes() == b"Y" * 20

@@ -10,9 +10,10 @@ same disk, the primary started again on it. Then:
 - the replica, whenever it is looked at (held with pause), is the primary's
   tree as it was at the close of the set it shows: never a torn set.
 
-The tests marked xfail are the gap issue 11 still has to close: BACKING can
-reach the disk ahead of the journal (what a cut took from the journal but
-not from BACKING is never replicated). Each says what goes wrong today.
+BACKING can reach the disk ahead of the journal (a name or a page the cut
+took from the journal but not from BACKING): the activity log's notes make
+the primary resend those paths after the cut (repl/activity.py), which the
+convergence checks see.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from repl.faults import ENV_SET_HASHES
+from repl.faults import ENV_BOOT_ID, ENV_SET_HASHES
 from repl.secondary import pause, resume
 from repl.verify import tree_digest
 from tests.powercut.harness import Simulator, simulator
@@ -50,8 +51,6 @@ from tests.support import (
     unmount,
     wait_applied,
 )
-
-ISSUE = "issue 11: "
 
 # Commits transactions to SQLite (WAL, synchronous=FULL) on the mount, ARGV[2] of them
 # (0: until the mount dies), and prints each one's number once its COMMIT returned.
@@ -87,7 +86,8 @@ class Host:
         self.primary = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                                f"127.0.0.1:{sec.port}", *extra, *tls_args(PRIMARY, SECONDARY)],
                               tmp / "primary.log", "serving",
-                              env={ENV_SET_HASHES: str(self.hashes)})
+                              env={ENV_SET_HASHES: str(self.hashes),
+                                   ENV_BOOT_ID: str(sim.boot_id)})
 
     def power_cut(self, keep: float = 0.0, seed: int = 0) -> dict[str, int]:
         """The power goes: the primary dies with the disk; what was not synced is
@@ -221,10 +221,6 @@ def test_primary_power_cut_unsynced_write_ok(tmp_path: Path) -> None:
         h.converged()
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE + "a chmod, a rename and a mkdir after the last "
-                   "flush reach BACKING at once, their records in the journal are lost with "
-                   "the power: BACKING is ahead of the journal, and the replica never gets "
-                   "them")
 def test_primary_power_cut_metadata_after_fsync_ok(tmp_path: Path) -> None:
     with host(tmp_path, "--set-interval", "3600") as h:
         write_synced(h.mount / "f", b"data")
@@ -255,9 +251,6 @@ def test_primary_power_cut_replica_ahead_of_journal_ok(tmp_path: Path) -> None:
         h.converged()
 
 
-@pytest.mark.xfail(strict=True, reason=ISSUE + "pages of BACKING written back before the "
-                   "power went hold appends whose journal entries the cut took: BACKING is "
-                   "ahead of the journal, and the replica never gets them")
 @pytest.mark.parametrize("seed", [1, 2])
 def test_primary_power_cut_partial_writeback_ok(tmp_path: Path, seed: int) -> None:
     """Many writes after the last fsync, each its own journal commit; the power goes
@@ -274,9 +267,6 @@ def test_primary_power_cut_partial_writeback_ok(tmp_path: Path, seed: int) -> No
         h.converged()
 
 
-@pytest.mark.xfail(strict=False, reason=ISSUE + "the cluster id survives now (the journal "
-                   "syncs it when it is made); the file created before the first fsync is on "
-                   "BACKING at once, its record lost with the power: the replica never gets it")
 def test_primary_power_cut_before_first_fsync_ok(tmp_path: Path) -> None:
     with host(tmp_path, "--set-interval", "3600") as h:
         cluster = status(h.mount)["cluster"]

@@ -7,7 +7,8 @@
 
 The simulator runs in its own process (``python -m tests.powercut``), so a
 daemon under test and the simulator die independently, as a process and a
-disk do.
+disk do. Each start is a boot of the machine: ``boot_id`` names a file that
+holds a new id, for a daemon to read in place of the kernel's (repl/faults.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ class Simulator:
         # A short path: a unix socket's must fit in 108 bytes.
         self._dir = Path(tempfile.mkdtemp(prefix="powercut-"))
         self.control = self._dir / "control.sock"
+        self.boot_id = self._dir / "boot_id"
         self.daemon = Daemon([str(lower), str(mountpoint), "--control", str(self.control)],
                              log, "serving", command=[sys.executable, "-m", "tests.powercut"])
 
@@ -43,6 +46,7 @@ class Simulator:
     def start(self) -> Simulator:
         """Mount a new simulator over LOWER (the previous one must be gone)."""
         assert not self.running, "the simulator is already running"
+        self.boot_id.write_text(f"{uuid.uuid4()}\n")
         self.mountpoint.mkdir(exist_ok=True)
         self.daemon.start()
         return self

@@ -110,3 +110,28 @@ def test_tree_forget_dirs_ok(root: Path, tree: Tree) -> None:
     assert open_fds() < before
     assert tree.lstat(b"a/b/f") is None
     assert os.fstat(tree.dir_fd(b"a/b")).st_ino == os.stat(root / "a" / "b").st_ino
+
+
+def test_tree_sync_ok(tmp_path: Path) -> None:
+    """``sync`` makes durable every file at and under a path, ``sync_node`` one file
+    (a symlink: its directory); on a disk that loses what was not synced."""
+    from tests.powercut.harness import simulator
+
+    with simulator(tmp_path / "lower", tmp_path / "disk") as sim:
+        root = sim.mountpoint / "t"
+        deep = root / "d" / "e" / "f"
+        deep.mkdir(parents=True)
+        for path in (deep / "1", root / "d" / "2", root / "other", root / "one"):
+            path.write_bytes(b"unsynced")
+        os.symlink("one", root / "link")
+        with closing(Tree(root)) as tree:
+            assert sim.pending()["files"] == 4
+            tree.sync(b"d")
+            assert sim.pending()["files"] == 2
+            tree.sync_node(b"link")
+            tree.sync_node(b"gone/missing")
+            assert sim.pending()["files"] == 2
+            tree.sync_node(b"one")
+            assert sim.pending()["files"] == 1
+            tree.sync(b"")
+            assert sim.pending()["files"] == 0

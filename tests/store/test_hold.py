@@ -37,3 +37,17 @@ def test_torn_err_ops_done_on_another_boot(tmp_path: Path) -> None:
 def test_torn_err_marker_of_one_set(tmp_path: Path) -> None:
     (tmp_path / APPLYING).write_text("7\n")
     assert torn(tmp_path) == (7, 7) and interrupted(tmp_path) == (7, 7)
+
+
+def test_applying_rewritten_in_place_never_removed(tmp_path: Path) -> None:
+    """A batch rewrites APPLYING where it is, the same size: no file made and removed,
+    and nothing of a longer mark is left behind by a shorter one."""
+    mark_applied(tmp_path, 1000, 2000)
+    inode = (tmp_path / APPLYING).stat().st_ino
+    clear_applying(tmp_path)
+    assert interrupted(tmp_path) is None
+    mark_applying(tmp_path, 3, 4)
+    assert interrupted(tmp_path) == (3, 4) and torn(tmp_path) == (3, 4)
+    clear_applying(tmp_path)
+    st = (tmp_path / APPLYING).stat()
+    assert st.st_ino == inode and st.st_size == 128 and st.st_mode & 0o777 == 0o600

@@ -13,7 +13,7 @@ import pytest
 
 from store.errors import JournalLocked, RecordError, StoreError
 from store.journal import Journal
-from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
+from store.records import RENAME_EXCHANGE, Note, NoteKind, Op, Record, encode_intent
 from tests.support import ROOT
 
 
@@ -329,22 +329,65 @@ def test_journal_open_ok_after_power_cut(path: Path, cut: str) -> None:
         assert j.last() == record, "the cut-off tail was removed, so new entries count"
 
 
+def test_journal_notes_ok(path: Path) -> None:
+    """Notes added after a reset add to it; a reset replaces all; a reopen reads them."""
+    name, data = Note(NoteKind.NAME, b"d"), Note(NoteKind.DATA, b"f", 0, 1 << 22)
+    with opened(path) as j:
+        assert j.notes == []
+        j.add_notes([name])
+        j.reset_notes([data])
+        j.add_notes([name, Note(NoteKind.ATTR, b"")])
+    with opened(path) as j:
+        assert j.notes == [data, name, Note(NoteKind.ATTR, b"")]
+        j.reset_notes([])
+    with opened(path) as j:
+        assert j.notes == []
+
+
+def test_journal_notes_ok_after_power_cut(path: Path) -> None:
+    """A reset torn by a cut leaves the notes before it in force, never part of it."""
+    with opened(path) as j:
+        j.add_notes([Note(NoteKind.NAME, b"a")])
+        synced = j.sync()
+        j.reset_notes([Note(NoteKind.NAME, b"b"), Note(NoteKind.NAME, b"c")])
+    (segment,) = segments(path)
+    with open(segment, "r+b") as f:
+        f.truncate(segment.stat().st_size - 1)
+    with opened(path) as j:
+        assert j.end == synced
+        assert j.notes == [Note(NoteKind.NAME, b"a")]
+
+
+def test_journal_is_last_entry_ok(journal: Journal) -> None:
+    first, second = write(journal, 2)
+    assert journal.is_last_entry(second) and not journal.is_last_entry(first)
+    journal.add_notes([Note(NoteKind.NAME, b"x")])
+    assert not journal.is_last_entry(second), "anything journaled after it counts"
+    journal.put(second.voided())
+    assert journal.is_last_entry(second.voided())
+    assert not journal.is_last_entry(Record(Op.WRITE, 9, 0, path=b"f"))
+
+
 def test_journal_open_ok_rotated_segments_keep_meta_and_dirty(path: Path,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    """Meta values and the dirty map are written again at each new segment's head,
-    so trimming away the old segments loses none of them."""
+    """Meta values, the dirty map and the notes are written again at each new
+    segment's head, so trimming away the old segments loses none of them."""
     monkeypatch.setattr("store.wal.SEGMENT_BYTES", 16 << 10)
     with opened(path) as j:
         j.base = 0
         j.put_meta(b"overflow", b"1")
         j.put_dirty(b"d/f", [(0, 10), (20, 30)])
+        j.reset_notes([Note(NoteKind.NAME, b"old")])
+        j.add_notes([Note(NoteKind.DATA, b"f", 0, 4096)])
         for _ in range(8):
             j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(4000))
             j.close_set()
         assert len(segments(path)) > 2
+        end = j.end
         j.trim(7)
         assert len(segments(path)) <= 2
+        assert j.durable >= end, "what the dropped segments held is durable before they go"
         ident = j.identity
         j.sync()
     with opened(path) as j:
@@ -353,6 +396,7 @@ def test_journal_open_ok_rotated_segments_keep_meta_and_dirty(path: Path,
         assert j.get_meta(b"overflow") == b"1"
         assert j.base == 7
         assert j.dirty == {b"d/f": [(0, 10), (20, 30)]}
+        assert j.notes == [Note(NoteKind.NAME, b"old"), Note(NoteKind.DATA, b"f", 0, 4096)]
         assert j.identity == ident
 
 

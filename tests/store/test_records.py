@@ -23,14 +23,18 @@ from store.records import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    Note,
+    NoteKind,
     Op,
     Record,
     check_path,
     decode_intent,
     decode_key,
+    decode_notes,
     decode_set,
     encode_intent,
     encode_key,
+    encode_notes,
     encode_set,
     peek_key,
 )
@@ -507,3 +511,61 @@ def test_record_peek_key_err_seq_range() -> None:
     journal's index of a set grows to the seq it reads)."""
     with pytest.raises(RecordError, match=f"seq {MAX_SEQ} out of range"):
         peek_key(patched(SPECS["void"], FIELDS_AT - 4, MAX_SEQ.to_bytes(4, "big")))
+
+
+# --- the activity log's notes --------------------------------------------------------
+
+NOTES = {
+    "notes": [Note(NoteKind.NAME, b"dir/caf\xc3\xa9"),
+              Note(NoteKind.DATA, b"f", 4 << 20, MAX_OFFSET),
+              Note(NoteKind.ATTR, b""),
+              Note(NoteKind.XATTR, b"dir/file", name=b"user.key")],
+    "notes-empty": [],
+}
+NOTES_GOLDEN = GOLDEN.parent / "notes"
+
+
+@pytest.mark.parametrize("case", sorted(NOTES))
+def test_notes_golden_ok(case: str) -> None:
+    path = NOTES_GOLDEN / f"{case}.bin"
+    if REGENERATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_notes(NOTES[case]))
+    golden = path.read_bytes()
+    assert encode_notes(NOTES[case]) == golden, "the notes format changed"
+    assert decode_notes(golden) == NOTES[case]
+
+
+def test_notes_golden_ok_no_strays() -> None:
+    assert {p.stem for p in NOTES_GOLDEN.glob("*.bin")} == set(NOTES)
+
+
+@pytest.mark.parametrize("note, match", [
+    (Note(NoteKind.NAME, b""), "empty path"),
+    (Note(NoteKind.DATA, b"../f", 0, 1), r"'\.\.' component"),
+    (Note(NoteKind.DATA, b"f", 5, 5), r"range \[5, 5\) out of order"),
+    (Note(NoteKind.DATA, b"f", 0, MAX_OFFSET + 1), "out of order or range"),
+    (Note(NoteKind.ATTR, b"f", 0, 1), "ATTR note with a range"),
+    (Note(NoteKind.XATTR, b"f"), "xattr note without a name"),
+    (Note(NoteKind.NAME, b"f", name=b"user.k"), "NAME note with a name"),
+    (Note(NoteKind.XATTR, b"f", name=b"u" * 256), "too long or contains NUL"),
+    (Note(NoteKind.XATTR, b"f", name=b"user.\0"), "too long or contains NUL"),
+])
+def test_notes_validate_err(note: Note, match: str) -> None:
+    with pytest.raises(RecordError, match=match):
+        note.validate()
+    with pytest.raises(RecordError, match=match):
+        encode_notes([note])
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: raw[:-1], "truncated note"),
+    (lambda raw: raw[:3], "truncated notes"),
+    (lambda raw: raw + b"\0", "1 trailing bytes"),
+    (lambda raw: b"\xff\xff\xff\xff" + raw[4:], "notes cannot fit"),
+    (lambda raw: raw[:4] + b"\x09" + raw[5:], "unknown note kind 9"),
+])
+def test_notes_decode_err(damage: Callable[[bytes], bytes], match: str) -> None:
+    raw = encode_notes(NOTES["notes"])
+    with pytest.raises(RecordError, match=match):
+        decode_notes(damage(raw))

@@ -1,12 +1,13 @@
 """The record decoders, fuzzed: every value they can be given from a peer or from disk.
 
 A record comes from a peer (a RECORD frame) and from disk (the journal, the
-staging store); keys, set ids, intents, set states and dirty ranges come
-from disk. For each decoder: valid values round-trip, and any bytes at all,
-random or a valid encoding damaged (with its checksum made valid again, so
-the damage reaches the parser), either decode to a valid value that encodes
-back to the same bytes, or raise RecordError; never another error, and
-never an allocation the input's size does not pay for.
+staging store); keys, set ids, intents, set states, dirty ranges and the
+activity log's notes come from disk. For each decoder: valid values
+round-trip, and any bytes at all, random or a valid encoding damaged (with
+its checksum made valid again, so the damage reaches the parser), either
+decode to a valid value that encodes back to the same bytes, or raise
+RecordError; never another error, and never an allocation the input's size
+does not pay for.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from hypothesis import strategies as st
 
 from store.errors import RecordError
 from store.records import (
+    MAX_OFFSET,
     MAX_SEQ,
+    Note,
+    NoteKind,
     Record,
     SetState,
     decode_intent,
     decode_key,
+    decode_notes,
     decode_ranges,
     decode_set,
     encode_intent,
     encode_key,
+    encode_notes,
     encode_ranges,
     encode_set,
 )
@@ -176,3 +182,48 @@ def test_set_state_fuzz(raw: bytes) -> None:
     assert state.count < MAX_SEQ
     bounded(lambda _: _use(state), raw)
     assert SetState.decode(state.encode()) == state
+
+
+# --- the activity log's notes ---------------------------------------------------------
+
+_paths = st.lists(st.sampled_from([b"a", b"b\xc3\xa9", b"c" * 255, b"d"]), min_size=1,
+                  max_size=4).map(b"/".join)
+
+
+@st.composite
+def notes(draw: st.DrawFn) -> Note:
+    kind = draw(st.sampled_from(NoteKind))
+    if kind == NoteKind.DATA:
+        start = draw(st.integers(0, MAX_OFFSET - 1))
+        return Note(kind, draw(_paths), start, draw(st.integers(start + 1, MAX_OFFSET)))
+    if kind == NoteKind.XATTR:
+        return Note(kind, draw(_paths), name=draw(st.binary(min_size=1, max_size=255)
+                                                  .filter(lambda n: b"\0" not in n)))
+    return Note(kind, draw(_paths))
+
+
+_notes_golden = st.sampled_from(sorted((ROOT / "tests" / "testdata" / "notes").glob("*.bin"))
+                                ).map(Path.read_bytes)
+
+
+def notes_decode_or_refuse(raw: bytes) -> None:
+    try:
+        decoded = bounded(decode_notes, raw)
+    except RecordError:
+        return
+    assert encode_notes(decoded) == raw, "two encodings of one batch of notes"
+
+
+@given(st.lists(notes(), max_size=8))
+def test_notes_ok_round_trip(batch: list[Note]) -> None:
+    assert decode_notes(encode_notes(batch)) == batch
+
+
+@given(st.binary(max_size=256))
+def test_notes_decode_fuzz_random_bytes(raw: bytes) -> None:
+    notes_decode_or_refuse(raw)
+
+
+@given((_notes_golden | st.lists(notes(), max_size=4).map(encode_notes)).flatmap(mutated))
+def test_notes_decode_fuzz_mutated(raw: bytes) -> None:
+    notes_decode_or_refuse(raw)

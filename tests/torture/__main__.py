@@ -51,7 +51,9 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
     if faults[POWER_CUT]:
         print(f"{POWER_CUT:<18}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "
-              "in an open set, the tree not compared)", file=out)
+              "in an open set, the tree not compared; after "
+              f"{sum(r.resent for r in results)} the primary resent what its activity log "
+              "noted, the rest of the tree compared)", file=out)
     print(f"{'samples checked':<18}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
           f"mounts ({sum(r.cached_lost for r in results)} missed the cached one: the "
           "secondary serving it had died)", file=out)
@@ -73,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run exactly one run with this seed, and keep its directory")
     parser.add_argument("--power-cuts", action="store_true",
                         help="also cut the primary's power once a run: BACKING and its journal "
-                        "on a simulated disk that drops what was not fsynced. Off by default "
-                        "until issue 11 (one flush per fsync, a promise for power loss) lands: "
-                        "today's primary fails these checks")
+                        "on a simulated disk that drops what was not fsynced")
     args = parser.parse_args(argv)
     if args.replay is not None:
         result = run_one(args.replay, args.seconds, Path(tempfile.gettempdir()), keep=True,

@@ -11,7 +11,11 @@ each cut by ``PowerCuts.boot``:
   its cluster (if not, it raises Violation: the run cannot go on);
 - BACKING is the primary's tree at the close of the journal's last durable
   set (when the journal ends with that set's SYNC: records after it, durable
-  without their SYNC, leave a state no digest recorded, counted as unchecked);
+  without their SYNC, leave a state no digest recorded, counted as unchecked),
+  but for what the activity log noted (repl/activity.py): BACKING may hold
+  more there than the journal, and the primary resends it as it is. Those
+  paths are left out, and the rest compared path by path (the trees the
+  primary recorded at each close, REPLFS_TEST_SET_TREES);
 - every SQLite commit the workload got back is in the database.
 
 The last two are kept in ``problems`` and the run goes on, so that one run
@@ -25,6 +29,7 @@ either history's contents (Run.set_hashes).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sqlite3
@@ -32,9 +37,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from repl.verify import tree_digest
+from repl.activity import name_roots
+from repl.verify import tree_digest, walk
 from store.errors import StoreError
 from store.journal import Journal
+from store.records import Note, NoteKind, is_under
 from tests.powercut.harness import Simulator
 from tests.support import Daemon, status, unmount
 from tests.torture.violation import Violation
@@ -51,7 +58,9 @@ class PowerCuts:
         self.sim = Simulator(run_dir / "disk-lower", run_dir / "disk", run_dir / "disk.log")
         self.sim.lower.mkdir()
         self.hashes = hashes
-        self.cuts = self.pages_lost = self.unchecked = 0
+        self.trees = run_dir / "set-trees"  # what the primary recorded at each close
+        self.trees.mkdir()
+        self.cuts = self.pages_lost = self.unchecked = self.resent = 0
         self.keep = 0.0  # the last cut's
         self.cluster = ""  # the primary's cluster id before the last cut
         self.problems: list[str] = []  # violations found after a cut
@@ -83,7 +92,7 @@ class PowerCuts:
         """
         keep = self.keep
         digests = self._digests()  # what the primary recorded before the power went
-        last, closed = self._last_set()
+        last, closed, notes = self._last_set()
         self.sim.start()
         try:
             primary = start_primary()
@@ -95,6 +104,14 @@ class PowerCuts:
                             "which its secondary refuses")
         if not closed or last not in digests:
             self.unchecked += 1
+        elif notes:
+            self.resent += 1
+            differ = self._differences(last, notes)
+            if differ:
+                self.problems.append(f"after a power cut (keep {keep}) the primary's tree "
+                                     f"differs from its tree at the close of set {last}, the "
+                                     f"journal's last durable set, outside what the activity "
+                                     f"log noted: {differ[:3]}")
         elif tree_digest(self.backing) != digests[last]:
             self.problems.append(f"after a power cut (keep {keep}) the primary's tree is not "
                                  f"its tree at the close of set {last}, the journal's last "
@@ -114,18 +131,48 @@ class PowerCuts:
                 out[int(set_id)] = digest
         return out
 
-    def _last_set(self) -> tuple[int, bool]:
-        """The journal's last set on the disk as the cut left it, and whether it ends
-        with that set's SYNC (or holds no record after a trim)."""
+    def _last_set(self) -> tuple[int, bool, list[Note]]:
+        """The journal's last set on the disk as the cut left it, whether it ends
+        with that set's SYNC (or holds no record after a trim), and its notes."""
         try:
             journal = Journal(self.sim.lower / ".b.replfs" / "journal", read_only=True)
         except StoreError as exc:
             raise Violation(f"the journal is unreadable after a power cut (keep {self.keep}): "
                             f"{exc}") from None
         try:
-            return (journal.set - 1, True) if journal.seq == 0 else (journal.set, False)
+            if journal.seq == 0:
+                return journal.set - 1, True, journal.notes
+            return journal.set, False, journal.notes
         finally:
             journal.close()
+
+    def _differences(self, set_id: int, notes: list[Note]) -> list[str]:
+        """The paths where BACKING differs from its tree at *set_id*'s close, but for
+        the noted ones: NAME paths with all under them and their directory's own
+        entry, the other notes' paths, and other names of a file among them."""
+        roots = name_roots(notes)
+        skip = {n.path for n in notes if n.kind != NoteKind.NAME}
+        skip |= {root.rpartition(b"/")[0] for root in roots}
+        before = {}
+        for line in (self.trees / str(set_id)).read_text().splitlines():
+            path, entry = line.split(" ", 1)
+            before[bytes.fromhex(path)] = entry
+        now = {os.fsencode(path): repr(entry) for path, entry in walk(self.backing)}
+        linked = set()  # inodes of skipped files: their other names show the same change
+        for path in now:
+            if path in skip or any(is_under(path, root) for root in roots):
+                st = os.lstat(os.path.join(self.backing, os.fsdecode(path)))
+                if st.st_nlink > 1 and not os.path.isdir(self.backing / os.fsdecode(path)):
+                    linked.add(st.st_ino)
+        out = []
+        for path in sorted(before.keys() | now.keys()):
+            if path in skip or any(is_under(path, root) for root in roots):
+                continue
+            if before.get(path) != now.get(path):
+                if path in now and os.lstat(self.backing / os.fsdecode(path)).st_ino in linked:
+                    continue
+                out.append(os.fsdecode(path) or "/")
+        return out
 
 
 def _sqlite_count(tree: Path) -> int:

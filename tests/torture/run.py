@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repl.errors import UsageError
-from repl.faults import ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES
+from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
 from repl.secondary import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import is_held
@@ -54,6 +54,7 @@ class Result:
     cached_lost: int = 0  # cached samples not taken: the secondary (serving it) had died
     pages_lost: int = 0  # dirty pages the power cuts dropped
     unchecked: int = 0  # power cuts after which the journal ended in an open set
+    resent: int = 0  # power cuts after which the primary resent what its notes named
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -108,11 +109,16 @@ class Run:
     def start_primary(self) -> Daemon:
         self.mount.mkdir(exist_ok=True)
         budget = ["--journal-max", self.journal_max] if self.journal_max else []
+        # With power cuts, the machine boots anew at each (the simulator says so), and
+        # the primary records its tree at each close, for PowerCuts.boot to compare.
+        boot = {ENV_BOOT_ID: str(self.power.sim.boot_id),
+                ENV_SET_TREES: str(self.power.trees)} if self.power is not None else {}
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
                     "--stall-seconds", "1", "--scramble", str(self.seed), *budget,
                     *tls_args(PRIMARY, SECONDARY)],
-                   self.dir / "primary.log", "serving", env={ENV_SET_HASHES: str(self.hashes)})
+                   self.dir / "primary.log", "serving",
+                   env={ENV_SET_HASHES: str(self.hashes), **boot})
         return d.start()
 
     def start_standby(self) -> Daemon:
@@ -323,6 +329,7 @@ class Run:
             if self.power is not None:
                 self.result.pages_lost = self.power.pages_lost
                 self.result.unchecked = self.power.unchecked
+                self.result.resent = self.power.resent
             if self.tmpfs:
                 subprocess.run(["umount", "-l", str(self.replica)], capture_output=True)
         return self.result
