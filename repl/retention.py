@@ -57,8 +57,11 @@ class Retention:
     """
 
     def __init__(self, journal: Journal, addresses: Iterable[str]) -> None:
+        """Read what the journal says of *addresses*; writes nothing (a recovery that
+        follows tells the journal's last record from what was appended after it)."""
         self.journal = journal
         self.followers: dict[str, Follower] = {}
+        self._stale: list[bytes] = []  # entries of secondaries no longer configured
         saved = _load_json(journal.get_meta(_FOLLOWERS))
         for address in addresses:
             entry = saved.get(address, {})
@@ -69,12 +72,11 @@ class Retention:
             name, _, rest = key[len(_MISSED):].partition(b"\0")
             follower = self.followers.get(name.decode())
             if follower is None or not follower.dropped:
-                journal.put_meta(key, None)  # a secondary no longer configured
+                self._stale.append(key)
             elif rest[:1] == b"c":
                 follower.missed.content.add(rest[1:])
             else:
                 follower.missed.ranges[rest[1:]] = decode_ranges(value)
-        self._save()
 
     def add(self, address: str) -> None:
         """A secondary joins; it pins everything until it says what it applied."""
@@ -201,6 +203,9 @@ class Retention:
         self._save()
 
     def _save(self) -> None:
+        for key in self._stale:
+            self.journal.put_meta(key, None)
+        self._stale.clear()
         value = json.dumps({a: {"applied": f.applied, "dropped": f.dropped}
                             for a, f in sorted(self.followers.items())},
                            sort_keys=True).encode()
