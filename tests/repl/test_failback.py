@@ -12,11 +12,11 @@ from tests.support import (
     SECONDARY,
     checkpoint,
     diff,
-    free_port,
     primary,
     replfs,
     secondary,
     snapshot,
+    steady_port,
     tls_args,
     unmount,
 )
@@ -53,7 +53,7 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
             unmount(ma)
 
     assert replfs("promote", b).returncode == 0
-    port_a = free_port()
+    port_a = steady_port()  # not an ephemeral port, which a busy machine may hand out
     with secondary(a, "--rejoin", port=port_a) as sec_a, primary(
             b, mb, "--secondary", f"127.0.0.1:{port_a}") as pri_b:
         # b, now primary, changes things too
