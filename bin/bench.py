@@ -1,13 +1,16 @@
 """``bin/bench``: what replfs costs, workload by workload, against the native filesystem.
 
-Every workload runs on three targets, in one temporary directory on one
-disk: a native directory, a replfs primary mount with no secondary, and a
-primary mount replicating to a live secondary on loopback. The full run
-goes round all three three times, interleaved, and reports the median of
-each figure: this machine's disk and CPU move by 2-3x from minute to
-minute. The table gives each figure and the ratio replicated/native
-(native/replicated for latencies). Then, with the secondary: lag from a set's close to its apply
-(``checkpoint --wait`` round trips under a steady writer), the catch-up
+Every workload runs on four targets, in one temporary directory on one
+disk: a native directory, a replfs primary mount with no secondary, a
+primary mount replicating to a live secondary on loopback, and one with
+``--fsync remote`` replicating to a secondary of its own (an fsync waits
+for the secondary's staging). The full run goes round the targets three
+times, interleaved, and reports the median of each figure, with the range
+of the rounds under it: this machine's disk and CPU move by 2-3x from
+minute to minute. The table gives each figure and the ratio
+replicated/native (native/replicated for latencies). Then, with the
+secondary: lag from a set's close to its apply (``checkpoint --wait``
+round trips under a steady writer), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
 application byte. Last, the standby's reads (bin/bench_reads.py): the
 secondary's cached standby mount against the replica directory, idle and
@@ -19,6 +22,10 @@ a directory of 2,000 entries instead of 10,000). MB is 10^6 bytes. The replicati
 runs with ``--journal-max 4G`` so the outage stays in the journal and the
 catch-up measures journal streaming, not a resync.
 
+``--only fsync4k,sqlite_commits`` runs just those workloads (and skips the
+replication figures and the standby's reads); ``--rounds N`` sets how many
+times round the targets.
+
 Everything is removed afterwards, also on Ctrl-C or failure.
 """
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -60,7 +68,7 @@ REPLFS = [sys.executable, str(HERE / "replfs.py")]
 MiB = 1 << 20
 MB = 1e6
 JOURNAL_MAX = "4G"
-TARGETS = ("native", "replfs", "replfs_replicated")
+TARGETS = ("native", "replfs", "replfs_replicated", "replfs_remote")
 
 
 READS = bench_reads.ReadPlan(big=256 * MiB, seconds=2.0, rounds=3)
@@ -315,9 +323,10 @@ def checkpoint(mount: Path, wait: float = 600.0) -> int:
 # --- the run ------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path) -> None:
+    def __init__(self, plan: Plan, tmp: Path, only: list[str] | None = None) -> None:
         self.plan = plan
         self.tmp = tmp
+        self.only = only  # the workloads to run (None: all, and the replication figures)
         self.daemons: list[Daemon] = []
         self.mounts: list[Path] = []
         self.results: dict[str, dict[str, list[Result]]] = {
@@ -340,15 +349,18 @@ class Bench:
         self.mounts.append(mount)
         return self.daemon(name, ["primary", str(backing), str(mount), *extra], "serving"), mount
 
-    def secondary(self, port: int = 0) -> tuple[Daemon, int]:
-        """The secondary, serving its cached standby mount at TMP/standby too."""
+    def secondary(self, port: int = 0, name: str = "secondary") -> tuple[Daemon, int]:
+        """A secondary; the first serves its cached standby mount at TMP/standby too."""
         replica, standby = self.tmp / "replica", self.tmp / "standby"
-        standby.mkdir(exist_ok=True)
-        if standby not in self.mounts:
-            self.mounts.append(standby)
-        daemon = self.daemon("secondary", ["secondary", str(replica), "--listen",
-                                           f"127.0.0.1:{port}", "--mount", str(standby),
-                                           *self.secondary_tls],
+        extra = ["--mount", str(standby)]
+        if name == "secondary":
+            standby.mkdir(exist_ok=True)
+            if standby not in self.mounts:
+                self.mounts.append(standby)
+        else:
+            replica, extra = self.tmp / f"{name}-replica", []
+        daemon = self.daemon(name, ["secondary", str(replica), "--listen",
+                                    f"127.0.0.1:{port}", *extra, *self.secondary_tls],
                              "listening on")
         port = int(daemon.tail().split("listening on 127.0.0.1:")[-1].split()[0])
         return daemon, port
@@ -372,6 +384,8 @@ class Bench:
     def workloads(self, target: str, root: Path, mount: Path | None = None,
                   replicated: bool = False, round_: int = 0) -> None:
         for key, unit, run in WORKLOADS:
+            if self.only is not None and key not in self.only:
+                continue
             d = root / f"{key}.{round_}"
             d.mkdir()
             began = now()
@@ -401,16 +415,31 @@ class Bench:
         pri, mount = self.primary("replicated", "--secondary", f"127.0.0.1:{port}",
                                   "--journal-max", JOURNAL_MAX, *self.primary_tls)
         say(f"replfs primary at {mount}, replicating to 127.0.0.1:{port} over TLS")
+        remote_sec, remote_port = self.secondary(name="secondary-remote")
+        remote, remote_mount = self.primary(
+            "remote", "--secondary", f"127.0.0.1:{remote_port}", "--fsync", "remote",
+            "--journal-max", JOURNAL_MAX, *self.primary_tls)
+        say(f"replfs primary at {remote_mount}, --fsync remote to 127.0.0.1:{remote_port}")
         checkpoint(mount, 60)
+        checkpoint(remote_mount, 60)
         for round_ in range(self.plan.rounds):
             if self.plan.rounds > 1:
                 say(f"round {round_ + 1} of {self.plan.rounds}")
             self.workloads("native", native, round_=round_)
             self.workloads("replfs", alone_mount, alone_mount, round_=round_)
             self.workloads("replfs_replicated", mount, mount, replicated=True, round_=round_)
+            self.workloads("replfs_remote", remote_mount, remote_mount, replicated=True,
+                           round_=round_)
+        if ask(remote_mount, "status")["fsync_local_only"]:
+            self.warn("some fsyncs of the --fsync remote primary did not wait for its "
+                      "secondary (it was behind or gone)")
         self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
-        alone.stop()
+        for daemon in (alone, remote, remote_sec):
+            daemon.stop()
         unmount(alone_mount)
+        unmount(remote_mount)
+        if self.only is not None:
+            return
         say("standby reads: the secondary's cached standby mount against the replica "
             "directory")
         self.reads = bench_reads.run(mount, self.tmp / "replica", self.tmp / "standby",
@@ -563,11 +592,17 @@ def report(bench: Bench) -> dict[str, Any]:
         got = {t: statistics.median(r.value for r in runs[t]) for t in TARGETS}
         native, replicated = got["native"], got["replfs_replicated"]
         entry: dict[str, Any] = {"unit": unit, **{t: round(got[t], 2) for t in TARGETS},
-                                 "ratio": round(replicated / native, 4) if native else None}
+                                 "ratio": round(replicated / native, 4) if native else None,
+                                 "range": {t: [round(min(r.value for r in runs[t]), 2),
+                                               round(max(r.value for r in runs[t]), 2)]
+                                           for t in TARGETS}}
         for name in runs["native"][0].extra:
             per = {t: round(statistics.median(r.extra[name] for r in runs[t]), 1)
                    for t in TARGETS}
             entry[name] = per
+            entry[name + "_range"] = {t: [round(min(r.extra[name] for r in runs[t]), 1),
+                                          round(max(r.extra[name] for r in runs[t]), 1)]
+                                      for t in TARGETS}
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
@@ -586,24 +621,33 @@ def report(bench: Bench) -> dict[str, Any]:
 
 
 def table(out: dict[str, Any]) -> str:
+    rounds = out["machine"].get("rounds", 1)
+
+    def spread(ranges: dict[str, list[float]]) -> tuple[str, ...]:
+        return tuple(f"{ranges[t][0]:,.0f}-{ranges[t][1]:,.0f}" for t in TARGETS)
+
     rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
-                                    "ratio")]
+                                    "fsync remote", "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))
+        if rounds > 1:
+            rows.append(("  range", "", *spread(entry["range"]), ""))
         for name in ("p50_us", "p99_us"):
             if name in entry:
                 rows.append((f"  fsync {name[:3]}", "µs", *(f"{entry[name][t]:,.0f}"
                                                            for t in TARGETS),
                              f"{entry[name[:3] + '_ratio']:.3f}"))
+                if rounds > 1:
+                    rows.append(("    range", "", *spread(entry[name + "_range"]), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratio: replicated / native (latencies: native / replicated)"
-                 + (f"; medians of {out['machine']['rounds']} rounds"
-                    if out["machine"].get("rounds", 1) > 1 else ""))
+                 + (f"; medians of {rounds} rounds, range: the lowest and highest round"
+                    if rounds > 1 else ""))
     w = out["workloads"]
     if "stat" in w and "readdir" in w:
         lines.append(f"stat: {w['stat']['files']:,} files; readdir: a directory of "
@@ -637,12 +681,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes, under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", metavar="W1,W2", help="run only these workloads ("
+                        + ", ".join(key for key, _, _ in WORKLOADS)
+                        + "), without the replication figures")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="times round the targets (default 3, 1 with --quick)")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or ()) - {key for key, _, _ in WORKLOADS})
+    if unknown:
+        parser.error(f"no such workload: {', '.join(unknown)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
     tmp = Path(tempfile.mkdtemp(prefix="replfs-bench-"))
-    bench = Bench(plan, tmp)
+    bench = Bench(plan, tmp, only)
     started = now()
     try:
         info = machine(tmp)

@@ -31,6 +31,7 @@ from repl.iscsi.names import DEFAULT_IQN
 from repl.promote import promote
 from repl.protocol import MAX_STREAMS
 from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.semisync import FSYNC_TIMEOUT
 from repl.sender import COMPRESS_LEVEL
 from repl.verify import verify
 from store import libc
@@ -147,6 +148,15 @@ def build_parser() -> Parser:
                         "(default: no cap)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
+    p.add_argument("--fsync", choices=("local", "remote"), default="local",
+                   help="when an fsync returns: once durable here (local, the default), or "
+                        "also staged by the secondary while it is connected and caught up "
+                        "(remote)")
+    p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
+                   metavar="SECONDS",
+                   help="with --fsync remote, how long an fsync waits for the secondary "
+                        "before fsyncs go on without it until it catches up "
+                        f"(default {FSYNC_TIMEOUT:g})")
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
     # Run by `replfs node`: changes wait for its lease, secondaries are added as they join.
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 stall_seconds=args.stall_seconds, tls=args.tls, peers=args.peer or [],
                 insecure=args.insecure, metrics=args.metrics,
                 compress_level=args.compress_level, max_rate=args.max_rate or None,
-                chap=args.chap, dynamic=args.fenced, fenced=args.fenced))
+                chap=args.chap, dynamic=args.fenced, fenced=args.fenced, fsync=args.fsync,
+                fsync_timeout=args.fsync_timeout))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None:
                 args.parser.error("the following arguments are required: --listen or --iscsi "

@@ -29,6 +29,7 @@ from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
 from repl.link import Dialer, FrameDialer
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
+from repl.semisync import FSYNC_TIMEOUT, Semisync
 from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.tls import link_credentials
 from repl.tree import Tree
@@ -88,6 +89,8 @@ class PrimaryConfig:
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
     dynamic: bool = False  # secondaries are added at run time (a cluster's primary)
     fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
+    fsync: str = "local"  # "remote": an fsync also waits for the secondary's staging
+    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
 
 
 def lift_dirty_limit(where: str) -> None:
@@ -116,8 +119,8 @@ def lift_dirty_limit(where: str) -> None:
         log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
 
 
-def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
-                 ) -> Callable[[str, str | None], Sender]:
+def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str,
+                 remote: Semisync | None) -> Callable[[str, str | None], Sender]:
     """How the primary makes the Sender of one secondary address: its link (replfs
     frames over TLS or TCP, or iSCSI) and the options of *cfg*.
 
@@ -149,7 +152,7 @@ def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
                       stall_seconds=cfg.stall_seconds, settled=capture.lock,
                       # one record, one SCSI WRITE: no compression over iSCSI
                       compress_level=0 if iscsi else cfg.compress_level,
-                      max_rate=cfg.max_rate)
+                      max_rate=cfg.max_rate, semisync=remote)
 
     return make
 
@@ -169,9 +172,10 @@ def _check_links(cfg: PrimaryConfig) -> None:
     frames = [a for a in cfg.secondaries if not is_iscsi(a)]
     iscsi = [a for a in cfg.secondaries if is_iscsi(a)]
     if not cfg.secondaries and not cfg.dynamic and (cfg.tls or cfg.peers or cfg.insecure
-                                                    or cfg.max_rate or cfg.chap):
-        raise UsageError("--tls, --peer, --insecure, --chap and --max-rate are for the link "
-                         "to a secondary: they need --secondary HOST:PORT")
+                                                    or cfg.max_rate or cfg.chap
+                                                    or cfg.fsync == "remote"):
+        raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
+                         "are for the link to a secondary: they need --secondary HOST:PORT")
     if len(set(cfg.secondaries)) < len(cfg.secondaries):
         raise UsageError("a --secondary is given twice")
     if iscsi and not frames and (cfg.tls or cfg.peers or cfg.insecure):
@@ -213,11 +217,12 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         note = capture.recover()
         if note:
             log.info("recovered the journal: %s", note)
-        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
+        remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
+        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node, remote),
                         cfg.secondaries)
-        capture.on_append = fanout.notify
+        capture.on_durable = fanout.notify
         inodes = Inodes(str(backing))
-        operations = PrimaryFS(inodes, capture)
+        operations = PrimaryFS(inodes, capture, remote)
         if cfg.fenced:
             operations.fence()  # until the node that runs us says its lease holds
         sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
@@ -304,12 +309,16 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
             "mode": ("initial sync" if capture.syncing else
                      "overflow" if capture.overflow else "streaming"),
             "fenced": operations.fenced,
+            "fsync": "local" if operations.remote is None else "remote",
             "requests": operations.requests.snapshot(),
         }
         if capture.overflow:
             out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
                     "resync_done_bytes": capture.progress_done,
                     "resync_total_bytes": capture.progress_total}
+        if operations.remote is not None:
+            out |= {"fsync_in_step": operations.remote.in_step,
+                    "fsync_local_only": operations.remote.local_only}
         blocks = fanout.status()
         if blocks:
             out["secondaries"] = blocks
@@ -326,7 +335,8 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
         if scrape:
             registry = metrics.registry(lambda: metrics.primary_metrics(
                                             capture, list(fanout.senders.values()),
-                                            operations.requests.snapshot()),
+                                            operations.requests.snapshot(),
+                                            operations.remote),
                                         metrics.FSYNC_SECONDS, metrics.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))

@@ -35,6 +35,7 @@ from fs.inodes import ROOT, Inodes
 from repl.apply import intent_for
 from repl.capture import Capture
 from repl.metrics import FSYNC_SECONDS
+from repl.semisync import Semisync
 from store.libc import fallocate, fd_path, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
@@ -112,10 +113,12 @@ class PrimaryFS(pyfuse3.Operations):
     direct_io = False
     cache_listings = True
 
-    def __init__(self, inodes: Inodes, capture: Capture) -> None:
+    def __init__(self, inodes: Inodes, capture: Capture, remote: Semisync | None = None
+                 ) -> None:
         super().__init__()
         self.inodes = inodes
         self.capture = capture
+        self.remote = remote  # --fsync remote: an fsync waits for the secondary's staging
         self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
@@ -159,7 +162,7 @@ class PrimaryFS(pyfuse3.Operations):
         """Take the lock; a change first waits until the mount is not frozen, and is
         refused (EROFS) while it is fenced."""
         while True:
-            if change:
+            if change and not self._thawed.is_set():
                 self._thawed.wait()
             self.lock.acquire()
             if change and time.monotonic() >= self.write_until:
@@ -389,12 +392,12 @@ class PrimaryFS(pyfuse3.Operations):
             # deleted file (SQLite's WAL after close). Nothing is left to change.
             attr.attr_timeout = attr.entry_timeout = self.timeout
             return attr
-        st = self._stat(inode, fh)
         if fields.update_size:
             record = self._journal(Op.TRUNCATE, path, size=attr.st_size)
             self._do(record, self._truncate, inode, fh, attr.st_size)
             self._data_changed(inode)
         if fields.update_uid or fields.update_gid:
+            st = self._stat(inode, fh)
             uid = attr.st_uid if fields.update_uid else st.st_uid
             gid = attr.st_gid if fields.update_gid else st.st_gid
             record = self._journal(Op.CHOWN, path, uid=uid, gid=gid)
@@ -409,7 +412,10 @@ class PrimaryFS(pyfuse3.Operations):
             st = self._stat(inode, fh)
             times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
-            record = self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
+            # The kernel's writeback of a written file's times, at every fsync: the
+            # set already restates that path's times at its close (repl/touched.py).
+            record = None if path is not None and self.capture.restates_times(path, fh, inode) \
+                else self._journal(Op.UTIMES, path, atime_ns=times[0], mtime_ns=times[1])
             self._do(record, self._on_node, inode, fh, os.utime, ns=times)
         return self._entry(self._stat(inode, fh), inode)
 
@@ -545,7 +551,7 @@ class PrimaryFS(pyfuse3.Operations):
             raise
         if record is not None and written < len(buf):
             self.capture.shorten(record, written)
-        self.capture.track(fh)
+        self.capture.track(fh, inode)
         self._data_changed(inode)
         return written
 
@@ -651,20 +657,26 @@ class PrimaryFS(pyfuse3.Operations):
     def _commit(self, fd: int, datasync: bool) -> None:
         """Close the set and return once it is durable in the journal (an fsync's
         promise: after a crash the journal brings BACKING back to it; see
-        repl/capture.py). Over budget, *fd* itself is synced too.
+        repl/capture.py). Over budget, *fd* itself is synced too. With --fsync
+        remote, also wait until the secondary staged the set (repl/semisync.py).
 
         Only closing the set holds the lock: other requests go on while this
-        one waits for the disk."""
+        one waits for the disk and the secondary."""
         began = time.monotonic()
         with self.lock:
             if time.monotonic() >= self.write_until:
                 raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
-            self.capture.close_set()
+            closed = self.capture.close_set()
             end = self.capture.journal.end
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
         self.capture.wait_durable(end)
+        if self.remote is not None:
+            if unjournaled:
+                self.remote.count_local()  # its data went to the dirty map: nothing to wait for
+            else:
+                self.remote.wait_staged(closed)
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- directories --------------------------------------------------------------

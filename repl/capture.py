@@ -11,8 +11,11 @@ Threads. The FUSE request threads call in while trio's tasks (the set
 closer, the resync, the sender's handshake) do too: ``lock`` is held
 around every change to the journal and the dirty map, and a request thread
 holds it from ``record()`` to the end of its op, so the journal's order is
-the order the ops reached the backing directory. Appends wake trio through
-one ``Waker`` (repl/wake.py), never a handoff per record.
+the order the ops reached the backing directory. Appends do not wake trio
+(a handoff to its thread costs more than an append): its flusher ticks, and
+only passing a bound (the set's size, FLUSH_BYTES not durable,
+BACKING_SYNC_FILES changed) wakes it, through one ``Waker`` (repl/wake.py).
+A flush tells the sender, from its own thread (``on_durable``).
 
 The journal is the durable copy; BACKING follows it. An fsync returns once
 its set is durable in the journal (one flush), without syncing the file:
@@ -59,7 +62,6 @@ With no secondary at all, the oldest sets are dropped instead.
 
 from __future__ import annotations
 
-import bisect
 import fcntl
 import functools
 import logging
@@ -67,6 +69,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -152,15 +155,17 @@ class Capture:
         self.resync_wanted = trio.Event()
         self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
-        self.on_append: Callable[[], None] = lambda: None  # wakes the sender (trio side)
-        # When each set not yet applied everywhere closed (time.monotonic), in set order.
-        self._closed_ids: list[int] = []
-        self._closed_at: list[float] = []
+        # Called from the thread that made records durable (the senders' notify).
+        self.on_durable: Callable[[], None] = lambda: None
+        # set -> when it closed (time.monotonic), oldest first: the sets not yet
+        # applied by every secondary that pins the journal (consecutive ids).
+        self.closed_times: OrderedDict[int, float] = OrderedDict()
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
         self._backing_lock = threading.Lock()
         self._changed: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
+        self._dev = os.fstat(backing.root_fd).st_dev
         # A namespace op, or a record under a NAME note, since the last sync of BACKING:
         # the next flush syncs BACKING first (see the module comment).
         self._namespace_changed = False
@@ -174,11 +179,9 @@ class Capture:
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
         self.backing_at = decode_set(raw) if raw else journal.end
-        self._unflushed = trio.Event()  # something journaled is not durable yet
-        self._flush_wanted = trio.Event()  # ... and it must be flushed now
+        self._flush_wanted = trio.Event()  # flush what is journaled now, not at the tick
         self._close_wanted = trio.Event()
         self._close_due = False
-        self._flush_due = False  # a set closed: flush it for the sender
         self._wake: Callable[[], None] = self._woken  # a Waker once run() started
 
     @property
@@ -213,13 +216,16 @@ class Capture:
                 self._track_node(fields["path"])
             if self.activity.under_name(fields["path"]):
                 self._flag()
+        pending = self.journal.end - self.journal.durable
         record = self.journal.append(op, intent, **fields)
         if op not in NAMESPACE_OPS:
             self._unsynced.setdefault(fields["path"], self.journal.end)
         self._unsettled = record
-        if self.journal.set_bytes >= self.set_bytes:
+        if self.journal.set_bytes >= self.set_bytes and not self._close_due:
             self._close_due = True
-        self._wake()
+            self._wake()
+        elif pending < FLUSH_BYTES <= self.journal.end - self.journal.durable:
+            self._wake()
         return record
 
     def _ahead(self, op: Op, fields: dict[str, Any]) -> None:
@@ -235,6 +241,7 @@ class Capture:
         if notes:
             self.journal.add_notes(notes)
             self.journal.sync()
+            self.on_durable()
             self.activity.add(notes, self.journal.end)
 
     def _sync_written_under(self, *tops: bytes | None) -> None:
@@ -255,20 +262,17 @@ class Capture:
 
     def flush_soon(self) -> None:
         """In trio: flush what was journaled, for the sender (a resync's step...)."""
-        self._unflushed.set()
         self._flush_wanted.set()
 
     def _woken(self) -> None:
-        """In trio: records were appended, or made durable."""
-        self.on_append()
+        """In trio: a bound was passed: the set's size, FLUSH_BYTES not durable,
+        BACKING_SYNC_FILES changed.
+
+        Appends do not wake trio one by one (a handoff to the trio thread costs
+        more than the append): the flusher's tick finds them."""
         if len(self._changed) >= BACKING_SYNC_FILES:
             self._backing_sync_wanted.set()
-        pending = self.journal.end - self.journal.durable
-        if not pending:
-            self._flush_due = False
-            return
-        self._unflushed.set()
-        if pending >= FLUSH_BYTES or self._flush_due:
+        if self.journal.end - self.journal.durable >= FLUSH_BYTES:
             self._flush_wanted.set()
         if self._close_due:
             self._close_due = False
@@ -297,8 +301,31 @@ class Capture:
         self._settle()
 
     @_locked
-    def track(self, fd: int) -> None:
-        """A handler changed the file open as *fd*: sync it at the next BACKING sync."""
+    def restates_times(self, path: bytes, fd: int | None = None, ino: int | None = None
+                       ) -> bool:
+        """True if the open set ends with *path*'s times as BACKING has them then
+        (its close journals a UTIMES of each path it touched), so a change of its
+        times alone needs no record of its own. If so, the node (open as *fd*, inode
+        *ino*, if given) is tracked for BACKING's sync, and the activity log notes
+        the change (usually a note in force covers it), as for a journaled change."""
+        self._settle()
+        if path not in self.touched.paths:
+            return False
+        self._ahead(Op.UTIMES, {"path": path})
+        if fd is not None:
+            self.track(fd, ino)
+        else:
+            self._track_node(path)
+        return True
+
+    @_locked
+    def track(self, fd: int, ino: int | None = None) -> None:
+        """A handler changed the file open as *fd*: sync it at the next BACKING sync.
+
+        *ino*, its inode number if the caller knows it, spares an fstat when the
+        file is tracked already (BACKING is one filesystem)."""
+        if ino is not None and (self._dev, ino) in self._changed:
+            return
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return  # a fifo, a socket: nothing to sync of its own; its directory is
@@ -440,9 +467,9 @@ class Capture:
             self._budget()  # a secondary may have fallen past it with no write since
         self._trim()
         slowest = self.retention.slowest()
-        if slowest is not None:
-            cut = bisect.bisect_right(self._closed_ids, slowest)
-            del self._closed_ids[:cut], self._closed_at[:cut]
+        while (slowest is not None and self.closed_times
+               and next(iter(self.closed_times)) <= slowest):
+            self.closed_times.popitem(last=False)
         if self.overflow and self.resync_ready():
             if not self.progress_total:
                 self.progress_done, self.progress_total = 0, self.dirty.total()
@@ -495,17 +522,14 @@ class Capture:
         self.touched.clear()
         self.closed_at = time.monotonic()
         metrics.SET_BYTES.observe(self.journal.set_bytes)
+        if self._record_hash is not None:  # before the SYNC: no set closes without it
+            self._record_hash(self.journal.set, self.backing.root_fd)
         closed = self.journal.close_set()
-        if self._record_hash is not None:
-            self._record_hash(closed, self.backing.root_fd)
-        self._closed_ids.append(closed)
-        self._closed_at.append(self.closed_at)
-        if len(self._closed_ids) > 100_000:  # nobody is applying: forget the oldest
-            del self._closed_ids[0], self._closed_at[0]
+        self.closed_times[closed] = self.closed_at
+        if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
+            self.closed_times.popitem(last=False)
         if not self.replicating:
             self._drop_oldest()
-        self._flush_due = True
-        self._wake()
         return closed
 
     def _drop_oldest(self) -> None:
@@ -520,19 +544,21 @@ class Capture:
     @_locked
     def lag_seconds(self, applied: int) -> float:
         """How long the oldest closed set after *applied* has waited."""
-        at = bisect.bisect_right(self._closed_ids, applied)
-        if at == len(self._closed_ids):
+        if not self.closed_times:
             return 0.0
-        return time.monotonic() - self._closed_at[at]
+        first = next(iter(self.closed_times))
+        closed_at = self.closed_times.get(max(applied + 1, first))  # ids are consecutive
+        return 0.0 if closed_at is None else time.monotonic() - closed_at
 
     # --- async side -----------------------------------------------------------
 
     def wait_durable(self, target: int) -> None:
         """Block until the journal is durable up to log position *target*.
 
-        One caller flushes; the others wait on ``_flush_lock`` meanwhile and
-        find their records covered by that flush, or flush once for all of
-        them (group commit). Wakes the sender, which ships durable records only.
+        One caller flushes, in its own thread; the others wait on ``_flush_lock``
+        meanwhile and find their records covered by that flush, or flush once
+        for all of them (group commit). Then wakes the sender, if there is one:
+        it ships durable records only.
         """
         with self._flush_lock:
             if self.journal.durable >= target and not self._namespace_changed:
@@ -540,7 +566,7 @@ class Capture:
             if self._namespace_changed:
                 self.sync_backing()
             self.journal.sync()
-        self._wake()
+        self.on_durable()
 
     def sync_backing(self, *, final: bool = False) -> None:
         """Make BACKING durable as far as the journal goes now, and journal that.
@@ -627,21 +653,19 @@ class Capture:
                     self.closed_at = time.monotonic()
                 else:
                     self.close_set()
+                    self._flush_wanted.set()  # for the sender, at once
 
     async def _flusher(self) -> None:
-        """Flush what was journaled, for the sender: at once when a set closed or
-        FLUSH_BYTES piled up, else OPEN_FLUSH_SECONDS after the first record
-        that is not durable. An fsync's own flush usually covers it first."""
+        """Flush what was journaled, for the sender: at once when asked (a set closed
+        by the timer or the size bound, FLUSH_BYTES piled up, a resync's step), else
+        at a tick every OPEN_FLUSH_SECONDS if anything is not durable. An fsync
+        flushes in its own thread; the tick finds nothing left then."""
         while True:
-            await self._unflushed.wait()
             with trio.move_on_after(OPEN_FLUSH_SECONDS):
                 await self._flush_wanted.wait()
-            self._unflushed = trio.Event()
             self._flush_wanted = trio.Event()
-            if self._flush_lock.locked():
-                continue  # an fsync is flushing; when done it wakes us to look again
-            self._flush_due = False
-            await self.durable()
+            if self.journal.durable < self.journal.end:
+                await self.durable()
 
     # --- after a crash ------------------------------------------------------------
 

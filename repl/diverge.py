@@ -80,20 +80,21 @@ class Divergence:
                 if not any(is_under(p, top) for top in roots)}
 
     def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
-        """Add every name of each touched file that has more than one (one walk)."""
+        """Add every name of each touched file, symlink or node that has more than one
+        (one walk)."""
         linked: set[int] = set()
         for path in [*self.content, *self.ranges]:
             try:
                 st = os.lstat(os.path.join(os.fsencode(root), path) if path else root)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 linked.add(st.st_ino)
         if not linked:
             return self
         base = os.fsencode(root)
-        for top, _, files in os.walk(base):
-            for name in files:
+        for top, dirs, files in os.walk(base):
+            for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
                 full = os.path.join(top, name)
                 if os.lstat(full).st_ino in linked:
                     self.content.add(os.path.relpath(full, base))

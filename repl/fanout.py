@@ -59,8 +59,9 @@ class Fanout:
         return sender
 
     def notify(self) -> None:
-        """New records are in the journal: wake every sender (called by capture)."""
-        for sender in self.senders.values():
+        """New records are durable in the journal: wake every sender that waits for
+        them (called by capture, from the thread that flushed)."""
+        for sender in list(self.senders.values()):  # add() may add one meanwhile, in trio
             sender.notify()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

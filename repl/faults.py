@@ -8,8 +8,12 @@ at the Nth step, exactly as a crash there would.
 The fault harness checks every sample of the replica against the primary's
 tree at set boundaries: with ``REPLFS_TEST_SET_HASHES=FILE`` the primary
 appends "set digest" to FILE each time it closes a set, the digest taken at
-that very moment (repl.verify.tree_digest); with ``REPLFS_TEST_SET_TREES=DIR``
-also every entry's summary to DIR/<set>, one "path-hex summary" a line.
+that very moment (repl.verify.tree_digest), just before the set's SYNC is
+journaled: a kill between the two leaves a digest of a set that never
+closed (its id closes later, maybe with other contents: either is
+accepted), never a closed set without one. With
+``REPLFS_TEST_SET_TREES=DIR`` it also writes every entry's summary to
+DIR/<set>, one "path-hex summary" a line.
 
 A simulated power cut (tests/powercut) loses what the page cache held without
 rebooting the machine: with ``REPLFS_TEST_BOOT_ID=FILE`` the primary reads
@@ -46,17 +50,16 @@ def set_hash_recorder() -> Callable[[int, int], None] | None:
     if not target:
         return None
     trees = os.environ.get(ENV_SET_TREES)
-    from repl.verify import tree_digest, walk
+    from repl.verify import digest, walk
 
     def record(set_id: int, root_fd: int) -> None:
-        root = os.fsdecode(fd_path(root_fd))
-        digest = tree_digest(root)
+        entries = list(walk(os.fsdecode(fd_path(root_fd))))
         if trees:
             with open(os.path.join(trees, str(set_id)), "w") as out:
-                for path, entry in walk(root):
+                for path, entry in entries:
                     out.write(f"{path.encode('utf-8', 'surrogateescape').hex()} {entry!r}\n")
         with open(target, "a") as out:
-            out.write(f"{set_id} {digest}\n")
+            out.write(f"{set_id} {digest(entries)}\n")
 
     return record
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from repl.applier import Applier
     from repl.capture import Capture
     from repl.receiver import Receiver
+    from repl.semisync import Semisync
     from repl.sender import Sender
     from store.identity import Identity
     from store.staging import Staging
@@ -72,9 +73,11 @@ def _info(role: str, ident: Identity) -> Iterator[Metric]:
 
 
 def primary_metrics(capture: Capture, senders: list[Sender],
-                    requests: Mapping[str, int]) -> Iterable[Metric]:
+                    requests: Mapping[str, int], remote: Semisync | None = None
+                    ) -> Iterable[Metric]:
     """The primary's gauges and counters, as of now; *requests* are the mount's, by
-    handler (fs/counts.py). The series of a secondary carry its address as the label
+    handler (fs/counts.py); *remote*, with --fsync remote, where the secondary stands.
+    The series of a secondary carry its address as the label
     ``secondary``, one sample per secondary."""
     j = capture.journal
     yield from _info("primary", j.identity)
@@ -97,6 +100,12 @@ def primary_metrics(capture: Capture, senders: list[Sender],
     for op, count in requests.items():
         served.add_metric([op], count)
     yield served
+    if remote is not None:
+        yield gauge("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary "
+                    "to stage their set (--fsync remote)", int(remote.in_step))
+        yield counter("replfs_fsync_local_only", "fsyncs that returned without the "
+                      "secondary's staging (--fsync remote, the secondary gone or behind)",
+                      remote.local_only)
     if not senders:
         return
     per: list[tuple[str, str, bool, Callable[[Sender], float]]] = [

@@ -64,6 +64,10 @@ HANDSHAKE_TIMEOUT = 10.0  # the rest of the replfs handshake, once the HELLO is 
 REFUSALS_LOGGED = 20
 STAGE_BATCH = 4096
 STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
+# A batch this small is synced in trio's own thread: its flush writes a few pages,
+# and the round trip to a worker thread and back costs as much again (0.2-1 ms
+# here), which an fsync waiting for the secondary (--fsync remote) would wait too.
+INLINE_SYNC_BYTES = 256 << 10
 # Records read and not yet staged, all streams together: twice what a primary keeps in
 # flight (its window, 32 MiB), so a real one never waits for it.
 STAGE_QUEUE_BYTES = 64 << 20
@@ -349,7 +353,12 @@ class Receiver:
                     await self._dequeued.park()  # backpressure: the peer waits, not our memory
                 self._queued += size
                 try:
-                    await self._incoming_send.send((stream, record, size))
+                    # All of a frame's records before the stager runs: a set sent in
+                    # one frame is staged in one transaction and one sync, not two.
+                    try:
+                        self._incoming_send.send_nowait((stream, record, size))
+                    except trio.WouldBlock:
+                        await self._incoming_send.send((stream, record, size))
                 except BaseException:  # not sent: the stager will not give it back
                     self._queued -= size
                     self._dequeued.unpark_all()
@@ -377,7 +386,10 @@ class Receiver:
         if not batch:
             return  # all from streams a newer session replaced
         result = self.staging.stage([record for _, record in batch])
-        await trio.to_thread.run_sync(self.staging.sync)
+        if sum(len(record.data) for _, record in batch) <= INLINE_SYNC_BYTES:
+            self.staging.sync()
+        else:
+            await trio.to_thread.run_sync(self.staging.sync)
         self.status.staged += len(result.keys) - result.duplicates
         self.status.duplicates += result.duplicates
         self.status.stale += result.stale

@@ -206,6 +206,9 @@ def resend(capture: Capture, notes: list[Note]) -> tuple[int, int, list[bytes]]:
                 journal.append(Op.CHMOD, path=note.path, mode=stat.S_IMODE(st.st_mode))
             journal.append(Op.CHOWN, path=note.path, uid=st.st_uid, gid=st.st_gid)
         elif note.kind == NoteKind.XATTR:
+            if note.name.startswith(b"user.") and not (stat.S_ISREG(st.st_mode)
+                                                       or stat.S_ISDIR(st.st_mode)):
+                continue  # user xattrs live on files and directories only: none to send
             where = backing.proc_path(note.path)
             try:
                 value = os.getxattr(where, note.name, follow_symlinks=not note.path)
@@ -246,13 +249,15 @@ def _entry(capture: Capture, fd: int, raw: bytes, path: bytes, first_name: dict[
     counts[0] += 1
     mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
     capture.touched.paths.add(path)
-    if stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_ino in first_name:
-        journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
-        return False  # one inode: its data and xattrs came with the first name
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        # A file, a symlink or a node with several names: one inode on the replica too.
+        if st.st_ino in first_name:
+            journal.append(Op.LINK, path=first_name[st.st_ino], path2=path)
+            return False  # its data and xattrs came with the first name
+        first_name[st.st_ino] = path
     if stat.S_ISDIR(mode):
         journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
     elif stat.S_ISREG(mode):
-        first_name[st.st_ino] = path
         journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
         if st.st_size:
             capture.dirty.add(path, 0, st.st_size)
@@ -373,9 +378,10 @@ async def run(capture: Capture) -> None:
         while capture.overflow and capture.resync_ready():
             with capture.lock:  # the request threads wait one step at most
                 capture.settle()
-                if step(capture) is not None:
-                    break
+                finished = step(capture) is not None
             capture.flush_soon()
+            if finished:
+                break
             now = trio.current_time()
             if now - last_report >= PROGRESS_EVERY:
                 last_report = now

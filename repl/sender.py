@@ -46,7 +46,10 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
+from repl.semisync import Semisync
+from repl.wake import Waker
 from store.journal import Journal
+from store.records import is_sync
 
 log = logging.getLogger("replfs.sender")
 
@@ -58,7 +61,8 @@ _LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSl
 BATCH_BYTES = 1 << 20
 # Records journaled one by one (small writes, one set per fsync) would each cost a
 # send, an ack and a staging commit on their own; waiting this long after the first
-# one lets those that follow within it share all three. Lag grows by as much at most.
+# one (after an idle spell), or after the last send (under a steady stream of small
+# sets), lets those that follow within it share all three. Lag grows by as much at most.
 COALESCE_SECONDS = 0.005
 STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in turn
 WINDOW_BYTES = 32 << 20  # the secondary holds what is in flight in memory
@@ -94,8 +98,9 @@ class Sender:
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
                  compress_level: int = COMPRESS_LEVEL,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, semisync: Semisync | None = None) -> None:
         self.journal = journal
+        self.semisync = semisync  # --fsync remote: what is staged, for the fsyncs waiting
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
@@ -115,6 +120,9 @@ class Sender:
         self.bucket = TokenBucket(max_rate) if max_rate else None  # --max-rate
         self.status = SenderStatus()
         self._wakeup = trio.Event()
+        self._waiting = False  # the feeder waits for durable records: notify() wakes it
+        self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
+        self._hurried = trio.Event()  # an fsync waits for the secondary: ship at once
         self._acked = trio.Event()
         # Set (and replaced) whenever `applied` moves or the session ends.
         self.applied_event = trio.Event()
@@ -145,12 +153,19 @@ class Sender:
             await self.applied_event.wait()
 
     def notify(self) -> None:
-        """New records are in the journal (called by capture, synchronously)."""
-        self._wakeup.set()
+        """New records are durable in the journal. Called from any thread (capture's
+        flush, an fsync's); wakes the feeder only if it waits for records: flushes
+        while it ships, or while it lets records gather, cost no handoff to trio."""
+        if self._waiting:
+            self._waiting = False
+            self._waker()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Replicate forever, reconnecting after any failure."""
+        self._waker = Waker(lambda: self._wakeup.set())
+        if self.semisync is not None:
+            self.semisync.hurry = Waker(lambda: self._hurried.set())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog)
             task_status.started()
@@ -190,6 +205,8 @@ class Sender:
                             f"{_first(group)!r}")
                 delay = 0.1 if self.status.connected or was else min(delay * 2, RETRY_MAX)
             finally:
+                if self.semisync is not None:
+                    self.semisync.disconnected()
                 self.status.connected = False
                 self._inflight.clear()
                 self.status.inflight_bytes = 0
@@ -220,6 +237,8 @@ class Sender:
                 start = restart - 1
                 self.sync_set = restart
             self.status.connected = True
+            if self.semisync is not None:
+                self.semisync.connected(start, self.journal.set - 1)
             self._set_applied(start, new_session=True)  # this secondary's, maybe not the last's
             self._progress_at = trio.current_time()  # a new link gets its full timeout
             self.status.streams = len(conns)
@@ -285,15 +304,24 @@ class Sender:
         pos = (start_set, 0)
         turn = 0
         most = BATCH_BYTES if self.bucket is None else min(BATCH_BYTES, self.bucket.chunk)
+        sent_at = -COALESCE_SECONDS
         while True:
             self._wakeup = trio.Event()
+            self._waiting = True  # before reading: a flush after the read wakes us
             with self.settled:
                 self._check_dropped()
                 batch = self.journal.read_raw(pos[0], pos[1], most)
             if not batch:
                 await self._wakeup.wait()
-                await trio.sleep(COALESCE_SECONDS)  # a deliberate delay: see above
+                await self._gather(trio.current_time() + COALESCE_SECONDS)
                 continue
+            self._waiting = False
+            if (sum(len(raw) for _, _, raw in batch) < most
+                    and trio.current_time() < sent_at + COALESCE_SECONDS
+                    and not self._urgent()):
+                await self._gather(sent_at + COALESCE_SECONDS)
+                continue
+            sent_at = trio.current_time()
             while self.status.inflight_bytes > self.window:
                 self._acked = trio.Event()
                 await self._acked.wait()
@@ -317,6 +345,8 @@ class Sender:
             last = max((s, q) for s, q, _ in batch)
             pos = (last[0], last[1] + 1)
             self.status.shipped = last
+            if self.semisync is not None:
+                self.semisync.shipped(sorted((s, q, is_sync(raw)) for s, q, raw in batch))
             for outbox, raws in zip(outboxes, per_stream, strict=True):
                 if raws:
                     frames = record_frames(raws, compressor)
@@ -325,6 +355,18 @@ class Sender:
                     if self.bucket is not None:
                         await self.bucket.take(wire)
                     await outbox.send(frames)
+
+    def _urgent(self) -> bool:
+        return self.semisync is not None and self.semisync.waiting > 0
+
+    async def _gather(self, until: float) -> None:
+        """Let records gather until *until* (see COALESCE_SECONDS), unless an fsync
+        waits for the secondary to stage them (--fsync remote): then not at all."""
+        if self._urgent():
+            return
+        self._hurried = trio.Event()
+        with trio.move_on_at(until):
+            await self._hurried.wait()
 
     async def _ack_watchdog(self) -> None:
         """End the session when records in flight go unacknowledged for ``stall_seconds``.
@@ -356,10 +398,12 @@ class Sender:
         while True:
             frame = await conn.receive()
             if frame.type == FrameType.STAGED:
-                for key in parse_staged(frame):
-                    size = self._inflight.pop(key, 0)
-                    self.status.inflight_bytes -= size
-                    self.status.staged += 1
+                keys = [key for key in parse_staged(frame) if key in self._inflight]
+                for key in keys:
+                    self.status.inflight_bytes -= self._inflight.pop(key)
+                self.status.staged += len(keys)
+                if self.semisync is not None:
+                    self.semisync.staged(keys)
                 self._progress_at = self._acked_at = trio.current_time()
                 self._acked.set()
             elif frame.type == FrameType.APPLIED:

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -77,8 +77,13 @@ def _walk_dir(dir_fd: int, prefix: str) -> Iterator[tuple[str, Entry]]:
 
 def tree_digest(root: str | os.PathLike[str]) -> str:
     """One xxh3-128 over every entry's summary: equal trees, equal digests."""
+    return digest(walk(root))
+
+
+def digest(entries: Iterable[tuple[str, Entry]]) -> str:
+    """``tree_digest`` of the tree whose ``walk`` gave *entries*."""
     h = xxhash.xxh3_128()
-    for path, entry in walk(root):
+    for path, entry in entries:
         h.update(repr((path, entry)).encode())
     return h.hexdigest()
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 import enum
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from typing import Any
 
 import xxhash
@@ -175,19 +177,12 @@ class Record:
     def encode(self) -> bytes:
         self.validate()
         parts = [_HEADER.pack(FORMAT_VERSION, self.op, self.set, self.seq)]
-        for name in FIELDS[self.op]:
+        for name, fmt, sized in _LAYOUT[self.op]:
             value = getattr(self, name)
-            kind = KINDS[name]
-            if kind == "path":
-                parts += (_U16.pack(len(value)), value)
-            elif kind == "blob":
-                parts += (_U32.pack(len(value)), value)
-            elif kind == "u32":
-                parts.append(_U32.pack(value))
-            elif kind == "u64":
-                parts.append(_U64.pack(value))
+            if sized:  # a length, then the bytes
+                parts += (fmt.pack(len(value)), value)
             else:
-                parts.append(_I64.pack(value))
+                parts.append(fmt.pack(value))
         checksum = xxhash.xxh3_64()
         for part in parts:
             checksum.update(part)
@@ -243,9 +238,11 @@ class Record:
         if not 0 <= self.seq < MAX_SEQ:
             raise RecordError(f"seq {self.seq} out of range")
         wanted = FIELDS[self.op]
-        for name, default in _STRAYS[self.op]:
-            if getattr(self, name) != default:
-                raise RecordError(f"{self.op.name} record has a stray {name}")
+        get_strays, defaults = _STRAY_VALUES[self.op]
+        if get_strays(self) != defaults:  # one C call in the common case; then which
+            for name, default in _STRAYS[self.op]:
+                if getattr(self, name) != default:
+                    raise RecordError(f"{self.op.name} record has a stray {name}")
         if "path" in wanted:
             check_path(self.path, root_ok=self.op in ROOT_OPS)
         if "path2" in wanted:
@@ -297,7 +294,11 @@ _STRAYS: dict[Op, tuple[tuple[str, object], ...]] = {
               if f.name not in ("op", "set", "seq", *wanted))
     for op, wanted in FIELDS.items()
 }
-# Per op, for decode(): each field's struct, and whether it is a length prefix.
+_STRAY_VALUES: dict[Op, tuple[Callable[[Record], tuple[object, ...]], tuple[object, ...]]] = {
+    op: (attrgetter(*(name for name, _ in strays)), tuple(default for _, default in strays))
+    for op, strays in _STRAYS.items()
+}
+# Per op, for encode() and decode(): each field's struct, and whether it is a length prefix.
 _STRUCTS = {"path": _U16, "blob": _U32, "u32": _U32, "u64": _U64, "i64": _I64}
 _LAYOUT: dict[Op, tuple[tuple[str, struct.Struct, bool], ...]] = {
     op: tuple((name, _STRUCTS[KINDS[name]], KINDS[name] in ("path", "blob")) for name in wanted)
@@ -356,6 +357,11 @@ def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
     if seq >= MAX_SEQ:
         raise RecordError(f"seq {seq} out of range")
     return set_id, seq
+
+
+def is_sync(buf: bytes | memoryview) -> bool:
+    """True if the encoded record is a SYNC, the last of its set (read from its header)."""
+    return len(buf) > 1 and buf[1] == Op.SYNC
 
 
 def encode_set(set_id: int) -> bytes:

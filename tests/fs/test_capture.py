@@ -89,6 +89,36 @@ def test_journal_sets_close_at_fsync(tmp_path: Path) -> None:
     assert states[:2] == [b"1", b"12"]
 
 
+def test_journal_fsync_ok_times_written_back_are_restated_once(tmp_path: Path) -> None:
+    """At an fsync the kernel writes back a written file's times (a SETATTR): the set
+    restates them at its close anyway, so they are journaled once, by the close;
+    times set on a path the set did not touch yet get their own record."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    replica.mkdir()
+    with primary(backing, mount, "--set-interval", "3600"):
+        (mount / "old").write_bytes(b"o")
+        fd = os.open(mount / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.fsync(fd)
+        os.write(fd, b"1")
+        os.fsync(fd)
+        os.utime(mount / "old", ns=(1_000_000_123, 2_000_000_456))
+        os.fsync(fd)
+        os.close(fd)
+    j = Journal(tmp_path / ".b.replfs" / "journal")
+    try:
+        by_set: dict[int, list[tuple[Op, bytes]]] = {}
+        for r in j.records():
+            by_set.setdefault(r.set, []).append((r.op, r.path))
+    finally:
+        j.close()
+    sets = list(by_set.values())
+    assert sets[1] == [(Op.WRITE, b"f"), (Op.UTIMES, b"f"), (Op.SYNC, b"")]
+    assert sets[2] == [(Op.UTIMES, b"old"), (Op.SYNC, b"")]
+    replay(tmp_path / ".b.replfs" / "journal", replica)
+    assert diff(snapshot(backing), snapshot(replica)) == []
+
+
 def test_write_through_unlinked_name_of_hard_linked_file_is_journaled(tmp_path: Path) -> None:
     """After a restart the daemon knows only the names looked up since: removing the
     one it knows, while the file is open, must not hide writes from its other name."""

@@ -255,3 +255,71 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
     reboot(boot)
     with capturing(backing, journal) as capture:
         assert not capture.overflow, "a clean stop: nothing to resend"
+
+
+def test_capture_recover_ok_power_cut_sends_no_user_xattr_op_for_a_symlink(
+        tmp_path: Path, boot: Path) -> None:
+    """An xattr note on a name that is a symlink by the cut (user xattrs live on files
+    and directories only) sends nothing: a REMOVEXATTR of it is EPERM on the replica,
+    which would retry the set forever."""
+    backing, journal = tmp_path / "b", tmp_path / "j"
+    backing.mkdir()
+    (backing / "l").symlink_to("elsewhere")
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, journal) as capture:
+        capture.close_set()
+        capture.sync_backing()
+        capture.journal.sync()
+        for path in (b"l", b"f"):
+            capture.void(capture.record(Op.REMOVEXATTR, path=path, name=b"user.k"))
+        durable = capture.journal.durable
+    power_cut(journal, durable)
+    reboot(boot)
+    with capturing(backing, journal):
+        pass
+    sent = [(r.op, r.path) for r in open_set(journal) if r.op == Op.REMOVEXATTR]
+    assert sent == [(Op.REMOVEXATTR, b"f")], "the file's note is sent, the symlink's is not"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_capture_recover_ok_power_cut_resends_a_linked_node_as_one_inode(
+        tmp_path: Path, boot: Path, kind: str) -> None:
+    """A symlink or a fifo with two names, one of them noted, is resent as one inode:
+    made under its first name and linked to the other, as the primary has it."""
+    backing, journal = tmp_path / "b", tmp_path / "j"
+    backing.mkdir()
+    if kind == "symlink":
+        (backing / "s").symlink_to("elsewhere")
+    else:
+        os.mkfifo(backing / "s")
+    with capturing(backing, journal) as capture:
+        capture.close_set()
+        capture.sync_backing()
+        capture.journal.sync()
+        capture.record(Op.LINK, path=b"s", path2=b"t")
+        os.link(backing / "s", backing / "t", follow_symlinks=False)
+        durable = capture.journal.durable
+    power_cut(journal, durable)
+    reboot(boot)
+    with capturing(backing, journal):
+        pass
+    made = Op.SYMLINK if kind == "symlink" else Op.MKNOD
+    resent = [(r.op, r.path, r.path2) for r in open_set(journal)
+              if r.op in (Op.PRUNE, made, Op.LINK)]
+    assert resent == [(Op.PRUNE, b"s", b""), (made, b"s", b""), (Op.PRUNE, b"t", b""),
+                      (Op.LINK, b"s", b"t")]
+
+
+def test_capture_restates_times_ok_notes_the_change(tmp_path: Path, boot: Path) -> None:
+    """A times change the set's close restates needs no record, but the activity log
+    notes it all the same: BACKING may hold it after a power cut."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, tmp_path / "j") as capture:
+        assert not capture.restates_times(b"f"), "not touched in the open set"
+        capture.write(b"f", 0, b"x")
+        assert Note(NoteKind.ATTR, b"f") not in capture.journal.notes
+        assert capture.restates_times(b"f")
+        assert Note(NoteKind.ATTR, b"f") in capture.journal.notes
+        assert capture.journal.durable == capture.journal.end, "noted before the change"

@@ -6,7 +6,6 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,15 +13,12 @@ from repl.apply import apply
 from repl.footprint import Footprint
 from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, Op, Record
+from tests.support import record_of as rec
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
 
-def rec(op: Op, path: bytes, **fields: Any) -> Record:
-    record = Record(op, 1, 0, path=path, **fields)
-    record.validate()
-    return record
 
 
 @pytest.fixture

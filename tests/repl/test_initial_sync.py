@@ -34,6 +34,9 @@ def populate(root: Path, megabytes: int) -> None:
     os.link(root / "docs" / "note1.txt", root / "docs" / "deep" / "hardlink")
     os.symlink("../big.bin", root / "docs" / "sym")
     os.mkfifo(root / "docs" / "fifo", 0o640)
+    # A symlink and a fifo with two names each: one inode each on the replica too.
+    os.link(root / "docs" / "sym", root / "docs" / "deep" / "sym2", follow_symlinks=False)
+    os.link(root / "docs" / "fifo", root / "docs" / "deep" / "fifo2")
     (root / "docs" / "deep" / "er" / "secret").write_bytes(b"s")
     os.chmod(root / "docs" / "deep" / "er" / "secret", 0o600)
     os.chown(root / "docs" / "deep" / "er" / "secret", 1234, 4321)

@@ -31,6 +31,7 @@ from repl.protocol import (
     staged,
 )
 from store.records import Op, Record
+from tests.support import golden_bytes
 
 # Every frame type, with a payload its parser accepts. They pin the format:
 # if an ok case's bytes change, the wire format changed (bump the wire
@@ -59,7 +60,6 @@ ZSTD_RECORDS = [Record(Op.WRITE, 7, n, path=b"dir/f", offset=5,
 CORRUPT = {"corrupt-checksum": ("applied", -1)}  # case -> (from case, index of the flipped byte)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "testdata" / "frames"
-REGENERATE = os.environ.get("REPLFS_REGENERATE") == "1"
 
 
 def raw_frame(kind: int, payload: bytes, *, length: int | None = None) -> bytes:
@@ -75,11 +75,7 @@ def flipped(raw: bytes, at: int) -> bytes:
 
 
 def golden(case: str, raw: bytes) -> bytes:
-    path = GOLDEN / f"{case}.bin"
-    if REGENERATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
-    return path.read_bytes()
+    return golden_bytes(GOLDEN / f"{case}.bin", raw)
 
 
 def decode_all(*chunks: bytes) -> list[Frame]:

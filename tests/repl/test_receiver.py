@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from repl.protocol import FrameType, parse_staged
 from store.records import Op, Record
 from tests.repl.peers import LOG_TIMEOUT, acknowledged, open_raw, record_frame
 from tests.support import read_staging, secondary, status, wait_applied
@@ -50,3 +51,26 @@ def test_claim_5_records_acknowledged_before_their_set_is_complete(tmp_path: Pat
         assert wait_applied(replica, 1, timeout=LOG_TIMEOUT) == 1
         assert (replica / "a").read_bytes() == b"acknowledged early"
         assert (replica / "d").is_dir()
+
+
+def test_receiver_stage_ok_records_sent_together_staged_at_once(tmp_path: Path) -> None:
+    """A set's records sent in one write (as the sender sends a batch) are staged in
+    one transaction and acknowledged in one frame, after one sync: an fsync that
+    waits for the secondary (--fsync remote) waits for one flush there."""
+    replica = tmp_path / "r"
+    records = [Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644),
+               Record(Op.WRITE, 1, 1, path=b"a", data=b"together"),
+               Record(Op.SYNC, 1, 2, count=2)]
+    with secondary(replica) as sec:
+
+        async def session() -> None:
+            conn, _ = await open_raw(sec.port, CLUSTER)
+            await conn.send(*map(record_frame, records))
+            with trio.fail_after(LOG_TIMEOUT):
+                frame = await conn.receive()
+            assert frame.type == FrameType.STAGED, frame
+            assert sorted(parse_staged(frame)) == [(1, 0), (1, 1), (1, 2)]
+            await conn.aclose()
+
+        trio.run(session)
+        assert wait_applied(replica, 1, timeout=LOG_TIMEOUT) == 1

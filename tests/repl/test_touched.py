@@ -5,22 +5,18 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 from repl.apply import apply
 from repl.touched import Touched
 from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, Record
+from tests.support import record_of as rec
 from tests.support import snapshot
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
 
-def rec(op: Op, path: bytes, **fields: Any) -> Record:
-    record = Record(op, 1, 0, path=path, **fields)
-    record.validate()
-    return record
 
 
 def touched(*records: Record, start: set[bytes] | None = None) -> set[bytes]:

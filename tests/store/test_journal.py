@@ -305,8 +305,8 @@ def test_journal_open_ok_after_power_cut(path: Path, cut: str) -> None:
         synced = j.sync()
         for _ in range(20):
             j.append(Op.WRITE, path=b"g", offset=0, data=os.urandom(1000))
+        size = j.end  # the file goes on in zeros written ahead (store/wal.py)
     (segment,) = segments(path)
-    size = segment.stat().st_size
     with open(segment, "r+b") as f:
         if cut == "torn-tail":
             f.truncate(size - 7)
@@ -327,6 +327,46 @@ def test_journal_open_ok_after_power_cut(path: Path, cut: str) -> None:
         j.sync()
     with opened(path) as j:
         assert j.last() == record, "the cut-off tail was removed, so new entries count"
+
+
+def test_journal_open_ok_zeros_after_the_last_entry_are_its_end(path: Path) -> None:
+    """Small entries go into zeros written ahead of them (store/wal.py): those zeros
+    end the log cleanly, neither torn nor records, and stay for the next appends."""
+    with opened(path) as j:
+        write(j, 3)
+        j.close_set()
+        end = j.end
+    (segment,) = segments(path)
+    size = segment.stat().st_size
+    assert size > end, "zeros were written ahead of the last entry"
+    assert segment.read_bytes()[end:] == bytes(size - end)
+    with opened(path) as j:
+        assert positions(j) == [(1, 0, Op.WRITE), (1, 1, Op.WRITE), (1, 2, Op.WRITE),
+                                (1, 3, Op.SYNC)]
+        assert j.log.torn is None
+        assert j.end == end
+        assert segment.stat().st_size == size, "nothing was cut off"
+        record = j.append(Op.UNLINK, path=b"h")
+        assert segment.stat().st_size == size, "the entry went into the zeros"
+    with opened(path) as j:
+        assert j.last() == record
+
+
+def test_journal_open_ok_segments_ending_in_zeros(path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment left for the next one ends in the zeros written ahead of it: the
+    log goes on in the next segment, none is dropped."""
+    monkeypatch.setattr("store.wal.SEGMENT_BYTES", 16 << 10)
+    with opened(path) as j:
+        for _ in range(8):
+            j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(4000))
+            j.close_set()
+        written = positions(j)
+    assert len(segments(path)) > 2
+    assert all(s.stat().st_size > 16 << 10 for s in segments(path)), "each ends in zeros"
+    with opened(path) as j:
+        assert positions(j) == written
+        assert j.log.torn is None
 
 
 def test_journal_notes_ok(path: Path) -> None:
@@ -350,9 +390,10 @@ def test_journal_notes_ok_after_power_cut(path: Path) -> None:
         j.add_notes([Note(NoteKind.NAME, b"a")])
         synced = j.sync()
         j.reset_notes([Note(NoteKind.NAME, b"b"), Note(NoteKind.NAME, b"c")])
+        size = j.end  # the file goes on in zeros written ahead (store/wal.py)
     (segment,) = segments(path)
     with open(segment, "r+b") as f:
-        f.truncate(segment.stat().st_size - 1)
+        f.truncate(size - 1)
     with opened(path) as j:
         assert j.end == synced
         assert j.notes == [Note(NoteKind.NAME, b"a")]
@@ -405,9 +446,10 @@ def test_journal_open_ok_read_only_changes_nothing(path: Path) -> None:
         write(j, 2)
         j.sync()
         write(j, 1)
+        end = j.end
     (segment,) = segments(path)
     with open(segment, "r+b") as f:
-        f.truncate(segment.stat().st_size - 3)
+        f.truncate(end - 3)
     before = segment.read_bytes()
     reader = Journal(path, read_only=True)
     assert positions(reader) == [(1, 0, Op.WRITE), (1, 1, Op.WRITE)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from store.records import (
     peek_key,
 )
 from tests.store.specs import SET, SPECS, body, reseal
+from tests.support import golden_bytes
 
 # Header layout: u8 version, u8 op, u64 set, u32 seq; the op's fields follow.
 VERSION_AT, OP_AT, FIELDS_AT = 0, 1, 14
@@ -447,7 +447,6 @@ def test_record_moved_ok() -> None:
 # the tests once with REPLFS_REGENERATE=1 and review the diff.
 
 GOLDEN = Path(__file__).resolve().parent.parent / "testdata" / "records"
-REGENERATE = os.environ.get("REPLFS_REGENERATE") == "1"
 
 
 def _flip(at: int) -> Callable[[bytes], bytes]:
@@ -473,11 +472,7 @@ CORRUPT: dict[str, tuple[str, Callable[[bytes], bytes], str]] = {
 
 
 def _golden(case: str, raw: bytes) -> bytes:
-    path = GOLDEN / f"{case}.bin"
-    if REGENERATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
-    return path.read_bytes()
+    return golden_bytes(GOLDEN / f"{case}.bin", raw)
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
@@ -527,11 +522,7 @@ NOTES_GOLDEN = GOLDEN.parent / "notes"
 
 @pytest.mark.parametrize("case", sorted(NOTES))
 def test_notes_golden_ok(case: str) -> None:
-    path = NOTES_GOLDEN / f"{case}.bin"
-    if REGENERATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_notes(NOTES[case]))
-    golden = path.read_bytes()
+    golden = golden_bytes(NOTES_GOLDEN / f"{case}.bin", encode_notes(NOTES[case]))
     assert encode_notes(NOTES[case]) == golden, "the notes format changed"
     assert decode_notes(golden) == NOTES[case]
 

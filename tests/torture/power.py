@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import sqlite3
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -162,7 +163,7 @@ class PowerCuts:
         for path in now:
             if path in skip or any(is_under(path, root) for root in roots):
                 st = os.lstat(os.path.join(self.backing, os.fsdecode(path)))
-                if st.st_nlink > 1 and not os.path.isdir(self.backing / os.fsdecode(path)):
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                     linked.add(st.st_ino)
         out = []
         for path in sorted(before.keys() | now.keys()):

@@ -9,7 +9,6 @@ out field by field, independently of the encoder.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,9 @@ import trio.testing
 from repl.errors import ProtocolError
 from repl.iscsi import scsi
 from repl.iscsi.pdu import Ahs, Opcode, Pdu, PduStream, decode, sn_lt, words
+from tests.support import golden_bytes
 
 GOLDEN = Path(__file__).resolve().parent.parent.parent / "testdata" / "iscsi"
-REGENERATE = os.environ.get("REPLFS_REGENERATE") == "1"
 
 SPECS: dict[str, Pdu] = {
     # WRITE(16) of 2 blocks at LBA 4096 with 5 bytes of immediate data (padded to 8).
@@ -63,11 +62,7 @@ def layout(case: str) -> bytes:
 
 
 def golden(case: str, raw: bytes) -> bytes:
-    path = GOLDEN / f"{case}.bin"
-    if REGENERATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
-    return path.read_bytes()
+    return golden_bytes(GOLDEN / f"{case}.bin", raw)
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))

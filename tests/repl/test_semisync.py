@@ -1,0 +1,161 @@
+"""--fsync remote: an fsync returns once the secondary staged its set, while it is in
+step; with local (the default), or a secondary gone or stalled, it does not wait.
+
+A stopped secondary process (SIGSTOP) stages nothing: what its staging store holds
+when an fsync returns says whether that fsync waited for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.support import (
+    Daemon,
+    free_port,
+    primary,
+    replfs,
+    secondary,
+    staged_whole,
+    status,
+    until,
+)
+from tests.test_cli import assert_one_line_error
+
+# The fsync of a set the stopped secondary cannot stage returns within this, or the
+# test fails. With --fsync remote, the time a wrong fsync would have to return early.
+RETURN_SECONDS = 30.0
+EARLY_SECONDS = 0.5
+
+
+@contextmanager
+def stopped(daemon: Daemon) -> Iterator[None]:
+    """The daemon's process stopped (SIGSTOP) until the block ends."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+
+
+class Fsync(threading.Thread):
+    """Write and fsync a file through *mount* in a thread; then note the set the fsync
+    closed and whether the secondary of *replica* (if any) had staged it whole then."""
+
+    def __init__(self, mount: Path, replica: Path | None, name: str) -> None:
+        super().__init__(daemon=True)
+        self.mount, self.replica, self.name = mount, replica, name
+        self.closed = 0
+        self.staged: bool | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.mount / self.name, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.closed = status(self.mount)["last_closed_set"]
+            if self.replica is not None:
+                self.staged = staged_whole(self.replica, self.closed)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def in_step(mount: Path, wanted: bool = True) -> dict[str, Any]:
+    return until(lambda: status(mount), lambda st: st["fsync_in_step"] is wanted,
+                 what=f"fsync_in_step {wanted}")
+
+
+def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            "--fsync-timeout", "120", "--set-interval", "3600") as pri:
+        in_step(mount)
+        pri.wait_for("fsyncs wait for it from now on")
+        fsync = Fsync(mount, replica, "f")
+        with stopped(sec):
+            fsync.start()
+            fsync.join(EARLY_SECONDS)  # a wrong fsync returns here, the set not staged
+        fsync.join(RETURN_SECONDS)
+        assert not fsync.is_alive() and fsync.error is None, fsync.error
+        assert fsync.staged, f"set {fsync.closed} not staged when the fsync returned"
+        st = status(mount)
+        assert (st["fsync"], st["fsync_in_step"], st["fsync_local_only"]) == ("remote", True, 0)
+
+
+def test_semisync_wait_staged_ok_local_does_not_wait_for_a_stopped_secondary(
+        tmp_path: Path) -> None:
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--set-interval", "3600",
+            "--fsync-timeout", "120"):  # were it to wait, it would wait that long
+        until(lambda: status(mount), lambda st: st["connected"], what="connected")
+        fsync = Fsync(mount, replica, "f")
+        with stopped(sec):
+            fsync.start()
+            fsync.join(RETURN_SECONDS)  # while the secondary is stopped
+            assert not fsync.is_alive(), "an fsync waited for a stopped secondary"
+        assert fsync.error is None, fsync.error
+        assert fsync.staged is False, "the stopped secondary staged the set"
+        assert status(mount)["fsync"] == "local"
+
+
+def test_semisync_wait_staged_ok_stalled_secondary_left_behind_then_back(
+        tmp_path: Path) -> None:
+    """A connected secondary that stages nothing holds an fsync up for --fsync-timeout,
+    then fsyncs go on without it (said in the log and counted) until it caught up."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            "--fsync-timeout", "1", "--set-interval", "3600") as pri:
+        in_step(mount)
+        with stopped(sec):
+            for name in ("f", "g"):  # the first waits out the timeout, the second not at all
+                fsync = Fsync(mount, replica, name)
+                fsync.start()
+                fsync.join(RETURN_SECONDS)
+                assert not fsync.is_alive() and fsync.error is None, fsync.error
+                assert fsync.staged is False
+            pri.wait_for(f"did not stage set {fsync.closed - 1} within 1s")
+            st = status(mount)
+            assert (st["fsync_in_step"], st["fsync_local_only"]) == (False, 2)
+        in_step(mount)
+        pri.wait_for("fsyncs wait for it again")
+        fsync = Fsync(mount, replica, "h")
+        fsync.start()
+        fsync.join(RETURN_SECONDS)
+        assert fsync.staged, "in step again, an fsync waits for the secondary"
+        assert status(mount)["fsync_local_only"] == 2
+
+
+def test_semisync_wait_staged_ok_no_secondary_fsync_local(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount, "--secondary", f"127.0.0.1:{free_port()}", "--fsync",
+                 "remote", "--fsync-timeout", "120"):
+        fsync = Fsync(mount, None, "f")
+        fsync.run()  # here: it must not wait for a secondary that is not there
+        assert fsync.error is None, fsync.error
+        st = status(mount)
+        assert (st["connected"], st["fsync_in_step"], st["fsync_local_only"]) == (
+            False, False, 1)
+
+
+def test_semisync_err_remote_without_secondary(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    assert_one_line_error(replfs("primary", tmp_path / "b", tmp_path / "m", "--fsync",
+                                 "remote"), "--fsync remote", "need --secondary HOST:PORT")
