@@ -150,11 +150,11 @@ def build_parser() -> Parser:
                    help="report a stall after a backlog makes no progress this long (default 10)")
     p.add_argument("--fsync", choices=("local", "remote"), default="local",
                    help="when an fsync returns: once durable here (local, the default), or "
-                        "also staged by the secondary while it is connected and caught up "
+                        "also staged by every secondary that is connected and caught up "
                         "(remote)")
     p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
                    metavar="SECONDS",
-                   help="with --fsync remote, how long an fsync waits for the secondary "
+                   help="with --fsync remote, how long an fsync waits for a secondary "
                         "before fsyncs go on without it until it catches up "
                         f"(default {FSYNC_TIMEOUT:g})")
     metrics_option(p)

@@ -89,8 +89,8 @@ class PrimaryConfig:
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
     dynamic: bool = False  # secondaries are added at run time (a cluster's primary)
     fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
-    fsync: str = "local"  # "remote": an fsync also waits for the secondary's staging
-    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then it goes on locally
+    fsync: str = "local"  # "remote": an fsync also waits for the secondaries' staging
+    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then not for a stalled one
 
 
 def lift_dirty_limit(where: str) -> None:
@@ -119,8 +119,8 @@ def lift_dirty_limit(where: str) -> None:
         log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
 
 
-def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str,
-                 remote: Semisync | None) -> Callable[[str, str | None], Sender]:
+def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
+                 ) -> Callable[[str, str | None], Sender]:
     """How the primary makes the Sender of one secondary address: its link (replfs
     frames over TLS or TCP, or iSCSI) and the options of *cfg*.
 
@@ -152,7 +152,7 @@ def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str,
                       stall_seconds=cfg.stall_seconds, settled=capture.lock,
                       # one record, one SCSI WRITE: no compression over iSCSI
                       compress_level=0 if iscsi else cfg.compress_level,
-                      max_rate=cfg.max_rate, semisync=remote)
+                      max_rate=cfg.max_rate)
 
     return make
 
@@ -218,8 +218,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         if note:
             log.info("recovered the journal: %s", note)
         remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
-        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node, remote),
-                        cfg.secondaries)
+        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
+                        cfg.secondaries, remote)
         capture.on_durable = fanout.notify
         inodes = Inodes(str(backing))
         operations = PrimaryFS(inodes, capture, remote)
@@ -317,8 +317,7 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
                     "resync_done_bytes": capture.progress_done,
                     "resync_total_bytes": capture.progress_total}
         if operations.remote is not None:
-            out |= {"fsync_in_step": operations.remote.in_step,
-                    "fsync_local_only": operations.remote.local_only}
+            out["fsync_local_only"] = operations.remote.local_only
         blocks = fanout.status()
         if blocks:
             out["secondaries"] = blocks

@@ -118,7 +118,7 @@ class PrimaryFS(pyfuse3.Operations):
         super().__init__()
         self.inodes = inodes
         self.capture = capture
-        self.remote = remote  # --fsync remote: an fsync waits for the secondary's staging
+        self.remote = remote  # --fsync remote: an fsync waits for the secondaries' staging
         self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
@@ -658,10 +658,11 @@ class PrimaryFS(pyfuse3.Operations):
         """Close the set and return once it is durable in the journal (an fsync's
         promise: after a crash the journal brings BACKING back to it; see
         repl/capture.py). Over budget, *fd* itself is synced too. With --fsync
-        remote, also wait until the secondary staged the set (repl/semisync.py).
+        remote, also wait until the secondaries in step staged the set
+        (repl/semisync.py).
 
         Only closing the set holds the lock: other requests go on while this
-        one waits for the disk and the secondary."""
+        one waits for the disk and the secondaries."""
         began = time.monotonic()
         with self.lock:
             if time.monotonic() >= self.write_until:

@@ -9,11 +9,12 @@ journal keeps, and for which of them, is repl/retention.py.
 Secondaries are named by their address as ``--secondary`` gives it; a
 cluster's primary (repl/node.py) adds them as nodes join.
 
-``--fsync remote`` (an fsync waits until the secondary staged its set) meets
-several secondaries here: the fsync waits until *at least one* secondary in
-step staged the set, so the loss of the primary and any one other node loses
-nothing an fsync returned for, while a slow one holds no fsync back. Each
-Sender reports what its secondary staged; the waiting is this module's.
+``--fsync remote`` meets several secondaries here: each Sender reports what
+its secondary staged to a Peer of its own (repl/semisync.py), and an fsync
+waits until every secondary *in step* staged its set. A gone or stalled one
+is not waited for (after the timeout, for a stalled one) until it caught up,
+as with one secondary: a set an fsync returned for is on every secondary
+that was in step then.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import trio
 
 from repl.iscsi.link import IscsiDialer
 from repl.link import FrameDialer
+from repl.semisync import Semisync
 from repl.sender import Sender
 
 if TYPE_CHECKING:
@@ -37,11 +39,13 @@ log = logging.getLogger("replfs.fanout")
 
 class Fanout:
     def __init__(self, capture: Capture, make_sender: Callable[[str, str | None], Sender],
-                 addresses: Iterable[str]) -> None:
+                 addresses: Iterable[str], remote: Semisync | None = None) -> None:
         """*make_sender* makes the Sender of one address (its dialer, its options), given
-        the name its certificate must carry if not the one configured."""
+        the name its certificate must carry if not the one configured; *remote*, with
+        --fsync remote, is where the fsyncs wait for the secondaries."""
         self.capture = capture
         self._make = make_sender
+        self.remote = remote
         self.senders: dict[str, Sender] = {}
         self._nursery: trio.Nursery | None = None
         for address in addresses:
@@ -55,6 +59,8 @@ class Fanout:
         sender.on_applied = functools.partial(self.capture.caught_up, address)
         sender.bring_up = functools.partial(self.capture.bring_up, address)
         sender.dropped = functools.partial(self.capture.retention.is_dropped, address)
+        if self.remote is not None:
+            sender.semisync = self.remote.add(address)
         self.senders[address] = sender
         return sender
 
@@ -137,6 +143,8 @@ class Fanout:
             "rate_limited_seconds": round(sender.bucket.waited, 3) if sender.bucket else 0.0,
             "stalled": st.stalled, "errors": st.errors,
         }
+        if sender.semisync is not None:
+            out["fsync_in_step"] = sender.semisync.in_step
         return out | self.capture.retention.status(sender.address)
 
 

@@ -76,8 +76,8 @@ def primary_metrics(capture: Capture, senders: list[Sender],
                     requests: Mapping[str, int], remote: Semisync | None = None
                     ) -> Iterable[Metric]:
     """The primary's gauges and counters, as of now; *requests* are the mount's, by
-    handler (fs/counts.py); *remote*, with --fsync remote, where the secondary stands.
-    The series of a secondary carry its address as the label
+    handler (fs/counts.py); *remote*, with --fsync remote, where the fsyncs wait for
+    the secondaries. The series of a secondary carry its address as the label
     ``secondary``, one sample per secondary."""
     j = capture.journal
     yield from _info("primary", j.identity)
@@ -101,10 +101,8 @@ def primary_metrics(capture: Capture, senders: list[Sender],
         served.add_metric([op], count)
     yield served
     if remote is not None:
-        yield gauge("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary "
-                    "to stage their set (--fsync remote)", int(remote.in_step))
-        yield counter("replfs_fsync_local_only", "fsyncs that returned without the "
-                      "secondary's staging (--fsync remote, the secondary gone or behind)",
+        yield counter("replfs_fsync_local_only", "fsyncs that returned with no secondary's "
+                      "staging (--fsync remote, every secondary gone or behind)",
                       remote.local_only)
     if not senders:
         return
@@ -145,6 +143,10 @@ def primary_metrics(capture: Capture, senders: list[Sender],
         ("replfs_replication_errors", "Sessions that failed or were refused", True,
          lambda s: s.status.error_count),
     ]
+    if remote is not None:
+        per.append(("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary to "
+                    "stage their set (--fsync remote)", False,
+                    lambda s: int(s.semisync is not None and s.semisync.in_step)))
     for name, doc, is_counter, value in per:
         family: GaugeMetricFamily | CounterMetricFamily = (
             CounterMetricFamily(name, doc, labels=["secondary"]) if is_counter

@@ -46,7 +46,7 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
-from repl.semisync import Semisync
+from repl.semisync import Peer
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import is_sync
@@ -98,9 +98,11 @@ class Sender:
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
                  compress_level: int = COMPRESS_LEVEL,
-                 max_rate: float | None = None, semisync: Semisync | None = None) -> None:
+                 max_rate: float | None = None) -> None:
         self.journal = journal
-        self.semisync = semisync  # --fsync remote: what is staged, for the fsyncs waiting
+        # --fsync remote: where this secondary stands, for the fsyncs waiting (the
+        # fan-out wires it, as it wires the callbacks below).
+        self.semisync: Peer | None = None
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
