@@ -32,6 +32,13 @@ if ! command -v iscsi-inq >/dev/null 2>&1 || ! command -v tgtd >/dev/null 2>&1 |
         echo "replfs: could not install libiscsi-bin tgt tshark; the iSCSI interop tests skip" >&2
 fi
 
+# etcd, which a cluster of nodes elects its primary through (replfs node): the tests and
+# the demo start their own.
+if ! command -v etcd >/dev/null 2>&1; then
+    _replfs_apt etcd-server ||
+        { echo "replfs: could not install etcd-server; install it and retry" >&2; exit 1; }
+fi
+
 # What building pyfuse3 needs beyond libfuse: a C compiler, Python's headers, git apply.
 _replfs_build_tools() {
     local need=() include

@@ -104,12 +104,18 @@ def build_parser() -> Parser:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
-    def link_options(p: Parser, other: str) -> None:
+    def link_options(p: Parser, other: str, many: bool = False) -> None:
         p.add_argument("--tls", type=Path, metavar="DIR/NAME",
                        help="TLS as node NAME: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem "
                             "(see 'replfs tls')")
-        p.add_argument("--peer", metavar="NAME",
-                       help=f"the node the {other}'s certificate must name (with --tls)")
+        if many:
+            p.add_argument("--peer", metavar="NAME", action="append",
+                           help=f"the node the {other}'s certificate must name (with --tls)"
+                                + ("; one per --secondary, in the same order"
+                                   if other == "secondary" else "; several: any of them"))
+        else:
+            p.add_argument("--peer", metavar="NAME",
+                           help=f"the node the {other}'s certificate must name (with --tls)")
         p.add_argument("--insecure", action="store_true",
                        help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
 
@@ -125,10 +131,12 @@ def build_parser() -> Parser:
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="journal budget; past it, a dirty map stands in (default 1G)")
     p.add_argument("--secondary", type=secondary_address, metavar="HOST:PORT",
+                   action="append",
                    help="replicate to this secondary: HOST:PORT (replfs frames over TLS), "
                         "iscsi://HOST:PORT/IQN (iSCSI, with --chap) or fcip://HOST:PORT "
-                        "(Fibre Channel over FCIP, with --chap)")
-    link_options(p, "secondary")
+                        "(Fibre Channel over FCIP, with --chap); give it once for each "
+                        "secondary")
+    link_options(p, "secondary", many=True)
     chap_option(p)
     p.add_argument("--streams", type=count, default=4, metavar="N",
                    help=f"parallel TCP streams to the secondary (default 4, at most "
@@ -143,15 +151,17 @@ def build_parser() -> Parser:
                    help="report a stall after a backlog makes no progress this long (default 10)")
     p.add_argument("--fsync", choices=("local", "remote"), default="local",
                    help="when an fsync returns: once durable here (local, the default), or "
-                        "also staged by the secondary while it is connected and caught up "
+                        "also staged by every secondary that is connected and caught up "
                         "(remote)")
     p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
                    metavar="SECONDS",
-                   help="with --fsync remote, how long an fsync waits for the secondary "
+                   help="with --fsync remote, how long an fsync waits for a secondary "
                         "before fsyncs go on without it until it catches up "
                         f"(default {FSYNC_TIMEOUT:g})")
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
+    # Run by `replfs node`: changes wait for its lease, secondaries are added as they join.
+    p.add_argument("--fenced", action="store_true", help=argparse.SUPPRESS)
     log_options(p)
 
     p = command("secondary", "receive data sets into REPLICA")
@@ -168,7 +178,7 @@ def build_parser() -> Parser:
                    help="also (or only) serve the replica's staging as a Fibre Channel (FCP) "
                         "target over FCIP here (3225 is FCIP's port), with --chap")
     staging_option(p)
-    link_options(p, "primary")
+    link_options(p, "primary", many=True)
     chap_option(p)
     p.add_argument("--rejoin", action="store_true",
                    help="REPLICA is an old primary's tree: follow the new primary, sending "
@@ -178,6 +188,45 @@ def build_parser() -> Parser:
                         "cached by the kernel (whole data sets only, as with replfs mount)")
     metrics_option(p)
     log_options(p)
+
+    p = command("node", "serve this host's node of a cluster: the primary or a standby, as "
+                        "an etcd lease decides")
+    p.add_argument("--name", metavar="NAME", help="this node's name (its certificate's)")
+    positional(p, "data", "DATA")
+    positional(p, "mount", "MOUNTPOINT")
+    p.add_argument("--listen", type=address, metavar="HOST:PORT",
+                   help="where this node's secondary listens for the primary")
+    p.add_argument("--advertise", type=address, metavar="HOST:PORT",
+                   help="where the other nodes reach it (default: --listen)")
+    p.add_argument("--etcd", metavar="URL", action="append",
+                   help="an etcd client URL, e.g. http://10.0.0.9:2379 (give each)")
+    p.add_argument("--cluster", default="replfs", metavar="NAME",
+                   help="the cluster's name: its keys are under /replfs/NAME/ (default replfs)")
+    p.add_argument("--tls", type=Path, metavar="DIR/NAME",
+                   help="TLS as this node: DIR/NAME.pem, DIR/NAME.key and DIR/ca.pem")
+    p.add_argument("--peer", metavar="NAME", action="append",
+                   help="a node it accepts besides those registered in etcd (give each)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain TCP, nobody authenticated, nothing encrypted: loopback only")
+    p.add_argument("--lease-ttl", type=positive, default=10.0, metavar="SECONDS",
+                   help="the lease's time to live: a dead primary is replaced within about "
+                        "this (default 10)")
+    p.add_argument("--set-interval", type=positive, default=1.0, metavar="SECONDS",
+                   help="as a primary: close a data set at least this often (default 1)")
+    p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
+                   help="as a primary: the journal's budget (default 1G)")
+    log_options(p)
+
+    p = command("cluster", "look at a cluster of nodes")
+    cluster_sub = p.add_subparsers(dest="cluster_command", required=True, parser_class=Parser)
+    p = command("status", "the members, the primary, each node's applied set and lag",
+                cluster_sub)
+    p.add_argument("--etcd", metavar="URL", action="append",
+                   help="an etcd client URL (give each)")
+    p.set_defaults(needed=["etcd"])
+    p.add_argument("--cluster", default="replfs", metavar="NAME",
+                   help="the cluster's name (default replfs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("mount", "mount a read-only view of REPLICA that shows whole data sets only "
                          "(uncached; see secondary --mount)")
@@ -220,6 +269,9 @@ def build_parser() -> Parser:
     p.add_argument("--transport", choices=("frames", "iscsi", "fcip"), default="frames",
                    help="replfs frames over TLS (default), iSCSI with mutual CHAP, or Fibre "
                         "Channel over FCIP with DH-CHAP")
+    p.add_argument("--cluster", action="store_true",
+                   help="three nodes and an etcd instead: the primary killed, another "
+                        "elected")
 
     p = command("tls", "make the cluster's CA and the nodes' certificates")
     tls_sub = p.add_subparsers(dest="tls_command", required=True, parser_class=Parser)
@@ -277,8 +329,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             values = config.section(args.config, config.load(args.config), path, args.parser)
         except config.ConfigError as exc:
             fail(str(exc))
+        # A list given on the command line replaces the file's (argparse would add to it).
+        given = {a.dest: getattr(args, a.dest) for a in args.parser._actions
+                 if isinstance(a, argparse._AppendAction) and getattr(args, a.dest)}
         args.parser.set_defaults(**values)
         args, extra = parser.parse_known_args(argv)
+        for dest, value in given.items():
+            setattr(args, dest, value)
     if extra:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     missing = [(a.option_strings or [a.metavar])[0] for a in args.parser._actions
@@ -296,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for chatty in ("httpx", "httpcore"):  # a line per etcd request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if getattr(args, "log_format", "text") == "json":
         logging.getLogger().handlers[0].setFormatter(JsonLines())
         sys.excepthook = lambda kind, exc, tb: logging.getLogger("replfs").critical(
@@ -307,10 +366,14 @@ def main(argv: list[str] | None = None) -> int:
             if not 1 <= args.streams <= MAX_STREAMS:
                 args.parser.error(f"--streams must be from 1 to {MAX_STREAMS}")
             trio.run(run_primary, PrimaryConfig(
-                args.backing, args.mountpoint, args.journal, args.set_interval, args.set_bytes,
-                args.journal_max, args.secondary, args.streams, args.scramble,
-                args.stall_seconds, args.tls, args.peer, args.insecure, args.metrics,
-                args.compress_level, args.max_rate or None, args.chap, fsync=args.fsync,
+                args.backing, args.mountpoint, journal=args.journal,
+                set_interval=args.set_interval, set_bytes=args.set_bytes,
+                journal_max=args.journal_max, secondaries=args.secondary or [],
+                streams=args.streams, scramble=args.scramble,
+                stall_seconds=args.stall_seconds, tls=args.tls, peers=args.peer or [],
+                insecure=args.insecure, metrics=args.metrics,
+                compress_level=args.compress_level, max_rate=args.max_rate or None,
+                chap=args.chap, dynamic=args.fenced, fenced=args.fenced, fsync=args.fsync,
                 fsync_timeout=args.fsync_timeout))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None and args.fcip is None:
@@ -326,6 +389,23 @@ def main(argv: list[str] | None = None) -> int:
                     run_secondary, args.replica, args.listen, args.staging, args.tls,
                     args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
                     iqn=args.iqn, chap_file=args.chap, fcip=args.fcip))
+        elif args.command == "node":
+            from repl.node import NodeConfig, run_node
+
+            if args.name is None or args.listen is None:
+                args.parser.error("the following arguments are required: --name and --listen "
+                                  "(on the command line or in [node] of --config FILE)")
+            trio.run(run_node, NodeConfig(
+                args.name, args.data, args.mount, args.listen, args.etcd or [],
+                cluster=args.cluster, advertise=args.advertise, tls=args.tls,
+                insecure=args.insecure, peers=args.peer or [], lease_ttl=args.lease_ttl,
+                set_interval=args.set_interval, journal_max=args.journal_max))
+        elif args.command == "cluster":
+            from repl.members import render
+            from repl.members import show as cluster_status
+
+            out = trio.run(cluster_status, args.etcd, args.cluster)
+            print(json.dumps(out) if args.json else render(out))
         elif args.command == "mount":
             trio.run(run_standby, args.replica, args.mountpoint, args.staging)
         elif args.command == "verify":
@@ -358,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                 for key, value in reply.items():
                     print(f"{key.replace('_', ' ')}: {value}")
         elif args.command == "demo":
+            if args.cluster:
+                from demo_cluster import run as cluster_demo
+
+                return cluster_demo()
             from demo import run as demo
 
             return demo(args.transport)

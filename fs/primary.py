@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import stat
 import threading
@@ -117,7 +118,7 @@ class PrimaryFS(pyfuse3.Operations):
         super().__init__()
         self.inodes = inodes
         self.capture = capture
-        self.remote = remote  # --fsync remote: an fsync waits for the secondary's staging
+        self.remote = remote  # --fsync remote: an fsync waits for the secondaries' staging
         self.requests = RequestCounts()
         self.files: dict[int, int] = {}  # fh (== fd) -> inode
         self.writable: set[int] = set()  # the fhs opened for writing
@@ -127,6 +128,9 @@ class PrimaryFS(pyfuse3.Operations):
         self._released = threading.Condition(self.lock)  # a file handle was released
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
+        # Changes are refused with EROFS from this time.monotonic() on: a cluster's
+        # primary may write only while its lease holds (repl/node.py).
+        self.write_until = math.inf
 
     def freeze(self) -> None:
         """Hold every change at the door (reads go on), e.g. while verify compares.
@@ -138,12 +142,32 @@ class PrimaryFS(pyfuse3.Operations):
     def thaw(self) -> None:
         self._thawed.set()
 
+    def fence(self, until: float = 0.0) -> None:
+        """Refuse every change with EROFS from time.monotonic() *until* on (reads go on);
+        math.inf lifts the fence.
+
+        A cluster's primary writes only while its lease holds (repl/node.py): it is
+        given a deadline at each renewal, so it stops by itself when they stop
+        coming. Returns once no change is under way (a fence in the past is in
+        force when it returns: none is journaled after it).
+        """
+        with self.lock:
+            self.write_until = until
+
+    @property
+    def fenced(self) -> bool:
+        return time.monotonic() >= self.write_until
+
     def _enter(self, change: bool) -> None:
-        """Take the lock; a change first waits until the mount is not frozen."""
+        """Take the lock; a change first waits until the mount is not frozen, and is
+        refused (EROFS) while it is fenced."""
         while True:
             if change and not self._thawed.is_set():
                 self._thawed.wait()
             self.lock.acquire()
+            if change and time.monotonic() >= self.write_until:
+                self.lock.release()
+                raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             if not change or self._thawed.is_set():
                 return
             self.lock.release()  # frozen in between: wait again
@@ -634,12 +658,15 @@ class PrimaryFS(pyfuse3.Operations):
         """Close the set and return once it is durable in the journal (an fsync's
         promise: after a crash the journal brings BACKING back to it; see
         repl/capture.py). Over budget, *fd* itself is synced too. With --fsync
-        remote, also wait until the secondary staged the set (repl/semisync.py).
+        remote, also wait until the secondaries in step staged the set
+        (repl/semisync.py).
 
         Only closing the set holds the lock: other requests go on while this
-        one waits for the disk and the secondary."""
+        one waits for the disk and the secondaries."""
         began = time.monotonic()
         with self.lock:
+            if time.monotonic() >= self.write_until:
+                raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             closed = self.capture.close_set()
             end = self.capture.journal.end
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal

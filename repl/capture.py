@@ -48,11 +48,13 @@ within OPEN_FLUSH_SECONDS (at once past FLUSH_BYTES), so a set streams
 before it closes; an fsync meanwhile flushes them first, and no second
 flush follows.
 
-The journal budget. Records stay until the secondary applied their set.
-If it stays away until the journal passes ``journal_max``, capture stops
+The journal budget. Records stay until every secondary that pins the
+journal applied their set (repl/retention.py). One that falls past
+``journal_max`` while another is within it is dropped alone. When all of
+them are past it (always the case with one secondary), capture stops
 journaling write data: the open set stays open, namespace and attribute
 ops are still journaled, and written ranges go to the dirty map
-(store/dirty.py). Once the secondary has applied every closed set,
+(store/dirty.py). Once a secondary has applied every closed set,
 ``resync()`` reads those ranges from the backing directory into the open
 set and closes it, so the replica goes from one whole set to the next.
 With no secondary at all, the oldest sets are dropped instead.
@@ -68,7 +70,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -77,6 +79,7 @@ from repl import apply as applier
 from repl import faults, metrics, resync
 from repl.activity import ActivityLog, name_roots, note_boot, power_lost
 from repl.diverge import Divergence
+from repl.retention import Retention
 from repl.touched import Touched
 from repl.tree import Tree
 from repl.wake import Waker
@@ -105,6 +108,7 @@ BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while 
 BACKING_SYNC_FILES = 1024  # ... and as soon as this many files and directories changed
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
+_SYNC_WHOLE = b"sync_whole"  # the sync under way covers the whole tree (a RESET)
 _BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
@@ -133,27 +137,28 @@ class Capture:
         set_interval: float = DEFAULT_SET_INTERVAL,
         set_bytes: int = DEFAULT_SET_BYTES,
         journal_max: int = DEFAULT_JOURNAL_MAX,
-        replicating: bool = False,
+        secondaries: Iterable[str] = (),
     ) -> None:
         self.journal = journal
         self.backing = backing
         self.set_interval = set_interval
         self.set_bytes = set_bytes
         self.journal_max = journal_max
-        self.replicating = replicating
+        self.retention = Retention(journal, secondaries)
         self.dirty = DirtyMap(journal)
         self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
         self.overflow = journal.get_meta(_OVERFLOW) is not None
-        self.applied = 0  # the last set the secondary reported applied
         raw = journal.get_meta(_SYNCING)
         self.syncing: int | None = decode_set(raw) if raw else None
+        self.sync_whole = journal.get_meta(_SYNC_WHOLE) is not None
         self.progress_done = self.progress_total = 0
         self.resync_wanted = trio.Event()
         self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
-        # Called from the thread that made records durable (the sender's notify).
+        # Called from the thread that made records durable (the senders' notify).
         self.on_durable: Callable[[], None] = lambda: None
-        # set -> when it closed (time.monotonic), oldest first
+        # set -> when it closed (time.monotonic), oldest first: the sets not yet
+        # applied by every secondary that pins the journal (consecutive ids).
         self.closed_times: OrderedDict[int, float] = OrderedDict()
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
@@ -178,6 +183,16 @@ class Capture:
         self._close_wanted = trio.Event()
         self._close_due = False
         self._wake: Callable[[], None] = self._woken  # a Waker once run() started
+
+    @property
+    def replicating(self) -> bool:
+        """True with at least one secondary: sets stay until they are applied."""
+        return bool(self.retention.followers)
+
+    @_locked
+    def add_secondary(self, address: str) -> None:
+        """A secondary joins at run time (a cluster's node); it pins the journal."""
+        self.retention.add(address)
 
     # --- called by the FUSE handlers, synchronously ------------------------
 
@@ -271,10 +286,8 @@ class Capture:
         # The closed sets not yet applied (the journal also keeps applied ones until
         # BACKING's next sync: counted only once the cheap bound is passed).
         if (not self.overflow and self.replicating
-                and self.journal.bytes - self.journal.set_bytes > self.journal_max
-                and self.journal.bytes_after(self.applied) - self.journal.set_bytes
-                > self.journal_max):
-            self._enter_overflow()
+                and self.journal.bytes - self.journal.set_bytes > self.journal_max):
+            self._budget()
         if self.overflow:
             self._settle()
             self._ahead(Op.WRITE, {"path": path, "offset": offset, "data": data})
@@ -372,40 +385,40 @@ class Capture:
         elif record.op in (Op.UNLINK, Op.RMDIR):
             self.dirty.forget(record.path)
 
-    def _enter_overflow(self) -> None:
-        log.warning("journal passed its budget (%d > %d bytes) with the secondary behind; "
-                    "keeping a dirty map instead of write data until it catches up",
+    def _budget(self) -> None:
+        """The journal is over its budget: drop the secondaries past it if another one
+        is within it, else keep a dirty map instead of write data (overflow)."""
+        behind = self.retention.past_budget(self.journal_max)
+        if not behind:
+            return
+        if len(behind) < len(self.retention.pinning()):
+            self.retention.drop(behind)
+            self._trim()
+            return
+        log.warning("journal passed its budget (%d > %d bytes) with every secondary behind; "
+                    "keeping a dirty map instead of write data until one catches up",
                     self.journal.bytes, self.journal_max)
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
 
     @_locked
-    def bring_up(self, applied: int, syncing: int | None,
+    def bring_up(self, address: str, applied: int, syncing: int | None,
                  rejoin: Divergence | None = None) -> int | None:
-        """Where a secondary that applied *applied* starts: None to stream from the
-        next set, or the set of an initial sync just begun (it must reset to it).
+        """Where the secondary at *address*, which applied *applied*, starts: None to
+        stream from the next set, or the set of a sync just begun (it resets to it).
 
-        A secondary in the middle of an initial sync (*syncing*) reports the set
-        before it as applied, so the journal brings it on like any other, as long
-        as it still holds that set. An old primary rejoining (*rejoin*: what it
-        changed since *applied*, the set we last shared) gets just the paths
-        either side changed since, as one set (repl/diverge.py).
+        See ``resync.bring_up``. Raises NotYet while another secondary's sync of
+        part of the tree is under way.
         """
         self._settle()
-        base = self.journal.base
-        follows = base is not None and base <= applied < self.journal.set
-        if rejoin is not None and follows:
-            ours = Divergence().add(self.journal.records(applied + 1))
-            return self.start_full_sync(rejoin.update(ours).follow_links(
-                os.fsdecode(fd_path(self.backing.root_fd))))
-        if follows:
-            return None
-        return self.start_full_sync()
+        return resync.bring_up(self, address, applied, syncing, rejoin)
 
-    def start_full_sync(self, only: Divergence | None = None) -> int:
+    def start_full_sync(self, only: Divergence | None = None,
+                        what: str = "rejoin sync of what diverged") -> int:
         """Begin an initial sync in the open set (repl/resync.py). Returns its id.
 
-        With *only*, the sync covers just those paths (a rejoin).
+        With *only*, the sync covers just those paths (a rejoin), and the log calls it
+        *what*.
         """
         set_id = self.journal.set
         # Over budget first, so a crash inside the snapshot never closes this set;
@@ -418,11 +431,14 @@ class Capture:
             entries, total = resync.snapshot_paths(self, only)
         self.syncing = set_id
         self.journal.put_meta(_SYNCING, encode_set(set_id))
-        self.journal.base = set_id - 1
+        self.sync_whole = only is None or b"" in only.roots()
+        self.journal.put_meta(_SYNC_WHOLE, b"1" if self.sync_whole else None)
+        if self.journal.base is None:  # the journal began on a tree that was not empty
+            self.journal.base = set_id - 1
         self.progress_done, self.progress_total = 0, total
         self.flush_soon()
         log.info("%s begins as set %d: %d entries, %.1f MB of data",
-                 "initial sync" if only is None else "rejoin sync of what diverged", set_id,
+                 "initial sync" if only is None else what, set_id,
                  entries, total / 1e6)
         return set_id
 
@@ -434,27 +450,47 @@ class Capture:
         self.journal.put_meta(_OVERFLOW, None)
         self.syncing = None
         self.journal.put_meta(_SYNCING, None)
+        self.sync_whole = False
+        self.journal.put_meta(_SYNC_WHOLE, None)
         closed = self.close_set()
         log.info("%s done: set %d brings the replica up to date; streaming resumes", was,
                  closed)
         return closed
 
     @_locked
-    def caught_up(self, applied: int) -> None:
-        """The secondary applied *applied*: drop those sets from the journal, and
-        resync once nothing closed is pending."""
-        self.applied = applied
+    def caught_up(self, address: str, applied: int) -> None:
+        """The secondary at *address* applied *applied*: drop what every secondary
+        that pins the journal applied, and resync once nothing closed is pending."""
+        self.retention.report(address, applied)
+        if (not self.overflow
+                and self.journal.bytes - self.journal.set_bytes > self.journal_max):
+            self._budget()  # a secondary may have fallen past it with no write since
         self._trim()
-        if self.overflow and applied >= self.journal.set - 1:
+        slowest = self.retention.slowest()
+        while (slowest is not None and self.closed_times
+               and next(iter(self.closed_times)) <= slowest):
+            self.closed_times.popitem(last=False)
+        if self.overflow and self.resync_ready():
             if not self.progress_total:
                 self.progress_done, self.progress_total = 0, self.dirty.total()
             self.resync_wanted.set()
 
+    def resync_ready(self) -> bool:
+        """Over budget: a secondary applied every closed set, so the dirty map's ranges
+        can go (the open set then closes)."""
+        fastest = self.retention.fastest()
+        return fastest is not None and fastest >= self.journal.set - 1
+
     def _trim(self) -> None:
-        """Drop what the secondary applied and BACKING holds durably."""
-        upto = min(self.applied, self.journal.sets_before(self.backing_at))
+        """Drop what every pinning secondary applied and BACKING holds durably."""
+        slowest = self.retention.slowest()
+        if slowest is None:
+            return
+        upto = min(slowest, self.journal.sets_before(self.backing_at))
         if upto >= (self.journal.first_set() or upto + 1):
+            self.retention.fold(upto)
             self.journal.trim(upto)
+            self.retention.save()
 
     @_locked
     def void(self, record: Record) -> None:
@@ -507,12 +543,12 @@ class Capture:
 
     @_locked
     def lag_seconds(self, applied: int) -> float:
-        """How long the oldest closed set not yet applied has waited."""
-        while self.closed_times and next(iter(self.closed_times)) <= applied:
-            self.closed_times.popitem(last=False)
+        """How long the oldest closed set after *applied* has waited."""
         if not self.closed_times:
             return 0.0
-        return time.monotonic() - next(iter(self.closed_times.values()))
+        first = next(iter(self.closed_times))
+        closed_at = self.closed_times.get(max(applied + 1, first))  # ids are consecutive
+        return 0.0 if closed_at is None else time.monotonic() - closed_at
 
     # --- async side -----------------------------------------------------------
 

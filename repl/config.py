@@ -202,9 +202,21 @@ def _value(path: Path, where: str, action: argparse.Action, value: Any) -> Any:
         if type(value) is not bool:
             raise refuse(f"must be true or false, not {_kind(value)}")
         return value
+    if isinstance(action, argparse._AppendAction):  # given once per value on the command line
+        values = value if isinstance(value, list) else [value]
+        return [_one(path, where, action, v) for v in values]
+    return _one(path, where, action, value)
+
+
+def _one(path: Path, where: str, action: argparse.Action, value: Any) -> Any:
+    """One value as the command line would have it for *action*, or ConfigError."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{path}: {where}: {why}")
+
     wanted = _TOML_TYPES.get(action.type, (str,))
     if type(value) not in wanted:
-        raise refuse(f"must be {' or '.join(_TYPE_NAMES[t] for t in wanted)}, "
+        many = " (or an array of them)" if isinstance(action, argparse._AppendAction) else ""
+        raise refuse(f"must be {' or '.join(_TYPE_NAMES[t] for t in wanted)}{many}, "
                      f"not {_kind(value)}")
     if action.choices is not None and value not in action.choices:
         raise refuse(f"{value!r} is not one of: {', '.join(map(str, action.choices))}")

@@ -105,3 +105,13 @@ def request(path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> dict[st
                 break
             buf += chunk
     return json.loads(buf)  # type: ignore[no-any-return]
+
+
+async def ask(path: Path, cmd: str, **args: Any) -> dict[str, Any]:
+    """``request``, from trio: one request to the daemon at *path*, without blocking the
+    thread. Raises OSError when none listens, ValueError on a garbled answer; bound
+    it with a trio scope."""
+    stream = await trio.open_unix_socket(str(path))
+    async with stream:
+        await stream.send_all(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        return json.loads(await _read_line(stream))  # type: ignore[no-any-return]

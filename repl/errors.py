@@ -15,6 +15,10 @@ class Refused(ReplError):
     """The peer is replfs but must not be served (other cluster, stale generation...)."""
 
 
+class NotYet(ReplError):
+    """What was asked must wait for something under way (a sync of another secondary)."""
+
+
 class UsageError(ReplfsError):
     """Bad input from the user: said in one line, nothing touched."""
 

@@ -149,9 +149,9 @@ class Gate:
         except trio.BrokenResourceError as exc:
             raise Rejected(*refusal(exc.__cause__)) from None
         names = peer_names(tls.getpeercert() or {})
-        if self.creds.peer not in (name.lower() for name in names):
+        if not set(self.creds.accepted) & {name.lower() for name in names}:
             text = (f"the certificate names {', '.join(names) or 'no node'}, and this "
-                    f"secondary accepts only {self.creds.peer} (--peer)")
+                    f"secondary accepts only {', '.join(self.creds.accepted)} (--peer)")
             await _tell(tls, text)
             raise Rejected("wrong-name", text)
         return tls

@@ -72,11 +72,13 @@ def _info(role: str, ident: Identity) -> Iterator[Metric]:
                 ident.generation)
 
 
-def primary_metrics(capture: Capture, sender: Sender | None,
+def primary_metrics(capture: Capture, senders: list[Sender],
                     requests: Mapping[str, int], remote: Semisync | None = None
                     ) -> Iterable[Metric]:
     """The primary's gauges and counters, as of now; *requests* are the mount's, by
-    handler (fs/counts.py); *remote*, with --fsync remote, where the secondary stands."""
+    handler (fs/counts.py); *remote*, with --fsync remote, where the fsyncs wait for
+    the secondaries. The series of a secondary carry its address as the label
+    ``secondary``, one sample per secondary."""
     j = capture.journal
     yield from _info("primary", j.identity)
     yield gauge("replfs_last_closed_set", "The last data set closed", j.set - 1)
@@ -98,49 +100,60 @@ def primary_metrics(capture: Capture, sender: Sender | None,
     for op, count in requests.items():
         served.add_metric([op], count)
     yield served
-    if sender is None:
-        return
-    st, to = sender.status, sender.address
-    yield gauge("replfs_secondary_connected", "1 while a session with the secondary is up",
-                int(st.connected), secondary=to)
-    yield gauge("replfs_connected_streams", "TCP streams of the replication session",
-                st.streams if st.connected else 0, secondary=to)
-    yield gauge("replfs_last_shipped_set", "The data set of the last record sent",
-                st.shipped[0], secondary=to)
-    yield gauge("replfs_last_applied_set", "The last data set the secondary applied",
-                st.applied, secondary=to)
-    yield gauge("replfs_lag_sets", "Closed data sets the secondary has not applied",
-                j.set - 1 - st.applied, secondary=to)
-    yield gauge("replfs_lag_bytes", "Journal bytes the secondary has not applied",
-                j.bytes_after(st.applied), secondary=to)
-    yield gauge("replfs_lag_seconds", "How long the oldest closed set the secondary has not "
-                "applied has waited", capture.lag_seconds(st.applied), secondary=to)
-    yield gauge("replfs_inflight_bytes", "Record bytes sent and not yet staged",
-                st.inflight_bytes, secondary=to)
-    yield gauge("replfs_stalled", "1 while a backlog makes no progress (--stall-seconds)",
-                int(st.stalled), secondary=to)
-    yield counter("replfs_sent_bytes", "Record bytes sent, before compression",
-                  st.sent_bytes, secondary=to)
-    yield counter("replfs_sent_wire_bytes", "Bytes of record frames put on the wire, after "
-                  "compression",
-                  st.sent_wire_bytes, secondary=to)
-    yield counter("replfs_sessions", "Replication sessions started", st.sessions,
-                  secondary=to)
-    yield gauge("replfs_compressing", "1 while records go out zstd-compressed",
-                int(st.compressing), secondary=to)
-    yield gauge("replfs_max_rate_bytes_per_second", "The cap on bytes a second on the wire "
-                "(--max-rate; 0: none)", sender.bucket.rate if sender.bucket else 0,
-                secondary=to)
-    yield counter("replfs_rate_limited_seconds", "Time the sender waited to stay under "
-                  "--max-rate", sender.bucket.waited if sender.bucket else 0, secondary=to)
-    yield counter("replfs_replication_errors", "Sessions that failed or were refused",
-                  st.error_count, secondary=to)
     if remote is not None:
-        yield gauge("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary "
-                    "to stage their set (--fsync remote)", int(remote.in_step), secondary=to)
-        yield counter("replfs_fsync_local_only", "fsyncs that returned without the "
-                      "secondary's staging (--fsync remote, the secondary gone or behind)",
-                      remote.local_only, secondary=to)
+        yield counter("replfs_fsync_local_only", "fsyncs that returned with no secondary's "
+                      "staging (--fsync remote, every secondary gone or behind)",
+                      remote.local_only)
+    if not senders:
+        return
+    per: list[tuple[str, str, bool, Callable[[Sender], float]]] = [
+        ("replfs_secondary_connected", "1 while a session with the secondary is up", False,
+         lambda s: int(s.status.connected)),
+        ("replfs_secondary_dropped", "1 while the journal goes on without the secondary "
+         "(past the budget; it gets what it missed when it is back)", False,
+         lambda s: int(capture.retention.is_dropped(s.address))),
+        ("replfs_connected_streams", "TCP streams of the replication session", False,
+         lambda s: s.status.streams if s.status.connected else 0),
+        ("replfs_last_shipped_set", "The data set of the last record sent", False,
+         lambda s: s.status.shipped[0]),
+        ("replfs_last_applied_set", "The last data set the secondary applied", False,
+         lambda s: s.status.applied),
+        ("replfs_lag_sets", "Closed data sets the secondary has not applied", False,
+         lambda s: j.set - 1 - s.status.applied),
+        ("replfs_lag_bytes", "Journal bytes the secondary has not applied", False,
+         lambda s: j.bytes_after(s.status.applied)),
+        ("replfs_lag_seconds", "How long the oldest closed set the secondary has not "
+         "applied has waited", False, lambda s: capture.lag_seconds(s.status.applied)),
+        ("replfs_inflight_bytes", "Record bytes sent and not yet staged", False,
+         lambda s: s.status.inflight_bytes),
+        ("replfs_stalled", "1 while a backlog makes no progress (--stall-seconds)", False,
+         lambda s: int(s.status.stalled)),
+        ("replfs_sent_bytes", "Record bytes sent, before compression", True,
+         lambda s: s.status.sent_bytes),
+        ("replfs_sent_wire_bytes", "Bytes of record frames put on the wire, after "
+         "compression", True, lambda s: s.status.sent_wire_bytes),
+        ("replfs_sessions", "Replication sessions started", True,
+         lambda s: s.status.sessions),
+        ("replfs_compressing", "1 while records go out zstd-compressed", False,
+         lambda s: int(s.status.compressing)),
+        ("replfs_max_rate_bytes_per_second", "The cap on bytes a second on the wire "
+         "(--max-rate; 0: none)", False, lambda s: s.bucket.rate if s.bucket else 0),
+        ("replfs_rate_limited_seconds", "Time the sender waited to stay under --max-rate",
+         True, lambda s: s.bucket.waited if s.bucket else 0),
+        ("replfs_replication_errors", "Sessions that failed or were refused", True,
+         lambda s: s.status.error_count),
+    ]
+    if remote is not None:
+        per.append(("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary to "
+                    "stage their set (--fsync remote)", False,
+                    lambda s: int(s.semisync is not None and s.semisync.in_step)))
+    for name, doc, is_counter, value in per:
+        family: GaugeMetricFamily | CounterMetricFamily = (
+            CounterMetricFamily(name, doc, labels=["secondary"]) if is_counter
+            else GaugeMetricFamily(name, doc, labels=["secondary"]))
+        for sender in senders:
+            family.add_metric([sender.address], value(sender))
+        yield family
 
 
 def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging

@@ -34,7 +34,19 @@ class Promotion:
     dropped: list[int] = field(default_factory=list)
 
 
-async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promotion:
+async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
+                  generation: int | None = None, cluster: str | None = None) -> Promotion:
+    """Make *replica* a primary's tree, of *generation* (default: the next one), of
+    *cluster* (a replica that never met a primary has none yet: given by a cluster
+    of nodes, repl/node.py).
+
+    The sets applied last (those staging still keeps, store/staging.py) go into the
+    new journal as they were: a secondary that had staged fewer of them follows from
+    there, instead of being sent the whole tree.
+
+    Raises UsageError if it cannot be (no replica, a sync never finished, a set
+    that fails to apply, *generation* not newer than the replica's).
+    """
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     if not (staging_dir / "data.mdb").exists():
@@ -66,13 +78,22 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path) -> Promot
                              "no consistent set; it cannot be promoted")
         dropped = staging.drop_partial()
         ident = staging.identity
-        ident.generation += 1
+        if generation is not None and generation <= ident.generation:
+            raise UsageError(f"generation {generation} is not newer than the replica's "
+                             f"({ident.generation})")
+        if cluster is not None and ident.cluster not in (None, cluster):
+            raise UsageError(f"replica {replica} belongs to cluster {ident.cluster}, not "
+                             f"{cluster}")
+        ident.cluster = ident.cluster or cluster
+        ident.generation = generation if generation is not None else ident.generation + 1
         ident.history.append({"generation": ident.generation, "node": ident.node,
                               "first_set": applier.applied + 1})
         staging.save_identity()
         journal = Journal(journal_dir)
         try:
-            journal.start_generation(ident, next_set=applier.applied + 1)
+            kept = staging.history()
+            journal.start_generation(ident, next_set=applier.applied + 1,
+                                     before=(r for s in kept for r in staging.records(s)))
         finally:
             journal.close()
         return Promotion(ident.generation, start, applier.applied, dropped)

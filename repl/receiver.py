@@ -51,6 +51,7 @@ from repl.protocol import (
     parse_records,
     staged,
 )
+from repl.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Record
@@ -309,13 +310,7 @@ class Receiver:
             self.staging.save_identity()
             log.info("joined cluster %s", cluster)
         if generation > ident.generation:
-            log.info("following a new primary of generation %d (was %d)", generation,
-                     ident.generation)
-            ident.generation = generation
-            self.staging.save_identity()
-            dropped = self.staging.drop_unapplied()  # staged from the old primary
-            if dropped:
-                log.info("erased sets %s staged from the previous generation", dropped)
+            follow_generation(self.staging, info.get("history"), generation)
         extra = self.on_hello(info)  # a rejoin: what this node changed on its own
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,

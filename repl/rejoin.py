@@ -1,11 +1,21 @@
-"""An old primary rejoins as a secondary of the new one, keeping what it alone had.
+"""A node follows a new primary: an old primary rejoining, or a secondary re-pointed.
 
-Before anything of its tree changes, the paths it changed after the last
-set it shared with the new primary are copied, as they are, into a branch
-beside the tree, with a manifest of sets and paths, and its old journal
-(every record of those sets) is moved there too. Then the new primary sends
-only what diverged (repl/diverge.py), and the branch stays for an operator
-to inspect or apply by hand.
+An old primary rejoins as a secondary of the new one, keeping what it alone
+had. Before anything of its tree changes, the paths it changed after the
+last set it shared with the new primary are copied, as they are, into a
+branch beside the tree, with a manifest of sets and paths, and its old
+journal (every record of those sets) is moved there too. Then the new
+primary sends only what diverged (repl/diverge.py), and the branch stays
+for an operator to inspect or apply by hand.
+
+A secondary that hears from the primary of a newer generation (after a
+failover) keeps the complete sets it staged that the two generations share
+(those before the new generation's first set: the new primary has the same
+ones) and drops the others. If it had already applied sets past that point
+(sets the new primary never had: it was down during the election, or the
+old primary reached it last), its replica diverged: it asks for the paths
+those sets touched, the way an old primary does, from the applied sets its
+staging still keeps, or the whole tree if it no longer has them.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from store.journal import Journal
 from store.private import private_dir, write_private
+from store.staging import Staging
 
 log = logging.getLogger("replfs.rejoin")
 
@@ -85,3 +96,37 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     log.warning("kept %d paths changed here after set %d (never replicated) in %s",
                 len(paths), fork - 1, branch)
     return ours, branch
+
+
+def follow_generation(staging: Staging, history: Any, generation: int) -> None:
+    """Follow the primary of *generation*, newer than the staging's, whose generation
+    history is *history* (its HELLO's): keep what the two lineages share, drop the
+    rest, and if the replica applied sets past the fork, start a rejoin of them.
+    """
+    ident = staging.identity
+    try:
+        fork: int | None = fork_point(history, ident.generation)
+    except (ProtocolError, Refused):
+        fork = None  # no history to go by: keep nothing unapplied
+    applied = staging.applied
+    if fork is not None and applied >= fork and staging.rejoin is None:
+        kept = staging.history()
+        if kept and kept[0] <= fork:
+            ours = Divergence().add(r for s in range(fork, applied + 1)
+                                    for r in staging.records(s))
+        else:
+            ours = Divergence({b""})  # no longer known: the whole tree
+        staging.drop_unapplied()
+        staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
+        log.warning("this replica applied sets %d to %d, which the primary of generation "
+                    "%d never had; it gets %s again", fork, applied, generation,
+                    "the whole tree" if b"" in ours.content else
+                    f"the {len(ours.content) + len(ours.ranges)} paths they touched")
+    else:
+        dropped = staging.drop_unapplied(keep_before=fork or 0)
+        if dropped:
+            log.info("erased sets %s staged from the previous generation", dropped)
+    log.info("following a new primary of generation %d (was %d)", generation,
+             ident.generation)
+    ident.generation = generation
+    staging.save_identity()

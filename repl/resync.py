@@ -39,6 +39,7 @@ import trio
 import trio.lowlevel
 
 from repl.diverge import Divergence
+from repl.errors import NotYet
 from store.libc import fd_path
 from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Note, NoteKind, Op, is_under
 
@@ -50,6 +51,54 @@ log = logging.getLogger("replfs.resync")
 STEP = 4 << 20  # read per step: small enough that the application barely waits
 PROGRESS_EVERY = 2.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def bring_up(capture: Capture, address: str, applied: int, syncing: int | None,
+             rejoin: Divergence | None) -> int | None:
+    """Where the secondary at *address*, which applied *applied*, starts (capture's
+    lock held): None to stream from the next set, or the set of a sync just begun,
+    which it must reset to.
+
+    A secondary whose sets the journal still holds streams on; one in the middle
+    of a sync (*syncing*) reports the set before it as applied, and is brought on
+    the same way. Else it needs a sync: an old primary rejoining (*rejoin*: what it
+    changed since *applied*, the set we last shared) and a secondary dropped past
+    the budget (repl/retention.py) get just the paths that differ, as one set;
+    others get the whole tree.
+
+    Raises:
+        NotYet: another secondary's sync of part of the tree is under way: this one
+            waits for it to finish (a sync must start a set of its own).
+    """
+    journal = capture.journal
+    base = journal.base
+    follows = base is not None and base <= applied < journal.set
+    if rejoin is None and follows:
+        capture.retention.attach(address, applied)
+        return None
+    if rejoin is not None:
+        only = (rejoin.update(Divergence().add(journal.records(applied + 1))) if follows
+                else None)
+    else:
+        only = capture.retention.missed_since(address, applied)
+    if capture.syncing is not None:
+        if not capture.sync_whole:
+            raise NotYet(f"the sync of set {capture.syncing} is under way; {address} is "
+                         "brought up once it is done")
+        # The whole tree is on its way in the open set: join it from its start.
+        capture.retention.attach(address, capture.syncing - 1)
+        log.info("%s joins the initial sync of set %d", address, capture.syncing)
+        return capture.syncing
+    if capture.overflow:
+        only = None  # the open set's records so far are no one's to skip: all of it
+    else:
+        capture.close_set()  # a sync starts a set of its own
+    if only is not None:
+        only.follow_links(os.fsdecode(fd_path(capture.backing.root_fd)))
+    set_id = capture.start_full_sync(only, "rejoin sync of what diverged" if rejoin else
+                                     f"sync of what {address} missed")
+    capture.retention.attach(address, set_id - 1)
+    return set_id
 
 
 def snapshot_tree(capture: Capture) -> tuple[int, int]:
@@ -80,6 +129,10 @@ def snapshot_paths(capture: Capture, div: Divergence) -> tuple[int, int]:
     journal = capture.journal
     first_name: dict[int, bytes] = {}
     counts = [0, 0]
+    # The set is never empty, even when nothing differs (an old primary whose every
+    # change had reached the new one): the replica waits for it to close.
+    top = os.fstat(capture.backing.root_fd)
+    journal.append(Op.UTIMES, path=b"", atime_ns=top.st_atime_ns, mtime_ns=top.st_mtime_ns)
     for path in roots:
         journal.append(Op.PRUNE, path=path)
         capture.touched.paths.update((path, path.rpartition(b"/")[0]))
@@ -322,7 +375,7 @@ async def run(capture: Capture) -> None:
         capture.resync_wanted = trio.Event()
         started = last_report = trio.current_time()
         done_at_start = capture.progress_done
-        while capture.overflow and capture.applied >= capture.journal.set - 1:
+        while capture.overflow and capture.resync_ready():
             with capture.lock:  # the request threads wait one step at most
                 capture.settle()
                 finished = step(capture) is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
     if not journal_exists(path):
         return None
     journal = Journal(path)
-    if journal.last() is None and journal.base is not None:
+    if not written_as_primary(journal):
         journal.close()
         return None  # a promoted node's journal that no primary ever wrote to
     if not rejoin:
@@ -60,6 +61,19 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
                          "standby of the new primary pass --rejoin, which keeps its own "
                          "unreplicated changes aside")
     return journal
+
+
+def written_as_primary(journal: Journal) -> bool:
+    """True if a primary journaled changes of its own in *journal* (since its generation
+    began), even if they are all trimmed now; not for a promoted node's journal that
+    holds only the sets it kept from the primary before it (repl/promote.py)."""
+    ident = journal.identity
+    first = [h.get("first_set") for h in ident.history if h.get("generation") == ident.generation]
+    start = first[0] if first and isinstance(first[0], int) else 1
+    last = journal.last()
+    if journal.set > start or (last is not None and last.set >= start):
+        return True
+    return not ident.history and journal.base is None  # a primary of a tree not empty
 
 
 def staging_dir_of(replica: Path, staging: Path | None) -> Path:
@@ -179,7 +193,7 @@ def make_replica(replica: Path) -> None:
 
 
 async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | None,
-                        tls: Path | None, peer: str | None, insecure: bool,
+                        tls: Path | None, peer: str | list[str] | None, insecure: bool,
                         rejoin: bool = False, metrics_at: str | None = None,
                         invalidator: Invalidator | None = None, iscsi: str | None = None,
                         iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
@@ -200,7 +214,11 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         raise UsageError("--iscsi or --fcip HOST:PORT and --chap FILE go together: those "
                          "targets accept only initiators that know the CHAP secret")
     host, port = parse_address(listen) if listen else ("", 0)
-    creds = link_credentials(tls, peer, insecure, host) if listen else None
+    peers = [peer] if isinstance(peer, str) else peer or []
+    creds = link_credentials(tls, peers[0] if peers else None, insecure, host) \
+        if listen else None
+    if creds is not None and len(peers) > 1:  # a cluster's node: any of them may lead
+        creds = dataclasses.replace(creds, also=frozenset(peers[1:]))
     secrets = chap.load(chap_file) if chap_file is not None else None
     scrape = await metrics.listen(metrics_at) if metrics_at else []
     make_replica(replica)
@@ -259,7 +277,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 "generation": staging.identity.generation,
                 "insecure": creds is None and bool(listen),
                 "tls_name": creds.name if creds else None,
-                "tls_peer": creds.peer if creds else None,
+                "tls_peer": ", ".join(creds.accepted) if creds else None,
                 "connected_streams": r.connected_streams, "peer": r.peer_node,
                 "last_staged": list(r.last_staged), "last_complete": r.last_complete,
                 "last_applied": applier.applied, "applying": applier.applying,
@@ -315,7 +333,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                             "encrypted: anyone who can reach %s:%d can replace this replica",
                             bound[0], bound[1])
             ways = ([] if not listen else ["plain TCP, --insecure" if creds is None else
-                                           f"TLS as {creds.name}, accepting {creds.peer}"])
+                                           f"TLS as {creds.name}, accepting "
+                                           f"{', '.join(creds.accepted)}"])
             if targets and secrets is not None:
                 ways.append(f"iSCSI target {iqn} on {_where(targets[0])}, CHAP as "
                             f"{secrets.target_name}, accepting {secrets.initiator_name}, "

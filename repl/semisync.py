@@ -1,25 +1,28 @@
-"""``--fsync remote``: an fsync also waits until the secondary has staged its set.
+"""``--fsync remote``: an fsync also waits until the secondaries in step staged its set.
 
 An fsync through the primary returns once its set is durable in the journal
 (repl/capture.py). With ``--fsync remote`` (DRBD's protocol B) it returns
-only once the secondary has also acknowledged every record of that set as
-staged, that is durable on the secondary's disk, not necessarily applied
-(promote applies it): the data an fsync returned for survives the loss of
-the whole primary.
+only once every secondary *in step* has also acknowledged every record of
+that set as staged, that is durable on that secondary's disk, not
+necessarily applied (promote applies it): the data an fsync returned for
+survives the loss of the whole primary on every secondary that was in step
+then, and any of them may take over without losing it.
 
-Only while the secondary is *in step*: connected, and caught up with what
-was closed when it connected (or when it last fell out of step). An fsync
-does not wait for a secondary that is gone or catching up (after an outage,
-a restart, an initial sync): its replica could not take over without that
-backlog anyway, and the application goes on at local speed, as DRBD goes on
-with a disconnected peer. An fsync that waits ``timeout`` seconds for a
-connected secondary stops waiting, and the secondary is out of step until it
-has caught up again. Each fsync that returned without the secondary is
-counted (``local_only``), and each change of step is logged.
+A secondary is in step while it is connected and caught up with what was
+closed when it connected (or when it last fell out of step). An fsync does
+not wait for one that is gone or catching up (after an outage, a restart,
+an initial sync): its replica could not take over without that backlog
+anyway, and the others (or the application, at local speed, if it is the
+only one) go on, as DRBD goes on with a disconnected peer. An fsync that
+waits ``timeout`` seconds for a connected secondary stops waiting for it,
+and that secondary is out of step until it has caught up again; the others
+are not held back by it after that. Each change of step is logged, and each
+fsync that returned with no secondary's staging at all is counted
+(``local_only``).
 
-Two threads meet here: the sender (trio) reports sessions, records shipped
-and records staged; request threads wait in ``wait_staged()``. A condition
-(one lock) holds the few values they share.
+Each secondary's Sender reports to its own ``Peer`` (sessions, records
+shipped, records staged); the request threads wait in ``wait_staged()``.
+One condition (one lock) holds what the two sides share.
 """
 
 from __future__ import annotations
@@ -37,12 +40,65 @@ FSYNC_TIMEOUT = 5.0  # DRBD waits 6 s for a peer's answer before it drops the pe
 class Semisync:
     def __init__(self, timeout: float = FSYNC_TIMEOUT) -> None:
         self.timeout = timeout
+        self.local_only = 0  # fsyncs that returned with no secondary's staging
+        self.peers: dict[str, Peer] = {}  # by address, as the fan-out names them
+        self._cond = threading.Condition()
+
+    def add(self, address: str) -> Peer:
+        """The standing of the secondary at *address* (out of step until its sender
+        connects and it has caught up)."""
+        with self._cond:
+            peer = self.peers[address] = Peer(self._cond, address)
+            return peer
+
+    def wait_staged(self, set_id: int) -> bool:
+        """Block until every secondary in step has staged *set_id* (closed and durable
+        here); True if at least one has.
+
+        A secondary out of step is not waited for; one that stays in step without
+        staging the set for ``timeout`` seconds is put out of step (until it has
+        caught up) and the fsync returns without it. False, and counted, if no
+        secondary staged the set: the fsync returns on local durability alone.
+        """
+        with self._cond:
+            behind = [p for p in self.peers.values() if p.in_step and not p.holds(set_id)]
+            if behind:
+                for peer in behind:
+                    peer.waiting += 1
+                    peer.hurry()
+                try:
+                    self._cond.wait_for(lambda: all(not p.in_step or p.holds(set_id)
+                                                    for p in behind), self.timeout)
+                finally:
+                    for peer in behind:
+                        peer.waiting -= 1
+                for peer in behind:
+                    if peer.in_step and not peer.holds(set_id):
+                        peer.fall_behind(set_id, self.timeout)
+            if any(p.in_step and p.holds(set_id) for p in self.peers.values()):
+                return True
+            self.local_only += 1
+            return False
+
+    def count_local(self) -> None:
+        """An fsync returned without waiting, over the journal's budget (its data is
+        in the dirty map, sent with the resync)."""
+        with self._cond:
+            self.local_only += 1
+
+
+class Peer:
+    """Where one secondary stands for ``--fsync remote``: fed by its Sender (trio),
+    read by the fsyncs waiting (request threads), under the condition of its
+    Semisync."""
+
+    def __init__(self, cond: threading.Condition, address: str) -> None:
+        self.address = address
         self.in_step = False
-        self.local_only = 0  # fsyncs that returned without the secondary's staging
-        self.waiting = 0  # fsyncs waiting for it now: the sender ships at once
+        self.waiting = 0  # fsyncs waiting for this secondary now: its sender ships at once
         # Wakes the sender's feeder when an fsync starts waiting (any thread).
         self.hurry: Callable[[], None] = lambda: None
-        self._cond = threading.Condition()
+        self._cond = cond
         self._connected = False
         self._unstaged: OrderedDict[int, int] = OrderedDict()  # set -> records in flight
         self._whole = 0  # the last set whose every record was shipped (or applied)
@@ -52,8 +108,8 @@ class Semisync:
     # --- the sender's side (trio) ---------------------------------------------------
 
     def connected(self, applied: int, last_closed: int) -> None:
-        """A session began with a secondary that applied *applied*; it is in step once
-        it staged everything closed now (*last_closed*)."""
+        """A session began with the secondary, which applied *applied*; it is in step
+        once it staged everything closed now (*last_closed*)."""
         with self._cond:
             self._connected = True
             self._unstaged.clear()
@@ -67,8 +123,8 @@ class Semisync:
             self._unstaged.clear()
             self._catch_up_to = None
             if self.in_step:
-                log.warning("fsync remote: the secondary is gone; fsyncs return once "
-                            "durable here, until it is back and has caught up")
+                log.warning("fsync remote: secondary %s is gone; fsyncs do not wait for it "
+                            "until it is back and has caught up", self.address)
             self._set(False)
 
     def shipped(self, records: Iterable[tuple[int, int, bool]]) -> None:
@@ -93,57 +149,32 @@ class Semisync:
             self._check()
             self._cond.notify_all()
 
-    def _staged_through(self) -> int:
-        """The last set staged whole: everything before the first set with records in
-        flight, and shipped whole."""
+    # --- under the condition --------------------------------------------------------
+
+    def holds(self, set_id: int) -> bool:
+        """The secondary staged *set_id* whole: it is before the first set with records
+        in flight, and was shipped whole."""
         if self._unstaged:
-            return min(next(iter(self._unstaged)) - 1, self._whole)
-        return self._whole
+            return min(next(iter(self._unstaged)) - 1, self._whole) >= set_id
+        return self._whole >= set_id
+
+    def fall_behind(self, set_id: int, timeout: float) -> None:
+        """An fsync waited *timeout* seconds for *set_id*: out of step until it caught up."""
+        log.warning("fsync remote: secondary %s did not stage set %d within %gs; fsyncs "
+                    "do not wait for it until it has caught up", self.address, set_id,
+                    timeout)
+        self._catch_up_to = set_id
+        self._set(False)
 
     def _check(self) -> None:
         if (self._connected and self._catch_up_to is not None
-                and self._staged_through() >= self._catch_up_to):
+                and self.holds(self._catch_up_to)):
             self._catch_up_to = None
-            log.info("fsync remote: the secondary has staged every closed set; fsyncs "
-                     "wait for it %s", "again" if self._ever else "from now on")
+            log.info("fsync remote: secondary %s has staged every closed set; fsyncs wait "
+                     "for it %s", self.address, "again" if self._ever else "from now on")
             self._ever = True
             self._set(True)
 
     def _set(self, in_step: bool) -> None:
         self.in_step = in_step
         self._cond.notify_all()
-
-    # --- the request threads' side ------------------------------------------------------
-
-    def wait_staged(self, set_id: int) -> bool:
-        """Block until the secondary has staged *set_id* (closed and durable here).
-
-        Returns False at once if the secondary is not in step, or once it stays so
-        for ``timeout`` seconds (then it is out of step until it caught up), or
-        goes: the fsync then returns on local durability alone, and is counted.
-        """
-        with self._cond:
-            if self.in_step and self._staged_through() < set_id:
-                self.waiting += 1
-                try:
-                    self.hurry()
-                    self._cond.wait_for(lambda: not self.in_step
-                                        or self._staged_through() >= set_id, self.timeout)
-                finally:
-                    self.waiting -= 1
-                if self.in_step and self._staged_through() < set_id:
-                    log.warning("fsync remote: the secondary did not stage set %d within "
-                                "%gs; fsyncs return once durable here, until it has caught "
-                                "up", set_id, self.timeout)
-                    self._catch_up_to = set_id
-                    self._set(False)
-            if self.in_step:
-                return True
-            self.local_only += 1
-            return False
-
-    def count_local(self) -> None:
-        """An fsync returned without waiting, over the journal's budget (its data is
-        in the dirty map, sent with the resync)."""
-        with self._cond:
-            self.local_only += 1

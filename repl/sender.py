@@ -30,7 +30,7 @@ import trio
 import zstandard
 
 from repl.diverge import Divergence
-from repl.errors import ProtocolError, Refused
+from repl.errors import NotYet, ProtocolError, Refused
 from repl.errors import first_error as _first
 from repl.link import Dialer, Link
 from repl.pacing import TokenBucket
@@ -46,7 +46,7 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
-from repl.semisync import Semisync
+from repl.semisync import Peer
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import is_sync
@@ -98,9 +98,11 @@ class Sender:
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
                  compress_level: int = COMPRESS_LEVEL,
-                 max_rate: float | None = None, semisync: Semisync | None = None) -> None:
+                 max_rate: float | None = None) -> None:
         self.journal = journal
-        self.semisync = semisync  # --fsync remote: what is staged, for the fsyncs waiting
+        # --fsync remote: where this secondary stands, for the fsyncs waiting (the
+        # fan-out wires it, as it wires the callbacks below).
+        self.semisync: Peer | None = None
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
@@ -124,9 +126,13 @@ class Sender:
         self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
         self._hurried = trio.Event()  # an fsync waits for the secondary: ship at once
         self._acked = trio.Event()
-        self.applied_event = trio.Event()  # set (and replaced) whenever `applied` moves
+        # Set (and replaced) whenever `applied` moves or the session ends.
+        self.applied_event = trio.Event()
         # The secondary applied a set: the journal's owner trims it (capture).
         self.on_applied: Callable[[int], None] = lambda set_id: None
+        # True once the journal went on without this secondary (past its budget,
+        # repl/retention.py): it may no longer hold the sets this session reads.
+        self.dropped: Callable[[], bool] = lambda: False
         # Where a secondary starts: None to stream on, or an initial sync's set.
         self.bring_up: Callable[[int, int | None, Divergence | None], int | None] = (
             lambda applied, syncing, rejoin: None)
@@ -137,7 +143,7 @@ class Sender:
         self._acked_at = trio.current_time()  # last ack, or when records went in flight
         # The set of an initial sync the secondary is rebuilding its replica as: the
         # sets before it count as applied (they are moot) but the replica holds none.
-        self._reset_to = 0
+        self.sync_set = 0
 
     async def wait_applied(self, set_id: int) -> None:
         """Return once the connected secondary's replica holds *set_id* or a later set.
@@ -145,7 +151,7 @@ class Sender:
         While no secondary is connected, keep waiting: the next one to connect may
         be another (or a restarted) one, with a replica of its own.
         """
-        while not self.status.connected or self.status.applied < max(set_id, self._reset_to):
+        while not self.status.connected or self.status.applied < max(set_id, self.sync_set):
             await self.applied_event.wait()
 
     def notify(self) -> None:
@@ -176,11 +182,11 @@ class Sender:
             idle = trio.current_time() - self._progress_at
             stalled = backlog > 0 and idle > self.stall_seconds
             if stalled and not self.status.stalled:
-                log.warning("replication stalled: %d sets behind, no progress for %.0fs (%s)",
-                            backlog, idle, "connected" if self.status.connected
-                            else f"secondary {self.address} unreachable")
+                log.warning("replication stalled: %s is %d sets behind, no progress for "
+                            "%.0fs (%s)", self.address, backlog, idle,
+                            "connected" if self.status.connected else "unreachable")
             elif self.status.stalled and not stalled:
-                log.info("replication is progressing again")
+                log.info("replication is progressing again (%s)", self.address)
             self.status.stalled = stalled
 
     async def _replicate(self) -> None:
@@ -191,6 +197,9 @@ class Sender:
                 await self._session()
             except* Refused as group:
                 self._error(f"refused by {self.address}: {_first(group)}")
+                delay = RETRY_MAX
+            except* NotYet as group:
+                log.info("%s", _first(group))
                 delay = RETRY_MAX
             except* _LINK_ERRORS as group:
                 self._error(f"replication to {self.address} "
@@ -203,6 +212,7 @@ class Sender:
                 self.status.connected = False
                 self._inflight.clear()
                 self.status.inflight_bytes = 0
+                self._changed()
             await trio.sleep(delay)  # retry pacing, not a wait for an event
 
     def _error(self, text: str) -> None:
@@ -227,7 +237,7 @@ class Sender:
             if restart is not None:
                 await conns[0].send(reset_to(restart))
                 start = restart - 1
-                self._reset_to = restart
+                self.sync_set = restart
             self.status.connected = True
             if self.semisync is not None:
                 self.semisync.connected(start, self.journal.set - 1)
@@ -284,8 +294,12 @@ class Sender:
             self.status.applied = set_id
             self._progress_at = trio.current_time()
             self.on_applied(set_id)
-            self.applied_event.set()
-            self.applied_event = trio.Event()
+            self._changed()
+
+    def _changed(self) -> None:
+        """Wake whoever waits for this secondary's applied set or connection."""
+        self.applied_event.set()
+        self.applied_event = trio.Event()
 
     async def _feeder(self, outboxes: list[trio.MemorySendChannel[list[Frame]]],
                       start_set: int, compressor: zstandard.ZstdCompressor | None) -> None:
@@ -297,6 +311,7 @@ class Sender:
             self._wakeup = trio.Event()
             self._waiting = True  # before reading: a flush after the read wakes us
             with self.settled:
+                self._check_dropped()
                 batch = self.journal.read_raw(pos[0], pos[1], most)
             if not batch:
                 await self._wakeup.wait()
@@ -364,9 +379,17 @@ class Sender:
         """
         while True:
             await trio.sleep(min(1.0, self.stall_seconds / 2))  # a periodic look, as above
+            self._check_dropped()
             if self._inflight and trio.current_time() - self._acked_at > self.stall_seconds:
                 raise trio.TooSlowError(f"no acknowledgement for {self.stall_seconds:g}s "
                                         f"with {len(self._inflight)} records in flight")
+
+    def _check_dropped(self) -> None:
+        """End the session if the journal went on without this secondary: the next one
+        brings it up from the backing directory (capture's bring_up)."""
+        if self.dropped():
+            raise ProtocolError("past the journal's budget: the journal goes on without "
+                                "this secondary, which is brought up anew")
 
     async def _writer(self, conn: Link,
                       frames: trio.MemoryReceiveChannel[list[Frame]]) -> None:

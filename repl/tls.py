@@ -163,6 +163,12 @@ class Credentials:
     ca: Path
     cert: Path
     key: Path
+    also: frozenset[str] = frozenset()  # a secondary's other acceptable primaries
+
+    @property
+    def accepted(self) -> list[str]:
+        """Every name the other end's certificate may carry, sorted."""
+        return sorted({self.peer, *self.also})
 
     def server_context(self) -> ssl.SSLContext:
         """For the secondary: TLS 1.3, a client certificate of the CA required."""

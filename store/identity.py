@@ -17,7 +17,7 @@ import lmdb
 
 from store.errors import StoreError
 
-_KEY = b"identity"
+KEY = b"identity"  # its key in a store's meta
 
 
 @dataclass
@@ -52,14 +52,14 @@ def load(env: lmdb.Environment, db: lmdb._Database, *, make_cluster: bool) -> Id
         StoreError: the stored identity is not one this module wrote.
     """
     with env.begin(write=True) as txn:
-        ident = parse(txn.get(_KEY, db=db), make_cluster=make_cluster)
-        txn.put(_KEY, dumps(ident), db=db)
+        ident = parse(txn.get(KEY, db=db), make_cluster=make_cluster)
+        txn.put(KEY, dumps(ident), db=db)
     return ident
 
 
 def save(env: lmdb.Environment, db: lmdb._Database, ident: Identity) -> None:
     with env.begin(write=True) as txn:
-        txn.put(_KEY, dumps(ident), db=db)
+        txn.put(KEY, dumps(ident), db=db)
 
 
 def _decode(raw: bytes) -> Identity:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -380,16 +380,45 @@ class Journal:
 
     # --- meta values and the dirty map --------------------------------------------
 
-    def start_generation(self, ident: identity.Identity, next_set: int) -> None:
-        """Make this journal a new primary's: its identity, sets from *next_set* on."""
+    def start_generation(self, ident: identity.Identity, next_set: int,
+                         before: Iterable[Record] = ()) -> None:
+        """Make this journal a new primary's: its identity, sets from *next_set* on.
+
+        *before*: the records of whole sets just before *next_set* (every set from the
+        first one given), as the previous primary journaled them; they are kept, so a
+        secondary that has applied fewer sets than this node can follow from them.
+        """
         if self.last() is not None:
             raise StoreError(f"journal {self.path} is not empty; a promoted node needs a "
                              "fresh one")
         self.identity = ident
         self.put_meta(_IDENTITY, identity.dumps(ident))
+        first = next_set
+        for record in before:
+            if record.set >= next_set or (self._order and record.set < self._order[-1]):
+                raise StoreError(f"set {record.set} out of order before set {next_set}")
+            value = record.encode()
+            self._index(record.set, record.seq, self._write(Kind.RECORD, value), len(value))
+            first = min(first, record.set)
         self.put_meta(_NEXT_SET, encode_set(next_set))
-        self.base = next_set - 1
+        self.base = first - 1
         self.set, self.seq = next_set, 0
+        self.sync()
+
+    def lead(self, generation: int, cluster: str) -> None:
+        """This journal's primary leads (again) as *generation* of *cluster*, from the
+        open set on (a cluster of nodes elected it: repl/node.py)."""
+        if generation <= self.identity.generation and self.identity.history:
+            raise StoreError(f"generation {generation} is not newer than the journal's "
+                             f"({self.identity.generation})")
+        if self.identity.history and self.identity.cluster != cluster:
+            raise StoreError(f"journal {self.path} belongs to cluster "
+                             f"{self.identity.cluster}, not {cluster}")
+        self.identity.cluster = cluster
+        self.identity.generation = generation
+        self.identity.history.append({"generation": generation, "node": self.identity.node,
+                                      "first_set": self.set})
+        self.put_meta(_IDENTITY, identity.dumps(self.identity))
         self.sync()
 
     @property
@@ -408,6 +437,10 @@ class Journal:
 
     def get_meta(self, key: bytes) -> bytes | None:
         return self._meta.get(key)
+
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every meta value whose key starts with *prefix*, as (key, value)."""
+        return [(k, v) for k, v in self._meta.items() if k.startswith(prefix)]
 
     def put_meta(self, key: bytes, value: bytes | None) -> None:
         """Set (or with None, delete) a small meta value, durable with the next sync."""

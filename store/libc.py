@@ -39,6 +39,16 @@ def madvise(address: int, length: int, advice: int) -> None:
     _libc.madvise(address, length, advice)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send this process *signum* when its parent dies (prctl(2)):
+    called in a child between fork and exec, so a daemon a killed node started
+    does not outlive it."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0))
+
+
 def mallopt(param: int, value: int) -> None:
     """glibc's mallopt(3); it returns 1 on success and sets no errno."""
     if _libc.mallopt(param, value) != 1:

@@ -37,6 +37,13 @@ _MARKER = b"marker"
 _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
 _KEY_SIZE = 12
+# Applied sets are kept this long (the last HISTORY_SETS, while their records take at
+# most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
+# yet staged them all (repl/promote.py), and a replica that applied sets a new primary
+# never had can say which paths they touched (repl/rejoin.py). A few seconds of sets
+# at one a second; the bytes bound the disk they take under a heavy writer.
+HISTORY_SETS = 16
+HISTORY_BYTES = 32 << 20
 
 
 @dataclass
@@ -110,8 +117,25 @@ class Staging(LmdbDir):
         return SetState.decode(raw) if raw else None
 
     def sets(self) -> dict[int, SetState]:
+        """The sets staged and not yet applied, whole or not."""
         with self.env.begin() as txn:
-            return {decode_set(k): SetState.decode(v) for k, v in txn.cursor(db=self._sets)}
+            raw = txn.get(_APPLIED, db=self._meta)
+            applied = decode_set(raw) if raw else 0
+            return {decode_set(k): SetState.decode(v) for k, v in txn.cursor(db=self._sets)
+                    if decode_set(k) > applied}
+
+    def history(self) -> list[int]:
+        """The applied sets still kept, oldest first: a run with no gap that ends at the
+        last one applied (empty if that one is not kept). See HISTORY_SETS."""
+        with self.env.begin() as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+            applied = decode_set(raw) if raw else 0
+            kept = {decode_set(k) for k in txn.cursor(db=self._sets).iternext(values=False)}
+        run = []
+        while applied in kept:
+            run.append(applied)
+            applied -= 1
+        return run[::-1]
 
     def records(self, set_id: int, start_seq: int = 0) -> Iterator[Record]:
         """The staged records of *set_id* from *start_seq* on, in seq order."""
@@ -139,9 +163,12 @@ class Staging(LmdbDir):
                     return applied
                 applied += 1
 
-    def drop_unapplied(self) -> list[int]:
-        """Erase every staged set: they came from a primary that is no longer followed."""
-        dropped = list(self.sets())
+    def drop_unapplied(self, keep_before: int = 0) -> list[int]:
+        """Erase the sets staged and not applied, but the complete ones before
+        *keep_before*: they came from a primary that is no longer followed, and only
+        those the new one shares with it stay. Returns the ids erased."""
+        dropped = [s for s, state in self.sets().items()
+                   if s >= keep_before or not state.complete]
         with self.env.begin(write=True) as txn:
             for set_id in dropped:
                 self._delete_set(txn, set_id)
@@ -228,15 +255,16 @@ class Staging(LmdbDir):
         return seq
 
     def finish(self, set_id: int) -> None:
-        """Record *set_id* applied, drop its staging, the earlier sets' and the marker,
-        durably."""
+        """Record *set_id* applied and drop the marker, durably; the applied sets are
+        kept a while (HISTORY_SETS), older ones dropped."""
+        keep = HISTORY_SETS if self.db_bytes(self._records) <= HISTORY_BYTES else 0
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(set_id), db=self._meta)
             txn.delete(_MARKER, db=self._meta)
             raw = txn.get(_SYNCING, db=self._meta)
             if raw and decode_set(raw) <= set_id:
                 txn.delete(_SYNCING, db=self._meta)
-            self._delete_through(txn, set_id)
+            self._delete_through(txn, set_id - keep)
         self.env.sync(True)
 
     def size(self) -> int:
@@ -254,6 +282,39 @@ def read_syncing(staging_dir: Path) -> int | None:
     """The initial sync's set while the replica has no consistent set yet, else None."""
     raw = _read_meta(staging_dir, _SYNCING)
     return decode_set(raw) if raw else None
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a replica holds, as an election compares it (repl/election.py)."""
+
+    generation: int
+    applied: int
+    complete: int  # the last set promote would reach: complete sets after applied, no gap
+    syncing: bool  # no consistent set (an initial sync, a rejoin not yet done)
+    cluster: str | None
+
+
+def read_standing(staging_dir: Path) -> Standing | None:
+    """The standing of the replica whose staging is at *staging_dir* (None if there is
+    none), read without disturbing (or waiting for) a daemon that holds it open."""
+    if not (staging_dir / "data.mdb").exists():
+        return None
+    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            sets = env.open_db(b"sets", txn=txn, create=False)
+            raw = txn.get(_APPLIED, db=meta)
+            applied = complete = decode_set(raw) if raw else 0
+            while (raw := txn.get(encode_set(complete + 1), db=sets)) is not None \
+                    and SetState.decode(raw).complete:
+                complete += 1
+            ident = identity.parse(txn.get(identity.KEY, db=meta), make_cluster=False)
+            syncing = txn.get(_SYNCING, db=meta) is not None
+        return Standing(ident.generation, applied, complete, syncing, ident.cluster)
+    finally:
+        env.close()
 
 
 def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:

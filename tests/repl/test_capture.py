@@ -46,7 +46,7 @@ def capturing(backing: Path, journal: Path, replicating: bool = True) -> Iterato
     """A capture over *backing*, recovered as the daemon does before it serves."""
     j, tree = Journal(journal), Tree(backing)
     try:
-        capture = Capture(j, tree, replicating=replicating)
+        capture = Capture(j, tree, secondaries=["beta:7070"] if replicating else ())
         capture.recover()
         yield capture
     finally:

@@ -96,11 +96,11 @@ def test_config_check_ok_example() -> None:
     assert "[primary], [secondary], [mount]" in result.stdout
     module = cli()
     primary = module.parse(["primary", "--config", str(EXAMPLE)])
-    assert (primary.backing, primary.secondary, primary.set_bytes) == (
-        Path("/srv/data"), "beta:7070", 64 << 20)
+    assert (primary.backing, primary.secondary, primary.peer, primary.set_bytes) == (
+        Path("/srv/data"), ["beta:7070"], ["beta"], 64 << 20)
     secondary = module.parse(["secondary", "--config", str(EXAMPLE)])
     assert (secondary.replica, secondary.listen, secondary.peer) == (
-        Path("/srv/data"), "0.0.0.0:7070", "beta")
+        Path("/srv/data"), "0.0.0.0:7070", ["beta"])
     assert module.parse(["mount", "--config", str(EXAMPLE)]).mountpoint == Path("/mnt/standby")
 
 

@@ -64,7 +64,7 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
     total = FILES * SIZE
     logger = logging.getLogger("replfs.resync")
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
-        capture = Capture(journal, tree, replicating=True)
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.start_full_sync()
         lines = Lines(capture)
         logger.addHandler(lines)
@@ -74,7 +74,8 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
                 nursery.start_soon(resync.run, capture)
                 nursery.start_soon(ticker, clock)
                 started = trio.current_time()
-                capture.caught_up(set_id - 1)  # the secondary is at the set before the sync
+                # the secondary is at the set before the sync
+                capture.caught_up("beta:7070", set_id - 1)
                 while journal.set != set_id + 1:  # the sync's set closes (a step a round)
                     await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()

@@ -159,3 +159,59 @@ def test_semisync_err_remote_without_secondary(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     assert_one_line_error(replfs("primary", tmp_path / "b", tmp_path / "m", "--fsync",
                                  "remote"), "--fsync remote", "need --secondary HOST:PORT")
+
+
+def blocks(mount: Path) -> dict[str, dict[str, Any]]:
+    """The primary's status block of each secondary, by address."""
+    return {str(b["secondary"]): b for b in status(mount)["secondaries"]}
+
+
+def test_semisync_wait_staged_ok_waits_for_every_secondary_in_step(tmp_path: Path) -> None:
+    """Two secondaries in step: an fsync waits for the one that stages last, not just the
+    first to stage."""
+    backing, mount, one, two = (tmp_path / n for n in ("b", "m", "r1", "r2"))
+    backing.mkdir()
+    with secondary(one) as s1, secondary(two) as s2:
+        a1, a2 = f"127.0.0.1:{s1.port}", f"127.0.0.1:{s2.port}"
+        with primary(backing, mount, "--secondary", a1, "--secondary", a2, "--fsync",
+                     "remote", "--fsync-timeout", "120", "--set-interval", "3600"):
+            until(lambda: blocks(mount), lambda b: b[a1]["fsync_in_step"]
+                  and b[a2]["fsync_in_step"], what="both in step")
+            fsync = Fsync(mount, two, "f")
+            with stopped(s2):
+                fsync.start()
+                fsync.join(EARLY_SECONDS)  # a wrong fsync returns here, on s1's staging
+                assert fsync.is_alive(), "the fsync did not wait for a secondary in step"
+            fsync.join(RETURN_SECONDS)
+            assert not fsync.is_alive() and fsync.error is None, fsync.error
+            assert fsync.staged, f"set {fsync.closed} not staged by {a2} when the fsync " \
+                                 "returned"
+            assert staged_whole(one, fsync.closed)
+            assert status(mount)["fsync_local_only"] == 0
+
+
+def test_semisync_wait_staged_ok_stalled_one_of_two_left_behind(tmp_path: Path) -> None:
+    """Of two secondaries, the stalled one holds an fsync up for --fsync-timeout, then
+    is out of step alone: fsyncs go on with the other's staging, none counted local."""
+    backing, mount, one, two = (tmp_path / n for n in ("b", "m", "r1", "r2"))
+    backing.mkdir()
+    with secondary(one) as s1, secondary(two) as s2:
+        a1, a2 = f"127.0.0.1:{s1.port}", f"127.0.0.1:{s2.port}"
+        with primary(backing, mount, "--secondary", a1, "--secondary", a2, "--fsync",
+                     "remote", "--fsync-timeout", "1", "--set-interval", "3600") as pri:
+            until(lambda: blocks(mount), lambda b: b[a1]["fsync_in_step"]
+                  and b[a2]["fsync_in_step"], what="both in step")
+            with stopped(s2):
+                for name in ("f", "g"):  # the first waits out the timeout for s2
+                    fsync = Fsync(mount, one, name)
+                    fsync.start()
+                    fsync.join(RETURN_SECONDS)
+                    assert not fsync.is_alive() and fsync.error is None, fsync.error
+                    assert fsync.staged, f"{a1} in step did not stage set {fsync.closed}"
+                    assert not staged_whole(two, fsync.closed)
+                pri.wait_for(f"secondary {a2} did not stage set {fsync.closed - 1} within 1s")
+                b = blocks(mount)
+                assert (b[a1]["fsync_in_step"], b[a2]["fsync_in_step"]) == (True, False)
+                assert status(mount)["fsync_local_only"] == 0
+            until(lambda: blocks(mount), lambda b: b[a2]["fsync_in_step"],
+                  what=f"{a2} in step again")

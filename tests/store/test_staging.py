@@ -20,7 +20,7 @@ import pytest
 
 from store.errors import JournalLocked, RecordError
 from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
-from store.staging import Staging
+from store.staging import Staging, read_standing
 from tests.support import ROOT
 
 
@@ -213,8 +213,10 @@ def test_staging_stage_ok_duplicate_of_complete_set(staging: Staging) -> None:
     assert (result.duplicates, result.completed) == (3, [])
 
 
-def test_staging_stage_ok_stale_dropped(staging: Staging) -> None:
+def test_staging_stage_ok_stale_dropped(staging: Staging,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Records of sets already applied are counted and never staged again."""
+    monkeypatch.setattr("store.staging.HISTORY_SETS", 0)  # applied sets go at once
     staging.stage(data_set(1, 1) + data_set(2, 1))
     staging.finish(1)
     staging.finish(2)
@@ -252,7 +254,9 @@ def test_staging_marker_ok_survives_restart(path: Path) -> None:
         assert staging.marker() == (3, 1, None)
 
 
-def test_staging_finish_ok_clears_marker(staging: Staging) -> None:
+def test_staging_finish_ok_clears_marker(staging: Staging,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("store.staging.HISTORY_SETS", 0)  # applied sets go at once
     staging.stage(data_set(1, 2) + data_set(2, 2))
     staging.set_marker(Record(Op.UNLINK, 1, 1, path=b"x"), None)
     staging.finish(1)
@@ -327,3 +331,43 @@ def test_setstate_check_complete_err_bit_beyond_count() -> None:
     assert not state.check_complete()
     state.mark(2)
     assert not state.check_complete(), "a seq past the SYNC is never complete"
+
+
+def test_staging_history_ok_applied_sets_kept_a_while(staging: Staging,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("store.staging.HISTORY_SETS", 3)
+    for set_id in range(1, 7):
+        staging.stage(data_set(set_id, 2))
+        staging.finish(set_id)
+    assert staging.history() == [4, 5, 6], "the last HISTORY_SETS, up to the one applied"
+    assert seqs(staging, 5) == [0, 1, 2], "their records too"
+    assert staging.sets() == {}, "not as sets waiting to be applied"
+
+
+def test_staging_history_ok_none_past_the_bytes(staging: Staging,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("store.staging.HISTORY_BYTES", 0)
+    staging.stage(data_set(1, 2))
+    staging.finish(1)
+    assert staging.history() == []
+
+
+def test_staging_drop_unapplied_ok_keeps_complete_sets_before(staging: Staging) -> None:
+    for set_id in (1, 2, 3):
+        staging.stage(data_set(set_id, 1))
+    staging.stage(data_set(4, 2)[:1])  # partial
+    assert staging.drop_unapplied(keep_before=3) == [3, 4]
+    assert sorted(staging.sets()) == [1, 2]
+
+
+def test_staging_read_standing_ok(path: Path) -> None:
+    with opened(path) as s:
+        s.identity.generation = 4
+        s.save_identity()
+        s.stage([*data_set(1, 1), *data_set(2, 1), *data_set(4, 1)])
+        s.finish(1)
+    standing = read_standing(path)  # beside nothing: the store is closed, and could be open
+    assert standing is not None
+    assert (standing.generation, standing.applied, standing.complete, standing.syncing) == (
+        4, 1, 2, False), "complete: up to the gap before set 4"
+    assert read_standing(path.parent / "none") is None
