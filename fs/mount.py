@@ -18,7 +18,7 @@ import trio
 from fs.inodes import Inodes
 from fs.primary import PrimaryFS
 from fs.standby import StandbyFS
-from repl import control, metrics
+from repl import control, histograms, metrics, recovery
 from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
 from repl.config import parse_address
 from repl.errors import UsageError
@@ -230,7 +230,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
                       journal_max=cfg.journal_max, secondaries=cfg.secondaries)
     try:
-        note = capture.recover()
+        note = recovery.recover(capture)
         if note:
             log.info("recovered the journal: %s", note)
         remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
@@ -322,16 +322,17 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
             "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
             "journal_max": capture.journal_max,
-            "mode": ("initial sync" if capture.syncing else
+            "mode": ("initial sync" if capture.resync.syncing else
                      "overflow" if capture.overflow else "streaming"),
             "fenced": operations.fenced,
             "fsync": "local" if operations.remote is None else "remote",
             "requests": operations.requests.snapshot(),
         }
         if capture.overflow:
-            out |= {"dirty_files": len(capture.dirty.files), "dirty_bytes": capture.dirty.total(),
-                    "resync_done_bytes": capture.progress_done,
-                    "resync_total_bytes": capture.progress_total}
+            resync = capture.resync
+            out |= {"dirty_files": len(resync.dirty.files), "dirty_bytes": resync.dirty.total(),
+                    "resync_done_bytes": resync.progress_done,
+                    "resync_total_bytes": resync.progress_total}
         if operations.remote is not None:
             out["fsync_local_only"] = operations.remote.local_only
         blocks = fanout.status()
@@ -352,7 +353,7 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
                                             capture, list(fanout.senders.values()),
                                             operations.requests.snapshot(),
                                             operations.remote),
-                                        metrics.FSYNC_SECONDS, metrics.SET_BYTES)
+                                        histograms.FSYNC_SECONDS, histograms.SET_BYTES)
             await nursery.start(metrics.serve, scrape, registry)
             log.info("metrics on http://%s/metrics", metrics.where(scrape))
         await nursery.start(_terminate_on_signal)

@@ -34,7 +34,7 @@ from fs.errors import fuse_error
 from fs.inodes import ROOT, Inodes
 from repl.apply import intent_for
 from repl.capture import Capture
-from repl.metrics import FSYNC_SECONDS
+from repl.histograms import FSYNC_SECONDS
 from repl.semisync import Semisync
 from store.libc import fallocate, fd_path, renameat2
 from store.records import (

@@ -29,7 +29,7 @@ import trio
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
 from repl.footprint import Footprint, Invalidator
-from repl.metrics import APPLY_SECONDS
+from repl.histograms import APPLY_SECONDS
 from repl.tree import Tree
 from store.hold import (
     ApplyLock,

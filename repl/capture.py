@@ -22,9 +22,9 @@ its set is durable in the journal (one flush), without syncing the file:
 BACKING is synced lazily (``sync_backing()``: every BACKING_SYNC_SECONDS,
 past BACKING_SYNC_FILES changed files, at a clean stop), each sync noted in
 the journal as ``backing_at``, and the journal keeps every record past it
-even once applied. After any crash, power included, ``recover()`` replays
-the records past ``backing_at`` into BACKING with the applier's redo rule
-before the mount serves anything. Replay goes by path, so paths must mean
+even once applied. After any crash, power included, recovery
+(repl/recovery.py) replays the records past ``backing_at`` into BACKING with
+the applier's redo rule before the mount serves anything. Replay goes by path, so paths must mean
 the same files throughout: before a flush makes a namespace op durable in
 the journal, BACKING is synced (the changed files and the directories the
 op changed), so that op, and every one before it, is before ``backing_at``.
@@ -33,8 +33,8 @@ Over budget, writes are not journaled, and an fsync syncs the file itself.
 What a power cut leaves in BACKING beyond the journal (a page written back,
 a name the filesystem committed, their records lost) is found by the
 activity log (repl/activity.py): before an op touches BACKING, what it may
-change is noted durably in the journal. After a reboot, ``recover()``
-resends what the notes name, and skips the records under a NAME note, which
+change is noted durably in the journal. After a reboot, recovery resends
+what the notes name, and skips the records under a NAME note, which
 may not name their file any more. So that skipping loses nothing an fsync
 returned, a record under a NAME note makes the next flush sync BACKING
 first (as a namespace op does), and an op that removes or moves a name
@@ -49,24 +49,19 @@ before it closes; an fsync meanwhile flushes them first, and no second
 flush follows.
 
 The journal budget. Records stay until every secondary that pins the
-journal applied their set (repl/retention.py). One that falls past
-``journal_max`` while another is within it is dropped alone. When all of
-them are past it (always the case with one secondary), capture stops
-journaling write data: the open set stays open, namespace and attribute
-ops are still journaled, and written ranges go to the dirty map
-(store/dirty.py). Once a secondary has applied every closed set,
-``resync()`` reads those ranges from the backing directory into the open
-set and closes it, so the replica goes from one whole set to the next.
-With no secondary at all, the oldest sets are dropped instead.
+journal applied their set (repl/retention.py). Past ``journal_max`` with
+every secondary behind, capture stops journaling write data: the open set
+stays open and the written ranges go to the dirty map of the ``Resync``
+(repl/resync.py), which capture owns and calls; it reads them into the open
+set and closes it once a secondary has caught up. With no secondary at all,
+the oldest sets are dropped instead.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -75,27 +70,18 @@ from typing import Any, TypeVar
 
 import trio
 
-from repl import apply as applier
-from repl import faults, metrics, resync
-from repl.activity import ActivityLog, name_roots, note_boot, power_lost
+from repl import faults
+from repl.activity import ActivityLog, note_boot
 from repl.diverge import Divergence
+from repl.histograms import SET_BYTES
+from repl.resync import Resync
 from repl.retention import Retention
 from repl.touched import Touched
 from repl.tree import Tree
+from repl.unsynced import BACKING_SYNC_FILES, Unsynced
 from repl.wake import Waker
-from store.dirty import DirtyMap
 from store.journal import Journal
-from store.libc import fd_path, syncfs
-from store.records import (
-    NAMESPACE_OPS,
-    RENAME_EXCHANGE,
-    Note,
-    Op,
-    Record,
-    decode_set,
-    encode_set,
-    is_under,
-)
+from store.records import NAMESPACE_OPS, Op, Record, decode_set, encode_set
 
 log = logging.getLogger("replfs.capture")
 
@@ -105,10 +91,6 @@ DEFAULT_JOURNAL_MAX = 1 << 30
 FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
 OPEN_FLUSH_SECONDS = 0.2  # an open set's records are flushed (and shipped) within this
 BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
-BACKING_SYNC_FILES = 1024  # ... and as soon as this many files and directories changed
-_OVERFLOW = b"overflow"
-_SYNCING = b"syncing"
-_SYNC_WHOLE = b"sync_whole"  # the sync under way covers the whole tree (a RESET)
 _BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
@@ -145,16 +127,11 @@ class Capture:
         self.set_bytes = set_bytes
         self.journal_max = journal_max
         self.retention = Retention(journal, secondaries)
-        self.dirty = DirtyMap(journal)
-        self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
-        self.overflow = journal.get_meta(_OVERFLOW) is not None
-        raw = journal.get_meta(_SYNCING)
-        self.syncing: int | None = decode_set(raw) if raw else None
-        self.sync_whole = journal.get_meta(_SYNC_WHOLE) is not None
-        self.progress_done = self.progress_total = 0
-        self.resync_wanted = trio.Event()
-        self._record_hash = faults.set_hash_recorder()
         self.touched = Touched()
+        # The dirty map, the set held open and the sync under way (repl/resync.py).
+        self.resync = Resync(journal, backing, self.touched, self.retention, self)
+        self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
+        self._record_hash = faults.set_hash_recorder()
         # Called from the thread that made records durable (the senders' notify).
         self.on_durable: Callable[[], None] = lambda: None
         # set -> when it closed (time.monotonic), oldest first: the sets not yet
@@ -164,17 +141,7 @@ class Capture:
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
         self._backing_lock = threading.Lock()
-        self._changed: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
-        self._dev = os.fstat(backing.root_fd).st_dev
-        # A namespace op, or a record under a NAME note, since the last sync of BACKING:
-        # the next flush syncs BACKING first (see the module comment).
-        self._namespace_changed = False
-        self._flagged = 0  # times it was set: a sync clears it only if none came meanwhile
-        # Paths journaled by data and attribute ops since the last BACKING sync that
-        # finished (and those of the sync under way): synced before a name above them
-        # is removed or moved, so recovery may skip their records (repl/activity.py).
-        self._unsynced: dict[bytes, int] = {}  # path -> where its first such record ends
-        self._unsynced_syncing: dict[bytes, int] = {}
+        self.unsynced = Unsynced(backing, lambda: self._wake())  # what BACKING's sync covers
         self.activity = ActivityLog(journal.notes)
         self._backing_sync_wanted = trio.Event()
         raw = journal.get_meta(_BACKING_AT)
@@ -183,6 +150,11 @@ class Capture:
         self._close_wanted = trio.Event()
         self._close_due = False
         self._wake: Callable[[], None] = self._woken  # a Waker once run() started
+
+    @property
+    def overflow(self) -> bool:
+        """True while over budget, or syncing: the open set is held open."""
+        return self.resync.overflow
 
     @property
     def replicating(self) -> bool:
@@ -200,26 +172,22 @@ class Capture:
     def record(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
         """Journal one op before it is applied to the backing directory."""
         self._settle()
-        if self.overflow and self.dirty:
-            gone = fields["path"] if op == Op.UNLINK else fields["path2"] if (
-                op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE) else None
-            if gone is not None:
-                resync.keep_data(self, gone)
+        self.resync.before(op, fields)
         self._ahead(op, fields)
         if op in NAMESPACE_OPS:
-            self._flag()
-            self._track_dir(fields["path"])
+            self.unsynced.flag()
+            self.unsynced.track_dir(fields["path"])
             if op in (Op.RENAME, Op.LINK):
-                self._track_dir(fields["path2"])
+                self.unsynced.track_dir(fields["path2"])
         else:
             if op in _ATTRIBUTE_OPS:
-                self._track_node(fields["path"])
+                self.unsynced.track_node(fields["path"])
             if self.activity.under_name(fields["path"]):
-                self._flag()
+                self.unsynced.flag()
         pending = self.journal.end - self.journal.durable
         record = self.journal.append(op, intent, **fields)
         if op not in NAMESPACE_OPS:
-            self._unsynced.setdefault(fields["path"], self.journal.end)
+            self.unsynced.wrote(fields["path"], self.journal.end)
         self._unsettled = record
         if self.journal.set_bytes >= self.set_bytes and not self._close_due:
             self._close_due = True
@@ -235,30 +203,15 @@ class Capture:
         BACKING's last sync, if a flush may have made that durable (recovery after
         a power cut skips the records under a NAME note: they must be on disk)."""
         if op in _MOVES:
-            self._flag()  # first: a flush that begins from here on syncs BACKING first
-            self._sync_written_under(fields["path"], fields.get("path2"))
+            self.unsynced.flag()  # first: a flush that begins from here on syncs BACKING first
+            self.unsynced.sync_written_under((fields["path"], fields.get("path2")),
+                                             self.journal.durable, self._flush_lock.locked())
         notes = self.activity.need(op, fields, self.journal.end)
         if notes:
             self.journal.add_notes(notes)
             self.journal.sync()
             self.on_durable()
             self.activity.add(notes, self.journal.end)
-
-    def _sync_written_under(self, *tops: bytes | None) -> None:
-        """fsync the nodes journaled since BACKING's last sync at or under *tops*, if
-        one of their records is durable or a flush is under way."""
-        flushing = self._flush_lock.locked()
-        for written in (self._unsynced, self._unsynced_syncing):
-            hit = [p for p in written if any(top is not None and is_under(p, top)
-                                             for top in tops)]
-            if hit and (flushing or min(written[p] for p in hit) <= self.journal.durable):
-                for path in hit:
-                    self.backing.sync_node(path)
-                    del written[path]
-
-    def _flag(self) -> None:
-        self._namespace_changed = True
-        self._flagged += 1
 
     def flush_soon(self) -> None:
         """In trio: flush what was journaled, for the sender (a resync's step...)."""
@@ -270,7 +223,7 @@ class Capture:
 
         Appends do not wake trio one by one (a handoff to the trio thread costs
         more than the append): the flusher's tick finds them."""
-        if len(self._changed) >= BACKING_SYNC_FILES:
+        if len(self.unsynced) >= BACKING_SYNC_FILES:
             self._backing_sync_wanted.set()
         if self.journal.end - self.journal.durable >= FLUSH_BYTES:
             self._flush_wanted.set()
@@ -291,7 +244,7 @@ class Capture:
         if self.overflow:
             self._settle()
             self._ahead(Op.WRITE, {"path": path, "offset": offset, "data": data})
-            self.dirty.add(path, offset, offset + len(data))
+            self.resync.dirty.add(path, offset, offset + len(data))
             self.touched.paths.add(path)
             return None
         return self.record(Op.WRITE, path=path, offset=offset, data=data)
@@ -313,9 +266,9 @@ class Capture:
             return False
         self._ahead(Op.UTIMES, {"path": path})
         if fd is not None:
-            self.track(fd, ino)
+            self.unsynced.track(fd, ino)
         else:
-            self._track_node(path)
+            self.unsynced.track_node(path)
         return True
 
     @_locked
@@ -324,43 +277,7 @@ class Capture:
 
         *ino*, its inode number if the caller knows it, spares an fstat when the
         file is tracked already (BACKING is one filesystem)."""
-        if ino is not None and (self._dev, ino) in self._changed:
-            return
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            return  # a fifo, a socket: nothing to sync of its own; its directory is
-        if (st.st_dev, st.st_ino) not in self._changed:
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
-                own = os.open(fd_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-            else:
-                own = os.dup(fd)
-            self._changed[st.st_dev, st.st_ino] = own
-            if len(self._changed) == BACKING_SYNC_FILES:
-                self._wake()
-
-    def _track_node(self, path: bytes) -> None:
-        """Track the node *path* names (its attributes change), or if it cannot be
-        opened (a symlink, a socket), its directory."""
-        try:
-            fd = os.open(self.backing.proc_path(path), os.O_RDONLY | os.O_NOFOLLOW
-                         | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            self._track_dir(path)
-            return
-        try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                self.track(fd)
-            else:
-                self._track_dir(path)
-        finally:
-            os.close(fd)
-
-    def _track_dir(self, path: bytes) -> None:
-        try:
-            self.track(self.backing.parent(path)[0])
-        except OSError:
-            pass  # no such parent: the op fails, and is voided
+        self.unsynced.track(fd, ino)
 
     def _settle(self) -> None:
         """Account for the last op, now that it succeeded on the backing directory.
@@ -371,19 +288,7 @@ class Capture:
         record, self._unsettled = self._unsettled, None
         if record is not None:
             self.touched.add(record)
-            if self.overflow and self.dirty:
-                self._follow(record)
-
-    def _follow(self, record: Record) -> None:
-        """Keep the dirty map's paths naming the same files across namespace ops."""
-        if record.op == Op.RENAME:
-            if record.flags & RENAME_EXCHANGE:
-                self.dirty.move({record.path: record.path2, record.path2: record.path})
-            else:
-                self.dirty.forget(record.path2)
-                self.dirty.move({record.path: record.path2})
-        elif record.op in (Op.UNLINK, Op.RMDIR):
-            self.dirty.forget(record.path)
+            self.resync.follow(record)
 
     def _budget(self) -> None:
         """The journal is over its budget: drop the secondaries past it if another one
@@ -398,8 +303,7 @@ class Capture:
         log.warning("journal passed its budget (%d > %d bytes) with every secondary behind; "
                     "keeping a dirty map instead of write data until one catches up",
                     self.journal.bytes, self.journal_max)
-        self.overflow = True
-        self.journal.put_meta(_OVERFLOW, b"1")
+        self.resync.begin_overflow()
 
     @_locked
     def bring_up(self, address: str, applied: int, syncing: int | None,
@@ -407,55 +311,11 @@ class Capture:
         """Where the secondary at *address*, which applied *applied*, starts: None to
         stream from the next set, or the set of a sync just begun (it resets to it).
 
-        See ``resync.bring_up``. Raises NotYet while another secondary's sync of
+        See ``Resync.bring_up``. Raises NotYet while another secondary's sync of
         part of the tree is under way.
         """
         self._settle()
-        return resync.bring_up(self, address, applied, syncing, rejoin)
-
-    def start_full_sync(self, only: Divergence | None = None,
-                        what: str = "rejoin sync of what diverged") -> int:
-        """Begin an initial sync in the open set (repl/resync.py). Returns its id.
-
-        With *only*, the sync covers just those paths (a rejoin), and the log calls it
-        *what*.
-        """
-        set_id = self.journal.set
-        # Over budget first, so a crash inside the snapshot never closes this set;
-        # `syncing` only once the snapshot is whole, so such a crash starts anew.
-        self.overflow = True
-        self.journal.put_meta(_OVERFLOW, b"1")
-        if only is None:
-            entries, total = resync.snapshot_tree(self)
-        else:
-            entries, total = resync.snapshot_paths(self, only)
-        self.syncing = set_id
-        self.journal.put_meta(_SYNCING, encode_set(set_id))
-        self.sync_whole = only is None or b"" in only.roots()
-        self.journal.put_meta(_SYNC_WHOLE, b"1" if self.sync_whole else None)
-        if self.journal.base is None:  # the journal began on a tree that was not empty
-            self.journal.base = set_id - 1
-        self.progress_done, self.progress_total = 0, total
-        self.flush_soon()
-        log.info("%s begins as set %d: %d entries, %.1f MB of data",
-                 "initial sync" if only is None else what, set_id,
-                 entries, total / 1e6)
-        return set_id
-
-    def finish_resync(self) -> int:
-        """The dirty map is empty: close the open set and stream again."""
-        self._settle()
-        was = "initial sync" if self.syncing else "resync"
-        self.overflow = False
-        self.journal.put_meta(_OVERFLOW, None)
-        self.syncing = None
-        self.journal.put_meta(_SYNCING, None)
-        self.sync_whole = False
-        self.journal.put_meta(_SYNC_WHOLE, None)
-        closed = self.close_set()
-        log.info("%s done: set %d brings the replica up to date; streaming resumes", was,
-                 closed)
-        return closed
+        return self.resync.bring_up(address, applied, syncing, rejoin)
 
     @_locked
     def caught_up(self, address: str, applied: int) -> None:
@@ -470,16 +330,7 @@ class Capture:
         while (slowest is not None and self.closed_times
                and next(iter(self.closed_times)) <= slowest):
             self.closed_times.popitem(last=False)
-        if self.overflow and self.resync_ready():
-            if not self.progress_total:
-                self.progress_done, self.progress_total = 0, self.dirty.total()
-            self.resync_wanted.set()
-
-    def resync_ready(self) -> bool:
-        """Over budget: a secondary applied every closed set, so the dirty map's ranges
-        can go (the open set then closes)."""
-        fastest = self.retention.fastest()
-        return fastest is not None and fastest >= self.journal.set - 1
+        self.resync.caught_up()
 
     def _trim(self) -> None:
         """Drop what every pinning secondary applied and BACKING holds durably."""
@@ -491,6 +342,23 @@ class Capture:
             self.retention.fold(upto)
             self.journal.trim(upto)
             self.retention.save()
+
+    @_locked
+    def redone(self, record: Record) -> None:
+        """Recovery redid *record*'s op on BACKING: account for it as a handler's."""
+        self._unsettled = record
+        self._settle()
+
+    def recovered(self) -> None:
+        """Recovery synced BACKING as far as the journal goes: journal that, and start
+        the activity log afresh (repl/recovery.py)."""
+        self.backing_at = self.journal.end
+        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
+        note_boot(self.journal)
+        self.activity = ActivityLog()
+        self.activity.reset(self.backing_at)
+        self.journal.reset_notes([])
+        self.journal.sync()
 
     @_locked
     def void(self, record: Record) -> None:
@@ -521,7 +389,7 @@ class Capture:
                                     mtime_ns=st.st_mtime_ns)
         self.touched.clear()
         self.closed_at = time.monotonic()
-        metrics.SET_BYTES.observe(self.journal.set_bytes)
+        SET_BYTES.observe(self.journal.set_bytes)
         if self._record_hash is not None:  # before the SYNC: no set closes without it
             self._record_hash(self.journal.set, self.backing.root_fd)
         closed = self.journal.close_set()
@@ -561,9 +429,9 @@ class Capture:
         it ships durable records only.
         """
         with self._flush_lock:
-            if self.journal.durable >= target and not self._namespace_changed:
+            if self.journal.durable >= target and not self.unsynced.namespace_changed:
                 return
-            if self._namespace_changed:
+            if self.unsynced.namespace_changed:
                 self.sync_backing()
             self.journal.sync()
         self.on_durable()
@@ -581,19 +449,15 @@ class Capture:
             with self.lock:
                 self._settle()
                 at = self.journal.end
-                changed, self._changed = self._changed, {}
-                self._unsynced_syncing, self._unsynced = self._unsynced, {}
-                flagged = self._flagged
+                changed, token = self.unsynced.take()
             try:
-                for fd in changed.values():
+                for fd in changed:
                     os.fsync(fd)
             finally:
-                for fd in changed.values():
+                for fd in changed:
                     os.close(fd)
             with self.lock:
-                self._unsynced_syncing = {}
-                if self._flagged == flagged:
-                    self._namespace_changed = False
+                self.unsynced.synced(token)
                 if at > self.backing_at:
                     self.backing_at = at
                     self.journal.put_meta(_BACKING_AT, encode_set(at))
@@ -612,7 +476,7 @@ class Capture:
             with trio.move_on_after(BACKING_SYNC_SECONDS):
                 await self._backing_sync_wanted.wait()
             self._backing_sync_wanted = trio.Event()
-            if self._changed or self.journal.end > self.backing_at:
+            if self.unsynced.nodes or self.journal.end > self.backing_at:
                 await trio.to_thread.run_sync(self.sync_backing)
 
     async def durable(self) -> None:
@@ -639,7 +503,7 @@ class Capture:
             nursery.start_soon(self._closer)
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._backing_syncer)
-            nursery.start_soon(resync.run, self)
+            nursery.start_soon(self.resync.run)
             task_status.started()
 
     async def _closer(self) -> None:
@@ -666,169 +530,3 @@ class Capture:
             self._flush_wanted = trio.Event()
             if self.journal.durable < self.journal.end:
                 await self.durable()
-
-    # --- after a crash ------------------------------------------------------------
-
-    def recover(self) -> str | None:
-        """Make the backing directory agree with the journal after a crash, and resend
-        what it may hold beyond it. Blocking; before the mount serves anything.
-
-        1. After a reboot, the records past ``backing_at`` are replayed
-           (``_replay``). After a crash of the daemon alone the page cache kept
-           BACKING as every op left it, and nothing is replayed: the log holds
-           records never flushed too, renames among them, and a replay by path
-           across a rename that BACKING already holds writes into the wrong file.
-           BACKING is synced whole instead (syncfs).
-        2. The last record, if nothing was journaled after it, may never have
-           reached BACKING: it is redone by the applier's redo rule; an op that
-           fails again is voided, as it would have been. (Anything journaled
-           after it shows its op ran: a handler journals, then does its op.)
-        3. Notes in the activity log mean the daemon stopped uncleanly (a clean
-           stop leaves none). If the machine rebooted since (the power went), the
-           page cache went with it: BACKING may hold changes the journal lost,
-           and records under a NAME note may not name their file any more. Those
-           records are neither replayed nor redone, and what the notes name is
-           resent (``_resend``). After a crash of the daemon alone nothing was
-           lost, and nothing is resent.
-        4. The open set, if it has ops and is not held open, is closed, with the
-           UTIMES of every path it touched.
-
-        Then what recovery replayed, and all the notes name, is synced in BACKING,
-        ``backing_at`` moves to the end and the activity log starts empty.
-        Returns a line saying what was done, or None if nothing was needed.
-        """
-        notes = list(self.journal.notes)
-        rebooted = power_lost(self.journal)
-        roots = name_roots(notes) if rebooted else []
-        last = self.journal.last()
-        pending = (last is not None and last.op not in (Op.SYNC, Op.VOID)
-                   and self.journal.is_last_entry(last))
-        lines, synced = self._replay(roots) if rebooted else ([], set())
-        if pending:
-            assert last is not None
-            if _under(last, roots):
-                lines.append(f"left {last.op.name} at {last.set}/{last.seq} to the resend")
-            else:
-                lines.append(self._redo(last))
-                synced.update((last.path, last.path2) if last.path2 else (last.path,))
-        for record in self.journal.records(self.journal.set):
-            self.touched.add(record)
-        self.touched.paths.update(self.dirty.files)
-        whole = name_roots(notes)
-        synced.update(n.path for n in notes if not any(is_under(n.path, r) for r in whole))
-        if notes and rebooted:
-            line, resent = self._resend(notes)
-            lines.append(line)
-            whole = sorted(set(whole) | set(resent))
-        if self.overflow and not self.journal.set_is_empty:
-            lines.append(f"set {self.journal.set} stays open until the secondary has the "
-                         "sets before it")
-        elif not self.journal.set_is_empty:
-            lines.append(f"closed set {self.close_set()}")
-        # What the replica has or gets must be what a power cut leaves: sync it all.
-        if not rebooted:
-            syncfs(self.backing.root_fd)
-        for path in whole:
-            self.backing.sync(path)
-        for path in synced:
-            self.backing.sync_node(path)
-            self.backing.sync_node(path.rpartition(b"/")[0])
-        self.backing_at = self.journal.end
-        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
-        note_boot(self.journal)
-        self.activity = ActivityLog()
-        self.activity.reset(self.backing_at)
-        self.journal.reset_notes([])
-        self.journal.sync()
-        return "; ".join(lines) or None
-
-    def _replay(self, roots: list[bytes]) -> tuple[list[str], set[bytes]]:
-        """Bring BACKING to the journal's state: redo every record past ``backing_at``,
-        but those under a NAME note's path (*roots*): such a path may name another
-        file now, and is resent whole. Returns (what was done, the paths replayed).
-
-        BACKING lost, or never got to disk, whatever a power cut took of what
-        followed its last sync; the journal holds it (see the module comment).
-        """
-        if self.overflow:
-            return [], set()  # writes were not journaled: BACKING is the only copy of them
-        count, failed, skipped, paths = 0, 0, 0, set()
-        for _, _, raw, end in self.journal.iter_raw(self.journal.set_of(self.backing_at)):
-            if end - len(raw) < self.backing_at:
-                continue
-            record = Record.decode(raw)
-            if record.op in (Op.SYNC, Op.VOID, Op.RESET, Op.PRUNE):
-                continue
-            if _under(record, roots):
-                skipped += 1
-                continue
-            try:
-                if record.op in NAMESPACE_OPS:
-                    applier.redo(self.backing, record, self.journal.intent(record))
-                else:
-                    applier.apply(self.backing, record)
-                count += 1
-                paths.add(record.path)
-                if record.op in (Op.RENAME, Op.LINK):
-                    paths.add(record.path2)
-            except (OSError, ValueError) as exc:
-                failed += 1
-                log.warning("replay of %s at %d/%d failed: %s", record.op.name, record.set,
-                            record.seq, exc)
-        lines = []
-        if count or failed:
-            lines.append(f"replayed {count} records into the backing directory" + (
-                f" ({failed} failed, see above)" if failed else ""))
-        if skipped:
-            lines.append(f"left {skipped} records under names a namespace op may have "
-                         "changed to the resend")
-        return lines, paths
-
-    def _redo(self, last: Record) -> str:
-        """Redo the journal's last record, which may never have reached BACKING."""
-        if last.op in (Op.RESET, Op.PRUNE):
-            # Instructions for a replica, never ops on this tree: a sync's snapshot
-            # was under way; the next secondary to connect gets a new one.
-            return f"a sync's snapshot was under way in set {last.set}; it starts again"
-        try:
-            if last.op in NAMESPACE_OPS:
-                applier.redo(self.backing, last, self.journal.intent(last))
-            else:
-                applier.apply(self.backing, last)
-            self._unsettled = last
-            self._settle()  # the dirty map follows it, as it would have
-            return f"redid {last.op.name} at {last.set}/{last.seq}"
-        except OSError as exc:
-            if last.op in NAMESPACE_OPS:
-                self.void(last)
-                return f"voided {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
-            # Its first run went through an open handle and most likely worked;
-            # reaching the file again by name can fail where that did not.
-            return f"kept {last.op.name} at {last.set}/{last.seq} ({exc.strerror})"
-
-    def _resend(self, notes: list[Note]) -> tuple[str, list[bytes]]:
-        """After a power cut: BACKING may hold changes the journal lost, at the paths
-        *notes* name. They go to the secondary again, as BACKING holds them, in the
-        open set, which stays open (as over budget) until the secondary has applied
-        every set before it; then the dirty map's ranges are read into it and it
-        closes (repl/resync.py). Without a secondary the journal forgets which
-        replica it could bring forward: the next secondary gets an initial sync.
-        Returns (what was done, the paths resent whole).
-        """
-        if not self.replicating:
-            self.journal.base = None
-            return ("the backing directory may hold changes its journal lost, and there "
-                    "is no secondary to send them to: the next one gets an initial sync"), []
-        if not self.overflow:
-            self.overflow = True
-            self.journal.put_meta(_OVERFLOW, b"1")
-        entries, total, whole = resync.resend(self, notes)
-        return (f"the backing directory may hold changes its journal lost: {entries} "
-                f"entries ({total / 1e6:.1f} MB) go to the secondary again in set "
-                f"{self.journal.set}"), whole
-
-
-def _under(record: Record, roots: list[bytes]) -> bool:
-    """Whether a path of *record* is at or under one of *roots*."""
-    return any(is_under(record.path, top) or (bool(record.path2) and is_under(record.path2, top))
-               for top in roots)

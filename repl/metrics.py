@@ -1,6 +1,7 @@
 """Prometheus metrics on ``--metrics HOST:PORT``: what status shows, as series to scrape.
 
-Every name is here, in one place, and follows Prometheus's conventions:
+Every name is here (the histograms' in repl/histograms.py, which the code
+that observes them imports), and follows Prometheus's conventions:
 ``replfs_`` first, the base unit last (``_seconds``, ``_bytes``), ``_total``
 on counters. Gauges and counters are read at scrape time from the objects
 ``replfs status`` reads, so the two never disagree; histograms are observed
@@ -38,18 +39,6 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 REQUEST_SECONDS = 10.0  # a scraper that has not sent its request by then is dropped
 MAX_REQUEST = 8192
-
-FSYNC_SECONDS = Histogram(
-    "replfs_fsync_seconds", "Time an fsync on the primary's mount took: the set closed, "
-    "the file and the journal on disk", registry=None,
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-SET_BYTES = Histogram(
-    "replfs_set_size_bytes", "Bytes of records in each data set the primary closed",
-    registry=None, buckets=tuple(float(4 ** n << 10) for n in range(9)))  # 1K .. 64M
-APPLY_SECONDS = Histogram(
-    "replfs_set_apply_seconds", "Time the secondary took to apply a batch of complete "
-    "sets (one set when it keeps up) and sync the replica", registry=None,
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
 def gauge(name: str, doc: str, value: float, **labels: str) -> Metric:
@@ -90,11 +79,11 @@ def primary_metrics(capture: Capture, senders: list[Sender],
     yield gauge("replfs_overflow", "1 while over the journal's budget (a dirty map stands "
                 "in for the journal until a resync)", int(capture.overflow))
     yield gauge("replfs_initial_sync", "1 during an initial sync of a secondary",
-                int(capture.syncing is not None))
+                int(capture.resync.syncing is not None))
     yield gauge("replfs_resync_done_bytes", "Bytes of the running resync sent so far",
-                capture.progress_done if capture.overflow else 0)
+                capture.resync.progress_done if capture.overflow else 0)
     yield gauge("replfs_resync_total_bytes", "Bytes the running resync sends in all",
-                capture.progress_total if capture.overflow else 0)
+                capture.resync.progress_total if capture.overflow else 0)
     served = CounterMetricFamily("replfs_fuse_requests", "FUSE requests the primary's mount "
                                  "served, by handler", labels=["op"])
     for op, count in requests.items():

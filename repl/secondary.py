@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from repl import control, metrics
+from repl import control, histograms, metrics
 from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
@@ -324,7 +324,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
             if scrape:
                 registry = metrics.registry(
                     lambda: metrics.secondary_metrics(receiver, applier, staging),
-                    metrics.APPLY_SECONDS)
+                    histograms.APPLY_SECONDS)
                 await nursery.start(metrics.serve, scrape, registry)
                 log.info("metrics on http://%s/metrics", metrics.where(scrape))
             await nursery.start(_stop_on_signal, nursery.cancel_scope)

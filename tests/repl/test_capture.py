@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from repl import recovery
 from repl.activity import EXTENT
 from repl.capture import Capture
 from repl.faults import ENV_BOOT_ID
@@ -47,7 +48,7 @@ def capturing(backing: Path, journal: Path, replicating: bool = True) -> Iterato
     j, tree = Journal(journal), Tree(backing)
     try:
         capture = Capture(j, tree, secondaries=["beta:7070"] if replicating else ())
-        capture.recover()
+        recovery.recover(capture)
         yield capture
     finally:
         tree.close()
@@ -133,7 +134,7 @@ def test_capture_record_ok_flags_backing_sync_under_a_name_note(tmp_path: Path,
         os.rename(backing / "d", backing / "e")
         (backing / "e" / "f").write_bytes(b"x")
         for path, flags in ((b"plain", False), (b"e/f", True)):
-            capture._namespace_changed = False
+            capture.unsynced.namespace_changed = False
             capture.write(path, 0, b"x")
             end = capture.journal.end
             capture.wait_durable(end)
@@ -168,7 +169,7 @@ def test_capture_recover_ok_power_cut_resends_what_the_journal_lost(tmp_path: Pa
     with capturing(backing, journal) as capture:
         assert capture.overflow, "the open set stays open until the secondary caught up"
         assert capture.journal.notes == []
-        assert capture.dirty.files == {b"new": [(0, 25)], b"old": [(0, 100)]}
+        assert capture.resync.dirty.files == {b"new": [(0, 25)], b"old": [(0, 100)]}
     records = open_set(journal)
     assert (Op.SETXATTR, b"old") not in [(r.op, r.path) for r in records[:-4]], \
         "the setxattr's own record was lost with the power"

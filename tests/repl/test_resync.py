@@ -52,7 +52,8 @@ class Lines(logging.Handler):
         self.seen: list[tuple[float, int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.seen.append((trio.current_time(), self.capture.progress_done, record.getMessage()))
+        done = self.capture.resync.progress_done
+        self.seen.append((trio.current_time(), done, record.getMessage()))
 
 
 async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
@@ -65,13 +66,13 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
     logger = logging.getLogger("replfs.resync")
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
-        set_id = capture.start_full_sync()
+        set_id = capture.resync.start_full_sync()
         lines = Lines(capture)
         logger.addHandler(lines)
         level, logger.level = logger.level, logging.INFO
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(resync.run, capture)
+                nursery.start_soon(capture.resync.run)
                 nursery.start_soon(ticker, clock)
                 started = trio.current_time()
                 # the secondary is at the set before the sync
@@ -83,7 +84,7 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
             logger.removeHandler(lines)
             logger.level = level
         assert journal.set == set_id + 1, "the sync's set closed"
-        assert capture.progress_done == total
+        assert capture.resync.progress_done == total
 
     assert len(lines.seen) >= 3, lines.seen
     last_at, late = started, 4 * TICK  # the first line counts from a tick or two early
