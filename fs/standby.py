@@ -27,7 +27,8 @@ import pyfuse3
 
 from fs.errors import log
 from fs.kernel_cache import KernelCache
-from fs.primary import TIMEOUT, PrimaryFS
+from fs.passthrough import TIMEOUT
+from fs.primary import PrimaryFS
 from store.hold import ApplyLock, torn
 
 _READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",

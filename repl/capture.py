@@ -1,11 +1,12 @@
 """The primary's capture: ops into the journal, cut into data sets.
 
-Every mutating FUSE handler calls ``record()`` before it touches the
-backing directory and ``void()`` if the backing op then fails, so the
-journal and the backing directory move together and seqs stay dense. A set
-closes on fsync (``close_set()`` + ``durable()``), on ``checkpoint``, on a
-timer and on a size bound. Closing appends a UTIMES record for every path
-the set touched (repl/touched.py), then the SYNC record.
+Every mutating FUSE handler applies its op to the backing directory inside
+``applying()``, which journals it first (``record()``) and voids the record
+if the op then fails (``void()``), so the journal and the backing directory
+move together and seqs stay dense. A set closes on fsync (``close_set()`` +
+``durable()``), on ``checkpoint``, on a timer and on a size bound. Closing
+appends a UTIMES record for every path the set touched (repl/touched.py),
+then the SYNC record.
 
 Threads. The FUSE request threads call in while trio's tasks (the set
 closer, the resync, the sender's handshake) do too: ``lock`` is held
@@ -23,22 +24,15 @@ BACKING is synced lazily (``sync_backing()``: every BACKING_SYNC_SECONDS,
 past BACKING_SYNC_FILES changed files, at a clean stop), each sync noted in
 the journal as ``backing_at``, and the journal keeps every record past it
 even once applied. After any crash, power included, recovery
-(repl/recovery.py) replays the records past ``backing_at`` into BACKING with
-the applier's redo rule before the mount serves anything. Replay goes by path, so paths must mean
+(repl/recovery.py) replays the records past ``backing_at`` into BACKING
+before the mount serves anything. Replay goes by path, so paths must mean
 the same files throughout: before a flush makes a namespace op durable in
 the journal, BACKING is synced (the changed files and the directories the
-op changed), so that op, and every one before it, is before ``backing_at``.
-Over budget, writes are not journaled, and an fsync syncs the file itself.
-
-What a power cut leaves in BACKING beyond the journal (a page written back,
-a name the filesystem committed, their records lost) is found by the
-activity log (repl/activity.py): before an op touches BACKING, what it may
-change is noted durably in the journal. After a reboot, recovery resends
-what the notes name, and skips the records under a NAME note, which
-may not name their file any more. So that skipping loses nothing an fsync
-returned, a record under a NAME note makes the next flush sync BACKING
-first (as a namespace op does), and an op that removes or moves a name
-first syncs the files under it written since BACKING's last sync.
+op changed), so that op, and every one before it, is before ``backing_at``
+(what a sync covers: repl/unsynced.py). Over budget, writes are not
+journaled, and an fsync syncs the file itself. Before an op touches
+BACKING, what it may change is noted durably in the activity log
+(repl/activity.py), for recovery after a power cut.
 
 Group commit: ``wait_durable()`` flushes the journal once for every caller
 waiting when the flush starts; callers that arrive while it runs share the
@@ -64,8 +58,9 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -110,6 +105,15 @@ def _locked(method: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+@dataclass
+class Change:
+    """What an ``applying`` block applies: its *record* (None: nothing journaled), and
+    for a WRITE, the bytes that reached BACKING (*written*, set by the block)."""
+
+    record: Record | None
+    written: int | None = None
+
+
 class Capture:
     def __init__(
         self,
@@ -134,9 +138,6 @@ class Capture:
         self._record_hash = faults.set_hash_recorder()
         # Called from the thread that made records durable (the senders' notify).
         self.on_durable: Callable[[], None] = lambda: None
-        # set -> when it closed (time.monotonic), oldest first: the sets not yet
-        # applied by every secondary that pins the journal (consecutive ids).
-        self.closed_times: OrderedDict[int, float] = OrderedDict()
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -293,12 +294,7 @@ class Capture:
     def _budget(self) -> None:
         """The journal is over its budget: drop the secondaries past it if another one
         is within it, else keep a dirty map instead of write data (overflow)."""
-        behind = self.retention.past_budget(self.journal_max)
-        if not behind:
-            return
-        if len(behind) < len(self.retention.pinning()):
-            self.retention.drop(behind)
-            self._trim()
+        if not self.retention.all_past_budget(self.journal_max, self.backing_at):
             return
         log.warning("journal passed its budget (%d > %d bytes) with every secondary behind; "
                     "keeping a dirty map instead of write data until one catches up",
@@ -308,12 +304,8 @@ class Capture:
     @_locked
     def bring_up(self, address: str, applied: int, syncing: int | None,
                  rejoin: Divergence | None = None) -> int | None:
-        """Where the secondary at *address*, which applied *applied*, starts: None to
-        stream from the next set, or the set of a sync just begun (it resets to it).
-
-        See ``Resync.bring_up``. Raises NotYet while another secondary's sync of
-        part of the tree is under way.
-        """
+        """Where the secondary at *address* starts (``Resync.bring_up``). Raises NotYet
+        while another secondary's sync of part of the tree is under way."""
         self._settle()
         return self.resync.bring_up(address, applied, syncing, rejoin)
 
@@ -326,22 +318,11 @@ class Capture:
                 and self.journal.bytes - self.journal.set_bytes > self.journal_max):
             self._budget()  # a secondary may have fallen past it with no write since
         self._trim()
-        slowest = self.retention.slowest()
-        while (slowest is not None and self.closed_times
-               and next(iter(self.closed_times)) <= slowest):
-            self.closed_times.popitem(last=False)
+        self.retention.forget_closed()
         self.resync.caught_up()
 
     def _trim(self) -> None:
-        """Drop what every pinning secondary applied and BACKING holds durably."""
-        slowest = self.retention.slowest()
-        if slowest is None:
-            return
-        upto = min(slowest, self.journal.sets_before(self.backing_at))
-        if upto >= (self.journal.first_set() or upto + 1):
-            self.retention.fold(upto)
-            self.journal.trim(upto)
-            self.retention.save()
+        self.retention.trim(self.backing_at)
 
     @_locked
     def redone(self, record: Record) -> None:
@@ -366,6 +347,33 @@ class Capture:
         if self._unsettled is not None and self._unsettled.key == record.key:
             self._unsettled = None
         self.journal.put(record.voided())
+
+    @contextmanager
+    def applying(self, op: Op, path: bytes | None, intent: bytes | None = None,
+                 **fields: Any) -> Iterator[Change]:
+        """Journal *op* on *path*, then run the block, which applies it to BACKING.
+
+        If the block raises OSError the record is voided; a WRITE that reached BACKING
+        only in part (the block sets ``written``) is journaled as that part. Nothing
+        is journaled for an op on something no name reaches (*path*, or a
+        ``path2``, None), nor for a write over budget (``write``)."""
+        with self.lock:
+            if op == Op.WRITE:
+                record = self.write(path, fields["offset"], fields["data"])
+            elif path is None or ("path2" in fields and fields["path2"] is None):
+                record = None
+            else:
+                record = self.record(op, intent, path=path, **fields)
+            change = Change(record)
+            try:
+                yield change
+            except OSError:
+                if record is not None:
+                    self.void(record)
+                raise
+            if (record is not None and change.written is not None
+                    and change.written < len(record.data)):
+                self.shorten(record, change.written)
 
     @_locked
     def shorten(self, record: Record, written: int) -> None:
@@ -393,30 +401,15 @@ class Capture:
         if self._record_hash is not None:  # before the SYNC: no set closes without it
             self._record_hash(self.journal.set, self.backing.root_fd)
         closed = self.journal.close_set()
-        self.closed_times[closed] = self.closed_at
-        if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
-            self.closed_times.popitem(last=False)
+        self.retention.closed(closed, self.closed_at)
         if not self.replicating:
-            self._drop_oldest()
+            self.retention.drop_oldest(self.journal_max, self.backing_at)
         return closed
-
-    def _drop_oldest(self) -> None:
-        """With nobody to send to, keep the journal within budget by dropping old sets."""
-        while self.journal.bytes > self.journal_max:
-            first = self.journal.first_set()
-            if first is None or first >= self.journal.set - 1 \
-                    or first > self.journal.sets_before(self.backing_at):
-                return
-            self.journal.trim(first)
 
     @_locked
     def lag_seconds(self, applied: int) -> float:
         """How long the oldest closed set after *applied* has waited."""
-        if not self.closed_times:
-            return 0.0
-        first = next(iter(self.closed_times))
-        closed_at = self.closed_times.get(max(applied + 1, first))  # ids are consecutive
-        return 0.0 if closed_at is None else time.monotonic() - closed_at
+        return self.retention.lag_seconds(applied)
 
     # --- async side -----------------------------------------------------------
 
@@ -464,7 +457,7 @@ class Capture:
                     if self.replicating:
                         self._trim()
                     else:
-                        self._drop_oldest()
+                        self.retention.drop_oldest(self.journal_max, self.backing_at)
                 notes = self.activity.reset(at, retain=not final)
                 if notes is not None:  # after backing_at: durable only with it
                     self.journal.reset_notes(notes)

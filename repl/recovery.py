@@ -6,6 +6,16 @@ the records past ``backing_at`` are replayed into BACKING with the applier's
 redo rule (repl/apply.py), and what the activity log (repl/activity.py)
 noted, which BACKING may hold beyond the journal, is resent in the open set
 (repl/resync.py).
+
+What a power cut leaves in BACKING beyond the journal (a page written back,
+a name the filesystem committed, their records lost) is found by the
+activity log: before an op touches BACKING, what it may change is noted
+durably in the journal. After a reboot, recovery resends what the notes
+name, and skips the records under a NAME note, which may not name their
+file any more. So that skipping loses nothing an fsync returned, a record
+under a NAME note makes the next flush sync BACKING first (as a namespace
+op does), and an op that removes or moves a name first syncs the files
+under it written since BACKING's last sync (repl/unsynced.py).
 """
 
 from __future__ import annotations

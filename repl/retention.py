@@ -9,12 +9,17 @@ is still within it is *dropped*: it pins nothing any more, so the others
 trimmed that it had not applied are folded into what it *missed*: the
 paths, and for files only written the byte ranges, as a Divergence
 (repl/diverge.py). When it is back, it gets just those paths, read from
-the backing directory, as one set (the rejoin path, repl/resync.py
-``snapshot_paths``), not the whole tree. Past MISSED_PATHS paths it gets
+the backing directory, as one set (the rejoin path, repl/snapshot.py
+``Snapshot.paths``), not the whole tree. Past MISSED_PATHS paths it gets
 the whole tree instead (an initial sync).
 
 When every secondary is past the budget (always the case with one), the
-journal's own overflow takes over instead (repl/capture.py): the dirty map.
+journal's own overflow takes over instead (repl/resync.py): the dirty map.
+With no secondary at all, the oldest sets are dropped past the budget.
+
+A set is trimmed once every pinning secondary applied it and BACKING holds
+it durably (``backing_at``, repl/capture.py). Until every pinning secondary
+applied it, the time it closed is kept too, for the lag shown in status.
 
 All of it survives a restart of the primary: each secondary's last applied
 set and whether it was dropped are one meta value of the journal
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -61,6 +68,9 @@ class Retention:
         follows tells the journal's last record from what was appended after it)."""
         self.journal = journal
         self.followers: dict[str, Follower] = {}
+        # set -> when it closed (time.monotonic), oldest first: the sets not yet
+        # applied by every secondary that pins the journal (consecutive ids).
+        self.closed_times: OrderedDict[int, float] = OrderedDict()
         self._stale: list[bytes] = []  # entries of secondaries no longer configured
         saved = _load_json(journal.get_meta(_FOLLOWERS))
         for address in addresses:
@@ -113,6 +123,19 @@ class Retention:
             return []
         return [a for a, applied in self.pinning().items()
                 if self._backlog(applied) > journal_max]
+
+    def all_past_budget(self, journal_max: int, backing_at: int) -> bool:
+        """The journal is over *journal_max*: drop the secondaries past it if another
+        one is within it (then trim, up to *backing_at*). True if every pinning
+        secondary is past it (the dirty map takes over: repl/resync.py)."""
+        behind = self.past_budget(journal_max)
+        if not behind:
+            return False
+        if len(behind) < len(self.pinning()):
+            self.drop(behind)
+            self.trim(backing_at)
+            return False
+        return True
 
     def _backlog(self, applied: int) -> int:
         return self.journal.bytes_after(applied) - self.journal.set_bytes
@@ -197,6 +220,49 @@ class Retention:
             self.journal.put_meta(key, None)
         follower.missed.content.clear()
         follower.missed.ranges.clear()
+
+    def closed(self, set_id: int, at: float) -> None:
+        """Set *set_id* closed at *at* (time.monotonic)."""
+        self.closed_times[set_id] = at
+        if len(self.closed_times) > 100_000:  # nobody is applying: forget the oldest
+            self.closed_times.popitem(last=False)
+
+    def forget_closed(self) -> None:
+        """Forget when the sets every pinning secondary applied closed."""
+        slowest = self.slowest()
+        while (slowest is not None and self.closed_times
+               and next(iter(self.closed_times)) <= slowest):
+            self.closed_times.popitem(last=False)
+
+    def lag_seconds(self, applied: int) -> float:
+        """How long the oldest closed set after *applied* has waited."""
+        if not self.closed_times:
+            return 0.0
+        first = next(iter(self.closed_times))
+        closed_at = self.closed_times.get(max(applied + 1, first))  # ids are consecutive
+        return 0.0 if closed_at is None else time.monotonic() - closed_at
+
+    def trim(self, backing_at: int) -> None:
+        """Drop what every pinning secondary applied and BACKING holds durably (the
+        records before log position *backing_at*)."""
+        slowest = self.slowest()
+        if slowest is None:
+            return
+        upto = min(slowest, self.journal.sets_before(backing_at))
+        if upto >= (self.journal.first_set() or upto + 1):
+            self.fold(upto)
+            self.journal.trim(upto)
+            self.save()
+
+    def drop_oldest(self, journal_max: int, backing_at: int) -> None:
+        """With nobody to send to, keep the journal within *journal_max* by dropping old
+        sets that BACKING holds durably (before log position *backing_at*)."""
+        while self.journal.bytes > journal_max:
+            first = self.journal.first_set()
+            if first is None or first >= self.journal.set - 1 \
+                    or first > self.journal.sets_before(backing_at):
+                return
+            self.journal.trim(first)
 
     def save(self) -> None:
         """Keep each secondary's applied set in the journal (with a trim: cheap)."""

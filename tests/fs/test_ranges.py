@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import pytest
 
+import fs.passthrough as fs_passthrough
 import fs.primary as fs_primary
 from fs.inodes import ROOT, Inodes
 from fs.primary import COPY_MAX, PrimaryFS
@@ -377,7 +378,7 @@ def test_primary_seek_ok_writer_released_meanwhile(tmp_path: Path,
     fd = os.open(tmp_path / "backing" / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     os.pwrite(fd, b"data", MiB)
     os.close(fd)
-    monkeypatch.setattr(fs_primary, "SEEK_WAIT", 60.0)
+    monkeypatch.setattr(fs_passthrough, "SEEK_WAIT", 60.0)
     with in_process(tmp_path) as (fs, _), ThreadPoolExecutor(1) as pool:
         writer, reader = opened(fs, b"f", os.O_RDWR), opened(fs, b"f", os.O_RDONLY)
         began = time.monotonic()
