@@ -18,8 +18,9 @@ while sets arrive.
 
 Timed workloads run for a fixed time and count what they did; the file
 writers write a fixed volume (``--quick``: smaller volumes, shorter times,
-a directory of 2,000 entries instead of 10,000). MB is 10^6 bytes. The replicating primary
-runs with ``--journal-max 4G`` so the outage stays in the journal and the
+a directory of 2,000 entries instead of 10,000): bin/bench_workloads.py.
+The figures and the table: bin/bench_report.py. MB is 10^6 bytes. The
+replicating primary runs with ``--journal-max 4G`` so the outage stays in the journal and the
 catch-up measures journal streaming, not a resync.
 
 ``--only fsync4k,sqlite_commits`` runs just those workloads (and skips the
@@ -36,21 +37,15 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
-import random
 import shutil
 import signal
 import sqlite3
-import stat
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,6 +53,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_reads
+from bench_report import JOURNAL_MAX, TARGETS, TRANSPORTS, machine, report, table
+from bench_workloads import (
+    FULL,
+    MB,
+    QUICK,
+    WORKLOADS,
+    MiB,
+    Plan,
+    Result,
+    now,
+    percentile,
+    write_file,
+)
 from demo import Proc, links
 
 from repl import control
@@ -66,46 +74,7 @@ from store import libc
 
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
-MiB = 1 << 20
-MB = 1e6
-JOURNAL_MAX = "4G"
-TARGETS = ("native", "replfs", "replfs_replicated", "replfs_remote")
-TRANSPORTS = {"frames": "TLS", "iscsi": "iSCSI", "fcip": "FCIP"}
 IQN = "iqn.2025-01.io.replfs:bench"
-
-
-READS = bench_reads.ReadPlan(big=256 * MiB, seconds=2.0, rounds=3)
-
-
-@dataclass(frozen=True)
-class Plan:
-    seq_bytes: int  # seq_write volume
-    rand_file: int  # rand4k_write file size
-    seconds: float  # each timed workload
-    lag_seconds: float  # checkpoint round trips under load
-    outage_bytes: int  # written while the secondary is down
-    stat_files: int = 2_000
-    dir_entries: int = 10_000
-    rounds: int = 3  # each figure is the median of this many runs
-    reads: bench_reads.ReadPlan = READS
-
-
-FULL = Plan(seq_bytes=512 * MiB, rand_file=256 * MiB, seconds=5.0, lag_seconds=20.0,
-            outage_bytes=1024 * MiB)
-QUICK = Plan(seq_bytes=64 * MiB, rand_file=32 * MiB, seconds=0.5, lag_seconds=3.0,
-             outage_bytes=128 * MiB, dir_entries=2_000, rounds=1,
-             reads=bench_reads.ReadPlan(big=32 * MiB, seconds=0.5, rounds=1))
-
-
-@dataclass
-class Result:
-    value: float
-    extra: dict[str, float] = field(default_factory=dict)
-    ops: int = 0  # the application's calls that did the work: a write(2), a file, a commit
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 def say(text: str) -> None:
@@ -119,151 +88,6 @@ def syncfs(path: Path) -> None:
         libc.syncfs(fd)
     finally:
         os.close(fd)
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
-
-
-def write_file(path: Path, size: int, fsync: bool = True) -> None:
-    chunk = os.urandom(MiB)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(size // MiB):
-            os.write(fd, chunk)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def entries(root: Path, count: int) -> list[str]:
-    """A directory of *count* empty files, made once per target: stat and readdir share it."""
-    directory = root / "entries"
-    paths = [f"{directory}/e{i:06}" for i in range(count)]
-    if not directory.exists():
-        directory.mkdir()
-        for path in paths:
-            os.mknod(path, stat.S_IFREG | 0o644)
-    return paths
-
-
-# --- workloads: each works in its own fresh directory --------------------------------
-
-def seq_write(d: Path, plan: Plan) -> Result:
-    start = now()
-    write_file(d / "seq", plan.seq_bytes)
-    return Result(plan.seq_bytes / MB / (now() - start), ops=plan.seq_bytes // MiB)
-
-
-def rand4k_write(d: Path, plan: Plan) -> Result:
-    path = d / "rand"
-    write_file(path, plan.rand_file)  # prefilled and fsynced, not timed
-    rng = random.Random(4096)
-    blocks = plan.rand_file // 4096
-    block = os.urandom(4096)
-    done = 0
-    start = now()
-    deadline = start + plan.seconds
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        while now() < deadline:
-            for _ in range(256):
-                os.pwrite(fd, block, rng.randrange(blocks) * 4096)
-            done += 256
-    finally:
-        os.close(fd)  # a FUSE close writes back the cached pages: part of the cost
-    return Result(done * 4096 / MB / (now() - start), ops=done)
-
-
-def fsync4k(d: Path, plan: Plan) -> Result:
-    block = os.urandom(4096)
-    latencies: list[float] = []
-    fd = os.open(d / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    start = now()
-    deadline = start + plan.seconds
-    try:
-        while now() < deadline:
-            os.write(fd, block)
-            before = now()
-            os.fsync(fd)
-            latencies.append(now() - before)
-    finally:
-        os.close(fd)
-    elapsed = now() - start
-    return Result(len(latencies) * 4096 / MB / elapsed,
-                  {"p50_us": percentile(latencies, 50) * 1e6,
-                   "p99_us": percentile(latencies, 99) * 1e6}, ops=len(latencies))
-
-
-def small_files(d: Path, plan: Plan) -> Result:
-    block = os.urandom(4096)
-    count = 0
-    start = now()
-    deadline = start + plan.seconds
-    while now() < deadline:
-        for _ in range(32):
-            fd = os.open(f"{d}/f{count:07}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, block)
-            os.close(fd)
-            count += 1
-    return Result(count / (now() - start), ops=count)
-
-
-def stat_files(d: Path, plan: Plan) -> Result:
-    paths = entries(d.parent, plan.dir_entries)[: plan.stat_files]
-    count = 0
-    start = now()
-    deadline = start + plan.seconds
-    while now() < deadline:
-        for path in paths:
-            os.stat(path)
-        count += len(paths)
-    return Result(count / (now() - start), ops=count)
-
-
-def readdir(d: Path, plan: Plan) -> Result:
-    directory = Path(entries(d.parent, plan.dir_entries)[0]).parent
-    count = 0
-    start = now()
-    deadline = start + plan.seconds
-    while now() < deadline:
-        if len(os.listdir(directory)) != plan.dir_entries:
-            raise RuntimeError(f"readdir of {directory} lost entries")
-        count += 1
-    return Result(count / (now() - start), ops=count)
-
-
-def sqlite_commits(d: Path, plan: Plan) -> Result:
-    db = sqlite3.connect(d / "bench.db", isolation_level=None)  # autocommit: one insert, one commit
-    try:
-        db.execute("pragma journal_mode=wal")
-        db.execute("pragma synchronous=full")
-        db.execute("create table t(id integer primary key, v blob)")
-        value = os.urandom(100)
-        count = 0
-        start = now()
-        deadline = start + plan.seconds
-        while now() < deadline:
-            db.execute("insert into t(v) values (?)", (value,))
-            count += 1
-        elapsed = now() - start
-    finally:
-        db.close()
-    return Result(count / elapsed, ops=count)
-
-
-Workload = Callable[[Path, Plan], Result]
-WORKLOADS: list[tuple[str, str, Workload]] = [
-    ("seq_write", "MB/s", seq_write),
-    ("rand4k_write", "MB/s", rand4k_write),
-    ("fsync4k", "MB/s", fsync4k),
-    ("small_files", "files/s", small_files),
-    ("stat", "stats/s", stat_files),
-    ("readdir", "dirs/s", readdir),
-    ("sqlite_commits", "commits/s", sqlite_commits),
-]
 
 
 # --- daemons --------------------------------------------------------------------------
@@ -575,119 +399,7 @@ class Bench:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# --- output -------------------------------------------------------------------------
-
-def machine(tmp: Path) -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text().split()
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cores": os.cpu_count(), "cpu": cpu,
-            "memory_MiB": int(meminfo[meminfo.index("MemTotal:") + 1]) // 1024,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "fs_type": fs_type(tmp), "tmp_dir": str(tmp.parent)}
-
-
-def fs_type(path: Path) -> str:
-    """The type of the filesystem holding *path*, from /proc/self/mountinfo."""
-    real, best, kind = os.path.realpath(path), "", "?"
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, rest = line.partition(" - ")
-        point = fields.split()[4].replace("\\040", " ")
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, rest.split()[0]
-    return kind
-
-
-def report(bench: Bench) -> dict[str, Any]:
-    workloads: dict[str, Any] = {}
-    for key, unit, _ in WORKLOADS:
-        runs = bench.results[key]
-        if not all(runs.values()):
-            continue
-        got = {t: statistics.median(r.value for r in runs[t]) for t in TARGETS}
-        native, replicated = got["native"], got["replfs_replicated"]
-        entry: dict[str, Any] = {"unit": unit, **{t: round(got[t], 2) for t in TARGETS},
-                                 "ratio": round(replicated / native, 4) if native else None,
-                                 "range": {t: [round(min(r.value for r in runs[t]), 2),
-                                               round(max(r.value for r in runs[t]), 2)]
-                                           for t in TARGETS}}
-        for name in runs["native"][0].extra:
-            per = {t: round(statistics.median(r.extra[name] for r in runs[t]), 1)
-                   for t in TARGETS}
-            entry[name] = per
-            entry[name + "_range"] = {t: [round(min(r.extra[name] for r in runs[t]), 1),
-                                          round(max(r.extra[name] for r in runs[t]), 1)]
-                                      for t in TARGETS}
-            entry[name.removesuffix("_us") + "_ratio"] = (
-                round(per["native"] / per["replfs_replicated"], 4)
-                if per["replfs_replicated"] else None)
-        served = {t: round(statistics.median(r.extra["requests_per_op"] for r in runs[t]), 2)
-                  for t in TARGETS[1:] if all("requests_per_op" in r.extra for r in runs[t])}
-        if served:
-            entry["requests_per_op"] = served
-        if key == "stat":
-            entry["files"] = bench.plan.stat_files
-        if key == "readdir":
-            entry["entries"] = bench.plan.dir_entries
-        workloads[key] = entry
-    return {"workloads": workloads,
-            "replication": {k: round(v, 3) for k, v in bench.replication.items()},
-            "standby_reads": bench.reads, "warnings": bench.warnings}
-
-
-def table(out: dict[str, Any]) -> str:
-    rounds = out["machine"].get("rounds", 1)
-
-    def spread(ranges: dict[str, list[float]]) -> tuple[str, ...]:
-        return tuple(f"{ranges[t][0]:,.0f}-{ranges[t][1]:,.0f}" for t in TARGETS)
-
-    rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
-                                    "fsync remote", "ratio")]
-    for key, entry in out["workloads"].items():
-        rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
-                     f"{entry['ratio']:.3f}"))
-        if rounds > 1:
-            rows.append(("  range", "", *spread(entry["range"]), ""))
-        for name in ("p50_us", "p99_us"):
-            if name in entry:
-                rows.append((f"  fsync {name[:3]}", "µs", *(f"{entry[name][t]:,.0f}"
-                                                           for t in TARGETS),
-                             f"{entry[name[:3] + '_ratio']:.3f}"))
-                if rounds > 1:
-                    rows.append(("    range", "", *spread(entry[name + "_range"]), ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append("ratio: replicated / native (latencies: native / replicated)"
-                 + (f"; medians of {rounds} rounds, range: the lowest and highest round"
-                    if rounds > 1 else ""))
-    w = out["workloads"]
-    if "stat" in w and "readdir" in w:
-        lines.append(f"stat: {w['stat']['files']:,} files; readdir: a directory of "
-                     f"{w['readdir']['entries']:,} entries")
-    m = out["machine"]
-    lines.append(f"machine: {m['cores']} cores, {m['memory_MiB']} MiB, Linux {m['kernel']}, "
-                 f"Python {m['python']}, {m['fs_type']} at {m['tmp_dir']}")
-    if out["replication"]:
-        lines.append("")
-        lines.append(f"replication over {TRANSPORTS[m.get('transport', 'frames')]} (secondary "
-                     f"on loopback, primary --journal-max {JOURNAL_MAX})")
-        for key, value in out["replication"].items():
-            shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
-            lines.append(f"  {key:<26} {shown:>14}")
-    if out["standby_reads"]:
-        lines.append("")
-        lines.extend(bench_reads.table(out["standby_reads"]))
-    lines.extend(f"warning: {text}" for text in out["warnings"])
-    return "\n".join(lines)
-
+# --- the command ------------------------------------------------------------------
 
 _interrupted = threading.Event()
 
@@ -744,7 +456,8 @@ def main() -> int:
         return 1
     finally:
         bench.cleanup()
-    out = {"machine": info, **report(bench)}
+    out = {"machine": info, **report(bench.results, plan, bench.replication, bench.reads,
+                                      bench.warnings)}
     out["machine"]["bench_seconds"] = round(now() - started, 1)
     out["machine"]["mode"] = "quick" if args.quick else "full"
     out["machine"]["rounds"] = plan.rounds

@@ -24,7 +24,9 @@ import tempfile
 from pathlib import Path
 
 import bench
-from bench import JOURNAL_MAX, TRANSPORTS, Bench, Plan, checkpoint, say
+from bench import Bench, checkpoint, say
+from bench_report import JOURNAL_MAX, TRANSPORTS
+from bench_workloads import Plan
 
 FULL = Plan(seq_bytes=0, rand_file=0, seconds=0, lag_seconds=10.0, outage_bytes=256 << 20)
 QUICK = Plan(seq_bytes=0, rand_file=0, seconds=0, lag_seconds=3.0, outage_bytes=64 << 20)
