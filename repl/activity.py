@@ -37,7 +37,7 @@ directory again: one flush each BACKING sync, not one each name. A clean
 stop keeps no note, so a journal that holds notes at start was stopped
 uncleanly.
 
-After an unclean stop, recovery (repl/capture.py) skips the records under a
+After an unclean stop, recovery (repl/recovery.py) skips the records under a
 NAME note (the path may name another file now) and resends every noted
 path as BACKING holds it, in one set (repl/resync.py ``resend``): NAME paths
 whole, the others in place.

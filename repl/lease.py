@@ -11,7 +11,7 @@ the host shares: the primary daemon compares its fence with it). So, by this hos
 
 - a primary may write until ``renewed_at + TTL/2`` (``write_until``): if
   renewals stop coming back, it stops half a TTL before anyone else may
-  lead (the mount answers EROFS: fs/primary.py ``fence``);
+  lead (the mount answers EROFS: fs/passthrough.py ``fence``);
 - the lease may be in force until ``renewed_at + TTL`` (``valid_until``);
   past it, it is presumed gone, and ``run`` raises LeaseLost.
 

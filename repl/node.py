@@ -15,7 +15,7 @@ between them as the role changes:
 - elected: stop the secondary, make the data a primary's (``promote``, or a
   new generation of its own journal), start the primary *fenced*: it
   refuses every change until told how long the lease allows writes, and is
-  told again at every renewal (fs/primary.py ``fence``). If the renewals
+  told again at every renewal (fs/passthrough.py ``fence``). If the renewals
   stop, it fences itself half a TTL after the last one went out, before etcd
   can expire the lease and another node can be elected; when the lease is
   presumed gone (a TTL after), the node kills it and follows the new
