@@ -42,20 +42,15 @@ within OPEN_FLUSH_SECONDS (at once past FLUSH_BYTES), so a set streams
 before it closes; an fsync meanwhile flushes them first, and no second
 flush follows.
 
-The journal budget. Records stay until every secondary that pins the
-journal applied their set (repl/retention.py). Past ``journal_max`` with
-every secondary behind, capture stops journaling write data: the open set
-stays open and the written ranges go to the dirty map of the ``Resync``
-(repl/resync.py), which capture owns and calls; it reads them into the open
-set and closes it once a secondary has caught up. With no secondary at all,
-the oldest sets are dropped instead.
+The journal budget (repl/retention.py): past ``journal_max`` with every
+secondary behind, written ranges go to the dirty map of the ``Resync`` that
+capture owns and calls (repl/resync.py), and the open set stays open.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,14 +61,14 @@ from typing import Any, TypeVar
 import trio
 
 from repl import faults
-from repl.activity import ActivityLog, note_boot
+from repl.activity import ActivityLog
 from repl.diverge import Divergence
 from repl.histograms import SET_BYTES
 from repl.resync import Resync
 from repl.retention import Retention
 from repl.touched import Touched
 from repl.tree import Tree
-from repl.unsynced import BACKING_SYNC_FILES, Unsynced
+from repl.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import NAMESPACE_OPS, Op, Record, decode_set, encode_set
@@ -86,7 +81,7 @@ DEFAULT_JOURNAL_MAX = 1 << 30
 FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
 OPEN_FLUSH_SECONDS = 0.2  # an open set's records are flushed (and shipped) within this
 BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
-_BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
+BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
@@ -145,7 +140,7 @@ class Capture:
         self.unsynced = Unsynced(backing, lambda: self._wake())  # what BACKING's sync covers
         self.activity = ActivityLog(journal.notes)
         self._backing_sync_wanted = trio.Event()
-        raw = journal.get_meta(_BACKING_AT)
+        raw = journal.get_meta(BACKING_AT)
         self.backing_at = decode_set(raw) if raw else journal.end
         self._flush_wanted = trio.Event()  # flush what is journaled now, not at the tick
         self._close_wanted = trio.Event()
@@ -274,10 +269,8 @@ class Capture:
 
     @_locked
     def track(self, fd: int, ino: int | None = None) -> None:
-        """A handler changed the file open as *fd*: sync it at the next BACKING sync.
-
-        *ino*, its inode number if the caller knows it, spares an fstat when the
-        file is tracked already (BACKING is one filesystem)."""
+        """A handler changed the file open as *fd* (inode *ino*, if known): sync it at
+        the next BACKING sync (``Unsynced.track``)."""
         self.unsynced.track(fd, ino)
 
     def _settle(self) -> None:
@@ -329,17 +322,6 @@ class Capture:
         """Recovery redid *record*'s op on BACKING: account for it as a handler's."""
         self._unsettled = record
         self._settle()
-
-    def recovered(self) -> None:
-        """Recovery synced BACKING as far as the journal goes: journal that, and start
-        the activity log afresh (repl/recovery.py)."""
-        self.backing_at = self.journal.end
-        self.journal.put_meta(_BACKING_AT, encode_set(self.backing_at))
-        note_boot(self.journal)
-        self.activity = ActivityLog()
-        self.activity.reset(self.backing_at)
-        self.journal.reset_notes([])
-        self.journal.sync()
 
     @_locked
     def void(self, record: Record) -> None:
@@ -443,17 +425,12 @@ class Capture:
                 self._settle()
                 at = self.journal.end
                 changed, token = self.unsynced.take()
-            try:
-                for fd in changed:
-                    os.fsync(fd)
-            finally:
-                for fd in changed:
-                    os.close(fd)
+            fsync_all(changed)
             with self.lock:
                 self.unsynced.synced(token)
                 if at > self.backing_at:
                     self.backing_at = at
-                    self.journal.put_meta(_BACKING_AT, encode_set(at))
+                    self.journal.put_meta(BACKING_AT, encode_set(at))
                     if self.replicating:
                         self._trim()
                     else:

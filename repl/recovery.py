@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 
 from repl import apply as applier
-from repl.activity import name_roots, power_lost
-from repl.capture import Capture
+from repl.activity import ActivityLog, name_roots, note_boot, power_lost
+from repl.capture import BACKING_AT, Capture
 from store.libc import syncfs
-from store.records import NAMESPACE_OPS, Note, Op, Record, is_under
+from store.records import NAMESPACE_OPS, Note, Op, Record, encode_set, is_under
 
 log = logging.getLogger("replfs.capture")
 
@@ -95,7 +95,13 @@ def recover(capture: Capture) -> str | None:
     for path in synced:
         capture.backing.sync_node(path)
         capture.backing.sync_node(path.rpartition(b"/")[0])
-    capture.recovered()
+    capture.backing_at = capture.journal.end
+    capture.journal.put_meta(BACKING_AT, encode_set(capture.backing_at))
+    note_boot(capture.journal)
+    capture.activity = ActivityLog()
+    capture.activity.reset(capture.backing_at)
+    capture.journal.reset_notes([])
+    capture.journal.sync()
     return "; ".join(lines) or None
 
 

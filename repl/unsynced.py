@@ -123,3 +123,13 @@ class Unsynced:
         self._written_syncing = {}
         if self._flagged == token:
             self.namespace_changed = False
+
+
+def fsync_all(fds: list[int]) -> None:
+    """fsync, then close, the fds ``Unsynced.take`` gave (blocking: in a thread)."""
+    try:
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
