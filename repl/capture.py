@@ -457,11 +457,13 @@ class Capture:
         """Close a set and wait until it is durable. Returns its id.
 
         Over budget, the set that holds everything so far is the open one,
-        which the resync closes; its id is returned.
+        which the resync closes; its id is returned. But if it holds nothing and
+        no written range waits for it, the resync will not close it (an empty set
+        never closes): everything so far is in the sets before it.
         """
         with self.lock:
             set_id = self.close_set()
-            if self.overflow:
+            if self.overflow and not (self.journal.set_is_empty and not self.resync.dirty):
                 set_id = self.journal.set  # the open set: the resync will close it
         await self.durable()
         return set_id

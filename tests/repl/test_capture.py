@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from repl import recovery
 from repl.activity import EXTENT
@@ -351,3 +352,21 @@ def test_capture_restates_times_ok_notes_the_change(tmp_path: Path, boot: Path) 
         assert capture.restates_times(b"f")
         assert Note(NoteKind.ATTR, b"f") in capture.journal.notes
         assert capture.journal.durable == capture.journal.end, "noted before the change"
+
+
+def test_capture_checkpoint_ok_over_budget_waits_only_for_a_set_that_will_close(
+        tmp_path: Path, boot: Path) -> None:
+    """Over budget, a checkpoint names the open set, which the resync closes; but an
+    open set that holds nothing, with no written range waiting, never closes: the
+    checkpoint names the set before it (a checkpoint that named it waited forever)."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    with capturing(backing, tmp_path / "j") as capture:
+        capture.write(b"f", 0, b"x")
+        (backing / "f").write_bytes(b"x")
+        closed = trio.run(capture.checkpoint)
+        capture.resync.begin_overflow()
+        assert trio.run(capture.checkpoint) == closed, "nothing is pending"
+        capture.write(b"f", 1, b"y")  # over budget: a dirty range, not a record
+        assert capture.journal.set_is_empty and capture.resync.dirty
+        assert trio.run(capture.checkpoint) == closed + 1, "the resync closes the open set"
