@@ -26,7 +26,7 @@ from repl.fc.login import MAX_EXCHANGES
 from repl.fc.names import Names
 from repl.iscsi.chap import Secrets
 from repl.scsi import spc
-from repl.scsi.link import Result
+from repl.scsi.link import Result, run_command
 
 LOGIN_SECONDS = 10.0  # a secondary that has not let us in by then is given up
 LOGOUT_SECONDS = 1.0
@@ -82,18 +82,7 @@ class Initiator:
     async def command(self, cdb: bytes, *, data_out: bytes = b"", read: int = 0,
                       lun: int = 0) -> Result:
         """Send a command and wait for its result. Raises what ended the session."""
-        finished = trio.Event()
-        outcome: list[Result | Exception] = []
-
-        def done(result: Result | Exception) -> None:
-            outcome.append(result)
-            finished.set()
-
-        await self.submit(cdb, done, data_out=data_out, read=read, lun=lun)
-        await finished.wait()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+        return await run_command(self, cdb, data_out=data_out, read=read, lun=lun)
 
     def _ox_id(self) -> int:
         while True:

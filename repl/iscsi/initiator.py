@@ -25,7 +25,7 @@ from repl.errors import ProtocolError, first_error
 from repl.iscsi import chap, login, text
 from repl.iscsi.pdu import F_FINAL, NO_TAG, Opcode, Pdu, PduStream, sn_lt, words
 from repl.scsi import spc
-from repl.scsi.link import Result
+from repl.scsi.link import Result, run_command
 
 _R, _W, _SIMPLE = 0x40, 0x20, 0x01
 _DATA_S = 0x01
@@ -93,18 +93,7 @@ class Initiator:
     async def command(self, cdb: bytes, *, data_out: bytes = b"", read: int = 0,
                       lun: int = 0) -> Result:
         """Send a command and wait for its result. Raises what ended the session."""
-        finished = trio.Event()
-        outcome: list[Result | Exception] = []
-
-        def done(result: Result | Exception) -> None:
-            outcome.append(result)
-            finished.set()
-
-        await self.submit(cdb, done, data_out=data_out, read=read, lun=lun)
-        await finished.wait()
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        return outcome[0]
+        return await run_command(self, cdb, data_out=data_out, read=read, lun=lun)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

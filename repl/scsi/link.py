@@ -70,6 +70,24 @@ class Initiator(Protocol):
         """Close the session's connection at once."""
 
 
+async def run_command(initiator: Initiator, cdb: bytes, *, data_out: bytes = b"",
+                      read: int = 0, lun: int = 0) -> Result:
+    """``Initiator.command`` for any transport: ``submit``, then wait for the result.
+    Raises what ended the session."""
+    finished = trio.Event()
+    outcome: list[Result | Exception] = []
+
+    def done(result: Result | Exception) -> None:
+        outcome.append(result)
+        finished.set()
+
+    await initiator.submit(cdb, done, data_out=data_out, read=read, lun=lun)
+    await finished.wait()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
 class InitiatorLink:
     """A replication stream over one SCSI session (see the module comment)."""
 
