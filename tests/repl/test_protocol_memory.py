@@ -501,7 +501,7 @@ async def test_bad_frames_err_stream_dropped_nothing_staged(
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
         conn = await raw_primary(sec, nursery)
         await conn.stream.send_all(raw)
-        with pytest.raises(trio.EndOfChannel):  # the secondary closed the stream
+        with trio.fail_after(10), pytest.raises(trio.EndOfChannel):  # the secondary closed it
             await conn.receive()
         r = sec.receiver.status
         assert r.errors == [f"dropped stream from memory:raw: {error}"]
@@ -532,7 +532,8 @@ async def test_bad_frames_ok_good_frame_staged(
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
         conn = await raw_primary(sec, nursery)
         await conn.stream.send_all(GOOD)
-        frame = await conn.receive()
+        with trio.fail_after(10):
+            frame = await conn.receive()
         assert frame == staged([(1, 0)])
         assert staged_records(sec.staging, 1) == [RECORD]
         nursery.cancel_scope.cancel()
@@ -547,8 +548,9 @@ async def test_bad_frames_err_not_replfs_refused_at_the_door(
         nursery.start_soon(sec.receiver.serve_stream, theirs, "memory:raw")
         await ours.send_all(b"GET / HTTP/1.1\r\n\r\n")
         conn = Connection(ours)
-        await conn.expect_magic()
-        frame = await conn.receive()
+        with trio.fail_after(10):
+            await conn.expect_magic()
+            frame = await conn.receive()
         assert frame.type == FrameType.ERROR
         assert frame.payload == b"peer is not replfs (it sent b'GET / HT')"
         with pytest.raises(trio.EndOfChannel):
