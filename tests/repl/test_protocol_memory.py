@@ -204,10 +204,14 @@ async def secondary(tmp_path: Path, applies: bool = False) -> AsyncIterator[Seco
         staging.close()
 
 
+def sender_over(net: Net, journal: Journal, **options: Any) -> Sender:
+    """A primary's sender of *journal*, dialing over *net*."""
+    return Sender(journal, FrameDialer("memory", net, None), **options)
+
+
 @asynccontextmanager
-async def primary(net: Net, journal: Journal, **options: Any) -> AsyncIterator[Sender]:
-    """A sender replicating *journal* over *net*, until the block ends."""
-    sender = Sender(journal, FrameDialer("memory", net, None), **options)
+async def running(sender: Sender) -> AsyncIterator[Sender]:
+    """*sender* replicating, until the block ends."""
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
         yield sender
@@ -271,14 +275,15 @@ async def test_handshake_ok_identity_applied_and_rejoin_answer(
         sec.receiver.on_hello = on_hello
         net = Net(sec.receiver, nursery)
         brought_up: list[tuple[int, int | None, Divergence | None]] = []
-        async with primary(net, journal, streams=3) as sender:
+        sender = sender_over(net, journal, streams=3)
 
-            def bring_up(applied: int, syncing: int | None, rejoin: Divergence | None
-                         ) -> int | None:
-                brought_up.append((applied, syncing, rejoin))
-                return None  # stream on from the set after *applied*
+        def bring_up(applied: int, syncing: int | None, rejoin: Divergence | None
+                     ) -> int | None:
+            brought_up.append((applied, syncing, rejoin))
+            return None  # stream on from the set after *applied*
 
-            sender.bring_up = bring_up
+        sender.bring_up = bring_up
+        async with running(sender):
             await until_complete(sec, 4)
             await wait_all_tasks_blocked()
 
@@ -311,7 +316,7 @@ async def test_out_of_order_ok_sets_over_streams_staged_whole(
     sets = [write_set(journal, writes=12) for _ in range(3)]
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
         net = Net(sec.receiver, nursery)
-        async with primary(net, journal, streams=3, scramble=SEED) as sender:
+        async with running(sender_over(net, journal, streams=3, scramble=SEED)) as sender:
             for set_id in (1, 2, 3):
                 await until_complete(sec, set_id)
             await wait_all_tasks_blocked()
@@ -341,8 +346,8 @@ async def test_retransmit_ok_stream_breaks_mid_set(
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
         net = Net(sec.receiver, nursery)
         net.fail(passes=2 * frame + frame // 2)  # into its third record frame
-        async with primary(net, journal, streams=3, scramble=SEED,
-                           compress_level=0) as sender:
+        async with running(sender_over(net, journal, streams=3, scramble=SEED,
+                                       compress_level=0)) as sender:
             with trio.fail_after(60):
                 await net.failed.wait()
             net.down = True  # hold the next session back, to look at what is staged
@@ -377,7 +382,7 @@ async def test_retransmit_ok_black_hole_ends_the_session(
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
         net = Net(sec.receiver, nursery)
         net.fail(passes=0, hole=True)
-        async with primary(net, journal, streams=1, stall_seconds=10) as sender:
+        async with running(sender_over(net, journal, streams=1, stall_seconds=10)) as sender:
             start = trio.current_time()
             await until_complete(sec, 1)
             assert 10 < trio.current_time() - start < 13
@@ -401,7 +406,7 @@ async def test_stall_watchdog_ok_reported_then_cleared(
     caplog.set_level(logging.INFO, logger="replfs.sender")
     async with secondary(tmp_path, applies=True) as sec, trio.open_nursery() as nursery:
         net = Net(sec.receiver, nursery, down=True)
-        async with primary(net, journal, stall_seconds=10) as sender:
+        async with running(sender_over(net, journal, stall_seconds=10)) as sender:
             await trio.sleep(9.5)  # virtual: the stall is about time going by
             assert not sender.status.stalled
             await trio.sleep(2)
@@ -435,7 +440,7 @@ async def test_fencing_err_stale_primary_refused(
         sec.staging.identity.cluster, sec.staging.identity.generation = cluster, 2
         sec.staging.save_identity()
         net = Net(sec.receiver, nursery)
-        async with primary(net, journal, streams=2) as sender:
+        async with running(sender_over(net, journal, streams=2)) as sender:
             await trio.sleep(5.5)  # virtual: a few attempts, a second apart
             await wait_all_tasks_blocked()
             assert 3 <= sender.status.error_count <= 6
