@@ -33,7 +33,7 @@ import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from repl.diverge import Divergence
-from repl.gate import Gate
+from repl.gate import HANDSHAKE_SECONDS, Gate
 from repl.link import FrameDialer
 from repl.protocol import (
     MAGIC,
@@ -303,6 +303,25 @@ async def test_handshake_ok_identity_applied_and_rejoin_answer(
             assert staged_records(sec.staging, 4) == third
             assert r.received == len(third), "sets 1 to 3 were not sent again"
             nursery.cancel_scope.cancel()
+
+
+async def test_handshake_err_silent_peer_dropped(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A peer that opens a stream and says nothing is dropped after the gate's deadline
+    (virtual time), and counted."""
+    async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(sec.receiver.serve_stream, theirs, "memory:silent")
+        start = trio.current_time()
+        with trio.fail_after(60):
+            await Connection(ours).expect_magic()  # the secondary speaks first
+            with pytest.raises(trio.EndOfChannel):
+                await Connection(ours).receive()
+        assert trio.current_time() - start == HANDSHAKE_SECONDS
+        assert sec.receiver.status.refused_by == {"no-handshake": 1}
+        assert sec.receiver.status.errors == [
+            "refused connection from memory:silent (no-handshake): no handshake within 5s"]
+        nursery.cancel_scope.cancel()
 
 
 # --- out of order -------------------------------------------------------------------------
