@@ -349,8 +349,8 @@ class Receiver:
             frame = await stream.conn.receive()
             if frame.type == FrameType.RESET_TO:
                 set_id = parse_applied(frame)
-                log.info("initial sync from the primary: the replica is rebuilt as set %d",
-                         set_id)
+                log.info("sync from the primary (an initial sync, or a rejoin's: what "
+                         "diverged): set %d brings the replica up to date", set_id)
                 self.on_reset(set_id)
                 continue
             if frame.type == FrameType.RECORD:

@@ -123,7 +123,7 @@ def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
     with secondary(replica) as sec:
         port = sec.port
         with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
-            sec.wait_for("initial sync from the primary")
+            sec.wait_for("sync from the primary")
             sec.kill()
             with secondary(replica, port=port):
                 checkpoint(mount)
