@@ -156,6 +156,7 @@ def run() -> int:
     started = time.monotonic()
     killed: str | None = None
     failover = 0.0
+    result = 1
     try:
         print(f"replfs demo --cluster in {tmp}")
         print(f"  etcd at {url}; nodes alpha, beta, gamma with a lease of {TTL:g}s, over TLS")
@@ -179,8 +180,15 @@ def run() -> int:
                 failover = time.monotonic() - kill_time
                 print(f"\n  !! {writer.primary} was elected and serves writes "
                       f"{failover:.1f}s after the kill")
+            for name, proc in nodes.items():
+                code = proc.proc.poll() if proc.proc is not None else None
+                if code is None or (name == killed and code == -signal.SIGKILL):
+                    continue
+                print(f"\n  !! the node {name} exited ({code}), which it should never do; "
+                      f"its log ends:\n{proc.tail(5)}")
+                raise RuntimeError(f"the node {name} exited")
             if killed and elapsed > BACK_AT and nodes[killed].proc is not None \
-                    and nodes[killed].proc.poll() is not None:  # type: ignore[union-attr]
+                    and nodes[killed].proc.poll() == -signal.SIGKILL:  # type: ignore[union-attr]
                 nodes[killed].start()
                 print(f"\n  !! restarted {killed}: it rejoins as a standby")
             print(line(elapsed, cluster(url), writer),
@@ -189,7 +197,8 @@ def run() -> int:
         writer.stop.set()
         thread.join(30)
         print()
-        return check(tmp, url, mounts, writer, killed, failover, time.monotonic() - started)
+        result = check(tmp, url, mounts, writer, killed, failover, time.monotonic() - started)
+        return result
     except KeyboardInterrupt:
         print("\nreplfs demo: interrupted; cleaning up", file=sys.stderr)
         return 130
@@ -206,7 +215,13 @@ def run() -> int:
         etcd.wait()
         for mount in mounts.values():
             subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in tmp.iterdir():
+            if result == 0 or not path.name.endswith(".log"):  # a failure keeps the logs
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        if result == 0:
+            tmp.rmdir()
+        else:
+            print(f"  the logs of etcd and of each node are kept in {tmp}")
 
 
 def check(tmp: Path, url: str, mounts: dict[str, Path], writer: Writer,
