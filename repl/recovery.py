@@ -26,7 +26,8 @@ from repl import apply as applier
 from repl.activity import ActivityLog, name_roots, note_boot, power_lost
 from repl.capture import BACKING_AT, Capture
 from store.libc import syncfs
-from store.records import NAMESPACE_OPS, Note, Op, Record, encode_set, is_under
+from store.notes import Note
+from store.records import NAMESPACE_OPS, Op, Record, encode_set, is_under
 
 log = logging.getLogger("replfs.capture")
 
