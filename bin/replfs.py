@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from replfs_args import JsonLines, build_parser, fail, parse
 
-from fs.mount import PrimaryConfig, run_primary, run_secondary_standby, run_standby
+from fs.primary_daemon import PrimaryConfig, run_primary
+from fs.standby_daemon import run_secondary_standby, run_standby
 from repl import config, control, tls
 from repl.iscsi import chap
 from repl.promote import promote

@@ -1,6 +1,6 @@
 """Recovery after a crash: the backing directory made to agree with the journal.
 
-Blocking, before the mount serves anything (fs/mount.py). The journal is the
+Blocking, before the mount serves anything (fs/primary_daemon.py). The journal is the
 durable copy and BACKING follows it lazily (repl/capture.py): after a reboot
 the records past ``backing_at`` are replayed into BACKING with the applier's
 redo rule (repl/apply.py), and what the activity log (repl/activity.py)
