@@ -162,6 +162,9 @@ def _parse_scsi(address: str) -> None:
 
 
 async def run_primary(cfg: PrimaryConfig) -> None:
+    """Serve the primary mount of ``cfg.backing`` at ``cfg.mountpoint`` until unmounted
+    or signalled: the journal and capture, recovery, a sender per secondary, the mount,
+    the control socket and metrics, in that order; a clean stop closes the set."""
     backing, mountpoint = cfg.backing, cfg.mountpoint
     if not backing.is_dir():
         raise UsageError(f"backing directory {backing} does not exist or is not a directory")
@@ -194,7 +197,24 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
                  journal.set)
         try:
-            await _serve(capture, fanout, mountpoint, sock, operations, backing, scrape)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(capture.run)
+                await nursery.start(fanout.run)
+                await nursery.start(control.serve, sock,
+                                    _requests(capture, fanout, operations, cfg))
+                if scrape:
+                    registry = metrics.registry(lambda: metrics.primary_metrics(
+                                                    capture, list(fanout.senders.values()),
+                                                    operations.requests.snapshot(),
+                                                    operations.remote),
+                                                histograms.FSYNC_SECONDS,
+                                                histograms.SET_BYTES)
+                    await nursery.start(metrics.serve, scrape, registry)
+                    log.info("metrics on http://%s/metrics", metrics.where(scrape))
+                await nursery.start(terminate_on_signal)
+                notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
+                await serve_requests()
+                nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
@@ -206,9 +226,9 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         journal.close()
 
 
-async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path, scrape: list[trio.SocketListener]
-                 ) -> None:
+def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: PrimaryConfig
+              ) -> dict[str, control.Handler]:
+    """The primary's control requests (repl/control.py), by name."""
     async def checkpoint(request: dict[str, Any]) -> dict[str, Any]:
         """Close a set; with ``wait`` seconds, also wait for the secondaries to apply it."""
         set_id = await capture.checkpoint()
@@ -227,7 +247,7 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
         operations.freeze()
         try:
             set_id = await capture.checkpoint()
-            reply: dict[str, Any] = {"set": set_id, "backing": str(backing)}
+            reply: dict[str, Any] = {"set": set_id, "backing": str(cfg.backing)}
             if fanout:
                 error = await fanout.applied_within(set_id, float(request.get("wait", 60)))
                 if error:
@@ -259,7 +279,7 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         j = capture.journal
         out: dict[str, Any] = {
-            "role": "primary", "mountpoint": str(mountpoint), "journal": str(j.path),
+            "role": "primary", "mountpoint": str(cfg.mountpoint), "journal": str(j.path),
             "cluster": j.identity.cluster, "node": j.identity.node,
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
             "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
@@ -284,21 +304,5 @@ async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
             out |= blocks[0]  # one secondary: its keys at the top, as before there were more
         return out
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(capture.run)
-        await nursery.start(fanout.run)
-        await nursery.start(control.serve, sock,
-                            {"checkpoint": checkpoint, "status": status, "freeze": freeze,
-                             "fence": fence, "add_secondary": add_secondary})
-        if scrape:
-            registry = metrics.registry(lambda: metrics.primary_metrics(
-                                            capture, list(fanout.senders.values()),
-                                            operations.requests.snapshot(),
-                                            operations.remote),
-                                        histograms.FSYNC_SECONDS, histograms.SET_BYTES)
-            await nursery.start(metrics.serve, scrape, registry)
-            log.info("metrics on http://%s/metrics", metrics.where(scrape))
-        await nursery.start(terminate_on_signal)
-        notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
-        await serve_requests()
-        nursery.cancel_scope.cancel()
+    return {"checkpoint": checkpoint, "status": status, "freeze": freeze, "fence": fence,
+            "add_secondary": add_secondary}

@@ -49,8 +49,9 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
         try:
             async with trio.open_nursery() as nursery:
-                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
-                                    cached=False)
+                await nursery.start(control.serve, sock,
+                                    {"status": _status(replica, mountpoint, lock, where,
+                                                       cached=False)})
                 await nursery.start(terminate_on_signal)
                 notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests()
@@ -96,8 +97,9 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
 
         try:
             async with trio.open_nursery() as nursery:
-                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
-                                    cached=True)
+                await nursery.start(control.serve, sock,
+                                    {"status": _status(replica, mountpoint, lock, where,
+                                                       cached=True)})
                 nursery.start_soon(serve_mount)
                 await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
                                     metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
@@ -111,8 +113,8 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
         lock.close()
 
 
-async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountpoint: Path,
-                        lock: ApplyLock, where: Path, cached: bool) -> None:
+def _status(replica: Path, mountpoint: Path, lock: ApplyLock, where: Path, cached: bool
+            ) -> control.Handler:
     """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
     holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
     async def status(_: dict[str, Any]) -> dict[str, Any]:
@@ -123,4 +125,4 @@ async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountp
                 out["shows_set"] = read_applied(where)
         return out
 
-    await nursery.start(control.serve, sock, {"status": status})
+    return status
