@@ -1,1 +1,1 @@
-# The FUSE side: the primary mount, the standby mount, and running them.
+# The FUSE side: the primary mount, the standby mount, and the daemons that run them.

@@ -1,47 +1,23 @@
-"""Run the mounts: the primary; a standby on its own; a standby served by the secondary."""
+"""Mounting and serving a mount: the checks before, the options, the kernel's share of
+dirty pages, the request threads, and stopping on a signal. The daemons that mount
+are composed in fs/primary_daemon.py and fs/standby_daemon.py.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
-from fs.inodes import Inodes
-from fs.primary import PrimaryFS
-from fs.standby import StandbyFS
-from repl import control, histograms, metrics, recovery
-from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
-from repl.config import parse_address
 from repl.errors import UsageError
-from repl.fanout import Fanout
-from repl.fc.link import FcipDialer
-from repl.fc.names import is_fcip
-from repl.fc.names import parse_url as parse_fcip_url
-from repl.iscsi import chap
-from repl.iscsi.link import IscsiDialer
-from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
-from repl.link import Dialer, tcp_dialer, transport
 from repl.sdnotify import notify
-from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
-from repl.semisync import FSYNC_TIMEOUT, Semisync
-from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
-from repl.tls import link_credentials
-from repl.tree import Tree
-from store.errors import ReplfsError
-from store.hold import ApplyLock, is_held
-from store.journal import Journal
-from store.staging import read_applied, read_syncing
 
-log = logging.getLogger("replfs.primary")
+log = logging.getLogger("replfs.primary")  # the name its lines have always carried
 
 # Threads serving FUSE requests. An fsync waits for the disk in its thread,
 # and a change waits in its thread while the mount is frozen (verify): with
@@ -71,29 +47,15 @@ def mount_options() -> set[str]:
     return options
 
 
-@dataclass
-class PrimaryConfig:
-    backing: Path
-    mountpoint: Path
-    journal: Path | None = None
-    set_interval: float = DEFAULT_SET_INTERVAL
-    set_bytes: int = DEFAULT_SET_BYTES
-    journal_max: int = DEFAULT_JOURNAL_MAX
-    secondaries: list[str] = field(default_factory=list)  # HOST:PORT or iscsi://...
-    streams: int = 4
-    scramble: int | None = None  # seed: shuffle records across streams (testing aid)
-    stall_seconds: float = STALL_SECONDS
-    tls: Path | None = None  # DIR/NAME: this node's certificate, key and CA (repl/tls.py)
-    peers: list[str] = field(default_factory=list)  # names their certificates carry
-    insecure: bool = False  # plain TCP to a loopback secondary
-    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on
-    compress_level: int = COMPRESS_LEVEL  # zstd level of shipped records; 0: uncompressed
-    max_rate: int | None = None  # bytes a second on the wire to the secondary, at most
-    chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
-    dynamic: bool = False  # secondaries are added at run time (a cluster's primary)
-    fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
-    fsync: str = "local"  # "remote": an fsync also waits for the secondaries' staging
-    fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then not for a stalled one
+def mount(operations: pyfuse3.Operations, mountpoint: Path, *, read_only: bool = False
+          ) -> None:
+    """Mount *operations* at *mountpoint*; UsageError if the kernel refuses."""
+    options = mount_options() | ({"ro"} if read_only else set())
+    try:
+        pyfuse3.init(operations, str(mountpoint), options)
+    except RuntimeError:
+        raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
+                         "check permissions and that it is not in use") from None
 
 
 def lift_dirty_limit(where: str) -> None:
@@ -122,246 +84,6 @@ def lift_dirty_limit(where: str) -> None:
         log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
 
 
-def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
-                 ) -> Callable[[str, str | None], Sender]:
-    """How the primary makes the Sender of one secondary address: its link (replfs
-    frames over TLS or TCP, iSCSI or FCIP) and the options of *cfg*.
-
-    Raises UsageError for options that do not fit the address (checked at start
-    for every address given, and for each one added later).
-    """
-    secrets = chap.load(cfg.chap) if cfg.chap is not None else None
-
-    def make(address: str, peer: str | None) -> Sender:
-        scsi = is_iscsi(address) or is_fcip(address)
-        dialer: Dialer
-        if scsi:
-            _parse_scsi(address)
-            if secrets is None:
-                raise UsageError(f"{_kind(address)} secondary needs --chap FILE, the CHAP "
-                                 "secrets (make them with 'replfs chap FILE')")
-            dialer = (IscsiDialer(address, secrets, node) if is_iscsi(address)
-                      else FcipDialer(address, secrets, node))
-            log.info("replicating to %s over %s, CHAP as %s: authenticated, not encrypted",
-                     address, transport(address), secrets.initiator_name)
-        else:
-            host, port = parse_address(address)
-            creds = link_credentials(cfg.tls, peer or _peer_of(cfg, address), cfg.insecure,
-                                     host)
-            dialer = tcp_dialer(host, port, creds)
-            if creds is None:
-                log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
-                            "nobody authenticated, nothing encrypted", address)
-        return Sender(capture.journal, dialer, streams=cfg.streams, scramble=cfg.scramble,
-                      stall_seconds=cfg.stall_seconds, settled=capture.lock,
-                      # one record, one SCSI WRITE: no compression over SCSI
-                      compress_level=0 if scsi else cfg.compress_level,
-                      max_rate=cfg.max_rate)
-
-    return make
-
-
-def _peer_of(cfg: PrimaryConfig, address: str) -> str | None:
-    """The name the certificate of the secondary at *address* must carry: the --peer
-    given in the same place as its --secondary (one --peer serves them all)."""
-    if not cfg.peers:
-        return None
-    if len(cfg.peers) == 1:
-        return cfg.peers[0]
-    return cfg.peers[cfg.secondaries.index(address)]
-
-
-def _check_links(cfg: PrimaryConfig) -> None:
-    """The link options fit the secondaries given; else UsageError."""
-    scsi = [a for a in cfg.secondaries if is_iscsi(a) or is_fcip(a)]
-    frames = [a for a in cfg.secondaries if a not in scsi]
-    if not cfg.secondaries and not cfg.dynamic and (cfg.tls or cfg.peers or cfg.insecure
-                                                    or cfg.max_rate or cfg.chap
-                                                    or cfg.fsync == "remote"):
-        raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
-                         "are for the link to a secondary: they need --secondary HOST:PORT")
-    if len(set(cfg.secondaries)) < len(cfg.secondaries):
-        raise UsageError("a --secondary is given twice")
-    if scsi and not frames and (cfg.tls or cfg.peers or cfg.insecure):
-        raise UsageError(f"{_kind(scsi[0])} secondary is authenticated with CHAP "
-                         "(--chap FILE), not --tls, --peer or --insecure")
-    if cfg.chap and not scsi and not cfg.dynamic:
-        raise UsageError("--chap is for an iscsi:// or fcip:// secondary")
-    if len(cfg.peers) > 1 and len(cfg.peers) != len(cfg.secondaries):
-        raise UsageError(f"{len(cfg.peers)} --peer for {len(cfg.secondaries)} --secondary: "
-                         "give one --peer per --secondary, in the same order (or one for "
-                         "all)")
-    for address in scsi:
-        _parse_scsi(address)
-    if scsi and cfg.chap is None:
-        raise UsageError(f"{_kind(scsi[0])} secondary needs --chap FILE, the CHAP secrets "
-                         "(make them with 'replfs chap FILE')")
-    if cfg.chap is not None:
-        chap.load(cfg.chap)
-    for address in frames:  # before anything is made: a refused start leaves nothing
-        link_credentials(cfg.tls, _peer_of(cfg, address), cfg.insecure,
-                         parse_address(address)[0])
-
-
-def _kind(address: str) -> str:
-    return "an iscsi://" if is_iscsi(address) else "an fcip://"
-
-
-def _parse_scsi(address: str) -> None:
-    """Check an iscsi:// or fcip:// address; UsageError if it is not one."""
-    if is_iscsi(address):
-        parse_url(address)
-    else:
-        parse_fcip_url(address)
-
-
-async def run_primary(cfg: PrimaryConfig) -> None:
-    backing, mountpoint = cfg.backing, cfg.mountpoint
-    if not backing.is_dir():
-        raise UsageError(f"backing directory {backing} does not exist or is not a directory")
-    check_mountpoint(mountpoint)
-    if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
-        raise UsageError("the mountpoint cannot be the backing directory itself")
-    _check_links(cfg)
-    scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
-    os.umask(0)
-    journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
-    tree = Tree(backing)
-    capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
-                      journal_max=cfg.journal_max, secondaries=cfg.secondaries)
-    try:
-        note = recovery.recover(capture)
-        if note:
-            log.info("recovered the journal: %s", note)
-        remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
-        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
-                        cfg.secondaries, remote)
-        capture.on_durable = fanout.notify
-        inodes = Inodes(str(backing))
-        operations = PrimaryFS(inodes, capture, remote)
-        if cfg.fenced:
-            operations.fence()  # until the node that runs us says its lease holds
-        sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-        where = os.path.realpath(mountpoint)  # so does this
-        try:
-            pyfuse3.init(operations, str(mountpoint), mount_options())
-        except RuntimeError:
-            raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
-                             "check permissions and that it is not in use") from None
-        lift_dirty_limit(where)
-        log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
-                 journal.set)
-        try:
-            await _serve(capture, fanout, mountpoint, sock, operations, backing, scrape)
-        finally:
-            pyfuse3.close(unmount=True)
-            inodes.close()
-        closed = capture.close_set()
-        capture.sync_backing(final=True)  # a clean stop: nothing to replay or resend
-        log.info("unmounted %s; last set %d", mountpoint, closed)
-    finally:
-        tree.close()
-        journal.close()
-
-
-async def _serve(capture: Capture, fanout: Fanout, mountpoint: Path, sock: Path,
-                 operations: PrimaryFS, backing: Path, scrape: list[trio.SocketListener]
-                 ) -> None:
-    async def checkpoint(request: dict[str, Any]) -> dict[str, Any]:
-        """Close a set; with ``wait`` seconds, also wait for the secondaries to apply it."""
-        set_id = await capture.checkpoint()
-        reply: dict[str, Any] = {"set": set_id}
-        if request.get("wait") and fanout:
-            error = await fanout.applied_within(set_id, float(request["wait"]))
-            if error:
-                reply["error"] = error
-        return reply
-
-    async def freeze(request: dict[str, Any]) -> dict[str, Any]:
-        """Hold changes, close a set and wait for the secondaries to apply it.
-
-        The mount stays frozen until the client closes its connection.
-        """
-        operations.freeze()
-        try:
-            set_id = await capture.checkpoint()
-            reply: dict[str, Any] = {"set": set_id, "backing": str(backing)}
-            if fanout:
-                error = await fanout.applied_within(set_id, float(request.get("wait", 60)))
-                if error:
-                    operations.thaw()
-                    return {"error": error}
-        except BaseException:
-            operations.thaw()
-            raise
-        reply[control.UNTIL_CLOSED] = operations.thaw
-        return reply
-
-    async def fence(request: dict[str, Any]) -> dict[str, Any]:
-        """Refuse every change with EROFS from time.monotonic() ``until`` on (now if not
-        given; null: never): a cluster's primary writes while its lease holds, and
-        is given a new deadline at each renewal (repl/node.py)."""
-        until = request.get("until", 0.0)
-        operations.fence(math.inf if until is None else float(until))
-        return {"fenced": operations.fenced}
-
-    async def add_secondary(request: dict[str, Any]) -> dict[str, Any]:
-        """Replicate to one more secondary (a cluster's node that joined)."""
-        peer = request.get("peer")
-        try:
-            return {"added": await fanout.add(str(request["address"]),
-                                              str(peer) if peer is not None else None)}
-        except ReplfsError as exc:
-            return {"error": f"cannot replicate to {request['address']}: {exc}"}
-
-    async def status(_: dict[str, Any]) -> dict[str, Any]:
-        j = capture.journal
-        out: dict[str, Any] = {
-            "role": "primary", "mountpoint": str(mountpoint), "journal": str(j.path),
-            "cluster": j.identity.cluster, "node": j.identity.node,
-            "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
-            "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
-            "journal_max": capture.journal_max,
-            "mode": ("initial sync" if capture.resync.syncing else
-                     "overflow" if capture.overflow else "streaming"),
-            "fenced": operations.fenced,
-            "fsync": "local" if operations.remote is None else "remote",
-            "requests": operations.requests.snapshot(),
-        }
-        if capture.overflow:
-            resync = capture.resync
-            out |= {"dirty_files": len(resync.dirty.files), "dirty_bytes": resync.dirty.total(),
-                    "resync_done_bytes": resync.progress_done,
-                    "resync_total_bytes": resync.progress_total}
-        if operations.remote is not None:
-            out["fsync_local_only"] = operations.remote.local_only
-        blocks = fanout.status()
-        if blocks:
-            out["secondaries"] = blocks
-        if len(blocks) == 1:
-            out |= blocks[0]  # one secondary: its keys at the top, as before there were more
-        return out
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(capture.run)
-        await nursery.start(fanout.run)
-        await nursery.start(control.serve, sock,
-                            {"checkpoint": checkpoint, "status": status, "freeze": freeze,
-                             "fence": fence, "add_secondary": add_secondary})
-        if scrape:
-            registry = metrics.registry(lambda: metrics.primary_metrics(
-                                            capture, list(fanout.senders.values()),
-                                            operations.requests.snapshot(),
-                                            operations.remote),
-                                        histograms.FSYNC_SECONDS, histograms.SET_BYTES)
-            await nursery.start(metrics.serve, scrape, registry)
-            log.info("metrics on http://%s/metrics", metrics.where(scrape))
-        await nursery.start(_terminate_on_signal)
-        notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
-        await serve_requests()
-        nursery.cancel_scope.cancel()
-
-
 async def serve_requests() -> None:
     """Serve FUSE requests from WORKERS threads until unmounted; returns then.
 
@@ -387,116 +109,8 @@ async def serve_requests() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
-    """Mount a read-only view of *replica* that only ever shows whole data sets.
-
-    Nothing tells this process what a set changes, so the kernel caches nothing.
-    """
-    if not replica.is_dir():
-        raise UsageError(f"replica {replica} does not exist or is not a directory")
-    check_mountpoint(mountpoint)
-    where = staging_dir_of(replica, staging)
-    syncing = read_syncing(where)
-    if syncing is not None:
-        raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
-                         "has no consistent set to show yet; see replfs status on the primary")
-    lock = ApplyLock(where)
-    inodes = Inodes(str(replica), verify=True)
-    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-    try:
-        _mount_standby(StandbyFS(inodes, lock, where), mountpoint)
-        with lock.shared():
-            shown = read_applied(where)
-        log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
-        try:
-            async with trio.open_nursery() as nursery:
-                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
-                                    cached=False)
-                await nursery.start(_terminate_on_signal)
-                notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
-                await serve_requests()
-                nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
-    finally:
-        inodes.close()
-        lock.close()
-
-
-async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | None,
-                                staging: Path | None, tls: Path | None,
-                                peer: str | list[str] | None, insecure: bool,
-                                rejoin: bool = False,
-                                metrics_at: str | None = None, iscsi: str | None = None,
-                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
-                                fcip: str | None = None) -> None:
-    """The secondary (repl/secondary.py), also serving the standby mount of its replica.
-
-    In one process, the applier can drop the kernel's caches of what each batch
-    touches before applying it (fs/kernel_cache.py), so the kernel caches the view.
-    If the mount is unmounted from outside, replication goes on without it.
-    """
-    check_mountpoint(mountpoint)
-    make_replica(replica)
-    where = staging_dir_of(replica, staging)
-    lock = ApplyLock(where)
-    inodes = Inodes(str(replica), verify=True)
-    operations = StandbyFS(inodes, lock, where, cached=True)
-    cache = operations.cache
-    assert cache is not None
-    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-    try:
-        _mount_standby(operations, mountpoint)
-        log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
-
-        async def serve_mount() -> None:
-            await serve_requests()
-            cache.mounted = False
-            log.info("unmounted %s; the secondary goes on without it", mountpoint)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                await _serve_status(nursery, sock, replica, mountpoint, lock, where,
-                                    cached=True)
-                nursery.start_soon(serve_mount)
-                await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
-                                    metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
-                                    chap_file=chap_file, fcip=fcip)
-                nursery.cancel_scope.cancel()
-        finally:
-            cache.mounted = False
-            pyfuse3.close(unmount=True)
-    finally:
-        inodes.close()
-        lock.close()
-
-
-def _mount_standby(operations: StandbyFS, mountpoint: Path) -> None:
-    try:
-        pyfuse3.init(operations, str(mountpoint), mount_options() | {"ro"})
-    except RuntimeError:
-        raise UsageError(f"could not mount {mountpoint} (see the fuse message above); "
-                         "check permissions and that it is not in use") from None
-
-
-async def _serve_status(nursery: trio.Nursery, sock: Path, replica: Path, mountpoint: Path,
-                        lock: ApplyLock, where: Path, cached: bool) -> None:
-    """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
-    holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
-    async def status(_: dict[str, Any]) -> dict[str, Any]:
-        out = {"role": "standby mount", "replica": str(replica),
-               "mountpoint": str(mountpoint), "held": is_held(where), "cached": cached}
-        if not cached:
-            with lock.shared():
-                out["shows_set"] = read_applied(where)
-        return out
-
-    await nursery.start(control.serve, sock, {"status": status})
-
-
-async def _terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                               ) -> None:
+async def terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
     """Stop serving on SIGINT or SIGTERM; started once they are caught."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()

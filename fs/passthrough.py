@@ -1,5 +1,6 @@
 """The read side of a passthrough mount of a directory, and the door every request
-passes (fs/primary.py adds the changes, journaled).
+passes: the base of both mounts (fs/primary.py adds the changes, journaled;
+fs/standby.py serves it read-only, whole sets at a time).
 
 Requests are served by several threads (``pyfuse3.main_threads``): the
 handlers are ``async`` in name only and never suspend. Each runs holding
@@ -79,7 +80,7 @@ class DirHandle:
 
 class Passthrough(pyfuse3.Operations):
     """The backing directory as *inodes* reaches it, read only; *lock* is held by
-    every request (fs/primary.py passes the capture's)."""
+    every request (fs/primary.py passes the capture's, fs/standby.py its own)."""
 
     enable_writeback_cache = True
     enable_acl = True  # the kernel enforces POSIX ACLs (system.posix_acl_*), as natively
@@ -219,6 +220,15 @@ class Passthrough(pyfuse3.Operations):
         if flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def _open_fd(self, inode: int, flags: int) -> int:
+        """An fd of *inode*'s file opened with *flags* (as ``_open_flags`` makes them)."""
+        unlinked = self.inodes.unlinked_fd(inode)
+        if unlinked is not None:
+            # Reopen through the magic link, which O_NOFOLLOW would refuse.
+            return os.open(fd_path(unlinked), self._open_flags(flags) & ~os.O_NOFOLLOW)
+        dir_fd, name = self.inodes.at(inode)
+        return os.open(name, self._open_flags(flags), dir_fd=dir_fd)
 
     def _opened(self, fd: int, inode: int, flags: int) -> pyfuse3.FileInfo:
         self.files[fd] = inode

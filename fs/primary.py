@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 import time
 
 import pyfuse3
@@ -26,7 +25,7 @@ from repl.apply import intent_for
 from repl.capture import Capture
 from repl.histograms import FSYNC_SECONDS
 from repl.semisync import Semisync
-from store.libc import fallocate, fd_path, renameat2
+from store.libc import fallocate, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -53,7 +52,7 @@ COPY_MAX = 4 << 20
 class PrimaryFS(Passthrough):
     def __init__(self, inodes: Inodes, capture: Capture, remote: Semisync | None = None
                  ) -> None:
-        super().__init__(inodes, capture.lock if capture is not None else threading.RLock())
+        super().__init__(inodes, capture.lock)
         self.capture = capture
         self.remote = remote  # --fsync remote: an fsync waits for the secondaries' staging
 
@@ -250,14 +249,7 @@ class PrimaryFS(Passthrough):
     @request(changes=lambda inode, flags, ctx: bool(flags & os.O_TRUNC))
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        unlinked = self.inodes.unlinked_fd(inode)
-        if unlinked is not None:
-            # Reopen through the magic link, which O_NOFOLLOW would refuse.
-            fd = os.open(fd_path(unlinked),
-                         self._open_flags(flags) & ~os.O_NOFOLLOW)
-        else:
-            dir_fd, name = self.inodes.at(inode)
-            fd = os.open(name, self._open_flags(flags), dir_fd=dir_fd)
+        fd = self._open_fd(inode, flags)
         if flags & os.O_TRUNC:
             try:
                 with self.capture.applying(Op.TRUNCATE, self.inodes.path(inode), size=0):

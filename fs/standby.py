@@ -19,63 +19,61 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar, cast
 
 import pyfuse3
 
 from fs.errors import log
+from fs.inodes import Inodes
 from fs.kernel_cache import KernelCache
-from fs.passthrough import TIMEOUT
-from fs.primary import PrimaryFS
+from fs.passthrough import TIMEOUT, Passthrough, request
 from store.hold import ApplyLock, torn
 
-_READS = ("lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "statfs",
-          "getxattr", "listxattr", "access", "lseek")
-_CHANGES = ("setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
-            "create", "write", "setxattr", "removexattr", "fallocate", "copy_file_range")
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
-def _erofs(*_: Any, **__: Any) -> Awaitable[Any]:
-    raise pyfuse3.FUSEError(errno.EROFS)
+def whole_sets(handler: Handler) -> Handler:
+    """Wrap a handler whose answer shows the replica: it runs holding the apply lock
+    shared, so it sees whole sets only, and answers EIO while a crash has left the
+    replica cut short in a set."""
+
+    @functools.wraps(handler)
+    async def run(self: StandbyFS, *args: Any, **kwargs: Any) -> Any:
+        # Handlers do not await inside, so the lock spans exactly one request.
+        with self.apply_lock.shared():
+            cut = torn(self.staging_dir)
+            if cut is not None:
+                log.error("the replica was cut short in set %d by a crash; start the "
+                          "secondary to finish it", cut[0])
+                raise pyfuse3.FUSEError(errno.EIO)
+            return await handler(self, *args, **kwargs)
+
+    return cast(Handler, run)
 
 
-class StandbyFS(PrimaryFS):
+class StandbyFS(Passthrough):
+    """The read-only passthrough of a replica (fs/passthrough.py), each answer from
+    whole sets, every change refused."""
+
     enable_writeback_cache = False
     timeout = 0.0
     direct_io = True
     cache_listings = False  # the applier changes the replica under the view
 
-    def __init__(self, inodes: Any, lock: ApplyLock, staging_dir: Path,
+    def __init__(self, inodes: Inodes, lock: ApplyLock, staging_dir: Path,
                  cached: bool = False) -> None:
         """With *cached*, the kernel may cache the view: ``self.cache`` is then what
         the applier must drop caches through (its invalidator)."""
-        super().__init__(inodes, capture=None)  # type: ignore[arg-type]
+        super().__init__(inodes, threading.RLock())
         self.apply_lock = lock
         self.staging_dir = staging_dir
         self.cache: KernelCache | None = None
         if cached:
             self.cache = KernelCache(inodes, self.lock)
             self.timeout, self.direct_io = TIMEOUT, False
-        for name in _READS:
-            setattr(self, name, self._locked(getattr(self, name)))
-        for name in _CHANGES:
-            setattr(self, name, _erofs)
-
-    def _locked(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(handler)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            # Handlers do not await inside, so the lock spans exactly one request.
-            with self.apply_lock.shared():
-                cut = torn(self.staging_dir)
-                if cut is not None:
-                    log.error("the replica was cut short in set %d by a crash; start the "
-                              "secondary to finish it", cut[0])
-                    raise pyfuse3.FUSEError(errno.EIO)
-                return await handler(*args, **kwargs)
-
-        return run
 
     def _entry(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
         e = super()._entry(st, ino)
@@ -89,20 +87,71 @@ class StandbyFS(PrimaryFS):
             entry.entry_timeout = self.cache.entry_timeout(parent, name, entry.entry_timeout)
         return entry
 
+    # --- what shows the replica: whole sets only ------------------------------------
+
+    @whole_sets
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        return await super().lookup(parent_inode, name, ctx)
+
+    @whole_sets
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await super().getattr(inode, ctx)
+
+    @whole_sets
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await super().readlink(inode, ctx)
+
+    @whole_sets
+    @request()
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self._opened(self._open_fd(inode, flags), inode, flags)
+
+    @whole_sets
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if self.cache is not None:
             self.cache.reading(self.files[fh])
         return await super().read(fh, off, size)
 
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        return await super().open(inode, flags, ctx)
+    @whole_sets
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return await super().lseek(fh, off, whence)
 
+    @whole_sets
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return await super().opendir(inode, ctx)
+
+    @whole_sets
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await super().readdir(fh, start_id, token)
+
+    @whole_sets
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return await super().statfs(ctx)
+
+    @whole_sets
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return await super().access(inode, mode, ctx)
+
+    @whole_sets
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         self._xattrs.pop(inode, None)  # the applier changes xattrs under the view
         return await super().getxattr(inode, name, ctx)
+
+    @whole_sets
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await super().listxattr(inode, ctx)
+
+    # --- changes: none --------------------------------------------------------------
+
+    async def _refused(self, *_: Any, **__: Any) -> NoReturn:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = write = (
+        setxattr) = removexattr = fallocate = copy_file_range = _refused
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         pass  # nothing to make durable: the view changes nothing

@@ -10,7 +10,7 @@ bytes can reach the disk before the inode that carries its new ctime does.
 
 The answer, as DRBD's activity log: before an op may touch BACKING, what it
 may change there is *noted* in the journal and the note is durable. A note
-(store/records.py ``Note``) names a path and what of it may change:
+(store/notes.py ``Note``) names a path and what of it may change:
 
 - NAME: names at or under the path may be made, removed or replaced (every
   name a create, mkdir, mknod, symlink, link, unlink, rmdir or rename makes,
@@ -56,7 +56,8 @@ from typing import Any
 from repl import faults
 from repl.diverge import END, Divergence
 from store.journal import Journal
-from store.records import NAMESPACE_OPS, Note, NoteKind, Op, is_under
+from store.notes import Note, NoteKind
+from store.records import NAMESPACE_OPS, Op, is_under
 
 EXTENT = 4 << 20  # a DATA note's step: one note, and one flush, per 4 MiB first written
 BIG = 64 * EXTENT  # a range past this is noted as one span, not extent by extent

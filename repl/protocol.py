@@ -19,7 +19,7 @@ frames (each a run of records, compressed together); a peer from before
 compression ignores the offer, answers without it, and gets plain RECORD
 frames; a primary that offers nothing is served plainly.
 
-This module and ``store/records.py`` are the only places that pack bytes.
+Only format modules pack bytes: this one and the record's (``store/records.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Recovery after a crash: the backing directory made to agree with the journal.
 
-Blocking, before the mount serves anything (fs/mount.py). The journal is the
+Blocking, before the mount serves anything (fs/primary_daemon.py). The journal is the
 durable copy and BACKING follows it lazily (repl/capture.py): after a reboot
 the records past ``backing_at`` are replayed into BACKING with the applier's
 redo rule (repl/apply.py), and what the activity log (repl/activity.py)
@@ -26,7 +26,8 @@ from repl import apply as applier
 from repl.activity import ActivityLog, name_roots, note_boot, power_lost
 from repl.capture import BACKING_AT, Capture
 from store.libc import syncfs
-from store.records import NAMESPACE_OPS, Note, Op, Record, encode_set, is_under
+from store.notes import Note
+from store.records import NAMESPACE_OPS, Op, Record, encode_set, is_under
 
 log = logging.getLogger("replfs.capture")
 

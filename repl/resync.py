@@ -59,11 +59,11 @@ from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
 from store.libc import fd_path
+from store.notes import Note
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     RENAME_EXCHANGE,
-    Note,
     Op,
     Record,
     decode_set,

@@ -21,7 +21,8 @@ from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
 from store.libc import fd_path
-from store.records import Note, NoteKind, Op, is_under
+from store.notes import Note, NoteKind
+from store.records import Op, is_under
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

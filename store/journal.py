@@ -31,19 +31,9 @@ from typing import Any
 from store import identity
 from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
+from store.notes import Note, decode_notes, encode_notes
 from store.private import private_dir
-from store.records import (
-    Note,
-    Op,
-    Record,
-    decode_notes,
-    decode_ranges,
-    decode_set,
-    encode_notes,
-    encode_ranges,
-    encode_set,
-    peek_key,
-)
+from store.records import Op, Record, decode_ranges, decode_set, encode_ranges, encode_set, peek_key
 from store.wal import Kind, Log, keyed, unkey
 
 _NEXT_SET = b"next_set"

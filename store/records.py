@@ -21,7 +21,9 @@ the root itself), a blob is u32 length + bytes, integers are u32, u64 or i64.
 FALLOCATE carries fallocate(2)'s mode in ``flags``, its range in ``offset``
 and ``length``: the same call is made again where it is applied.
 
-This module and ``repl/protocol.py`` are the only places that pack bytes.
+Only format modules pack bytes: this one, the activity log's notes
+(``store/notes.py``), a set's arrival (``store/setstate.py``), the frames
+(``repl/protocol.py``) and the transports' own (``repl/iscsi``, ``repl/fc``, ``repl/scsi``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import enum
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from typing import Any
 
@@ -390,70 +392,6 @@ def decode_intent(buf: bytes) -> tuple[int, int]:
     return a, b
 
 
-_SET_STATE = struct.Struct(">BI")
-_SYNC_SEEN = 1
-_COMPLETE = 2
-
-
-@dataclass(slots=True)
-class SetState:
-    """What the secondary has received of one data set (claims 4, 7, 20).
-
-    ``bitmap`` has bit *seq* set for every staged record; the set is complete
-    once its SYNC record was seen and every seq up to it is present.
-    """
-
-    sync_seen: bool = False
-    count: int = 0
-    complete: bool = False
-    bitmap: bytearray = field(default_factory=bytearray)
-
-    def mark(self, seq: int) -> bool:
-        """Set *seq*'s bit. Returns False if it was already set (a duplicate)."""
-        byte, bit = divmod(seq, 8)
-        if byte >= len(self.bitmap):
-            self.bitmap.extend(bytes(byte + 1 - len(self.bitmap)))
-        if self.bitmap[byte] >> bit & 1:
-            return False
-        self.bitmap[byte] |= 1 << bit
-        return True
-
-    def has(self, seq: int) -> bool:
-        byte, bit = divmod(seq, 8)
-        return byte < len(self.bitmap) and bool(self.bitmap[byte] >> bit & 1)
-
-    def received(self) -> int:
-        return int.from_bytes(self.bitmap, "little").bit_count()
-
-    def check_complete(self) -> bool:
-        """Set and return the complete flag: SYNC seen, seqs 0..count all present, no other.
-
-        Costs the bitmap's size, never the count's: a count the bitmap cannot
-        hold is not complete."""
-        if (self.sync_seen and len(self.bitmap) * 8 > self.count
-                and int.from_bytes(self.bitmap, "little") == (1 << self.count + 1) - 1):
-            self.complete = True
-        return self.complete
-
-    def encode(self) -> bytes:
-        flags = (_SYNC_SEEN if self.sync_seen else 0) | (_COMPLETE if self.complete else 0)
-        return _SET_STATE.pack(flags, self.count) + bytes(self.bitmap)
-
-    @classmethod
-    def decode(cls, buf: bytes) -> SetState:
-        if len(buf) < _SET_STATE.size:
-            raise RecordError(f"set state of {len(buf)} bytes")
-        flags, count = _SET_STATE.unpack_from(buf)
-        if flags & ~(_SYNC_SEEN | _COMPLETE):
-            raise RecordError(f"unknown set state flags {flags:#x}")
-        if count >= MAX_SEQ:
-            raise RecordError(f"set state with op count {count}")
-        if len(buf) - _SET_STATE.size > MAX_SEQ // 8:
-            raise RecordError(f"set state bitmap of {len(buf) - _SET_STATE.size} bytes")
-        return cls(bool(flags & _SYNC_SEEN), count, bool(flags & _COMPLETE),
-                   bytearray(buf[_SET_STATE.size :]))
-
-
 _RANGE = struct.Struct(">QQ")
 
 
@@ -466,101 +404,3 @@ def decode_ranges(buf: bytes) -> list[tuple[int, int]]:
     if len(buf) % _RANGE.size:
         raise RecordError(f"dirty ranges of {len(buf)} bytes")
     return [(s, e) for s, e in _RANGE.iter_unpack(buf)]
-
-
-# --- the activity log's notes (repl/activity.py) -------------------------------------
-#
-# A batch of notes (big-endian): u32 count, then per note
-#
-#     u8  kind       NoteKind
-#     u16 path length, path
-#     u64 start, u64 end     DATA: the byte range; 0, 0 for the other kinds
-#     u16 name length, name  XATTR: the attribute's name; empty for the other kinds
-#
-# A batch is the body of one entry of the journal's log, which checksums it.
-
-
-class NoteKind(enum.IntEnum):
-    NAME = 1  # names at or under the path may be made, removed or replaced
-    DATA = 2  # bytes [start, end) of the file at the path (end MAX_OFFSET: to its end)
-    ATTR = 3  # mode, owner and times of the node at the path
-    XATTR = 4  # the extended attribute ``name`` of the node at the path
-
-
-XATTR_NAME_MAX = 255
-_NOTE_HEAD = struct.Struct(">BH")
-_NOTE_RANGE = struct.Struct(">QQ")
-_NOTE_MIN = _NOTE_HEAD.size + _NOTE_RANGE.size + _U16.size
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """What an op may change in the backing directory before its record is durable."""
-
-    kind: NoteKind
-    path: bytes
-    start: int = 0
-    end: int = 0
-    name: bytes = b""
-
-    def validate(self) -> None:
-        """Check the rules a note must keep; raise RecordError on the first broken."""
-        check_path(self.path, root_ok=self.kind != NoteKind.NAME)
-        if self.kind == NoteKind.DATA and not 0 <= self.start < self.end <= MAX_OFFSET:
-            raise RecordError(f"data note range [{self.start}, {self.end}) out of order "
-                              "or range")
-        if self.kind != NoteKind.DATA and (self.start or self.end):
-            raise RecordError(f"{self.kind.name} note with a range")
-        if self.kind == NoteKind.XATTR and not self.name:
-            raise RecordError("xattr note without a name")
-        if self.kind != NoteKind.XATTR and self.name:
-            raise RecordError(f"{self.kind.name} note with a name")
-        if len(self.name) > XATTR_NAME_MAX or b"\0" in self.name:
-            raise RecordError(f"xattr name {self.name[:64]!r} too long or contains NUL")
-
-
-def encode_notes(notes: list[Note]) -> bytes:
-    parts = [_U32.pack(len(notes))]
-    for note in notes:
-        note.validate()
-        parts += (_NOTE_HEAD.pack(note.kind, len(note.path)), note.path,
-                  _NOTE_RANGE.pack(note.start, note.end), _U16.pack(len(note.name)), note.name)
-    return b"".join(parts)
-
-
-def decode_notes(buf: bytes | memoryview) -> list[Note]:
-    """Decode a batch of notes that fills *buf* exactly.
-
-    Raises:
-        RecordError: truncated input, trailing bytes, more notes than the bytes can
-            hold, an unknown kind, or a note that fails ``validate()``.
-    """
-    buf = memoryview(buf)
-    try:
-        (count,) = _U32.unpack_from(buf)
-        if count * _NOTE_MIN > len(buf) - _U32.size:
-            raise RecordError(f"{count} notes cannot fit in {len(buf)} bytes")
-        notes, pos = [], _U32.size
-        for _ in range(count):
-            kind, length = _NOTE_HEAD.unpack_from(buf, pos)
-            pos += _NOTE_HEAD.size
-            path = bytes(buf[pos : pos + length])
-            pos += length
-            start, end = _NOTE_RANGE.unpack_from(buf, pos)
-            (name_length,) = _U16.unpack_from(buf, pos + _NOTE_RANGE.size)
-            pos += _NOTE_RANGE.size + _U16.size
-            name = bytes(buf[pos : pos + name_length])
-            pos += name_length
-            if len(path) != length or len(name) != name_length:
-                raise RecordError("truncated note")
-            try:
-                note = Note(NoteKind(kind), path, start, end, name)
-            except ValueError:
-                raise RecordError(f"unknown note kind {kind}") from None
-            note.validate()
-            notes.append(note)
-    except struct.error:
-        raise RecordError("truncated notes") from None
-    if pos != len(buf):
-        raise RecordError(f"{len(buf) - pos} trailing bytes after the notes")
-    return notes

@@ -22,15 +22,8 @@ import lmdb
 
 from store import identity
 from store.lmdbdir import COMMIT_BYTES, LmdbDir
-from store.records import (
-    Op,
-    Record,
-    SetState,
-    decode_key,
-    decode_set,
-    encode_key,
-    encode_set,
-)
+from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
+from store.setstate import SetState
 
 _APPLIED = b"applied"
 _MARKER = b"marker"

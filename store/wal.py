@@ -27,7 +27,7 @@ commit of the filesystem's journal. On ext4 here that halves the flush
 per PREPARE_BYTES. Zeros after the last entry are the log's clean end, not
 a torn entry; a torn tail is cut off at open, zeros and all.
 
-This module and ``store/records.py`` pack the journal's bytes.
+This module, ``store/records.py`` and ``store/notes.py`` pack the journal's bytes.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Kind(enum.IntEnum):
     META_DEL = 4  # the key alone
     DIRTY = 5  # u16 path length, path, encoded ranges (none: the path is clean)
     DIRTY_CLEAR = 6  # empty
-    NOTES = 7  # notes added to the activity log (store/records.py encode_notes)
+    NOTES = 7  # notes added to the activity log (store/notes.py encode_notes)
     NOTES_RESET = 8  # the activity log's notes from here on, in place of all before
 
 

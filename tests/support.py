@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from store.records import Op, Record, SetState
+    from store.records import Op, Record
+    from store.setstate import SetState
 
 from repl import tls
 
@@ -386,7 +387,8 @@ def _read_lmdb(path: Path, *dbs: bytes) -> list[list[tuple[bytes, bytes]]]:
 
 def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
     """Each set in *replica*'s staging store: its state, and its records in seq order."""
-    from store.records import Record, SetState, decode_set
+    from store.records import Record, decode_set
+    from store.setstate import SetState
 
     sets, records = _read_lmdb(state_dir(replica) / "staging", b"sets", b"records")
     out: dict[int, tuple[SetState, list[Record]]] = {
@@ -400,7 +402,8 @@ def read_staging(replica: Path) -> dict[int, tuple[SetState, list[Record]]]:
 def staged_whole(replica: Path, set_id: int) -> bool:
     """True if the secondary of *replica* holds *set_id* durably: staged complete, or
     applied already (read from its staging store, so a stopped daemon can be asked)."""
-    from store.records import SetState, decode_set
+    from store.records import decode_set
+    from store.setstate import SetState
 
     sets, meta = _read_lmdb(state_dir(replica) / "staging", b"sets", b"meta")
     applied = dict(meta).get(b"applied")

@@ -9,7 +9,8 @@ import pytest
 from repl import activity
 from repl.activity import EXTENT, ActivityLog, divergence, name_roots
 from repl.diverge import END
-from store.records import Note, NoteKind, Op
+from store.notes import Note, NoteKind
+from store.records import Op
 
 NAME, DATA, ATTR, XATTR = NoteKind.NAME, NoteKind.DATA, NoteKind.ATTR, NoteKind.XATTR
 

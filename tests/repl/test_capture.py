@@ -24,7 +24,8 @@ from repl.capture import Capture
 from repl.faults import ENV_BOOT_ID
 from repl.tree import Tree
 from store.journal import Journal
-from store.records import Note, NoteKind, Op, Record
+from store.notes import Note, NoteKind
+from store.records import Op, Record
 from tests.powercut.harness import simulator
 
 MODE = stat.S_IFREG | 0o644

@@ -18,8 +18,8 @@ EXAMPLE = ROOT / "docs" / "replfs.toml"
 
 
 def cli() -> Any:
-    """bin/replfs.py as a module, for its parser and parse()."""
-    spec = importlib.util.spec_from_file_location("replfs_cli", ROOT / "bin" / "replfs.py")
+    """bin/replfs_args.py as a module, for replfs's parser and parse()."""
+    spec = importlib.util.spec_from_file_location("replfs_args", ROOT / "bin" / "replfs_args.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

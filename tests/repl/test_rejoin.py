@@ -14,7 +14,8 @@ from repl.activity import note_boot
 from repl.faults import ENV_BOOT_ID
 from repl.rejoin import follow_generation, keep_branch
 from store.journal import Journal
-from store.records import Note, NoteKind, Op, Record
+from store.notes import Note, NoteKind
+from store.records import Op, Record
 from store.staging import Staging
 
 

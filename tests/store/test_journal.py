@@ -13,7 +13,8 @@ import pytest
 
 from store.errors import JournalLocked, RecordError, StoreError
 from store.journal import Journal
-from store.records import RENAME_EXCHANGE, Note, NoteKind, Op, Record, encode_intent
+from store.notes import Note, NoteKind
+from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
 from tests.support import ROOT
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from store.errors import RecordError
+from store.notes import Note, NoteKind, decode_notes, encode_notes
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -22,18 +23,14 @@ from store.records import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    Note,
-    NoteKind,
     Op,
     Record,
     check_path,
     decode_intent,
     decode_key,
-    decode_notes,
     decode_set,
     encode_intent,
     encode_key,
-    encode_notes,
     encode_set,
     peek_key,
 )

@@ -18,24 +18,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from store.errors import RecordError
+from store.notes import Note, NoteKind, decode_notes, encode_notes
 from store.records import (
     MAX_OFFSET,
     MAX_SEQ,
-    Note,
-    NoteKind,
     Record,
-    SetState,
     decode_intent,
     decode_key,
-    decode_notes,
     decode_ranges,
     decode_set,
     encode_intent,
     encode_key,
-    encode_notes,
     encode_ranges,
     encode_set,
 )
+from store.setstate import SetState
 from tests.fuzz import bounded, mutated
 from tests.store.specs import reseal
 from tests.store.strategies import records

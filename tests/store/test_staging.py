@@ -323,7 +323,7 @@ def test_staging_identity_ok_survives_restart(path: Path) -> None:
 
 def test_setstate_check_complete_err_bit_beyond_count() -> None:
     """Seqs 0..count all present is not enough if another, stray one is there too."""
-    from store.records import SetState
+    from store.setstate import SetState
 
     state = SetState(sync_seen=True, count=2)
     for seq in (0, 1, 3):  # 2 missing, 3 stray: as many bits as a complete set

@@ -42,7 +42,8 @@ from repl.activity import name_roots
 from repl.verify import tree_digest, walk
 from store.errors import StoreError
 from store.journal import Journal
-from store.records import Note, NoteKind, is_under
+from store.notes import Note, NoteKind
+from store.records import is_under
 from tests.powercut.harness import Simulator
 from tests.support import Daemon, status, unmount
 from tests.torture.violation import Violation

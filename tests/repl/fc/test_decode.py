@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.repl.fc.test_replication import fcip_secondary, over_fcip
-from tests.repl.iscsi.test_replication import secrets
-from tests.repl.wire import Packet, capture, carrying, decode, problems
-from tests.support import checkpoint, diff, primary, snapshot
+from tests.repl.scsi.transports import FCIP, replicate_captured
+from tests.repl.wire import Packet, carrying, problems
 
 OURS = {"fcip", "fc", "fcels", "fcsp", "fcp", "scsi"}
 FLOGI, PLOGI, PRLI = "0x04", "0x03", "0x20"
@@ -32,18 +30,7 @@ def fc_frames(packets: list[Packet]) -> list[Packet]:
 
 
 def test_capture_decodes_as_fcip_fc_fcp_scsi_ok(tmp_path: Path) -> None:
-    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
-    backing.mkdir()
-    keys, pcap = secrets(tmp_path), tmp_path / "fcip.pcap"
-    with fcip_secondary(replica, keys) as sec:
-        with capture(sec.port, pcap), primary(backing, mount,
-                                              *over_fcip(sec.port, keys, "--streams", "2")):
-            for i in range(5):
-                (mount / f"f{i}").write_bytes(bytes([i]) * (1000 + 3000 * i))
-            (mount / "big").write_bytes(bytes(range(256)) * 800)  # 100 FC frames of data
-            checkpoint(mount)
-            assert diff(snapshot(backing), snapshot(replica)) == []
-        packets = decode(pcap, sec.port, "fcip")
+    packets = replicate_captured(FCIP, tmp_path)
     assert problems(packets, OURS) == []
     segments = carrying(packets)
     assert segments and [p.number for p in segments if not one_frame(p)] == []

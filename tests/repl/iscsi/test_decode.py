@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.repl.iscsi.test_replication import iscsi_secondary, over_iscsi, secrets
-from tests.repl.wire import capture, carrying, decode, problems
-from tests.support import checkpoint, diff, primary, snapshot
+from tests.repl.scsi.transports import ISCSI, replicate_captured
+from tests.repl.wire import carrying, problems
 
 OURS = {"iscsi", "scsi"}
 LOGIN, COMMAND, DATA_OUT, RESPONSE, DATA_IN, R2T = (
@@ -23,18 +22,7 @@ LOGIN, COMMAND, DATA_OUT, RESPONSE, DATA_IN, R2T = (
 
 
 def test_capture_decodes_as_iscsi_scsi_ok(tmp_path: Path) -> None:
-    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
-    backing.mkdir()
-    keys, pcap = secrets(tmp_path), tmp_path / "iscsi.pcap"
-    with iscsi_secondary(replica, keys) as sec:
-        with capture(sec.port, pcap), primary(backing, mount,
-                                              *over_iscsi(sec.port, keys, "--streams", "2")):
-            for i in range(5):
-                (mount / f"f{i}").write_bytes(bytes([i]) * (1000 + 3000 * i))
-            (mount / "big").write_bytes(bytes(range(256)) * 800)  # past FirstBurstLength
-            checkpoint(mount)
-            assert diff(snapshot(backing), snapshot(replica)) == []
-        packets = decode(pcap, sec.port, "iscsi")
+    packets = replicate_captured(ISCSI, tmp_path)
     assert problems(packets, OURS) == []
     segments = carrying(packets)
     # A PDU longer than a segment is decoded in the packet that completes it.

@@ -1,0 +1,128 @@
+"""The standby daemons: the read-only view of a replica mounted on its own
+(``replfs mount``), or served by the secondary that applies to it
+(``replfs secondary --mount``), each with ``replfs status MOUNTPOINT``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from fs.inodes import Inodes
+from fs.mount import check_mountpoint, mount, serve_requests, terminate_on_signal
+from fs.standby import StandbyFS
+from repl import control
+from repl.errors import UsageError
+from repl.iscsi.names import DEFAULT_IQN
+from repl.sdnotify import notify
+from repl.secondary import make_replica, run_secondary, staging_dir_of
+from store.hold import ApplyLock, is_held
+from store.staging import read_applied, read_syncing
+
+log = logging.getLogger("replfs.primary")  # the name its lines have always carried
+
+
+async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
+    """Mount a read-only view of *replica* that only ever shows whole data sets.
+
+    Nothing tells this process what a set changes, so the kernel caches nothing.
+    """
+    if not replica.is_dir():
+        raise UsageError(f"replica {replica} does not exist or is not a directory")
+    check_mountpoint(mountpoint)
+    where = staging_dir_of(replica, staging)
+    syncing = read_syncing(where)
+    if syncing is not None:
+        raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
+                         "has no consistent set to show yet; see replfs status on the primary")
+    lock = ApplyLock(where)
+    inodes = Inodes(str(replica), verify=True)
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+    try:
+        mount(StandbyFS(inodes, lock, where), mountpoint, read_only=True)
+        with lock.shared():
+            shown = read_applied(where)
+        log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve, sock,
+                                    {"status": _status(replica, mountpoint, lock, where,
+                                                       cached=False)})
+                await nursery.start(terminate_on_signal)
+                notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
+                await serve_requests()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+    finally:
+        inodes.close()
+        lock.close()
+
+
+async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | None,
+                                staging: Path | None, tls: Path | None,
+                                peer: str | list[str] | None, insecure: bool,
+                                rejoin: bool = False,
+                                metrics_at: str | None = None, iscsi: str | None = None,
+                                iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
+                                fcip: str | None = None) -> None:
+    """The secondary (repl/secondary.py), also serving the standby mount of its replica.
+
+    In one process, the applier can drop the kernel's caches of what each batch
+    touches before applying it (fs/kernel_cache.py), so the kernel caches the view.
+    If the mount is unmounted from outside, replication goes on without it.
+    """
+    check_mountpoint(mountpoint)
+    make_replica(replica)
+    where = staging_dir_of(replica, staging)
+    lock = ApplyLock(where)
+    inodes = Inodes(str(replica), verify=True)
+    operations = StandbyFS(inodes, lock, where, cached=True)
+    cache = operations.cache
+    assert cache is not None
+    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+    try:
+        mount(operations, mountpoint, read_only=True)
+        log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
+
+        async def serve_mount() -> None:
+            await serve_requests()
+            cache.mounted = False
+            log.info("unmounted %s; the secondary goes on without it", mountpoint)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve, sock,
+                                    {"status": _status(replica, mountpoint, lock, where,
+                                                       cached=True)})
+                nursery.start_soon(serve_mount)
+                await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
+                                    metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
+                                    chap_file=chap_file, fcip=fcip)
+                nursery.cancel_scope.cancel()
+        finally:
+            cache.mounted = False
+            pyfuse3.close(unmount=True)
+    finally:
+        inodes.close()
+        lock.close()
+
+
+def _status(replica: Path, mountpoint: Path, lock: ApplyLock, where: Path, cached: bool
+            ) -> control.Handler:
+    """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
+    holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        out = {"role": "standby mount", "replica": str(replica),
+               "mountpoint": str(mountpoint), "held": is_held(where), "cached": cached}
+        if not cached:
+            with lock.shared():
+                out["shows_set"] = read_applied(where)
+        return out
+
+    return status
