@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.name, args.data, args.mount, args.listen, args.etcd or [],
                 cluster=args.cluster, advertise=args.advertise, tls=args.tls,
                 insecure=args.insecure, peers=args.peer or [], lease_ttl=args.lease_ttl,
-                set_interval=args.set_interval, journal_max=args.journal_max))
+                set_interval=args.set_interval, journal_max=args.journal_max,
+                fsync=args.fsync, fsync_timeout=args.fsync_timeout))
         elif args.command == "cluster":
             from repl.members import render
             from repl.members import show as cluster_status

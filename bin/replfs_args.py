@@ -198,6 +198,13 @@ def build_parser() -> Parser:
                    help="as a primary: close a data set at least this often (default 1)")
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="as a primary: the journal's budget (default 1G)")
+    p.add_argument("--fsync", choices=("local", "remote"), default="local",
+                   help="as a primary: when an fsync returns, as replfs primary --fsync "
+                        "(remote: also staged by every node in step)")
+    p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
+                   metavar="SECONDS",
+                   help="as a primary with --fsync remote: as replfs primary "
+                        f"--fsync-timeout (default {FSYNC_TIMEOUT:g})")
     log_options(p)
 
     p = command("cluster", "look at a cluster of nodes")

@@ -51,6 +51,7 @@ from repl.members import Leader, Member, View
 from repl.promote import promote
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, written_as_primary
+from repl.semisync import FSYNC_TIMEOUT
 from repl.tls import check_name
 from store.errors import ReplfsError
 from store.journal import Journal
@@ -78,6 +79,8 @@ class NodeConfig:
     lease_ttl: float = DEFAULT_TTL
     set_interval: float = DEFAULT_SET_INTERVAL
     journal_max: int = DEFAULT_JOURNAL_MAX
+    fsync: str = "local"  # as a primary: replfs primary --fsync
+    fsync_timeout: float = FSYNC_TIMEOUT
 
 
 class Node:
@@ -360,7 +363,8 @@ class Node:
         await self._drop_child()
         args = ["primary", str(self.cfg.data), str(self.cfg.mount), "--fenced",
                 "--set-interval", str(self.cfg.set_interval),
-                "--journal-max", str(self.cfg.journal_max), *self._link_args()]
+                "--journal-max", str(self.cfg.journal_max), "--fsync", self.cfg.fsync,
+                "--fsync-timeout", str(self.cfg.fsync_timeout), *self._link_args()]
         for name, address in sorted(view.registered.items()):
             if name != self.cfg.name:
                 args += ["--secondary", address]

@@ -86,6 +86,7 @@ class Node:
     host: str = "127.0.0.1"
     netns: str | None = None
     ttl: float = TTL
+    fsync: str = "local"  # as a primary: replfs node --fsync
     port: int = field(default_factory=free_port)
     daemon: Daemon | None = None
 
@@ -103,7 +104,7 @@ class Node:
         args = ["node", "--name", self.name, str(self.data), str(self.mount),
                 "--listen", self.address, "--cluster", self.cluster,
                 "--tls", str(ca() / self.name), "--lease-ttl", str(self.ttl),
-                "--set-interval", "0.2"]
+                "--set-interval", "0.2", "--fsync", self.fsync]
         for url in self.etcd:
             args += ["--etcd", url]
         return args

@@ -38,12 +38,14 @@ def write_files(mount: Path, prefix: str, count: int) -> dict[str, bytes]:
 
 def test_node_failover_ok_kill_primary(tmp_path: Path) -> None:
     with etcd_server(tmp_path) as etcd:
-        nodes = [Node(name, tmp_path, [etcd.url], "kill") for name in NAMES]  # type: ignore[attr-defined]
+        nodes = [Node(name, tmp_path, [etcd.url], "kill", fsync="remote")  # type: ignore[attr-defined]
+                 for name in NAMES]
         try:
             for node in nodes:
                 node.start()
             with Watchdog(nodes) as watch:
                 old = standing(nodes)
+                assert (old.role() or {}).get("fsync") == "remote", "the node's --fsync"
                 survivors = [n for n in nodes if n is not old]
                 kept = write_files(old.mount, "kept", 30)
                 set_id = checkpoint(old.mount)  # every secondary applied it
@@ -71,6 +73,7 @@ def test_node_failover_ok_kill_primary(tmp_path: Path) -> None:
                     "every set any survivor had complete is in the new primary"
                 for name, data in kept.items():
                     assert (new.mount / name).read_bytes() == data
+                assert (new.role() or {}).get("fsync") == "remote"
 
                 old.start()  # the old primary comes back: a standby of the new one
                 until(old.role, lambda st: st is not None and st["role"] == "standby mount",
