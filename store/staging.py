@@ -21,7 +21,7 @@ from pathlib import Path
 import lmdb
 
 from store import identity
-from store.lmdbdir import COMMIT_BYTES, LmdbDir
+from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
 from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 from store.setstate import SetState
 
@@ -288,12 +288,20 @@ class Standing:
     cluster: str | None
 
 
+def open_reader(staging_dir: Path) -> lmdb.Environment:
+    """The staging store at *staging_dir*, opened read-only beside the daemon that
+    writes it. Mapped as large as the writer maps it: a reader mapped only as large as
+    the data was when it opened fails its next transaction (MDB_MAP_RESIZED) once the
+    writer grew the data past that."""
+    return lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4, map_size=MAP_SIZE)
+
+
 def read_standing(staging_dir: Path) -> Standing | None:
     """The standing of the replica whose staging is at *staging_dir* (None if there is
     none), read without disturbing (or waiting for) a daemon that holds it open."""
     if not (staging_dir / "data.mdb").exists():
         return None
-    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
+    env = open_reader(staging_dir)
     try:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
@@ -313,7 +321,7 @@ def read_standing(staging_dir: Path) -> Standing | None:
 def _read_meta(staging_dir: Path, key: bytes) -> bytes | None:
     if not (staging_dir / "data.mdb").exists():
         return None
-    env = lmdb.open(str(staging_dir), readonly=True, lock=True, max_dbs=4)
+    env = open_reader(staging_dir)
     try:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)

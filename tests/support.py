@@ -374,9 +374,9 @@ def state_dir(tree: Path) -> Path:
 def _read_lmdb(path: Path, *dbs: bytes) -> list[list[tuple[bytes, bytes]]]:
     """Every (key, value) of each of *dbs* in the LMDB environment at *path*, read in
     one transaction, as one more reader beside the daemon that holds it."""
-    import lmdb
+    from store.staging import open_reader
 
-    env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=4)
+    env = open_reader(path)
     try:
         with env.begin() as txn:
             handles = [env.open_db(db, txn=txn, create=False) for db in dbs]

@@ -371,3 +371,29 @@ def test_staging_read_standing_ok(path: Path) -> None:
     assert (standing.generation, standing.applied, standing.complete, standing.syncing) == (
         4, 1, 2, False), "complete: up to the gap before set 4"
     assert read_standing(path.parent / "none") is None
+
+
+def test_staging_open_reader_ok_after_the_writer_grew_the_store(staging: Staging,
+                                                                path: Path) -> None:
+    """A reader opened beside the daemon (the node's read_standing, in another process)
+    still reads after the daemon staged far more than the store held when it opened."""
+    staging.stage(data_set(1, 1))
+    script = (
+        "import sys\n"
+        "from store.staging import open_reader\n"
+        "env = open_reader(sys.argv[1])\n"
+        "print('open', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "with env.begin() as txn:\n"
+        "    print(txn.stat(env.open_db(b'meta', txn=txn, create=False))['entries'])\n"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+    big = [Record(Op.WRITE, 2, seq, path=b"big", offset=seq << 20, data=bytes(1 << 20))
+           for seq in range(32)]
+    staging.stage([*big, Record(Op.SYNC, 2, 32, count=32)])
+    out, err = reader.communicate("go\n", timeout=60)
+    assert reader.returncode == 0, err  # MDB_MAP_RESIZED if mapped only as large as it was
+    assert int(out) > 0
