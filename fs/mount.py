@@ -29,7 +29,7 @@ from repl.fc.names import parse_url as parse_fcip_url
 from repl.iscsi import chap
 from repl.iscsi.link import IscsiDialer
 from repl.iscsi.names import DEFAULT_IQN, is_iscsi, parse_url
-from repl.link import Dialer, FrameDialer, transport
+from repl.link import Dialer, tcp_dialer, transport
 from repl.sdnotify import notify
 from repl.secondary import default_state_dir, make_replica, run_secondary, staging_dir_of
 from repl.semisync import FSYNC_TIMEOUT, Semisync
@@ -148,7 +148,7 @@ def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
             host, port = parse_address(address)
             creds = link_credentials(cfg.tls, peer or _peer_of(cfg, address), cfg.insecure,
                                      host)
-            dialer = FrameDialer(host, port, creds)
+            dialer = tcp_dialer(host, port, creds)
             if creds is None:
                 log.warning("INSECURE (--insecure): replicating to %s over plain TCP, "
                             "nobody authenticated, nothing encrypted", address)

@@ -28,9 +28,11 @@ or filling one with small files flushes once, not once a file.
 Notes stay in force until BACKING is durable past the op they covered:
 every BACKING sync ends with ``reset()``, which keeps the notes an op used
 after the sync began. It also keeps a file's notes while the file changed
-in the last RETAIN_SECONDS (a file written now is likely written again:
-SQLite's database and WAL keep their notes and never flush for one), but
-no NAME note: records under one are not replayed after a power cut, so an
+in the last RETAIN_SECONDS if a note of it covered an op again (a file
+written twice is likely written again: SQLite's database and WAL keep their
+notes and never flush for one; a file written once, as most of a tree being
+filled, lets its notes go, so that a reset, which journals every note in
+force, stays small), but no NAME note: records under one are not replayed after a power cut, so an
 fsync of them syncs BACKING too (repl/capture.py). A directory made lately
 whose note went is remembered, and the next name made in it notes the
 directory again: one flush each BACKING sync, not one each name. A clean
@@ -130,6 +132,7 @@ class ActivityLog:
         self.epoch_at = 0  # where the last reset's BACKING sync began
         self._resets: deque[tuple[float, int]] = deque()  # (time.monotonic(), at) of resets
         self._added = False  # a note was added since the last reset
+        self.again: set[bytes] = set()  # files whose notes covered an op again: retained
         self.add(notes, -1)
 
     def __bool__(self) -> bool:
@@ -162,12 +165,14 @@ class ActivityLog:
         if op in _ATTR_OPS:
             if path in self.attrs:
                 self.attrs[path] = at
+                self.again.add(path)
                 return []
             return [Note(NoteKind.ATTR, path)]
         if op in _XATTR_OPS:
             key = (path, fields["name"])
             if key in self.xattrs:
                 self.xattrs[key] = at
+                self.again.add(path)
                 return []
             return [Note(NoteKind.XATTR, path, name=fields["name"])]
         span = data_range(op, fields)
@@ -218,6 +223,7 @@ class ActivityLog:
         for span in spans:
             if span[0] <= start and end <= span[1]:
                 span[2] = at
+                self.again.add(path)
                 return []
         first, last = start // EXTENT, (end - 1) // EXTENT
         if big:
@@ -226,10 +232,12 @@ class ActivityLog:
         for index in range(first, last + 1):
             if data is not None and index in data.extents:
                 data.extents[index] = at
+                self.again.add(path)
                 continue
             for span in spans:
                 if span[0] <= index * EXTENT and (index + 1) * EXTENT <= span[1]:
                     span[2] = at
+                    self.again.add(path)
                     break
             else:
                 missing.append(index)
@@ -263,7 +271,8 @@ class ActivityLog:
 
     def reset(self, at: int, *, retain: bool = True) -> list[Note] | None:
         """BACKING is durable up to log position *at*: drop the notes no op used after
-        it, but (with *retain*) those of files changed in the last RETAIN_SECONDS.
+        it, but (with *retain*) those of files changed in the last RETAIN_SECONDS whose
+        notes covered an op again.
 
         Returns the notes to journal in place of all (``Journal.reset_notes``), or
         None if none was dropped or added since the last reset.
@@ -282,14 +291,19 @@ class ActivityLog:
                 self.dormant[path] = entry.made
         self.dormant = {p: made for p, made in self.dormant.items()
                         if now - made < NAME_COVER_SECONDS}
-        self.attrs = {p: use for p, use in self.attrs.items() if use >= since}
-        self.xattrs = {k: use for k, use in self.xattrs.items() if use >= since}
+        def kept(path: bytes, use: int) -> bool:
+            return use >= at or (use >= since and path in self.again)
+
+        self.attrs = {p: use for p, use in self.attrs.items() if kept(p, use)}
+        self.xattrs = {k: use for k, use in self.xattrs.items() if kept(k[0], use)}
         for path in list(self.data):
             data = self.data[path]
-            data.extents = {i: use for i, use in data.extents.items() if use >= since}
-            data.spans = [s for s in data.spans if s[2] >= since]
+            data.extents = {i: use for i, use in data.extents.items() if kept(path, use)}
+            data.spans = [s for s in data.spans if kept(path, s[2])]
             if not data.extents and not data.spans:
                 del self.data[path]
+        noted = {*self.data, *self.attrs, *(k[0] for k in self.xattrs)}
+        self.again &= noted
         notes = self.notes()
         added, self._added = self._added, False
         return notes if added or len(notes) != before else None

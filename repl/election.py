@@ -4,7 +4,7 @@ When the ``primary`` key is absent (the primary's lease expired, or the
 cluster is new), every live node stands: it writes in its own node key what
 it holds (the generation of its data, its last complete set, whether it can
 be promoted at all) and the round it stands in (the generation it would
-replace). Once every live node stood, or ELECTION_SECONDS passed, each one
+replace). Once every live node stood, or its patience ran out, each one
 ranks those that stood the same way (repl/members.py ``Member.rank``: the
 newest lineage, then the most sets complete, then the smallest name), and
 only the first tries to take the key, with one etcd transaction:
@@ -51,11 +51,15 @@ async def wait_change(etcd: Etcd, cluster: str, revision: int, seconds: float) -
                 return
 
 
-async def campaign(etcd: Etcd, cluster: str, lease: int, standing: Callable[[], Awaitable[Member]]
-                   ) -> View:
+async def campaign(etcd: Etcd, cluster: str, lease: int, standing: Callable[[], Awaitable[Member]],
+                   patience: float = ELECTION_SECONDS) -> View:
     """Stand until some node leads; returns the view in which one does (maybe this one).
 
-    *standing* says what this node holds now (read afresh for each round).
+    *standing* says what this node holds now (read afresh for each round). A live node
+    that has not stood is waited for *patience* seconds: give the lease's TTL, so that
+    only a node whose lease could have run out meanwhile is left out. One left out
+    that held more sets than the winner loses them, and a checkpoint may have counted
+    them (it waits for the secondaries connected).
     """
     while True:
         view = await members.read(etcd, cluster)
@@ -64,7 +68,7 @@ async def campaign(etcd: Etcd, cluster: str, lease: int, standing: Callable[[], 
         me = await standing()
         me.round, me.role = view.generation, "candidate"
         await etcd.put(members.node_key(cluster, me.name), me.encode(), lease)
-        view = await _gather(etcd, cluster, view.generation)
+        view = await _gather(etcd, cluster, view.generation, patience)
         if view.leader is not None or view.generation != me.round:
             continue
         stood = [m for m in view.members.values() if m.round == me.round and m.eligible]
@@ -84,10 +88,10 @@ async def campaign(etcd: Etcd, cluster: str, lease: int, standing: Callable[[], 
         await _await_leader(etcd, cluster, view.revision)
 
 
-async def _gather(etcd: Etcd, cluster: str, round_: int) -> View:
+async def _gather(etcd: Etcd, cluster: str, round_: int, patience: float) -> View:
     """Wait until every live node stood in *round_* (or a leader appeared, or the round
-    moved on, or ELECTION_SECONDS passed); returns the view then."""
-    deadline = trio.current_time() + ELECTION_SECONDS
+    moved on, or *patience* seconds passed); returns the view then."""
+    deadline = trio.current_time() + patience
     while True:
         view = await members.read(etcd, cluster)
         if view.leader is not None or view.generation != round_:
@@ -98,7 +102,7 @@ async def _gather(etcd: Etcd, cluster: str, round_: int) -> View:
         left = deadline - trio.current_time()
         if left <= 0:
             log.warning("election of generation %d goes on without %s (not standing after "
-                        "%gs)", round_ + 1, ", ".join(sorted(waiting)), ELECTION_SECONDS)
+                        "%gs)", round_ + 1, ", ".join(sorted(waiting)), patience)
             return view
         await wait_change(etcd, cluster, view.revision, left)
 

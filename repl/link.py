@@ -15,6 +15,10 @@ carries them; how is its own business:
 
 The primary opens one link per stream with a ``Dialer``; the secondary's
 listeners hand each accepted link to the receiver (``Receiver.serve_link``).
+Over replfs frames, the dialer gets its byte streams from a ``Connect``
+(TCP and TLS, ``tcp_connect``) and the receiver takes them from its TCP
+listeners through the gate; tests hand both sides the two ends of one
+in-memory stream instead (``Receiver.serve_stream``).
 """
 
 from __future__ import annotations
@@ -73,18 +77,29 @@ class Dialer(Protocol):
         ...
 
 
-class FrameDialer:
-    """replfs frames over TCP: TLS with *creds*, or plain (``--insecure``) if None."""
+class Connect(Protocol):
+    """Opens one byte stream to the secondary, for replfs frames to go over.
 
-    def __init__(self, host: str, port: int, creds: tls.Credentials | None) -> None:
-        self.host, self.port, self.creds = host, port, creds
-        self.address = f"{host}:{port}"
-        self._context = creds.client_context() if creds is not None else None
+    Raises Refused if the secondary turned us away before any byte of replfs (a
+    TLS certificate), OSError or trio.BrokenResourceError if it cannot be reached.
+    """
+
+    async def __call__(self) -> trio.abc.Stream: ...
+
+
+class FrameDialer:
+    """replfs frames over the byte streams *connect* opens: TLS with *creds*, or
+    plain if None (``--insecure``; in memory, in tests)."""
+
+    def __init__(self, address: str, connect: Connect, creds: tls.Credentials | None
+                 ) -> None:
+        self.address = address
+        self.connect, self.creds = connect, creds
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Link]:
         with trio.fail_after(CONNECT_SECONDS):
-            conn = Connection(await self._connect())
+            conn = Connection(await self.connect())
         try:
             with trio.fail_after(CONNECT_SECONDS):
                 await self._greet(conn)
@@ -109,20 +124,30 @@ class FrameDialer:
                           "did not accept our certificate (its log says why)") from None
         await conn.send_magic()
 
-    async def _connect(self) -> trio.abc.Stream:
-        """A new link to the secondary: over TLS, once its certificate checked out.
 
-        Raises Refused if the TLS handshake failed (its certificate, or ours).
-        """
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        if self._context is None or self.creds is None:
+def tcp_dialer(host: str, port: int, creds: tls.Credentials | None) -> FrameDialer:
+    """replfs frames to the secondary at *host*:*port*: TLS with *creds*, or plain TCP."""
+    return FrameDialer(f"{host}:{port}", tcp_connect(host, port, creds), creds)
+
+
+def tcp_connect(host: str, port: int, creds: tls.Credentials | None) -> Connect:
+    """Opens TCP connections to *host*:*port*, over TLS with *creds* once the
+    secondary's certificate checked out (Refused if the TLS handshake failed, on
+    its certificate or on ours), plain TCP if None."""
+    context = creds.client_context() if creds is not None else None
+
+    async def connect() -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(host, port)
+        if context is None or creds is None:
             return stream
-        link = trio.SSLStream(stream, self._context, server_hostname=self.creds.peer)
+        link = trio.SSLStream(stream, context, server_hostname=creds.peer)
         try:
             await link.do_handshake()
         except BaseException as exc:
             await trio.aclose_forcefully(link)
             if isinstance(exc, trio.BrokenResourceError):
-                raise Refused(tls.client_refusal(exc.__cause__, self.creds.peer)) from None
+                raise Refused(tls.client_refusal(exc.__cause__, creds.peer)) from None
             raise
         return link
+
+    return connect

@@ -130,7 +130,8 @@ class Node:
             leader = view.leader
             if leader is None:
                 await election.campaign(self.etcd, self.cfg.cluster, self.lease.id,
-                                        functools.partial(self._standing, view.generation))
+                                        functools.partial(self._standing, view.generation),
+                                        max(election.ELECTION_SECONDS, self.cfg.lease_ttl))
             elif leader.node != self.cfg.name:
                 await self._follow(leader, view)
             elif leader.lease == self.lease.id:

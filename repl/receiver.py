@@ -127,7 +127,8 @@ class Receiver:
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stage what every link brings: those accepted on *listeners* (replfs frames,
-        through the gate) and those handed to ``serve_link``, until cancelled."""
+        through the gate) and those handed to ``serve_link`` or ``serve_stream``,
+        until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stager)
             if listeners:
@@ -150,6 +151,21 @@ class Receiver:
             await link.aclose()
             return
         await self._serve(link, info, peer)
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Serve a byte stream that no gate admitted (the end of an in-memory stream, in
+        tests): both magics and its HELLO within the gate's deadline, then like any
+        stream, until it ends. Closes *stream*."""
+        try:
+            with trio.fail_after(HANDSHAKE_SECONDS):
+                conn, info = await self._greet(stream)
+        except (Rejected, trio.TooSlowError) as exc:
+            reason, text = ((exc.reason, exc.text) if isinstance(exc, Rejected) else
+                            ("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s"))
+            self._refused(peer, reason, text)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._serve(conn, info, peer)
 
     def report_applied(self, set_id: int) -> None:
         """Tell the connected primary that *set_id* is applied (called by the applier)."""

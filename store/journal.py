@@ -98,8 +98,10 @@ class Journal:
         self.bytes = 0  # of the records indexed, for the budget
         self._snapshotting = False
         self._gaps: set[int] | None = set()  # sets whose first records lie in deleted segments
+        self._note_bodies: list[bytes] = []  # the notes' entries in force, at open
         try:
             self.log = Log(self.path, self._replay, read_only=read_only)
+            self.notes = [n for body in self._note_bodies for n in decode_notes(body)]
             trimmed = decode_set(self._meta.get(_TRIMMED, encode_set(0)))
             torn = {s for s in self._gaps or () if s > trimmed}
             if torn:
@@ -109,7 +111,7 @@ class Journal:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
             raise StoreError(f"open journal {self.path}: {exc}") from exc
-        self._gaps = None
+        self._gaps, self._note_bodies = None, []
         self.identity = identity.parse(self._meta.get(_IDENTITY), make_cluster=True)
         if _IDENTITY not in self._meta and not read_only:
             self.put_meta(_IDENTITY, identity.dumps(self.identity))
@@ -144,9 +146,9 @@ class Journal:
         elif kind == Kind.DIRTY_CLEAR:
             self.dirty.clear()
         elif kind == Kind.NOTES:
-            self.notes.extend(decode_notes(body))
-        elif kind == Kind.NOTES_RESET:
-            self.notes = decode_notes(body)
+            self._note_bodies.append(body)
+        elif kind == Kind.NOTES_RESET:  # decoded once at the end: each one replaces all
+            self._note_bodies = [body]
 
     def _index(self, set_id: int, seq: int, pos: int, size: int) -> None:
         if self._gaps is not None and (set_id in self._gaps or (

@@ -162,26 +162,26 @@ class Log:
         """Replay the entries of one segment; False if it ends in a torn entry (not
         in zeros up to the end of the file, or at it)."""
         size = os.fstat(fd).st_size
-        offset, buf, buf_at = 0, b"", 0
+        offset, buf, buf_at = 0, memoryview(b""), 0
         while offset < size:
             if offset + _HEAD.size > buf_at + len(buf):
-                buf, buf_at = os.pread(fd, _READ_CHUNK, offset), offset
-            view = buf[offset - buf_at :]
-            if len(view) < _HEAD.size:
+                buf, buf_at = memoryview(os.pread(fd, _READ_CHUNK, offset)), offset
+            at = offset - buf_at  # a view into buf: no copy of the rest of the chunk
+            if len(buf) - at < _HEAD.size:
                 break
-            length, kind = _HEAD.unpack_from(view)
+            length, kind = _HEAD.unpack_from(buf, at)
             total = _HEAD.size + length + _SUM.size
             if length > MAX_ENTRY or kind not in Kind._value2member_map_:
                 break
-            if len(view) < total:
-                buf, buf_at = os.pread(fd, max(_READ_CHUNK, total), offset), offset
-                view = buf
-                if len(view) < total:
+            if len(buf) - at < total:
+                buf, buf_at, at = memoryview(os.pread(fd, max(_READ_CHUNK, total), offset)), \
+                    offset, 0
+                if len(buf) < total:
                     break
-            (want,) = _SUM.unpack_from(view, total - _SUM.size)
-            if xxhash.xxh3_64_intdigest(view[: total - _SUM.size]) != want:
+            (want,) = _SUM.unpack_from(buf, at + total - _SUM.size)
+            if xxhash.xxh3_64_intdigest(buf[at : at + total - _SUM.size]) != want:
                 break
-            replay(Kind(kind), view[_HEAD.size : _HEAD.size + length],
+            replay(Kind(kind), bytes(buf[at + _HEAD.size : at + _HEAD.size + length]),
                    base + offset + _HEAD.size)
             offset += total
         self.end = base + offset

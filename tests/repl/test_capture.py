@@ -249,9 +249,10 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
     backing.mkdir()
     with capturing(backing, journal) as capture:
         capture.write(b"f", 0, b"x")
-        capture.sync_backing()
-        assert capture.journal.notes, "a file written lately keeps its note"
         capture.write(b"f", 1, b"y")
+        capture.sync_backing()
+        assert capture.journal.notes, "a file written lately, and again, keeps its note"
+        capture.write(b"f", 2, b"z")
         capture.sync_backing(final=True)
         assert capture.journal.notes == []
     reboot(boot)

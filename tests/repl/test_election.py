@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +70,38 @@ async def test_campaign_ok_next_round_after_the_leader_goes(url: str) -> None:
     views, _ = await run(url, [Member("b", "h:2", generation=1, complete=5)])
     assert views[0].leader is not None
     assert (views[0].leader.node, views[0].leader.generation) == ("b", 3)
+
+
+async def test_campaign_ok_waits_for_a_live_node_slow_to_stand(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live node that stands late (its stores slow to read) is waited for up to the
+    patience given (the lease's TTL), not left out: it may hold sets a checkpoint
+    counted, which the winner must have."""
+    monkeypatch.setattr(election, "ELECTION_SECONDS", 0.2)
+    etcd = Etcd([url])
+    try:
+        leases = {name: await etcd.grant(30) for name in "ab"}
+        for name in "ab":
+            await etcd.put(members.node_key("t", name), Member(name, "h").encode(),
+                           leases[name])
+
+        async def quick() -> Member:
+            return Member("a", "h:1", generation=1, complete=5)
+
+        async def slow() -> Member:
+            await trio.sleep(1.0)  # five times the time an election used to wait
+            return Member("b", "h:2", generation=1, complete=9)
+
+        views: list[View] = []
+
+        async def candidate(name: str, standing: Callable[[], Awaitable[Member]]) -> None:
+            views.append(await election.campaign(etcd, "t", leases[name], standing,
+                                                 patience=10.0))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(candidate, "a", quick)
+                nursery.start_soon(candidate, "b", slow)
+    finally:
+        await etcd.aclose()
+    assert {v.leader.node for v in views if v.leader} == {"b"}, "the most complete wins"

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from repl.gate import Gate, Rejected
-from repl.link import FrameDialer
+from repl.link import tcp_dialer
 from repl.protocol import (
     MAGIC,
     MAX_FRAME,
@@ -295,7 +295,7 @@ def test_sender_handshake_fuzz(info: dict[str, Any]) -> None:
     """A primary reading any answer to its HELLO: it takes the applied set, or ends the
     session with ProtocolError or Refused."""
     async def check() -> None:
-        sender = Sender(_journal(), FrameDialer("127.0.0.1", 1, None))
+        sender = Sender(_journal(), tcp_dialer("127.0.0.1", 1, None))
         ours, theirs = trio.testing.memory_stream_pair()
         await ours.send_all(Frame(FrameType.HELLO, json.dumps(info).encode()).encode())
         try:
