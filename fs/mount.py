@@ -23,7 +23,7 @@ log = logging.getLogger("replfs.primary")  # the name its lines have always carr
 # and a change waits in its thread while the mount is frozen (verify): with
 # two, the other goes on meanwhile. Idle ones wait in the kernel, without the GIL
 # (all of them wake for each request, so more cost more).
-WORKERS = 2
+WORKERS = int(os.environ.get("RP_WORKERS", "2"))
 
 
 def check_mountpoint(mountpoint: Path) -> None:

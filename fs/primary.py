@@ -283,6 +283,10 @@ class PrimaryFS(Passthrough):
                 raise
         st = os.fstat(fd)
         ino = self.inodes.remember(parent_inode, name, st)
+        # A file just made has no capabilities (only a setxattr, which goes through
+        # here, gives a file some): the kernel's check before its first write(2) is
+        # answered from memory, not with a getxattr of BACKING's file.
+        self._xattrs[ino] = {_CAPABILITY: None}
         return self._opened(fd, ino, flags), self._entry(st, ino)
 
     @request(changes=True)

@@ -269,8 +269,8 @@ class Capture:
 
     @_locked
     def track(self, fd: int, ino: int | None = None) -> None:
-        """A handler changed the file open as *fd* (inode *ino*, if known): sync it at
-        the next BACKING sync (``Unsynced.track``)."""
+        """A handler changed the file open as *fd* (*ino*: its inode number, if it is a
+        regular file's handle): sync it at the next BACKING sync (``Unsynced.track``)."""
         self.unsynced.track(fd, ino)
 
     def _settle(self) -> None:

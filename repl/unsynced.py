@@ -12,7 +12,6 @@ Every call is made with the capture's lock held.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -68,23 +67,25 @@ class Unsynced:
                     del written[path]
 
     def track(self, fd: int, ino: int | None = None) -> None:
-        """The file open as *fd* changed: sync it at the next BACKING sync.
+        """The file or directory open as *fd* (not an O_PATH fd) changed: sync it at the
+        next BACKING sync.
 
-        *ino*, its inode number if the caller knows it, spares an fstat when the
-        file is tracked already (BACKING is one filesystem)."""
-        if ino is not None and (self._dev, ino) in self.nodes:
+        *ino*, given by a handler for the handle of a regular file (its inode number;
+        BACKING is one filesystem), spares the fstat."""
+        if ino is not None:
+            if (self._dev, ino) not in self.nodes:
+                self._keep((self._dev, ino), os.dup(fd))
             return
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return  # a fifo, a socket: nothing to sync of its own; its directory is
         if (st.st_dev, st.st_ino) not in self.nodes:
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:  # a directory fd from the trees
-                own = os.open(fd_path(fd), os.O_RDONLY | os.O_CLOEXEC)
-            else:
-                own = os.dup(fd)
-            self.nodes[st.st_dev, st.st_ino] = own
-            if len(self.nodes) == BACKING_SYNC_FILES:
-                self._full()
+            self._keep((st.st_dev, st.st_ino), os.dup(fd))
+
+    def _keep(self, key: tuple[int, int], own: int) -> None:
+        self.nodes[key] = own
+        if len(self.nodes) == BACKING_SYNC_FILES:
+            self._full()
 
     def track_node(self, path: bytes) -> None:
         """Track the node *path* names (its attributes change), or if it cannot be
@@ -107,7 +108,11 @@ class Unsynced:
     def track_dir(self, path: bytes) -> None:
         """Track the directory that holds *path*."""
         try:
-            self.track(self.backing.parent(path)[0])
+            fd = self.backing.parent(path)[0]  # O_PATH: opened again to be synced
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) not in self.nodes:
+                self._keep((st.st_dev, st.st_ino),
+                           os.open(fd_path(fd), os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
             pass  # no such parent: the op fails, and is voided
 

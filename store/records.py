@@ -142,6 +142,9 @@ NAMESPACE_OPS = frozenset(
 # Ops whose target may be the root itself (path "").
 ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
+# Ops with rules of their own in validate() (a name, flags, a mode, a count).
+_OWN_RULES = frozenset({Op.RENAME, Op.MKNOD, Op.SETXATTR, Op.REMOVEXATTR, Op.SYMLINK,
+                        Op.FALLOCATE, Op.SYNC})
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +261,11 @@ class Record:
         if (self.offset + len(self.data) + self.length > MAX_OFFSET
                 or self.size > MAX_OFFSET):
             raise RecordError(f"{self.op.name} record reaches past the largest file offset")
+        if self.op in _OWN_RULES:
+            self._validate_op()
+
+    def _validate_op(self) -> None:
+        """The rules of the ops in _OWN_RULES (the others' fields were checked by now)."""
         if self.op == Op.RENAME and self.flags & ~RENAME_FLAGS:
             raise RecordError(f"unknown rename flags {self.flags:#x}")
         if self.op == Op.RENAME and self.flags == RENAME_FLAGS:

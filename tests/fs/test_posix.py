@@ -892,6 +892,35 @@ def test_primary_known_gaps_ok(tmp_path: Path) -> None:
         assert observe(mount) == (errno.errorcode[errno.EOPNOTSUPP], 0o644)
 
 
+def test_primary_new_file_capability_check_from_memory(tmp_path: Path) -> None:
+    """The kernel asks for security.capability before writes into its page cache; for
+    a file made through the mount the daemon answers "none" without asking BACKING
+    (the daemon is BACKING's only writer, and a new file has no capabilities).
+
+    Seen by planting a capability on BACKING's file behind the daemon's back: the
+    mount does not show it, as it would if the daemon asked BACKING."""
+    backing, mount = tmp_path / "backing", tmp_path / "mount"
+    backing.mkdir()
+    cap = (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
+
+    def seen() -> str:
+        try:
+            return repr(os.getxattr(mount / "new", "security.capability"))
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    with primary(backing, mount):
+        fd = os.open(mount / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        try:
+            os.setxattr(backing / "new", "security.capability", cap)
+            assert seen() == "ENODATA"
+            os.write(fd, b"first write")
+        finally:
+            os.close(fd)
+        assert read(mount / "new") == b"first write"
+        assert seen() == "ENODATA"
+
+
 # --- bounded file descriptors ------------------------------------------------------
 
 
