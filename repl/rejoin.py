@@ -102,6 +102,10 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
     """Follow the primary of *generation*, newer than the staging's, whose generation
     history is *history* (its HELLO's): keep what the two lineages share, drop the
     rest, and if the replica applied sets past the fork, start a rejoin of them.
+
+    The replica takes *history* as its own: promoted later, it must name every
+    generation of the lineage its data has, not only its own, or a node of an older
+    generation rejoining it would fork after sets it never had.
     """
     ident = staging.identity
     try:
@@ -129,4 +133,6 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
     log.info("following a new primary of generation %d (was %d)", generation,
              ident.generation)
     ident.generation = generation
+    if fork is not None:  # the lineage this replica follows now, every generation of it
+        ident.history = [dict(entry) for entry in history]
     staging.save_identity()

@@ -12,7 +12,7 @@ import pytest
 
 from repl.activity import note_boot
 from repl.faults import ENV_BOOT_ID
-from repl.rejoin import follow_generation, keep_branch
+from repl.rejoin import follow_generation, fork_point, keep_branch
 from store.journal import Journal
 from store.notes import Note, NoteKind
 from store.records import Op, Record
@@ -77,6 +77,21 @@ def test_follow_generation_ok_keeps_shared_complete_sets(staging: Staging) -> No
     assert sorted(staging.sets()) == [2, 3], "sets 2 and 3 are the new primary's too"
     assert staging.identity.generation == 2
     assert staging.rejoin is None
+
+
+def test_follow_generation_ok_takes_the_lineage_so_a_later_rejoin_forks_right(
+        staging: Staging) -> None:
+    """Primaries take turns (a: 1, b: 2, a: 3): this replica follows a's generation 3,
+    then is promoted to 4. b, back with generation 2's data, must fork at 3's first set
+    (where a went on without b's last sets), not at 4's."""
+    lineage = [{"generation": 1, "node": "a", "first_set": 1},
+               {"generation": 2, "node": "b", "first_set": 5},
+               {"generation": 3, "node": "a", "first_set": 9}]
+    follow_generation(staging, lineage, 3)
+    assert staging.identity.history == lineage
+    staging.identity.generation = 4  # promoted, as repl/promote.py does
+    staging.identity.history.append({"generation": 4, "node": "c", "first_set": 12})
+    assert fork_point(staging.identity.history, 2) == 9
 
 
 def test_follow_generation_ok_past_the_fork_asks_for_those_paths(staging: Staging) -> None:
