@@ -113,7 +113,17 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
     except (ProtocolError, Refused):
         fork = None  # no history to go by: keep nothing unapplied
     applied = staging.applied
-    if fork is not None and applied >= fork and staging.rejoin is None:
+    if staging.syncing is not None:
+        # A sync from the last primary (an initial sync, or a rejoin's) never finished:
+        # `applied` only stood for where that primary's sync set would take the replica,
+        # and what the replica holds now is known to no one. The new primary sends it
+        # all again.
+        staging.drop_unapplied()
+        shared = applied if fork is None else min(applied, fork - 1)
+        staging.start_rejoin(shared, json.dumps(Divergence({b""}).to_json()).encode())
+        log.warning("the sync from the last primary did not finish: the primary of "
+                    "generation %d sends the whole tree again", generation)
+    elif fork is not None and applied >= fork and staging.rejoin is None:
         kept = staging.history()
         if kept and kept[0] <= fork:
             ours = Divergence().add(r for s in range(fork, applied + 1)

@@ -94,6 +94,21 @@ def test_follow_generation_ok_takes_the_lineage_so_a_later_rejoin_forks_right(
     assert fork_point(staging.identity.history, 2) == 9
 
 
+def test_follow_generation_ok_a_sync_never_finished_asks_for_the_whole_tree(
+        staging: Staging) -> None:
+    """The last primary's sync set (RESET_TO 6: the replica "applied" 5 until it
+    arrives) never came whole. Its sets 4 and 5 stood in that sync, so the replica holds
+    neither: a new primary forking at 6 must send everything, not go on from 5."""
+    staging.stage(create(3, b"c"))
+    staging.finish(3)
+    staging.reset_to(6)
+    staging.stage(create(6, b"f")[:1])  # partial: the primary died
+    follow_generation(staging, [{"generation": 2, "node": "n2", "first_set": 6}], 2)
+    assert json.loads(staging.rejoin or b"")["content"] == [""], "the whole tree"
+    assert staging.syncing is not None, "no consistent set until it arrives"
+    assert not staging.sets()
+
+
 def test_follow_generation_ok_past_the_fork_asks_for_those_paths(staging: Staging) -> None:
     for set_id, name in ((3, b"c"), (4, b"d"), (5, b"e")):
         staging.stage(create(set_id, name))
