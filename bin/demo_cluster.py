@@ -45,8 +45,7 @@ class Writer:
 
     def __init__(self, mounts: dict[str, Path]) -> None:
         self.mounts = mounts
-        self.written = 0  # files whose fsync returned
-        self.digests: dict[int, bytes] = {}  # what each of them holds
+        self.digests: dict[int, bytes] = {}  # each file whose fsync returned: what it holds
         self.unconfirmed: list[int] = []  # written on this primary since its last checkpoint
         self.replicated: set[int] = set()  # written before a checkpoint of the same primary
         self.at_risk: list[int] = []  # unconfirmed when their primary went away
@@ -54,6 +53,11 @@ class Writer:
         self.primary: str | None = None
         self.failure: BaseException | None = None
         self.stop = threading.Event()
+
+    @property
+    def written(self) -> int:
+        """Files whose fsync returned."""
+        return len(self.digests)
 
     def run(self) -> None:
         try:
@@ -89,7 +93,6 @@ class Writer:
                 continue
             self.digests[number] = hashlib.blake2b(data).digest()
             self.unconfirmed.append(number)
-            self.written += 1
             if time.monotonic() - last_checkpoint > 1.0:
                 before = list(self.unconfirmed)
                 result = subprocess.run([*REPLFS, "checkpoint", str(self.mounts[name]),
@@ -216,8 +219,12 @@ def run() -> int:
         for mount in mounts.values():
             subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
         for path in tmp.iterdir():
-            if result == 0 or not path.name.endswith(".log"):  # a failure keeps the logs
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            if result != 0 and path.name.endswith(".log"):
+                continue  # a failure keeps the logs
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
         if result == 0:
             tmp.rmdir()
         else:

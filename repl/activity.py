@@ -32,12 +32,12 @@ in the last RETAIN_SECONDS if a note of it covered an op again (a file
 written twice is likely written again: SQLite's database and WAL keep their
 notes and never flush for one; a file written once, as most of a tree being
 filled, lets its notes go, so that a reset, which journals every note in
-force, stays small), but no NAME note: records under one are not replayed after a power cut, so an
-fsync of them syncs BACKING too (repl/capture.py). A directory made lately
-whose note went is remembered, and the next name made in it notes the
-directory again: one flush each BACKING sync, not one each name. A clean
-stop keeps no note, so a journal that holds notes at start was stopped
-uncleanly.
+force, stays small), but no NAME note: records under one are not replayed
+after a power cut, so an fsync of them syncs BACKING too (repl/capture.py).
+A directory made lately whose note went is remembered, and the next name
+made in it notes the directory again: one flush each BACKING sync, not one
+each name. A clean stop keeps no note, so a journal that holds notes at
+start was stopped uncleanly.
 
 After an unclean stop, recovery (repl/recovery.py) skips the records under a
 NAME note (the path may name another file now) and resends every noted
