@@ -40,7 +40,7 @@ from store.hold import (
     mark_applying,
 )
 from store.libc import syncfs
-from store.records import NAMESPACE_OPS
+from store.records import NAMESPACE_OPS, Op
 from store.staging import Staging
 
 log = logging.getLogger("replfs.applier")
@@ -313,21 +313,27 @@ class Applier:
 
     def _apply_records(self, tree: Tree, set_id: int,
                        marker: tuple[int, int, bytes | None] | None) -> None:
-        """Apply one complete set, from its *marker* if a crash interrupted it there."""
+        """Apply one complete set, from its *marker* if a crash interrupted it there.
+
+        After a RESET, the rest of the set goes without markers: the marker stays
+        at the RESET, and a crash redoes the set from there, on an empty tree
+        (an initial sync's tens of thousands of creates, one commit).
+        """
         start, intent = 0, None
         if marker is not None:
             start, intent = marker[1], marker[2]
         elif self.staging.syncing == set_id:
             start = self.staging.last_reset(set_id)  # an initial sync starts from empty
-        in_doubt = marker is not None
+        in_doubt, after_reset = marker is not None, False
         for record in self.staging.records(set_id, start):
             self.faults.step(set_id, record.seq)
             if in_doubt:
                 redo(tree, record, intent)
                 in_doubt = False
-            elif record.op in NAMESPACE_OPS:
+            elif record.op in NAMESPACE_OPS and (not after_reset or record.op == Op.RESET):
                 self.staging.set_marker(record, intent_for(tree, record))
                 self.faults.step(set_id, record.seq)
                 apply(tree, record)
             else:
                 apply(tree, record)
+            after_reset = after_reset or record.op == Op.RESET

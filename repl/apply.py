@@ -17,6 +17,8 @@ it leaves behind, which nothing after it in the replayed run can change
 - CREATE, MKDIR, MKNOD, SYMLINK, LINK: done iff the new name exists. The
   kernel checked the name was free on the primary, and the replica mirrors
   it. Ownership and mode are set again either way (idempotent).
+- FILE: done iff the name exists; its size, bytes, owner, mode and times
+  are set again either way (data ops, idempotent).
 - UNLINK, RMDIR, RENAME: done iff the old name is gone. (A rename between
   two names of one inode is a no-op in POSIX, and so is its redo.)
 - RENAME with RENAME_EXCHANGE: both names exist before and after, so the
@@ -85,7 +87,7 @@ def intent_for(tree: Tree, record: Record) -> bytes | None:
 def is_done(tree: Tree, record: Record, intent: bytes | None) -> bool:
     """Whether the namespace op *record* already happened (the redo rule above)."""
     op = record.op
-    if op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK):
+    if op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE):
         return tree.lstat(record.path) is not None
     if op == Op.LINK:
         return tree.lstat(record.path2) is not None
@@ -102,7 +104,11 @@ def is_done(tree: Tree, record: Record, intent: bytes | None) -> bool:
 
 def redo(tree: Tree, record: Record, intent: bytes | None) -> None:
     """Apply *record* whose outcome is in doubt after a crash."""
-    if record.op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK) and is_done(tree, record, intent):
+    if record.op == Op.FILE and is_done(tree, record, intent):
+        fd, name = tree.parent(record.path)
+        _fill(os.open(name, _FILE_FLAGS, dir_fd=fd), record, truncate=True)
+    elif record.op in (Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK) and is_done(tree, record,
+                                                                                intent):
         _set_owner_mode(tree, record)
     elif not is_done(tree, record, intent):
         apply(tree, record)
@@ -163,6 +169,10 @@ def apply(tree: Tree, record: Record) -> None:
         os.close(os.open(name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777,
                          dir_fd=fd))
         _set_owner_mode(tree, record)
+    elif op == Op.FILE:
+        fd, name = tree.parent(record.path)
+        _fill(os.open(name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777,
+                      dir_fd=fd), record)
     elif op == Op.MKDIR:
         fd, name = tree.parent(record.path)
         os.mkdir(name, record.mode & 0o7777, dir_fd=fd)
@@ -209,6 +219,23 @@ def apply(tree: Tree, record: Record) -> None:
                 raise
     else:
         raise ValueError(f"cannot apply {op!r}")
+
+
+def _fill(fd: int, record: Record, truncate: bool = False) -> None:
+    """Give the file open at *fd* (closed here) a FILE record's bytes, then its owner,
+    its exact mode (chown clears set-id bits) and its times."""
+    try:
+        if truncate:
+            os.ftruncate(fd, len(record.data))
+        view, offset = memoryview(record.data), 0
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        os.fchown(fd, record.uid, record.gid)
+        os.fchmod(fd, stat.S_IMODE(record.mode))
+        os.utime(fd, ns=(record.atime_ns, record.mtime_ns))
+    finally:
+        os.close(fd)
 
 
 def _empty_dir(dir_fd: int) -> None:

@@ -29,7 +29,7 @@ from store.records import RENAME_EXCHANGE, Op, Record
 
 _DATA_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})
 _ATTR_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
-_NEW_NODE_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK})
+_NEW_NODE_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
 
 
 class Invalidator(Protocol):

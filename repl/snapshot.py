@@ -5,8 +5,10 @@ initial sync a RESET record and then one record per entry of the backing
 tree (directories, files, hard links, symlinks, nodes, owners, modes and
 xattrs), written in one synchronous step so that the namespace is a
 snapshot; for a rejoin, or a resend after an unclean stop, just the paths
-that differ. The entries' data does not go into the journal here: its
-ranges go to the dirty map, which the resync's steps read.
+that differ. A small file goes whole, with its data and times, as one FILE
+record (up to INLINE_BYTES in all, so the step holding the capture's lock
+stays short); the data of the others does not go into the journal here:
+its ranges go to the dirty map, which the resync's steps read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from store.notes import Note, NoteKind
 from store.records import Op, is_under
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+SMALL_FILE = 64 << 10  # a file up to this size goes whole in one FILE record...
+INLINE_BYTES = 1 << 30  # ... while a snapshot has read less than this in all
 
 
 class Snapshot:
@@ -37,7 +42,7 @@ class Snapshot:
     def __init__(self, journal: Journal, backing: Tree, dirty: DirtyMap,
                  touched: Touched) -> None:
         self.journal, self.backing, self.dirty, self.touched = journal, backing, dirty, touched
-        self.entries = self.data = 0
+        self.entries = self.data = self.inline = 0
         self._first_name: dict[int, bytes] = {}  # inode with several names -> the first
 
     def tree(self) -> None:
@@ -182,10 +187,13 @@ class Snapshot:
         if stat.S_ISDIR(mode):
             journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
         elif stat.S_ISREG(mode):
-            journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
-            if st.st_size:
-                self.dirty.add(path, 0, st.st_size)
-                self.data += st.st_size
+            if self._whole(fd, raw, path):
+                self.touched.paths.discard(path)  # its times came with it, as at the close
+            else:
+                journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
+                if st.st_size:
+                    self.dirty.add(path, 0, st.st_size)
+                    self.data += st.st_size
         elif stat.S_ISLNK(mode):
             journal.append(Op.SYMLINK, path=path, data=os.readlink(raw, dir_fd=fd), uid=uid,
                            gid=gid)
@@ -199,6 +207,32 @@ class Snapshot:
             finally:
                 os.close(sub)
         return stat.S_ISDIR(mode)
+
+    def _whole(self, dir_fd: int, raw: bytes, path: bytes) -> bool:
+        """Journal the regular file *raw* in *dir_fd* as one FILE record, if it is small,
+        not sparse, and the snapshot's INLINE_BYTES allow. True if it was."""
+        fd = os.open(raw, _FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
+            if (size > SMALL_FILE or self.inline + size > INLINE_BYTES
+                    or st.st_blocks * 512 < size or not stat.S_ISREG(st.st_mode)):
+                return False  # the dirty map's ranges, holes and all, via the steps
+            chunks, left = [], size
+            while left:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break  # shorter than it was: the file is what was read
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        self.journal.append(Op.FILE, path=path, mode=st.st_mode, uid=st.st_uid,
+                            gid=st.st_gid, atime_ns=st.st_atime_ns,
+                            mtime_ns=st.st_mtime_ns, data=data)
+        self.inline += len(data)
+        return True
 
     def _xattrs(self, dir_fd: int, name: bytes | None, path: bytes) -> None:
         where: bytes | int = fd_path(dir_fd, name) if name else dir_fd

@@ -15,7 +15,7 @@ from store.records import RENAME_EXCHANGE, Op, Record, is_under
 _DATA_OPS = frozenset(
     {Op.WRITE, Op.TRUNCATE, Op.FALLOCATE, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR}
 )
-_NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK})
+_NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
 
 
 def parent_of(path: bytes) -> bytes:

@@ -21,13 +21,15 @@ def describe(record: Record, raw: bytes) -> str:
         parts.append("-> " + repr(record.path2.decode(errors="backslashreplace")))
     if record.op == Op.WRITE:
         parts.append(f"offset={record.offset} length={len(record.data)}")
+    if record.op == Op.FILE:
+        parts.append(f"length={len(record.data)}")
     if record.op == Op.FALLOCATE:
         parts.append(f"offset={record.offset} length={record.length}")
     for name in ("size", "mode", "uid", "gid", "rdev", "flags", "count"):
         if name in wanted:
             value = getattr(record, name)
             parts.append(f"{name}={value:#o}" if name == "mode" else f"{name}={value}")
-    if record.op == Op.UTIMES:
+    if record.op in (Op.UTIMES, Op.FILE):
         parts.append(f"atime_ns={record.atime_ns} mtime_ns={record.mtime_ns}")
     if record.op in (Op.SETXATTR, Op.REMOVEXATTR):
         parts.append(f"name={record.name.decode(errors='backslashreplace')}")

@@ -18,6 +18,10 @@ Layout (big-endian)::
 Field kinds: a path is u16 length + bytes (relative to the tree root, "" is
 the root itself), a blob is u32 length + bytes, integers are u32, u64 or i64.
 
+FILE is a new regular file with its mode, owner, times and every byte of
+it: a sync's snapshot (repl/snapshot.py) sends a small file as one record,
+not a CREATE, a WRITE and a UTIMES.
+
 FALLOCATE carries fallocate(2)'s mode in ``flags``, its range in ``offset``
 and ``length``: the same call is made again where it is applied.
 
@@ -71,6 +75,7 @@ class Op(enum.IntEnum):
     RESET = 18  # empty the tree: the first record of an initial sync's data set
     PRUNE = 19  # remove a path and all under it, if there: a rejoin's divergence undone
     FALLOCATE = 20  # fallocate(2) on a range: preallocate, punch a hole, zero a range
+    FILE = 21  # a whole regular file made at once (a sync's snapshot): see below
 
 
 RENAME_NOREPLACE = 1
@@ -131,20 +136,21 @@ FIELDS: dict[Op, tuple[str, ...]] = {
     Op.RESET: (),
     Op.PRUNE: ("path",),
     Op.FALLOCATE: ("path", "flags", "offset", "length"),
+    Op.FILE: ("path", "mode", "uid", "gid", "atime_ns", "mtime_ns", "data"),
 }
 
 # Ops that change which names exist. They are not idempotent, so the
 # applier commits a marker before each one (see repl/apply.py).
 NAMESPACE_OPS = frozenset(
     {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME,
-     Op.RESET, Op.PRUNE}
+     Op.RESET, Op.PRUNE, Op.FILE}
 )
 # Ops whose target may be the root itself (path "").
 ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
 # Ops with rules of their own in validate() (a name, flags, a mode, a count).
 _OWN_RULES = frozenset({Op.RENAME, Op.MKNOD, Op.SETXATTR, Op.REMOVEXATTR, Op.SYMLINK,
-                        Op.FALLOCATE, Op.SYNC})
+                        Op.FALLOCATE, Op.SYNC, Op.FILE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +292,8 @@ class Record:
                               "alone with KEEP_SIZE")
         if self.op == Op.FALLOCATE and not self.length:
             raise RecordError("fallocate of no bytes")
+        if self.op == Op.FILE and stat.S_IFMT(self.mode) != stat.S_IFREG:
+            raise RecordError(f"file record of another file type {self.mode:#o}")
         if self.op == Op.SYNC and self.count != self.seq:
             raise RecordError(f"sync at seq {self.seq} carries op count {self.count}")
 
@@ -371,7 +379,13 @@ def peek_key(buf: bytes | memoryview) -> tuple[int, int]:
 
 def is_sync(buf: bytes | memoryview) -> bool:
     """True if the encoded record is a SYNC, the last of its set (read from its header)."""
-    return len(buf) > 1 and buf[1] == Op.SYNC
+    return peek_op(buf) == Op.SYNC
+
+
+def peek_op(buf: bytes | memoryview) -> int:
+    """The op of an encoded record, read from its header without decoding it (0 if too
+    short to have one)."""
+    return buf[1] if len(buf) > 1 else 0
 
 
 def encode_set(set_id: int) -> bytes:

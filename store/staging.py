@@ -22,7 +22,7 @@ import lmdb
 
 from store import identity
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
-from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
+from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set, peek_op
 from store.setstate import SetState
 
 _APPLIED = b"applied"
@@ -242,9 +242,16 @@ class Staging(LmdbDir):
     def last_reset(self, set_id: int) -> int:
         """The seq of the last RESET in *set_id* (0 if none): its records before it are moot."""
         seq = 0
-        for record in self.records(set_id):
-            if record.op == Op.RESET:
-                seq = record.seq
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._records)
+            if not cursor.set_range(encode_key(set_id, 0)):
+                return 0
+            for key, value in cursor:
+                found, at = decode_key(key)
+                if found != set_id:
+                    break
+                if peek_op(value) == Op.RESET:
+                    seq = at
         return seq
 
     def finish(self, set_id: int) -> None:

@@ -9,6 +9,7 @@ close of the last set, every op done once.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -47,8 +48,46 @@ def data_sets() -> list[list[Record]]:
          (Op.UTIMES, {"path": b"c", "atime_ns": T, "mtime_ns": T}),
          (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})],
     ]
+    return numbered(ops)
+
+
+def sync_sets() -> list[list[Record]]:
+    """The sets of data_sets(), but the third starts over from a RESET, as an initial
+    sync does: the rest of that set commits no marker, and a crash in it must redo
+    it from the RESET."""
+    ops: list[list[tuple[Op, dict[str, object]]]] = [
+        [(Op.RESET, {}),
+         (Op.MKDIR, {"path": b"x", "mode": 0o40755, "uid": 0, "gid": 0}),
+         (Op.FILE, {"path": b"x/f", "mode": 0o104755, "uid": 1, "gid": 2, "atime_ns": T,
+                    "mtime_ns": T, "data": b"small" * 9}),
+         (Op.FILE, {"path": b"g", "mode": 0o100600, "uid": 0, "gid": 0, "atime_ns": T,
+                    "mtime_ns": T, "data": b""}),
+         (Op.LINK, {"path": b"g", "path2": b"x/h"}),
+         (Op.CREATE, {"path": b"big", "mode": 0o100644, "uid": 0, "gid": 0}),
+         (Op.WRITE, {"path": b"big", "offset": 0, "data": b"B" * 5000}),
+         (Op.RENAME, {"path": b"x/f", "path2": b"y", "flags": 0}),
+         (Op.WRITE, {"path": b"y", "offset": 2, "data": b"ALL"}),
+         (Op.UTIMES, {"path": b"big", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"y", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"x", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})],
+        [(Op.UNLINK, {"path": b"g"}),
+         (Op.FILE, {"path": b"g", "mode": 0o100640, "uid": 0, "gid": 0, "atime_ns": T,
+                    "mtime_ns": T, "data": b"again"}),
+         (Op.RENAME, {"path": b"y", "path2": b"x/y", "flags": 0}),
+         (Op.UTIMES, {"path": b"x/y", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"x", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})],
+    ]
+    first = data_sets()[:2]
+    return first + numbered(ops, start=len(first) + 1)
+
+
+def numbered(ops: list[list[tuple[Op, dict[str, object]]]],
+             start: int = 1) -> list[list[Record]]:
+    """Each list of ops as a set of records, from set *start* on, each ending in SYNC."""
     sets = []
-    for set_id, set_ops in enumerate(ops, start=1):
+    for set_id, set_ops in enumerate(ops, start=start):
         records = [Record(op, set_id, seq, **fields)  # type: ignore[arg-type]
                    for seq, (op, fields) in enumerate(set_ops)]
         sets.append([*records, Record(Op.SYNC, set_id, len(records), count=len(records))])
@@ -100,8 +139,10 @@ def fresh(run: Path, sets: list[list[Record]]) -> tuple[Path, Staging]:
     return replica, staging
 
 
-def test_batch_cut_at_every_step_reaches_the_last_set(tmp_path: Path) -> None:
-    sets = data_sets()
+@pytest.mark.parametrize("make", [data_sets, sync_sets], ids=["sets", "reset"])
+def test_batch_cut_at_every_step_reaches_the_last_set(
+        tmp_path: Path, make: Callable[[], list[list[Record]]]) -> None:
+    sets = make()
     want = expected(tmp_path, sets)
     replica, staging = fresh(tmp_path / "clean", sets)
     with closing(staging):

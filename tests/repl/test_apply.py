@@ -170,6 +170,27 @@ def test_apply_create_ok(root: Path, tree: Tree) -> None:
     assert (st.st_uid, st.st_gid, st.st_size) == (1234, 5678, 0)
 
 
+def test_apply_file_ok(root: Path, tree: Tree) -> None:
+    """A FILE record is the whole file: its bytes, owner, exact mode and times."""
+    old = os.umask(0o077)
+    try:
+        apply(tree, rec(Op.FILE, b"d/new", mode=FILE | 0o4755, uid=1234, gid=5678,
+                        atime_ns=1_000_000_001, mtime_ns=2_000_000_002, data=b"\0data"))
+    finally:
+        os.umask(old)
+    st = os.lstat(root / "d" / "new")
+    assert (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)) == (FILE, 0o4755)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_001, 2_000_000_002)
+    assert (root / "d" / "new").read_bytes() == b"\0data"
+
+
+def test_apply_file_err_exists(root: Path, tree: Tree) -> None:
+    with pytest.raises(FileExistsError):
+        apply(tree, rec(Op.FILE, b"f", mode=FILE | 0o644, data=b"x"))
+    assert (root / "f").read_bytes().startswith(b"0123")
+
+
 def test_apply_create_err_exists(root: Path, tree: Tree) -> None:
     with pytest.raises(FileExistsError):
         apply(tree, rec(Op.CREATE, b"f", mode=FILE | 0o644))
@@ -354,6 +375,9 @@ class Case:
 CASES: dict[str, Case] = {
     "create": Case(rec(Op.CREATE, b"d/new", mode=FILE | 0o4751, uid=1000, gid=1001),
                    _create("d/new")),
+    "file": Case(rec(Op.FILE, b"d/small", mode=FILE | 0o4751, uid=1000, gid=1001,
+                     atime_ns=7_000_000_123, mtime_ns=9_000_000_456, data=b"whole" * 100),
+                 _create("d/small")),
     "mkdir": Case(rec(Op.MKDIR, b"d/sub", mode=DIR | 0o2750, uid=5, gid=6),
                   lambda r: os.mkdir(r / "d" / "sub")),
     "mknod-fifo": Case(rec(Op.MKNOD, b"fifo", mode=stat.S_IFIFO | 0o640, uid=7, gid=8),

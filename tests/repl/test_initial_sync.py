@@ -173,11 +173,12 @@ def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> Non
 
 def test_initial_sync_status_ok_progress(tmp_path: Path) -> None:
     """While the sync runs, the primary's status shows it, its total, and how much is
-    done, only ever growing; then it streams again. A tree of many small files
-    makes many small steps, so the sync lasts long enough to be seen."""
+    done, only ever growing; then it streams again. A tree of many files just past
+    SMALL_FILE (not sent whole by the snapshot) makes many small steps, so the sync
+    lasts long enough to be seen."""
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     (backing / "d").mkdir(parents=True)
-    files, size = 1500, 4096
+    files, size = 600, 68 << 10
     for i in range(files):
         (backing / "d" / f"f{i}").write_bytes(os.urandom(size))
     total = files * size

@@ -26,7 +26,7 @@ from repl.tree import Tree
 from store.journal import Journal
 
 TICK = 0.05
-FILES, SIZE = 200, 64 << 10  # a step per file
+FILES, SIZE = 200, 68 << 10  # a step per file (past SMALL_FILE: not sent whole)
 LINE = re.compile(r"initial sync \[(#*) *\] ([\d.]+)/([\d.]+) MB ([\d.]+) MB/s ETA (\d+)s$")
 
 

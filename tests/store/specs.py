@@ -62,6 +62,9 @@ SPECS: dict[str, Record] = {
     "fallocate-punch": Record(Op.FALLOCATE, SET, 24, path=b"f",
                               flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset=4096,
                               length=8192),
+    "file": Record(Op.FILE, SET, 25, path=b"dir/small", mode=stat.S_IFREG | 0o2640,
+                   uid=70_000, gid=70_001, atime_ns=-(1 << 40), mtime_ns=(1 << 61) + 9,
+                   data=b"whole\x00file"),
 }
 
 

@@ -70,6 +70,8 @@ def records(draw: st.DrawFn, ops: st.SearchStrategy[Op] = _any_op,
         values["flags"] = draw(st.sampled_from([0, 1, 2]))
     elif op == Op.MKNOD:
         values["mode"] = draw(_node_modes)
+    elif op == Op.FILE:
+        values["mode"] = stat.S_IFREG | draw(st.integers(0, 0o7777))
     elif op == Op.FALLOCATE:
         values["flags"] = draw(_fallocate_modes)
         values["length"] = draw(st.integers(1, MAX_OFFSET >> 1))

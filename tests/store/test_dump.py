@@ -37,6 +37,8 @@ SHOWS: dict[str, list[str]] = {
     "prune": ["'dir/sub'"],
     "fallocate": ["'dir/file'", "offset=1099511627779 length=8589934593", "flags=16"],
     "fallocate-punch": ["'f'", "offset=4096 length=8192", "flags=3"],
+    "file": ["'dir/small'", "length=10", "mode=0o102640", "uid=70000", "gid=70001",
+             "atime_ns=-1099511627776", "mtime_ns=2305843009213693961"],
 }
 
 

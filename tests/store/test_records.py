@@ -369,6 +369,12 @@ def test_record_validate_err_mknod_type(kind: int) -> None:
     assert_invalid(record, "mknod of unsupported file type")
 
 
+@pytest.mark.parametrize("kind", [stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, 0])
+def test_record_validate_err_file_type(kind: int) -> None:
+    assert_invalid(Record(Op.FILE, 1, 0, path=b"f", mode=kind | 0o644),
+                   "file record of another file type")
+
+
 @pytest.mark.parametrize("kind", [stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                                   stat.S_IFSOCK])
 def test_record_validate_ok_mknod_type(kind: int) -> None:

@@ -1,0 +1,43 @@
+"""What a sync's snapshot journals for each entry of the tree, in-process."""
+
+from __future__ import annotations
+
+import os
+from contextlib import closing
+from pathlib import Path
+
+from repl.capture import Capture
+from repl.snapshot import SMALL_FILE
+from repl.tree import Tree
+from store.journal import Journal
+from store.records import Op
+
+
+def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
+    """A small file is one FILE record with its bytes and times, and no UTIMES at the
+    close; a file past SMALL_FILE and a sparse one are a CREATE and dirty ranges."""
+    backing = tmp_path / "b"
+    (backing / "d").mkdir(parents=True)
+    (backing / "d" / "small").write_bytes(b"s" * 2048)
+    os.utime(backing / "d" / "small", ns=(1_000_000_007, 2_000_000_009))
+    (backing / "empty").write_bytes(b"")
+    (backing / "large").write_bytes(b"L" * (SMALL_FILE + 1))
+    with open(backing / "sparse", "wb") as f:
+        f.truncate(16384)
+        f.write(b"head")
+    os.link(backing / "d" / "small", backing / "hard")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        set_id = capture.resync.start_full_sync()
+        records = [r for r in journal.records(set_id) if r.op not in (Op.CHMOD, Op.CHOWN)]
+        ops = {r.path2 or r.path: r for r in records}
+        assert {path: r.op for path, r in ops.items() if path} == {
+            b"d": Op.MKDIR, b"hard": Op.FILE, b"d/small": Op.LINK, b"empty": Op.FILE,
+            b"large": Op.CREATE, b"sparse": Op.CREATE}
+        whole = ops[b"hard"]  # the first name of the two the walk meets
+        assert (whole.data, whole.atime_ns, whole.mtime_ns) == (b"s" * 2048, 1_000_000_007,
+                                                                2_000_000_009)
+        assert capture.resync.progress_total == SMALL_FILE + 1 + 16384
+        closing_utimes = capture.touched.paths
+        assert b"hard" not in closing_utimes and b"empty" not in closing_utimes
+        assert {b"", b"d", b"large", b"sparse", b"d/small"} <= closing_utimes
