@@ -22,13 +22,14 @@ import lmdb
 
 from store import identity
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
-from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set, peek_op
+from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 from store.setstate import SetState
 
 _APPLIED = b"applied"
 _MARKER = b"marker"
 _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
+_RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it is staged
 _KEY_SIZE = 12
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
 # most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
@@ -92,6 +93,11 @@ class Staging(LmdbDir):
                 self.passed(len(value))
                 if record.op == Op.SYNC:
                     state.sync_seen, state.count = True, record.count
+                elif record.op == Op.RESET:
+                    where = _RESET + encode_set(record.set)
+                    noted = txn.get(where, db=self._meta)
+                    if noted is None or decode_key(noted)[1] < record.seq:
+                        txn.put(where, record.key, db=self._meta)
             for set_id, state in states.items():
                 was_complete = state.complete
                 if state.check_complete() and not was_complete:
@@ -186,6 +192,7 @@ class Staging(LmdbDir):
         self.delete_run(txn, self._records, encode_key(set_id, 0),
                         lambda key: decode_key(key)[0] != set_id)
         txn.delete(encode_set(set_id), db=self._sets)
+        txn.delete(_RESET + encode_set(set_id), db=self._meta)
 
     # --- apply log -------------------------------------------------------------------
 
@@ -240,19 +247,13 @@ class Staging(LmdbDir):
         return bytes(raw) if raw is not None else None
 
     def last_reset(self, set_id: int) -> int:
-        """The seq of the last RESET in *set_id* (0 if none): its records before it are moot."""
-        seq = 0
+        """The seq of the last RESET in *set_id* (0 if none): its records before it are moot.
+
+        Noted as the set is staged: the set is not read for it (an initial sync's set
+        is as large as the tree)."""
         with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._records)
-            if not cursor.set_range(encode_key(set_id, 0)):
-                return 0
-            for key, value in cursor:
-                found, at = decode_key(key)
-                if found != set_id:
-                    break
-                if peek_op(value) == Op.RESET:
-                    seq = at
-        return seq
+            raw = txn.get(_RESET + encode_set(set_id), db=self._meta)
+        return decode_key(raw)[1] if raw else 0
 
     def finish(self, set_id: int) -> None:
         """Record *set_id* applied and drop the marker, durably; the applied sets are

@@ -234,6 +234,21 @@ def test_staging_records_ok_start_seq(staging: Staging) -> None:
     assert list(staging.records(9)) == []
 
 
+def test_staging_last_reset_ok_noted_as_staged(path: Path) -> None:
+    """The last RESET of a set, whatever order its records arrive in, kept across a
+    restart and gone with the set."""
+    resets = [Record(Op.RESET, 4, seq) for seq in (1, 7, 3)]
+    with closing(Staging(path)) as staging:
+        staging.stage([resets[0]])
+        staging.stage(resets[1:])
+        assert (staging.last_reset(4), staging.last_reset(5)) == (7, 0)
+    with closing(Staging(path)) as staging:
+        assert staging.last_reset(4) == 7
+        staging.stage([Record(Op.SYNC, 4, 8, count=8)])
+        assert staging.drop_unapplied() == [4]
+        assert staging.last_reset(4) == 0
+
+
 # --- the apply log ---------------------------------------------------------------------
 
 
