@@ -110,7 +110,7 @@ class KernelCache:
             with self._mutex:
                 batch.reread.add(ino)
 
-    # --- the applier (repl.secondary.footprint.Invalidator) -------------------------------------
+    # --- the applier (repl.secondary.footprint.Invalidator) ---------------------------
 
     def begin(self, touched: Footprint) -> None:
         fuse = self._fuse_ino
