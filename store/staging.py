@@ -69,14 +69,17 @@ class Staging(LmdbDir):
             raw = txn.get(_APPLIED, db=self._meta)
         return decode_set(raw) if raw else 0
 
-    def stage(self, records: list[Record]) -> Staged:
-        """Stage *records* in one transaction; duplicates and stale ones are dropped."""
+    def stage(self, records: list[Record], raws: list[bytes] | None = None) -> Staged:
+        """Stage *records* in one transaction; duplicates and stale ones are dropped.
+
+        *raws*, if given, are the records' encodings as they arrived (decoding them
+        checked them): those bytes are staged, not the records encoded again."""
         out = Staged()
         states: dict[int, SetState] = {}
         with self.env.begin(write=True) as txn:
             raw = txn.get(_APPLIED, db=self._meta)
             applied = decode_set(raw) if raw else 0
-            for record in records:
+            for at, record in enumerate(records):
                 if record.set <= applied:
                     out.stale += 1
                     continue
@@ -88,7 +91,7 @@ class Staging(LmdbDir):
                 if not state.mark(record.seq):
                     out.duplicates += 1
                     continue
-                value = record.encode()
+                value = raws[at] if raws is not None else record.encode()
                 txn.put(record.key, value, db=self._records)
                 self.passed(len(value))
                 if record.op == Op.SYNC:

@@ -115,7 +115,7 @@ class Receiver:
         self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
-            tuple[_Stream, Record, int]](STAGE_BATCH)
+            tuple[_Stream, Record, bytes]](STAGE_BATCH)
         self._queued = 0  # bytes of the records read and not yet staged
         self._dequeued = trio.lowlevel.ParkingLot()  # readers waiting for _queued to drop
         self._streams: list[_Stream] = []
@@ -372,9 +372,9 @@ class Receiver:
                     # All of a frame's records before the stager runs: a set sent in
                     # one frame is staged in one transaction and one sync, not two.
                     try:
-                        self._incoming_send.send_nowait((stream, record, size))
+                        self._incoming_send.send_nowait((stream, record, raw))
                     except trio.WouldBlock:
-                        await self._incoming_send.send((stream, record, size))
+                        await self._incoming_send.send((stream, record, raw))
                 except BaseException:  # not sent: the stager will not give it back
                     self._queued -= size
                     self._dequeued.unpark_all()
@@ -383,26 +383,27 @@ class Receiver:
     async def _stager(self) -> None:
         while True:
             batch = [await self._incoming.receive()]
-            size = len(batch[0][1].data)
+            size = len(batch[0][2])
             while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
                 try:
                     batch.append(self._incoming.receive_nowait())
                 except trio.WouldBlock:
                     break
-                size += len(batch[-1][1].data)
+                size += len(batch[-1][2])
             try:
-                await self._stage([(s, r) for s, r, _ in batch if s.session == self._session])
+                await self._stage([item for item in batch if item[0].session == self._session])
             finally:
-                self._queued -= sum(queued for _, _, queued in batch)
+                self._queued -= sum(len(raw) for _, _, raw in batch)
                 self._dequeued.unpark_all()
 
-    async def _stage(self, batch: list[tuple[_Stream, Record]]) -> None:
+    async def _stage(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
         """Stage *batch* durably, acknowledge it on the streams it came from, and wake
         the applier if a set is complete."""
         if not batch:
             return  # all from streams a newer session replaced
-        result = self.staging.stage([record for _, record in batch])
-        if sum(len(record.data) for _, record in batch) <= INLINE_SYNC_BYTES:
+        result = self.staging.stage([record for _, record, _ in batch],
+                                    [raw for _, _, raw in batch])
+        if sum(len(record.data) for _, record, _ in batch) <= INLINE_SYNC_BYTES:
             self.staging.sync()
         else:
             await trio.to_thread.run_sync(self.staging.sync)
@@ -412,7 +413,7 @@ class Receiver:
         if result.keys:
             self.status.last_staged = max(self.status.last_staged, max(result.keys))
         acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
-        for stream, record in batch:
+        for stream, record, _ in batch:
             acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
         for stream, keys in acks.values():
             try:
