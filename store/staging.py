@@ -33,8 +33,8 @@ _RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it i
 _KEY_SIZE = 12
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
 # most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
-# yet staged them all (repl/promote.py), and a replica that applied sets a new primary
-# never had can say which paths they touched (repl/rejoin.py). A few seconds of sets
+# yet staged them all (repl/secondary/promote.py), and a replica that applied sets a new primary
+# never had can say which paths they touched (repl/secondary/rejoin.py). A few seconds of sets
 # at one a second; the bytes bound the disk they take under a heavy writer.
 HISTORY_SETS = 16
 HISTORY_BYTES = 32 << 20
@@ -290,7 +290,7 @@ def read_syncing(staging_dir: Path) -> int | None:
 
 @dataclass(frozen=True)
 class Standing:
-    """What a replica holds, as an election compares it (repl/election.py)."""
+    """What a replica holds, as an election compares it (repl/cluster/election.py)."""
 
     generation: int
     applied: int

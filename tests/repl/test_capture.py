@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl import recovery
 from repl.activity import EXTENT
-from repl.capture import Capture
 from repl.faults import ENV_BOOT_ID
+from repl.primary import recovery
+from repl.primary.capture import Capture
 from repl.tree import Tree
 from store.journal import Journal
 from store.notes import Note, NoteKind

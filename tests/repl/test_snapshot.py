@@ -6,8 +6,8 @@ import os
 from contextlib import closing
 from pathlib import Path
 
-from repl.capture import Capture
-from repl.snapshot import SMALL_FILE
+from repl.primary.capture import Capture
+from repl.primary.snapshot import SMALL_FILE
 from repl.tree import Tree
 from store.journal import Journal
 from store.records import Op

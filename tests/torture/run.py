@@ -14,7 +14,7 @@ from pathlib import Path
 
 from repl.errors import UsageError
 from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import is_held
 from store.staging import read_applied, read_syncing

@@ -1,6 +1,6 @@
 """The backing tree journaled as records, for a replica brought up from it.
 
-A sync (repl/resync.py) starts with a snapshot in the open set: for an
+A sync (repl/primary/resync.py) starts with a snapshot in the open set: for an
 initial sync a RESET record and then one record per entry of the backing
 tree (directories, files, hard links, symlinks, nodes, owners, modes and
 xattrs), written in one synchronous step so that the namespace is a
@@ -18,7 +18,7 @@ import os
 import stat
 
 from repl.diverge import Divergence
-from repl.touched import Touched
+from repl.primary.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal

@@ -15,18 +15,18 @@ from typing import Any
 import trio
 
 from repl import control, histograms, metrics
-from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
 from repl.fc import target as fc_target
 from repl.fc.names import Names, show
-from repl.footprint import Invalidator
-from repl.gate import Gate
 from repl.iscsi import chap, target
 from repl.iscsi.names import DEFAULT_IQN
-from repl.receiver import Receiver
-from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
+from repl.secondary.applier import Applier
+from repl.secondary.footprint import Invalidator
+from repl.secondary.gate import Gate
+from repl.secondary.receiver import Receiver
+from repl.secondary.rejoin import fork_point, keep_branch
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
@@ -66,7 +66,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
 def written_as_primary(journal: Journal) -> bool:
     """True if a primary journaled changes of its own in *journal* (since its generation
     began), even if they are all trimmed now; not for a promoted node's journal that
-    holds only the sets it kept from the primary before it (repl/promote.py)."""
+    holds only the sets it kept from the primary before it (repl/secondary/promote.py)."""
     ident = journal.identity
     first = [h.get("first_set") for h in ident.history if h.get("generation") == ident.generation]
     start = first[0] if first and isinstance(first[0], int) else 1

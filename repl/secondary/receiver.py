@@ -9,7 +9,7 @@ transaction, and the applier is woken.
 
 A primary's connections share a session id; a new session replaces the
 old one (the primary reconnected). A connection first passes the gate
-(repl/gate.py: TLS, the cluster's CA, the primary's name, and its HELLO). A
+(repl/secondary/gate.py: TLS, the cluster's CA, the primary's name, and its HELLO). A
 peer turned away there, or that is not replfs, speaks another version,
 belongs to another cluster or sends an invalid record, is refused with one
 log line (counted by reason in ``status``), and nothing of the replica
@@ -35,7 +35,6 @@ import trio
 
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
-from repl.gate import HANDSHAKE_SECONDS, Gate, Rejected
 from repl.link import Link
 from repl.protocol import (
     MAX_STREAMS,
@@ -51,7 +50,8 @@ from repl.protocol import (
     parse_records,
     staged,
 )
-from repl.rejoin import follow_generation
+from repl.secondary.gate import HANDSHAKE_SECONDS, Gate, Rejected
+from repl.secondary.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Record
