@@ -107,12 +107,16 @@ class _Stream:
 
 class Receiver:
     def __init__(self, staging: Staging, gate: Gate, on_complete: Callable[[], None],
-                 on_reset: Callable[[int], None]) -> None:
+                 on_reset: Callable[[int], None],
+                 on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
+                 ) -> None:
+        """*on_complete*: a set is complete; *on_reset*: an initial sync begins at that
+        set; *on_hello*: the extra fields of our HELLO answer, given the primary's."""
         self.staging = staging
         self.gate = gate
         self.on_complete = on_complete
         self.on_reset = on_reset
-        self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
+        self.on_hello = on_hello
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
             tuple[_Stream, Record, bytes]](STAGE_BATCH)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from repl.secondary.applier import Applier
 from repl.secondary.footprint import Invalidator
 from repl.secondary.gate import Gate
 from repl.secondary.receiver import Receiver
-from repl.secondary.rejoin import fork_point, keep_branch
+from repl.secondary.rejoin import Rejoin
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
@@ -233,6 +232,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         # The same node, cluster and generation (a copy: a newer primary bumps ours).
         staging.identity = copy.deepcopy(old_journal.identity)
         staging.save_identity()
+    rejoining = Rejoin(staging, replica, old_journal, default_state_dir(replica) / "branches")
     try:
         dropped = staging.drop_partial()
         if dropped:
@@ -245,24 +245,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
                           invalidator=invalidator)
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
-                            on_reset=applier.reset_to)
-
-        def on_hello(info: dict[str, Any]) -> dict[str, Any]:
-            """A rejoin: keep our own changes aside, then offer what diverged."""
-            nonlocal old_journal
-            if staging.rejoin is None and old_journal is not None:
-                fork = fork_point(info.get("history"), old_journal.identity.generation)
-                ours, branch = keep_branch(old_journal, replica,
-                                           default_state_dir(replica) / "branches", fork)
-                staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
-                old_journal.close()
-                old_journal.path.rename(branch / "journal")
-                old_journal = None
-                log.info("rejoining after set %d; the new primary sends what diverged", fork - 1)
-            raw = staging.rejoin
-            return {"rejoin": json.loads(raw)} if raw is not None else {}
-
-        receiver.on_hello = on_hello
+                            on_reset=applier.reset_to, on_hello=rejoining.hello)
 
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status
@@ -348,5 +331,4 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
             notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
     finally:
         staging.close()
-        if old_journal is not None:
-            old_journal.close()
+        rejoining.close()
