@@ -68,6 +68,7 @@ from store.records import (
     Record,
     decode_set,
     encode_set,
+    peek_op,
 )
 
 log = logging.getLogger("replfs.resync")
@@ -202,10 +203,19 @@ class Resync:
         journal = self.journal
         base = journal.base
         follows = base is not None and base <= applied < journal.set
-        if rejoin is None and follows:
+        # A replica waiting for a sync set this journal does not hold as one (a power
+        # cut took the set's RESET and snapshot before they were durable, and the
+        # recovered journal reused its id): what it holds is known to no one.
+        lost = syncing is not None and syncing != self.syncing and not self._holds_reset(
+            syncing)
+        if rejoin is None and follows and not lost:
             self.retention.attach(address, applied)
             return None
-        if rejoin is not None:
+        if lost:
+            only: Divergence | None = None
+            log.warning("%s waits for sync set %d, which this journal does not hold as one: "
+                        "it gets the whole tree", address, syncing)
+        elif rejoin is not None:
             only = (rejoin.update(Divergence().add(journal.records(applied + 1))) if follows
                     else None)
         else:
@@ -228,6 +238,15 @@ class Resync:
                                       f"sync of what {address} missed")
         self.retention.attach(address, set_id - 1)
         return set_id
+
+    def _holds_reset(self, set_id: int) -> bool:
+        """Whether the journal holds set *set_id* with a RESET in it (a sync of the tree)."""
+        for found, _, raw, _ in self.journal.iter_raw(set_id):
+            if found != set_id:
+                return False
+            if peek_op(raw) == Op.RESET:
+                return True
+        return False
 
     def start_full_sync(self, only: Divergence | None = None,
                         what: str = "rejoin sync of what diverged") -> int:

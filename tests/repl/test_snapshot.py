@@ -45,3 +45,30 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
         closing_utimes = capture.touched.paths
         assert b"hard" not in closing_utimes and b"empty" not in closing_utimes
         assert {b"", b"d", b"large", b"sparse", b"d/small"} <= closing_utimes
+
+
+def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
+        tmp_path: Path) -> None:
+    """A secondary waiting for sync set S, which the journal holds without its RESET
+    (a power cut took the snapshot before it was durable, and recovery reused the id),
+    gets the whole tree in a new sync; one waiting for a sync set the journal holds
+    whole streams on from it."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"data")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070", "gamma:7070"])
+        capture.resync.start_full_sync()
+        while capture.resync.step() is None:
+            pass
+        whole = journal.set - 1  # the sync set, closed, held for the secondaries
+        assert capture.bring_up("gamma:7070", whole - 1, whole) is None, "streams on"
+        capture.record(Op.CHMOD, path=b"f", mode=0o600)
+        os.chmod(backing / "f", 0o600)
+        capture.close_set()
+        lost = journal.set  # the replica was told to wait for this set as a sync's
+        capture.record(Op.CHMOD, path=b"f", mode=0o640)
+        os.chmod(backing / "f", 0o640)
+        started = capture.bring_up("beta:7070", lost - 1, lost)
+        assert started is not None and started >= lost, "a new sync, not streaming on"
+        assert Op.RESET in [r.op for r in journal.records(started) if r.set == started]

@@ -386,8 +386,22 @@ class Run:
                 entry.unlink()
         shutil.rmtree(self.staging.parent)
         secondary = self.start_secondary()
-        self.start_standby()
+        self.wait_synced()
+        self.start_standby()  # refused while the replica has no consistent set
         return secondary
+
+    def wait_synced(self, timeout: float = 60.0) -> None:
+        """Until the new secondary applied its initial sync's set."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            syncing = read_syncing(self.staging)
+            if syncing is not None:
+                wait_applied(self.replica, syncing, deadline - time.monotonic())
+            elif read_applied(self.staging) >= 1:
+                return
+            else:
+                time.sleep(0.05)  # no primary yet: nothing to wait on but its arrival
+        raise AssertionError(f"no initial sync applied within {timeout:g}s")
 
     def restart_secondary(self, workload: Workload) -> Daemon:
         """Start the secondary after a kill; half the time a user pauses right then,
