@@ -243,10 +243,19 @@ def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
 
 
 def checkpoint(mount: Path, wait: float = 60.0) -> int:
-    """Close a set on the primary and wait until the secondary applied it."""
-    result = replfs("checkpoint", mount, "--wait", str(wait), timeout=wait + 30)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout)
+    """Close a set on the primary and wait until the secondary applied it (with *wait*
+    0, only close it); returns the set.
+
+    The request ``replfs checkpoint --wait`` sends, straight to the control socket:
+    no process started per call (tests/test_cli.py and tests/repl/test_replication.py
+    run the command itself).
+    """
+    from repl import control
+
+    reply = control.request(control.socket_path(mount), "checkpoint", timeout=wait + 30,
+                            wait=wait)
+    assert "error" not in reply, reply["error"]
+    return int(reply["set"])
 
 
 def wait_applied(replica: Path, set_id: int, timeout: float = 60.0) -> int:
@@ -360,10 +369,13 @@ def until(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30
 
 
 def status(target: Path) -> dict[str, Any]:
-    """The status of the daemon serving *target*, straight from its control socket."""
+    """The status of the daemon serving *target*, straight from its control socket: what
+    ``replfs status --json`` prints, without a process per call."""
     from repl import control
 
-    return control.request(control.socket_path(target), "status")
+    reply = control.request(control.socket_path(target), "status")
+    assert "error" not in reply, reply["error"]
+    return reply
 
 
 def state_dir(tree: Path) -> Path:

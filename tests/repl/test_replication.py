@@ -63,9 +63,10 @@ def test_replica_follows_primary_scrambled(tmp_path: Path) -> None:
             db.execute("insert into t values (?)", (i,))
             db.commit()
         db.close()
-        applied = checkpoint(mount)
-        assert applied > 100
-        assert diff(snapshot(backing), snapshot(replica)) == []
+        done = replfs("checkpoint", mount, "--wait", "60")  # the command a user runs
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) > 100
+        assert diff(snapshot(backing), snapshot(replica)) == [], "applied once it returned"
     check = sqlite3.connect(replica / "app.db")
     assert check.execute("pragma integrity_check").fetchone() == ("ok",)
     assert check.execute("select count(*) from t").fetchone() == (100,)

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from repl import tls
 from repl.errors import UsageError
-from tests.repl.peers import assert_one_line_error, status, wait_for_log
+from tests.repl.peers import assert_one_line_error, wait_for_log
 from tests.support import (
     PRIMARY,
     SECONDARY,
@@ -26,6 +26,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    status,
     tls_args,
 )
 

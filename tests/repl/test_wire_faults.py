@@ -44,7 +44,6 @@ from tests.repl.peers import (
     primary_hello,
     record_frame,
     same_length_relative,
-    status,
     wait_for_log,
 )
 from tests.support import (
@@ -57,6 +56,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    status,
     tls_args,
     wait_applied,
 )
