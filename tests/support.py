@@ -248,10 +248,16 @@ def checkpoint(mount: Path, wait: float = 60.0) -> int:
 
     The request ``replfs checkpoint --wait`` sends, straight to the control socket:
     no process started per call (tests/test_cli.py and tests/repl/test_replication.py
-    run the command itself).
+    run the command itself). Waiting, it first lets each of the primary's secondaries
+    connect, or fail to, once: closed before that, the set would be the one before
+    the initial sync's.
     """
     from repl import control
 
+    if wait:
+        until(lambda: status(mount).get("secondaries", []),
+              lambda blocks: all(b["connected"] or b["errors"] for b in blocks),
+              timeout=wait, what="each secondary connected, or failed to, once")
     reply = control.request(control.socket_path(mount), "checkpoint", timeout=wait + 30,
                             wait=wait)
     assert "error" not in reply, reply["error"]

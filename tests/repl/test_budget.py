@@ -25,7 +25,6 @@ from tests.support import (
     checkpoint,
     diff,
     primary,
-    replfs,
     secondary,
     snapshot,
     status,
@@ -59,7 +58,7 @@ def fill_past_budget(mount: Path) -> None:
     """With the secondary stopped, close sets past a 64K budget: the primary overflows."""
     for _ in range(3):
         (mount / "filler").write_bytes(os.urandom(40_000))
-        assert replfs("checkpoint", mount).returncode == 0
+        checkpoint(mount, wait=0)
     (mount / "filler").write_bytes(b"over budget")
     assert status(mount)["mode"] == "overflow"
 
@@ -100,7 +99,7 @@ def test_no_secondary_journal_stays_within_budget(tmp_path: Path) -> None:
     budget = 256 << 10
     with primary(backing, mount, "--journal-max", str(budget), "--set-bytes", "64K"):
         churn(mount, 100, seed=5)
-        replfs("checkpoint", mount)
+        checkpoint(mount, wait=0)
         st = status(mount)
     assert st["mode"] == "streaming"
     assert int(st["journal_bytes"]) <= budget + (128 << 10)
