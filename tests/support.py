@@ -190,11 +190,12 @@ class Daemon:
 
 
 @contextmanager
-def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
-    """A running daemon (`replfs ARGS`) that mounts *mount*, unmounted however the
-    test ends."""
+def mounted(args: list[str], mount: Path, log: Path, command: list[str] = REPLFS
+            ) -> Iterator[Daemon]:
+    """A running daemon (`replfs ARGS`, run as *command*) that mounts *mount*,
+    unmounted however the test ends."""
     mount.mkdir(exist_ok=True)
-    daemon = Daemon(args, log, "serving")
+    daemon = Daemon(args, log, "serving", command=command)
     daemon.start()
     try:
         yield daemon
@@ -204,14 +205,15 @@ def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
         unmount(mount)
 
 
-def primary(backing: Path, mount: Path, *extra: str,
-            log: Path | None = None) -> AbstractContextManager[Daemon]:
-    """A running `replfs primary BACKING MOUNT`; with ``--secondary``, over TLS as
-    PRIMARY unless *extra* says ``--insecure`` or ``--tls``."""
+def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None,
+            command: list[str] = REPLFS) -> AbstractContextManager[Daemon]:
+    """A running `replfs primary BACKING MOUNT` (run as *command*); with
+    ``--secondary``, over TLS as PRIMARY unless *extra* says ``--insecure`` or
+    ``--tls``."""
     if "--secondary" in extra:
         extra = tuple(_secure(extra, PRIMARY, SECONDARY))
     return mounted(["primary", str(backing), str(mount), *extra], mount,
-                   log or backing.parent / f"{mount.name}.log")
+                   log or backing.parent / f"{mount.name}.log", command)
 
 
 @contextmanager
