@@ -32,7 +32,8 @@ from typing import Any
 import trio
 from demo import REPLFS, Proc, free_port, status
 
-from repl import members, tls
+from repl import tls
+from repl.cluster import members
 from repl.verify import differences
 
 NAMES = ("alpha", "beta", "gamma")

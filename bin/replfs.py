@@ -27,9 +27,9 @@ from fs.primary_daemon import PrimaryConfig, run_primary
 from fs.standby_daemon import run_secondary_standby, run_standby
 from repl import config, control, tls
 from repl.iscsi import chap
-from repl.promote import promote
 from repl.protocol import MAX_STREAMS
-from repl.secondary import default_state_dir, pause, resume, run_secondary, staging_dir_of
+from repl.secondary.promote import promote
+from repl.secondary.run import default_state_dir, pause, resume, run_secondary, staging_dir_of
 from repl.verify import verify
 from store import libc
 from store.dump import dump
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.peer, args.insecure, args.rejoin, args.metrics, iscsi=args.iscsi,
                     iqn=args.iqn, chap_file=args.chap, fcip=args.fcip))
         elif args.command == "node":
-            from repl.node import NodeConfig, run_node
+            from repl.cluster.node import NodeConfig, run_node
 
             if args.name is None or args.listen is None:
                 args.parser.error("the following arguments are required: --name and --listen "
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 set_interval=args.set_interval, journal_max=args.journal_max,
                 fsync=args.fsync, fsync_timeout=args.fsync_timeout))
         elif args.command == "cluster":
-            from repl.members import render
-            from repl.members import show as cluster_status
+            from repl.cluster.members import render
+            from repl.cluster.members import show as cluster_status
 
             out = trio.run(cluster_status, args.etcd, args.cluster)
             print(json.dumps(out) if args.json else render(out))

@@ -15,9 +15,9 @@ from typing import NoReturn
 from repl import config, tls
 from repl.config import address, count, iqn, level, positive, secondary_address, size
 from repl.iscsi.names import DEFAULT_IQN
+from repl.primary.semisync import FSYNC_TIMEOUT
+from repl.primary.sender import COMPRESS_LEVEL
 from repl.protocol import MAX_STREAMS
-from repl.semisync import FSYNC_TIMEOUT
-from repl.sender import COMPRESS_LEVEL
 
 DESCRIPTION = "replfs: replicate a directory to standby hosts in crash-consistent data sets."
 

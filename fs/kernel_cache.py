@@ -3,7 +3,7 @@
 The standby mount served by the secondary itself lets the kernel cache the
 replica like any filesystem: names, attributes, file pages. Before the
 applier applies a batch, everything cached that the batch changes must go
-(repl/footprint.py names it), or a reader would see a file of the new set
+(repl/secondary/footprint.py names it), or a reader would see a file of the new set
 next to a cached page of the old one.
 
 The obvious order does not work: with the apply lock held, drop the caches,
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 from fs.inodes import ROOT, Inodes
-from repl.footprint import Footprint
+from repl.secondary.footprint import Footprint
 
 log = logging.getLogger("replfs.standby")
 SWEEPS_TO_LOG = 50  # a batch whose pages took more drops than this is worth a line
@@ -74,7 +74,7 @@ class _Batch:
 
 
 class KernelCache:
-    """Implements repl.footprint.Invalidator for a standby mount; the mount's
+    """Implements repl.secondary.footprint.Invalidator for a standby mount; the mount's
     request handlers ask it for timeouts and tell it of reads.
 
     *lock* is the mount's own (PrimaryFS.lock), which guards *inodes*.
@@ -110,7 +110,7 @@ class KernelCache:
             with self._mutex:
                 batch.reread.add(ino)
 
-    # --- the applier (repl.footprint.Invalidator) -------------------------------------
+    # --- the applier (repl.secondary.footprint.Invalidator) ---------------------------
 
     def begin(self, touched: Footprint) -> None:
         fuse = self._fuse_ino

@@ -102,7 +102,7 @@ class Passthrough(pyfuse3.Operations):
         self._thawed = threading.Event()  # clear while frozen: changes wait for it
         self._thawed.set()
         # Changes are refused with EROFS from this time.monotonic() on: a cluster's
-        # primary may write only while its lease holds (repl/node.py).
+        # primary may write only while its lease holds (repl/cluster/node.py).
         self.write_until = math.inf
 
     def freeze(self) -> None:
@@ -119,7 +119,7 @@ class Passthrough(pyfuse3.Operations):
         """Refuse every change with EROFS from time.monotonic() *until* on (reads go on);
         math.inf lifts the fence.
 
-        A cluster's primary writes only while its lease holds (repl/node.py): it is
+        A cluster's primary writes only while its lease holds (repl/cluster/node.py): it is
         given a deadline at each renewal, so it stops by itself when they stop
         coming. Returns once no change is under way (a fence in the past is in
         force when it returns: none is journaled after it).

@@ -22,9 +22,9 @@ import pyfuse3
 from fs.inodes import ROOT, Inodes
 from fs.passthrough import Passthrough, request
 from repl.apply import intent_for
-from repl.capture import Capture
 from repl.histograms import FSYNC_SECONDS
-from repl.semisync import Semisync
+from repl.primary.capture import Capture
+from repl.primary.semisync import Semisync
 from store.libc import fallocate, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
@@ -206,7 +206,7 @@ class PrimaryFS(Passthrough):
             times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             # The kernel's writeback of a written file's times, at every fsync: the
-            # set already restates that path's times at its close (repl/touched.py).
+            # set already restates that path's times at its close (repl/primary/touched.py).
             if path is not None and self.capture.restates_times(path, fh, inode):
                 self._on_node(inode, fh, os.utime, ns=times)
             else:
@@ -365,9 +365,9 @@ class PrimaryFS(Passthrough):
     def _commit(self, fd: int, datasync: bool) -> None:
         """Close the set and return once it is durable in the journal (an fsync's
         promise: after a crash the journal brings BACKING back to it; see
-        repl/capture.py). Over budget, *fd* itself is synced too. With --fsync
+        repl/primary/capture.py). Over budget, *fd* itself is synced too. With --fsync
         remote, also wait until the secondaries in step staged the set
-        (repl/semisync.py).
+        (repl/primary/semisync.py).
 
         Only closing the set holds the lock: other requests go on while this
         one waits for the disk and the secondaries."""

@@ -19,11 +19,9 @@ import trio
 from fs.inodes import Inodes
 from fs.mount import check_mountpoint, lift_dirty_limit, mount, serve_requests, terminate_on_signal
 from fs.primary import PrimaryFS
-from repl import control, histograms, metrics, recovery
-from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_BYTES, DEFAULT_SET_INTERVAL, Capture
+from repl import control, histograms, metrics
 from repl.config import parse_address
 from repl.errors import UsageError
-from repl.fanout import Fanout
 from repl.fc.link import FcipDialer
 from repl.fc.names import is_fcip
 from repl.fc.names import parse_url as parse_fcip_url
@@ -31,10 +29,18 @@ from repl.iscsi import chap
 from repl.iscsi.link import IscsiDialer
 from repl.iscsi.names import is_iscsi, parse_url
 from repl.link import Dialer, tcp_dialer, transport
+from repl.primary import recovery
+from repl.primary.capture import (
+    DEFAULT_JOURNAL_MAX,
+    DEFAULT_SET_BYTES,
+    DEFAULT_SET_INTERVAL,
+    Capture,
+)
+from repl.primary.fanout import Fanout
+from repl.primary.semisync import FSYNC_TIMEOUT, Semisync
+from repl.primary.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.sdnotify import notify
-from repl.secondary import default_state_dir
-from repl.semisync import FSYNC_TIMEOUT, Semisync
-from repl.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
+from repl.secondary.run import default_state_dir
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.errors import ReplfsError
@@ -262,7 +268,7 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
     async def fence(request: dict[str, Any]) -> dict[str, Any]:
         """Refuse every change with EROFS from time.monotonic() ``until`` on (now if not
         given; null: never): a cluster's primary writes while its lease holds, and
-        is given a new deadline at each renewal (repl/node.py)."""
+        is given a new deadline at each renewal (repl/cluster/node.py)."""
         until = request.get("until", 0.0)
         operations.fence(math.inf if until is None else float(until))
         return {"fenced": operations.fenced}

@@ -19,7 +19,7 @@ from repl import control
 from repl.errors import UsageError
 from repl.iscsi.names import DEFAULT_IQN
 from repl.sdnotify import notify
-from repl.secondary import make_replica, run_secondary, staging_dir_of
+from repl.secondary.run import make_replica, run_secondary, staging_dir_of
 from store.hold import ApplyLock, is_held
 from store.staging import read_applied, read_syncing
 
@@ -71,7 +71,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
                                 metrics_at: str | None = None, iscsi: str | None = None,
                                 iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
                                 fcip: str | None = None) -> None:
-    """The secondary (repl/secondary.py), also serving the standby mount of its replica.
+    """The secondary (repl/secondary/run.py), also serving the standby mount of its replica.
 
     In one process, the applier can drop the kernel's caches of what each batch
     touches before applying it (fs/kernel_cache.py), so the kernel caches the view.

@@ -20,7 +20,7 @@ may change there is *noted* in the journal and the note is durable. A note
 
 An op that a note already covers costs nothing; otherwise ``need()`` says
 which notes to journal, and capture flushes the journal once before the op
-(repl/capture.py). A note covers an op on its own path and kind; a NAME note
+(repl/primary/capture.py). A note covers an op on its own path and kind; a NAME note
 also covers what is made or written under it while it is young (a directory
 just made holds the names made in it), so untarring into a new directory
 or filling one with small files flushes once, not once a file.
@@ -33,15 +33,15 @@ written twice is likely written again: SQLite's database and WAL keep their
 notes and never flush for one; a file written once, as most of a tree being
 filled, lets its notes go, so that a reset, which journals every note in
 force, stays small), but no NAME note: records under one are not replayed
-after a power cut, so an fsync of them syncs BACKING too (repl/capture.py).
+after a power cut, so an fsync of them syncs BACKING too (repl/primary/capture.py).
 A directory made lately whose note went is remembered, and the next name
 made in it notes the directory again: one flush each BACKING sync, not one
 each name. A clean stop keeps no note, so a journal that holds notes at
 start was stopped uncleanly.
 
-After an unclean stop, recovery (repl/recovery.py) skips the records under a
+After an unclean stop, recovery (repl/primary/recovery.py) skips the records under a
 NAME note (the path may name another file now) and resends every noted
-path as BACKING holds it, in one set (repl/resync.py ``resend``): NAME paths
+path as BACKING holds it, in one set (repl/primary/resync.py ``resend``): NAME paths
 whole, the others in place.
 """
 

@@ -28,11 +28,11 @@ from repl.errors import UsageError
 from store.hold import is_held
 
 if TYPE_CHECKING:
-    from repl.applier import Applier
-    from repl.capture import Capture
-    from repl.receiver import Receiver
-    from repl.semisync import Semisync
-    from repl.sender import Sender
+    from repl.primary.capture import Capture
+    from repl.primary.semisync import Semisync
+    from repl.primary.sender import Sender
+    from repl.secondary.applier import Applier
+    from repl.secondary.receiver import Receiver
     from store.identity import Identity
     from store.staging import Staging
 

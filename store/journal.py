@@ -399,7 +399,7 @@ class Journal:
 
     def lead(self, generation: int, cluster: str) -> None:
         """This journal's primary leads (again) as *generation* of *cluster*, from the
-        open set on (a cluster of nodes elected it: repl/node.py)."""
+        open set on (a cluster of nodes elected it: repl/cluster/node.py)."""
         if generation <= self.identity.generation and self.identity.history:
             raise StoreError(f"generation {generation} is not newer than the journal's "
                              f"({self.identity.generation})")

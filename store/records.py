@@ -19,7 +19,7 @@ Field kinds: a path is u16 length + bytes (relative to the tree root, "" is
 the root itself), a blob is u32 length + bytes, integers are u32, u64 or i64.
 
 FILE is a new regular file with its mode, owner, times and every byte of
-it: a sync's snapshot (repl/snapshot.py) sends a small file as one record,
+it: a sync's snapshot (repl/primary/snapshot.py) sends a small file as one record,
 not a CREATE, a WRITE and a UTIMES.
 
 FALLOCATE carries fallocate(2)'s mode in ``flags``, its range in ``offset``

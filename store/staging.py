@@ -33,8 +33,8 @@ _RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it i
 _KEY_SIZE = 12
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
 # most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
-# yet staged them all (repl/promote.py), and a replica that applied sets a new primary
-# never had can say which paths they touched (repl/rejoin.py). A few seconds of sets
+# yet staged them all (repl/secondary/promote.py), and a replica that applied sets a new primary
+# never had can say which paths they touched (repl/secondary/rejoin.py). A few seconds of sets
 # at one a second; the bytes bound the disk they take under a heavy writer.
 HISTORY_SETS = 16
 HISTORY_BYTES = 32 << 20
@@ -69,14 +69,17 @@ class Staging(LmdbDir):
             raw = txn.get(_APPLIED, db=self._meta)
         return decode_set(raw) if raw else 0
 
-    def stage(self, records: list[Record]) -> Staged:
-        """Stage *records* in one transaction; duplicates and stale ones are dropped."""
+    def stage(self, records: list[Record], raws: list[bytes] | None = None) -> Staged:
+        """Stage *records* in one transaction; duplicates and stale ones are dropped.
+
+        *raws*, if given, are the records' encodings as they arrived (decoding them
+        checked them): those bytes are staged, not the records encoded again."""
         out = Staged()
         states: dict[int, SetState] = {}
         with self.env.begin(write=True) as txn:
             raw = txn.get(_APPLIED, db=self._meta)
             applied = decode_set(raw) if raw else 0
-            for record in records:
+            for at, record in enumerate(records):
                 if record.set <= applied:
                     out.stale += 1
                     continue
@@ -88,7 +91,7 @@ class Staging(LmdbDir):
                 if not state.mark(record.seq):
                     out.duplicates += 1
                     continue
-                value = record.encode()
+                value = raws[at] if raws is not None else record.encode()
                 txn.put(record.key, value, db=self._records)
                 self.passed(len(value))
                 if record.op == Op.SYNC:
@@ -287,7 +290,7 @@ def read_syncing(staging_dir: Path) -> int | None:
 
 @dataclass(frozen=True)
 class Standing:
-    """What a replica holds, as an election compares it (repl/election.py)."""
+    """What a replica holds, as an election compares it (repl/cluster/election.py)."""
 
     generation: int
     applied: int

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from repl.faults import ENV_BOOT_ID, ENV_SET_HASHES
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from repl.verify import tree_digest
 from tests.powercut.harness import Simulator, simulator
 from tests.support import (

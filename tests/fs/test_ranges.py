@@ -34,7 +34,7 @@ import fs.passthrough as fs_passthrough
 import fs.primary as fs_primary
 from fs.inodes import ROOT, Inodes
 from fs.primary import COPY_MAX, PrimaryFS
-from repl.capture import Capture
+from repl.primary.capture import Capture
 from repl.tree import Tree
 from store.journal import Journal
 from store.records import Op

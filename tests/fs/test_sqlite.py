@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from repl.applier import syncfs
 from repl.apply import apply
+from repl.secondary.applier import syncfs
 from repl.tree import Tree
 from store.journal import Journal
 from store.records import Op

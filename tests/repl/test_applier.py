@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl.applier import Applier
 from repl.apply import apply
+from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.hold import ApplyLock, interrupted, set_hold, torn
 from store.records import Op, Record
@@ -165,7 +165,7 @@ def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     sets = data_sets()
     syncs: list[int] = []
-    monkeypatch.setattr("repl.applier.syncfs", lambda fd: syncs.append(fd))
+    monkeypatch.setattr("repl.secondary.applier.syncfs", lambda fd: syncs.append(fd))
     replica, staging = fresh(tmp_path, sets)
     with closing(staging):
         apply_all(staging, replica, None)
@@ -210,7 +210,7 @@ def test_apply_sets_ok_readers_see_the_batch_while_it_is_synced(
         syncing.set()
         assert go.wait(30)
 
-    monkeypatch.setattr("repl.applier.syncfs", slow_syncfs)
+    monkeypatch.setattr("repl.secondary.applier.syncfs", slow_syncfs)
     replica, staging = fresh(tmp_path, sets)
     with closing(staging):
         thread = threading.Thread(target=apply_all, args=(staging, replica, None))

@@ -10,7 +10,7 @@ import pytest
 
 from repl.errors import UsageError
 from repl.faults import ENV_SET_HASHES
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from repl.verify import tree_digest
 from tests.fs.test_ranges import (
     KEEP_SIZE,

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl import recovery
 from repl.activity import EXTENT
-from repl.capture import Capture
 from repl.faults import ENV_BOOT_ID
+from repl.primary import recovery
+from repl.primary.capture import Capture
 from repl.tree import Tree
 from store.journal import Journal
 from store.notes import Note, NoteKind
@@ -171,13 +171,14 @@ def test_capture_recover_ok_power_cut_resends_what_the_journal_lost(tmp_path: Pa
     with capturing(backing, journal) as capture:
         assert capture.overflow, "the open set stays open until the secondary caught up"
         assert capture.journal.notes == []
-        assert capture.resync.dirty.files == {b"new": [(0, 25)], b"old": [(0, 100)]}
+        assert capture.resync.dirty.files == {b"old": [(0, 100)]}, "new is sent whole"
     records = open_set(journal)
     assert (Op.SETXATTR, b"old") not in [(r.op, r.path) for r in records[:-4]], \
         "the setxattr's own record was lost with the power"
     assert [(r.op, r.path) for r in records[-4:]] == [
-        (Op.PRUNE, b"new"), (Op.CREATE, b"new"), (Op.TRUNCATE, b"old"),
+        (Op.PRUNE, b"new"), (Op.FILE, b"new"), (Op.TRUNCATE, b"old"),
         (Op.SETXATTR, b"old")]
+    assert records[-3].data == b"made after the last flush"
     assert (records[-2].size, records[-1].data) == (100, b"v")
     assert (backing / "old").read_bytes()[10:15] == b"AHEAD", "BACKING is not rolled back"
 
@@ -224,7 +225,7 @@ def test_capture_recover_ok_records_under_a_name_note(tmp_path: Path, boot: Path
     resent = [(r.op, r.path) for r in open_set(journal)][-3:]
     if rebooted:
         assert (backing / "d" / "f").read_bytes() == b"another file"
-        assert resent == [(Op.PRUNE, b"d"), (Op.MKDIR, b"d"), (Op.CREATE, b"d/f")]
+        assert resent == [(Op.PRUNE, b"d"), (Op.MKDIR, b"d"), (Op.FILE, b"d/f")]
     else:
         assert (backing / "d" / "f").read_bytes() == b"journaledile"
         assert (Op.PRUNE, b"d") not in resent
@@ -336,9 +337,9 @@ def test_capture_recover_ok_power_cut_resends_a_file_linked_into_a_noted_directo
     with capturing(backing, journal):
         pass
     made = [(r.op, r.path, r.path2) for r in open_set(journal)
-            if r.op in (Op.CREATE, Op.LINK)]
-    assert made in ([(Op.CREATE, b"d/f", b""), (Op.LINK, b"d/f", b"g")],
-                    [(Op.CREATE, b"g", b""), (Op.LINK, b"g", b"d/f")])
+            if r.op in (Op.FILE, Op.LINK)]
+    assert made in ([(Op.FILE, b"d/f", b""), (Op.LINK, b"d/f", b"g")],
+                    [(Op.FILE, b"g", b""), (Op.LINK, b"g", b"d/f")])
 
 
 def test_capture_restates_times_ok_notes_the_change(tmp_path: Path, boot: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl import election, members
-from repl.etcd import Etcd
-from repl.members import Member, View
+from repl.cluster import election, members
+from repl.cluster.etcd import Etcd
+from repl.cluster.members import Member, View
 from tests.cluster import etcd_server
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl.etcd import Compare, Etcd, EtcdError, put_op
+from repl.cluster.etcd import Compare, Etcd, EtcdError, put_op
 from tests.cluster import etcd_server
 from tests.support import free_port
 

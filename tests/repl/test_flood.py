@@ -19,14 +19,14 @@ import trio
 import trio.testing
 
 from repl.errors import ProtocolError
-from repl.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES_PER_HOST, Gate
 from repl.protocol import (
     MAX_STREAMS,
     Connection,
     Frame,
     parse_hello,
 )
-from repl.receiver import OUTBOX_FRAMES, STAGE_QUEUE_BYTES, Receiver, _Stream
+from repl.secondary.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES_PER_HOST, Gate
+from repl.secondary.receiver import OUTBOX_FRAMES, STAGE_QUEUE_BYTES, Receiver, _Stream
 from store.records import Op, Record
 from store.staging import Staging
 from tests.repl.peers import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from repl.apply import apply
-from repl.footprint import Footprint
+from repl.secondary.footprint import Footprint
 from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, Op, Record
 from tests.support import record_of as rec

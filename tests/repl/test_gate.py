@@ -35,14 +35,6 @@ import trio
 import trio.testing
 
 from repl import tls
-from repl.gate import (
-    HANDSHAKE_SECONDS,
-    MAX_HANDSHAKES,
-    MAX_HANDSHAKES_PER_HOST,
-    TLS_HANDSHAKE_RECORD,
-    Gate,
-    Rejected,
-)
 from repl.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -53,7 +45,15 @@ from repl.protocol import (
     hello,
     parse_hello,
 )
-from repl.secondary import default_state_dir, pause, resume
+from repl.secondary.gate import (
+    HANDSHAKE_SECONDS,
+    MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_HOST,
+    TLS_HANDSHAKE_RECORD,
+    Gate,
+    Rejected,
+)
+from repl.secondary.run import default_state_dir, pause, resume
 from tests.repl.peers import LOG_TIMEOUT, client_context, connect, wait_for_log
 from tests.support import (
     PRIMARY,

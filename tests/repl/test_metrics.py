@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from tests.support import (
     ROOT,
     Daemon,

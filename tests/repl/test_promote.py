@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from repl.errors import UsageError
-from repl.promote import promote
+from repl.secondary.promote import promote
 from store.journal import Journal
 from store.records import Op, Record
 from store.staging import Staging

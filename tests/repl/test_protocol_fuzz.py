@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
-from repl.gate import Gate, Rejected
 from repl.link import tcp_dialer
+from repl.primary.sender import Sender
 from repl.protocol import (
     MAGIC,
     MAX_FRAME,
@@ -42,9 +42,9 @@ from repl.protocol import (
     parse_staged,
     record_frames,
 )
-from repl.receiver import Receiver
-from repl.rejoin import fork_point
-from repl.sender import Sender
+from repl.secondary.gate import Gate, Rejected
+from repl.secondary.receiver import Receiver
+from repl.secondary.rejoin import fork_point
 from store.journal import Journal
 from store.records import Op, Record
 from store.staging import Staging

@@ -33,8 +33,8 @@ import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from repl.diverge import Divergence
-from repl.gate import HANDSHAKE_SECONDS, Gate
 from repl.link import FrameDialer
+from repl.primary.sender import Sender
 from repl.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -47,8 +47,8 @@ from repl.protocol import (
     parse_records,
     staged,
 )
-from repl.receiver import Receiver
-from repl.sender import Sender
+from repl.secondary.gate import HANDSHAKE_SECONDS, Gate
+from repl.secondary.receiver import Receiver
 from store.journal import Journal
 from store.records import Op, Record, peek_key
 from store.staging import Staging

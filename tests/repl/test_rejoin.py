@@ -12,7 +12,7 @@ import pytest
 
 from repl.activity import note_boot
 from repl.faults import ENV_BOOT_ID
-from repl.rejoin import follow_generation, fork_point, keep_branch
+from repl.secondary.rejoin import follow_generation, fork_point, keep_branch
 from store.journal import Journal
 from store.notes import Note, NoteKind
 from store.records import Op, Record
@@ -89,7 +89,7 @@ def test_follow_generation_ok_takes_the_lineage_so_a_later_rejoin_forks_right(
                {"generation": 3, "node": "a", "first_set": 9}]
     follow_generation(staging, lineage, 3)
     assert staging.identity.history == lineage
-    staging.identity.generation = 4  # promoted, as repl/promote.py does
+    staging.identity.generation = 4  # promoted, as repl/secondary/promote.py does
     staging.identity.history.append({"generation": 4, "node": "c", "first_set": 12})
     assert fork_point(staging.identity.history, 2) == 9
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from tests.fs.test_ranges import (
     KEEP_SIZE,
     PUNCH_HOLE,

@@ -20,8 +20,8 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from repl import resync
-from repl.capture import Capture
+from repl.primary import resync
+from repl.primary.capture import Capture
 from repl.tree import Tree
 from store.journal import Journal
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repl.resync import pieces
+from repl.primary.resync import pieces
 
 BLOCK = 4096
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repl.capture import Capture
+from repl.primary.capture import Capture
 from repl.tree import Tree
 from store.journal import Journal
 from store.records import Op
@@ -71,7 +71,7 @@ def test_retention_ok_what_was_missed_survives_a_restart(tmp_path: Path) -> None
 def test_retention_ok_too_much_missed_is_the_whole_tree(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    monkeypatch.setattr("repl.retention.MISSED_PATHS", 3)
+    monkeypatch.setattr("repl.primary.retention.MISSED_PATHS", 3)
     j, t = opened(tmp_path)
     with j as journal, t as tree:
         capture = Capture(journal, tree, journal_max=BUDGET, secondaries=["a", "b"])

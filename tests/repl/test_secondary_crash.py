@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from repl.faults import ENV_KILL_AT_APPLY_STEP
-from repl.secondary import default_state_dir
+from repl.secondary.run import default_state_dir
 from store.hold import interrupted, is_held, set_hold
 from store.staging import read_applied
 from tests.support import (

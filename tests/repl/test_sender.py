@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from store.records import Op
 from tests.support import (
     checkpoint,

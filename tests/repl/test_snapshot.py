@@ -6,8 +6,8 @@ import os
 from contextlib import closing
 from pathlib import Path
 
-from repl.capture import Capture
-from repl.snapshot import SMALL_FILE
+from repl.primary.capture import Capture
+from repl.primary.snapshot import SMALL_FILE
 from repl.tree import Tree
 from store.journal import Journal
 from store.records import Op
@@ -19,6 +19,7 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
     backing = tmp_path / "b"
     (backing / "d").mkdir(parents=True)
     (backing / "d" / "small").write_bytes(b"s" * 2048)
+    os.setxattr(backing / "d" / "small", "user.tag", b"kept")
     os.utime(backing / "d" / "small", ns=(1_000_000_007, 2_000_000_009))
     (backing / "empty").write_bytes(b"")
     (backing / "large").write_bytes(b"L" * (SMALL_FILE + 1))
@@ -30,6 +31,9 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.resync.start_full_sync()
         records = [r for r in journal.records(set_id) if r.op not in (Op.CHMOD, Op.CHOWN)]
+        xattrs = [(r.path, r.name, r.data) for r in records if r.op == Op.SETXATTR]
+        assert xattrs == [(b"hard", b"user.tag", b"kept")]
+        records = [r for r in records if r.op != Op.SETXATTR]
         ops = {r.path2 or r.path: r for r in records}
         assert {path: r.op for path, r in ops.items() if path} == {
             b"d": Op.MKDIR, b"hard": Op.FILE, b"d/small": Op.LINK, b"empty": Op.FILE,

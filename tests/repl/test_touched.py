@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from repl.apply import apply
-from repl.touched import Touched
+from repl.primary.touched import Touched
 from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, Record
 from tests.support import record_of as rec

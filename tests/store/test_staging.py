@@ -234,6 +234,15 @@ def test_staging_records_ok_start_seq(staging: Staging) -> None:
     assert list(staging.records(9)) == []
 
 
+def test_staging_stage_ok_raw_bytes_as_they_arrived(staging: Staging) -> None:
+    """Given the encodings the records arrived in, those very bytes are staged (the
+    receiver decoded them, which checked them), not the records encoded again."""
+    record = Record(Op.UNLINK, 4, 0, path=b"a")
+    arrived = Record(Op.UNLINK, 4, 0, path=b"b").encode()  # told apart on reading back
+    staging.stage([record], [arrived])
+    assert [r.path for r in staging.records(4)] == [b"b"]
+
+
 def test_staging_last_reset_ok_noted_as_staged(path: Path) -> None:
     """The last RESET of a set, whatever order its records arrive in, kept across a
     restart and gone with the set."""

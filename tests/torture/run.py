@@ -14,7 +14,7 @@ from pathlib import Path
 
 from repl.errors import UsageError
 from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
-from repl.secondary import pause, resume
+from repl.secondary.run import pause, resume
 from repl.verify import differences, tree_digest
 from store.hold import is_held
 from store.staging import read_applied, read_syncing
@@ -35,7 +35,7 @@ from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
-         "link_stall", "replica_enospc", "user_hold")
+         "link_stall", "replica_enospc", "user_hold", "replica_new")
 # Journal budgets a run may draw: None is the default (1G, never reached); the small
 # ones send the primary into the dirty-map resync while samples are taken.
 JOURNAL_BUDGETS = (None, None, "64K", "512K")
@@ -78,6 +78,7 @@ class Run:
         self.standby = self.dir / "s"  # replfs mount: uncached
         self.cached = self.dir / "c"  # the secondary's own standby mount: cached
         self.secondary: Daemon | None = None
+        self.standby_daemon: Daemon | None = None
         self.staging = self.dir / ".r.replfs" / "staging"
         self.result = Result(seed)
         self.last_sample = 0
@@ -123,8 +124,9 @@ class Run:
 
     def start_standby(self) -> Daemon:
         self.standby.mkdir(exist_ok=True)
-        return Daemon(["mount", str(self.replica), str(self.standby)],
-                      self.dir / "standby.log", "serving").start()
+        self.standby_daemon = Daemon(["mount", str(self.replica), str(self.standby)],
+                                     self.dir / "standby.log", "serving").start()
+        return self.standby_daemon
 
     # --- the checker ---------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class Run:
         self.proxy = FaultProxy(self.port, self.seed).__enter__()
         primary = self.start_primary()
         wait_applied(self.replica, 1)  # before the initial sync, the standby has no set
-        standby = self.start_standby()
+        self.start_standby()
         workload = Workload(self.mount, self.seed, fsync_git=self.power is not None)
         started = time.monotonic()
         next_sample = started + 0.3
@@ -319,8 +321,8 @@ class Run:
         finally:
             self.result.ops = workload.ops
             workload.close()
-            for daemon in (primary, secondary, standby):
-                if daemon.proc is not None and daemon.proc.poll() is None:
+            for daemon in (primary, secondary, self.standby_daemon):
+                if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
                     daemon.stop()
             unmount(self.mount)
             unmount(self.standby)
@@ -364,7 +366,28 @@ class Run:
             self.proxy.stall((1, 200_000), rng.choice((UP, DOWN)))
         elif kind == "replica_enospc":
             pass  # the replica is a small tmpfs from the start; it grows at the end
+        elif kind == "replica_new":
+            secondary = self.replace_replica(secondary, workload)
         return secondary, primary
+
+    def replace_replica(self, secondary: Daemon, workload: Workload) -> Daemon:
+        """A new standby host in the old one's place: the secondary and its standby
+        mount stop, the replica and its staging are emptied, and the new secondary
+        gets an initial sync of the tree the workload keeps changing."""
+        self.end_hold(workload)
+        secondary.kill()
+        if self.standby_daemon is not None:
+            self.standby_daemon.stop()
+        unmount(self.standby)
+        for entry in self.replica.iterdir():  # the directory stays: it may be a tmpfs
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        shutil.rmtree(self.staging.parent)
+        secondary = self.start_secondary()
+        self.start_standby()
+        return secondary
 
     def restart_secondary(self, workload: Workload) -> Daemon:
         """Start the secondary after a kill; half the time a user pauses right then,

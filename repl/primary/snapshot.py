@@ -1,6 +1,6 @@
 """The backing tree journaled as records, for a replica brought up from it.
 
-A sync (repl/resync.py) starts with a snapshot in the open set: for an
+A sync (repl/primary/resync.py) starts with a snapshot in the open set: for an
 initial sync a RESET record and then one record per entry of the backing
 tree (directories, files, hard links, symlinks, nodes, owners, modes and
 xattrs), written in one synchronous step so that the namespace is a
@@ -18,7 +18,7 @@ import os
 import stat
 
 from repl.diverge import Divergence
-from repl.touched import Touched
+from repl.primary.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
@@ -189,6 +189,7 @@ class Snapshot:
         elif stat.S_ISREG(mode):
             if self._whole(fd, raw, path):
                 self.touched.paths.discard(path)  # its times came with it, as at the close
+                return False  # and its xattrs
             else:
                 journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
                 if st.st_size:
@@ -209,8 +210,9 @@ class Snapshot:
         return stat.S_ISDIR(mode)
 
     def _whole(self, dir_fd: int, raw: bytes, path: bytes) -> bool:
-        """Journal the regular file *raw* in *dir_fd* as one FILE record, if it is small,
-        not sparse, and the snapshot's INLINE_BYTES allow. True if it was."""
+        """Journal the regular file *raw* in *dir_fd* as one FILE record and its xattrs,
+        if it is small, not sparse, and the snapshot's INLINE_BYTES allow. True if it
+        was."""
         fd = os.open(raw, _FILE_FLAGS, dir_fd=dir_fd)
         try:
             st = os.fstat(fd)
@@ -225,12 +227,15 @@ class Snapshot:
                     break  # shorter than it was: the file is what was read
                 chunks.append(chunk)
                 left -= len(chunk)
+            xattrs = [(name, os.getxattr(fd, name)) for name in sorted(os.listxattr(fd))]
         finally:
             os.close(fd)
         data = b"".join(chunks)
         self.journal.append(Op.FILE, path=path, mode=st.st_mode, uid=st.st_uid,
                             gid=st.st_gid, atime_ns=st.st_atime_ns,
                             mtime_ns=st.st_mtime_ns, data=data)
+        for name, value in xattrs:
+            self.journal.append(Op.SETXATTR, path=path, name=os.fsencode(name), data=value)
         self.inline += len(data)
         return True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -15,18 +14,18 @@ from typing import Any
 import trio
 
 from repl import control, histograms, metrics
-from repl.applier import Applier
 from repl.config import parse_address
 from repl.errors import UsageError
 from repl.fc import target as fc_target
 from repl.fc.names import Names, show
-from repl.footprint import Invalidator
-from repl.gate import Gate
 from repl.iscsi import chap, target
 from repl.iscsi.names import DEFAULT_IQN
-from repl.receiver import Receiver
-from repl.rejoin import fork_point, keep_branch
 from repl.sdnotify import notify
+from repl.secondary.applier import Applier
+from repl.secondary.footprint import Invalidator
+from repl.secondary.gate import Gate
+from repl.secondary.receiver import Receiver
+from repl.secondary.rejoin import Rejoin
 from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
@@ -66,7 +65,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
 def written_as_primary(journal: Journal) -> bool:
     """True if a primary journaled changes of its own in *journal* (since its generation
     began), even if they are all trimmed now; not for a promoted node's journal that
-    holds only the sets it kept from the primary before it (repl/promote.py)."""
+    holds only the sets it kept from the primary before it (repl/secondary/promote.py)."""
     ident = journal.identity
     first = [h.get("first_set") for h in ident.history if h.get("generation") == ident.generation]
     start = first[0] if first and isinstance(first[0], int) else 1
@@ -233,6 +232,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         # The same node, cluster and generation (a copy: a newer primary bumps ours).
         staging.identity = copy.deepcopy(old_journal.identity)
         staging.save_identity()
+    rejoining = Rejoin(staging, replica, old_journal, default_state_dir(replica) / "branches")
     try:
         dropped = staging.drop_partial()
         if dropped:
@@ -245,24 +245,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
                           invalidator=invalidator)
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
-                            on_reset=applier.reset_to)
-
-        def on_hello(info: dict[str, Any]) -> dict[str, Any]:
-            """A rejoin: keep our own changes aside, then offer what diverged."""
-            nonlocal old_journal
-            if staging.rejoin is None and old_journal is not None:
-                fork = fork_point(info.get("history"), old_journal.identity.generation)
-                ours, branch = keep_branch(old_journal, replica,
-                                           default_state_dir(replica) / "branches", fork)
-                staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
-                old_journal.close()
-                old_journal.path.rename(branch / "journal")
-                old_journal = None
-                log.info("rejoining after set %d; the new primary sends what diverged", fork - 1)
-            raw = staging.rejoin
-            return {"rejoin": json.loads(raw)} if raw is not None else {}
-
-        receiver.on_hello = on_hello
+                            on_reset=applier.reset_to, on_hello=rejoining.hello)
 
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status
@@ -348,5 +331,4 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
             notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
     finally:
         staging.close()
-        if old_journal is not None:
-            old_journal.close()
+        rejoining.close()

@@ -1,11 +1,11 @@
 """Recovery after a crash: the backing directory made to agree with the journal.
 
 Blocking, before the mount serves anything (fs/primary_daemon.py). The journal is the
-durable copy and BACKING follows it lazily (repl/capture.py): after a reboot
+durable copy and BACKING follows it lazily (repl/primary/capture.py): after a reboot
 the records past ``backing_at`` are replayed into BACKING with the applier's
 redo rule (repl/apply.py), and what the activity log (repl/activity.py)
 noted, which BACKING may hold beyond the journal, is resent in the open set
-(repl/resync.py).
+(repl/primary/resync.py).
 
 What a power cut leaves in BACKING beyond the journal (a page written back,
 a name the filesystem committed, their records lost) is found by the
@@ -15,7 +15,7 @@ name, and skips the records under a NAME note, which may not name their
 file any more. So that skipping loses nothing an fsync returned, a record
 under a NAME note makes the next flush sync BACKING first (as a namespace
 op does), and an op that removes or moves a name first syncs the files
-under it written since BACKING's last sync (repl/unsynced.py).
+under it written since BACKING's last sync (repl/primary/unsynced.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 
 from repl import apply as applier
 from repl.activity import ActivityLog, name_roots, note_boot, power_lost
-from repl.capture import BACKING_AT, Capture
+from repl.primary.capture import BACKING_AT, Capture
 from store.libc import syncfs
 from store.notes import Note
 from store.records import NAMESPACE_OPS, Op, Record, encode_set, is_under
@@ -176,7 +176,7 @@ def _resend(capture: Capture, notes: list[Note]) -> tuple[str, list[bytes]]:
     *notes* name. They go to the secondary again, as BACKING holds them, in the
     open set, which stays open (as over budget) until the secondary has applied
     every set before it; then the dirty map's ranges are read into it and it
-    closes (repl/resync.py). Without a secondary the journal forgets which
+    closes (repl/primary/resync.py). Without a secondary the journal forgets which
     replica it could bring forward: the next secondary gets an initial sync.
     Returns (what was done, the paths resent whole).
     """

@@ -7,11 +7,11 @@ unclean stop, what the activity log noted (repl/activity.py) is sent again
 as the backing directory holds it (``resend``). For an initial sync (a
 replica that the journal cannot bring forward: new, older than what the
 journal keeps, or of a tree that was never empty) the open set gets a
-snapshot of the tree, or of the paths that differ (repl/snapshot.py), whose
+snapshot of the tree, or of the paths that differ (repl/primary/snapshot.py), whose
 data goes to the dirty map. From there all cases are the same.
 
 The journal budget. Records stay until every secondary that pins the
-journal applied their set (repl/retention.py). One that falls past
+journal applied their set (repl/primary/retention.py). One that falls past
 ``journal_max`` while another is within it is dropped alone. When all of
 them are past it (always the case with one secondary), capture stops
 journaling write data (``begin_overflow``). Once a secondary has applied
@@ -33,7 +33,7 @@ file also takes a TRUNCATE to the size: it only ever grows the replica's
 file, whose size never passes the primary's (every op that shrinks a file
 is journaled, over budget too; only writes, which grow it, are not).
 
-``Resync`` is owned by the capture (repl/capture.py), which calls it; it
+``Resync`` is owned by the capture (repl/primary/capture.py), which calls it; it
 calls back only through ``Front``.
 """
 
@@ -52,9 +52,9 @@ import trio.lowlevel
 
 from repl.diverge import Divergence
 from repl.errors import NotYet
-from repl.retention import Retention
-from repl.snapshot import Snapshot
-from repl.touched import Touched
+from repl.primary.retention import Retention
+from repl.primary.snapshot import Snapshot
+from repl.primary.touched import Touched
 from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
@@ -192,7 +192,7 @@ class Resync:
         of a sync (*syncing*) reports the set before it as applied, and is brought on
         the same way. Else it needs a sync: an old primary rejoining (*rejoin*: what it
         changed since *applied*, the set we last shared) and a secondary dropped past
-        the budget (repl/retention.py) get just the paths that differ, as one set;
+        the budget (repl/primary/retention.py) get just the paths that differ, as one set;
         others get the whole tree.
 
         Raises:
@@ -260,7 +260,7 @@ class Resync:
 
     def resend(self, notes: list[Note]) -> tuple[int, int, list[bytes]]:
         """After a power cut, in the open set, held open: what makes a replica's copy of
-        the paths *notes* name what the backing directory holds now (repl/snapshot.py).
+        the paths *notes* name what the backing directory holds now (repl/primary/snapshot.py).
 
         Returns (entries, data bytes, the paths sent whole).
         """

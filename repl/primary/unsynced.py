@@ -1,4 +1,4 @@
-"""What changed in the backing directory since its last sync (repl/capture.py).
+"""What changed in the backing directory since its last sync (repl/primary/capture.py).
 
 BACKING is synced lazily; what its next sync must cover is kept here: the
 files and directories changed (each held open, to fsync it), whether a
@@ -33,7 +33,7 @@ class Unsynced:
         self.nodes: dict[tuple[int, int], int] = {}  # (dev, ino) -> fd, since the last sync
         self._dev = os.fstat(backing.root_fd).st_dev
         # A namespace op, or a record under a NAME note, since the last sync of BACKING:
-        # the next flush syncs BACKING first (see repl/capture.py).
+        # the next flush syncs BACKING first (see repl/primary/capture.py).
         self.namespace_changed = False
         self._flagged = 0  # times it was set: a sync clears it only if none came meanwhile
         # Paths journaled by data and attribute ops since the last BACKING sync that

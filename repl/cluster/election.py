@@ -5,7 +5,7 @@ cluster is new), every live node stands: it writes in its own node key what
 it holds (the generation of its data, its last complete set, whether it can
 be promoted at all) and the round it stands in (the generation it would
 replace). Once every live node stood, or its patience ran out, each one
-ranks those that stood the same way (repl/members.py ``Member.rank``: the
+ranks those that stood the same way (repl/cluster/members.py ``Member.rank``: the
 newest lineage, then the most sets complete, then the smallest name), and
 only the first tries to take the key, with one etcd transaction:
 
@@ -31,9 +31,9 @@ from contextlib import aclosing
 
 import trio
 
-from repl import members
-from repl.etcd import Compare, Etcd, put_op
-from repl.members import Leader, Member, View
+from repl.cluster import members
+from repl.cluster.etcd import Compare, Etcd, put_op
+from repl.cluster.members import Leader, Member, View
 
 log = logging.getLogger("replfs.election")
 

@@ -98,6 +98,40 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     return ours, branch
 
 
+class Rejoin:
+    """An old primary rejoining as a secondary: what its HELLO answer offers.
+
+    *journal* is its old journal (None if there is none, or once it was kept in a
+    branch). The first handshake keeps its own changes aside in a branch under
+    *branches* (``keep_branch``), moves the journal there and starts the rejoin in
+    *staging*; every handshake then offers what diverged, until the new primary's
+    set arrives.
+    """
+
+    def __init__(self, staging: Staging, replica: Path, journal: Journal | None,
+                 branches: Path) -> None:
+        self.staging, self.replica, self.journal = staging, replica, journal
+        self.branches = branches
+
+    def hello(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The extra fields of our HELLO answer to a primary whose HELLO is *info*."""
+        staging, journal = self.staging, self.journal
+        if staging.rejoin is None and journal is not None:
+            fork = fork_point(info.get("history"), journal.identity.generation)
+            ours, branch = keep_branch(journal, self.replica, self.branches, fork)
+            staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
+            journal.close()
+            journal.path.rename(branch / "journal")
+            self.journal = None
+            log.info("rejoining after set %d; the new primary sends what diverged", fork - 1)
+        raw = staging.rejoin
+        return {"rejoin": json.loads(raw)} if raw is not None else {}
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+
 def follow_generation(staging: Staging, history: Any, generation: int) -> None:
     """Follow the primary of *generation*, newer than the staging's, whose generation
     history is *history* (its HELLO's): keep what the two lineages share, drop the

@@ -1,7 +1,7 @@
 """A node's etcd lease, kept alive, and the deadlines it sets on this host.
 
 A node holds one lease: its ``nodes/<name>`` key and, while it leads, the
-``primary`` key are bound to it (repl/members.py), so both vanish when the
+``primary`` key are bound to it (repl/cluster/members.py), so both vanish when the
 node stops renewing it. It is renewed every TTL/3.
 
 etcd expires a lease no sooner than TTL after it last renewed it, which is
@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import trio
 
+from repl.cluster.etcd import Etcd, EtcdError
 from repl.errors import ReplError
-from repl.etcd import Etcd, EtcdError
 
 log = logging.getLogger("replfs.lease")
 

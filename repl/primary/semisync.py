@@ -1,7 +1,7 @@
 """``--fsync remote``: an fsync also waits until the secondaries in step staged its set.
 
 An fsync through the primary returns once its set is durable in the journal
-(repl/capture.py). With ``--fsync remote`` (DRBD's protocol B) it returns
+(repl/primary/capture.py). With ``--fsync remote`` (DRBD's protocol B) it returns
 only once every secondary *in step* has also acknowledged every record of
 that set as staged, that is durable on that secondary's disk, not
 necessarily applied (promote applies it): the data an fsync returned for

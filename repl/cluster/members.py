@@ -3,7 +3,7 @@
 Under ``/replfs/<cluster>/``:
 
 - ``primary``: the node that leads, ``{"node", "generation", "address"}``, bound
-  to that node's lease: it vanishes when the lease expires (repl/election.py
+  to that node's lease: it vanishes when the lease expires (repl/cluster/election.py
   writes it, with a compare-and-swap);
 - ``generation``: the last generation granted, a number (no lease: it only
   grows);
@@ -11,7 +11,7 @@ Under ``/replfs/<cluster>/``:
   set once by the first primary;
 - ``members/<name>``: every node that ever joined, ``{"address"}``, with no lease:
   the primary replicates to each, up or down, so the journal keeps what a node
-  that is down will need (until the budget: repl/retention.py);
+  that is down will need (until the budget: repl/primary/retention.py);
 - ``nodes/<name>``: each live node, bound to its own lease, as a Member: its
   replication address, role, the generation its data follows, its last complete
   set and last applied set (the primary: its last closed set), and, during an
@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from repl.etcd import Etcd, EtcdError, KeyValue
+from repl.cluster.etcd import Etcd, EtcdError, KeyValue
 
 
 def root(cluster: str) -> str:

@@ -5,7 +5,7 @@ Every mutating FUSE handler applies its op to the backing directory inside
 if the op then fails (``void()``), so the journal and the backing directory
 move together and seqs stay dense. A set closes on fsync (``close_set()`` +
 ``durable()``), on ``checkpoint``, on a timer and on a size bound. Closing
-appends a UTIMES record for every path the set touched (repl/touched.py),
+appends a UTIMES record for every path the set touched (repl/primary/touched.py),
 then the SYNC record.
 
 Threads. The FUSE request threads call in while trio's tasks (the set
@@ -24,12 +24,12 @@ BACKING is synced lazily (``sync_backing()``: every BACKING_SYNC_SECONDS,
 past BACKING_SYNC_FILES changed files, at a clean stop), each sync noted in
 the journal as ``backing_at``, and the journal keeps every record past it
 even once applied. After any crash, power included, recovery
-(repl/recovery.py) replays the records past ``backing_at`` into BACKING
+(repl/primary/recovery.py) replays the records past ``backing_at`` into BACKING
 before the mount serves anything. Replay goes by path, so paths must mean
 the same files throughout: before a flush makes a namespace op durable in
 the journal, BACKING is synced (the changed files and the directories the
 op changed), so that op, and every one before it, is before ``backing_at``
-(what a sync covers: repl/unsynced.py). Over budget, writes are not
+(what a sync covers: repl/primary/unsynced.py). Over budget, writes are not
 journaled, and an fsync syncs the file itself. Before an op touches
 BACKING, what it may change is noted durably in the activity log
 (repl/activity.py), for recovery after a power cut.
@@ -42,9 +42,9 @@ within OPEN_FLUSH_SECONDS (at once past FLUSH_BYTES), so a set streams
 before it closes; an fsync meanwhile flushes them first, and no second
 flush follows.
 
-The journal budget (repl/retention.py): past ``journal_max`` with every
+The journal budget (repl/primary/retention.py): past ``journal_max`` with every
 secondary behind, written ranges go to the dirty map of the ``Resync`` that
-capture owns and calls (repl/resync.py), and the open set stays open.
+capture owns and calls (repl/primary/resync.py), and the open set stays open.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ from repl import faults
 from repl.activity import ActivityLog
 from repl.diverge import Divergence
 from repl.histograms import SET_BYTES
-from repl.resync import Resync
-from repl.retention import Retention
-from repl.touched import Touched
+from repl.primary.resync import Resync
+from repl.primary.retention import Retention
+from repl.primary.touched import Touched
+from repl.primary.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
 from repl.tree import Tree
-from repl.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import NAMESPACE_OPS, Op, Record, decode_set, encode_set
@@ -127,7 +127,7 @@ class Capture:
         self.journal_max = journal_max
         self.retention = Retention(journal, secondaries)
         self.touched = Touched()
-        # The dirty map, the set held open and the sync under way (repl/resync.py).
+        # The dirty map, the set held open and the sync under way (repl/primary/resync.py).
         self.resync = Resync(journal, backing, self.touched, self.retention, self)
         self._unsettled: Record | None = None  # journaled, its op not yet known to succeed
         self._record_hash = faults.set_hash_recorder()

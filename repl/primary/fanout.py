@@ -1,16 +1,16 @@
 """The primary's secondaries: one Sender each, side by side.
 
-Each secondary has a Sender of its own (repl/sender.py): its own session,
+Each secondary has a Sender of its own (repl/primary/sender.py): its own session,
 streams, window, place in the journal, lag and stall watchdog, each in its
 own tasks, so a slow or absent one never holds the others back, and the
 application waits for none of them (capture only wakes them). What the
-journal keeps, and for which of them, is repl/retention.py.
+journal keeps, and for which of them, is repl/primary/retention.py.
 
 Secondaries are named by their address as ``--secondary`` gives it; a
-cluster's primary (repl/node.py) adds them as nodes join.
+cluster's primary (repl/cluster/node.py) adds them as nodes join.
 
 ``--fsync remote`` meets several secondaries here: each Sender reports what
-its secondary staged to a Peer of its own (repl/semisync.py), and an fsync
+its secondary staged to a Peer of its own (repl/primary/semisync.py), and an fsync
 waits until every secondary *in step* staged its set. A gone or stalled one
 is not waited for (after the timeout, for a stalled one) until it caught up,
 as with one secondary: a set an fsync returned for is on every secondary
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from repl.link import FrameDialer, transport
-from repl.semisync import Semisync
-from repl.sender import Sender
+from repl.primary.semisync import Semisync
+from repl.primary.sender import Sender
 
 if TYPE_CHECKING:
-    from repl.capture import Capture
+    from repl.primary.capture import Capture
 
 log = logging.getLogger("replfs.fanout")
 

@@ -9,16 +9,16 @@ is still within it is *dropped*: it pins nothing any more, so the others
 trimmed that it had not applied are folded into what it *missed*: the
 paths, and for files only written the byte ranges, as a Divergence
 (repl/diverge.py). When it is back, it gets just those paths, read from
-the backing directory, as one set (the rejoin path, repl/snapshot.py
+the backing directory, as one set (the rejoin path, repl/primary/snapshot.py
 ``Snapshot.paths``), not the whole tree. Past MISSED_PATHS paths it gets
 the whole tree instead (an initial sync).
 
 When every secondary is past the budget (always the case with one), the
-journal's own overflow takes over instead (repl/resync.py): the dirty map.
+journal's own overflow takes over instead (repl/primary/resync.py): the dirty map.
 With no secondary at all, the oldest sets are dropped past the budget.
 
 A set is trimmed once every pinning secondary applied it and BACKING holds
-it durably (``backing_at``, repl/capture.py). Until every pinning secondary
+it durably (``backing_at``, repl/primary/capture.py). Until every pinning secondary
 applied it, the time it closed is kept too, for the lag shown in status.
 
 All of it survives a restart of the primary: each secondary's last applied
@@ -127,7 +127,7 @@ class Retention:
     def all_past_budget(self, journal_max: int, backing_at: int) -> bool:
         """The journal is over *journal_max*: drop the secondaries past it if another
         one is within it (then trim, up to *backing_at*). True if every pinning
-        secondary is past it (the dirty map takes over: repl/resync.py)."""
+        secondary is past it (the dirty map takes over: repl/primary/resync.py)."""
         behind = self.past_budget(journal_max)
         if not behind:
             return False

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from repl import control
-from repl.applier import Applier
 from repl.errors import UsageError
+from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.errors import JournalLocked
 from store.hold import is_held, set_hold
@@ -38,7 +38,7 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
                   generation: int | None = None, cluster: str | None = None) -> Promotion:
     """Make *replica* a primary's tree, of *generation* (default: the next one), of
     *cluster* (a replica that never met a primary has none yet: given by a cluster
-    of nodes, repl/node.py).
+    of nodes, repl/cluster/node.py).
 
     The sets applied last (those staging still keeps, store/staging.py) go into the
     new journal as they were: a secondary that had staged fewer of them follows from

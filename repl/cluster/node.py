@@ -1,11 +1,11 @@
 """``replfs node``: one command per host; an etcd lease decides what it serves.
 
 Every host of a cluster runs the same command. The node holds a lease
-(repl/lease.py) and registers under it (repl/members.py). The node whose
+(repl/cluster/lease.py) and registers under it (repl/cluster/members.py). The node whose
 lease holds the ``primary`` key serves ``mount`` read-write as the primary
 and replicates to every other node; the others serve ``mount`` read-only
 as the standby view of their replica, as secondaries. With no primary, the
-nodes elect one (repl/election.py): the one with the most sets complete.
+nodes elect one (repl/cluster/election.py): the one with the most sets complete.
 
 The node does not serve anything itself: it runs the primary daemon
 (``replfs primary``) or the secondary daemon (``replfs secondary --mount``)
@@ -23,7 +23,7 @@ between them as the role changes:
   are kept in a branch).
 - following: the secondary listens; the primary's node dials it (nodes
   that join later are added to the running primary). After a failover it
-  follows the new primary's generation (repl/rejoin.py).
+  follows the new primary's generation (repl/secondary/rejoin.py).
 """
 
 from __future__ import annotations
@@ -41,17 +41,18 @@ from typing import Any
 
 import trio
 
-from repl import control, election, members
-from repl.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_INTERVAL
-from repl.child import Child, clear_dead_mount
+from repl import control
+from repl.cluster import election, members
+from repl.cluster.child import Child, clear_dead_mount
+from repl.cluster.etcd import Compare, Etcd, EtcdError, put_op
+from repl.cluster.lease import Lease, LeaseLost
+from repl.cluster.members import Leader, Member, View
 from repl.errors import UsageError, first_error
-from repl.etcd import Compare, Etcd, EtcdError, put_op
-from repl.lease import Lease, LeaseLost
-from repl.members import Leader, Member, View
-from repl.promote import promote
+from repl.primary.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_INTERVAL
+from repl.primary.semisync import FSYNC_TIMEOUT
 from repl.sdnotify import notify
-from repl.secondary import default_state_dir, written_as_primary
-from repl.semisync import FSYNC_TIMEOUT
+from repl.secondary.promote import promote
+from repl.secondary.run import default_state_dir, written_as_primary
 from repl.tls import check_name
 from store.errors import ReplfsError
 from store.journal import Journal
@@ -306,7 +307,7 @@ class Node:
         self._renewed.set()
 
     async def _fencer(self) -> None:
-        """At each renewal, tell the primary how long it may write (repl/lease.py)."""
+        """At each renewal, tell the primary how long it may write (repl/cluster/lease.py)."""
         assert self.lease is not None
         while True:
             await self._renewed.wait()

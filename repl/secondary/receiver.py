@@ -9,7 +9,7 @@ transaction, and the applier is woken.
 
 A primary's connections share a session id; a new session replaces the
 old one (the primary reconnected). A connection first passes the gate
-(repl/gate.py: TLS, the cluster's CA, the primary's name, and its HELLO). A
+(repl/secondary/gate.py: TLS, the cluster's CA, the primary's name, and its HELLO). A
 peer turned away there, or that is not replfs, speaks another version,
 belongs to another cluster or sends an invalid record, is refused with one
 log line (counted by reason in ``status``), and nothing of the replica
@@ -35,7 +35,6 @@ import trio
 
 from repl.errors import ProtocolError, Refused
 from repl.errors import first_error as _first
-from repl.gate import HANDSHAKE_SECONDS, Gate, Rejected
 from repl.link import Link
 from repl.protocol import (
     MAX_STREAMS,
@@ -51,7 +50,8 @@ from repl.protocol import (
     parse_records,
     staged,
 )
-from repl.rejoin import follow_generation
+from repl.secondary.gate import HANDSHAKE_SECONDS, Gate, Rejected
+from repl.secondary.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Record
@@ -107,15 +107,19 @@ class _Stream:
 
 class Receiver:
     def __init__(self, staging: Staging, gate: Gate, on_complete: Callable[[], None],
-                 on_reset: Callable[[int], None]) -> None:
+                 on_reset: Callable[[int], None],
+                 on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
+                 ) -> None:
+        """*on_complete*: a set is complete; *on_reset*: an initial sync begins at that
+        set; *on_hello*: the extra fields of our HELLO answer, given the primary's."""
         self.staging = staging
         self.gate = gate
         self.on_complete = on_complete
         self.on_reset = on_reset
-        self.on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
+        self.on_hello = on_hello
         self.status = ReceiverStatus()
         self._incoming_send, self._incoming = trio.open_memory_channel[
-            tuple[_Stream, Record, int]](STAGE_BATCH)
+            tuple[_Stream, Record, bytes]](STAGE_BATCH)
         self._queued = 0  # bytes of the records read and not yet staged
         self._dequeued = trio.lowlevel.ParkingLot()  # readers waiting for _queued to drop
         self._streams: list[_Stream] = []
@@ -372,9 +376,9 @@ class Receiver:
                     # All of a frame's records before the stager runs: a set sent in
                     # one frame is staged in one transaction and one sync, not two.
                     try:
-                        self._incoming_send.send_nowait((stream, record, size))
+                        self._incoming_send.send_nowait((stream, record, raw))
                     except trio.WouldBlock:
-                        await self._incoming_send.send((stream, record, size))
+                        await self._incoming_send.send((stream, record, raw))
                 except BaseException:  # not sent: the stager will not give it back
                     self._queued -= size
                     self._dequeued.unpark_all()
@@ -383,26 +387,27 @@ class Receiver:
     async def _stager(self) -> None:
         while True:
             batch = [await self._incoming.receive()]
-            size = len(batch[0][1].data)
+            size = len(batch[0][2])
             while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
                 try:
                     batch.append(self._incoming.receive_nowait())
                 except trio.WouldBlock:
                     break
-                size += len(batch[-1][1].data)
+                size += len(batch[-1][2])
             try:
-                await self._stage([(s, r) for s, r, _ in batch if s.session == self._session])
+                await self._stage([item for item in batch if item[0].session == self._session])
             finally:
-                self._queued -= sum(queued for _, _, queued in batch)
+                self._queued -= sum(len(raw) for _, _, raw in batch)
                 self._dequeued.unpark_all()
 
-    async def _stage(self, batch: list[tuple[_Stream, Record]]) -> None:
+    async def _stage(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
         """Stage *batch* durably, acknowledge it on the streams it came from, and wake
         the applier if a set is complete."""
         if not batch:
             return  # all from streams a newer session replaced
-        result = self.staging.stage([record for _, record in batch])
-        if sum(len(record.data) for _, record in batch) <= INLINE_SYNC_BYTES:
+        result = self.staging.stage([record for _, record, _ in batch],
+                                    [raw for _, _, raw in batch])
+        if sum(len(record.data) for _, record, _ in batch) <= INLINE_SYNC_BYTES:
             self.staging.sync()
         else:
             await trio.to_thread.run_sync(self.staging.sync)
@@ -412,7 +417,7 @@ class Receiver:
         if result.keys:
             self.status.last_staged = max(self.status.last_staged, max(result.keys))
         acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
-        for stream, record in batch:
+        for stream, record, _ in batch:
             acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
         for stream, keys in acks.values():
             try:

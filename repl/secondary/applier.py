@@ -28,8 +28,8 @@ import trio
 
 from repl.apply import apply, intent_for, redo
 from repl.faults import ApplyFaults
-from repl.footprint import Footprint, Invalidator
 from repl.histograms import APPLY_SECONDS
+from repl.secondary.footprint import Footprint, Invalidator
 from repl.tree import Tree
 from store.hold import (
     ApplyLock,
@@ -191,7 +191,7 @@ class Applier:
         With an invalidator, the kernel's caches of what the batch touches are
         dropped first, while readers go on (the replica still shows the set
         before), until, with the lock taken, nothing of it was read back in since
-        (repl/footprint.py, Invalidator); then the batch is applied.
+        (repl/secondary/footprint.py, Invalidator); then the batch is applied.
         """
         if self.invalidator is None:
             with self.lock.exclusive():

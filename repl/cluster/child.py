@@ -20,7 +20,7 @@ from repl import control
 from repl.errors import ReplError
 from store.libc import die_with_parent
 
-REPLFS = [sys.executable, str(Path(__file__).resolve().parents[1] / "bin" / "replfs.py")]
+REPLFS = [sys.executable, str(Path(__file__).resolve().parents[2] / "bin" / "replfs.py")]
 START_SECONDS = 60.0  # a daemon not serving by then is given up (and started again)
 STOP_SECONDS = 30.0  # a daemon asked to stop is killed after this long
 

@@ -33,7 +33,8 @@ from repl.diverge import Divergence
 from repl.errors import NotYet, ProtocolError, Refused
 from repl.errors import first_error as _first
 from repl.link import Dialer, Link
-from repl.pacing import TokenBucket
+from repl.primary.pacing import TokenBucket
+from repl.primary.semisync import Peer
 from repl.protocol import (
     PROTOCOL_VERSION,
     ZSTD,
@@ -46,7 +47,6 @@ from repl.protocol import (
     record_frames,
     reset_to,
 )
-from repl.semisync import Peer
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import is_sync
@@ -131,7 +131,7 @@ class Sender:
         # The secondary applied a set: the journal's owner trims it (capture).
         self.on_applied: Callable[[int], None] = lambda set_id: None
         # True once the journal went on without this secondary (past its budget,
-        # repl/retention.py): it may no longer hold the sets this session reads.
+        # repl/primary/retention.py): it may no longer hold the sets this session reads.
         self.dropped: Callable[[], bool] = lambda: False
         # Where a secondary starts: None to stream on, or an initial sync's set.
         self.bring_up: Callable[[int, int | None, Divergence | None], int | None] = (
