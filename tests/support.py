@@ -190,11 +190,12 @@ class Daemon:
 
 
 @contextmanager
-def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
-    """A running daemon (`replfs ARGS`) that mounts *mount*, unmounted however the
-    test ends."""
+def mounted(args: list[str], mount: Path, log: Path, command: list[str] = REPLFS
+            ) -> Iterator[Daemon]:
+    """A running daemon (`replfs ARGS`, run as *command*) that mounts *mount*,
+    unmounted however the test ends."""
     mount.mkdir(exist_ok=True)
-    daemon = Daemon(args, log, "serving")
+    daemon = Daemon(args, log, "serving", command=command)
     daemon.start()
     try:
         yield daemon
@@ -204,14 +205,15 @@ def mounted(args: list[str], mount: Path, log: Path) -> Iterator[Daemon]:
         unmount(mount)
 
 
-def primary(backing: Path, mount: Path, *extra: str,
-            log: Path | None = None) -> AbstractContextManager[Daemon]:
-    """A running `replfs primary BACKING MOUNT`; with ``--secondary``, over TLS as
-    PRIMARY unless *extra* says ``--insecure`` or ``--tls``."""
+def primary(backing: Path, mount: Path, *extra: str, log: Path | None = None,
+            command: list[str] = REPLFS) -> AbstractContextManager[Daemon]:
+    """A running `replfs primary BACKING MOUNT` (run as *command*); with
+    ``--secondary``, over TLS as PRIMARY unless *extra* says ``--insecure`` or
+    ``--tls``."""
     if "--secondary" in extra:
         extra = tuple(_secure(extra, PRIMARY, SECONDARY))
     return mounted(["primary", str(backing), str(mount), *extra], mount,
-                   log or backing.parent / f"{mount.name}.log")
+                   log or backing.parent / f"{mount.name}.log", command)
 
 
 @contextmanager
@@ -243,10 +245,25 @@ def secondary(replica: Path, *extra: str, port: int = 0, log: Path | None = None
 
 
 def checkpoint(mount: Path, wait: float = 60.0) -> int:
-    """Close a set on the primary and wait until the secondary applied it."""
-    result = replfs("checkpoint", mount, "--wait", str(wait), timeout=wait + 30)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout)
+    """Close a set on the primary and wait until the secondary applied it (with *wait*
+    0, only close it); returns the set.
+
+    The request ``replfs checkpoint --wait`` sends, straight to the control socket:
+    no process started per call (tests/test_cli.py and tests/repl/test_replication.py
+    run the command itself). Waiting, it first lets each of the primary's secondaries
+    connect, or fail to, once: closed before that, the set would be the one before
+    the initial sync's.
+    """
+    from repl import control
+
+    if wait:
+        until(lambda: status(mount).get("secondaries", []),
+              lambda blocks: all(b["connected"] or b["errors"] for b in blocks),
+              timeout=wait, what="each secondary connected, or failed to, once")
+    reply = control.request(control.socket_path(mount), "checkpoint", timeout=wait + 30,
+                            wait=wait)
+    assert "error" not in reply, reply["error"]
+    return int(reply["set"])
 
 
 def wait_applied(replica: Path, set_id: int, timeout: float = 60.0) -> int:
@@ -360,10 +377,13 @@ def until(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 30
 
 
 def status(target: Path) -> dict[str, Any]:
-    """The status of the daemon serving *target*, straight from its control socket."""
+    """The status of the daemon serving *target*, straight from its control socket: what
+    ``replfs status --json`` prints, without a process per call."""
     from repl import control
 
-    return control.request(control.socket_path(target), "status")
+    reply = control.request(control.socket_path(target), "status")
+    assert "error" not in reply, reply["error"]
+    return reply
 
 
 def state_dir(tree: Path) -> Path:

@@ -9,7 +9,6 @@ with bytes that are not replfs.
 
 from __future__ import annotations
 
-import json
 import secrets
 import socket
 import socketserver
@@ -36,7 +35,7 @@ from repl.protocol import (
 )
 from store.records import Record
 from tests.store.specs import body, reseal
-from tests.support import PRIMARY, SECONDARY, Daemon, cluster_ca, replfs
+from tests.support import PRIMARY, SECONDARY, Daemon, cluster_ca
 
 LOG_TIMEOUT = 20.0
 PATH_AT = 16  # a record's first path: after the 14-byte header and its u16 length
@@ -56,14 +55,6 @@ def wait_for_log(daemon: Daemon, text: str, timeout: float = LOG_TIMEOUT) -> lis
             assert daemon.proc is not None
             if daemon.proc.poll() is not None or time.monotonic() >= deadline:
                 raise
-
-
-def status(target: Path) -> dict[str, Any]:
-    """``replfs status TARGET --json``, as a user would run it."""
-    result = replfs("status", target, "--json", timeout=30)
-    assert result.returncode == 0, result.stderr
-    reply: dict[str, Any] = json.loads(result.stdout)
-    return reply
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:

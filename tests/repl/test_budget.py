@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -22,13 +21,15 @@ from tests.fs.test_ranges import (
     first_hole,
     pattern,
 )
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, wait_applied
-
-
-def status(target: Path) -> dict[str, object]:
-    result = replfs("status", target, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    secondary,
+    snapshot,
+    status,
+    wait_applied,
+)
 
 
 def churn(m: Path, rounds: int, seed: int) -> None:
@@ -57,7 +58,7 @@ def fill_past_budget(mount: Path) -> None:
     """With the secondary stopped, close sets past a 64K budget: the primary overflows."""
     for _ in range(3):
         (mount / "filler").write_bytes(os.urandom(40_000))
-        assert replfs("checkpoint", mount).returncode == 0
+        checkpoint(mount, wait=0)
     (mount / "filler").write_bytes(b"over budget")
     assert status(mount)["mode"] == "overflow"
 
@@ -78,7 +79,7 @@ def test_outage_past_budget_resyncs_as_one_set(tmp_path: Path) -> None:
             churn(mount, 200, seed=7)  # about 5 MB: twenty times the budget
             st = status(mount)
             assert st["mode"] == "overflow"
-            assert int(st["journal_bytes"]) < 2 * budget  # type: ignore[arg-type]
+            assert int(st["journal_bytes"]) < 2 * budget
             assert diff(snapshot(backing), snapshot(replica)) != [], "the outage is real"
 
             with secondary(replica, port=port):
@@ -98,10 +99,10 @@ def test_no_secondary_journal_stays_within_budget(tmp_path: Path) -> None:
     budget = 256 << 10
     with primary(backing, mount, "--journal-max", str(budget), "--set-bytes", "64K"):
         churn(mount, 100, seed=5)
-        replfs("checkpoint", mount)
+        checkpoint(mount, wait=0)
         st = status(mount)
     assert st["mode"] == "streaming"
-    assert int(st["journal_bytes"]) <= budget + (128 << 10)  # type: ignore[arg-type]
+    assert int(st["journal_bytes"]) <= budget + (128 << 10)
 
 
 def test_outage_past_budget_ok_names_removed_after_writes(tmp_path: Path) -> None:

@@ -37,11 +37,10 @@ from tests.repl.peers import (
     open_raw,
     primary_hello,
     record_frame,
-    status,
     wait_for_log,
 )
 from tests.repl.test_gate import Flood, wait_until
-from tests.support import SECONDARY, Daemon, checkpoint, primary, secondary
+from tests.support import SECONDARY, Daemon, checkpoint, primary, secondary, status
 
 CLUSTER = "c1c1c1c1c1c1c1c1"
 

@@ -53,8 +53,8 @@ from repl.secondary.gate import (
     Gate,
     Rejected,
 )
-from repl.secondary.run import default_state_dir
-from tests.repl.peers import LOG_TIMEOUT, client_context, connect, status, wait_for_log
+from repl.secondary.run import default_state_dir, pause, resume
+from tests.repl.peers import LOG_TIMEOUT, client_context, connect, wait_for_log
 from tests.support import (
     PRIMARY,
     SECONDARY,
@@ -63,9 +63,9 @@ from tests.support import (
     cluster_ca,
     diff,
     primary,
-    replfs,
     secondary,
     snapshot,
+    status,
     wait_applied,
 )
 
@@ -251,11 +251,9 @@ def staged_and_held(tmp_path: Path, *link: str) -> Iterator[tuple[Daemon, Path, 
             *link) as prim:
         (mount / "applied").write_bytes(b"in the replica")
         checkpoint(mount)
-        assert replfs("pause", replica).returncode == 0
+        pause(replica, None)
         (mount / "held").write_bytes(b"staged, not applied yet")
-        result = replfs("checkpoint", mount)
-        assert result.returncode == 0, result.stderr
-        held = int(result.stdout)
+        held = checkpoint(mount, wait=0)
         wait_until("staged", lambda: status(replica)["last_complete"] >= held)
         assert not (replica / "held").exists()
         yield sec, replica, prim, mount, held
@@ -307,7 +305,7 @@ def test_gate_admit_err_generation_attack(tmp_path: Path, case: str) -> None:
         assert state(replica) == before
         assert status(mount)["connected"] is True
 
-        assert replfs("resume", replica).returncode == 0
+        resume(replica, None)
         assert wait_applied(replica, held) >= held
         (mount / "after").write_bytes(b"still replicating")
         checkpoint(mount)

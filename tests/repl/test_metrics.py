@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from repl.secondary.run import pause, resume
 from tests.support import (
     ROOT,
     Daemon,
@@ -78,13 +79,13 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
             f.write(os.urandom(100_000))
             os.fsync(f.fileno())
         held = checkpoint(mount)
-        assert replfs("pause", replica).returncode == 0
+        pause(replica, None)
 
         # Three sets closed that the paused replica does not apply: a known lag.
         before = time.monotonic()
         for n in range(3):
             (mount / f"f{n}").write_bytes(b"x" * 1000)
-            last = int(replfs("checkpoint", mount).stdout)
+            last = checkpoint(mount, wait=0)
             if n == 0:
                 after_first = time.monotonic()
         until(lambda: status(replica), lambda st: st["last_complete"] == last,
@@ -127,7 +128,7 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
                    if n == "replfs_refused_connections_total"}
         assert sum(refused.values()) >= 1 and all(dict(k)["reason"] for k in refused)
 
-        assert replfs("resume", replica).returncode == 0
+        resume(replica, None)
         until(lambda: scrape(pri_url), lambda m: value(m, "replfs_lag_sets") == 0,
               what="no lag once resumed")
         assert value(scrape(pri_url), "replfs_lag_seconds") == 0

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from repl.secondary.run import pause, resume
 from tests.fs.test_ranges import (
     KEEP_SIZE,
     PUNCH_HOLE,
@@ -63,9 +64,10 @@ def test_replica_follows_primary_scrambled(tmp_path: Path) -> None:
             db.execute("insert into t values (?)", (i,))
             db.commit()
         db.close()
-        applied = checkpoint(mount)
-        assert applied > 100
-        assert diff(snapshot(backing), snapshot(replica)) == []
+        done = replfs("checkpoint", mount, "--wait", "60")  # the command a user runs
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) > 100
+        assert diff(snapshot(backing), snapshot(replica)) == [], "applied once it returned"
     check = sqlite3.connect(replica / "app.db")
     assert check.execute("pragma integrity_check").fetchone() == ("ok",)
     assert check.execute("select count(*) from t").fetchone() == (100,)
@@ -152,17 +154,17 @@ def test_primary_status_ok_lag_of_a_held_replica(tmp_path: Path) -> None:
         first = checkpoint(mount)
         st = status(mount)
         assert (st["lag_sets"], st["lag_seconds"], st["lag_bytes"]) == (0, 0.0, 0)
-        assert replfs("pause", replica).returncode == 0
+        pause(replica, None)
 
         (mount / "big").write_bytes(data[: 1 << 19])
         closing_from = time.monotonic()
-        older = int(replfs("checkpoint", mount).stdout)
+        older = checkpoint(mount, wait=0)
         closed_by = time.monotonic()
         until(lambda: status(mount), lambda st: st["lag_seconds"] >= 0.5,
               what="half a second of lag")
         with open(mount / "big", "ab") as f:
             f.write(data[1 << 19 :])
-        assert int(replfs("checkpoint", mount).stdout) == older + 1
+        assert checkpoint(mount, wait=0) == older + 1
 
         asked_from = time.monotonic()
         st = status(mount)
@@ -174,7 +176,7 @@ def test_primary_status_ok_lag_of_a_held_replica(tmp_path: Path) -> None:
         # The journal holds the two sets: the data, and little else.
         assert len(data) <= st["lag_bytes"] <= len(data) + (16 << 10)
 
-        assert replfs("resume", replica).returncode == 0
+        resume(replica, None)
         assert wait_applied(replica, older + 1) == older + 1
         st = until(lambda: status(mount), lambda st: st["last_applied"] == older + 1,
                    what="the primary told of the apply")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from repl.secondary.run import pause, resume
 from store.records import Op
 from tests.support import (
     checkpoint,
@@ -21,7 +22,6 @@ from tests.support import (
     primary,
     read_journal,
     read_staging,
-    replfs,
     secondary,
     snapshot,
     status,
@@ -83,11 +83,11 @@ def test_claim_22_next_set_sent_before_the_previous_is_applied(tmp_path: Path) -
     with secondary(replica) as sec, primary(backing, mount, "--secondary",
                                             f"127.0.0.1:{sec.port}", "--set-interval", "3600"):
         first = checkpoint(mount)
-        assert int(replfs("pause", replica).stdout) == first
+        assert pause(replica, None) == first
         (mount / "a").write_bytes(b"set N")
-        n = int(replfs("checkpoint", mount).stdout)
+        n = checkpoint(mount, wait=0)
         (mount / "b").write_bytes(b"set N+1")
-        assert int(replfs("checkpoint", mount).stdout) == n + 1
+        assert checkpoint(mount, wait=0) == n + 1
 
         until(lambda: read_staging(replica),
               lambda sets: all(i in sets and sets[i][0].complete for i in (n, n + 1)),
@@ -98,7 +98,7 @@ def test_claim_22_next_set_sent_before_the_previous_is_applied(tmp_path: Path) -
         assert st["last_shipped"][0] == n + 1 and st["lag_sets"] == 2
         assert not (replica / "a").exists()
 
-        assert replfs("resume", replica).returncode == 0
+        resume(replica, None)
         assert wait_applied(replica, n + 1) == n + 1
         assert diff(snapshot(backing), snapshot(replica)) == []
 
@@ -118,7 +118,7 @@ def test_claim_6_journal_keeps_each_version_of_a_block_until_applied(tmp_path: P
         try:
             os.pwrite(fd, b"0" * BLOCK, 0)
             first = checkpoint(mount)
-            assert int(replfs("pause", replica).stdout) == first
+            assert pause(replica, None) == first
             for version in versions:
                 os.pwrite(fd, version, 0)
                 os.fsync(fd)  # closes a set: one version per set
@@ -139,7 +139,7 @@ def test_claim_6_journal_keeps_each_version_of_a_block_until_applied(tmp_path: P
         assert len({set_id for set_id, _ in held}) == 3 and min(s for s, _ in held) > first
         assert status(mount)["last_applied"] == first
 
-        assert replfs("resume", replica).returncode == 0
+        resume(replica, None)
         assert wait_applied(replica, last) == last
         until(lambda: status(mount), lambda st: st["last_applied"] == last,
               what=f"the primary told that set {last} is applied")
