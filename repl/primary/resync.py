@@ -205,9 +205,10 @@ class Resync:
         follows = base is not None and base <= applied < journal.set
         # A replica waiting for a sync set this journal does not hold as one (a power
         # cut took the set's RESET and snapshot before they were durable, and the
-        # recovered journal reused its id): what it holds is known to no one.
-        lost = syncing is not None and syncing != self.syncing and not self._holds_reset(
-            syncing)
+        # recovered journal reused its id): what it holds is known to no one. (A
+        # rejoining one waits for the set that undoes its divergence: see below.)
+        lost = (rejoin is None and syncing is not None and syncing != self.syncing
+                and not self._holds_reset(syncing))
         if rejoin is None and follows and not lost:
             self.retention.attach(address, applied)
             return None
