@@ -324,7 +324,7 @@ class Run:
         finally:
             self.result.ops = workload.ops
             workload.close()
-            for daemon in (primary, secondary, self.standby_daemon):
+            for daemon in (primary, secondary, self.secondary, self.standby_daemon):
                 if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
                     daemon.stop()
             unmount(self.mount)
@@ -379,6 +379,8 @@ class Run:
         gets an initial sync of the tree the workload keeps changing."""
         self.end_hold(workload)
         secondary.kill()
+        if self.tmpfs:
+            self.grow_replica()  # the new host's disk is not the old one's, full
         if self.standby_daemon is not None:
             self.standby_daemon.stop()
         unmount(self.standby)
