@@ -188,8 +188,9 @@ class Snapshot:
             journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
         elif stat.S_ISREG(mode):
             if self._whole(fd, raw, path):
-                self.touched.paths.discard(path)  # its times came with it, as at the close
-                return False  # and its xattrs
+                # Its times came with it; the set's close restates them all the same: a
+                # later record of the set (a resend's, a step's) may change them again.
+                return False  # and its xattrs came with it
             else:
                 journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
                 if st.st_size:
