@@ -4,7 +4,8 @@
 loopback interface for one TCP port while a block runs; it returns only
 once tshark says it is capturing, since a capture started after the
 traffic holds nothing, and stops it with SIGINT, so it writes out what it
-has. ``decode`` reads the capture back as PDML, the full tree of every
+has, once a marker connection made after the block shows it has read
+everything before. ``decode`` reads the capture back as PDML, the full tree of every
 packet, with the port decoded as the transport a test names.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
@@ -37,10 +39,17 @@ def tshark() -> str:
 
 @contextmanager
 def capture(port: int, path: Path) -> Iterator[None]:
-    """tshark capturing TCP port *port* on ``lo`` into *path* while the block runs."""
-    started = threading.Event()
-    proc = subprocess.Popen([tshark(), "-i", "lo", "-f", f"tcp port {port}", "-w", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """tshark capturing TCP port *port* on ``lo`` into *path* while the block runs.
+
+    Stopping tshark drops what the kernel captured but tshark has not read yet,
+    so the capture ends with a marker: a connection to the port, made after the
+    block, whose first packet tshark is seen to print before it is stopped; every
+    packet of the block came before it."""
+    started, seen = threading.Event(), threading.Event()
+    marker: list[str] = []
+    proc = subprocess.Popen([tshark(), "-i", "lo", "-f", f"tcp port {port}", "-w", str(path),
+                             "-P", "-l", "-T", "fields", "-e", "tcp.srcport"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     said: list[bytes] = []
 
     def watch() -> None:
@@ -51,10 +60,23 @@ def capture(port: int, path: Path) -> Iterator[None]:
                 started.set()
         started.set()
 
+    def printed() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if marker and line.decode().strip() == marker[0]:
+                seen.set()
+        seen.set()
+
     threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=printed, daemon=True).start()
     try:
         assert started.wait(START_SECONDS) and proc.poll() is None, b"".join(said)
         yield
+        with socket.socket() as conn:
+            conn.bind(("127.0.0.1", 0))
+            marker.append(str(conn.getsockname()[1]))
+            conn.connect(("127.0.0.1", port))
+        assert seen.wait(START_SECONDS) and proc.poll() is None, b"".join(said)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
