@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
+from repl.verify import walk
+from store.notes import Note, NoteKind
 from tests.torture.__main__ import campaign
+from tests.torture.power import PowerCuts
 from tests.torture.run import POWER_CUT
 
 
@@ -24,3 +28,25 @@ def test_torture_power_cuts_short_campaign() -> None:
                        power_cuts=True)
     assert [r.faults[POWER_CUT] for r in results] == [1, 1]
     assert [r.error for r in results] == [None, None], out.getvalue()
+
+
+def _tree_at_close(power: PowerCuts, set_id: int) -> None:
+    """What the primary records of BACKING at a set's close (REPLFS_TEST_SET_TREES)."""
+    with open(power.trees / str(set_id), "w") as out:
+        for path, entry in walk(power.backing):
+            out.write(f"{os.fsencode(path).hex()} {entry!r}\n")
+
+
+def test_power_check_names_left_of_a_noted_unlink_ok(tmp_path: Path) -> None:
+    """A noted name of a file with two, gone after the cut, leaves the other name one
+    link fewer: that is no difference; a change of the other name's bytes is."""
+    power = PowerCuts(tmp_path, tmp_path / "hashes")
+    power.backing.mkdir(parents=True)
+    (power.backing / "a").write_bytes(b"data")
+    os.link(power.backing / "a", power.backing / "b")
+    _tree_at_close(power, 1)
+    (power.backing / "b").unlink()  # reached the disk; its UNLINK record did not
+    notes = [Note(NoteKind.NAME, b"b")]
+    assert power._differences(1, notes) == []
+    (power.backing / "a").write_bytes(b"more")
+    assert power._differences(1, notes) == ["a"]

@@ -29,6 +29,7 @@ either history's contents (Run.set_hashes).
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 import shutil
@@ -49,6 +50,7 @@ from tests.support import Daemon, status, unmount
 from tests.torture.violation import Violation
 
 KIND = "primary_powercut"
+NLINK = 4  # where a tree entry holds its link count (repl/verify.py, _summary)
 KEEP = (0.0, 0.0, 0.5)  # the fraction of dirty pages the kernel wrote back before the cut
 
 
@@ -151,7 +153,8 @@ class PowerCuts:
     def _differences(self, set_id: int, notes: list[Note]) -> list[str]:
         """The paths where BACKING differs from its tree at *set_id*'s close, but for
         the noted ones: NAME paths with all under them and their directory's own
-        entry, the other notes' paths, and other names of a file among them."""
+        entry, the other notes' paths, other names of a file among them, and the
+        link count of the names left of a file whose noted name is gone."""
         roots = name_roots(notes)
         skip = {n.path for n in notes if n.kind != NoteKind.NAME}
         skip |= {root.rpartition(b"/")[0] for root in roots}
@@ -160,21 +163,42 @@ class PowerCuts:
             path, entry = line.split(" ", 1)
             before[bytes.fromhex(path)] = entry
         now = {os.fsencode(path): repr(entry) for path, entry in walk(self.backing)}
+        def noted(path: bytes) -> bool:
+            return path in skip or any(is_under(path, root) for root in roots)
+
         linked = set()  # inodes of skipped files: their other names show the same change
         for path in now:
-            if path in skip or any(is_under(path, root) for root in roots):
+            if noted(path):
                 st = os.lstat(os.path.join(self.backing, os.fsdecode(path)))
                 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                     linked.add(st.st_ino)
+        # Skipped names of files that had several, gone since: the names left lost a
+        # link (seen as the same entry but for its link count).
+        unlinked = {_but_nlink(entry) for path, entry in before.items()
+                    if noted(path) and _nlink(entry) > 1 and not entry.startswith("('d")}
         out = []
         for path in sorted(before.keys() | now.keys()):
-            if path in skip or any(is_under(path, root) for root in roots):
+            if noted(path):
                 continue
-            if before.get(path) != now.get(path):
+            was, is_ = before.get(path), now.get(path)
+            if was != is_:
                 if path in now and os.lstat(self.backing / os.fsdecode(path)).st_ino in linked:
+                    continue
+                if was and is_ and _but_nlink(was) == _but_nlink(is_) \
+                        and _but_nlink(was) in unlinked:
                     continue
                 out.append(os.fsdecode(path) or "/")
         return out
+
+
+def _nlink(entry: str) -> int:
+    """The link count of an entry as the tree records it (repl/verify.py, _summary)."""
+    return int(ast.literal_eval(entry)[NLINK])
+
+
+def _but_nlink(entry: str) -> tuple[object, ...]:
+    fields = ast.literal_eval(entry)
+    return (*fields[:NLINK], *fields[NLINK + 1:])
 
 
 def _sqlite_count(tree: Path) -> int:
