@@ -24,8 +24,8 @@ replicating primary runs with ``--journal-max 4G`` so the outage stays in the jo
 catch-up measures journal streaming, not a resync.
 
 ``--only fsync4k,sqlite_commits`` runs just those workloads (and skips the
-replication figures and the standby's reads); ``--rounds N`` sets how many
-times round the targets.
+replication figures and the standby's reads); ``--pipeline`` just the
+replication figures; ``--rounds N`` sets how many times round the targets.
 
 Everything is removed afterwards, also on Ctrl-C or failure.
 """
@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,6 +250,9 @@ class Bench:
                     sorted(served.items(), key=lambda item: -item[1]) if n))
 
     def run(self) -> None:
+        if self.only == []:
+            self.pipeline()
+            return
         native = self.tmp / "native"
         native.mkdir()
         say(f"native directory {native}")
@@ -289,12 +293,38 @@ class Bench:
         self.reads = bench_reads.run(mount, self.tmp / "replica", self.tmp / "standby",
                                      self.plan.reads, checkpoint, say)
         self.lag(mount)
+        self.outage_and_memory(pri, mount, sec, port)
+
+    def pipeline(self) -> None:
+        """The replication figures alone: a replicating primary, lag, catch-up, memory."""
+        sec, port = self.secondary()
+        pri, mount = self.primary("replicated", *self.to_secondary(port),
+                                  "--journal-max", JOURNAL_MAX)
+        checkpoint(mount, 60)
+        rounds: list[dict[str, float]] = []
+        for round_ in range(self.plan.rounds):
+            say(f"round {round_ + 1} of {self.plan.rounds}")
+            self.lag(mount)
+            sec = self.outage_and_memory(pri, mount, sec, port)
+            rounds.append(dict(self.replication))
+        for key in rounds[0]:  # medians, and each figure's lowest and highest round
+            values = [r[key] for r in rounds]
+            self.replication[key] = statistics.median(values)
+            if len(rounds) > 1 and key.endswith(("_ms", "_MBps", "_MiB")):
+                self.replication[key + "_min"], self.replication[key + "_max"] = (
+                    min(values), max(values))
+
+    def outage_and_memory(self, pri: Daemon, mount: Path, sec: Daemon, port: int
+                          ) -> Daemon:
+        """The catch-up after an outage, then both daemons' peak memory: the new
+        secondary."""
         sec = self.outage(mount, sec, port)
         self.replication |= {  # RssAnon at the end leaves out the mapped LMDB pages VmHWM counts
             "rss_primary_MiB": pri.peak_mib(), "rss_secondary_MiB": sec.peak_mib(),
             "rss_primary_anon_end_MiB": pri.memory("RssAnon") / 1024,
             "rss_secondary_anon_end_MiB": sec.memory("RssAnon") / 1024,
         }
+        return sec
 
     def lag(self, mount: Path) -> None:
         """Checkpoint round trips (close -> applied on the secondary) under a steady writer."""
@@ -302,8 +332,7 @@ class Bench:
         failed: list[BaseException] = []
         samples: list[float] = []
         files: list[int] = []
-        d = mount / "lag"
-        d.mkdir()
+        d = Path(tempfile.mkdtemp(prefix="lag.", dir=mount))
 
         def writer() -> None:  # a 64 KiB file about every 10 ms; close hands it to the daemon
             chunk = os.urandom(64 << 10)
@@ -354,8 +383,7 @@ class Bench:
         checkpoint(mount)
         before = int(ask(mount, "status")["journal_bytes"])
         sec.stop()
-        d = mount / "outage"
-        d.mkdir()
+        d = Path(tempfile.mkdtemp(prefix="outage.", dir=mount))
         size = self.plan.outage_bytes
         start = now()
         for n in range(max(1, size // (64 * MiB))):
@@ -423,8 +451,14 @@ def main() -> int:
                         + "), without the replication figures")
     parser.add_argument("--rounds", type=int, metavar="N",
                         help="times round the targets (default 3, 1 with --quick)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="only the replication figures: lag, catch-up, peak memory")
     args = parser.parse_args()
     only = args.only.split(",") if args.only else None
+    if args.pipeline:
+        if only is not None:
+            parser.error("--pipeline runs no workloads: leave out --only")
+        only = []
     unknown = sorted(set(only or ()) - {key for key, _, _ in WORKLOADS})
     if unknown:
         parser.error(f"no such workload: {', '.join(unknown)}")
