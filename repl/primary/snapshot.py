@@ -54,7 +54,7 @@ class Snapshot:
         st = os.fstat(root)
         journal.append(Op.CHMOD, path=b"", mode=stat.S_IMODE(st.st_mode))
         journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
-        self._xattrs(root, None, b"")
+        self._xattrs(root, b"")
         self.touched.paths.add(b"")
         self._walk(root, b"")
 
@@ -201,7 +201,7 @@ class Snapshot:
                            gid=gid)
         else:
             journal.append(Op.MKNOD, path=path, mode=mode, rdev=st.st_rdev, uid=uid, gid=gid)
-        self._xattrs(fd, raw, path)
+        self._xattrs(fd_path(fd, raw), path, follow=False)
         if stat.S_ISDIR(mode) and descend:
             sub = os.open(raw, _DIR_FLAGS, dir_fd=fd)
             try:
@@ -228,21 +228,19 @@ class Snapshot:
                     break  # shorter than it was: the file is what was read
                 chunks.append(chunk)
                 left -= len(chunk)
-            xattrs = [(name, os.getxattr(fd, name)) for name in sorted(os.listxattr(fd))]
+            data = b"".join(chunks)
+            self.journal.append(Op.FILE, path=path, mode=st.st_mode, uid=st.st_uid,
+                                gid=st.st_gid, atime_ns=st.st_atime_ns,
+                                mtime_ns=st.st_mtime_ns, data=data)
+            self._xattrs(fd, path)
         finally:
             os.close(fd)
-        data = b"".join(chunks)
-        self.journal.append(Op.FILE, path=path, mode=st.st_mode, uid=st.st_uid,
-                            gid=st.st_gid, atime_ns=st.st_atime_ns,
-                            mtime_ns=st.st_mtime_ns, data=data)
-        for name, value in xattrs:
-            self.journal.append(Op.SETXATTR, path=path, name=os.fsencode(name), data=value)
         self.inline += len(data)
         return True
 
-    def _xattrs(self, dir_fd: int, name: bytes | None, path: bytes) -> None:
-        where: bytes | int = fd_path(dir_fd, name) if name else dir_fd
-        follow = name is None
+    def _xattrs(self, where: bytes | int, path: bytes, follow: bool = True) -> None:
+        """Journal a SETXATTR for each extended attribute of *where* (an open file or
+        directory, or with *follow* False a node's /proc path) as *path*'s."""
         for attr in sorted(os.listxattr(where, follow_symlinks=follow)):
             value = os.getxattr(where, attr, follow_symlinks=follow)
             self.journal.append(Op.SETXATTR, path=path, name=os.fsencode(attr), data=value)
