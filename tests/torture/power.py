@@ -12,7 +12,8 @@ each cut by ``PowerCuts.boot``:
 - BACKING is the primary's tree at the close of the journal's last durable
   set (when the journal ends with that set's SYNC: records after it, durable
   without their SYNC, leave a state no digest recorded, counted as unchecked),
-  but for what the activity log noted (repl/activity.py): BACKING may hold
+  but for what the activity log noted (repl/activity.py) and the files of the
+  dirty map (written over budget, repl/primary/resync.py): BACKING may hold
   more there than the journal, and the primary resends it as it is. Those
   paths are left out, and the rest compared path by path (the trees the
   primary recorded at each close, REPLFS_TEST_SET_TREES);
@@ -96,7 +97,7 @@ class PowerCuts:
         """
         keep = self.keep
         digests = self._digests()  # what the primary recorded before the power went
-        last, closed, notes = self._last_set()
+        last, closed, notes, dirty = self._last_set()
         self.sim.start()
         try:
             primary = start_primary()
@@ -108,9 +109,9 @@ class PowerCuts:
                             "which its secondary refuses")
         if not closed or last not in digests:
             self.unchecked += 1
-        elif notes:
+        elif notes or dirty:
             self.resent += 1
-            differ = self._differences(last, notes)
+            differ = self._differences(last, notes, dirty)
             if differ:
                 self.problems.append(f"after a power cut (keep {keep}) the primary's tree "
                                      f"differs from its tree at the close of set {last}, the "
@@ -135,28 +136,33 @@ class PowerCuts:
                 out[int(set_id)] = digest
         return out
 
-    def _last_set(self) -> tuple[int, bool, list[Note]]:
+    def _last_set(self) -> tuple[int, bool, list[Note], set[bytes]]:
         """The journal's last set on the disk as the cut left it, whether it ends
-        with that set's SYNC (or holds no record after a trim), and its notes."""
+        with that set's SYNC (or holds no record after a trim), its notes, and the
+        files its dirty map names (written over budget: their ranges are resent as
+        BACKING holds them, in the set left open)."""
         try:
             journal = Journal(self.sim.lower / ".b.replfs" / "journal", read_only=True)
         except StoreError as exc:
             raise Violation(f"the journal is unreadable after a power cut (keep {self.keep}): "
                             f"{exc}") from None
         try:
+            dirty = set(journal.dirty)
             if journal.seq == 0:
-                return journal.set - 1, True, journal.notes
-            return journal.set, False, journal.notes
+                return journal.set - 1, True, journal.notes, dirty
+            return journal.set, False, journal.notes, dirty
         finally:
             journal.close()
 
-    def _differences(self, set_id: int, notes: list[Note]) -> list[str]:
+    def _differences(self, set_id: int, notes: list[Note], dirty: set[bytes] | None = None
+                     ) -> list[str]:
         """The paths where BACKING differs from its tree at *set_id*'s close, but for
         the noted ones: NAME paths with all under them and their directory's own
         entry, the other notes' paths, other names of a file among them, and the
-        link count of the names left of a file whose noted name is gone."""
+        link count of the names left of a file whose noted name is gone; and the
+        files of the dirty map."""
         roots = name_roots(notes)
-        skip = {n.path for n in notes if n.kind != NoteKind.NAME}
+        skip = {n.path for n in notes if n.kind != NoteKind.NAME} | (dirty or set())
         skip |= {root.rpartition(b"/")[0] for root in roots}
         before = {}
         for line in (self.trees / str(set_id)).read_text().splitlines():
