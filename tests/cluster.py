@@ -152,6 +152,14 @@ class Node:
         except (OSError, ValueError):
             return None
 
+    def replica_status(self) -> dict[str, Any] | None:
+        """The status of the secondary that keeps this node's replica, or None if none
+        answers within a second (a standby's mount may answer before it does)."""
+        try:
+            return control.request(control.socket_path(self.data), "status", timeout=1.0)
+        except (OSError, ValueError):
+            return None
+
     def writable(self) -> bool:
         """True if this node serves its mount read-write now (a primary not fenced)."""
         st = self.role()

@@ -78,6 +78,8 @@ def test_node_failover_ok_kill_primary(tmp_path: Path) -> None:
                 old.start()  # the old primary comes back: a standby of the new one
                 until(old.role, lambda st: st is not None and st["role"] == "standby mount",
                       timeout=60, what="the old primary serving the standby view")
+                until(old.replica_status, lambda st: st is not None, timeout=60,
+                      what="the old primary's secondary answering")
                 set_id = checkpoint(new.mount)
                 for node in nodes:
                     if node is not new:
@@ -128,6 +130,8 @@ def test_node_partition_ok_primary_cut_from_etcd(tmp_path: Path) -> None:
                 net.join(index, net.host)  # back: it follows the new primary
                 until(old.role, lambda st: st is not None and st["role"] == "standby mount",
                       timeout=60, what="the old primary a standby again")
+                until(old.replica_status, lambda st: st is not None, timeout=60,
+                      what="the old primary's secondary answering")
                 set_id = checkpoint(new.mount)
                 assert wait_applied(old.data, set_id) >= set_id
                 assert diff(snapshot(new.data), snapshot(old.data)) == []
