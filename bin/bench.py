@@ -250,9 +250,6 @@ class Bench:
                     sorted(served.items(), key=lambda item: -item[1]) if n))
 
     def run(self) -> None:
-        if self.only == []:
-            self.pipeline()
-            return
         native = self.tmp / "native"
         native.mkdir()
         say(f"native directory {native}")
@@ -455,10 +452,8 @@ def main() -> int:
                         help="only the replication figures: lag, catch-up, peak memory")
     args = parser.parse_args()
     only = args.only.split(",") if args.only else None
-    if args.pipeline:
-        if only is not None:
-            parser.error("--pipeline runs no workloads: leave out --only")
-        only = []
+    if args.pipeline and only is not None:
+        parser.error("--pipeline runs no workloads: leave out --only")
     unknown = sorted(set(only or ()) - {key for key, _, _ in WORKLOADS})
     if unknown:
         parser.error(f"no such workload: {', '.join(unknown)}")
@@ -474,7 +469,10 @@ def main() -> int:
     started = now()
     try:
         info = machine(tmp)
-        bench.run()
+        if args.pipeline:
+            bench.pipeline()
+        else:
+            bench.run()
     except KeyboardInterrupt:
         say("\nbench: interrupted; cleaning up")
         return 130

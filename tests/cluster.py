@@ -147,18 +147,12 @@ class Node:
     def role(self) -> dict[str, Any] | None:
         """What the mount serves now: the daemon's status, or None if none answers
         within a second."""
-        try:
-            return control.request(control.socket_path(self.mount), "status", timeout=1.0)
-        except (OSError, ValueError):
-            return None
+        return _status(self.mount)
 
     def replica_status(self) -> dict[str, Any] | None:
         """The status of the secondary that keeps this node's replica, or None if none
         answers within a second (a standby's mount may answer before it does)."""
-        try:
-            return control.request(control.socket_path(self.data), "status", timeout=1.0)
-        except (OSError, ValueError):
-            return None
+        return _status(self.data)
 
     def writable(self) -> bool:
         """True if this node serves its mount read-write now (a primary not fenced)."""
@@ -189,6 +183,15 @@ def primary_of(nodes: list[Node], timeout: float = 60.0) -> Node:
 
     found = until(writable, lambda w: len(w) == 1, timeout=timeout, what="one primary")
     return found[0]
+
+
+def _status(target: Path) -> dict[str, Any] | None:
+    """The status of the daemon serving *target*, or None if none answers within a
+    second."""
+    try:
+        return control.request(control.socket_path(target), "status", timeout=1.0)
+    except (OSError, ValueError):
+        return None
 
 
 def standing(nodes: list[Node], timeout: float = 60.0) -> Node:

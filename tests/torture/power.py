@@ -38,6 +38,7 @@ import sqlite3
 import stat
 import tempfile
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from repl.activity import name_roots
@@ -154,21 +155,22 @@ class PowerCuts:
         finally:
             journal.close()
 
-    def _differences(self, set_id: int, notes: list[Note], dirty: set[bytes] | None = None
-                     ) -> list[str]:
+    def _differences(self, set_id: int, notes: list[Note],
+                     dirty: AbstractSet[bytes] = frozenset()) -> list[str]:
         """The paths where BACKING differs from its tree at *set_id*'s close, but for
         the noted ones: NAME paths with all under them and their directory's own
         entry, the other notes' paths, other names of a file among them, and the
         link count of the names left of a file whose noted name is gone; and the
         files of the dirty map."""
         roots = name_roots(notes)
-        skip = {n.path for n in notes if n.kind != NoteKind.NAME} | (dirty or set())
+        skip = {n.path for n in notes if n.kind != NoteKind.NAME} | dirty
         skip |= {root.rpartition(b"/")[0] for root in roots}
         before = {}
         for line in (self.trees / str(set_id)).read_text().splitlines():
             path, entry = line.split(" ", 1)
             before[bytes.fromhex(path)] = entry
         now = {os.fsencode(path): repr(entry) for path, entry in walk(self.backing)}
+
         def noted(path: bytes) -> bool:
             return path in skip or any(is_under(path, root) for root in roots)
 
@@ -180,8 +182,9 @@ class PowerCuts:
                     linked.add(st.st_ino)
         # Skipped names of files that had several, gone since: the names left lost a
         # link (seen as the same entry but for its link count).
-        unlinked = {_but_nlink(entry) for path, entry in before.items()
-                    if noted(path) and _nlink(entry) > 1 and not entry.startswith("('d")}
+        unlinked = {_but_nlink(fields) for path, entry in before.items() if noted(path)
+                    for fields in [ast.literal_eval(entry)]
+                    if fields[NLINK] > 1 and not fields[0].startswith("d")}
         out = []
         for path in sorted(before.keys() | now.keys()):
             if noted(path):
@@ -190,20 +193,15 @@ class PowerCuts:
             if was != is_:
                 if path in now and os.lstat(self.backing / os.fsdecode(path)).st_ino in linked:
                     continue
-                if was and is_ and _but_nlink(was) == _but_nlink(is_) \
-                        and _but_nlink(was) in unlinked:
+                if was and is_ and (rest := _but_nlink(ast.literal_eval(was))) in unlinked \
+                        and rest == _but_nlink(ast.literal_eval(is_)):
                     continue
                 out.append(os.fsdecode(path) or "/")
         return out
 
 
-def _nlink(entry: str) -> int:
-    """The link count of an entry as the tree records it (repl/verify.py, _summary)."""
-    return int(ast.literal_eval(entry)[NLINK])
-
-
-def _but_nlink(entry: str) -> tuple[object, ...]:
-    fields = ast.literal_eval(entry)
+def _but_nlink(fields: tuple[object, ...]) -> tuple[object, ...]:
+    """A tree entry (repl/verify.py, _summary) without its link count."""
     return (*fields[:NLINK], *fields[NLINK + 1:])
 
 
