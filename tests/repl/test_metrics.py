@@ -158,7 +158,10 @@ def test_requests_counted_by_handler_in_status_and_metrics(tmp_path: Path) -> No
             os.pwrite(fd, b"x" * 4096, 0)
             os.fsync(fd)
             os.close(fd)
-        after = status(mount)["requests"]
+        # The kernel sends RELEASE after close(2) has returned: wait for the last one.
+        after = until(lambda: status(mount)["requests"],
+                      lambda now: now.get("release", 0) - before.get("release", 0) >= 5,
+                      timeout=10, what="the five releases counted")
         served = {dict(labels)["op"]: v for (n, labels), v in scrape(url).items()
                   if n == "replfs_fuse_requests_total"}
     grown = {op: after[op] - before.get(op, 0) for op in after}
