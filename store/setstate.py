@@ -45,6 +45,11 @@ class SetState:
         byte, bit = divmod(seq, 8)
         return byte < len(self.bitmap) and bool(self.bitmap[byte] >> bit & 1)
 
+    def run_end(self, seq: int) -> int:
+        """The first seq at or after *seq* whose bit is not set."""
+        bits = int.from_bytes(self.bitmap, "little") >> seq
+        return seq + (~bits & (bits + 1)).bit_length() - 1
+
     def received(self) -> int:
         return int.from_bytes(self.bitmap, "little").bit_count()
 

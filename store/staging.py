@@ -29,6 +29,7 @@ _APPLIED = b"applied"
 _MARKER = b"marker"
 _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
+_SCRATCH = b"scratch"  # the sync under way started from a replica with no set to show
 _RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it is staged
 _KEY_SIZE = 12
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
@@ -57,6 +58,9 @@ class Staging(LmdbDir):
         self._sets = self.env.open_db(b"sets")
         self._meta = self.env.open_db(b"meta")
         self.identity = identity.load(self.env, self._meta, make_cluster=False)
+        # Moves whenever staged sets not yet applied are erased or replaced (a reset, a
+        # primary's restart, a rejoin): what was read of them before may be gone.
+        self.epoch = 0
 
     def save_identity(self) -> None:
         identity.save(self.env, self._meta, self.identity)
@@ -171,6 +175,7 @@ class Staging(LmdbDir):
         those the new one shares with it stay. Returns the ids erased."""
         dropped = [s for s, state in self.sets().items()
                    if s >= keep_before or not state.complete]
+        self.epoch += 1
         with self.env.begin(write=True) as txn:
             for set_id in dropped:
                 self._delete_set(txn, set_id)
@@ -179,6 +184,7 @@ class Staging(LmdbDir):
     def drop_partial(self) -> list[int]:
         """Erase every set that is not complete (claim 27). Returns their ids."""
         dropped = [s for s, state in self.sets().items() if not state.complete]
+        self.epoch += 1
         with self.env.begin(write=True) as txn:
             for set_id in dropped:
                 self._delete_set(txn, set_id)
@@ -205,6 +211,11 @@ class Staging(LmdbDir):
             txn.put(_MARKER, record.key + (intent or b""), db=self._meta)
         self.passed(COMMIT_BYTES)
 
+    def clear_marker(self) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(_MARKER, db=self._meta)
+        self.passed(COMMIT_BYTES)
+
     def marker(self) -> tuple[int, int, bytes | None] | None:
         with self.env.begin() as txn:
             raw = txn.get(_MARKER, db=self._meta)
@@ -220,9 +231,23 @@ class Staging(LmdbDir):
             raw = txn.get(_SYNCING, db=self._meta)
         return decode_set(raw) if raw else None
 
+    @property
+    def from_scratch(self) -> bool:
+        """The sync under way began on a replica with no set to show: never synced, or
+        in the middle of another sync or a rejoin. Nothing is lost to a reader if the
+        replica is torn until the sync is whole."""
+        with self.env.begin() as txn:
+            return txn.get(_SCRATCH, db=self._meta) is not None
+
     def reset_to(self, set_id: int) -> None:
         """An initial sync begins at *set_id*: forget older sets, wait for that one."""
+        self.epoch += 1
         with self.env.begin(write=True) as txn:
+            raw = txn.get(_APPLIED, db=self._meta)
+            if txn.get(_SYNCING, db=self._meta) is not None or not raw or not decode_set(raw):
+                txn.put(_SCRATCH, b"1", db=self._meta)
+            else:
+                txn.delete(_SCRATCH, db=self._meta)
             self._delete_through(txn, set_id - 1)
             txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
             txn.put(_SYNCING, encode_set(set_id), db=self._meta)
@@ -236,6 +261,7 @@ class Staging(LmdbDir):
         The divergence (JSON) is offered to the new primary at every handshake
         until its set arrives (``reset_to``).
         """
+        self.epoch += 1
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(shared), db=self._meta)
             txn.put(_REJOIN, divergence, db=self._meta)
@@ -250,13 +276,24 @@ class Staging(LmdbDir):
         return bytes(raw) if raw is not None else None
 
     def last_reset(self, set_id: int) -> int:
-        """The seq of the last RESET in *set_id* (0 if none): its records before it are moot.
+        """The seq of the last RESET in *set_id* (0 if none): its records before it are moot."""
+        seq = self.reset_seq(set_id)
+        return seq if seq is not None else 0
+
+    def reset_seq(self, set_id: int) -> int | None:
+        """The seq of the last RESET staged in *set_id*, None if none is.
 
         Noted as the set is staged: the set is not read for it (an initial sync's set
         is as large as the tree)."""
         with self.env.begin() as txn:
             raw = txn.get(_RESET + encode_set(set_id), db=self._meta)
-        return decode_key(raw)[1] if raw else 0
+        return decode_key(raw)[1] if raw else None
+
+    def staged_run(self, set_id: int, seq: int) -> int:
+        """The first seq at or after *seq* that *set_id* has not staged: its records
+        from *seq* up to there arrived, with no gap."""
+        state = self.state(set_id)
+        return state.run_end(seq) if state is not None else seq
 
     def finish(self, set_id: int) -> None:
         """Record *set_id* applied and drop the marker, durably; the applied sets are
@@ -268,6 +305,7 @@ class Staging(LmdbDir):
             raw = txn.get(_SYNCING, db=self._meta)
             if raw and decode_set(raw) <= set_id:
                 txn.delete(_SYNCING, db=self._meta)
+                txn.delete(_SCRATCH, db=self._meta)
             self._delete_through(txn, set_id - keep)
         self.env.sync(True)
 

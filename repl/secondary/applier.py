@@ -12,6 +12,14 @@ that closes a set at every small fsync.
 
 Sets are applied in a worker thread, so a large set never stalls the
 streams; the thread owns the replica's Tree.
+
+An initial sync's set on a replica that has no set to show yet (new, or
+in the middle of another sync) is applied as it arrives: from its RESET,
+as far as its records run without a gap, while the rest is on its way.
+Until it is whole the replica is marked as being applied (APPLYING,
+store/hold.py): a reader is told it is torn. Nothing of that progress is
+kept: after a crash the set is applied again from its RESET, which empties
+the replica first.
 """
 
 from __future__ import annotations
@@ -60,6 +68,15 @@ TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 # With a mount that caches (an invalidator), a batch is first read for what it touches;
 # it ends after the set that takes that past this many records, so the read stays short.
 FOOTPRINT_RECORDS = 20_000
+# A sync set applied as it arrives goes this many records a step at most, and is
+# looked at this often for more while it streams in.
+ARRIVED_RECORDS = 20_000
+ARRIVED_POLL = 0.1
+
+
+def _complete(staging: Staging, set_id: int) -> bool:
+    state = staging.state(set_id)
+    return state is not None and state.complete
 
 
 class Stopping(Exception):
@@ -86,9 +103,21 @@ class Applier:
         # A batch a crash cut short: finished first, held or not (a hold only stops
         # new sets from starting; the replica is torn until this one is whole).
         self.redo_through: int | None = None
+        # (sync set, next seq, staging epoch): how far the set was applied as it arrived.
+        self._arrived: tuple[int, int, int] | None = None
+        self._not_as_arrived: int | None = None  # a sync set that failed so: whole, then
         if (torn := interrupted(staging.path)) is not None:
+            whole = _complete(staging, torn[0])
             if torn[0] <= staging.applied:
                 clear_applying(staging.path)  # killed after the batch was recorded applied
+            elif torn[0] == staging.syncing and (
+                    staging.reset_seq(torn[0]) is not None or not whole):
+                # A sync set, maybe applied in part as it arrived: it is applied again
+                # from its RESET, which empties the replica, once whole (held or not);
+                # a marker left in it may name a record since replaced (a primary's
+                # restart).
+                staging.clear_marker()
+                self.redo_through = torn[1] if whole else None
             else:
                 self.redo_through = torn[1]
 
@@ -150,8 +179,18 @@ class Applier:
                 # A torn batch: finish it even when held, then hold.
                 last = self.redo_through if held else max(last, self.redo_through)
             elif last < nxt or held:
-                with trio.move_on_after(1.0 if held else math.inf):
-                    await self._wakeup.wait()  # a resume without a daemon to tell
+                as_arrived = not held and self.applies_as_arrived(nxt)
+                if as_arrived:
+                    self.applying = nxt
+                    try:
+                        if await trio.to_thread.run_sync(self.apply_arrived, tree, nxt):
+                            continue
+                    finally:
+                        self.applying = None
+                # Waits out a resume without a daemon to tell, or the sync set's records.
+                with trio.move_on_after(1.0 if held else ARRIVED_POLL if as_arrived
+                                        else math.inf):
+                    await self._wakeup.wait()
                 continue
             self.applying = nxt
             began = trio.current_time()
@@ -177,6 +216,57 @@ class Applier:
             self._applied_changed = trio.Event()
             self.on_applied(self.applied)
             await trio.sleep_until(began + APPLY_INTERVAL)  # pacing: see APPLY_INTERVAL
+
+    def applies_as_arrived(self, set_id: int) -> bool:
+        """Whether *set_id* is a sync set to apply as it arrives (see the module's doc).
+
+        Not with a standby mount of our own (its kernel caches are dropped per
+        batch), nor after a crash cut a batch short (that redo comes first)."""
+        return (self.invalidator is None and self.redo_through is None
+                and self._not_as_arrived != set_id and self.staging.syncing == set_id
+                and self.staging.from_scratch)
+
+    def apply_arrived(self, tree: Tree, set_id: int) -> bool:
+        """Apply what arrived of sync set *set_id* past what was applied of it, from its
+        RESET on and as far as its records run without a gap (ARRIVED_RECORDS at most).
+        Returns whether it applied any.
+
+        A failure ends applying the set as it arrives: once whole, it is applied from
+        its RESET, with the retries of a whole set.
+        """
+        staging = self.staging
+        reset = staging.reset_seq(set_id)
+        if reset is None:
+            return False  # a rejoin's set of what diverged: markers and all, once whole
+        epoch = staging.epoch
+        arrived = self._arrived
+        if arrived is None or arrived[0] != set_id or arrived[2] != epoch:
+            arrived = (set_id, reset, epoch)  # from the RESET, which empties the replica
+        start = arrived[1]
+        end = min(staging.staged_run(set_id, start), start + ARRIVED_RECORDS)
+        if end <= start:
+            return False
+        with self.lock.exclusive():
+            if is_held(staging.path):
+                return False
+            if start == reset:
+                mark_applying(staging.path, set_id, set_id)  # torn until the set is whole
+            at = start
+            try:
+                for record in staging.records(set_id, start):
+                    if record.seq >= end:
+                        break
+                    self.faults.step(set_id, record.seq)
+                    apply(tree, record)
+                    at = record.seq + 1
+            except (OSError, ValueError) as exc:
+                log.warning("applying sync set %d as it arrives stopped at seq %d (%s); it "
+                            "is applied once whole", set_id, at, exc)
+                self._arrived, self._not_as_arrived = None, set_id
+                tree.forget_dirs()
+                return False
+        self._arrived = (set_id, at, epoch)
+        return at > start
 
     def apply_sets(self, tree: Tree, first: int, last: int, retry: bool = True) -> bool:
         """Apply complete sets *first*..*last* (or fewer, see BATCH_SECONDS) under the
@@ -319,12 +409,17 @@ class Applier:
         at the RESET, and a crash redoes the set from there, on an empty tree
         (an initial sync's tens of thousands of creates, one commit).
         """
-        start, intent = 0, None
-        if marker is not None:
+        start, intent, continued = 0, None, False
+        arrived = self._arrived
+        if (arrived is not None and arrived[0] == set_id
+                and arrived[2] == self.staging.epoch):
+            # Applied as it arrived up to there, RESET included: the rest, no markers.
+            start, marker, continued = arrived[1], None, True
+        elif marker is not None:
             start, intent = marker[1], marker[2]
         elif self.staging.syncing == set_id:
             start = self.staging.last_reset(set_id)  # an initial sync starts from empty
-        in_doubt, after_reset = marker is not None, False
+        in_doubt, after_reset = marker is not None, continued
         for record in self.staging.records(set_id, start):
             self.faults.step(set_id, record.seq)
             if in_doubt:

@@ -8,6 +8,7 @@ close of the last set, every op done once.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from contextlib import closing
@@ -97,7 +98,7 @@ def numbered(ops: list[list[tuple[Op, dict[str, object]]]],
 def expected(tmp_path: Path, sets: list[list[Record]]) -> dict[str, object]:
     """The tree at the close of the last set, applied one record at a time."""
     root = tmp_path / "expected"
-    root.mkdir()
+    root.mkdir(parents=True)
     with closing(Tree(root)) as tree:
         for record in [r for records in sets for r in records if r.op != Op.SYNC]:
             apply(tree, record)
@@ -270,3 +271,110 @@ def test_claim_24_gap_holds_back_later_complete_sets(tmp_path: Path) -> None:
         # Nothing waits any more; applied sets stay a while (store/staging.py HISTORY).
         assert all(state.complete for state, _ in read_staging(replica).values())
         assert status(replica)["sets_in_flight"] == 0
+
+
+def first_sync() -> list[Record]:
+    """sync_sets()'s set from a RESET, as the first set of a new replica."""
+    return [dataclasses.replace(r, set=1) for r in sync_sets()[2]]
+
+
+def new_replica(run: Path) -> tuple[Path, Staging, Applier, Tree]:
+    """A new replica (with a stray file the RESET removes) waiting for sync set 1."""
+    replica = run / "replica"
+    replica.mkdir(parents=True)
+    (replica / "stray").write_bytes(b"x")
+    staging = Staging(run / "staging")
+    staging.reset_to(1)
+    return replica, staging, Applier(staging, replica), Tree(replica)
+
+
+def test_sync_set_applied_as_it_arrives_then_finished_where_it_was(tmp_path: Path) -> None:
+    """A new replica's sync set is applied as far as its records arrived without a gap,
+    the replica marked torn meanwhile; once whole, the rest is applied from there, not
+    again from the RESET: every record once."""
+    records = first_sync()
+    assert (records[0].op, records[5].op) == (Op.RESET, Op.CREATE)
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    done: list[int] = []
+    applier.faults.step = lambda set_id, seq: done.append(seq)  # type: ignore[method-assign]
+    with closing(staging), closing(tree):
+        assert applier.applies_as_arrived(1)
+        staging.stage([r for r in records if r.seq != 5 and r.op != Op.SYNC])
+        assert applier.apply_arrived(tree, 1)
+        part = expected(tmp_path / "part", [records[:5]])  # times but the dirs': the set's
+        assert snapshot(replica).keys() == part.keys() == {"", "x", "x/f", "g", "x/h"}
+        assert interrupted(staging.path) == (1, 1), "torn until the set is whole"
+        assert not applier.apply_arrived(tree, 1), "nothing past the gap"
+        staging.stage([records[5], records[-1]])
+        assert staging.applicable_through() == 1
+        assert applier.apply_sets(tree, 1, 1)
+        assert (staging.applied, staging.syncing, interrupted(staging.path)) == (1, None, None)
+        assert sorted(s for s in done if s >= 0) == [r.seq for r in records], "each once"
+    applier.lock.close()
+    assert not diff(snapshot(replica), expected(tmp_path / "all", [records]))
+
+
+def test_sync_set_applied_as_it_arrives_starts_over_if_staging_changed(
+        tmp_path: Path) -> None:
+    """Records applied as they arrived, then erased (a primary's restart: its set comes
+    again, other records at the same places): the set is applied whole from its RESET."""
+    records = first_sync()
+    again = numbered([[(Op.RESET, {}),
+                       (Op.MKDIR, {"path": b"z", "mode": 0o40700, "uid": 0, "gid": 0}),
+                       (Op.FILE, {"path": b"z/q", "mode": 0o100600, "uid": 0, "gid": 0,
+                                  "atime_ns": T, "mtime_ns": T, "data": b"q"}),
+                       (Op.UTIMES, {"path": b"z", "atime_ns": T, "mtime_ns": T}),
+                       (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])[0]
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    with closing(staging), closing(tree):
+        staging.stage(records[:6])
+        assert applier.apply_arrived(tree, 1)
+        staging.drop_partial()
+        staging.stage(again)
+        assert applier.apply_sets(tree, 1, 1)
+    applier.lock.close()
+    assert not diff(snapshot(replica), expected(tmp_path, [again]))
+
+
+def test_sync_set_cut_as_it_arrives_waits_whole_after_a_restart(tmp_path: Path) -> None:
+    """A crash while the set was applied as it arrived: after the restart the replica
+    still reads as torn, nothing is redone of a set not yet whole (it would be recorded
+    applied with records missing), and once whole it is applied from its RESET."""
+    records = first_sync()
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    steps = 0
+
+    def step(set_id: int, seq: int) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 4:
+            raise Crash
+
+    applier.faults.step = step  # type: ignore[method-assign]
+    with closing(staging), closing(tree):
+        staging.stage(records[:-1])
+        with pytest.raises(Crash):
+            applier.apply_arrived(tree, 1)
+    applier.lock.close()
+    with closing(Staging(tmp_path / "run" / "staging")) as staging:
+        restarted = Applier(staging, replica)
+        assert interrupted(staging.path) == (1, 1)
+        assert restarted.redo_through is None, "no redo of a set not yet whole"
+        staging.stage(records[-1:])
+        restarted.lock.close()
+        apply_all(staging, replica, None)
+        assert staging.applied == 1
+    assert not diff(snapshot(replica), expected(tmp_path, [records]))
+
+
+def test_sync_set_over_a_whole_set_waits_whole(tmp_path: Path) -> None:
+    """A sync over a replica that shows a whole set is applied only once whole: until
+    then readers see the set they saw."""
+    replica, staging = fresh(tmp_path / "run", data_sets()[:2])
+    with closing(staging):
+        apply_all(staging, replica, None)
+        staging.reset_to(3)
+        applier = Applier(staging, replica)
+        staging.stage([Record(Op.RESET, 3, 0)])
+        assert not applier.applies_as_arrived(3)
+        applier.lock.close()

@@ -258,6 +258,43 @@ def test_staging_last_reset_ok_noted_as_staged(path: Path) -> None:
         assert staging.last_reset(4) == 0
 
 
+def test_staging_staged_run_ok_ends_at_the_first_gap(staging: Staging) -> None:
+    """How far a set's records run without a gap from a seq: what may be applied of a
+    sync set as it arrives."""
+    records = data_set(2, 40)
+    staging.stage([r for r in records if r.seq not in (3, 33)])
+    assert [staging.staged_run(2, seq) for seq in (0, 3, 4, 33, 34, 41)] == [3, 3, 33, 33,
+                                                                            41, 41]
+    assert staging.staged_run(9, 5) == 5, "a set with nothing staged"
+
+
+def test_staging_from_scratch_ok_only_without_a_set_to_show(path: Path) -> None:
+    """A sync that begins on a replica that never had a set, or that was in the middle of
+    another sync, begins from scratch; one over a replica at a whole set does not. The
+    flag outlives a restart and goes once the sync is applied."""
+    with closing(Staging(path)) as staging:
+        staging.reset_to(3)  # a new replica: nothing applied yet
+        assert staging.from_scratch
+        staging.reset_to(5)  # a sync that replaces the one under way
+        assert staging.from_scratch
+    with closing(Staging(path)) as staging:
+        assert staging.from_scratch
+        staging.finish(5)
+        assert not staging.from_scratch
+        staging.reset_to(9)  # the replica shows set 5 until set 9 is whole
+        assert not staging.from_scratch
+
+
+def test_staging_epoch_ok_moves_when_unapplied_sets_go(staging: Staging) -> None:
+    """What was read of a set not yet applied may be gone once the epoch moved."""
+    seen = [staging.epoch]
+    for change in (lambda: staging.reset_to(2), staging.drop_partial,
+                   staging.drop_unapplied, lambda: staging.start_rejoin(1, b"{}")):
+        change()
+        seen.append(staging.epoch)
+    assert len(set(seen)) == len(seen)
+
+
 # --- the apply log ---------------------------------------------------------------------
 
 
