@@ -175,19 +175,19 @@ class Staging(LmdbDir):
         those the new one shares with it stay. Returns the ids erased."""
         dropped = [s for s, state in self.sets().items()
                    if s >= keep_before or not state.complete]
-        self.epoch += 1
         with self.env.begin(write=True) as txn:
             for set_id in dropped:
                 self._delete_set(txn, set_id)
+        self.epoch += 1  # once committed: a read before it may have seen them still
         return dropped
 
     def drop_partial(self) -> list[int]:
         """Erase every set that is not complete (claim 27). Returns their ids."""
         dropped = [s for s, state in self.sets().items() if not state.complete]
-        self.epoch += 1
         with self.env.begin(write=True) as txn:
             for set_id in dropped:
                 self._delete_set(txn, set_id)
+        self.epoch += 1
         return dropped
 
     def _delete_through(self, txn: lmdb.Transaction, last: int) -> None:
@@ -233,18 +233,19 @@ class Staging(LmdbDir):
 
     @property
     def from_scratch(self) -> bool:
-        """The sync under way began on a replica with no set to show: never synced, or
-        in the middle of another sync or a rejoin. Nothing is lost to a reader if the
+        """The sync under way began on a replica with no set to show: nothing applied
+        yet, or in the middle of another such sync. Nothing is lost to a reader if the
         replica is torn until the sync is whole."""
         with self.env.begin() as txn:
             return txn.get(_SCRATCH, db=self._meta) is not None
 
     def reset_to(self, set_id: int) -> None:
         """An initial sync begins at *set_id*: forget older sets, wait for that one."""
-        self.epoch += 1
         with self.env.begin(write=True) as txn:
             raw = txn.get(_APPLIED, db=self._meta)
-            if txn.get(_SYNCING, db=self._meta) is not None or not raw or not decode_set(raw):
+            # A sync that replaces one under way shows what that one would have.
+            if not raw or not decode_set(raw) or (txn.get(_SYNCING, db=self._meta) is not None
+                                                  and txn.get(_SCRATCH, db=self._meta)):
                 txn.put(_SCRATCH, b"1", db=self._meta)
             else:
                 txn.delete(_SCRATCH, db=self._meta)
@@ -254,6 +255,7 @@ class Staging(LmdbDir):
             txn.delete(_MARKER, db=self._meta)
             txn.delete(_REJOIN, db=self._meta)  # the set that undoes the divergence is coming
         self.env.sync(True)
+        self.epoch += 1
 
     def start_rejoin(self, shared: int, divergence: bytes) -> None:
         """An old primary becomes this secondary: at *shared*, plus what it changed since.
@@ -261,13 +263,13 @@ class Staging(LmdbDir):
         The divergence (JSON) is offered to the new primary at every handshake
         until its set arrives (``reset_to``).
         """
-        self.epoch += 1
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(shared), db=self._meta)
             txn.put(_REJOIN, divergence, db=self._meta)
             # Not a consistent replica until the new primary's set arrives and applies.
             txn.put(_SYNCING, encode_set(shared + 1), db=self._meta)
         self.env.sync(True)
+        self.epoch += 1
 
     @property
     def rejoin(self) -> bytes | None:

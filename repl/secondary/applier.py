@@ -109,17 +109,23 @@ class Applier:
         # (sync set, next seq, staging epoch): how far the set was applied as it arrived.
         self._arrived: tuple[int, int, int] | None = None
         self._not_as_arrived: int | None = None  # a sync set that failed so: whole, then
+        # The sync set the replica is torn by (applied in part as it arrived, or reset to
+        # over a torn replica): once whole it is finished held or not, as a redo is.
+        self._torn_sync: int | None = None
         if (torn := interrupted(staging.path)) is not None:
             whole = _complete(staging, torn[0])
             if torn[0] <= staging.applied:
-                clear_applying(staging.path)  # killed after the batch was recorded applied
+                if staging.syncing is None:
+                    clear_applying(staging.path)  # killed after the batch was recorded applied
+                else:  # a sync was reset to over a torn replica; killed before it said so
+                    self._tear(staging.syncing)
             elif torn[0] == staging.syncing and (
                     staging.reset_seq(torn[0]) is not None or not whole):
                 # A sync set, maybe applied in part as it arrived: it is applied again
-                # from its RESET, which empties the replica, once whole (held or not);
-                # a marker left in it may name a record since replaced (a primary's
-                # restart).
+                # from its RESET, which empties the replica, once whole; a marker left in
+                # it may name a record since replaced (a primary's restart).
                 staging.clear_marker()
+                self._torn_sync = torn[0]
                 self.redo_through = torn[1] if whole else None
             else:
                 self.redo_through = torn[1]
@@ -138,9 +144,16 @@ class Applier:
 
     def _do_reset(self, set_id: int) -> None:
         with self.lock.exclusive():
+            torn = interrupted(self.staging.path) is not None
             self.staging.reset_to(set_id)
-            clear_applying(self.staging.path)
-            self.redo_through = None  # the reset empties the replica: nothing is torn
+            if torn:  # and stays torn until the sync's set empties and fills it
+                self._tear(set_id)
+            self.redo_through = None  # the sync's RESET empties the replica: no redo
+
+    def _tear(self, set_id: int) -> None:
+        """Mark the replica torn until sync set *set_id* is applied whole."""
+        mark_applying(self.staging.path, set_id, set_id)
+        self._torn_sync = set_id
 
     async def wait_applied(self, set_id: int) -> None:
         while self.applied < set_id:
@@ -178,11 +191,15 @@ class Applier:
             nxt = self.applied + 1
             last = self.staging.applicable_through()
             held = is_held(self.staging.path)
+            torn = self._torn_sync == nxt
+            if torn and last >= nxt and self.redo_through is None:
+                self.redo_through = nxt  # whole: finished as a redo is, held or not
             if self.redo_through is not None:
                 # A torn batch: finish it even when held, then hold.
                 last = self.redo_through if held else max(last, self.redo_through)
             elif last < nxt or held:
-                as_arrived = not held and self.applies_as_arrived(nxt)
+                # Once begun, held or not: the replica is torn until the set is whole.
+                as_arrived = (not held or torn) and self.applies_as_arrived(nxt)
                 if as_arrived:
                     self.applying = nxt
                     try:
@@ -250,10 +267,10 @@ class Applier:
         if end <= start:
             return False
         with self.lock.exclusive():
-            if is_held(staging.path):
-                return False
             if start == reset:
-                mark_applying(staging.path, set_id, set_id)  # torn until the set is whole
+                if is_held(staging.path) and self._torn_sync != set_id:
+                    return False  # a hold keeps the replica as it is, if not yet torn
+                self._tear(set_id)
             at = start
             try:
                 for record in staging.records(set_id, start):

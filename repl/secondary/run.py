@@ -30,7 +30,7 @@ from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, set_hold
 from store.journal import Journal
 from store.journal import exists as journal_exists
-from store.staging import Staging, read_applied
+from store.staging import Staging, read_applied, read_syncing
 
 log = logging.getLogger("replfs.secondary")
 
@@ -136,10 +136,11 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
                                  f"{cut[0]} by a crash and no secondary is running to finish "
                                  f"it; start replfs secondary {replica}, then pause") from None
             if time.monotonic() >= deadline:
-                raise UsageError(f"replica {replica} was cut short in the middle of set "
-                                 f"{cut[0]} by a crash and the secondary has not finished it "
-                                 f"after {timeout:g}s (see replfs status {replica}); "
-                                 "not paused")
+                how = ("is in its initial sync, set" if cut[0] == read_syncing(where)
+                       else "was cut short by a crash in the middle of set")
+                raise UsageError(f"replica {replica} {how} {cut[0]}, and the secondary has "
+                                 f"not finished it after {timeout:g}s (see replfs status "
+                                 f"{replica}); not paused")
     finally:
         lock.close()
 

@@ -20,7 +20,7 @@ import trio
 from repl.apply import apply
 from repl.secondary.applier import Applier
 from repl.tree import Tree
-from store.hold import ApplyLock, interrupted, set_hold, torn
+from store.hold import ApplyLock, interrupted, mark_applying, set_hold, torn
 from store.records import Op, Record
 from store.staging import Staging
 from tests.repl.peers import acknowledged, open_raw, record_frame
@@ -378,3 +378,78 @@ def test_sync_set_over_a_whole_set_waits_whole(tmp_path: Path) -> None:
         staging.stage([Record(Op.RESET, 3, 0)])
         assert not applier.applies_as_arrived(3)
         applier.lock.close()
+
+
+def test_sync_set_as_it_arrives_read_while_erased_starts_over(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A step that reads the set while a primary's restart erases it (its transaction not
+    yet committed) applies the old records: that progress is not kept, and the set that
+    comes again is applied from its RESET."""
+    records = first_sync()
+    again = numbered([[(Op.RESET, {}),
+                       (Op.MKDIR, {"path": b"z", "mode": 0o40700, "uid": 0, "gid": 0}),
+                       (Op.UTIMES, {"path": b"z", "atime_ns": T, "mtime_ns": T}),
+                       (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])[0]
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    erase = staging._delete_set
+    stepped: list[bool] = []
+
+    def erase_after_a_step(txn: object, set_id: int) -> None:
+        stepped.append(applier.apply_arrived(tree, set_id))  # sees the set still there
+        erase(txn, set_id)  # type: ignore[arg-type]
+
+    with closing(staging), closing(tree):
+        staging.stage(records[:6])
+        monkeypatch.setattr(staging, "_delete_set", erase_after_a_step)
+        staging.drop_partial()
+        assert stepped == [True]
+        monkeypatch.undo()
+        staging.stage(again)
+        assert applier.apply_sets(tree, 1, 1)
+    applier.lock.close()
+    assert not diff(snapshot(replica), expected(tmp_path, [again]))
+
+
+def test_sync_set_reset_to_over_a_torn_replica_keeps_it_torn(tmp_path: Path) -> None:
+    """A sync reset to while the replica is torn by another (applied in part as it
+    arrived) leaves it torn until the new set is whole, also across a restart."""
+    records = first_sync()
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    with closing(staging), closing(tree):
+        staging.stage(records[:6])
+        assert applier.apply_arrived(tree, 1)
+        applier._do_reset(2)
+        assert interrupted(staging.path) == (2, 2)
+        mark_applying(staging.path, 1, 1)  # killed after the reset, before the new mark
+        restarted = Applier(staging, replica)
+        assert interrupted(staging.path) == (2, 2)
+        second = [dataclasses.replace(r, set=2) for r in records]
+        staging.stage(second)
+        assert restarted.apply_sets(tree, 2, 2)
+        assert interrupted(staging.path) is None
+        restarted.lock.close()
+    applier.lock.close()
+    assert not diff(snapshot(replica), expected(tmp_path, [second]))
+
+
+async def test_sync_set_begun_as_it_arrives_is_finished_while_held(tmp_path: Path) -> None:
+    """A hold does not stop a sync set the replica is torn by: once whole it is applied,
+    as a redo is; then the hold keeps the next set out."""
+    records = first_sync()
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    tree.close()
+    with closing(staging):
+        staging.stage(records[:6])
+        with closing(Tree(replica)) as first_tree:
+            assert applier.apply_arrived(first_tree, 1)
+        set_hold(staging.path, True)
+        staging.stage([*records[6:], Record(Op.WRITE, 2, 0, path=b"y", offset=0, data=b"2"),
+                       Record(Op.SYNC, 2, 1, count=1)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            with trio.fail_after(10):
+                await applier.wait_applied(1)
+            nursery.cancel_scope.cancel()
+        assert (staging.applied, interrupted(staging.path)) == (1, None)
+    assert not diff(snapshot(replica), expected(tmp_path, [records]))

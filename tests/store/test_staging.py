@@ -283,6 +283,8 @@ def test_staging_from_scratch_ok_only_without_a_set_to_show(path: Path) -> None:
         assert not staging.from_scratch
         staging.reset_to(9)  # the replica shows set 5 until set 9 is whole
         assert not staging.from_scratch
+        staging.reset_to(11)  # ... or until set 11 is, if it replaces set 9
+        assert not staging.from_scratch
 
 
 def test_staging_epoch_ok_moves_when_unapplied_sets_go(staging: Staging) -> None:
