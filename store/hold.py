@@ -5,7 +5,8 @@ sets; a reader that must see one whole set (each request of the standby
 mount, ``replfs pause``) takes it shared. A hold is a file beside the staging
 store, so it outlives any daemon: while it exists the applier starts no
 new set, and staging keeps receiving. A hold never stops the redo of a
-batch a crash cut short: until that is done the replica is not a whole set.
+batch a crash cut short, nor an initial sync's set begun as it arrived:
+until that is done the replica is not a whole set.
 
 Beside it, APPLYING names the batch under way, from before its first op
 until it is durable (synced, and recorded in the apply log). Once its ops
