@@ -66,7 +66,7 @@ from repl.diverge import Divergence
 from repl.histograms import SET_BYTES
 from repl.primary.resync import Resync
 from repl.primary.retention import Retention
-from repl.primary.touched import Touched
+from repl.primary.touched import Touched, every_entry
 from repl.primary.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
 from repl.tree import Tree
 from repl.wake import Waker
@@ -241,7 +241,7 @@ class Capture:
             self._settle()
             self._ahead(Op.WRITE, {"path": path, "offset": offset, "data": data})
             self.resync.dirty.add(path, offset, offset + len(data))
-            self.touched.paths.add(path)
+            self.touched.note(path)
             return None
         return self.record(Op.WRITE, path=path, offset=offset, data=data)
 
@@ -258,7 +258,7 @@ class Capture:
         *ino*, if given) is tracked for BACKING's sync, and the activity log notes
         the change (usually a note in force covers it), as for a journaled change."""
         self._settle()
-        if path not in self.touched.paths:
+        if not self.touched.covers(path):
             return False
         self._ahead(Op.UTIMES, {"path": path})
         if fd is not None:
@@ -372,8 +372,9 @@ class Capture:
         self._settle()
         if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
-        for path in sorted(self.touched.paths):
-            st = self.backing.lstat(path)
+        touched = (every_entry(self.backing) if self.touched.everything else
+                   ((path, self.backing.lstat(path)) for path in sorted(self.touched.paths)))
+        for path, st in touched:
             if st is not None:
                 self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
                                     mtime_ns=st.st_mtime_ns)

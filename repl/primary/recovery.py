@@ -74,9 +74,11 @@ def recover(capture: Capture) -> str | None:
         else:
             lines.append(_redo(capture, last))
             synced.update((last.path, last.path2) if last.path2 else (last.path,))
+    if capture.resync.sync_whole:
+        capture.touched.all()  # an initial sync under way: its close restates every path
     for record in capture.journal.records(capture.journal.set):
         capture.touched.add(record)
-    capture.touched.paths.update(capture.resync.dirty.files)
+    capture.touched.note(*capture.resync.dirty.files)
     whole = name_roots(notes)
     synced.update(n.path for n in notes if not any(is_under(n.path, r) for r in whole))
     if notes and rebooted:

@@ -323,7 +323,7 @@ class Resync:
                     self.journal.append(Op.TRUNCATE, path=path, size=until)
         finally:
             os.close(fd)
-        self.touched.paths.add(path)
+        self.touched.note(path)
         self.dirty.remove(path, start, end)
         self.progress_done += end - start
         return None

@@ -34,7 +34,8 @@ INLINE_BYTES = 1 << 30  # ... while a snapshot has read less than this in all
 
 class Snapshot:
     """Journals entries of *backing* into *journal*'s open set, their data ranges
-    into *dirty* and their paths into *touched* (the set's closing UTIMES).
+    into *dirty* and their paths into *touched* (the set's closing UTIMES; for the
+    whole tree, every path).
 
     ``entries`` and ``data`` count what was journaled: entries, and data bytes
     left in the dirty map."""
@@ -55,7 +56,7 @@ class Snapshot:
         journal.append(Op.CHMOD, path=b"", mode=stat.S_IMODE(st.st_mode))
         journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
         self._xattrs(root, b"")
-        self.touched.paths.add(b"")
+        self.touched.all()  # the close restates every path's times: none is tracked
         self._walk(root, b"")
 
     def paths(self, div: Divergence) -> None:
@@ -72,7 +73,7 @@ class Snapshot:
         journal.append(Op.UTIMES, path=b"", atime_ns=top.st_atime_ns, mtime_ns=top.st_mtime_ns)
         for path in roots:
             journal.append(Op.PRUNE, path=path)
-            self.touched.paths.update((path, path.rpartition(b"/")[0]))
+            self.touched.note(path, path.rpartition(b"/")[0])
             fd, name = backing.parent(path) if backing.lstat(path) else (-1, b"")
             if fd >= 0:
                 self._entry(fd, name, path)
@@ -88,7 +89,7 @@ class Snapshot:
                 if end > start:
                     self.dirty.add(path, start, end)
                     self.data += end - start
-            self.touched.paths.add(path)
+            self.touched.note(path)
             self.entries += 1
 
     def resend(self, notes: list[Note]) -> list[bytes]:
@@ -110,7 +111,7 @@ class Snapshot:
         for root in roots:
             self.dirty.forget(root)
             journal.append(Op.PRUNE, path=root)
-            self.touched.paths.update((root, root.rpartition(b"/")[0]))
+            self.touched.note(root, root.rpartition(b"/")[0])
             if backing.lstat(root) is not None:
                 fd, name = backing.parent(root)
                 self._entry(fd, name, root)
@@ -125,7 +126,7 @@ class Snapshot:
             if note.path not in in_place:
                 in_place[note.path] = None
                 self.entries += 1
-                self.touched.paths.add(note.path)
+                self.touched.note(note.path)
             if note.kind == NoteKind.DATA and stat.S_ISREG(st.st_mode):
                 if note.path not in sized:
                     sized.add(note.path)
@@ -177,7 +178,7 @@ class Snapshot:
         st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
         self.entries += 1
         mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
-        self.touched.paths.add(path)
+        self.touched.note(path)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
             # A file, a symlink or a node with several names: one inode on the replica too.
             if st.st_ino in self._first_name:

@@ -6,10 +6,20 @@ primary ends every set with a UTIMES record for each path whose times the
 set changed, carrying the times the backing directory shows at the close.
 This module tracks those paths as records go by, moving them along with
 renames so they name the files as they are at the close.
+
+A set that sends the whole tree (an initial sync) touches every path: it
+tracks none, and its close restates the times of every entry, walked then
+(``every_entry``). Its memory does not grow with the tree, and a rename in
+it moves nothing.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
+
+from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, Op, Record, is_under
 
 _DATA_OPS = frozenset(
@@ -24,12 +34,30 @@ def parent_of(path: bytes) -> bytes:
 
 
 class Touched:
-    """The set of paths whose times the records seen so far changed."""
+    """The set of paths whose times the records seen so far changed, or every path
+    (``everything``)."""
 
     def __init__(self) -> None:
         self.paths: set[bytes] = set()
+        self.everything = False
+
+    def all(self) -> None:
+        """Every path, from now until the set's close: it sends the whole tree."""
+        self.everything = True
+        self.paths = set()
+
+    def covers(self, path: bytes) -> bool:
+        return self.everything or path in self.paths
+
+    def note(self, *paths: bytes) -> None:
+        """*paths* were touched."""
+        if not self.everything:
+            self.paths.update(paths)
 
     def add(self, record: Record) -> None:
+        """*record* was journaled: note the paths it touched, following renames."""
+        if self.everything:
+            return
         op, path, path2 = record.op, record.path, record.path2
         if op in _DATA_OPS:
             self.paths.add(path)
@@ -61,3 +89,29 @@ class Touched:
 
     def clear(self) -> None:
         self.paths.clear()
+        self.everything = False
+
+
+_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def every_entry(backing: Tree) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of the root and of every entry under it, a directory at a time,
+    names in sorted order; a symlink is never followed. The tree must not change
+    meanwhile (the capture's lock is held)."""
+    yield b"", os.stat(backing.root_fd)
+    pending = [b""]
+    while pending:
+        top = pending.pop()
+        fd = os.open(".", _DIR_READ, dir_fd=backing.dir_fd(top))
+        try:
+            names = sorted(os.fsencode(name) for name in os.listdir(fd))
+            found = [(name, os.stat(name, dir_fd=fd, follow_symlinks=False))
+                     for name in names]
+        finally:
+            os.close(fd)
+        for name, st in found:
+            path = top + b"/" + name if top else name
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(path)

@@ -6,6 +6,7 @@ import os
 from contextlib import closing
 from pathlib import Path
 
+from repl.primary import recovery
 from repl.primary.capture import Capture
 from repl.primary.snapshot import SMALL_FILE
 from repl.tree import Tree
@@ -42,8 +43,38 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
         assert (whole.data, whole.atime_ns, whole.mtime_ns) == (b"s" * 2048, 1_000_000_007,
                                                                 2_000_000_009)
         assert capture.resync.progress_total == SMALL_FILE + 1 + 16384
-        assert {b"", b"d", b"large", b"sparse", b"d/small", b"hard",
-                b"empty"} <= capture.touched.paths, "every path's times restated at the close"
+
+
+def test_snapshot_tree_ok_the_close_restates_every_path(tmp_path: Path) -> None:
+    """A set that sends the whole tree tracks no path: its close restates the times of
+    every entry there is then, one made or renamed meanwhile too, as BACKING has them."""
+    backing = tmp_path / "b"
+    (backing / "d" / "sub").mkdir(parents=True)
+    (backing / "d" / "small").write_bytes(b"s" * 2048)
+    (backing / "large").write_bytes(b"L" * (SMALL_FILE + 1))
+    os.symlink("d/small", backing / "link")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        set_id = capture.resync.start_full_sync()
+        assert capture.touched.everything and not capture.touched.paths
+        capture.record(Op.RENAME, path=b"d", path2=b"e", flags=0)
+        os.rename(backing / "d", backing / "e")
+        capture.record(Op.CREATE, path=b"e/new", mode=0o100644, uid=0, gid=0)
+        (backing / "e" / "new").write_bytes(b"")
+        os.utime(backing / "e" / "small", ns=(5, 7))  # its kernel SETATTR: no record
+        assert capture.restates_times(b"e/small")
+        with capture.lock:
+            while capture.resync.step() is None:
+                pass
+        assert not capture.touched.everything, "the set closed"
+        restated = {r.path: (r.atime_ns, r.mtime_ns) for r in journal.records(set_id)
+                    if r.op == Op.UTIMES}
+    # Listing them here changes the directories' atimes: mtimes, and one file's atime.
+    now = {b"": backing.lstat().st_mtime_ns} | {
+        os.fsencode(p.relative_to(backing)): p.lstat().st_mtime_ns for p in backing.rglob("*")}
+    assert {path: mtime for path, (_, mtime) in restated.items()} == now
+    assert set(now) == {b"", b"e", b"e/sub", b"e/small", b"e/new", b"large", b"link"}
+    assert restated[b"e/small"] == (5, 7)
 
 
 def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
@@ -71,3 +102,21 @@ def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
         started = capture.bring_up("beta:7070", lost - 1, lost)
         assert started is not None and started >= lost, "a new sync, not streaming on"
         assert Op.RESET in [r.op for r in journal.records(started) if r.set == started]
+
+
+def test_snapshot_tree_ok_recovery_in_a_whole_sync_tracks_no_path(tmp_path: Path) -> None:
+    """A primary restarted in the middle of an initial sync does not track every path of
+    the snapshot from its records again: the close restates every path anyway."""
+    backing = tmp_path / "b"
+    (backing / "d").mkdir(parents=True)
+    for i in range(20):
+        (backing / "d" / f"f{i}").write_bytes(b"x")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        capture.resync.start_full_sync()
+        journal.sync()
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        recovery.recover(capture)
+        assert capture.resync.syncing is not None
+        assert capture.touched.everything and not capture.touched.paths
