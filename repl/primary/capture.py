@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,7 +67,7 @@ from repl.diverge import Divergence
 from repl.histograms import SET_BYTES
 from repl.primary.resync import Resync
 from repl.primary.retention import Retention
-from repl.primary.touched import Touched, every_entry
+from repl.primary.touched import Touched, every_entry, removed_name
 from repl.primary.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
 from repl.tree import Tree
 from repl.wake import Waker
@@ -169,6 +170,8 @@ class Capture:
         """Journal one op before it is applied to the backing directory."""
         self._settle()
         self.resync.before(op, fields)
+        if (gone := removed_name(op, fields)) is not None and self.touched.covers(gone):
+            self._keep_times(gone)
         self._ahead(op, fields)
         if op in NAMESPACE_OPS:
             self.unsynced.flag()
@@ -191,6 +194,16 @@ class Capture:
         elif pending < FLUSH_BYTES <= self.journal.end - self.journal.durable:
             self._wake()
         return record
+
+    def _keep_times(self, path: bytes) -> None:
+        """*path*, a name whose times this set changed, is about to go. If its file has
+        other names, journal its times now: the close restates only the names the set
+        touched, and without this the others keep, on the replica, the time the change
+        was applied there."""
+        st = self.backing.lstat(path)
+        if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
+                                mtime_ns=st.st_mtime_ns)
 
     def _ahead(self, op: Op, fields: dict[str, Any]) -> None:
         """Before *op* touches the backing directory: what it may change there is

@@ -54,7 +54,7 @@ from repl.diverge import Divergence
 from repl.errors import NotYet
 from repl.primary.retention import Retention
 from repl.primary.snapshot import Snapshot
-from repl.primary.touched import Touched
+from repl.primary.touched import Touched, removed_name
 from repl.tree import Tree
 from store.dirty import DirtyMap
 from store.journal import Journal
@@ -140,8 +140,7 @@ class Resync:
         """*op* is about to run: over budget, the dirty data of a name it removes is
         journaled first (``keep_data``)."""
         if self.overflow and self.dirty:
-            gone = fields["path"] if op == Op.UNLINK else fields["path2"] if (
-                op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE) else None
+            gone = removed_name(op, fields)
             if gone is not None:
                 self.keep_data(gone)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 from repl.tree import Tree
 from store.records import RENAME_EXCHANGE, Op, Record, is_under
@@ -30,6 +31,16 @@ _NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
 
 def parent_of(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
+
+
+def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
+    """The name *op* (its record's fields) removes, if any: unlinked, or replaced by a
+    rename (if there is one there)."""
+    if op == Op.UNLINK:
+        return bytes(fields["path"])
+    if op == Op.RENAME and not fields.get("flags", 0) & RENAME_EXCHANGE:
+        return bytes(fields["path2"])
+    return None
 
 
 

@@ -113,6 +113,30 @@ def test_replica_follows_fallocate_and_copies(tmp_path: Path) -> None:
         assert diff(snapshot(backing), snapshot(replica)) == []
 
 
+def test_replica_follows_times_of_a_name_left_of_a_changed_file(tmp_path: Path) -> None:
+    """A file with two names, changed through one that is then removed in the same set
+    (unlinked, or replaced by a rename): the name left has the file's times on the
+    replica too, not the time the change was applied there. (A restarted primary
+    knows each file by the one name looked up since: the one removed.)"""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec:
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+            for name in ("unlinked", "renamed"):
+                (mount / name).write_bytes(b"x" * 5000)
+                os.link(mount / name, mount / f"{name}.left")
+                os.utime(mount / name, ns=(1_000_000_000, 1_000_000_000))
+            (mount / "other").write_bytes(b"o")
+            wait_applied(replica, checkpoint(mount))
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+            os.truncate(mount / "unlinked", 10)
+            os.unlink(mount / "unlinked")
+            os.truncate(mount / "renamed", 20)
+            os.rename(mount / "other", mount / "renamed")
+            wait_applied(replica, checkpoint(mount))
+            assert diff(snapshot(backing), snapshot(replica)) == []
+
+
 def test_status_reports_a_stall(tmp_path: Path) -> None:
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
