@@ -278,6 +278,16 @@ def first_sync() -> list[Record]:
     return [dataclasses.replace(r, set=1) for r in sync_sets()[2]]
 
 
+def first_sync_again() -> list[Record]:
+    """Set 1 again from a restarted primary: other records at the same places."""
+    return numbered([[(Op.RESET, {}),
+                      (Op.MKDIR, {"path": b"z", "mode": 0o40700, "uid": 0, "gid": 0}),
+                      (Op.FILE, {"path": b"z/q", "mode": 0o100600, "uid": 0, "gid": 0,
+                                 "atime_ns": T, "mtime_ns": T, "data": b"q"}),
+                      (Op.UTIMES, {"path": b"z", "atime_ns": T, "mtime_ns": T}),
+                      (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])[0]
+
+
 def new_replica(run: Path) -> tuple[Path, Staging, Applier, Tree]:
     """A new replica (with a stray file the RESET removes) waiting for sync set 1."""
     replica = run / "replica"
@@ -319,12 +329,7 @@ def test_sync_set_applied_as_it_arrives_starts_over_if_staging_changed(
     """Records applied as they arrived, then erased (a primary's restart: its set comes
     again, other records at the same places): the set is applied whole from its RESET."""
     records = first_sync()
-    again = numbered([[(Op.RESET, {}),
-                       (Op.MKDIR, {"path": b"z", "mode": 0o40700, "uid": 0, "gid": 0}),
-                       (Op.FILE, {"path": b"z/q", "mode": 0o100600, "uid": 0, "gid": 0,
-                                  "atime_ns": T, "mtime_ns": T, "data": b"q"}),
-                       (Op.UTIMES, {"path": b"z", "atime_ns": T, "mtime_ns": T}),
-                       (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])[0]
+    again = first_sync_again()
     replica, staging, applier, tree = new_replica(tmp_path / "run")
     with closing(staging), closing(tree):
         staging.stage(records[:6])
@@ -387,10 +392,7 @@ def test_sync_set_as_it_arrives_read_while_erased_starts_over(tmp_path: Path,
     yet committed) applies the old records: that progress is not kept, and the set that
     comes again is applied from its RESET."""
     records = first_sync()
-    again = numbered([[(Op.RESET, {}),
-                       (Op.MKDIR, {"path": b"z", "mode": 0o40700, "uid": 0, "gid": 0}),
-                       (Op.UTIMES, {"path": b"z", "atime_ns": T, "mtime_ns": T}),
-                       (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])[0]
+    again = first_sync_again()
     replica, staging, applier, tree = new_replica(tmp_path / "run")
     erase = staging._delete_set
     stepped: list[bool] = []
