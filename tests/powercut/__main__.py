@@ -47,7 +47,16 @@ class Control:
         path.unlink(missing_ok=True)
         self.sock.bind(str(path))
         self.sock.listen(8)
-        threading.Thread(target=self._serve, daemon=True, name="control").start()
+        # Started with SIGTERM and SIGINT blocked (a thread inherits the mask):
+        # the process's signals must reach the main thread, which waits in
+        # main_threads(). A signal this thread took would run its handler only
+        # once the main thread woke for something else.
+        stops = {signal.SIGTERM, signal.SIGINT}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            threading.Thread(target=self._serve, daemon=True, name="control").start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _serve(self) -> None:
         while True:
