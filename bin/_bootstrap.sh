@@ -11,6 +11,14 @@ _REPLFS_PYFUSE3="pyfuse3==3.5.0 --hash=sha256:88399a9494b88603230bba300f4ba9ad63
 _REPLFS_PYFUSE3_BUILD="Cython==3.2.4 setuptools==80.9.0 setuptools_scm==8.3.1"
 _REPLFS_PATCH="$ROOT/bin/pyfuse3-threads.patch"
 
+# ... and linked to libfuse 3.17 or newer, with which the daemon clears set-ID bits
+# itself (FUSE_CAP_HANDLE_KILLPRIV_V2), so that the kernel stops asking for
+# security.capability before each write(2). Where the system's libfuse is older
+# (Debian 12 has 3.14), Debian's source of 3.17.2 is built into the venv.
+_REPLFS_LIBFUSE_URL="http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_3.17.2.orig.tar.gz"
+_REPLFS_LIBFUSE_SHA256="3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f"
+_REPLFS_LIBFUSE_BUILD="meson==1.12.1 ninja==1.13.2"
+
 _replfs_apt() {
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -53,11 +61,16 @@ _replfs_build_tools() {
 # Steps of the install, with their output in $VENV/.install.log; on failure,
 # _replfs_step says which one failed.
 _replfs_install() {
-    local pip=("$PY" -m pip --disable-pip-version-check --no-input) tmp src
+    local pip=("$PY" -m pip --disable-pip-version-check --no-input) tmp src link=()
     _replfs_step="creating the venv"
     python3 -m venv "$VENV" || return 1
     _replfs_step="installing the tools that build pyfuse3"
     "${pip[@]}" install $_REPLFS_PYFUSE3_BUILD || return 1
+    if ! pkg-config --atleast-version=3.17 fuse3; then
+        _replfs_step="building libfuse 3.17.2 (from $_REPLFS_LIBFUSE_URL)"
+        _replfs_libfuse || return 1
+        link=(PKG_CONFIG_PATH="$VENV/libfuse/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$VENV/libfuse/lib")
+    fi
     _replfs_step="building pyfuse3 with bin/pyfuse3-threads.patch"
     tmp="$(mktemp -d)" || return 1
     {
@@ -68,7 +81,8 @@ _replfs_install() {
             src="$(echo "$tmp"/pyfuse3-*/)" &&
             (cd "$src" && git apply "$_REPLFS_PATCH") &&
             rm -f "$src/src/pyfuse3/__init__.c" && # generated from the unpatched source
-            "${pip[@]}" install --no-build-isolation --no-deps --force-reinstall --no-cache-dir "$src"
+            env "${link[@]}" "${pip[@]}" install --no-build-isolation --no-deps --force-reinstall \
+                --no-cache-dir "$src"
     }
     local status=$?
     rm -rf "$tmp"
@@ -77,8 +91,29 @@ _replfs_install() {
     "${pip[@]}" install -e "$ROOT[test]"
 }
 
+# libfuse from Debian's source into $VENV/libfuse, for pyfuse3 to build against and load.
+_replfs_libfuse() {
+    local tmp
+    tmp="$(mktemp -d)" || return 1
+    {
+        "$PY" -m pip --disable-pip-version-check --no-input install $_REPLFS_LIBFUSE_BUILD &&
+            "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(*sys.argv[1:])' \
+                "$_REPLFS_LIBFUSE_URL" "$tmp/fuse3.tar.gz" &&
+            echo "$_REPLFS_LIBFUSE_SHA256  $tmp/fuse3.tar.gz" | sha256sum -c - &&
+            tar -xzf "$tmp/fuse3.tar.gz" -C "$tmp" &&
+            (cd "$tmp"/fuse-*/ && PATH="$VENV/bin:$PATH" &&
+                meson setup build --prefix="$VENV/libfuse" --libdir=lib --buildtype=release \
+                    -Dutils=false -Dexamples=false -Dtests=false &&
+                ninja -C build install)
+    }
+    local status=$?
+    rm -rf "$tmp"
+    return $status
+}
+
 _replfs_stamp="$({ cat "$ROOT/pyproject.toml" "$_REPLFS_PATCH"
-                   echo "$_REPLFS_PYFUSE3 $_REPLFS_PYFUSE3_BUILD"; } | sha1sum | cut -d' ' -f1)"
+                   echo "$_REPLFS_PYFUSE3 $_REPLFS_PYFUSE3_BUILD"
+                   echo "$_REPLFS_LIBFUSE_URL $_REPLFS_LIBFUSE_BUILD"; } | sha1sum | cut -d' ' -f1)"
 if [ ! -x "$PY" ] || [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$_replfs_stamp" ]; then
     echo "replfs: preparing $VENV with pyfuse3 patched for threads (once)" >&2
     _replfs_build_tools || exit 1

@@ -50,6 +50,12 @@ COPY_MAX = 4 << 20
 
 
 class PrimaryFS(Passthrough):
+    # The daemon, not the kernel, clears set-ID bits: then the kernel no longer asks
+    # for security.capability before each write(2) into its page cache. pyfuse3
+    # turns the kernel's requests to clear them into setattrs (journaled as any
+    # chmod); BACKING's own write or truncate drops file capabilities.
+    handle_killpriv_v2 = True
+
     def __init__(self, inodes: Inodes, capture: Capture, remote: Semisync | None = None
                  ) -> None:
         super().__init__(inodes, capture.lock)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pyfuse3
 
-from tests.support import REPLFS, Daemon, Entry, diff, primary, replay, snapshot
+from tests.support import REPLFS, Daemon, Entry, diff, primary, replay, snapshot, status
 
 TIMES = (1_000_000_001_123_456_789, 1_200_000_002_987_654_321)  # (atime, mtime) in ns
 OLD_TIMES = (-1_500_000_000_123_456_789, -999_999_999)  # before 1970
@@ -923,6 +923,28 @@ def test_primary_new_file_capability_check_from_memory(tmp_path: Path) -> None:
             os.close(fd)
         assert read(mount / "new") == b"first write"
         assert seen() == "ENODATA"
+
+
+def test_primary_writes_into_the_page_cache_ask_the_daemon_nothing(tmp_path: Path) -> None:
+    """The daemon clears set-ID bits itself (pyfuse3's handle_killpriv_v2, which needs
+    libfuse 3.17): the kernel asks for security.capability once per file, not
+    before every write(2), and writes into its page cache cost no request until
+    written back. The clearing itself: test_primary_permissions_nobody_ok."""
+    backing, mount = tmp_path / "backing", tmp_path / "mount"
+    backing.mkdir()
+    with primary(backing, mount):
+        fd = os.open(mount / "f", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.pwrite(fd, bytes(64 * 4096), 0)
+            before = status(mount)["requests"]
+            for n in range(200):
+                os.pwrite(fd, b"w" * 4096, (n * 37 % 64) * 4096)
+            during = status(mount)["requests"]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    asked = {op: n - before.get(op, 0) for op, n in during.items() if n != before.get(op, 0)}
+    assert set(asked) <= {"write"}, f"200 writes into cached pages asked {asked}"
 
 
 # --- bounded file descriptors ------------------------------------------------------
