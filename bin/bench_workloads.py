@@ -108,8 +108,9 @@ def rand4k_write(d: Path, plan: Plan) -> Result:
             for _ in range(256):
                 os.pwrite(fd, block, rng.randrange(blocks) * 4096)
             done += 256
+        os.fsync(fd)  # the write-back of the cached pages is part of the cost
     finally:
-        os.close(fd)  # a FUSE close writes back the cached pages: part of the cost
+        os.close(fd)
     return Result(done * 4096 / MB / (now() - start), ops=done)
 
 
