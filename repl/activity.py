@@ -60,6 +60,9 @@ from store.notes import Note, NoteKind
 from store.records import NAMESPACE_OPS, Op, is_under
 
 EXTENT = 4 << 20  # a DATA note's step: one note, and one flush, per 4 MiB first written
+# ... but a file written in order gets notes ahead of its writes, as many extents as it
+# wrote in a row, up to this many: a long sequential write flushes log2(size) times
+AHEAD = 64
 BIG = 64 * EXTENT  # a range past this is noted as one span, not extent by extent
 NAME_COVER_SECONDS = 60.0  # a NAME note covers what is made under it for this long
 RETAIN_SECONDS = 10.0  # a file's notes stay this long after its last change (2 timer syncs)
@@ -242,6 +245,9 @@ class ActivityLog:
                     break
             else:
                 missing.append(index)
+        if missing and missing[-1] == last and data is not None:
+            ahead = range(last + 1, last + 1 + _run_behind(data.extents, first))
+            missing.extend(index for index in ahead if index not in data.extents)
         return [Note(NoteKind.DATA, path, a * EXTENT, min((b + 1) * EXTENT, END))
                 for a, b in _runs(missing)]
 
@@ -350,3 +356,11 @@ def divergence(notes: Iterable[Note]) -> Divergence:
 def name_roots(notes: Iterable[Note]) -> list[bytes]:
     """The NAME paths with none of their ancestors among them."""
     return Divergence({n.path for n in notes if n.kind == NoteKind.NAME}).roots()
+
+
+def _run_behind(extents: Mapping[int, int], index: int) -> int:
+    """How many extents right before *index* are noted, up to AHEAD."""
+    run = 0
+    while run < AHEAD and index - 1 - run in extents:
+        run += 1
+    return run

@@ -78,6 +78,19 @@ def test_activity_need_ok_data_by_extent() -> None:
     assert log.need(Op.WRITE, {"path": b"f", "offset": 0, "data": b""}, 4) == []
 
 
+def test_activity_need_ok_notes_ahead_of_a_file_written_in_order() -> None:
+    """Each note costs a journal flush before the write: a file written in order gets
+    notes as far ahead as it wrote in a row, so 256 MiB written 1 MiB at a time
+    waits for 7 flushes, not 64; a write elsewhere gets only its own extent."""
+    log = ActivityLog()
+    flushes = [offset for offset in range(0, 256 << 20, 1 << 20)
+               if noted(log, Op.WRITE, 1, path=b"f", offset=offset, data=b"x" * (1 << 20))]
+    assert [offset // EXTENT for offset in flushes] == [0, 1, 3, 7, 15, 31, 63]
+    assert log.notes() == [Note(DATA, b"f", 0, 127 * EXTENT)]
+    assert noted(log, Op.WRITE, 1, path=b"f", offset=200 * EXTENT, data=b"x") == [
+        Note(DATA, b"f", 200 * EXTENT, 201 * EXTENT)]
+
+
 def test_activity_need_ok_truncate_notes_to_the_end() -> None:
     log = ActivityLog()
     assert noted(log, Op.TRUNCATE, 1, path=b"f", size=EXTENT + 5) == [
