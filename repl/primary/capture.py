@@ -138,6 +138,8 @@ class Capture:
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
         self._backing_lock = threading.Lock()
+        self._fsyncs_done = threading.Event()  # cleared while a BACKING sync fsyncs
+        self._fsyncs_done.set()
         self.unsynced = Unsynced(backing, lambda: self._wake())  # what BACKING's sync covers
         self.activity = ActivityLog(journal.notes)
         self._backing_sync_wanted = trio.Event()
@@ -439,7 +441,11 @@ class Capture:
                 self._settle()
                 at = self.journal.end
                 changed, token = self.unsynced.take()
-            fsync_all(changed)
+                self._fsyncs_done.clear()
+            try:
+                fsync_all(changed)
+            finally:
+                self._fsyncs_done.set()
             with self.lock:
                 self.unsynced.synced(token)
                 if at > self.backing_at:
@@ -452,6 +458,19 @@ class Capture:
                 notes = self.activity.reset(at, retain=not final)
                 if notes is not None:  # after backing_at: durable only with it
                     self.journal.reset_notes(notes)
+
+    def backing_durable(self) -> None:
+        """Make BACKING durable as far as the journal goes, and journal that (before
+        the journal stops taking write data: ``Resync.begin_overflow``). Capture's
+        lock held, so nothing changes meanwhile; a BACKING sync under way is let
+        finish its fsyncs first (they need no lock)."""
+        self._fsyncs_done.wait()
+        changed, token = self.unsynced.take()
+        fsync_all(changed)
+        self.unsynced.synced(token)
+        if self.journal.end > self.backing_at:
+            self.backing_at = self.journal.end
+            self.journal.put_meta(BACKING_AT, encode_set(self.backing_at))
 
     async def _backing_syncer(self) -> None:
         """Sync BACKING every BACKING_SYNC_SECONDS while it changes, or sooner past

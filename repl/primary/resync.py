@@ -98,6 +98,9 @@ class Front(Protocol):
     def flush_soon(self) -> None:
         """Flush what was journaled, for the sender (in trio)."""
 
+    def backing_durable(self) -> None:
+        """Make BACKING durable as far as the journal goes, and journal that."""
+
 
 class Resync:
     """The dirty map, the open set held open (``overflow``) and the sync under way
@@ -116,7 +119,12 @@ class Resync:
         self.wanted = trio.Event()
 
     def begin_overflow(self) -> None:
-        """Hold the open set open: written ranges go to the dirty map, not the journal."""
+        """Hold the open set open: written ranges go to the dirty map, not the journal.
+
+        BACKING is made durable first: a recovery over budget replays no record
+        (BACKING holds the only copy of the writes since), so the records before
+        must be on disk in BACKING, not only in the journal."""
+        self.front.backing_durable()
         self.overflow = True
         self.journal.put_meta(_OVERFLOW, b"1")
 

@@ -274,3 +274,27 @@ def test_primary_power_cut_before_first_fsync_ok(tmp_path: Path) -> None:
         h.boot()
         assert status(h.mount)["cluster"] == cluster, "the primary is now another cluster"
         h.converged()
+
+
+def test_primary_power_cut_fsynced_before_the_journal_passed_its_budget_ok(
+        tmp_path: Path) -> None:
+    """A write the journal made durable (its fsync returned), then the journal passes
+    its budget (the secondary is held) and writes go to the dirty map, then the
+    power goes before BACKING's next sync: the write is still there."""
+    with host(tmp_path, "--set-interval", "3600", "--journal-max", "64K") as h:
+        write_synced(h.mount / "db", b"first")
+        write_synced(h.mount / "big", b"")
+        checkpoint(h.mount)  # both files made, and BACKING synced with them
+        pause(h.replica, None, timeout=30)
+        fd = os.open(h.mount / "db", os.O_WRONLY)
+        os.pwrite(fd, b"commit", 0)
+        os.fsync(fd)  # journaled: its page in BACKING waits for BACKING's sync
+        os.close(fd)
+        write_synced(h.mount / "big", bytes(256 << 10))  # a closed set past the budget
+        write_synced(h.mount / "big", b"over")  # a write finds it, and goes to the dirty map
+        h.primary.wait_for("passed its budget", timeout=0)
+        h.power_cut()
+        h.boot()
+        assert (h.mount / "db").read_bytes() == b"commit", "an fsync'd write is lost"
+        resume(h.replica, None)
+        h.converged()
