@@ -22,7 +22,8 @@ def replicated(tmp_path: Path, cached: bool, *primary_extra: str
                ) -> Iterator[tuple[Path, Path, Path]]:
     """A primary replicating to a secondary, and the standby view of the replica:
     served by the secondary (``--mount``, cached by the kernel) or by ``replfs mount``
-    (uncached). Yields (primary mount, replica, view)."""
+    (uncached, mounted once the initial sync is applied: before that the replica
+    has no consistent set to show). Yields (primary mount, replica, view)."""
     backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
     backing.mkdir()
     extra = ("--mount", str(view)) if cached else ()
@@ -31,6 +32,7 @@ def replicated(tmp_path: Path, cached: bool, *primary_extra: str
         if cached:
             yield mount, replica, view
         else:
+            checkpoint(mount)
             with standby(replica, view):
                 yield mount, replica, view
 
@@ -277,7 +279,7 @@ def test_standby_cached_ok_readers_under_load_see_sets_only_grow(tmp_path: Path)
         }
 
         def reader(order: list[str]) -> None:
-            last, last_name = 0, "start"
+            last, last_name, name = 0, "start", ""
             try:
                 while not done.is_set():
                     for name in order:
@@ -287,7 +289,8 @@ def test_standby_cached_ok_readers_under_load_see_sets_only_grow(tmp_path: Path)
                             return
                         last, last_name = value, name
             except (OSError, ValueError, IndexError) as exc:
-                failures.append(f"reader {order}: {exc!r} {getattr(exc, 'filename', '')}")
+                failures.append(f"reader {order} at {name} after {last_name}={last}: "
+                                f"{exc!r} {getattr(exc, 'filename', '')}")
 
         orders = [list(probes), list(reversed(probes)), ["big_end", "a", "big0", "n"],
                   ["c", "b", "n", "a"]]
