@@ -9,6 +9,14 @@ the ``*at`` calls, so paths never grow past PATH_MAX. Directory fds live in
 an LRU cache bounded by ``fd_limit``: the process may hold 20,000 fds in all,
 so an fd per inode ever seen is not an option. ``trim()`` closes the
 surplus; handlers call it when they are done with the fds they borrowed.
+
+A tree that changes under the mount (``verify``: a replica) reuses numbers
+behind the kernel's back: ext4 gives a new file the number of one just
+removed, at once, while the kernel may still hold the removed file (a path
+walk that found it and is about to open it). Its requests name the number
+only, so a file that takes a number the kernel may still mean by another
+file gets an inode number of its own (an alias, from ALIAS up), and the old
+one answers ESTALE, on which the kernel looks the path up again.
 """
 
 from __future__ import annotations
@@ -22,18 +30,21 @@ import pyfuse3
 from store.libc import fd_path
 
 ROOT = pyfuse3.ROOT_INODE
+ALIAS = 1 << 63  # above every number a filesystem gives (see the module's comment)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})  # a name no longer there
 
 
 class Node:
-    __slots__ = ("fds", "ino", "lookups", "names")
+    __slots__ = ("fds", "ino", "lookups", "names", "number", "replaced")
 
-    def __init__(self, ino: int) -> None:
-        self.ino = ino
+    def __init__(self, ino: int, number: int) -> None:
+        self.ino = ino  # the kernel's number for it
+        self.number = number  # the backing file's st_ino: *ino*, unless an alias
         self.names: set[tuple[int, bytes]] = set()
         self.lookups = 0
         self.fds: set[int] = set()  # open file and directory handles, for unlinked ones
+        self.replaced = False  # its number names another file now: ESTALE
 
 
 class Inodes:
@@ -41,29 +52,60 @@ class Inodes:
         self.verify = verify
         self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_st_ino = os.fstat(self.root_fd).st_ino
-        self.nodes: dict[int, Node] = {ROOT: Node(ROOT)}
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, self.root_st_ino)}
         self.nodes[ROOT].lookups = 1
         self._dir_fds: OrderedDict[int, int] = OrderedDict()
         self._found: dict[int, bytes] = {}  # names found by walking, see _other_name
+        self._aliases: dict[int, int] = {}  # backing number -> inode number, where not it
+        self._next_alias = ALIAS
         self.fd_limit = fd_limit
 
     def ino_of(self, st: os.stat_result) -> int:
-        return ROOT if st.st_ino == self.root_st_ino else st.st_ino
+        return self.ino_of_number(st.st_ino)
+
+    def ino_of_number(self, number: int) -> int:
+        """The kernel's number for the backing file numbered *number*."""
+        return ROOT if number == self.root_st_ino else self._aliases.get(number, number)
 
     def node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
         if node is None:
             raise OSError(2, "unknown inode")  # ESTALE would do too; ENOENT is what callers expect
+        if node.replaced:
+            raise OSError(errno.ESTALE, "the file with this number is gone")
         return node
 
     # --- names -------------------------------------------------------------
 
-    def remember(self, parent: int, name: bytes, st: os.stat_result) -> int:
-        """Count one kernel lookup of *name* in *parent*. Returns the inode number."""
+    def ino_for(self, parent: int, name: bytes, st: os.stat_result) -> int:
+        """The inode number to give the kernel for *name* in *parent*, found as *st*.
+
+        With ``verify``, a known node none of whose names still reaches it, met
+        under a new name, is taken to be gone and its number reused (or its file
+        moved, which the caller cannot tell apart): the file gets an alias, and
+        the old node answers ESTALE until the kernel forgets it. Not for a node
+        with open handles: the filesystem keeps an open file's number.
+        """
         ino = self.ino_of(st)
         node = self.nodes.get(ino)
+        if node is None or not self.verify or ino == ROOT:
+            return ino
+        if not node.replaced and (node.fds or (parent, name) in node.names
+                                  or self._verified(node) is not None):
+            return ino
+        node.replaced = True
+        node.names.clear()
+        self._close_dir(ino)
+        alias = self._aliases[st.st_ino] = self._next_alias
+        self._next_alias += 1
+        return alias
+
+    def remember(self, parent: int, name: bytes, st: os.stat_result) -> int:
+        """Count one kernel lookup of *name* in *parent*. Returns the inode number."""
+        ino = self.ino_for(parent, name, st)
+        node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino)
+            node = self.nodes[ino] = Node(ino, st.st_ino)
         node.names.add((parent, name))
         node.lookups += 1
         return ino
@@ -89,6 +131,8 @@ class Inodes:
             del self.nodes[ino]
             self._found.pop(ino, None)
             self._close_dir(ino)
+            if self._aliases.get(node.number) == ino:
+                del self._aliases[node.number]
 
     def name_of(self, ino: int) -> tuple[int, bytes] | None:
         """One (parent, name) of *ino* whose parent is still known, or None."""
@@ -126,7 +170,8 @@ class Inodes:
         cached = self._found.get(ino)
         if cached is not None:
             try:
-                if os.stat(cached, dir_fd=self.root_fd, follow_symlinks=False).st_ino == ino:
+                if os.stat(cached, dir_fd=self.root_fd,
+                           follow_symlinks=False).st_ino == node.number:
                     return cached
             except OSError:
                 pass
@@ -134,7 +179,7 @@ class Inodes:
         for top, _, files in os.walk(root):
             for name in files:
                 full = os.path.join(top, name)
-                if os.lstat(full).st_ino == ino:
+                if os.lstat(full).st_ino == node.number:
                     self._found[ino] = os.path.relpath(full, root)
                     return self._found[ino]
         return None
@@ -188,7 +233,7 @@ class Inodes:
                 try:
                     fd = self.dir_fd(parent)
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if self.ino_of(st) == node.ino:
+                    if st.st_ino == node.number:
                         return fd, name
                 except OSError as exc:
                     if exc.errno not in _GONE:

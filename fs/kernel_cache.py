@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from fs.inodes import ROOT, Inodes
+from fs.inodes import Inodes
 from repl.secondary.footprint import Footprint
 
 log = logging.getLogger("replfs.standby")
@@ -181,7 +181,7 @@ class KernelCache:
     # --- the kernel ------------------------------------------------------------------
 
     def _fuse_ino(self, st_ino: int) -> int:
-        return ROOT if st_ino == self.inodes.root_st_ino else st_ino
+        return self.inodes.ino_of_number(st_ino)
 
     def _drop(self, ino: int, attr_only: bool = False) -> None:
         if not self.mounted:

@@ -322,7 +322,8 @@ class Passthrough(pyfuse3.Operations):
                     entry = self._entry(self.inodes.stat(ino), ino)
                 else:
                     st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-                    entry = self._named(self._entry(st), handle.ino, name)
+                    entry = self._named(self._entry(st, self.inodes.ino_for(handle.ino, name, st)),
+                                        handle.ino, name)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):

@@ -168,6 +168,37 @@ def test_standby_directory_replaced_by_a_file_keeps_its_files_reachable(tmp_path
             os.close(held)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["mount", "cached"])
+def test_standby_file_the_kernel_holds_never_shows_the_one_that_took_its_number(
+        tmp_path: Path, cached: bool) -> None:
+    """The kernel holds a file of the view (an O_PATH open here; a path walk about to
+    open it does the same) while a set removes it, the replica's filesystem gives its
+    number to a new file (ext4 does at once), and a reader looks that one up. A
+    request names the number only: opened again, the held file must not show the new
+    one (it is gone: ESTALE)."""
+    with replicated(tmp_path, cached) as (mount, replica, view):
+        for _ in range(100):
+            (mount / "old").write_bytes(b"old")
+            checkpoint(mount)
+            held = os.open(view / "old", os.O_PATH)
+            try:
+                number = os.stat(replica / "old").st_ino
+                os.unlink(mount / "old")
+                (mount / "new").write_bytes(b"new")
+                checkpoint(mount)
+                if os.stat(replica / "new").st_ino == number:
+                    assert (view / "new").read_bytes() == b"new"
+                    with pytest.raises(OSError) as info:
+                        with open(f"/proc/self/fd/{held}", "rb") as f:
+                            assert f.read() == b"old", "the held file shows another"
+                    assert info.value.errno == errno.ESTALE
+                    return
+            finally:
+                os.close(held)
+            os.unlink(mount / "new")
+    raise AssertionError("the replica's filesystem never reused the number")
+
+
 def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> None:
     """Sets that touch other files leave a file's cached pages and attributes alone.
 
