@@ -127,6 +127,7 @@ class Receiver:
         self._boot: str | None = None  # the primary process the session came from
         self._refusal_second = -1  # the second whose refusals are being logged
         self._refusals_logged = self._refusals_unlogged = 0
+        self._unlogged = trio.Event()  # set once a refusal goes unlogged
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -135,6 +136,7 @@ class Receiver:
         until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stager)
+            nursery.start_soon(self._log_unlogged)
             if listeners:
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
             task_status.started()
@@ -184,20 +186,36 @@ class Receiver:
         self.status.errors = [*self.status.errors[-9:], text]
 
     def _refused(self, peer: str, reason: str, text: str) -> None:
-        """Count a refusal, and log it in one line unless a flood is under way."""
+        """Count a refusal, and log it in one line unless a flood is under way: past
+        REFUSALS_LOGGED in a second, the rest are counted, and the count is logged
+        once that second is over (``_log_unlogged``)."""
         self.status.refused += 1
         self.status.refused_by[reason] = self.status.refused_by.get(reason, 0) + 1
         second = int(trio.current_time())
         if second != self._refusal_second:
-            if self._refusals_unlogged:
-                log.warning("%d more connections refused in a second, not logged one by one "
-                            "(see replfs status)", self._refusals_unlogged)
-            self._refusal_second, self._refusals_unlogged, self._refusals_logged = second, 0, 0
+            self._log_count()
+            self._refusal_second, self._refusals_logged = second, 0
         if self._refusals_logged >= REFUSALS_LOGGED:
             self._refusals_unlogged += 1
+            self._unlogged.set()
             return
         self._refusals_logged += 1
         self._error(f"refused connection from {peer} ({reason}): {text}")
+
+    def _log_count(self) -> None:
+        if self._refusals_unlogged:
+            log.warning("%d more connections refused in a second, not logged one by one "
+                        "(see replfs status)", self._refusals_unlogged)
+            self._refusals_unlogged = 0
+
+    async def _log_unlogged(self) -> None:
+        """Log the count of refusals not logged one by one when their second is over,
+        whether another refusal comes after them or not."""
+        while True:
+            await self._unlogged.wait()
+            self._unlogged = trio.Event()
+            await trio.sleep_until(self._refusal_second + 1)
+            self._log_count()
 
     async def _handle(self, socket_stream: trio.SocketStream) -> None:
         host, peer = _peer(socket_stream)

@@ -26,7 +26,13 @@ from repl.protocol import (
     parse_hello,
 )
 from repl.secondary.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES_PER_HOST, Gate
-from repl.secondary.receiver import OUTBOX_FRAMES, STAGE_QUEUE_BYTES, Receiver, _Stream
+from repl.secondary.receiver import (
+    OUTBOX_FRAMES,
+    REFUSALS_LOGGED,
+    STAGE_QUEUE_BYTES,
+    Receiver,
+    _Stream,
+)
 from store.records import Op, Record
 from store.staging import Staging
 from tests.repl.peers import (
@@ -209,5 +215,25 @@ async def test_receiver_read_ok_queue_bounded(tmp_path: Path) -> None:
                 assert receiver.status.received <= STAGE_QUEUE_BYTES // big + 1
                 assert receiver._queued <= STAGE_QUEUE_BYTES
                 nursery.cancel_scope.cancel()
+    finally:
+        staging.close()
+
+
+async def test_receiver_refusals_past_the_bound_logged_as_a_count_once_their_second_ends(
+        tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood's refusals past REFUSALS_LOGGED in a second are logged as one count when
+    the second is over, though no refusal comes after them."""
+    staging = Staging(tmp_path / "staging")
+    receiver = Receiver(staging, Gate(None), lambda: None, lambda _: None)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve, [])
+            for i in range(REFUSALS_LOGGED + 5):
+                receiver._refused(f"127.0.0.2:{1000 + i}", "busy", "too many handshakes")
+            assert "not logged one by one" not in caplog.text
+            await trio.sleep(1.5)  # past the end of the flood's second, on trio's mock clock
+            assert "5 more connections refused in a second" in caplog.text
+            nursery.cancel_scope.cancel()
     finally:
         staging.close()
