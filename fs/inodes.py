@@ -100,9 +100,12 @@ class Inodes:
         self._next_alias += 1
         return alias
 
-    def remember(self, parent: int, name: bytes, st: os.stat_result) -> int:
-        """Count one kernel lookup of *name* in *parent*. Returns the inode number."""
-        ino = self.ino_for(parent, name, st)
+    def remember(self, parent: int, name: bytes, st: os.stat_result,
+                 ino: int | None = None) -> int:
+        """Count one kernel lookup of *name* in *parent*, given the number *ino* (what
+        ``ino_for`` answers, unless given). Returns the inode number."""
+        if ino is None:
+            ino = self.ino_for(parent, name, st)
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, st.st_ino)

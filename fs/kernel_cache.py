@@ -113,7 +113,7 @@ class KernelCache:
     # --- the applier (repl.secondary.footprint.Invalidator) ---------------------------
 
     def begin(self, touched: Footprint) -> None:
-        fuse = self._fuse_ino
+        fuse = self.inodes.ino_of_number
         batch = _Batch({(fuse(p), name) for p, name in touched.entries},
                        {fuse(n) for n in touched.attrs}, {fuse(n) for n in touched.data},
                        touched.everything)
@@ -160,7 +160,7 @@ class KernelCache:
         with self.lock:
             nodes = self.inodes.nodes
             attrs = list(nodes) if batch.everything else [n for n in batch.attrs if n in nodes]
-            reused = [n for n in map(self._fuse_ino, created)
+            reused = [n for n in map(self.inodes.ino_of_number, created)
                       if n in nodes and not nodes[n].fds]
             if batch.everything:
                 reused = [n for n, node in nodes.items() if not node.fds]
@@ -179,9 +179,6 @@ class KernelCache:
         self._sweeps = 0
 
     # --- the kernel ------------------------------------------------------------------
-
-    def _fuse_ino(self, st_ino: int) -> int:
-        return self.inodes.ino_of_number(st_ino)
 
     def _drop(self, ino: int, attr_only: bool = False) -> None:
         if not self.mounted:

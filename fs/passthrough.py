@@ -322,14 +322,14 @@ class Passthrough(pyfuse3.Operations):
                     entry = self._entry(self.inodes.stat(ino), ino)
                 else:
                     st = os.stat(name, dir_fd=handle.fd, follow_symlinks=False)
-                    entry = self._named(self._entry(st, self.inodes.ino_for(handle.ino, name, st)),
-                                        handle.ino, name)
+                    ino = self.inodes.ino_for(handle.ino, name, st)
+                    entry = self._named(self._entry(st, ino), handle.ino, name)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):
                 break
             if index >= 2:
-                self.inodes.remember(handle.ino, name, st)
+                self.inodes.remember(handle.ino, name, st, ino)
 
     def _parent(self, ino: int) -> int:
         """The parent directory of *ino*; the root is its own, as "/" is."""
