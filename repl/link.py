@@ -34,6 +34,7 @@ from repl.errors import Refused
 from repl.fc.names import is_fcip
 from repl.iscsi.names import is_iscsi
 from repl.protocol import Connection, Frame
+from repl.tlsstream import TLSStream
 
 CONNECT_SECONDS = 10.0  # a link not open by then is given up (the session is tried again)
 
@@ -140,7 +141,7 @@ def tcp_connect(host: str, port: int, creds: tls.Credentials | None) -> Connect:
         stream = await trio.open_tcp_stream(host, port)
         if context is None or creds is None:
             return stream
-        link = trio.SSLStream(stream, context, server_hostname=creds.peer)
+        link = TLSStream(stream, context, server_hostname=creds.peer)
         try:
             await link.do_handshake()
         except BaseException as exc:

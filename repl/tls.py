@@ -286,6 +286,9 @@ def link_credentials(prefix: Path | None, peer: str | None, insecure: bool,
 # OpenSSL's verify results that mean "not signed by a CA we trust".
 _UNTRUSTED = {2, 7, 18, 19, 20, 21}  # unable to get issuer; bad signature; self-signed; ...
 _EXPIRED, _NOT_YET_VALID, _HOSTNAME_MISMATCH = 10, 9, 62
+# The alerts a client sends when it refused our certificate.
+_REFUSED_OURS = {"SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                 "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"}
 
 
 def refusal(exc: BaseException | None) -> tuple[str, str]:
@@ -310,6 +313,9 @@ def refusal(exc: BaseException | None) -> tuple[str, str]:
             return "no-certificate", "it sent no client certificate"
         if exc.reason in ("UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"):
             return "tls-error", f"it does not speak TLS 1.3 ({exc.reason})"
+        if exc.reason in _REFUSED_OURS:
+            return "our-certificate", ("it refused this secondary's certificate "
+                                       f"({exc.reason}; its log says why)")
         return "tls-error", f"TLS handshake failed ({exc.reason or exc})"
     return "no-handshake", f"the link broke during the TLS handshake ({exc!r})"
 

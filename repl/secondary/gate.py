@@ -34,6 +34,7 @@ import trio
 from repl.errors import ReplError
 from repl.protocol import MAGIC, Frame, FrameType
 from repl.tls import Credentials, peer_names, refusal
+from repl.tlsstream import TLSStream
 
 T = TypeVar("T")
 
@@ -143,7 +144,7 @@ class Gate:
             await _tell(stream, "this secondary accepts TLS only: start the primary with "
                         "--tls DIR/NAME --peer NAME (see 'replfs tls --help')")
             raise Rejected("not-tls", f"plain TCP, not TLS (it sent {first!r})")
-        tls = trio.SSLStream(stream, self._context, server_side=True)
+        tls = TLSStream(stream, self._context, server_side=True)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:

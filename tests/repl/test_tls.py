@@ -247,7 +247,8 @@ def test_link_err_insecure_primary_tls_secondary(tmp_path: Path) -> None:
 def test_link_err_secondary_not_the_named_peer(tmp_path: Path) -> None:
     """The primary expects gamma; the secondary's certificate names beta."""
     mismatch(tmp_path, tls_args(SECONDARY, PRIMARY), tls_args(PRIMARY, "gamma"),
-             "(no-handshake): it closed the link during the TLS handshake",
+             "(our-certificate): it refused this secondary's certificate "
+             "(SSLV3_ALERT_BAD_CERTIFICATE; its log says why)",
              "TLS: the secondary's certificate does not name 'gamma' (--peer)")
 
 
