@@ -26,6 +26,7 @@ until the stager catches up).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -383,7 +384,7 @@ class Receiver:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             self.status.received_wire_bytes += frame.wire_size
             for raw in raws:
-                record = Record.decode(raw)
+                record = _without_data(Record.decode(raw))  # checked whole: raw is staged
                 self.status.received += 1
                 self.status.received_bytes += len(raw)
                 size = len(raw)
@@ -425,7 +426,7 @@ class Receiver:
             return  # all from streams a newer session replaced
         result = self.staging.stage([record for _, record, _ in batch],
                                     [raw for _, _, raw in batch])
-        if sum(len(record.data) for _, record, _ in batch) <= INLINE_SYNC_BYTES:
+        if sum(len(raw) for _, _, raw in batch) <= INLINE_SYNC_BYTES:
             self.staging.sync()
         else:
             await trio.to_thread.run_sync(self.staging.sync)
@@ -449,6 +450,12 @@ class Receiver:
         if result.completed:
             self.status.last_complete = max(self.status.last_complete, *result.completed)
             self.on_complete()
+
+
+def _without_data(record: Record) -> Record:
+    """*record* as it waits to be staged: its data is in the raw bytes that are
+    staged, so what waits holds each byte once, not twice."""
+    return dataclasses.replace(record, data=b"") if record.data else record
 
 
 async def _tell(conn: Link, text: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+import store.records as records_module
 from repl.diverge import Divergence
 from repl.link import FrameDialer
 from repl.primary.sender import Sender
@@ -560,6 +562,42 @@ async def test_bad_frames_ok_good_frame_staged(
             frame = await conn.receive()
         assert frame == staged([(1, 0)])
         assert staged_records(sec.staging, 1) == [RECORD]
+        nursery.cancel_scope.cancel()
+
+
+async def test_backpressure_ok_records_waiting_to_be_staged_hold_their_bytes_once(
+        tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """What the receiver read and has not staged yet (as much as a primary's window)
+    is in memory once, as the bytes that came and will be staged: a decoded copy of
+    each record's data is not kept beside them."""
+    stager_free = trio.Event()
+    async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
+        stage = sec.receiver._stage
+
+        async def stalled(batch: list[Any]) -> None:
+            await stager_free.wait()
+            await stage(batch)
+
+        monkeypatch.setattr(sec.receiver, "_stage", stalled)
+        conn = await raw_primary(sec, nursery)
+        data = bytes(1 << 20)
+        await conn.send(*[Frame(FrameType.RECORD, Record(
+            Op.WRITE, 1, seq, path=b"f", offset=seq << 20, data=data).encode())
+            for seq in range(8)])
+        tracemalloc.start(1)
+        try:
+            await wait_all_tasks_blocked()  # every record read and waiting to be staged
+            decoded = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, records_module.__file__)])
+        finally:
+            tracemalloc.stop()
+        assert sec.receiver.status.received == 8
+        assert sum(stat.size for stat in decoded.statistics("filename")) < 1 << 20
+        stager_free.set()
+        while sec.receiver.status.staged < 8:  # no deadline: staging syncs in a thread
+            await conn.receive()
+        assert [r.data for r in staged_records(sec.staging, 1)] == [data] * 8
         nursery.cancel_scope.cancel()
 
 
