@@ -46,8 +46,7 @@ class TLSStream(trio.abc.Stream):
             do_handshake_on_connect=False, suppress_ragged_eofs=False)
         self._in_use: set[str] = set()
         self._closed = False
-        self._broken: BaseException | None = None  # why, once a send was cut short
-        self._error: trio.BrokenResourceError | None = None  # for the receive after the data
+        self._failure: BaseException | None = None  # what broke the stream, both ways
         self._read_wait = trio.Lock()  # a send may need to read, a receive to write
         self._write_wait = trio.Lock()
 
@@ -70,8 +69,7 @@ class TLSStream(trio.abc.Stream):
             raise ValueError("max_bytes must be >= 1")
         with self._busy("receive_some"):
             await trio.lowlevel.checkpoint_if_cancelled()
-            if self._error is not None:
-                raise self._error
+            self._check_usable()
             data = await self._io(self._ssl.recv, min(RECORD, max_bytes))
             chunks = [data]
             got = len(data)
@@ -81,7 +79,7 @@ class TLSStream(trio.abc.Stream):
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     break
                 except (ssl.SSLError, OSError) as exc:
-                    self._error = _broken(exc)  # after what came before it
+                    self._fail(exc)  # raised by the next call, after what came before it
                     break
                 chunks.append(data)
                 got += len(data)
@@ -93,15 +91,13 @@ class TLSStream(trio.abc.Stream):
         is broken for good: part of a record may have gone."""
         with self._busy("send_all"):
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
-            if self._broken is not None:
-                raise trio.BrokenResourceError("the TLS link broke") from self._broken
+            self._check_usable()
             view = memoryview(data)
             try:
                 while view:
                     view = view[await self._io(self._ssl.send, view):]
             except BaseException as exc:
-                self._broken = exc
+                self._fail(exc)
                 raise
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -117,7 +113,7 @@ class TLSStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         try:
-            if self._broken is None:
+            if self._failure is None:
                 with trio.move_on_after(CLOSE_NOTIFY_SECONDS):
                     await self._io(self._close_notify)
         except trio.BrokenResourceError:
@@ -147,7 +143,7 @@ class TLSStream(trio.abc.Stream):
             except ssl.SSLWantWriteError:
                 await self._wait(self._write_wait, trio.lowlevel.wait_writable)
             except (ssl.SSLError, OSError) as exc:
-                raise _broken(exc) from exc
+                raise self._fail(exc) from exc
 
     async def _wait(self, lock: trio.Lock, wait: Callable[[socket.socket], Any]) -> None:
         """One task at a time waits on each direction: a receive can need to write
@@ -168,6 +164,18 @@ class TLSStream(trio.abc.Stream):
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this TLS stream was closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._failure is not None:
+            raise _broken(self._failure)
+
+    def _fail(self, exc: BaseException) -> trio.BrokenResourceError:
+        """The stream is broken for good, both ways: every later call raises
+        BrokenResourceError from what broke it first (a TLS alert, a send cut short)."""
+        if self._failure is None:
+            self._failure = exc
+        return _broken(self._failure)
 
 
 def _broken(exc: BaseException) -> trio.BrokenResourceError:

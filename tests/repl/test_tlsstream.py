@@ -121,3 +121,20 @@ async def test_tlsstream_handshake_refused_says_why_through_the_cause() -> None:
     assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
     for stream in (client, server):
         await stream.aclose()
+
+
+async def test_tlsstream_corrupt_record_breaks_both_ways_saying_why() -> None:
+    """A record that fails its check: what came before it is received, then the
+    stream is broken both ways, each call saying it was a refused TLS record (a
+    task sending acknowledgements learns it as the one receiving does)."""
+    client, server = await tls_pair()
+    await client.send_all(b"good")
+    forged = bytes([23, 3, 3, 0, 32]) + os.urandom(32)  # application data, not theirs
+    os.write(client._ssl.fileno(), forged)
+    assert await server.receive_some() == b"good"
+    for call in (lambda: server.send_all(b"ack"), server.receive_some):
+        with pytest.raises(trio.BrokenResourceError) as caught:
+            await call()
+        assert tls.broken_record(caught.value) is not None, caught.value
+    await client.aclose()
+    await server.aclose()

@@ -58,6 +58,7 @@ from tests.support import (
     snapshot,
     status,
     tls_args,
+    until,
     wait_applied,
 )
 
@@ -106,6 +107,13 @@ def test_link_corrupt_byte_is_refused_and_resent(tmp_path: Path, direction: str,
         fault = proxy.corrupt(within, direction, conn=None if direction == UP else 0)
         with primary(backing, mount, "--secondary", f"127.0.0.1:{proxy.port}",
                      "--set-interval", "3600", *insecure):
+            if direction == UP:  # records of the open set, staged before the fault
+                checkpoint(mount)  # the initial sync is behind us
+                (mount / "before").write_bytes(b"staged before the fault")
+                until(lambda: (status(mount), status(replica)),
+                      lambda st: st[0]["last_shipped"][0] == st[0]["open_set"]
+                      and st[1]["last_staged"] == st[0]["last_shipped"],
+                      what="the first records staged")
             data = workload(mount, seed=5)
             checkpoint(mount)
             assert fault.struck.is_set(), f"seed {proxy.seed}: {fault} never struck"
@@ -115,7 +123,7 @@ def test_link_corrupt_byte_is_refused_and_resent(tmp_path: Path, direction: str,
             if direction == UP:
                 st = status(replica)
                 assert st["bad_frames"] >= 1
-                assert st["duplicates"] >= 1, "the primary sent the unapplied set again"
+                assert st["duplicates"] >= 1, "the primary sent the open set again, whole"
                 wait_for_log(sec, "frame checksum mismatch" if insecure else
                              "TLS record refused")
             elif insecure:
