@@ -143,7 +143,8 @@ class TLSStream(trio.abc.Stream):
             except ssl.SSLWantWriteError:
                 await self._wait(self._write_wait, trio.lowlevel.wait_writable)
             except (ssl.SSLError, OSError) as exc:
-                raise self._fail(exc) from exc
+                err = self._fail(exc)
+                raise err from err.__cause__  # what broke the stream first
 
     async def _wait(self, lock: trio.Lock, wait: Callable[[socket.socket], Any]) -> None:
         """One task at a time waits on each direction: a receive can need to write
