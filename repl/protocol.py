@@ -19,6 +19,11 @@ frames (each a run of records, compressed together); a peer from before
 compression ignores the offer, answers without it, and gets plain RECORD
 frames; a primary that offers nothing is served plainly.
 
+Progress is offered the same way: a primary that sends ``"progress": true``
+gets APPLYING frames while the secondary applies a set, each naming the
+record it has reached, so a long apply is not taken for a stall. A
+transport that polls the secondary's state (iSCSI, FCIP) carries none.
+
 Only format modules pack bytes: this one and the record's (``store/records.py``).
 """
 
@@ -60,6 +65,7 @@ class FrameType(enum.IntEnum):
     ERROR = 5  # UTF-8 text: why the peer is refused; the connection closes after it
     RESET_TO = 6  # u64 set id: an initial sync begins there; older sets are moot
     RECORDS_ZSTD = 7  # zstd of (u32 length, encoded record)*: only once negotiated
+    APPLYING = 8  # (set, seq) key: the applier is at that record; only if offered
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +163,16 @@ def reset_to(set_id: int) -> Frame:
 
 def applied(set_id: int) -> Frame:
     return Frame(FrameType.APPLIED, encode_set(set_id))
+
+
+def applying(set_id: int, seq: int) -> Frame:
+    return Frame(FrameType.APPLYING, encode_key(set_id, seq))
+
+
+def parse_applying(frame: Frame) -> tuple[int, int]:
+    if len(frame.payload) != _KEY_SIZE:
+        raise ProtocolError(f"APPLYING payload of {len(frame.payload)} bytes")
+    return decode_key(frame.payload)
 
 
 def parse_applied(frame: Frame) -> int:

@@ -42,6 +42,7 @@ from repl.protocol import (
     FrameType,
     hello,
     parse_applied,
+    parse_applying,
     parse_hello,
     parse_staged,
     record_frames,
@@ -140,6 +141,7 @@ class Sender:
         self._peer_syncing: int | None = None
         self._inflight: dict[tuple[int, int], int] = {}
         self._progress_at = trio.current_time()
+        self._reached = (0, 0)  # the record the secondary's applier said it reached
         self._acked_at = trio.current_time()  # last ack, or when records went in flight
         # The set of an initial sync the secondary is rebuilding its replica as: the
         # sets before it count as applied (they are moot) but the replica holds none.
@@ -267,7 +269,7 @@ class Sender:
         await conn.send(hello(role="primary", version=PROTOCOL_VERSION, cluster=ident.cluster,
                               node=ident.node, generation=ident.generation, session=session,
                               boot=self.boot, stream=index, streams=self.nstreams,
-                              history=ident.history,
+                              history=ident.history, progress=True,
                               **({"compress": [ZSTD]} if self._compressor else {})))
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
@@ -410,6 +412,11 @@ class Sender:
                 self._acked.set()
             elif frame.type == FrameType.APPLIED:
                 self._set_applied(parse_applied(frame))
+            elif frame.type == FrameType.APPLYING:
+                reached = parse_applying(frame)
+                if reached[0] > self.status.applied and reached != self._reached:
+                    self._reached = reached  # a long apply, moving: not a stall
+                    self._progress_at = trio.current_time()
             elif frame.type == FrameType.ERROR:
                 raise Refused(frame.payload.decode(errors="replace"))
             else:

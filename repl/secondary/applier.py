@@ -62,6 +62,9 @@ BATCH_SECONDS = 0.05  # a batch ends after the set that takes it past this: read
 # primary's fsync latency. Lag grows by as much at most; what the secondary staged,
 # which an fsync with --fsync remote waits for, does not.
 APPLY_INTERVAL = 0.05
+# While a set is applied, the record reached is told to the primary this often (if
+# it moved): a set that takes minutes to apply is progress, not a stall.
+PROGRESS_SECONDS = 1.0
 # Errors the replica's disk can recover from: the set is retried at once, under the
 # lock, so readers wait instead of seeing it torn.
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
@@ -89,10 +92,15 @@ class Stopping(Exception):
 class Applier:
     def __init__(self, staging: Staging, replica: str | os.PathLike[str],
                  on_applied: Callable[[int], None] = lambda _: None,
-                 invalidator: Invalidator | None = None) -> None:
+                 invalidator: Invalidator | None = None,
+                 on_progress: Callable[[int, int], None] = lambda _set, _seq: None) -> None:
+        """*on_applied*: sets through that one are applied; *on_progress*: every
+        PROGRESS_SECONDS while a set is being applied, the record reached."""
         self.staging = staging
         self.replica = replica
         self.on_applied = on_applied
+        self.on_progress = on_progress
+        self.reached = (0, 0)  # (set, seq) of the last record the apply took up
         self.invalidator = invalidator  # the standby mount's kernel caches, if it has them
         self.applied = staging.applied
         self.applying: int | None = None
@@ -165,6 +173,7 @@ class Applier:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_thread_on_cancel)
+                nursery.start_soon(self._tell_progress)
                 task_status.started()
                 await self._apply_in_order(tree)
         except* Stopping:
@@ -172,6 +181,15 @@ class Applier:
         finally:
             tree.close()
             self.lock.close()
+
+    async def _tell_progress(self) -> None:
+        """While a set is applied, say which record it reached, if that moved."""
+        told = self.reached
+        while True:
+            await trio.sleep(PROGRESS_SECONDS)  # a periodic report, not a wait for an event
+            if self.applying is not None and self.reached != told:
+                told = self.reached
+                self.on_progress(*told)
 
     async def _stop_thread_on_cancel(self) -> None:
         """A thread cannot be cancelled: tell a retrying apply to give up instead."""
@@ -277,6 +295,7 @@ class Applier:
                     if record.seq >= end:
                         break
                     self.faults.step(set_id, record.seq)
+                    self.reached = (set_id, record.seq)
                     apply(tree, record)
                     at = record.seq + 1
             except (OSError, ValueError) as exc:
@@ -442,6 +461,7 @@ class Applier:
         in_doubt, after_reset = marker is not None, continued
         for record in self.staging.records(set_id, start):
             self.faults.step(set_id, record.seq)
+            self.reached = (set_id, record.seq)
             if in_doubt:
                 redo(tree, record, intent)
                 in_doubt = False

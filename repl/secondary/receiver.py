@@ -45,6 +45,7 @@ from repl.protocol import (
     Frame,
     FrameType,
     applied,
+    applying,
     hello,
     parse_applied,
     parse_hello,
@@ -103,6 +104,7 @@ class _Stream:
     scope: trio.CancelScope
     session: str
     compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
+    progress: bool  # the primary takes APPLYING frames
     dropped: str | None = None  # why the stager cut it off
 
 
@@ -181,6 +183,16 @@ class Receiver:
                 stream.outbox.send_nowait(applied(set_id))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass  # it learns the applied set at the next handshake anyway
+
+    def report_applying(self, set_id: int, seq: int) -> None:
+        """Tell the connected primary, if it takes it, that the applier is at record
+        (*set_id*, *seq*): applying is progress, however long a set takes."""
+        for stream in self._streams[:1]:
+            if stream.progress:
+                try:
+                    stream.outbox.send_nowait(applying(set_id, seq))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # the next one says it again
 
     def _error(self, text: str) -> None:
         log.warning("%s", text)
@@ -283,7 +295,8 @@ class Receiver:
                 self._boot = boot if isinstance(boot, str) else None
         outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
-            stream = _Stream(conn, outbox, scope, session, takes_zstd(info))
+            stream = _Stream(conn, outbox, scope, session, takes_zstd(info),
+                             info.get("progress") is True)
             self._streams.append(stream)
             self.status.connected_streams = len(self._streams)
             self.status.peer_node = info.get("node")

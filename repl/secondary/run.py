@@ -244,7 +244,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         bound = (listeners or targets or fabric)[0].socket.getsockname()
         receiver: Receiver
         applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
-                          invalidator=invalidator)
+                          invalidator=invalidator,
+                          on_progress=lambda s, q: receiver.report_applying(s, q))
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
                             on_reset=applier.reset_to, on_hello=rejoining.hello)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import repl.secondary.applier as applier_module
 from repl.apply import apply
 from repl.secondary.applier import Applier
 from repl.tree import Tree
@@ -198,6 +200,33 @@ async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) ->
         assert staging.applied == 4, "held: the batch is finished, the next set waits"
         assert interrupted(staging.path) is None
     assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+async def test_applier_ok_tells_the_record_it_reached_while_a_set_takes_long(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a set is applied, the record reached is told every PROGRESS_SECONDS if it
+    moved (the primary takes that as progress, not a stall); nothing once it is
+    applied."""
+    monkeypatch.setattr(applier_module, "PROGRESS_SECONDS", 0.05)
+    replica, staging = fresh(tmp_path / "run", data_sets()[:1])
+    told: list[tuple[int, int]] = []
+    with closing(staging):
+        applier = Applier(staging, replica, on_progress=lambda s, q: told.append((s, q)))
+
+        def slow_disk(set_id: int, seq: int) -> None:
+            time.sleep(0.2)  # each step of the apply takes this long
+
+        applier.faults.step = slow_disk  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            with trio.fail_after(10):
+                await applier.wait_applied(1)
+            after = len(told)
+            await trio.sleep(0.2)  # a few looks with nothing being applied
+            nursery.cancel_scope.cancel()
+    assert len(told) >= 2 and told == sorted(set(told)), told
+    assert {set_id for set_id, _ in told} == {1}
+    assert len(told) == after, "told after the set was applied"
 
 
 def test_apply_sets_ok_readers_see_the_batch_while_it_is_synced(

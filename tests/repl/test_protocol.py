@@ -21,8 +21,10 @@ from repl.protocol import (
     FrameReader,
     FrameType,
     applied,
+    applying,
     hello,
     parse_applied,
+    parse_applying,
     parse_hello,
     parse_records,
     parse_staged,
@@ -45,6 +47,7 @@ SPECS: dict[str, Frame] = {
                     Record(Op.WRITE, 7, 2, path=b"dir/f", offset=5, data=b"hi").encode()),
     "staged": staged([(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]),
     "applied": applied((1 << 33) + 9),
+    "applying": applying((1 << 33) + 10, 0xFFFF_FFFE),
     "error": Frame(FrameType.ERROR, b"peer belongs to cluster x, this replica to y"),
     "reset-to": reset_to((1 << 35) + 3),
     # Three records zstd-compressed together, as made once by record_frames (kept as
@@ -140,6 +143,7 @@ def test_frame_parsers_ok() -> None:
     assert parse_staged(SPECS["staged"]) == [(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]
     assert parse_applied(SPECS["applied"]) == (1 << 33) + 9
     assert parse_applied(SPECS["reset-to"]) == (1 << 35) + 3
+    assert parse_applying(SPECS["applying"]) == ((1 << 33) + 10, 0xFFFF_FFFE)
 
 
 # --- the frame reader --------------------------------------------------------------
@@ -344,6 +348,12 @@ def test_parse_staged_ok_empty() -> None:
 def test_parse_staged_err_length(size: int) -> None:
     with pytest.raises(ProtocolError, match=f"STAGED payload of {size} bytes"):
         parse_staged(Frame(FrameType.STAGED, bytes(size)))
+
+
+@pytest.mark.parametrize("size", [0, 8, 11, 13])
+def test_parse_applying_err_length(size: int) -> None:
+    with pytest.raises(ProtocolError, match=f"APPLYING payload of {size} bytes"):
+        parse_applying(Frame(FrameType.APPLYING, bytes(size)))
 
 
 @pytest.mark.parametrize("kind", [FrameType.APPLIED, FrameType.RESET_TO])

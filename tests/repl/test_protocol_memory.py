@@ -446,6 +446,26 @@ async def test_stall_watchdog_ok_reported_then_cleared(
             nursery.cancel_scope.cancel()
 
 
+async def test_stall_watchdog_ok_a_long_apply_is_progress(
+        tmp_path: Path, journal: Journal, autojump_clock: trio.abc.Clock) -> None:
+    """A set staged whole and applied for longer than stall_seconds: the secondary
+    tells the primary which record its applier reached, and that is progress, not a
+    stall; once the applier stops moving, the stall is reported."""
+    write_set(journal)
+    async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
+        async with running(sender_over(Net(sec.receiver, nursery), journal,
+                                       stall_seconds=10)) as sender:
+            await until_complete(sec, 1)
+            for seq in range(6):  # one record every 4 s (virtual): 24 s in all
+                sec.receiver.report_applying(1, seq)
+                await trio.sleep(4)
+            assert sec.staging.applied == 0 and not sender.status.stalled
+            sec.receiver.report_applying(1, 5)  # the same record again: not progress
+            await trio.sleep(11)
+            assert sender.status.stalled
+            nursery.cancel_scope.cancel()
+
+
 # --- fencing ------------------------------------------------------------------------------
 
 
