@@ -64,6 +64,7 @@ class _Pending:
     scope: trio.CancelScope
     spoke: bool = False  # it sent a byte: the silent ones are pushed out first
     pushed_out: str | None = None  # why, once a newer connection took its place
+    link: trio.abc.Stream | None = None  # TLS over the stream, which then owns its socket
 
 
 class Gate:
@@ -98,11 +99,12 @@ class Gate:
             with pending.scope:
                 return await greet(await self._admit(stream, pending))
         except BaseException:  # Rejected, or the secondary is stopping
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(pending.link or stream)
             raise
         finally:
             self._pending.remove(pending)
-        await trio.aclose_forcefully(stream)  # only reached when the scope was cancelled
+        # Only reached when the scope was cancelled.
+        await trio.aclose_forcefully(pending.link or stream)
         if pending.pushed_out:
             raise Rejected("busy", f"pushed out by a newer connection: {pending.pushed_out}")
         raise Rejected("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s")
@@ -144,7 +146,7 @@ class Gate:
             await _tell(stream, "this secondary accepts TLS only: start the primary with "
                         "--tls DIR/NAME --peer NAME (see 'replfs tls --help')")
             raise Rejected("not-tls", f"plain TCP, not TLS (it sent {first!r})")
-        tls = TLSStream(stream, self._context, server_side=True)
+        tls = pending.link = TLSStream(stream, self._context, server_side=True)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as exc:

@@ -104,7 +104,7 @@ class _Stream:
     scope: trio.CancelScope
     session: str
     compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
-    progress: bool  # the primary takes APPLYING frames
+    progress: bool = False  # the primary takes APPLYING frames (offered in its HELLO)
     dropped: str | None = None  # why the stager cut it off
 
 

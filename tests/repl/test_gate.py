@@ -533,3 +533,31 @@ async def test_gate_admit_ok_silent_pushed_out_first_in_all() -> None:
     outcomes, waiting = await _flood_in_process(hosts, "127.0.3.1")
     assert waiting == MAX_HANDSHAKES
     assert outcomes == ["busy"] * 7 + ["admitted"], "the speaker was pushed out"
+
+
+async def test_gate_admit_err_refused_after_tls_closes_the_connection() -> None:
+    """A peer refused once its TLS handshake is done (here: its HELLO is refused)
+    has its connection closed at once, not when the refusal is collected: the TLS
+    layer owns the socket, and the gate closes that."""
+    gate = Gate(tls.credentials(cluster_ca() / SECONDARY, PRIMARY))
+    refusals: list[Rejected] = []  # held, as a log or a caller may hold them
+
+    async def greet(link: trio.abc.Stream) -> None:
+        raise Rejected("protocol", "no HELLO for this test")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await gate.admit(stream, "127.0.0.1", greet)
+        except Rejected as exc:
+            refusals.append(exc)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        link = await connect(listeners[0].socket.getsockname()[1], client_context())
+        with trio.fail_after(10):
+            assert await link.receive_some() == b""  # closed by the secondary
+        await trio.testing.wait_all_tasks_blocked()
+        assert [exc.reason for exc in refusals] == ["protocol"]
+        await link.aclose()
+        nursery.cancel_scope.cancel()
