@@ -30,7 +30,6 @@ T = TypeVar("T")
 
 RECORD = 16384  # the most plaintext one TLS record carries: what one SSL_read gives
 DEFAULT_RECEIVE = 1 << 16
-CLOSE_NOTIFY_SECONDS = 1.0
 
 
 class TLSStream(trio.abc.Stream):
@@ -107,15 +106,14 @@ class TLSStream(trio.abc.Stream):
             await self._wait(self._write_wait, trio.lowlevel.wait_writable)
 
     async def aclose(self) -> None:
-        """Send a close_notify, if the socket takes it within a second, and close
-        the socket, even if cancelled."""
+        """Send a close_notify (for as long as the caller lets it wait) and close the
+        socket, even if cancelled."""
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         try:
             if self._failure is None:
-                with trio.move_on_after(CLOSE_NOTIFY_SECONDS):
-                    await self._io(self._close_notify)
+                await self._io(self._close_notify)
         except trio.BrokenResourceError:
             pass  # the peer is gone: nothing to tell it
         finally:

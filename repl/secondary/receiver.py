@@ -178,21 +178,23 @@ class Receiver:
 
     def report_applied(self, set_id: int) -> None:
         """Tell the connected primary that *set_id* is applied (called by the applier)."""
-        for stream in self._streams[:1]:
-            try:
-                stream.outbox.send_nowait(applied(set_id))
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # it learns the applied set at the next handshake anyway
+        self._to_primary(applied(set_id))  # lost, it is learnt at the next handshake
 
     def report_applying(self, set_id: int, seq: int) -> None:
         """Tell the connected primary, if it takes it, that the applier is at record
         (*set_id*, *seq*): applying is progress, however long a set takes."""
+        self._to_primary(applying(set_id, seq), progress=True)  # lost, the next says it
+
+    def _to_primary(self, frame: Frame, progress: bool = False) -> None:
+        """*frame* on the primary's first stream (with *progress*, if it takes those),
+        unless its outbox is full or gone."""
         for stream in self._streams[:1]:
-            if stream.progress:
-                try:
-                    stream.outbox.send_nowait(applying(set_id, seq))
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass  # the next one says it again
+            if progress and not stream.progress:
+                return
+            try:
+                stream.outbox.send_nowait(frame)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
 
     def _error(self, text: str) -> None:
         log.warning("%s", text)
