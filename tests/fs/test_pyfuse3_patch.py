@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ import trio
 from tests.support import ROOT, unmount
 
 HELLO = b"hello from a worker thread\n" * 200
-HELLO_INO, PAIR_INO = pyfuse3.ROOT_INODE + 1, pyfuse3.ROOT_INODE + 2
+HELLO_INO, PAIR_INO, TID_INO = (pyfuse3.ROOT_INODE + i for i in (1, 2, 3))
 NAMES = {b"hello": HELLO_INO, b"pair": PAIR_INO}
 WAIT = 30.0  # seconds; only ever reached when something is broken
 
@@ -37,7 +39,9 @@ class TinyFS(pyfuse3.Operations):
     ``hello`` holds HELLO. A read of ``pair`` answers only once two reads of it
     are in the daemon at the same time, with the name of the thread that
     served it. Looking up ``stop`` calls pyfuse3.terminate(); looking up
-    ``suspend`` awaits trio, which main_threads() cannot serve.
+    ``suspend`` awaits trio, which main_threads() cannot serve. The size of
+    ``tid``, never cached, is the native id of the thread that looked it up
+    (the high 32 bits) and how many times that thread had slept (the low ones).
     """
 
     def __init__(self) -> None:
@@ -53,6 +57,10 @@ class TinyFS(pyfuse3.Operations):
         elif inode in (HELLO_INO, PAIR_INO):
             attr.st_mode = stat.S_IFREG | 0o644
             attr.st_size = len(HELLO) if inode == HELLO_INO else 0
+        elif inode == TID_INO:
+            attr.st_mode = stat.S_IFREG | 0o644
+            attr.st_size = threading.get_native_id() << 32 | sleeps("thread-self")
+            attr.entry_timeout = attr.attr_timeout = 0
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
@@ -61,6 +69,8 @@ class TinyFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name in NAMES:
             return await self.getattr(NAMES[name])
+        if name == b"tid":
+            return await self.getattr(TID_INO)
         if name == b"stop":
             pyfuse3.terminate()
         elif name == b"suspend":
@@ -115,21 +125,21 @@ class TinyFS(pyfuse3.Operations):
         return off_in + off_out
 
 
-def serve(mountpoint: str) -> None:
+def serve(mountpoint: str, spin: float) -> None:
     pyfuse3.init(TinyFS(), mountpoint, set(pyfuse3.default_options))
     print("mounted", flush=True)
     try:
-        pyfuse3.main_threads(2)
+        pyfuse3.main_threads(2, spin)
         print("main_threads returned", flush=True)
     finally:
         pyfuse3.close(unmount=True)
 
 
 @contextmanager
-def served(mount: Path) -> Iterator[subprocess.Popen[str]]:
-    """TinyFS mounted at *mount* by ``main_threads(2)`` in a child process."""
+def served(mount: Path, spin: float = 0.0) -> Iterator[subprocess.Popen[str]]:
+    """TinyFS mounted at *mount* by ``main_threads(2, spin)`` in a child process."""
     mount.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", __name__, str(mount)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", __name__, str(mount), str(spin)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     try:
@@ -240,5 +250,41 @@ def test_a_handler_that_suspends_fails_with_eio_and_stops_the_loop(tmp_path: Pat
     assert "RuntimeError: fuse_lookup_async suspended" in out
 
 
+def sleeps(task: str) -> int:
+    """How many times *task* (a path under /proc) went to sleep so far."""
+    with open(f"/proc/{task}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+def work(seconds: float) -> None:
+    """Keep this thread busy for *seconds* (a CPU that idles would sleep)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.9])
+def test_main_threads_spin_takes_the_next_request_without_sleeping(
+        tmp_path: Path, spin: float) -> None:
+    """With *spin*, the worker that served a request takes the next one, which
+    the application sends as soon as it has the answer, without sleeping in
+    between; without, it sleeps before each one."""
+    mount = tmp_path / "m"
+    served_by: list[tuple[int, int]] = []
+    with served(mount, spin):
+        for _ in range(300):
+            served_by.append(divmod(os.stat(mount / "tid").st_size, 1 << 32))
+            work(0.0005)  # what an application does between two calls
+    # a request served by the thread that served the one before, which never slept since
+    awake = sum(1 for before, after in itertools.pairwise(served_by) if before == after)
+    if spin:
+        assert awake >= 250, served_by
+    else:
+        assert awake <= 30, served_by
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], float(sys.argv[2]))
