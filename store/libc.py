@@ -34,6 +34,20 @@ def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd))
 
 
+FUSE_SUPER_MAGIC = 0x65735546
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def fs_magic(fd: int) -> int:
+    """The magic number of the filesystem *fd* is on (fstatfs(2)'s f_type)."""
+    buf = _Statfs()
+    _check(_libc.fstatfs(fd, ctypes.byref(buf)))
+    return int(buf.f_type)
+
+
 def madvise(address: int, length: int, advice: int) -> None:
     """Advice only: a mapping that went away meanwhile is no error."""
     _libc.madvise(address, length, advice)

@@ -443,7 +443,7 @@ class Capture:
                 changed, token = self.unsynced.take()
                 self._fsyncs_done.clear()
             try:
-                fsync_all(changed)
+                fsync_all(changed, self.unsynced.whole)
             finally:
                 self._fsyncs_done.set()
             with self.lock:
@@ -466,7 +466,7 @@ class Capture:
         finish its fsyncs first (they need no lock)."""
         self._fsyncs_done.wait()
         changed, token = self.unsynced.take()
-        fsync_all(changed)
+        fsync_all(changed, self.unsynced.whole)
         self.unsynced.synced(token)
         if self.journal.end > self.backing_at:
             self.backing_at = self.journal.end

@@ -20,9 +20,11 @@ import trio
 
 from repl.activity import EXTENT
 from repl.faults import ENV_BOOT_ID
-from repl.primary import recovery
+from repl.primary import recovery, unsynced
 from repl.primary.capture import Capture
+from repl.primary.unsynced import SYNCFS_FROM
 from repl.tree import Tree
+from store import libc
 from store.journal import Journal
 from store.notes import Note, NoteKind
 from store.records import Op, Record
@@ -260,6 +262,52 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
     reboot(boot)
     with capturing(backing, journal) as capture:
         assert not capture.overflow, "a clean stop: nothing to resend"
+
+
+def write_files(capture: Capture, backing: Path, count: int) -> None:
+    """*count* new files written as a write handler does: journaled, then tracked."""
+    for i in range(count):
+        capture.write(b"f%d" % i, 0, b"data")
+        fd = os.open(backing / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"data")
+            capture.track(fd)
+        finally:
+            os.close(fd)
+
+
+def test_capture_sync_backing_ok_many_files_one_syncfs(tmp_path: Path, boot: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SYNCFS_FROM changed files, a BACKING sync is one syncfs, not an fsync a
+    file (each fsync flushes the disk's cache)."""
+    calls: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(unsynced, "syncfs",
+                        lambda fd: (calls.append("syncfs"), libc.syncfs(fd))[1])
+    backing = tmp_path / "b"
+    backing.mkdir()
+    with capturing(backing, tmp_path / "j") as capture:
+        for count, expected in ((SYNCFS_FROM - 1, ["fsync"] * (SYNCFS_FROM - 1)),
+                                (SYNCFS_FROM, ["syncfs"])):
+            write_files(capture, backing, count)
+            calls.clear()
+            capture.sync_backing()
+            assert calls == expected
+
+
+def test_capture_sync_backing_ok_fuse_backing_fsyncs_each_file(tmp_path: Path,
+                                                                boot: Path) -> None:
+    """A FUSE filesystem's daemon is never told of a syncfs: BACKING there is synced
+    one fsync a file, however many changed."""
+    with simulator(tmp_path / "lower", tmp_path / "disk") as sim:
+        backing = sim.mountpoint / "b"
+        backing.mkdir()
+        with capturing(backing, tmp_path / "j") as capture:
+            write_files(capture, backing, SYNCFS_FROM * 2)
+            assert sim.pending()["files"] == SYNCFS_FROM * 2
+            capture.sync_backing()
+            assert sim.pending()["files"] == 0
 
 
 def test_capture_recover_ok_power_cut_sends_no_user_xattr_op_for_a_symlink(
