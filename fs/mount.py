@@ -21,8 +21,8 @@ log = logging.getLogger("replfs.primary")  # the name its lines have always carr
 
 # Threads serving FUSE requests. An fsync waits for the disk in its thread,
 # and a change waits in its thread while the mount is frozen (verify): with
-# two, the other goes on meanwhile. Idle ones wait in the kernel, without the GIL
-# (all of them wake for each request, so more cost more).
+# two, the other goes on meanwhile. One at a time waits for requests, without
+# the GIL; another wakes only once it has spent 1 ms on one (pyfuse3's handoff).
 WORKERS = int(os.environ.get("RP_WORKERS", "2"))
 # How long a thread that served a request looks for the next one before it sleeps.
 # On a virtual machine waking a thread on an idle CPU is slow: an application's

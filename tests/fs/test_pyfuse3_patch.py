@@ -28,7 +28,7 @@ import trio
 from tests.support import ROOT, unmount
 
 HELLO = b"hello from a worker thread\n" * 200
-HELLO_INO, PAIR_INO, TID_INO = (pyfuse3.ROOT_INODE + i for i in (1, 2, 3))
+HELLO_INO, PAIR_INO, TID_INO, WORKERS_INO = (pyfuse3.ROOT_INODE + i for i in (1, 2, 3, 4))
 NAMES = {b"hello": HELLO_INO, b"pair": PAIR_INO}
 WAIT = 30.0  # seconds; only ever reached when something is broken
 
@@ -41,7 +41,8 @@ class TinyFS(pyfuse3.Operations):
     served it. Looking up ``stop`` calls pyfuse3.terminate(); looking up
     ``suspend`` awaits trio, which main_threads() cannot serve. The size of
     ``tid``, never cached, is the native id of the thread that looked it up
-    (the high 32 bits) and how many times that thread had slept (the low ones).
+    (the high 32 bits) and how many times that thread had slept (the low ones);
+    the size of ``workers``, how many times the workers slept in all.
     """
 
     def __init__(self) -> None:
@@ -61,6 +62,12 @@ class TinyFS(pyfuse3.Operations):
             attr.st_mode = stat.S_IFREG | 0o644
             attr.st_size = threading.get_native_id() << 32 | sleeps("thread-self")
             attr.entry_timeout = attr.attr_timeout = 0
+        elif inode == WORKERS_INO:
+            attr.st_mode = stat.S_IFREG | 0o644
+            attr.st_size = sum(sleeps(f"self/task/{t.native_id}") for t in threading.enumerate()
+                               if t.name.startswith("pyfuse3-worker-")
+                               and t.native_id is not None)  # (one still starting)
+            attr.entry_timeout = attr.attr_timeout = 0
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
@@ -71,6 +78,8 @@ class TinyFS(pyfuse3.Operations):
             return await self.getattr(NAMES[name])
         if name == b"tid":
             return await self.getattr(TID_INO)
+        if name == b"workers":
+            return await self.getattr(WORKERS_INO)
         if name == b"stop":
             pyfuse3.terminate()
         elif name == b"suspend":
@@ -178,6 +187,8 @@ def test_pyfuse3_is_the_patched_build() -> None:
 
 
 def test_main_threads_serves_reads_from_two_threads_until_unmounted(tmp_path: Path) -> None:
+    """Two reads at once, each waiting for the other, are both served: the
+    sleeping worker takes over once the first has run the handoff time."""
     mount = tmp_path / "m"
     with ThreadPoolExecutor(2) as pool, served(mount) as proc:
         assert sorted(os.listdir(mount)) == ["hello", "pair"]
@@ -271,17 +282,22 @@ def test_main_threads_spin_takes_the_next_request_without_sleeping(
         tmp_path: Path, spin: float) -> None:
     """With *spin*, the worker that served a request takes the next one, which
     the application sends as soon as it has the answer, without sleeping in
-    between; without, it sleeps before each one."""
+    between; without, it sleeps before each one. With *spin*, the other worker
+    sleeps on too: a quick request wakes no worker that does not take it."""
     mount = tmp_path / "m"
     served_by: list[tuple[int, int]] = []
     with served(mount, spin):
+        before = os.stat(mount / "workers").st_size
         for _ in range(300):
             served_by.append(divmod(os.stat(mount / "tid").st_size, 1 << 32))
             work(0.0005)  # what an application does between two calls
+        slept = os.stat(mount / "workers").st_size - before
     # a request served by the thread that served the one before, which never slept since
     awake = sum(1 for before, after in itertools.pairwise(served_by) if before == after)
     if spin:
         assert awake >= 250, served_by
+        # (a worker held up past the handoff time, preempted, wakes the other: twice)
+        assert slept <= 100, (slept, served_by)
     else:
         assert awake <= 30, served_by
 
