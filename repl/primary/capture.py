@@ -518,11 +518,12 @@ class Capture:
                 await self._close_wanted.wait()
             self._close_wanted = trio.Event()
             with self.lock:
-                if self.journal.set_is_empty:
-                    self.closed_at = time.monotonic()
-                else:
+                if not self.journal.set_is_empty:
                     self.close_set()
                     self._flush_wanted.set()  # for the sender, at once
+                # Also when the set stayed open (over budget): the next try is a
+                # whole interval away, not at once.
+                self.closed_at = time.monotonic()
 
     async def _flusher(self) -> None:
         """Flush what was journaled, for the sender: at once when asked (a set closed

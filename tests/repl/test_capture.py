@@ -264,6 +264,31 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
         assert not capture.overflow, "a clean stop: nothing to resend"
 
 
+def test_capture_closer_ok_waits_an_interval_while_the_set_stays_open(
+        tmp_path: Path, boot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over budget the open set stays open; the closer tries again an interval
+    later, not at once (it spun, taking the lock, for as long as that lasted)."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"")
+    with capturing(backing, tmp_path / "j") as capture:
+        capture.set_interval = 0.05
+        capture.resync.begin_overflow()
+        capture.record(Op.UTIMES, path=b"f", atime_ns=1, mtime_ns=1)
+        tries: list[int] = []
+        close_set = capture.close_set
+        monkeypatch.setattr(capture, "close_set",
+                            lambda: (tries.append(close_set()), tries[-1])[1])
+
+        async def closing() -> None:
+            with trio.move_on_after(0.5):
+                await capture._closer()
+
+        trio.run(closing)
+        assert not capture.journal.set_is_empty, "the set stayed open"
+        assert 1 <= len(tries) <= 20
+
+
 def write_files(capture: Capture, backing: Path, count: int) -> None:
     """*count* new files written as a write handler does: journaled, then tracked."""
     for i in range(count):
