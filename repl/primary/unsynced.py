@@ -21,7 +21,7 @@ from store.libc import FUSE_SUPER_MAGIC, fd_path, fs_magic, syncfs
 from store.records import is_under
 
 BACKING_SYNC_FILES = 1024  # BACKING is synced as soon as this many files and dirs changed
-SYNCFS_FROM = 16  # from this many changed files and dirs, one syncfs(2) instead of an fsync each
+SYNCFS_FROM = 64  # from this many changed files and dirs, one syncfs(2) instead of an fsync each
 
 
 class Unsynced:
