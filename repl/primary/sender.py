@@ -61,9 +61,11 @@ _LINK_ERRORS = (OSError, trio.BrokenResourceError, trio.EndOfChannel, trio.TooSl
 
 BATCH_BYTES = 1 << 20
 # Records journaled one by one (small writes, one set per fsync) would each cost a
-# send, an ack and a staging commit on their own; waiting this long after the first
-# one (after an idle spell), or after the last send (under a steady stream of small
-# sets), lets those that follow within it share all three. Lag grows by as much at most.
+# send, an ack and a staging commit on their own: under a steady stream of small sets,
+# a batch smaller than BATCH_BYTES waits until this long after the last send, and
+# those that follow within it share all three. After an idle spell a batch goes at
+# once: waiting then would add this much to every lone set's lag and share nothing
+# with the sets of a steady stream, which the next batch's wait gathers.
 COALESCE_SECONDS = 0.005
 STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in turn
 WINDOW_BYTES = 32 << 20  # the secondary holds what is in flight in memory
@@ -317,7 +319,6 @@ class Sender:
                 batch = self.journal.read_raw(pos[0], pos[1], most)
             if not batch:
                 await self._wakeup.wait()
-                await self._gather(trio.current_time() + COALESCE_SECONDS)
                 continue
             self._waiting = False
             if (sum(len(raw) for _, _, raw in batch) < most

@@ -36,7 +36,7 @@ from trio.testing import wait_all_tasks_blocked
 import store.records as records_module
 from repl.diverge import Divergence
 from repl.link import FrameDialer
-from repl.primary.sender import Sender
+from repl.primary.sender import COALESCE_SECONDS, Sender
 from repl.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -351,6 +351,32 @@ async def test_out_of_order_ok_sets_over_streams_staged_whole(
             assert sender.status.staged == sum(map(len, sets))
             assert sender.status.inflight_bytes == 0
             assert sec.receiver.status.duplicates == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_coalesce_ok_lone_set_at_once_a_steady_stream_shares_a_send(
+        tmp_path: Path, journal: Journal, autojump_clock: trio.abc.Clock) -> None:
+    """A set journaled after an idle spell is staged with no time gone by. The next
+    two, journaled within COALESCE_SECONDS of that send, wait until then and go
+    together: staged whole at the same instant."""
+    async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
+        net = Net(sec.receiver, nursery)
+        async with running(sender_over(net, journal, streams=1)) as sender:
+            await trio.sleep(1)  # connected, and idle since
+            sent = trio.current_time()
+            write_set(journal)
+            sender.notify()
+            await until_complete(sec, 1)
+            assert trio.current_time() == sent, "a lone set waits for nothing"
+
+            for _ in range(2):
+                await trio.sleep(COALESCE_SECONDS / 4)
+                write_set(journal)
+                sender.notify()
+            await until_complete(sec, 2)
+            assert trio.current_time() == pytest.approx(sent + COALESCE_SECONDS)
+            state = sec.staging.state(3)
+            assert state is not None and state.complete, "set 3 went with set 2"
             nursery.cancel_scope.cancel()
 
 
