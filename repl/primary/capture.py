@@ -387,7 +387,7 @@ class Capture:
         self._settle()
         if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
-        touched = (every_entry(self.backing) if self.touched.everything else
+        touched = (every_entry(self.backing, self.touched.paths) if self.touched.everything else
                    ((path, self.backing.lstat(path)) for path in sorted(self.touched.paths)))
         for path, st in touched:
             if st is not None:

@@ -178,7 +178,8 @@ class Snapshot:
         st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
         self.entries += 1
         mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
-        self.touched.note(path)
+        if not self.touched.everything:  # a whole tree's close walks all but the files
+            self.touched.note(path)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
             # A file, a symlink or a node with several names: one inode on the replica too.
             if st.st_ino in self._first_name:
@@ -189,11 +190,12 @@ class Snapshot:
             journal.append(Op.MKDIR, path=path, mode=mode, uid=uid, gid=gid)
         elif stat.S_ISREG(mode):
             if self._whole(fd, raw, path):
-                # Its times came with it; the set's close restates them all the same: a
-                # later record of the set (a resend's, a step's) may change them again.
+                # Its times came with it. A later record of the set (a step's, the
+                # application's) that changes them notes the path: the close restates it.
                 return False  # and its xattrs came with it
             else:
                 journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
+                self.touched.note(path)  # its data comes later, in the steps' records
                 if st.st_size:
                     self.dirty.add(path, 0, st.st_size)
                     self.data += st.st_size

@@ -7,10 +7,12 @@ set changed, carrying the times the backing directory shows at the close.
 This module tracks those paths as records go by, moving them along with
 renames so they name the files as they are at the close.
 
-A set that sends the whole tree (an initial sync) touches every path: it
-tracks none, and its close restates the times of every entry, walked then
-(``every_entry``). Its memory does not grow with the tree, and a rename in
-it moves nothing.
+A set that sends the whole tree (an initial sync) sends each small file
+whole, times included (a FILE record), and makes every directory, symlink
+and node anew. Its close restates the times of every entry that is not a
+regular file, walked then (``every_entry``), and of the regular files the
+set touched past their entry: a large file's data, an op of the
+application's. Its memory does not grow with the tree.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ _DATA_OPS = frozenset(
     {Op.WRITE, Op.TRUNCATE, Op.FALLOCATE, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR}
 )
 _NEW_NAME_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
+# In a set that sends the whole tree: entries the close restates anyway (all but
+# regular files, their directories among them), or sent with their times (FILE).
+_WALKED_OPS = frozenset({Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
 
 
 def parent_of(path: bytes) -> bytes:
@@ -45,31 +50,34 @@ def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
 
 
 class Touched:
-    """The set of paths whose times the records seen so far changed, or every path
-    (``everything``)."""
+    """The set of paths whose times the records seen so far changed; with
+    ``everything``, also every entry that is not a regular file."""
 
     def __init__(self) -> None:
         self.paths: set[bytes] = set()
         self.everything = False
 
     def all(self) -> None:
-        """Every path, from now until the set's close: it sends the whole tree."""
+        """The set sends the whole tree, from now on: its close restates the times of
+        every entry but the regular files not noted since."""
         self.everything = True
         self.paths = set()
 
     def covers(self, path: bytes) -> bool:
-        return self.everything or path in self.paths
+        """Whether the close restates *path*'s times (False for an entry that is not a
+        regular file in a set that sends the whole tree, though it does: a UTIMES of its
+        own costs a record, not a wrong time)."""
+        return path in self.paths
 
     def note(self, *paths: bytes) -> None:
         """*paths* were touched."""
-        if not self.everything:
-            self.paths.update(paths)
+        self.paths.update(paths)
 
     def add(self, record: Record) -> None:
         """*record* was journaled: note the paths it touched, following renames."""
-        if self.everything:
-            return
         op, path, path2 = record.op, record.path, record.path2
+        if self.everything and op in _WALKED_OPS:
+            return
         if op in _DATA_OPS:
             self.paths.add(path)
         elif op in _NEW_NAME_OPS:
@@ -106,23 +114,28 @@ class Touched:
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def every_entry(backing: Tree) -> Iterator[tuple[bytes, os.stat_result]]:
-    """(path, lstat) of the root and of every entry under it, a directory at a time,
-    names in sorted order; a symlink is never followed. The tree must not change
-    meanwhile (the capture's lock is held)."""
+def every_entry(backing: Tree, files: set[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of the root and of every entry under it that is not a regular
+    file, and of the regular files among *files*; a directory at a time, names in
+    sorted order, a symlink never followed. The other files are not stat'ed: the
+    directory's entry types tell them apart. The tree must not change meanwhile (the
+    capture's lock is held)."""
     yield b"", os.stat(backing.root_fd)
     pending = [b""]
     while pending:
         top = pending.pop()
+        found = []
         fd = os.open(".", _DIR_READ, dir_fd=backing.dir_fd(top))
         try:
-            names = sorted(os.fsencode(name) for name in os.listdir(fd))
-            found = [(name, os.stat(name, dir_fd=fd, follow_symlinks=False))
-                     for name in names]
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    path = top + b"/" + name if top else name
+                    if not entry.is_file(follow_symlinks=False) or path in files:
+                        found.append((name, path, entry.stat(follow_symlinks=False)))
         finally:
             os.close(fd)
-        for name, st in found:
-            path = top + b"/" + name if top else name
+        for _, path, st in sorted(found):
             yield path, st
             if stat.S_ISDIR(st.st_mode):
                 pending.append(path)
