@@ -74,8 +74,9 @@ def replfs_sync(tmp: Path, tree: Path, name: str) -> tuple[float, float, float, 
                                          f"127.0.0.1:{port}", *primary_tls],
                      tmp / f"{name}-primary.log", "serving")
         pri.start()
-        applied = checkpoint(mount, 3600)
+        checkpoint(mount, 3600)  # waits for the sync set, which begins once the secondary is in
         took = time.monotonic() - began
+        applied = int(ask(replica, "status")["last_applied"])
         status = ask(mount, "status")
         if status.get("mode") != "streaming":
             raise RuntimeError(f"the primary is still in mode {status.get('mode')} after the "
