@@ -52,7 +52,7 @@ def test_activity_need_ok_old_directory_covers_nothing_under_it(
     log = ActivityLog()
     noted(log, Op.MKDIR, 1, path=b"d")
     monkeypatch.setattr(activity.time, "monotonic",
-                        lambda: log.names[b"d"].made + activity.NAME_COVER_SECONDS)
+                        lambda: log.names[b"d"].made + activity.NAME_COVER_SECONDS + 1)
     assert log.need(Op.CREATE, {"path": b"d/f"}, 2) == [Note(NAME, b"d/f")]
     assert log.need(Op.RMDIR, {"path": b"d"}, 3) == [], "its own name, whatever its age"
 
@@ -171,7 +171,7 @@ def test_activity_reset_ok_young_directory_noted_again_once_a_sync(
     assert noted(log, Op.WRITE, 21, path=b"d/h", offset=0, data=b"x") == [
         Note(DATA, b"d/h", 0, EXTENT)], "a write covers nothing made: it gets its own note"
     monkeypatch.setattr(activity.time, "monotonic",
-                        lambda: made + activity.NAME_COVER_SECONDS)
+                        lambda: made + activity.NAME_COVER_SECONDS + 1)
     log.reset(30)
     assert log.need(Op.CREATE, {"path": b"d/i"}, 31) == [Note(NAME, b"d/i")]
 
