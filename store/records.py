@@ -38,7 +38,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -148,10 +148,6 @@ NAMESPACE_OPS = frozenset(
 # Ops whose target may be the root itself (path "").
 ROOT_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
-# Ops with rules of their own in validate() (a name, flags, a mode, a count).
-_OWN_RULES = frozenset({Op.RENAME, Op.MKNOD, Op.SETXATTR, Op.REMOVEXATTR, Op.SYMLINK,
-                        Op.FALLOCATE, Op.SYNC, Op.FILE})
-
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -188,12 +184,13 @@ class Record:
     def encode(self) -> bytes:
         self.validate()
         parts = [_HEADER.pack(FORMAT_VERSION, self.op, self.set, self.seq)]
-        for name, fmt, sized in _LAYOUT[self.op]:
-            value = getattr(self, name)
+        for names, fmt, sized, get in _PLAN[self.op]:
             if sized:  # a length, then the bytes
+                value = get(self)
                 parts += (fmt.pack(len(value)), value)
             else:
-                parts.append(fmt.pack(value))
+                value = get(self)  # a tuple if the run has several
+                parts.append(fmt.pack(*value) if len(names) > 1 else fmt.pack(value))
         checksum = xxhash.xxh3_64()
         for part in parts:
             checksum.update(part)
@@ -201,8 +198,11 @@ class Record:
         return b"".join(parts)  # the one copy of a write's data
 
     @classmethod
-    def decode(cls, buf: bytes | memoryview) -> Record:
+    def decode(cls, buf: bytes | memoryview, *, data: bool = True) -> Record:
         """Decode one record that fills *buf* exactly.
+
+        With *data* False the record comes without its data (b""): its bytes were
+        checked where they lie in *buf*, for a caller that keeps *buf* anyway.
 
         Raises:
             RecordError: truncated input, trailing bytes, an unknown version or
@@ -217,85 +217,67 @@ class Record:
         version, op_value, set_id, seq = _HEADER.unpack_from(body)
         if version != FORMAT_VERSION:
             raise RecordError(f"unknown record version {version}")
-        try:
-            op = Op(op_value)
-        except ValueError:
-            raise RecordError(f"unknown op {op_value}") from None
+        op = _OPS.get(op_value)
+        if op is None:
+            raise RecordError(f"unknown op {op_value}")
         values: dict[str, Any] = {}
-        pos = _HEADER.size
+        pos, end = _HEADER.size, len(body)
         try:
-            for name, fmt, sized in _LAYOUT[op]:
-                (value,) = fmt.unpack_from(body, pos)
-                pos += fmt.size
-                if sized:  # the value was the length of the bytes that follow
-                    if pos + value > len(body):
-                        raise RecordError(f"truncated {name} in {op.name} record")
-                    values[name] = bytes(body[pos : pos + value])
-                    pos += value
+            for names, fmt, sized, _ in _PLAN[op]:
+                if sized:  # a length, then that many bytes
+                    (size,) = fmt.unpack_from(body, pos)
+                    pos += fmt.size
+                    if pos + size > end:
+                        raise RecordError(f"truncated {names[0]} in {op.name} record")
+                    piece = body[pos : pos + size]
+                    # Without *data*, the data is checked as a view, never copied.
+                    values[names[0]] = (piece if names[0] == "data" and not data
+                                        and op in _VIEWED else bytes(piece))
+                    pos += size
                 else:
-                    values[name] = value
+                    values.update(zip(names, fmt.unpack_from(body, pos), strict=True))
+                    pos += fmt.size
         except struct.error:
             raise RecordError(f"truncated {op.name} record") from None
-        if pos != len(body):
-            raise RecordError(f"{len(body) - pos} trailing bytes in {op.name} record")
+        if pos != end:
+            raise RecordError(f"{end - pos} trailing bytes in {op.name} record")
         record = cls(op, set_id, seq, **values)
-        record.validate()
+        record._check()  # the fields' widths keep the integers in range, the rest at defaults
+        if not data:
+            object.__setattr__(record, "data", b"")  # still ours alone: made just above
         return record
 
     def validate(self) -> None:
         """Check the rules a record must keep; raise RecordError on the first broken."""
         if not 0 <= self.set < 1 << 64:
             raise RecordError(f"set {self.set} out of range")
-        if not 0 <= self.seq < MAX_SEQ:
-            raise RecordError(f"seq {self.seq} out of range")
-        wanted = FIELDS[self.op]
         get_strays, defaults = _STRAY_VALUES[self.op]
         if get_strays(self) != defaults:  # one C call in the common case; then which
             for name, default in _STRAYS[self.op]:
                 if getattr(self, name) != default:
                     raise RecordError(f"{self.op.name} record has a stray {name}")
-        if "path" in wanted:
-            check_path(self.path, root_ok=self.op in ROOT_OPS)
-        if "path2" in wanted:
-            check_path(self.path2, root_ok=False)
-        if len(self.data) > MAX_BLOB or len(self.name) > MAX_BLOB:
-            raise RecordError(f"{self.op.name} record blob too large")
         for name, low, high in _RANGES[self.op]:
             value = getattr(self, name)
             if not low <= value < high:
                 raise RecordError(f"{name} {value} out of range")
+        self._check()
+
+    def _check(self) -> None:
+        """The rules that a decoded record's field widths do not already keep."""
+        if not 0 <= self.seq < MAX_SEQ:
+            raise RecordError(f"seq {self.seq} out of range")
+        if self.op in _PATH_OPS:
+            check_path(self.path, root_ok=self.op in ROOT_OPS)
+        if self.op in _PATH2_OPS:
+            check_path(self.path2, root_ok=False)
+        if len(self.data) > MAX_BLOB or len(self.name) > MAX_BLOB:
+            raise RecordError(f"{self.op.name} record blob too large")
         if (self.offset + len(self.data) + self.length > MAX_OFFSET
                 or self.size > MAX_OFFSET):
             raise RecordError(f"{self.op.name} record reaches past the largest file offset")
-        if self.op in _OWN_RULES:
-            self._validate_op()
-
-    def _validate_op(self) -> None:
-        """The rules of the ops in _OWN_RULES (the others' fields were checked by now)."""
-        if self.op == Op.RENAME and self.flags & ~RENAME_FLAGS:
-            raise RecordError(f"unknown rename flags {self.flags:#x}")
-        if self.op == Op.RENAME and self.flags == RENAME_FLAGS:
-            raise RecordError("rename cannot both exchange and not replace")
-        if self.op == Op.MKNOD and stat.S_IFMT(self.mode) not in _NODE_TYPES:
-            raise RecordError(f"mknod of unsupported file type {self.mode:#o}")
-        if self.op in (Op.SETXATTR, Op.REMOVEXATTR) and not self.name:
-            raise RecordError("xattr record without a name")
-        if b"\0" in self.name:
-            raise RecordError(f"xattr name {self.name!r} contains NUL")
-        if self.op == Op.SYMLINK and b"\0" in self.data:
-            raise RecordError(f"symlink target {self.data!r} contains NUL")
-        if self.op == Op.FALLOCATE and self.flags & ~FALLOC_FLAGS:
-            raise RecordError(f"unknown fallocate mode {self.flags:#x}")
-        if self.op == Op.FALLOCATE and self.flags & FALLOC_FL_PUNCH_HOLE and (
-                self.flags & FALLOC_FL_ZERO_RANGE or not self.flags & FALLOC_FL_KEEP_SIZE):
-            raise RecordError(f"fallocate mode {self.flags:#x} punches a hole but not "
-                              "alone with KEEP_SIZE")
-        if self.op == Op.FALLOCATE and not self.length:
-            raise RecordError("fallocate of no bytes")
-        if self.op == Op.FILE and stat.S_IFMT(self.mode) != stat.S_IFREG:
-            raise RecordError(f"file record of another file type {self.mode:#o}")
-        if self.op == Op.SYNC and self.count != self.seq:
-            raise RecordError(f"sync at seq {self.seq} carries op count {self.count}")
+        rule = _RULES.get(self.op)
+        if rule is not None:
+            rule(self)
 
     def voided(self) -> Record:
         """The VOID record that takes this record's place when its op failed."""
@@ -316,11 +298,95 @@ _STRAY_VALUES: dict[Op, tuple[Callable[[Record], tuple[object, ...]], tuple[obje
     op: (attrgetter(*(name for name, _ in strays)), tuple(default for _, default in strays))
     for op, strays in _STRAYS.items()
 }
-# Per op, for encode() and decode(): each field's struct, and whether it is a length prefix.
-_STRUCTS = {"path": _U16, "blob": _U32, "u32": _U32, "u64": _U64, "i64": _I64}
-_LAYOUT: dict[Op, tuple[tuple[str, struct.Struct, bool], ...]] = {
-    op: tuple((name, _STRUCTS[KINDS[name]], KINDS[name] in ("path", "blob")) for name in wanted)
-    for op, wanted in FIELDS.items()
+# Per op, for encode() and decode(): its fields as steps, each one path or blob (its
+# length's struct, then the bytes) or a run of integers packed as one struct.
+_STRUCTS = {"path": _U16, "blob": _U32}
+_INTS = {"u32": "I", "u64": "Q", "i64": "q"}
+
+
+class _Step(NamedTuple):
+    names: tuple[str, ...]  # the path or blob, or the run of integers
+    fmt: struct.Struct  # the length's, or the run's
+    sized: bool  # a path or blob
+    get: Callable[[Record], Any]  # the field's value, or the run's, for encode()
+
+
+def _plan(wanted: tuple[str, ...]) -> tuple[_Step, ...]:
+    steps: list[_Step] = []
+    run: list[str] = []
+    for name in (*wanted, None):
+        if name is not None and KINDS[name] in _INTS:
+            run.append(name)
+            continue
+        if run:
+            fmt = struct.Struct(">" + "".join(_INTS[KINDS[n]] for n in run))
+            get = attrgetter(*run)
+            steps.append(_Step(tuple(run), fmt, False, get))
+            run = []
+        if name is not None:
+            steps.append(_Step((name,), _STRUCTS[KINDS[name]], True, attrgetter(name)))
+    return tuple(steps)
+
+
+_PLAN = {op: _plan(wanted) for op, wanted in FIELDS.items()}
+_OPS = {int(op): op for op in Op}
+_PATH_OPS = frozenset(op for op, wanted in FIELDS.items() if "path" in wanted)
+_PATH2_OPS = frozenset(op for op, wanted in FIELDS.items() if "path2" in wanted)
+# Ops whose data has no rule but its length: decode(data=False) checks it as a view.
+_VIEWED = frozenset({Op.WRITE, Op.SETXATTR, Op.FILE})
+
+
+# --- the rules of ops with rules of their own (a name, flags, a mode, a count) ---------
+
+def _rename(record: Record) -> None:
+    if record.flags & ~RENAME_FLAGS:
+        raise RecordError(f"unknown rename flags {record.flags:#x}")
+    if record.flags == RENAME_FLAGS:
+        raise RecordError("rename cannot both exchange and not replace")
+
+
+def _mknod(record: Record) -> None:
+    if stat.S_IFMT(record.mode) not in _NODE_TYPES:
+        raise RecordError(f"mknod of unsupported file type {record.mode:#o}")
+
+
+def _xattr(record: Record) -> None:
+    if not record.name:
+        raise RecordError("xattr record without a name")
+    if b"\0" in record.name:
+        raise RecordError(f"xattr name {record.name!r} contains NUL")
+
+
+def _symlink(record: Record) -> None:
+    if b"\0" in record.data:
+        raise RecordError(f"symlink target {record.data!r} contains NUL")
+
+
+def _fallocate(record: Record) -> None:
+    flags = record.flags
+    if flags & ~FALLOC_FLAGS:
+        raise RecordError(f"unknown fallocate mode {flags:#x}")
+    if flags & FALLOC_FL_PUNCH_HOLE and (flags & FALLOC_FL_ZERO_RANGE
+                                         or not flags & FALLOC_FL_KEEP_SIZE):
+        raise RecordError(f"fallocate mode {flags:#x} punches a hole but not alone with "
+                          "KEEP_SIZE")
+    if not record.length:
+        raise RecordError("fallocate of no bytes")
+
+
+def _file(record: Record) -> None:
+    if stat.S_IFMT(record.mode) != stat.S_IFREG:
+        raise RecordError(f"file record of another file type {record.mode:#o}")
+
+
+def _sync(record: Record) -> None:
+    if record.count != record.seq:
+        raise RecordError(f"sync at seq {record.seq} carries op count {record.count}")
+
+
+_RULES: dict[Op, Callable[[Record], None]] = {
+    Op.RENAME: _rename, Op.MKNOD: _mknod, Op.SETXATTR: _xattr, Op.REMOVEXATTR: _xattr,
+    Op.SYMLINK: _symlink, Op.FALLOCATE: _fallocate, Op.FILE: _file, Op.SYNC: _sync,
 }
 _BOUNDS = {"u32": (0, 1 << 32), "u64": (0, 1 << 64), "i64": (-(1 << 63), 1 << 63)}
 _RANGES: dict[Op, tuple[tuple[str, int, int], ...]] = {

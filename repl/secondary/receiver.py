@@ -26,7 +26,6 @@ until the stager catches up).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -399,7 +398,8 @@ class Receiver:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             self.status.received_wire_bytes += frame.wire_size
             for raw in raws:
-                record = _without_data(Record.decode(raw))  # checked whole: raw is staged
+                # Checked whole, held without its data: raw, which holds it, is staged.
+                record = Record.decode(raw, data=False)
                 self.status.received += 1
                 self.status.received_bytes += len(raw)
                 size = len(raw)
@@ -465,12 +465,6 @@ class Receiver:
         if result.completed:
             self.status.last_complete = max(self.status.last_complete, *result.completed)
             self.on_complete()
-
-
-def _without_data(record: Record) -> Record:
-    """*record* as it waits to be staged: its data is in the raw bytes that are
-    staged, so what waits holds each byte once, not twice."""
-    return dataclasses.replace(record, data=b"") if record.data else record
 
 
 async def _tell(conn: Link, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,16 @@ def test_record_encode_ok(case: str) -> None:
 def test_record_decode_ok_memoryview(case: str) -> None:
     record = SPECS[case]
     assert Record.decode(memoryview(record.encode())) == record
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_record_decode_ok_without_data(case: str) -> None:
+    """The receiver's decode: every field but the data, which the raw bytes it stages
+    hold (a view of them is checked, no copy kept)."""
+    record = SPECS[case]
+    got = Record.decode(record.encode(), data=False)
+    assert got == replace(record, data=b"")
+    assert type(got.data) is bytes
 
 
 def test_record_encode_ok_field_order() -> None:
@@ -175,19 +186,39 @@ def test_record_decode_err_flipped_checksum_byte(at: int) -> None:
         Record.decode(bytes(bad))
 
 
-def test_record_decode_err_invalid_content() -> None:
+@pytest.mark.parametrize("data", [True, False])
+def test_record_decode_err_invalid_content(data: bool) -> None:
     """Bytes with a valid checksum that name a path outside the tree are refused."""
     record = Record(Op.UNLINK, 1, 0, path=b"ab/passwd")
     raw = patched(record, FIELDS_AT + 2, b"..")
     with pytest.raises(RecordError, match=r"'\.\.' component"):
-        Record.decode(raw)
+        Record.decode(raw, data=data)
 
 
-def test_record_decode_err_sync_count() -> None:
+@pytest.mark.parametrize("data", [True, False])
+def test_record_decode_err_sync_count(data: bool) -> None:
     record = SPECS["sync"]
     raw = patched(record, FIELDS_AT, (record.count + 1).to_bytes(4, "big"))
     with pytest.raises(RecordError, match="carries op count"):
-        Record.decode(raw)
+        Record.decode(raw, data=data)
+
+
+@pytest.mark.parametrize("data", [True, False])
+def test_record_decode_err_data_past_max_offset(data: bool) -> None:
+    """A write whose data would reach past the largest offset is refused, without its
+    data kept as well: the data's length counts."""
+    record = Record(Op.WRITE, 1, 0, path=b"f", offset=MAX_OFFSET - 1, data=b"x")
+    raw = patched(record, FIELDS_AT + 3, (MAX_OFFSET).to_bytes(8, "big"))
+    with pytest.raises(RecordError, match="past the largest file offset"):
+        Record.decode(raw, data=data)
+
+
+@pytest.mark.parametrize("data", [True, False])
+def test_record_decode_err_symlink_nul(data: bool) -> None:
+    record = Record(Op.SYMLINK, 1, 0, path=b"l", data=b"ab")
+    raw = patched(record, FIELDS_AT + 3 + 4 + 1, b"\0")
+    with pytest.raises(RecordError, match="contains NUL"):
+        Record.decode(raw, data=data)
 
 
 # --- validate(): one test per rule -----------------------------------------------
@@ -493,6 +524,8 @@ def test_record_golden_err(case: str) -> None:
     assert golden == damage(SPECS[base].encode())
     with pytest.raises(RecordError, match=message):
         Record.decode(golden)
+    with pytest.raises(RecordError, match=message):
+        Record.decode(golden, data=False)
 
 
 def test_record_golden_ok_no_strays() -> None:

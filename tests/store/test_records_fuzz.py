@@ -12,8 +12,10 @@ does not pay for.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,12 +47,16 @@ u64 = st.integers(0, (1 << 64) - 1)
 
 
 def decodes_or_refuses(raw: bytes) -> Record | None:
-    """Record.decode(raw), None if refused; a decoded record re-encodes to *raw*."""
+    """Record.decode(raw), None if refused; a decoded record re-encodes to *raw*, and
+    decoding without the data (the receiver's) refuses the same bytes and keeps the rest."""
     try:
         record = bounded(Record.decode, raw)
     except RecordError:
+        with pytest.raises(RecordError):
+            Record.decode(raw, data=False)
         return None
     assert record.encode() == raw, "two encodings of one record"
+    assert Record.decode(raw, data=False) == replace(record, data=b"")
     return record
 
 
@@ -62,6 +68,7 @@ def test_record_decode_ok_round_trip(record: Record) -> None:
     raw = record.encode()
     assert Record.decode(raw) == record
     assert Record.decode(memoryview(raw)) == record
+    assert Record.decode(raw, data=False) == replace(record, data=b"")
 
 
 @given(st.binary(max_size=256))
