@@ -317,6 +317,11 @@ class Capture:
         self._settle()
         return self.resync.bring_up(address, applied, syncing, rejoin)
 
+    async def walk(self) -> None:
+        """The tree's walk for the sync ``bring_up`` just began, if it began one
+        (``Resync.walk``). The caller holds the capture's lock throughout."""
+        await self.resync.walk()
+
     @_locked
     def caught_up(self, address: str, applied: int) -> None:
         """The secondary at *address* applied *applied*: drop what every secondary

@@ -57,6 +57,7 @@ class Fanout:
         sender = self._make(address, peer)
         sender.on_applied = functools.partial(self.capture.caught_up, address)
         sender.bring_up = functools.partial(self.capture.bring_up, address)
+        sender.walk = self.capture.walk
         sender.dropped = functools.partial(self.capture.retention.is_dropped, address)
         if self.remote is not None:
             sender.semisync = self.remote.add(address)

@@ -43,7 +43,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -80,6 +80,7 @@ PROGRESS_EVERY = 2.0
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
 _SYNC_WHOLE = b"sync_whole"  # the sync under way covers the whole tree (a RESET)
+_WALK = b"walk"  # the set of a tree's walk begun and not yet whole (cut short if found)
 
 
 class Front(Protocol):
@@ -115,6 +116,12 @@ class Resync:
         raw = journal.get_meta(_SYNCING)
         self.syncing: int | None = decode_set(raw) if raw else None
         self.sync_whole = journal.get_meta(_SYNC_WHOLE) is not None
+        # A walk of the tree begun (its set): a sync's snapshot, journaled and shipped
+        # step by step (``walk``) and whole only at its end. One that a crash or a lost
+        # link cut short stays here: the next secondary brought up gets a new one.
+        raw = journal.get_meta(_WALK)
+        self.walk_begun: int | None = decode_set(raw) if raw else None
+        self._walking: tuple[int, Snapshot, Generator[None, None, None]] | None = None
         self.progress_done = self.progress_total = 0
         self.wanted = trio.Event()
 
@@ -130,7 +137,9 @@ class Resync:
 
     def ready(self) -> bool:
         """Over budget: a secondary applied every closed set, so the dirty map's ranges
-        can go (the open set then closes)."""
+        can go (the open set then closes). Never while a walk of the tree is not whole."""
+        if self.walk_begun is not None:
+            return False
         fastest = self.retention.fastest()
         return fastest is not None and fastest >= self.journal.set - 1
 
@@ -204,10 +213,23 @@ class Resync:
         others get the whole tree.
 
         Raises:
-            NotYet: another secondary's sync of part of the tree is under way: this one
-                waits for it to finish (a sync must start a set of its own).
+            NotYet: another secondary's sync of part of the tree, or the walk of the
+                tree for one, is under way: this one waits for it to finish (a sync
+                must start a set of its own).
         """
         journal = self.journal
+        if self._walking is not None:
+            raise NotYet(f"the tree's walk for the sync of set {self._walking[0]} is under "
+                         f"way; {address} is brought up once it is done")
+        if self.walk_begun is not None:
+            # A walk cut short (a crash, a lost link): its set holds part of a tree,
+            # which no one may apply as a set. Every secondary gets the whole tree anew,
+            # in the same open set, after what it holds of the first.
+            log.info("the tree's walk for set %d was cut short: %s gets the whole tree",
+                     self.walk_begun, address)
+            set_id = self.start_full_sync(None)
+            self.retention.attach(address, set_id - 1)
+            return set_id
         base = journal.base
         follows = base is not None and base <= applied < journal.set
         # A replica waiting for a sync set this journal does not hold as one (a power
@@ -261,7 +283,8 @@ class Resync:
         """Begin an initial sync in the open set. Returns its id.
 
         With *only*, the sync covers just those paths (a rejoin), and the log calls it
-        *what*.
+        *what*. Without, the tree is walked by ``walk()``, which the caller must await
+        holding the capture's lock.
         """
         set_id = self.journal.set
         # Over budget first, so a crash inside the snapshot never closes this set;
@@ -269,21 +292,50 @@ class Resync:
         self.begin_overflow()
         snapshot = self._snapshot()
         if only is None:
-            snapshot.tree()
-        else:
-            snapshot.paths(only)
+            self.walk_begun = set_id
+            self.journal.put_meta(_WALK, encode_set(set_id))
+            self._walking = (set_id, snapshot, snapshot.tree_steps())
+            return set_id
+        snapshot.paths(only)
+        self._begun(set_id, snapshot, what, whole=b"" in only.roots())
+        return set_id
+
+    async def walk(self) -> None:
+        """Walk the tree for the sync ``start_full_sync`` began, if it began one: step by
+        step, letting trio's other tasks in between (the sender ships what was walked).
+
+        The caller holds the capture's lock throughout, so the request threads wait
+        and the walk is a snapshot. If cancelled, the walk stays cut short
+        (``walk_begun``): the next bring-up starts a new one.
+        """
+        if self._walking is None:
+            return
+        set_id, snapshot, steps = self._walking
+        try:
+            for _ in steps:
+                self.front.flush_soon()
+                await trio.lowlevel.checkpoint()
+        finally:
+            steps.close()
+            self._walking = None
+        self.walk_begun = None
+        self.journal.put_meta(_WALK, None)
+        self._begun(set_id, snapshot, "initial sync", whole=True)
+
+    def _begun(self, set_id: int, snapshot: Snapshot, what: str, whole: bool) -> None:
+        """The snapshot of sync set *set_id* (of the *whole* tree, or not) is whole: its
+        data may follow, step by step."""
         self.syncing = set_id
         self.journal.put_meta(_SYNCING, encode_set(set_id))
-        self.sync_whole = only is None or b"" in only.roots()
+        self.sync_whole = whole
         self.journal.put_meta(_SYNC_WHOLE, b"1" if self.sync_whole else None)
         if self.journal.base is None:  # the journal began on a tree that was not empty
             self.journal.base = set_id - 1
         self.progress_done, self.progress_total = 0, snapshot.data
         self.front.flush_soon()
-        sets_log.info("%s begins as set %d: %d entries, %.1f MB of data",
-                      "initial sync" if only is None else what, set_id,
+        sets_log.info("%s begins as set %d: %d entries, %.1f MB of data", what, set_id,
                       snapshot.entries, snapshot.data / 1e6)
-        return set_id
+        self.caught_up()  # its data may go at once, if a secondary applied all before
 
     def resend(self, notes: list[Note]) -> tuple[int, int, list[bytes]]:
         """After a power cut, in the open set, held open: what makes a replica's copy of

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -95,6 +95,10 @@ class SenderStatus:
     error_count: int = 0
 
 
+async def _no_walk() -> None:
+    """No walk of the tree to do (a sender no capture wired)."""
+
+
 class Sender:
     def __init__(self, journal: Journal, dialer: Dialer, *, streams: int = 4,
                  window: int = WINDOW_BYTES, scramble: int | None = None,
@@ -139,6 +143,8 @@ class Sender:
         # Where a secondary starts: None to stream on, or an initial sync's set.
         self.bring_up: Callable[[int, int | None, Divergence | None], int | None] = (
             lambda applied, syncing, rejoin: None)
+        # Then the tree's walk, if bring_up began a sync of the whole tree (capture's).
+        self.walk: Callable[[], Awaitable[None]] = _no_walk
         self._peer_rejoin: Divergence | None = None
         self._peer_syncing: int | None = None
         self._inflight: dict[tuple[int, int], int] = {}
@@ -237,32 +243,39 @@ class Sender:
                 with trio.fail_at(deadline):
                     start, takes_zstd = await self._handshake(conn, session, index)
                 compress = compress and takes_zstd
-            restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
-            if restart is not None:
-                await conns[0].send(reset_to(restart))
-                start = restart - 1
-                self.sync_set = restart
-            self.status.connected = True
-            if self.semisync is not None:
-                self.semisync.connected(start, self.journal.set - 1)
-            self._set_applied(start, new_session=True)  # this secondary's, maybe not the last's
-            self._progress_at = trio.current_time()  # a new link gets its full timeout
-            self.status.streams = len(conns)
-            self.status.sessions += 1
-            self.status.staged = 0
-            self.status.compressing = compress
-            log.info("replicating to %s over %d streams, from set %d%s", self.address,
-                     len(conns), start + 1, ", zstd-compressed" if compress else "")
             async with trio.open_nursery() as nursery:
-                outboxes = []
-                for conn in conns:
-                    send, receive = trio.open_memory_channel[list[Frame]](1)
-                    outboxes.append(send)
-                    nursery.start_soon(self._writer, conn, receive)
-                    nursery.start_soon(self._reader, conn)
-                nursery.start_soon(self._feeder, outboxes, start + 1,
-                                   self._compressor if compress else None)
-                nursery.start_soon(self._ack_watchdog)
+                # Held from the bring-up to the end of a sync's walk of the tree, if it
+                # begins one: the request threads wait, so the walk is a snapshot,
+                # while this thread ships what was walked between the walk's steps.
+                with self.settled:
+                    restart = self.bring_up(start, self._peer_syncing, self._peer_rejoin)
+                    if restart is not None:
+                        await conns[0].send(reset_to(restart))
+                        start = restart - 1
+                        self.sync_set = restart
+                    self.status.connected = True
+                    if self.semisync is not None:
+                        self.semisync.connected(start, self.journal.set - 1)
+                    # This secondary's, maybe not the last's.
+                    self._set_applied(start, new_session=True)
+                    self._progress_at = trio.current_time()  # a new link: its full timeout
+                    self.status.streams = len(conns)
+                    self.status.sessions += 1
+                    self.status.staged = 0
+                    self.status.compressing = compress
+                    log.info("replicating to %s over %d streams, from set %d%s",
+                             self.address, len(conns), start + 1,
+                             ", zstd-compressed" if compress else "")
+                    outboxes = []
+                    for conn in conns:
+                        send, receive = trio.open_memory_channel[list[Frame]](1)
+                        outboxes.append(send)
+                        nursery.start_soon(self._writer, conn, receive)
+                        nursery.start_soon(self._reader, conn)
+                    nursery.start_soon(self._feeder, outboxes, start + 1,
+                                       self._compressor if compress else None)
+                    nursery.start_soon(self._ack_watchdog)
+                    await self.walk()
 
     async def _handshake(self, conn: Link, session: str, index: int) -> tuple[int, bool]:
         """Introduce ourselves on *conn*; returns the set the secondary applied last,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Generator
 
 from repl.diverge import Divergence
 from repl.primary.touched import Touched
@@ -30,6 +31,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SMALL_FILE = 64 << 10  # a file up to this size goes whole in one FILE record...
 INLINE_BYTES = 1 << 30  # ... while a snapshot has read less than this in all
+STEP_ENTRIES = 256  # tree_steps() yields at least this often
 
 
 class Snapshot:
@@ -48,6 +50,13 @@ class Snapshot:
 
     def tree(self) -> None:
         """Journal RESET and every entry of the backing tree."""
+        for _ in self.tree_steps():
+            pass
+
+    def tree_steps(self) -> Generator[None, None, None]:
+        """``tree()`` in steps: yields after every STEP_ENTRIES entries and every
+        directory, so whoever drives it can let other work in between (the entries
+        journaled meanwhile shipped). Nothing may change the tree until it is done."""
         journal = self.journal
         self.dirty.clear()
         journal.append(Op.RESET)
@@ -57,7 +66,7 @@ class Snapshot:
         journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
         self._xattrs(root, b"")
         self.touched.all()  # the close restates every path's times: none is tracked
-        self._walk(root, b"")
+        yield from self._walk(root, b"")
 
     def paths(self, div: Divergence) -> None:
         """Journal what makes a rejoining node's copy of *div*'s paths equal to ours."""
@@ -154,20 +163,24 @@ class Snapshot:
                     journal.append(Op.SETXATTR, path=note.path, name=note.name, data=value)
         return roots
 
-    def _walk(self, dir_fd: int, prefix: bytes) -> None:
-        """Journal every entry under an open directory, depth first, in sorted order."""
+    def _walk(self, dir_fd: int, prefix: bytes) -> Generator[None, None, None]:
+        """Journal every entry under an open directory, depth first, in sorted order,
+        yielding between steps (``tree_steps``)."""
         stack: list[tuple[int, bytes]] = [(os.dup(dir_fd), prefix)]
         try:
             while stack:
                 fd, top = stack.pop()
                 try:
-                    for name in sorted(os.listdir(fd)):
+                    for at, name in enumerate(sorted(os.listdir(fd)), 1):
                         raw = os.fsencode(name)
                         path = top + b"/" + raw if top else raw
                         if self._entry(fd, raw, path, descend=False):
                             stack.append((os.open(raw, _DIR_FLAGS, dir_fd=fd), path))
+                        if at % STEP_ENTRIES == 0:
+                            yield
                 finally:
                     os.close(fd)
+                yield
         finally:
             for fd, _ in stack:
                 os.close(fd)
@@ -208,7 +221,8 @@ class Snapshot:
         if stat.S_ISDIR(mode) and descend:
             sub = os.open(raw, _DIR_FLAGS, dir_fd=fd)
             try:
-                self._walk(sub, path)
+                for _ in self._walk(sub, path):
+                    pass
             finally:
                 os.close(sub)
         return stat.S_ISDIR(mode)

@@ -67,6 +67,7 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.resync.start_full_sync()
+        await capture.walk()
         lines = Lines(capture)
         logger.addHandler(lines)
         level, logger.level = logger.level, logging.INFO

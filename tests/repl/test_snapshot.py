@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import closing
 from pathlib import Path
+
+import trio
+import trio.lowlevel
 
 from repl.primary import recovery
 from repl.primary.capture import Capture
@@ -31,6 +35,7 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.resync.start_full_sync()
+        trio.run(capture.walk)
         records = [r for r in journal.records(set_id) if r.op not in (Op.CHMOD, Op.CHOWN)]
         xattrs = [(r.path, r.name, r.data) for r in records if r.op == Op.SETXATTR]
         assert xattrs == [(b"hard", b"user.tag", b"kept")]
@@ -60,6 +65,7 @@ def test_snapshot_tree_ok_the_close_restates_all_but_the_files_sent_whole(
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.resync.start_full_sync()
+        trio.run(capture.walk)
         assert capture.touched.everything and capture.touched.paths == {b"large"}
         capture.record(Op.RENAME, path=b"d", path2=b"e", flags=0)
         os.rename(backing / "d", backing / "e")
@@ -95,6 +101,7 @@ def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070", "gamma:7070"])
         capture.resync.start_full_sync()
+        trio.run(capture.walk)
         while capture.resync.step() is None:
             pass
         whole = journal.set - 1  # the sync set, closed, held for the secondaries
@@ -106,6 +113,7 @@ def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
         capture.record(Op.CHMOD, path=b"f", mode=0o640)
         os.chmod(backing / "f", 0o640)
         started = capture.bring_up("beta:7070", lost - 1, lost)
+        trio.run(capture.walk)
         assert started is not None and started >= lost, "a new sync, not streaming on"
         assert Op.RESET in [r.op for r in journal.records(started) if r.set == started]
 
@@ -121,6 +129,7 @@ def test_snapshot_tree_ok_recovery_in_a_whole_sync_tracks_no_path(tmp_path: Path
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         capture.resync.start_full_sync()
+        trio.run(capture.walk)
         journal.sync()
     with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
         capture = Capture(journal, tree, secondaries=["beta:7070"])
@@ -128,3 +137,82 @@ def test_snapshot_tree_ok_recovery_in_a_whole_sync_tracks_no_path(tmp_path: Path
         assert capture.resync.syncing is not None
         assert capture.touched.everything
         assert capture.touched.paths == {b""}, "the root's mode and owner; no file"
+
+
+async def test_snapshot_walk_ok_other_tasks_run_between_its_steps(tmp_path: Path) -> None:
+    """The tree's walk for a sync journals step by step and lets trio's other tasks in
+    between (the sender ships what was walked meanwhile), while the capture's lock
+    keeps the request threads out until it is whole."""
+    backing = tmp_path / "b"
+    for d in range(4):
+        (backing / f"d{d}").mkdir(parents=True)
+        for i in range(600):
+            (backing / f"d{d}" / f"f{i}").write_bytes(b"x")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        set_id = capture.resync.start_full_sync()
+        seen: list[int] = []
+        blocked = threading.Event()
+
+        def request() -> None:  # a request thread: waits for the lock
+            with capture.lock:
+                blocked.set()
+
+        async def watch() -> None:
+            while capture.resync.syncing is None:
+                seen.append(sum(1 for _ in journal.records(set_id)))
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            with capture.lock:
+                nursery.start_soon(watch)
+                thread = threading.Thread(target=request)
+                thread.start()
+                await capture.walk()
+                assert not blocked.is_set(), "a request thread got in during the walk"
+        thread.join()
+        whole = sum(1 for _ in journal.records(set_id))
+        partial = sorted(set(seen) - {0})
+        assert len([n for n in partial if n < whole]) > 4, partial
+        assert capture.resync.syncing == set_id and capture.resync.walk_begun is None
+
+
+async def test_snapshot_walk_ok_cut_short_the_next_bring_up_walks_anew(
+        tmp_path: Path) -> None:
+    """A walk cut short (cancelled, or a crash: it is in the journal) leaves its set
+    open, not a sync, and nothing may close it; the next secondary brought up, even
+    one that says it applied the set before, gets the whole tree walked anew in the
+    same set, after the first RESET."""
+    backing = tmp_path / "b"
+    (backing / "d").mkdir(parents=True)
+    for i in range(2000):
+        (backing / "d" / f"f{i}").write_bytes(b"x")
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        journal.base = journal.set - 1  # it holds every set since the empty tree's
+        set_id = capture.resync.start_full_sync()
+        steps = 0
+
+        async def cut() -> None:
+            nonlocal steps
+            while (steps := steps + 1) < 3:
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut)
+            await capture.walk()
+        assert capture.resync.walk_begun == set_id and capture.resync.syncing is None
+        capture.caught_up("beta:7070", set_id - 1)
+        assert not capture.resync.ready(), "a walk cut short: no step may close its set"
+        journal.sync()
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        recovery.recover(capture)
+        assert capture.resync.walk_begun == set_id, "known after a restart too"
+        assert capture.bring_up("beta:7070", set_id - 1, set_id) == set_id
+        await capture.walk()
+        ops = [r.op for r in journal.records(set_id)]
+        assert ops.count(Op.RESET) == 2 and ops[0] == Op.RESET
+        assert ops.count(Op.FILE) > 2000, "part of the tree, then all of it"
+        assert capture.resync.syncing == set_id and capture.resync.walk_begun is None
