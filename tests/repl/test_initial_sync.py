@@ -116,6 +116,31 @@ def test_initial_sync_survives_primary_kill9(tmp_path: Path) -> None:
             assert diff(snapshot(backing), snapshot(replica)) == []
 
 
+def test_initial_sync_ok_primary_kill9_in_the_walk_the_tree_again(tmp_path: Path) -> None:
+    """A primary killed while it walks the tree, after the secondary got part of the
+    walk: restarted, it walks the whole tree again in the same set, and the replica
+    becomes the tree (nothing of the first walk's part is taken for a set)."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    for d in range(40):
+        (backing / f"d{d:02}").mkdir(parents=True)
+        for i in range(1000):
+            (backing / f"d{d:02}" / f"f{i:04}").write_bytes(b"%d" % i)
+    with secondary(replica) as sec:
+        port = sec.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
+            until(lambda: status(replica)["received"], lambda n: n >= 200, timeout=60,
+                  what="the first records of the walk")
+            pri.kill()
+            walked = "initial sync begins" in pri.log()
+            unmount(mount)
+        assert not walked, "the walk was whole before the kill: the test did not test it"
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}") as pri:
+            (mount / "d00" / "f0000").unlink()  # before, during or after the walk
+            checkpoint(mount, 120)
+            assert "was cut short" in pri.log()
+            assert diff(snapshot(backing), snapshot(replica)) == []
+
+
 def test_initial_sync_goes_on_after_secondary_kill9(tmp_path: Path) -> None:
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
