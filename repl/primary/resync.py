@@ -43,7 +43,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -121,7 +121,8 @@ class Resync:
         # link cut short stays here: the next secondary brought up gets a new one.
         raw = journal.get_meta(_WALK)
         self.walk_begun: int | None = decode_set(raw) if raw else None
-        self._walking: tuple[int, Snapshot, Generator[None, None, None]] | None = None
+        self._walk_due: tuple[int, Snapshot] | None = None  # begun, for walk() to walk
+        self._walking: int | None = None  # the set walk() is walking the tree for
         self.progress_done = self.progress_total = 0
         self.wanted = trio.Event()
 
@@ -219,7 +220,7 @@ class Resync:
         """
         journal = self.journal
         if self._walking is not None:
-            raise NotYet(f"the tree's walk for the sync of set {self._walking[0]} is under "
+            raise NotYet(f"the tree's walk for the sync of set {self._walking} is under "
                          f"way; {address} is brought up once it is done")
         if self.walk_begun is not None:
             # A walk cut short (a crash, a lost link): its set holds part of a tree,
@@ -294,7 +295,7 @@ class Resync:
         if only is None:
             self.walk_begun = set_id
             self.journal.put_meta(_WALK, encode_set(set_id))
-            self._walking = (set_id, snapshot, snapshot.tree_steps())
+            self._walk_due = (set_id, snapshot)  # one not walked yet is replaced
             return set_id
         snapshot.paths(only)
         self._begun(set_id, snapshot, what, whole=b"" in only.roots())
@@ -308,9 +309,11 @@ class Resync:
         and the walk is a snapshot. If cancelled, the walk stays cut short
         (``walk_begun``): the next bring-up starts a new one.
         """
-        if self._walking is None:
-            return
-        set_id, snapshot, steps = self._walking
+        if self._walk_due is None:
+            return  # none begun, or another session's walk() took it
+        (set_id, snapshot), self._walk_due = self._walk_due, None
+        self._walking = set_id
+        steps = snapshot.tree_steps()
         try:
             for _ in steps:
                 self.front.flush_soon()
