@@ -185,11 +185,10 @@ class Record:
         self.validate()
         parts = [_HEADER.pack(FORMAT_VERSION, self.op, self.set, self.seq)]
         for names, fmt, sized, get in _PLAN[self.op]:
+            value = get(self)  # a tuple if a run of several integers
             if sized:  # a length, then the bytes
-                value = get(self)
                 parts += (fmt.pack(len(value)), value)
             else:
-                value = get(self)  # a tuple if the run has several
                 parts.append(fmt.pack(*value) if len(names) > 1 else fmt.pack(value))
         checksum = xxhash.xxh3_64()
         for part in parts:
