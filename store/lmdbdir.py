@@ -1,8 +1,8 @@
 """An LMDB environment in a directory that one daemon holds exclusively.
 
-The journal and the staging store are both such directories: a LOCK file
-that names the holding pid, and an environment opened without fsync on
-commit (callers sync at their commit points).
+The staging store is such a directory: a LOCK file that names the holding
+pid, and an environment whose commits flush the disk once (their pages) and
+whose callers ``env.sync()`` where a commit must be durable (its meta page).
 
 LMDB reads through a shared map of its file, and every page it reads stays
 mapped; py-lmdb also reads each value a cursor passes, deleting too. A
@@ -40,7 +40,11 @@ class LmdbDir:
             if (self.path / name).exists():
                 os.chmod(self.path / name, FILE_MODE)
         try:
-            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=False,
+            # Each commit flushes the pages it wrote before it writes its meta page
+            # (which it does not flush): a power cut leaves the last commit or the
+            # one before it, never a meta page over pages the disk did not get.
+            # sync() makes the last commit durable too.
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=4, sync=True,
                                  metasync=False, readahead=False, mode=FILE_MODE)
         except lmdb.Error as exc:
             os.close(self._lock_fd)

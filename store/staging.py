@@ -6,9 +6,12 @@ complete flag) changes in the same LMDB transaction as its records, so
 after a crash the complete flag is exactly as true as the staged records
 (claims 20, 21). Callers ``sync()`` before acknowledging what they staged.
 
-The apply log is two meta keys: ``applied`` (the last set applied to the
-replica) and ``marker`` (the namespace op about to run in the set being
-applied, with its intent; see repl/apply.py for the redo rule).
+The apply log is ``applied`` (the last set applied to the replica), a meta
+key, and the marker (the namespace op about to run in the set being applied,
+with its intent; see repl/apply.py for the redo rule), a file beside the
+store rewritten in place (store/marker.py). A commit that finishes a set or
+resets the replica moves the store's marker ``generation``: the marker left
+from before is void.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ import lmdb
 
 from store import identity
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
+from store.marker import CLEARED, Marker
+from store.private import FILE_MODE
 from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
 from store.setstate import SetState
 
 _APPLIED = b"applied"
-_MARKER = b"marker"
+_MARKER = b"marker"  # where an older replfs kept the marker
+_GENERATION = b"marker-generation"
+MARKER = "MARKER"  # the marker's file, in the staging directory
 _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
 _SCRATCH = b"scratch"  # the sync under way started from a replica with no set to show
@@ -58,6 +65,17 @@ class Staging(LmdbDir):
         self._sets = self.env.open_db(b"sets")
         self._meta = self.env.open_db(b"meta")
         self.identity = identity.load(self.env, self._meta, make_cluster=False)
+        self._marker_fd = os.open(self.path / MARKER, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                  FILE_MODE)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_GENERATION, db=self._meta)
+            self._generation = decode_set(raw) if raw else 0
+            old = txn.get(_MARKER, db=self._meta)
+            if old is not None:  # left by an older replfs: it moves to the file
+                set_id, seq = decode_key(old[:_KEY_SIZE])
+                self._write_marker(Marker(self._generation, set_id, seq,
+                                          bytes(old[_KEY_SIZE:]) or None).encode())
+                txn.delete(_MARKER, db=self._meta)
         # Moves whenever staged sets not yet applied are erased or replaced (a reset, a
         # primary's restart, a rejoin): what was read of them before may be gone.
         self.epoch = 0
@@ -206,23 +224,29 @@ class Staging(LmdbDir):
     # --- apply log -------------------------------------------------------------------
 
     def set_marker(self, record: Record, intent: bytes | None) -> None:
-        """Commit that *record* (a namespace op) is about to run."""
-        with self.env.begin(write=True) as txn:
-            txn.put(_MARKER, record.key + (intent or b""), db=self._meta)
-        self.passed(COMMIT_BYTES)
+        """Note that *record* (a namespace op) is about to run (no flush: see
+        store/marker.py)."""
+        self._write_marker(Marker(self._generation, record.set, record.seq, intent).encode())
 
     def clear_marker(self) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.delete(_MARKER, db=self._meta)
-        self.passed(COMMIT_BYTES)
+        self._write_marker(CLEARED)
+
+    def _write_marker(self, raw: bytes) -> None:
+        if os.pwrite(self._marker_fd, raw, 0) != len(raw):
+            raise OSError(f"short write of the marker in {self.path}")
 
     def marker(self) -> tuple[int, int, bytes | None] | None:
-        with self.env.begin() as txn:
-            raw = txn.get(_MARKER, db=self._meta)
-        if not raw:
+        """The op marked as about to run, if any (of this generation)."""
+        found = Marker.decode(os.pread(self._marker_fd, 1 << 20, 0))
+        if found is None or found.generation != self._generation:
             return None
-        set_id, seq = decode_key(raw[:_KEY_SIZE])
-        return set_id, seq, bytes(raw[_KEY_SIZE:]) or None
+        return found.set, found.seq, found.intent
+
+    def _void_marker(self, txn: lmdb.Transaction) -> int:
+        """In *txn*: the marker written so far is void once it commits. Returns the
+        generation to take then."""
+        txn.put(_GENERATION, encode_set(self._generation + 1), db=self._meta)
+        return self._generation + 1
 
     @property
     def syncing(self) -> int | None:
@@ -252,8 +276,9 @@ class Staging(LmdbDir):
             self._delete_through(txn, set_id - 1)
             txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
             txn.put(_SYNCING, encode_set(set_id), db=self._meta)
-            txn.delete(_MARKER, db=self._meta)
+            generation = self._void_marker(txn)
             txn.delete(_REJOIN, db=self._meta)  # the set that undoes the divergence is coming
+        self._generation = generation
         self.env.sync(True)
         self.epoch += 1
 
@@ -303,13 +328,18 @@ class Staging(LmdbDir):
         keep = HISTORY_SETS if self.db_bytes(self._records) <= HISTORY_BYTES else 0
         with self.env.begin(write=True) as txn:
             txn.put(_APPLIED, encode_set(set_id), db=self._meta)
-            txn.delete(_MARKER, db=self._meta)
+            generation = self._void_marker(txn)
             raw = txn.get(_SYNCING, db=self._meta)
             if raw and decode_set(raw) <= set_id:
                 txn.delete(_SYNCING, db=self._meta)
                 txn.delete(_SCRATCH, db=self._meta)
             self._delete_through(txn, set_id - keep)
+        self._generation = generation
         self.env.sync(True)
+
+    def close(self) -> None:
+        os.close(self._marker_fd)
+        super().close()
 
     def size(self) -> int:
         return self.db_bytes(self._records)

@@ -20,7 +20,7 @@ import pytest
 
 from store.errors import JournalLocked, RecordError
 from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
-from store.staging import Staging, read_standing
+from store.staging import MARKER, Staging, read_standing
 from tests.support import ROOT
 
 
@@ -315,6 +315,43 @@ def test_staging_marker_ok_survives_restart(path: Path) -> None:
         staging.set_marker(Record(Op.UNLINK, 3, 1, path=b"x"), None)
     with opened(path) as staging:
         assert staging.marker() == (3, 1, None)
+
+
+def test_staging_marker_ok_void_after_reset_to_also_after_restart(path: Path) -> None:
+    with opened(path) as staging:
+        staging.set_marker(Record(Op.UNLINK, 4, 2, path=b"x"), None)
+        staging.reset_to(4)  # the same set again, from its RESET: not from seq 2
+        assert staging.marker() is None
+    with opened(path) as staging:
+        assert staging.marker() is None
+        staging.set_marker(Record(Op.UNLINK, 4, 5, path=b"y"), None)
+        assert staging.marker() == (4, 5, None)
+
+
+def test_staging_marker_ok_torn_is_none(path: Path) -> None:
+    """A marker a power cut tore (half of it written over a longer one) marks nothing."""
+    with opened(path) as staging:
+        staging.set_marker(Record(Op.RENAME, 2, 9, path=b"a", path2=b"b",
+                                  flags=RENAME_EXCHANGE), encode_intent(11, 12))
+    raw = (path / MARKER).read_bytes()
+    with opened(path) as staging:
+        staging.set_marker(Record(Op.UNLINK, 3, 1, path=b"x"), None)
+    torn = (path / MARKER).read_bytes()[:10] + raw[10:]
+    (path / MARKER).write_bytes(torn)
+    with opened(path) as staging:
+        assert staging.marker() is None
+
+
+def test_staging_marker_ok_from_an_older_replfs(path: Path) -> None:
+    """A marker an older replfs committed in the store moves to the file."""
+    with opened(path) as staging:
+        meta = staging.env.open_db(b"meta")
+        with staging.env.begin(write=True) as txn:
+            txn.put(b"marker", Record(Op.UNLINK, 6, 3).key + b"intent", db=meta)
+    with opened(path) as staging:
+        assert staging.marker() == (6, 3, b"intent")
+        with staging.env.begin() as txn:
+            assert txn.get(b"marker", db=staging.env.open_db(b"meta")) is None
 
 
 def test_staging_finish_ok_clears_marker(staging: Staging,
