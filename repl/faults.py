@@ -26,22 +26,13 @@ import os
 import signal
 from collections.abc import Callable
 
+from store.hold import ENV_BOOT_ID as ENV_BOOT_ID  # the boot id, kept beside the hold
+from store.hold import boot_id as boot_id
 from store.libc import fd_path
 
 ENV_KILL_AT_APPLY_STEP = "REPLFS_FAULT_KILL_AT_APPLY_STEP"
 ENV_SET_HASHES = "REPLFS_TEST_SET_HASHES"
 ENV_SET_TREES = "REPLFS_TEST_SET_TREES"
-ENV_BOOT_ID = "REPLFS_TEST_BOOT_ID"
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-
-def boot_id() -> bytes:
-    """This boot of the machine (a new one after every reboot), or b"" if unknown."""
-    try:
-        with open(os.environ.get(ENV_BOOT_ID) or BOOT_ID, "rb") as f:
-            return f.read().strip()
-    except OSError:
-        return b""
 
 
 def set_hash_recorder() -> Callable[[int, int], None] | None:

@@ -20,7 +20,6 @@ reads as torn until the redo.
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import threading
 import time
@@ -33,6 +32,9 @@ from store.private import FILE_MODE, private_dir, write_private
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
 APPLYING = "APPLYING"
+_UNDER_WAY = "applying"  # APPLYING's last word while the batch's ops are under way
+ENV_BOOT_ID = "REPLFS_TEST_BOOT_ID"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _APPLYING_BYTES = 128  # two set ids and a boot id fit, with room
 
 
@@ -93,8 +95,9 @@ class ApplyLock:
 
 
 def mark_applying(staging_dir: Path, first: int, last: int) -> None:
-    """Say, beside the replica, that sets *first* to at most *last* are being applied."""
-    _write_applying(staging_dir, f"{first} {last}")
+    """Say, beside the replica, that sets *first* to at most *last* are being applied
+    on this boot; durably, before the batch's first op (see ``lost_to_power``)."""
+    _write_applying(staging_dir, f"{first} {last} {_boot_id()} {_UNDER_WAY}", sync=True)
 
 
 def mark_applied(staging_dir: Path, first: int, last: int) -> None:
@@ -109,15 +112,22 @@ def clear_applying(staging_dir: Path) -> None:
         _write_applying(staging_dir, "")
 
 
-def _write_applying(staging_dir: Path, text: str) -> None:
+def _write_applying(staging_dir: Path, text: str, *, sync: bool = False) -> None:
     """Overwrite APPLYING in place, always _APPLYING_BYTES long (blanks after *text*), so
-    it keeps its size and blocks: no truncate, no new file."""
+    it keeps its size and blocks: no truncate, no new file (a sync flushes its data
+    alone)."""
     data = text.encode().ljust(_APPLYING_BYTES - 1) + b"\n"
-    fd = os.open(staging_dir / APPLYING, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    path = staging_dir / APPLYING
+    made = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         os.pwrite(fd, data, 0)
+        if sync:
+            os.fsync(fd) if made else os.fdatasync(fd)
     finally:
         os.close(fd)
+    if sync and made:
+        _sync_dir(staging_dir)
 
 
 def interrupted(staging_dir: Path) -> tuple[int, int] | None:
@@ -138,22 +148,46 @@ def torn(staging_dir: Path) -> tuple[int, int] | None:
     """The batch (first, last) a crash cut short, if the replica is torn by one (ask
     with the apply lock held): it is not if all its ops were done on this boot."""
     fields = _applying(staging_dir)
-    if fields is None or fields[2] == _boot_id():
+    if fields is None or (fields[2] == _boot_id() and not fields[3]):
         return None
     return fields[0], fields[1]
 
 
-def _applying(staging_dir: Path) -> tuple[int, int, str | None] | None:
+def lost_to_power(staging_dir: Path) -> tuple[int, int] | None:
+    """The batch (first, last) begun on another boot and never made durable, if any
+    (ask with the apply lock held): the host lost its power, or was reset, while it
+    was applied or synced. The replica's filesystem may then have kept any part of
+    the batch's ops, not only those before the marker, so a redo from the marker
+    cannot mend it (the applier asks the primary for the paths instead)."""
+    fields = _applying(staging_dir)
+    if fields is None or fields[2] is None or fields[2] == _boot_id():
+        return None
+    return fields[0], fields[1]
+
+
+def _applying(staging_dir: Path) -> tuple[int, int, str | None, bool] | None:
+    """(first, last, the boot that wrote it, whether its ops are still under way)."""
     try:
         first, *rest = (staging_dir / APPLYING).read_text().split()
-        return int(first), int(rest[0] if rest else first), rest[1] if len(rest) > 1 else None
+        return (int(first), int(rest[0] if rest else first),
+                rest[1] if len(rest) > 1 else None,
+                len(rest) != 2)  # (boot, "applying"), or an older replfs' (no boot)
     except (FileNotFoundError, ValueError):
         return None
 
 
-@functools.cache
+def boot_id() -> bytes:
+    """This boot of the machine (a new one after every reboot), or b"" if unknown.
+    A test reboots a machine by naming a file that holds the id in ENV_BOOT_ID."""
+    try:
+        with open(os.environ.get(ENV_BOOT_ID) or BOOT_ID, "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
+
+
 def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return boot_id().decode(errors="replace") or "unknown"
 
 
 def is_held(staging_dir: Path) -> bool:
@@ -168,7 +202,11 @@ def set_hold(staging_dir: Path, held: bool) -> None:
         write_private(path, b"")
     else:
         path.unlink(missing_ok=True)
-    fd = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)
+    _sync_dir(staging_dir)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -25,6 +25,7 @@ the replica first.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import trio
 
 from repl.apply import apply, intent_for, redo
+from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
 from repl.secondary.footprint import Footprint, Invalidator
@@ -44,6 +46,7 @@ from store.hold import (
     clear_applying,
     interrupted,
     is_held,
+    lost_to_power,
     mark_applied,
     mark_applying,
 )
@@ -135,8 +138,28 @@ class Applier:
                 staging.clear_marker()
                 self._torn_sync = torn[0]
                 self.redo_through = torn[1] if whole else None
+            elif lost_to_power(staging.path) is not None:
+                self._mend_from_primary(torn)
             else:
                 self.redo_through = torn[1]
+
+    def _mend_from_primary(self, batch: tuple[int, int]) -> None:
+        """Batch *batch* (first, last set) was begun on another boot and never made
+        durable: the host lost its power. The replica's disk may have kept any part of
+        its ops, and a redo from the marker mends only a crash of the daemon. So the
+        primary is asked for every path the batch's sets touched, as an old primary
+        rejoining asks for what it changed (repl/secondary/rejoin.py): its sync set
+        makes them equal to its own. The replica reads as torn until then."""
+        staging = self.staging
+        touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
+                                   for record in staging.records(set_id))
+        staging.drop_unapplied()
+        staging.start_rejoin(staging.applied, json.dumps(touched.to_json()).encode())
+        self._tear(staging.applied + 1)
+        log.warning("sets %d to %d were being applied when this host lost its power: the "
+                    "replica may hold part of them; the primary sends the %d paths they "
+                    "touched again", batch[0], batch[1],
+                    len(touched.content) + len(touched.ranges))
 
     def notify(self) -> None:
         """A set became complete (called by the receiver)."""

@@ -74,8 +74,9 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
             tree.close()
             applier.lock.close()
         if staging.syncing is not None:
-            raise UsageError(f"replica {replica} never finished its initial sync, so it holds "
-                             "no consistent set; it cannot be promoted")
+            raise UsageError(f"replica {replica} never finished its initial sync (or the "
+                             "primary's resend of what a power cut of this host tore), so "
+                             "it holds no consistent set; it cannot be promoted")
         dropped = staging.drop_partial()
         ident = staging.identity
         if generation is not None and generation <= ident.generation:

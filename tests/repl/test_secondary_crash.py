@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from repl.faults import ENV_KILL_AT_APPLY_STEP
+from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP
 from repl.secondary.run import default_state_dir
-from store.hold import interrupted, is_held, set_hold
-from store.staging import read_applied
+from store.hold import interrupted, is_held, lost_to_power, set_hold
+from store.hold import torn as torn_for_readers
+from store.records import Op
+from store.staging import Staging, read_applied
 from tests.support import (
     Daemon,
     Entry,
@@ -218,3 +220,65 @@ def test_claim_27_partial_set_erased_when_the_primary_lost_power(tmp_path: Path)
             assert write_other_records(mount) == partial
             assert diff(snapshot(backing), snapshot(replica)) == []
     assert os.getxattr(replica / "f", "user.v") == b"kept"
+
+
+def test_secondary_host_power_lost_mid_apply_primary_sends_the_paths_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secondary's host loses its power in the middle of a batch: its disk keeps
+    what it kept of the batch's ops, here not a write made before the marker's op
+    (its bytes zeroed). A redo from the marker would leave that hole for good: no
+    later set writes that file again. The
+    secondary, back on another boot, asks the primary for every path the batch
+    touched, reads as torn meanwhile, and the replica equals the primary's tree."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    staging_dir = default_state_dir(replica) / "staging"
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-before-the-cut\n")
+    monkeypatch.setenv(ENV_BOOT_ID, str(boot))
+    monkeypatch.setenv(ENV_KILL_AT_APPLY_STEP, "23")  # set 2, past a namespace op
+    with secondary(replica) as daemon:
+        monkeypatch.delenv(ENV_KILL_AT_APPLY_STEP)
+        monkeypatch.delenv(ENV_BOOT_ID)
+        port = daemon.port
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{port}",
+                     "--set-interval", "3600") as pri:
+            pri.wait_for("initial sync done: set 1")
+            last = 1
+            for i in range(4):
+                applied_or_killed(daemon, staging_dir, last)
+                phase(mount, i)
+                last = checkpoint(mount, wait=0)
+            assert daemon.proc is not None
+            assert daemon.proc.wait(60) == -9, "the fault point killed the secondary"
+
+            # The power is gone with it: the disk lost the data written to "new" before
+            # the marker, and before "new" became d0/file0 (a rename, done too). No
+            # later set writes that file again.
+            torn = interrupted(staging_dir)
+            assert torn is not None
+            staging = Staging(staging_dir)
+            try:
+                marker = staging.marker()
+                assert marker is not None
+                before = [r for r in staging.records(marker[0]) if r.seq < marker[1]]
+            finally:
+                staging.close()
+            lost = [r for r in before if r.op == Op.WRITE and r.path == b"new"]
+            assert lost, "a write to new before the marker"
+            assert any((r.op, r.path, r.path2) == (Op.RENAME, b"new", b"d0/file0")
+                       for r in before)
+            with open(replica / "d0" / "file0", "r+b") as f:
+                for record in lost:
+                    f.seek(record.offset)
+                    f.write(bytes(len(record.data)))
+
+            boot.write_text("boot-after-the-cut\n")  # the host boots again
+            monkeypatch.setenv(ENV_BOOT_ID, str(boot))
+            with secondary(replica, port=port) as again:
+                monkeypatch.delenv(ENV_BOOT_ID)
+                again.wait_for("lost its power")
+                last = checkpoint(mount)
+                assert wait_applied(replica, last) >= last
+                assert diff(snapshot(backing), snapshot(replica)) == []
+                assert lost_to_power(staging_dir) is None and torn_for_readers(staging_dir) is None

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store.hold import APPLYING, clear_applying, interrupted, mark_applied, mark_applying, torn
+import pytest
+
+from store.hold import (
+    APPLYING,
+    ENV_BOOT_ID,
+    clear_applying,
+    interrupted,
+    lost_to_power,
+    mark_applied,
+    mark_applying,
+    torn,
+)
 
 
 def test_torn_ok_none_without_a_batch(tmp_path: Path) -> None:
@@ -51,3 +62,34 @@ def test_applying_rewritten_in_place_never_removed(tmp_path: Path) -> None:
     clear_applying(tmp_path)
     st = (tmp_path / APPLYING).stat()
     assert st.st_ino == inode and st.st_size == 128 and st.st_mode & 0o777 == 0o600
+
+
+def test_lost_to_power_ok_none_on_this_boot(tmp_path: Path) -> None:
+    """A batch begun or done on this boot: a crash of the daemon, mended by the redo."""
+    assert lost_to_power(tmp_path) is None
+    mark_applying(tmp_path, 3, 5)
+    assert lost_to_power(tmp_path) is None
+    mark_applied(tmp_path, 3, 5)
+    assert lost_to_power(tmp_path) is None
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_lost_to_power_err_begun_on_another_boot(tmp_path: Path, done: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Begun, or even done, on a boot before this one and never made durable: the
+    replica's disk kept what it kept of the batch."""
+    boot = tmp_path / "boot_id"
+    boot.write_text("first-boot\n")
+    monkeypatch.setenv(ENV_BOOT_ID, str(boot))
+    mark_applying(tmp_path, 3, 5)
+    if done:
+        mark_applied(tmp_path, 3, 5)
+    boot.write_text("second-boot\n")
+    assert lost_to_power(tmp_path) == (3, 5)
+    assert torn(tmp_path) == (3, 5) and interrupted(tmp_path) == (3, 5)
+
+
+def test_lost_to_power_ok_none_from_an_older_replfs(tmp_path: Path) -> None:
+    """An older replfs wrote no boot while a batch was under way: redone as it was."""
+    (tmp_path / APPLYING).write_text("3 5\n")
+    assert lost_to_power(tmp_path) is None and torn(tmp_path) == (3, 5)
