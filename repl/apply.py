@@ -8,7 +8,7 @@ SETXATTR, REMOVEXATTR) set bytes or attributes to values the record carries
 (a FALLOCATE zeroes its range or, like a WRITE, grows the file to its end), so
 replaying any run of them in order from a state where a prefix of the run
 already happened gives the same result. Namespace ops (create, link,
-unlink, rename, ...) are not idempotent, so the caller commits a marker
+unlink, rename, ...) are not idempotent, so the caller writes a marker
 naming the op before running it; after a crash, replay starts at the last
 marker and only its op is in doubt. Whether it happened is decided by what
 it leaves behind, which nothing after it in the replayed run can change
@@ -77,7 +77,7 @@ def _fallocate_as_seen(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def intent_for(tree: Tree, record: Record) -> bytes | None:
-    """The intent to commit with *record*'s marker, for ops that need one."""
+    """The intent to write with *record*'s marker, for ops that need one."""
     if record.op == Op.RENAME and record.flags & RENAME_EXCHANGE:
         a, b = tree.lstat(record.path), tree.lstat(record.path2)
         return encode_intent(a.st_ino if a else 0, b.st_ino if b else 0)

@@ -8,13 +8,14 @@ new set, and staging keeps receiving. A hold never stops the redo of a
 batch a crash cut short, nor an initial sync's set begun as it arrived:
 until that is done the replica is not a whole set.
 
-Beside it, APPLYING names the batch under way, from before its first op
-until it is durable (synced, and recorded in the apply log). Once its ops
-are all done, the applier says so there, with this boot's id, and lets the
-lock go before it syncs: the standby shows the batch without waiting for
-the disk. A crash of the daemon leaves the page cache, so the replica is
-whole then; a reboot may not have kept it, so on another boot the batch
-reads as torn until the redo.
+Beside it, APPLYING names the batch under way and the boot that applies
+it, flushed before its first op, until the batch is durable (synced, and
+recorded in the apply log). Once its ops are all done, the applier says so
+there and lets the lock go before it syncs: the standby shows the batch
+without waiting for the disk. A crash of the daemon leaves the page cache,
+so the replica is whole then; a reboot may not have kept it, so on another
+boot the batch reads as torn until the primary sent its paths again
+(``lost_to_power``).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ FIELDS: dict[Op, tuple[str, ...]] = {
 }
 
 # Ops that change which names exist. They are not idempotent, so the
-# applier commits a marker before each one (see repl/apply.py).
+# applier writes a marker before each one (see repl/apply.py).
 NAMESPACE_OPS = frozenset(
     {Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME,
      Op.RESET, Op.PRUNE, Op.FILE}

@@ -2,13 +2,14 @@
 
 Set N is applied only after N-1 (claim 24), and only once its complete flag
 is set (claims 20, 21, 25). Applying is redo-safe (repl/apply.py): a marker
-is committed before every namespace op, and after a crash applying resumes
-at the marker. The complete sets waiting in a row are applied as one batch
-under the apply lock; then, the lock let go (readers see the batch from
-there), the replica is synced (syncfs) once and the apply log says the last
-of them is applied; only then is it reported to the primary. One sync per
-batch instead of per set is what lets the replica keep up with a primary
-that closes a set at every small fsync.
+is written before every namespace op, and after a crash applying resumes
+at the marker (after a power cut of the host, the primary sends the batch's
+paths again instead: ``_mend_from_primary``). The complete sets waiting in
+a row are applied as one batch under the apply lock; then, the lock let go
+(readers see the batch from there), the replica is synced (syncfs) once and
+the apply log says the last of them is applied; only then is it reported to
+the primary. One sync per batch instead of per set is what lets the replica
+keep up with a primary that closes a set at every small fsync.
 
 Sets are applied in a worker thread, so a large set never stalls the
 streams; the thread owns the replica's Tree.
