@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             staging = staging_dir_of(args.replica, args.staging)
             journal = args.journal or default_state_dir(args.replica) / "journal"
             started = time.monotonic()
-            done = trio.run(functools.partial(promote, args.replica, staging, journal,
-                                              accept_torn=args.accept_torn))
+            done = trio.run(promote, args.replica, staging, journal)
             print(f"promoted {args.replica} to generation {done.generation} in "
                   f"{time.monotonic() - started:.2f}s: applied sets "
                   f"{done.applied_from + 1}..{done.applied_to}"

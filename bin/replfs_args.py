@@ -236,9 +236,6 @@ def build_parser() -> Parser:
     staging_option(p)
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="the new primary's journal (default: .REPLICA.replfs/journal)")
-    p.add_argument("--accept-torn", action="store_true",
-                   help="promote a replica a power cut of this host tore even though the "
-                        "primary never sent its paths again (they are logged)")
 
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):

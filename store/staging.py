@@ -174,16 +174,13 @@ class Staging(LmdbDir):
                 yield Record.decode(value)
 
     def applicable_through(self) -> int:
-        """The last set the applier can reach: complete sets after `applied`, no gap;
-        none while a rejoin waits for the primary's set (``start_rejoin``).
+        """The last set the applier can reach: complete sets after `applied`, no gap.
 
         Read in one transaction, so it never sees a set gone but `applied` not moved.
         """
         with self.env.begin() as txn:
             raw = txn.get(_APPLIED, db=self._meta)
             applied = decode_set(raw) if raw else 0
-            if txn.get(_REJOIN, db=self._meta) is not None:
-                return applied
             while True:
                 raw = txn.get(encode_set(applied + 1), db=self._sets)
                 if raw is None or not SetState.decode(raw).complete:
@@ -296,15 +293,6 @@ class Staging(LmdbDir):
             txn.put(_REJOIN, divergence, db=self._meta)
             # Not a consistent replica until the new primary's set arrives and applies.
             txn.put(_SYNCING, encode_set(shared + 1), db=self._meta)
-        self.env.sync(True)
-        self.epoch += 1
-
-    def abandon_rejoin(self) -> None:
-        """Give up waiting for the primary's set of what diverged (a promote that takes
-        the replica as it is): the complete sets staged are applicable again."""
-        with self.env.begin(write=True) as txn:
-            for key in (_REJOIN, _SYNCING, _SCRATCH):
-                txn.delete(key, db=self._meta)
         self.env.sync(True)
         self.epoch += 1
 

@@ -154,8 +154,7 @@ class Applier:
         staging = self.staging
         touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
                                    for record in staging.records(set_id))
-        # The sets staged stay, unapplied until that set replaces them: if the primary
-        # is gone for good, promote --accept-torn applies them as a crash's redo would.
+        staging.drop_unapplied()
         staging.start_rejoin(staging.applied, json.dumps(touched.to_json()).encode())
         self._tear(staging.applied + 1)
         log.warning("sets %d to %d were being applied when this host lost its power: the "

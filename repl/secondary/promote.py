@@ -9,20 +9,17 @@ last one applied.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from repl import control
-from repl.diverge import Divergence
 from repl.errors import UsageError
 from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.errors import JournalLocked
-from store.hold import interrupted, is_held, lost_to_power, mark_applying, set_hold
+from store.hold import is_held, set_hold
 from store.journal import Journal
 from store.staging import Staging
 
@@ -38,8 +35,7 @@ class Promotion:
 
 
 async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
-                  generation: int | None = None, cluster: str | None = None, *,
-                  accept_torn: bool = False) -> Promotion:
+                  generation: int | None = None, cluster: str | None = None) -> Promotion:
     """Make *replica* a primary's tree, of *generation* (default: the next one), of
     *cluster* (a replica that never met a primary has none yet: given by a cluster
     of nodes, repl/cluster/node.py).
@@ -48,14 +44,8 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
     new journal as they were: a secondary that had staged fewer of them follows from
     there, instead of being sent the whole tree.
 
-    A replica a power cut of this host tore, waiting for the primary to send the
-    paths again, is refused unless *accept_torn*: then it is taken as it is, its
-    complete sets applied from the marker as after a crash of the daemon, and the
-    paths that may differ from any set the primary had are logged.
-
-    Raises UsageError if it cannot be (no replica, a sync never finished, a torn
-    replica not accepted, a set that fails to apply, *generation* not newer than
-    the replica's).
+    Raises UsageError if it cannot be (no replica, a sync never finished, a set
+    that fails to apply, *generation* not newer than the replica's).
     """
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist or is not a directory")
@@ -67,8 +57,6 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         if is_held(staging_dir):
             log.info("lifting the hold on %s to apply every complete set", replica)
             set_hold(staging_dir, False)
-        if accept_torn:
-            _accept_torn(replica, staging, staging_dir)
         applier = Applier(staging, replica)
         tree = Tree(replica)
         try:
@@ -85,14 +73,10 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         finally:
             tree.close()
             applier.lock.close()
-        if staging.rejoin is not None:
-            paths = _paths(_staged_divergence(staging.rejoin))
-            raise UsageError(f"replica {replica} waits for the primary to send {len(paths)} "
-                             "paths again (a power cut of this host tore them, or they "
-                             "diverged); promote it as it is with --accept-torn")
         if staging.syncing is not None:
-            raise UsageError(f"replica {replica} never finished its initial sync, so it holds "
-                             "no consistent set; it cannot be promoted")
+            raise UsageError(f"replica {replica} never finished its initial sync (or the "
+                             "primary's resend of what a power cut of this host tore), so "
+                             "it holds no consistent set; it cannot be promoted")
         dropped = staging.drop_partial()
         ident = staging.identity
         if generation is not None and generation <= ident.generation:
@@ -116,34 +100,6 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         return Promotion(ident.generation, start, applier.applied, dropped)
     finally:
         staging.close()
-
-
-def _accept_torn(replica: Path, staging: Staging, staging_dir: Path) -> None:
-    """Take *replica* as it is, if a power cut of this host tore it (mended by the
-    primary or not yet asked to be): the batch cut short is redone from its marker
-    on this boot, and the paths it touched are logged as maybe differing."""
-    if staging.rejoin is not None:
-        paths = _paths(_staged_divergence(staging.rejoin))
-    elif (lost := lost_to_power(staging_dir)) is not None:
-        paths = _paths(Divergence().add(r for s in range(lost[0], lost[1] + 1)
-                                        for r in staging.records(s)))
-    else:
-        return
-    if (batch := interrupted(staging_dir)) is not None:
-        mark_applying(staging_dir, *batch)  # on this boot: redone as after a crash
-    staging.abandon_rejoin()
-    log.warning("taking %s as it is: these %d paths may differ from every set the primary "
-                "had: %s", replica, len(paths),
-                ", ".join(paths[:20]) + (", ..." if len(paths) > 20 else ""))
-
-
-def _staged_divergence(raw: bytes) -> Divergence:
-    return Divergence.from_json(json.loads(raw))
-
-
-def _paths(div: Divergence) -> list[str]:
-    """The paths *div* names, sorted ("/": the whole tree)."""
-    return sorted(os.fsdecode(p) or "/" for p in {*div.content, *div.ranges})
 
 
 def _open_staging(staging_dir: Path, wait: float) -> Staging:
