@@ -40,6 +40,7 @@ from repl.apply import apply, intent_for, redo
 from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
+from repl.protocol import MAX_HELLO_FRAME
 from repl.secondary.footprint import Footprint, Invalidator
 from repl.tree import Tree
 from store.hold import (
@@ -154,13 +155,16 @@ class Applier:
         staging = self.staging
         touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
                                    for record in staging.records(set_id))
+        what = f"the {len(touched.content) + len(touched.ranges)} paths they touched"
+        offer = json.dumps(touched.to_json()).encode()
+        if len(offer) > MAX_HELLO_FRAME // 2:  # offered in our HELLO answer: it must fit
+            offer, what = json.dumps(Divergence({b""}).to_json()).encode(), "the whole tree"
         staging.drop_unapplied()
-        staging.start_rejoin(staging.applied, json.dumps(touched.to_json()).encode())
+        staging.start_rejoin(staging.applied, offer)
         self._tear(staging.applied + 1)
         log.warning("sets %d to %d were being applied when this host lost its power: the "
-                    "replica may hold part of them; the primary sends the %d paths they "
-                    "touched again", batch[0], batch[1],
-                    len(touched.content) + len(touched.ranges))
+                    "replica may hold part of them; the primary sends %s again",
+                    batch[0], batch[1], what)
 
     def notify(self) -> None:
         """A set became complete (called by the receiver)."""

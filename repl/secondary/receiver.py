@@ -56,7 +56,7 @@ from repl.secondary.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Record
-from store.staging import Staging
+from store.staging import Staged, Staging
 
 log = logging.getLogger("replfs.receiver")
 
@@ -65,9 +65,10 @@ HANDSHAKE_TIMEOUT = 10.0  # the rest of the replfs handshake, once the HELLO is 
 REFUSALS_LOGGED = 20
 STAGE_BATCH = 4096
 STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
-# A batch this small is synced in trio's own thread: its flush writes a few pages,
-# and the round trip to a worker thread and back costs as much again (0.2-1 ms
-# here), which an fsync waiting for the secondary (--fsync remote) would wait too.
+# A batch this small is staged and synced in trio's own thread: its flushes write a
+# few pages, and the round trip to a worker thread and back costs as much again
+# (0.2-1 ms here), which an fsync waiting for the secondary (--fsync remote) would
+# wait too.
 INLINE_SYNC_BYTES = 256 << 10
 # Records read and not yet staged, all streams together: twice what a primary keeps in
 # flight (its window, 32 MiB), so a real one never waits for it.
@@ -434,17 +435,21 @@ class Receiver:
                 self._queued -= sum(len(raw) for _, _, raw in batch)
                 self._dequeued.unpark_all()
 
+    def _stage_durably(self, records: list[Record], raws: list[bytes]) -> Staged:
+        result = self.staging.stage(records, raws)
+        self.staging.sync()
+        return result
+
     async def _stage(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
         """Stage *batch* durably, acknowledge it on the streams it came from, and wake
         the applier if a set is complete."""
         if not batch:
             return  # all from streams a newer session replaced
-        result = self.staging.stage([record for _, record, _ in batch],
-                                    [raw for _, _, raw in batch])
-        if sum(len(raw) for _, _, raw in batch) <= INLINE_SYNC_BYTES:
-            self.staging.sync()
-        else:
-            await trio.to_thread.run_sync(self.staging.sync)
+        records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
+        if sum(map(len, raws)) <= INLINE_SYNC_BYTES:
+            result = self._stage_durably(records, raws)
+        else:  # its commit flushes the pages it wrote too: not in trio's thread
+            result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
         self.status.staged += len(result.keys) - result.duplicates
         self.status.duplicates += result.duplicates
         self.status.stale += result.stale

@@ -9,6 +9,7 @@ close of the last set, every op done once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ import trio
 
 import repl.secondary.applier as applier_module
 from repl.apply import apply
+from repl.diverge import Divergence
+from repl.faults import ENV_BOOT_ID
 from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.hold import ApplyLock, interrupted, mark_applying, set_hold, torn
@@ -484,3 +487,27 @@ async def test_sync_set_begun_as_it_arrives_is_finished_while_held(tmp_path: Pat
             nursery.cancel_scope.cancel()
         assert (staging.applied, interrupted(staging.path)) == (1, None)
     assert not diff(snapshot(replica), expected(tmp_path, [records]))
+
+
+@pytest.mark.parametrize("files", [3, 40_000])
+def test_power_lost_batch_asks_for_its_paths_or_past_a_hello_the_whole_tree(
+        tmp_path: Path, files: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch begun on another boot is offered to the primary as the paths it touched;
+    so many that the offer would not fit a HELLO answer, as the whole tree."""
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    boot = tmp_path / "boot_id"
+    boot.write_text("before\n")
+    monkeypatch.setenv(ENV_BOOT_ID, str(boot))
+    with closing(Staging(tmp_path / "staging")) as staging:
+        records = [Record(Op.CREATE, 1, seq, path=b"f%06d" % seq, mode=0o100644)
+                   for seq in range(files)]
+        staging.stage([*records, Record(Op.SYNC, 1, files, count=files)])
+        mark_applying(staging.path, 1, 1)
+        boot.write_text("after\n")
+        Applier(staging, replica).lock.close()
+        offer = staging.rejoin
+        assert offer is not None and staging.syncing == 1
+        assert staging.sets() == {}  # they come again, as the primary's set
+        content = Divergence.from_json(json.loads(offer)).content
+        assert content == ({b""} if files > 3 else {r.path for r in records})
