@@ -21,6 +21,7 @@ boot the batch reads as torn until the primary sent its paths again
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import threading
 import time
@@ -119,7 +120,7 @@ def _write_applying(staging_dir: Path, text: str, *, sync: bool = False) -> None
     alone)."""
     data = text.encode().ljust(_APPLYING_BYTES - 1) + b"\n"
     path = staging_dir / APPLYING
-    made = not path.exists()
+    made = sync and not path.exists()  # then its directory entry is flushed too
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         os.pwrite(fd, data, 0)
@@ -127,7 +128,7 @@ def _write_applying(staging_dir: Path, text: str, *, sync: bool = False) -> None
             os.fsync(fd) if made else os.fdatasync(fd)
     finally:
         os.close(fd)
-    if sync and made:
+    if made:
         _sync_dir(staging_dir)
 
 
@@ -180,8 +181,20 @@ def _applying(staging_dir: Path) -> tuple[int, int, str | None, bool] | None:
 def boot_id() -> bytes:
     """This boot of the machine (a new one after every reboot), or b"" if unknown.
     A test reboots a machine by naming a file that holds the id in ENV_BOOT_ID."""
+    override = os.environ.get(ENV_BOOT_ID)
+    return _read_boot_id(override) if override else _kernel_boot_id()
+
+
+@functools.cache
+def _kernel_boot_id() -> bytes:
+    """The kernel's: it cannot change while this process lives (read once, not at each
+    request of the standby mount, which asks ``torn()``)."""
+    return _read_boot_id(BOOT_ID)
+
+
+def _read_boot_id(path: str) -> bytes:
     try:
-        with open(os.environ.get(ENV_BOOT_ID) or BOOT_ID, "rb") as f:
+        with open(path, "rb") as f:
             return f.read().strip()
     except OSError:
         return b""
