@@ -24,6 +24,7 @@ from pathlib import Path
 import lmdb
 
 from store import identity
+from store.hold import lost_to_power
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
 from store.marker import CLEARED, Marker
 from store.private import FILE_MODE
@@ -365,7 +366,9 @@ class Standing:
     generation: int
     applied: int
     complete: int  # the last set promote would reach: complete sets after applied, no gap
-    syncing: bool  # no consistent set (an initial sync, a rejoin not yet done)
+    # No consistent set: an initial sync, a rejoin not yet done, or a batch a power cut
+    # of this host tore, which only the primary's resend of its paths mends.
+    syncing: bool
     cluster: str | None
 
 
@@ -379,7 +382,10 @@ def open_reader(staging_dir: Path) -> lmdb.Environment:
 
 def read_standing(staging_dir: Path) -> Standing | None:
     """The standing of the replica whose staging is at *staging_dir* (None if there is
-    none), read without disturbing (or waiting for) a daemon that holds it open."""
+    none), read without disturbing (or waiting for) a daemon that holds it open.
+    A replica torn by a power cut counts as syncing even before its secondary has
+    started and asked the primary for the torn batch's paths
+    (repl/secondary/applier.py): an election must not pick it."""
     if not (staging_dir / "data.mdb").exists():
         return None
     env = open_reader(staging_dir)
@@ -394,6 +400,7 @@ def read_standing(staging_dir: Path) -> Standing | None:
                 complete += 1
             ident = identity.parse(txn.get(identity.KEY, db=meta), make_cluster=False)
             syncing = txn.get(_SYNCING, db=meta) is not None
+        syncing = syncing or lost_to_power(staging_dir) is not None
         return Standing(ident.generation, applied, complete, syncing, ident.cluster)
     finally:
         env.close()

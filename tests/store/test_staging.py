@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from store.errors import JournalLocked, RecordError
+from store.hold import ENV_BOOT_ID, mark_applying
 from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
 from store.staging import MARKER, Staging, read_standing
 from tests.support import ROOT
@@ -471,6 +472,25 @@ def test_staging_read_standing_ok(path: Path) -> None:
     assert (standing.generation, standing.applied, standing.complete, standing.syncing) == (
         4, 1, 2, False), "complete: up to the gap before set 4"
     assert read_standing(path.parent / "none") is None
+
+
+def test_staging_read_standing_err_torn_by_a_power_cut(path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch begun on a boot before this one, never made durable: the replica is
+    torn, and an election must not pick it, even before its secondary started and
+    asked the primary for the batch's paths."""
+    boot = path.parent / "boot_id"
+    boot.write_text("first-boot\n")
+    monkeypatch.setenv(ENV_BOOT_ID, str(boot))
+    with opened(path) as s:
+        s.stage([*data_set(1, 1), *data_set(2, 1)])
+        s.finish(1)
+    mark_applying(path, 2, 2)
+    standing = read_standing(path)
+    assert standing is not None and not standing.syncing, "on the boot that applies it"
+    boot.write_text("second-boot\n")
+    standing = read_standing(path)
+    assert standing is not None and (standing.applied, standing.syncing) == (1, True)
 
 
 def test_staging_open_reader_ok_after_the_writer_grew_the_store(staging: Staging,
