@@ -64,15 +64,15 @@ HANDSHAKE_TIMEOUT = 10.0  # the rest of the replfs handshake, once the HELLO is 
 # Refusals logged per second at most: a flood is counted, not written out line by line.
 REFUSALS_LOGGED = 20
 STAGE_BATCH = 4096
-STAGE_BYTES = 16 << 20  # a transaction holds its pages in memory until it commits
+STAGE_BYTES = 8 << 20  # a transaction holds its pages in memory until it commits
 # A batch this small is staged and synced in trio's own thread: its flushes write a
 # few pages, and the round trip to a worker thread and back costs as much again
 # (0.2-1 ms here), which an fsync waiting for the secondary (--fsync remote) would
 # wait too.
 INLINE_SYNC_BYTES = 256 << 10
 # Records read and not yet staged, all streams together: twice what a primary keeps in
-# flight (its window, 32 MiB), so a real one never waits for it.
-STAGE_QUEUE_BYTES = 64 << 20
+# flight (its window, 16 MiB), so a real one never waits for it.
+STAGE_QUEUE_BYTES = 32 << 20
 # Acknowledgement frames a stream may leave unread (each names at most STAGE_BATCH
 # records, 48 KiB): a primary reads them as they come, so only a peer that does
 # not read them reaches this.
