@@ -20,12 +20,14 @@ one walk of the tree, so that no name keeps stale data or a broken link.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from repl.errors import ProtocolError
+from repl.protocol import MAX_HELLO_FRAME
 from store.dirty import merge
 from store.errors import RecordError
 from store.records import NAMESPACE_OPS, Op, Record, check_path, is_under
@@ -108,6 +110,21 @@ class Divergence:
                 if os.lstat(full).st_ino in linked:
                     self.content.add(os.path.relpath(full, base))
         return self
+
+    @property
+    def whole_tree(self) -> bool:
+        return b"" in self.content
+
+    def offer(self) -> tuple[bytes, Divergence]:
+        """What a rejoining secondary offers in its HELLO answer (JSON), and what that
+        asks for: this, or the whole tree if this would not fit the bound the primary
+        reads the answer under (MAX_HELLO_FRAME). An answer past it is refused, and
+        the secondary could never connect."""
+        raw = json.dumps(self.to_json()).encode()
+        if len(raw) <= MAX_HELLO_FRAME // 2:
+            return raw, self
+        whole = Divergence({b""})
+        return json.dumps(whole.to_json()).encode(), whole
 
     def to_json(self) -> dict[str, object]:
         return {"content": sorted(p.hex() for p in self.content),

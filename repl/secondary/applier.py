@@ -26,7 +26,6 @@ the replica first.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -40,7 +39,6 @@ from repl.apply import apply, intent_for, redo
 from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
-from repl.protocol import MAX_HELLO_FRAME
 from repl.secondary.footprint import Footprint, Invalidator
 from repl.tree import Tree
 from store.hold import (
@@ -155,10 +153,9 @@ class Applier:
         staging = self.staging
         touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
                                    for record in staging.records(set_id))
-        what = f"the {len(touched.content) + len(touched.ranges)} paths they touched"
-        offer = json.dumps(touched.to_json()).encode()
-        if len(offer) > MAX_HELLO_FRAME // 2:  # offered in our HELLO answer: it must fit
-            offer, what = json.dumps(Divergence({b""}).to_json()).encode(), "the whole tree"
+        offer, asked = touched.offer()
+        what = "the whole tree" if asked.whole_tree else \
+            f"the {len(touched.content) + len(touched.ranges)} paths they touched"
         staging.drop_unapplied()
         staging.start_rejoin(staging.applied, offer)
         self._tear(staging.applied + 1)

@@ -119,7 +119,7 @@ class Rejoin:
         if staging.rejoin is None and journal is not None:
             fork = fork_point(info.get("history"), journal.identity.generation)
             ours, branch = keep_branch(journal, self.replica, self.branches, fork)
-            staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
+            staging.start_rejoin(fork - 1, ours.offer()[0])
             journal.close()
             journal.path.rename(branch / "journal")
             self.journal = None
@@ -164,11 +164,12 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
                                     for r in staging.records(s))
         else:
             ours = Divergence({b""})  # no longer known: the whole tree
+        offer, asked = ours.offer()
         staging.drop_unapplied()
-        staging.start_rejoin(fork - 1, json.dumps(ours.to_json()).encode())
+        staging.start_rejoin(fork - 1, offer)
         log.warning("this replica applied sets %d to %d, which the primary of generation "
                     "%d never had; it gets %s again", fork, applied, generation,
-                    "the whole tree" if b"" in ours.content else
+                    "the whole tree" if asked.whole_tree else
                     f"the {len(ours.content) + len(ours.ranges)} paths they touched")
     else:
         dropped = staging.drop_unapplied(keep_before=fork or 0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from repl.diverge import END, Divergence
+from repl.protocol import MAX_HELLO_FRAME
 from store.records import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Op, Record
 
 
@@ -34,3 +36,16 @@ def test_divergence_add_ok_content() -> None:
                             rec(Op.SETXATTR, b"d", name=b"user.k")])
     assert div.content == {b"a", b"b", b"c", b"d"}
     assert div.ranges == {}
+
+
+def test_divergence_offer_ok_fits_a_hello_or_asks_for_the_whole_tree() -> None:
+    """Offered in a HELLO answer, which the primary reads under MAX_HELLO_FRAME: past
+    half of it the offer asks for the whole tree instead of being refused."""
+    few = Divergence({b"a", b"b/c"})
+    raw, asked = few.offer()
+    assert asked is few and not asked.whole_tree
+    assert Divergence.from_json(json.loads(raw)) == few
+    many = Divergence({b"%06d" % i + b"x" * 240 for i in range(MAX_HELLO_FRAME // 2 // 480)})
+    raw, asked = many.offer()
+    assert asked.whole_tree and len(raw) < 100
+    assert Divergence.from_json(json.loads(raw)).content == {b""}

@@ -119,6 +119,19 @@ def test_follow_generation_ok_past_the_fork_asks_for_those_paths(staging: Stagin
         p.hex() for p in (b"d", b"e"))
 
 
+def test_follow_generation_ok_past_the_fork_too_many_paths_is_the_whole_tree(
+        staging: Staging) -> None:
+    """Past the fork the replica applied more paths than its HELLO answer can offer:
+    it asks for the whole tree instead of an answer the primary would refuse."""
+    names = [b"%06d" % i + b"x" * 240 for i in range(2_200)]
+    staging.stage([*(Record(Op.CREATE, 4, seq, path=name, mode=0o100644)
+                     for seq, name in enumerate(names)),
+                   Record(Op.SYNC, 4, len(names), count=len(names))])
+    staging.finish(4)
+    follow_generation(staging, HISTORY, 2)
+    assert json.loads(staging.rejoin or b"")["content"] == [""]
+
+
 def test_follow_generation_ok_past_the_fork_unknown_is_the_whole_tree(
         staging: Staging, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("store.staging.HISTORY_SETS", 0)
