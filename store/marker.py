@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from store.records import decode_key, encode_key
+from store.records import KEY_SIZE, decode_key, encode_key
 
 _HEAD = struct.Struct(">IQ")  # length, generation
-_KEY_SIZE = 12
 _CHECKSUM = struct.Struct(">Q")
 CLEARED = bytes(_HEAD.size)  # written over a marker: no op is marked (length 0)
 
@@ -44,7 +43,7 @@ class Marker:
     intent: bytes | None
 
     def encode(self) -> bytes:
-        body = (_HEAD.pack(_HEAD.size - 4 + _KEY_SIZE + len(self.intent or b""),
+        body = (_HEAD.pack(_HEAD.size - 4 + KEY_SIZE + len(self.intent or b""),
                            self.generation)
                 + encode_key(self.set, self.seq) + (self.intent or b""))
         return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
@@ -53,14 +52,14 @@ class Marker:
     def decode(cls, buf: bytes) -> Marker | None:
         """The marker at the head of *buf* (what follows it is left over from a longer
         one), or None if there is none or it is torn (a power cut mid-write)."""
-        if len(buf) < _HEAD.size + _KEY_SIZE + _CHECKSUM.size:
+        if len(buf) < _HEAD.size + KEY_SIZE + _CHECKSUM.size:
             return None
         length, generation = _HEAD.unpack_from(buf)
         end = 4 + length
-        if length < _HEAD.size - 4 + _KEY_SIZE or end + _CHECKSUM.size > len(buf):
+        if length < _HEAD.size - 4 + KEY_SIZE or end + _CHECKSUM.size > len(buf):
             return None
         (want,) = _CHECKSUM.unpack_from(buf, end)
         if xxhash.xxh3_64_intdigest(buf[:end]) != want:
             return None
-        set_id, seq = decode_key(buf[_HEAD.size : _HEAD.size + _KEY_SIZE])
-        return cls(generation, set_id, seq, bytes(buf[_HEAD.size + _KEY_SIZE : end]) or None)
+        set_id, seq = decode_key(buf[_HEAD.size : _HEAD.size + KEY_SIZE])
+        return cls(generation, set_id, seq, bytes(buf[_HEAD.size + KEY_SIZE : end]) or None)

@@ -419,6 +419,7 @@ def is_under(path: bytes, top: bytes) -> bool:
 
 
 _KEY = struct.Struct(">QI")
+KEY_SIZE = _KEY.size  # a record's key: set, seq
 
 
 def encode_key(set_id: int, seq: int) -> bytes:

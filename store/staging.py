@@ -28,7 +28,7 @@ from store.hold import lost_to_power
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
 from store.marker import CLEARED, Marker
 from store.private import FILE_MODE
-from store.records import Op, Record, decode_key, decode_set, encode_key, encode_set
+from store.records import KEY_SIZE, Op, Record, decode_key, decode_set, encode_key, encode_set
 from store.setstate import SetState
 
 _APPLIED = b"applied"
@@ -39,7 +39,6 @@ _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
 _SCRATCH = b"scratch"  # the sync under way started from a replica with no set to show
 _RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it is staged
-_KEY_SIZE = 12
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
 # most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
 # yet staged them all (repl/secondary/promote.py), and a replica that applied sets a new primary
@@ -73,9 +72,9 @@ class Staging(LmdbDir):
             self._generation = decode_set(raw) if raw else 0
             old = txn.get(_MARKER, db=self._meta)
             if old is not None:  # left by an older replfs: it moves to the file
-                set_id, seq = decode_key(old[:_KEY_SIZE])
+                set_id, seq = decode_key(old[:KEY_SIZE])
                 self._write_marker(Marker(self._generation, set_id, seq,
-                                          bytes(old[_KEY_SIZE:]) or None).encode())
+                                          bytes(old[KEY_SIZE:]) or None).encode())
                 txn.delete(_MARKER, db=self._meta)
         # Moves whenever staged sets not yet applied are erased or replaced (a reset, a
         # primary's restart, a rejoin): what was read of them before may be gone.
