@@ -120,6 +120,30 @@ def record_frames(raws: list[bytes], compressor: zstandard.ZstdCompressor | None
     return [Frame(FrameType.RECORD, raw) for raw in raws]
 
 
+class Packer:
+    """``record_frames`` for one stream of batches, trying zstd only where it pays.
+
+    A batch *compressor* could not make smaller goes plain, and so do the next
+    SKIP_BYTES without a try: media, encrypted or already compressed data cost the
+    primary a second of CPU a GiB in the attempt (here). Then it tries again.
+    """
+
+    SKIP_BYTES = 16 << 20
+
+    def __init__(self, compressor: zstandard.ZstdCompressor | None) -> None:
+        self.compressor = compressor
+        self.skip = 0  # bytes still to send plain without trying
+
+    def frames(self, raws: list[bytes]) -> list[Frame]:
+        if self.compressor is None or self.skip > 0:
+            self.skip -= sum(map(len, raws))
+            return record_frames(raws, None)
+        frames = record_frames(raws, self.compressor)
+        if frames[0].type == FrameType.RECORD:
+            self.skip = self.SKIP_BYTES
+        return frames
+
+
 def parse_records(frame: Frame) -> list[bytes]:
     """The encoded records a RECORDS_ZSTD frame carries. Raises ProtocolError if it does
     not decompress to whole records within MAX_FRAME bytes."""

@@ -40,12 +40,12 @@ from repl.protocol import (
     ZSTD,
     Frame,
     FrameType,
+    Packer,
     hello,
     parse_applied,
     parse_applying,
     parse_hello,
     parse_staged,
-    record_frames,
     reset_to,
 )
 from repl.wake import Waker
@@ -327,6 +327,7 @@ class Sender:
         turn = 0
         most = BATCH_BYTES if self.bucket is None else min(BATCH_BYTES, self.bucket.chunk)
         sent_at = -COALESCE_SECONDS
+        packer = Packer(compressor)
         while True:
             self._wakeup = trio.Event()
             self._waiting = True  # before reading: a flush after the read wakes us
@@ -370,7 +371,7 @@ class Sender:
                 self.semisync.shipped(sorted((s, q, is_sync(raw)) for s, q, raw in batch))
             for outbox, raws in zip(outboxes, per_stream, strict=True):
                 if raws:
-                    frames = record_frames(raws, compressor)
+                    frames = packer.frames(raws)
                     wire = sum(frame.wire_size for frame in frames)
                     self.status.sent_wire_bytes += wire
                     if self.bucket is not None:

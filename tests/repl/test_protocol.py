@@ -20,6 +20,7 @@ from repl.protocol import (
     Frame,
     FrameReader,
     FrameType,
+    Packer,
     applied,
     applying,
     hello,
@@ -404,6 +405,28 @@ def test_record_frames_ok_plain_when_not_smaller_or_off() -> None:
     for compressor in (zstandard.ZstdCompressor(level=3), None):
         frames = record_frames(raws, compressor)
         assert frames == [Frame(FrameType.RECORD, raw) for raw in raws]
+
+
+def test_packer_ok_after_a_batch_zstd_could_not_shrink_tries_again_past_skip_bytes(
+        ) -> None:
+    """Past a batch zstd could not make smaller, the next SKIP_BYTES go plain without
+    a try, even ones it could shrink; after them it tries again."""
+    def batch(*data: bytes) -> list[bytes]:
+        return [Record(Op.WRITE, 1, n, path=b"f", offset=0, data=d).encode()
+                for n, d in enumerate(data)]
+
+    noise = batch(*(os.urandom(64 << 10) for _ in range(4)))
+    text = batch(*[b"a log line\n" * 6000] * 4)
+    packer = Packer(zstandard.ZstdCompressor(level=3))
+    assert packer.frames(text)[0].type == FrameType.RECORDS_ZSTD
+    assert packer.frames(noise) == [Frame(FrameType.RECORD, raw) for raw in noise]
+    plain = 0
+    while plain < Packer.SKIP_BYTES:
+        assert packer.frames(text)[0].type == FrameType.RECORD, "not tried"
+        plain += sum(map(len, text))
+    (frame,) = packer.frames(text)
+    assert frame.type == FrameType.RECORDS_ZSTD and parse_records(frame) == text
+    assert Packer(None).frames(text) == [Frame(FrameType.RECORD, raw) for raw in text]
 
 
 def zstd_frame(plain: bytes, **kw: bool) -> Frame:
