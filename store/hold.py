@@ -160,9 +160,13 @@ def lost_to_power(staging_dir: Path) -> tuple[int, int] | None:
     (ask with the apply lock held): the host lost its power, or was reset, while it
     was applied or synced. The replica's filesystem may then have kept any part of
     the batch's ops, not only those before the marker, so a redo from the marker
-    cannot mend it (the applier asks the primary for the paths instead)."""
+    cannot mend it (the applier asks the primary for the paths instead).
+
+    Where the boot cannot be known, a batch never made durable counts as lost to
+    power, as the primary's recovery counts such a start (repl/activity.py): a
+    resend where a redo would have done, never a redo where it would not."""
     fields = _applying(staging_dir)
-    if fields is None or fields[2] is None or fields[2] == _boot_id():
+    if fields is None or fields[2] is None or (fields[2] == _boot_id() and boot_id()):
         return None
     return fields[0], fields[1]
 

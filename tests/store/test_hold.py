@@ -89,6 +89,17 @@ def test_lost_to_power_err_begun_on_another_boot(tmp_path: Path, done: bool,
     assert torn(tmp_path) == (3, 5) and interrupted(tmp_path) == (3, 5)
 
 
+def test_lost_to_power_err_boot_unknown(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine whose boot cannot be read: a batch never made durable may have met a
+    power cut, so it is resent rather than redone."""
+    monkeypatch.setenv(ENV_BOOT_ID, str(tmp_path / "no-such-file"))
+    mark_applying(tmp_path, 3, 5)
+    assert lost_to_power(tmp_path) == (3, 5)
+    clear_applying(tmp_path)
+    assert lost_to_power(tmp_path) is None
+
+
 def test_lost_to_power_ok_none_from_an_older_replfs(tmp_path: Path) -> None:
     """An older replfs wrote no boot while a batch was under way: redone as it was."""
     (tmp_path / APPLYING).write_text("3 5\n")
