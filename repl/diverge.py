@@ -113,6 +113,7 @@ class Divergence:
 
     @property
     def whole_tree(self) -> bool:
+        """Whether this stands for the whole tree (b"", the root, is in content)."""
         return b"" in self.content
 
     def offer(self) -> tuple[bytes, Divergence]:

@@ -165,8 +165,8 @@ def lost_to_power(staging_dir: Path) -> tuple[int, int] | None:
     Where the boot cannot be known, a batch never made durable counts as lost to
     power, as the primary's recovery counts such a start (repl/activity.py): a
     resend where a redo would have done, never a redo where it would not."""
-    fields = _applying(staging_dir)
-    if fields is None or fields[2] is None or (fields[2] == _boot_id() and boot_id()):
+    fields, boot = _applying(staging_dir), boot_id()
+    if fields is None or fields[2] is None or (boot and fields[2] == boot.decode(errors="replace")):
         return None
     return fields[0], fields[1]
 

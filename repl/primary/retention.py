@@ -165,7 +165,7 @@ class Retention:
         follower = self.followers.get(address)
         if follower is None or not follower.dropped or applied < follower.applied:
             return None
-        if b"" in follower.missed.content:
+        if follower.missed.whole_tree:
             return None  # too much to name: the whole tree
         div = Divergence().update(follower.missed)
         return div.add(self.journal.records(follower.applied + 1))
@@ -182,7 +182,7 @@ class Retention:
             if record.set > upto:
                 break
             for address, follower in dropped.items():
-                if record.set <= follower.applied or b"" in follower.missed.content:
+                if record.set <= follower.applied or follower.missed.whole_tree:
                     continue  # not its to miss, or it gets the whole tree anyway
                 follower.missed.add([record])
                 content, ranges = changed[address]
@@ -198,9 +198,9 @@ class Retention:
         *ranges* paths), or, past MISSED_PATHS or after a RESET, the whole tree."""
         missed = follower.missed
         prefix = _MISSED + address.encode() + b"\0"
-        if b"" in missed.content or len(missed.content) + len(missed.ranges) > MISSED_PATHS:
+        if missed.whole_tree or len(missed.content) + len(missed.ranges) > MISSED_PATHS:
             if missed.content != {b""} or missed.ranges:  # not yet the whole tree alone
-                if b"" not in missed.content:
+                if not missed.whole_tree:
                     log.warning("secondary %s missed more than %d paths: it gets the whole "
                                 "tree when it is back", address, MISSED_PATHS)
                 self._forget_missed(address, follower)
@@ -282,7 +282,7 @@ class Retention:
         follower = self.followers.get(address, Follower())
         out: dict[str, object] = {"dropped": follower.dropped}
         if follower.dropped:
-            out["missed_paths"] = ("all" if b"" in follower.missed.content else
+            out["missed_paths"] = ("all" if follower.missed.whole_tree else
                                    len(follower.missed.content) + len(follower.missed.ranges))
         return out
 

@@ -154,7 +154,7 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
         # all again.
         staging.drop_unapplied()
         shared = applied if fork is None else min(applied, fork - 1)
-        staging.start_rejoin(shared, json.dumps(Divergence({b""}).to_json()).encode())
+        staging.start_rejoin(shared, Divergence({b""}).offer()[0])
         log.warning("the sync from the last primary did not finish: the primary of "
                     "generation %d sends the whole tree again", generation)
     elif fork is not None and applied >= fork and staging.rejoin is None:
