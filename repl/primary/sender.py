@@ -33,7 +33,7 @@ from repl.diverge import Divergence
 from repl.errors import NotYet, ProtocolError, Refused
 from repl.errors import first_error as _first
 from repl.link import Dialer, Link
-from repl.primary.pacing import TokenBucket
+from repl.pacing import TokenBucket
 from repl.primary.semisync import Peer
 from repl.protocol import (
     PROTOCOL_VERSION,

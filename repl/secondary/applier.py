@@ -39,6 +39,7 @@ from repl.apply import apply, intent_for, redo
 from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
+from repl.pacing import TokenBucket
 from repl.secondary.footprint import Footprint, Invalidator
 from repl.tree import Tree
 from store.hold import (
@@ -58,13 +59,16 @@ log = logging.getLogger("replfs.applier")
 
 RETRY_MAX = 5.0
 BATCH_SECONDS = 0.05  # a batch ends after the set that takes it past this: readers wait
-# Batches start at most this often. Each ends in a syncfs (which writes back all
-# the replica's filesystem holds dirty) and an apply-log sync; a primary that closes
-# a set at every fsync would otherwise get both for each set. At 100 batches a
-# second (10 ms), on the bench's one shared disk, they took a fifth of the
+# Batches start at most this often on average. Each ends in a syncfs (which writes
+# back all the replica's filesystem holds dirty) and an apply-log sync; a primary
+# that closes a set at every fsync would otherwise get both for each set. At 100
+# batches a second (10 ms), on the bench's one shared disk, they took a fifth of the
 # primary's fsync latency. Lag grows by as much at most; what the secondary staged,
-# which an fsync with --fsync remote waits for, does not.
+# which an fsync with --fsync remote waits for, does not. The pace is a token
+# bucket: a set that comes alone, soon after a batch, starts its own at once; only
+# a run of sets waits, gathered into fewer batches.
 APPLY_INTERVAL = 0.05
+APPLY_BURST = 2  # batches that may start back to back before the pace holds
 # While a set is applied, the record reached is told to the primary this often (if
 # it moved): a set that takes minutes to apply is progress, not a stall.
 PROGRESS_SECONDS = 1.0
@@ -225,6 +229,7 @@ class Applier:
 
     async def _apply_in_order(self, tree: Tree) -> None:
         delay = 0.1
+        pace = TokenBucket(1 / APPLY_INTERVAL, burst_seconds=APPLY_BURST * APPLY_INTERVAL)
         while True:
             self._wakeup = trio.Event()
             if self._reset is not None:
@@ -278,7 +283,7 @@ class Applier:
             self._applied_changed.set()
             self._applied_changed = trio.Event()
             self.on_applied(self.applied)
-            await trio.sleep_until(began + APPLY_INTERVAL)  # pacing: see APPLY_INTERVAL
+            await pace.take(1)  # see APPLY_INTERVAL
 
     def applies_as_arrived(self, set_id: int) -> bool:
         """Whether *set_id* is a sync set to apply as it arrives (see the module's doc).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import repl.secondary.applier as applier_module
 from repl.apply import apply
@@ -203,6 +204,71 @@ async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) ->
         assert staging.applied == 4, "held: the batch is finished, the next set waits"
         assert interrupted(staging.path) is None
     assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+def writes(count: int) -> list[list[Record]]:
+    """*count* sets, each one write of a file the first set makes."""
+    ops: list[list[tuple[Op, dict[str, object]]]] = [
+        [(Op.CREATE, {"path": b"f", "mode": 0o100644, "uid": 0, "gid": 0})]]
+    ops[0].append((Op.WRITE, {"path": b"f", "offset": 0, "data": b"1"}))
+    ops += [[(Op.WRITE, {"path": b"f", "offset": 0, "data": b"%d" % n})]
+            for n in range(2, count + 1)]
+    return numbered(ops)
+
+
+async def applied_one_by_one(tmp_path: Path, sets: list[list[Record]]) -> list[float]:
+    """Stage *sets* one at a time, each as soon as the one before is applied; the trio
+    time at which each was applied."""
+    at: list[float] = []
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    with closing(Staging(tmp_path / "staging")) as staging:
+        applier = Applier(staging, replica)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(applier.run)
+            for set_id, records in enumerate(sets, start=1):
+                staging.stage(records)
+                applier.notify()
+                await applier.wait_applied(set_id)
+                at.append(trio.current_time())
+            nursery.cancel_scope.cancel()
+    assert (replica / "f").read_bytes() == b"%d" % len(sets)
+    return at
+
+
+def idle_clock(real_seconds: float) -> trio.testing.MockClock:
+    """Virtual time that moves on to the next deadline only once trio has been idle
+    for *real_seconds* (an apply in its thread counts as idle): a wait for the pace
+    shows as virtual time, an apply quicker than that does not."""
+    return trio.testing.MockClock(autojump_threshold=real_seconds)
+
+
+@pytest.fixture
+def patient_clock() -> trio.testing.MockClock:
+    return idle_clock(30.0)  # an apply of a set of one write never takes this long
+
+
+@pytest.fixture
+def quick_clock() -> trio.testing.MockClock:
+    return idle_clock(0.2)
+
+
+async def test_applier_run_ok_a_set_alone_after_a_batch_starts_at_once(
+        tmp_path: Path, patient_clock: trio.testing.MockClock) -> None:
+    """The pace of batches (APPLY_INTERVAL) holds back a run of sets, not a set that
+    comes alone soon after a batch: that one is applied without waiting (lag)."""
+    at = await applied_one_by_one(tmp_path, writes(applier_module.APPLY_BURST))
+    assert at[-1] - at[0] == 0, "a set alone waited for the pace"
+
+
+async def test_applier_run_ok_a_run_of_sets_is_paced(
+        tmp_path: Path, quick_clock: trio.testing.MockClock) -> None:
+    """Sets that keep coming start batches at most every APPLY_INTERVAL on average,
+    once the first APPLY_BURST went at once."""
+    count = applier_module.APPLY_BURST + 4
+    at = await applied_one_by_one(tmp_path, writes(count))
+    assert at[-1] - at[0] >= (count - applier_module.APPLY_BURST - 1) * \
+        applier_module.APPLY_INTERVAL * 0.99, at
 
 
 async def test_applier_ok_tells_the_record_it_reached_while_a_set_takes_long(

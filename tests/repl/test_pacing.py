@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from repl.primary.pacing import BURST_SECONDS, TokenBucket
+from repl.pacing import BURST_SECONDS, TokenBucket
 from tests.support import primary, secondary, status, until
 
 RATE = 1 << 20  # 1 MiB/s

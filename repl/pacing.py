@@ -1,12 +1,12 @@
 """A token bucket: the sender's cap on bytes a second (``--max-rate``), for links
-shared with other traffic.
+shared with other traffic, and the pace of the secondary's apply batches.
 
-Tokens (bytes) accrue at ``rate`` a second up to ``burst``; sending takes
-them, and a send larger than what is there runs the bucket into debt and
-waits until the debt is paid back. So the rate holds on average over any
-span longer than one send, and one send is never split or refused, however
-large. The sender keeps each send to a tenth of a second's worth (see
-``chunk``), so the rate also holds over short spans.
+Tokens accrue at ``rate`` a second up to ``burst``. A send (or a batch)
+takes them, and one that takes more than what is there runs the bucket
+into debt and waits until the debt is paid back. So the rate holds on average over
+any span longer than one send, and one send is never split or refused,
+however large. The sender keeps each send to a tenth of a second's worth
+(see ``chunk``), so the rate also holds over short spans.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ BURST_SECONDS = 0.1  # a sender idle for a while may send this long at full spee
 
 
 class TokenBucket:
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst_seconds: float = BURST_SECONDS) -> None:
+        """*rate* tokens a second; an idle bucket fills up to *burst_seconds* of them."""
         if rate <= 0:
             raise ValueError(f"rate must be positive, not {rate}")
         self.rate = rate
-        self.burst = rate * BURST_SECONDS
+        self.burst = rate * burst_seconds
         self._tokens = self.burst
         self._at = trio.current_time()
         self.waited = 0.0  # seconds spent waiting for tokens, in all
