@@ -10,7 +10,8 @@ of the rounds under it: this machine's disk and CPU move by 2-3x from
 minute to minute. The table gives each figure and the ratio
 replicated/native (native/replicated for latencies). Then, with the
 secondary: lag from a set's close to its apply (``checkpoint --wait``
-round trips under a steady writer), the catch-up
+round trips under a steady writer, and the lag under an application that
+fsyncs 15 times a second: bin/bench_lag.py), the catch-up
 rate after an outage, peak memory of both daemons, and journal bytes per
 application byte. Last, the standby's reads (bin/bench_reads.py): the
 secondary's cached standby mount against the replica directory, idle and
@@ -53,6 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench_lag
 import bench_reads
 from bench_report import JOURNAL_MAX, TARGETS, TRANSPORTS, machine, report, table
 from bench_workloads import (
@@ -64,7 +66,6 @@ from bench_workloads import (
     Plan,
     Result,
     now,
-    percentile,
     write_file,
 )
 from demo import Proc, links
@@ -324,56 +325,13 @@ class Bench:
         return sec
 
     def lag(self, mount: Path) -> None:
-        """Checkpoint round trips (close -> applied on the secondary) under a steady writer."""
-        stop = threading.Event()
-        failed: list[BaseException] = []
-        samples: list[float] = []
-        files: list[int] = []
-        d = Path(tempfile.mkdtemp(prefix="lag.", dir=mount))
+        """The lag figures (bin/bench_lag.py): under a steady writer, under fsyncs."""
+        def lag_seconds() -> float:
+            return float(ask(mount, "status")["lag_seconds"])
 
-        def writer() -> None:  # a 64 KiB file about every 10 ms; close hands it to the daemon
-            chunk = os.urandom(64 << 10)
-            try:
-                while not stop.wait(0.008):
-                    (d / f"w{len(files):06}").write_bytes(chunk)
-                    files.append(len(chunk))
-            except OSError as exc:
-                failed.append(exc)
-
-        def sampler() -> None:
-            while not stop.wait(0.1):
-                with contextlib.suppress(OSError):
-                    samples.append(float(ask(mount, "status")["lag_seconds"]))
-
-        threads = [threading.Thread(target=writer, daemon=True),
-                   threading.Thread(target=sampler, daemon=True)]
-        for t in threads:
-            t.start()
-        trips: list[float] = []
-        start = now()
-        deadline = start + self.plan.lag_seconds
-        try:
-            time.sleep(0.5)
-            while now() < deadline and not failed:
-                before = now()
-                checkpoint(mount, 60)
-                trips.append(now() - before)
-                time.sleep(0.2)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
-        load = sum(files) / MB / (now() - start)
-        if failed:
-            raise failed[0]
-        self.replication |= {
-            "lag_p50_ms": percentile(trips, 50) * 1e3, "lag_p99_ms": percentile(trips, 99) * 1e3,
-            "lag_round_trips": len(trips), "lag_load_MBps": load,
-            "status_lag_p50_ms": percentile(samples, 50) * 1e3 if samples else 0.0,
-            "status_lag_p99_ms": percentile(samples, 99) * 1e3 if samples else 0.0,
-        }
-        say(f"  lag: {len(trips)} checkpoint round trips, p50 "
-            f"{self.replication['lag_p50_ms']:.0f} ms, p99 {self.replication['lag_p99_ms']:.0f} ms")
+        self.replication |= bench_lag.steady(mount, self.plan.lag_seconds, checkpoint,
+                                             lag_seconds, say)
+        self.replication |= bench_lag.fsyncs(mount, self.plan.lag_seconds, lag_seconds, say)
 
     def outage(self, mount: Path, sec: Daemon, port: int) -> Daemon:
         """Write with the secondary down, restart it, time the catch-up; measure the journal."""
