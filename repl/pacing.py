@@ -3,10 +3,10 @@ shared with other traffic, and the pace of the secondary's apply batches.
 
 Tokens accrue at ``rate`` a second up to ``burst``. A send (or a batch)
 takes them, and one that takes more than what is there runs the bucket
-into debt and waits until the debt is paid back. So the rate holds on average over
-any span longer than one send, and one send is never split or refused,
-however large. The sender keeps each send to a tenth of a second's worth
-(see ``chunk``), so the rate also holds over short spans.
+into debt and waits until the debt is paid back. So the rate holds on
+average over any span longer than one send, and one send is never split or
+refused, however large. The sender keeps each send to a tenth of a second's
+worth (see ``chunk``), so the rate also holds over short spans.
 """
 
 from __future__ import annotations
