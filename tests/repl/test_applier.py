@@ -207,11 +207,13 @@ async def test_applier_run_ok_finishes_a_cut_batch_while_held(tmp_path: Path) ->
 
 
 def writes(count: int) -> list[list[Record]]:
-    """*count* sets, each one write of a file the first set makes."""
+    """*count* sets, each one write of a file the first set makes, and the times."""
+    times: list[tuple[Op, dict[str, object]]] = [
+        (Op.UTIMES, {"path": path, "atime_ns": T, "mtime_ns": T}) for path in (b"f", b"")]
     ops: list[list[tuple[Op, dict[str, object]]]] = [
-        [(Op.CREATE, {"path": b"f", "mode": 0o100644, "uid": 0, "gid": 0})]]
-    ops[0].append((Op.WRITE, {"path": b"f", "offset": 0, "data": b"1"}))
-    ops += [[(Op.WRITE, {"path": b"f", "offset": 0, "data": b"%d" % n})]
+        [(Op.CREATE, {"path": b"f", "mode": 0o100644, "uid": 0, "gid": 0}),
+         (Op.WRITE, {"path": b"f", "offset": 0, "data": b"1"}), *times]]
+    ops += [[(Op.WRITE, {"path": b"f", "offset": 0, "data": b"%d" % n}), *times]
             for n in range(2, count + 1)]
     return numbered(ops)
 
@@ -232,25 +234,21 @@ async def applied_one_by_one(tmp_path: Path, sets: list[list[Record]]) -> list[f
                 await applier.wait_applied(set_id)
                 at.append(trio.current_time())
             nursery.cancel_scope.cancel()
-    assert (replica / "f").read_bytes() == b"%d" % len(sets)
+    assert not diff(snapshot(replica), expected(tmp_path, sets))
     return at
 
 
-def idle_clock(real_seconds: float) -> trio.testing.MockClock:
-    """Virtual time that moves on to the next deadline only once trio has been idle
-    for *real_seconds* (an apply in its thread counts as idle): a wait for the pace
-    shows as virtual time, an apply quicker than that does not."""
-    return trio.testing.MockClock(autojump_threshold=real_seconds)
-
-
+# Virtual time that moves on to the next deadline only once trio has been idle for
+# autojump_threshold real seconds (an apply in its thread counts as idle): a wait for
+# the pace shows as virtual time, an apply quicker than that does not.
 @pytest.fixture
 def patient_clock() -> trio.testing.MockClock:
-    return idle_clock(30.0)  # an apply of a set of one write never takes this long
+    return trio.testing.MockClock(autojump_threshold=30.0)  # no apply of one write is slower
 
 
 @pytest.fixture
 def quick_clock() -> trio.testing.MockClock:
-    return idle_clock(0.2)
+    return trio.testing.MockClock(autojump_threshold=0.2)
 
 
 async def test_applier_run_ok_a_set_alone_after_a_batch_starts_at_once(
