@@ -6,7 +6,7 @@ is written before every namespace op, and after a crash applying resumes
 at the marker (after a power cut of the host, the primary sends the batch's
 paths again instead: ``_mend_from_primary``). The complete sets waiting in
 a row are applied as one batch under the apply lock; then, the lock let go
-(readers see the batch from there), the replica is synced (syncfs) once and
+(readers see the batch from there), the replica is synced once (``_sync``) and
 the apply log says the last of them is applied; only then is it reported to
 the primary. One sync per batch instead of per set is what lets the replica
 keep up with a primary that closes a set at every small fsync.
@@ -51,7 +51,7 @@ from store.hold import (
     mark_applied,
     mark_applying,
 )
-from store.libc import syncfs
+from store.libc import FUSE_SUPER_MAGIC, fs_magic, syncfs
 from store.records import NAMESPACE_OPS, Op
 from store.staging import Staging
 
@@ -85,6 +85,9 @@ FOOTPRINT_RECORDS = 20_000
 # daemon's peak memory; of 2,000, none.
 ARRIVED_RECORDS = 2_000
 ARRIVED_POLL = 0.1
+# A replica on a FUSE filesystem is synced node by node (see Applier._sync); a batch
+# that names more than this many paths, every file and directory of the replica.
+FUSE_SYNC_PATHS = 10_000
 
 
 def _complete(staging: Staging, set_id: int) -> bool:
@@ -426,7 +429,7 @@ class Applier:
         while True:
             try:
                 self.faults.step(set_id, -1)
-                syncfs(tree.root_fd)
+                self._sync(tree, first, set_id)
                 self.staging.finish(set_id)
                 clear_applying(self.staging.path)
                 self.redo_through = None
@@ -436,6 +439,27 @@ class Applier:
             except OSError as exc:
                 self._retry_or_raise(tree, first, exc, retry, delay)
                 delay = min(delay * 2, RETRY_MAX)
+
+    def _sync(self, tree: Tree, first: int, last: int) -> None:
+        """Make the replica's ops of sets *first* to *last* durable: one syncfs.
+
+        Not on a FUSE filesystem: the kernel never tells its daemon of a syncfs
+        (virtiofs aside), so there every node the sets name is fsynced, and the
+        directory that holds it; the whole replica if they start over from a RESET
+        or name more than FUSE_SYNC_PATHS paths.
+        """
+        if fs_magic(tree.root_fd) != FUSE_SUPER_MAGIC:
+            syncfs(tree.root_fd)
+            return
+        named: set[bytes] = set()
+        for set_id in range(first, last + 1):
+            for record in self.staging.records(set_id):
+                if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
+                    tree.sync(b"")
+                    return
+                named.update(path for path in (record.path, record.path2) if path)
+        for path in sorted(named | {path.rpartition(b"/")[0] for path in named} | {b""}):
+            tree.sync_node(path)
 
     def _retry_or_raise(self, tree: Tree, first: int, exc: OSError, retry: bool,
                         delay: float) -> None:
