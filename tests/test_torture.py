@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 
 from repl.faults import ENV_SET_HASHES, ENV_SET_TREES, set_hash_recorder
+from repl.secondary.applier import Applier
+from repl.tree import Tree
+from repl.verify import tree_digest
 from store.notes import Note, NoteKind
+from store.records import Op, Record
+from store.staging import Staging
 from tests.torture.__main__ import campaign
-from tests.torture.power import PowerCuts
-from tests.torture.run import POWER_CUT
+from tests.torture.power import PowerCuts, ReplicaPowerCuts
+from tests.torture.run import POWER_CUT, REPLICA_POWER_CUT
 
 
 def test_torture_short_campaign() -> None:
@@ -29,6 +34,7 @@ def test_torture_power_cuts_short_campaign() -> None:
     results = campaign(runs=2, seed=20261201, minutes=None, seconds=4.0, out=out,
                        power_cuts=True)
     assert [r.faults[POWER_CUT] for r in results] == [1, 1]
+    assert sum(r.faults[REPLICA_POWER_CUT] for r in results) >= 1
     assert [r.error for r in results] == [None, None], out.getvalue()
 
 
@@ -74,3 +80,36 @@ def test_power_check_files_of_the_dirty_map_ok(tmp_path: Path,
     assert power._differences(1, [], {b"wal"}) == []
     (power.backing / "db").write_bytes(b"two")
     assert power._differences(1, [], {b"wal"}) == ["db"]
+
+
+def test_replica_power_check_ok(tmp_path: Path) -> None:
+    """After the secondary's power cut the replica must be at the set its apply log
+    says, and no earlier than the set it reported applied."""
+    power = ReplicaPowerCuts(tmp_path)
+    power.sim.start()
+    try:
+        power.replica.mkdir()
+        staging = Staging(power.staging)
+        staging.stage([Record(Op.CREATE, 1, 0, path=b"f", mode=0o100644, uid=0, gid=0),
+                       Record(Op.WRITE, 1, 1, path=b"f", offset=0, data=b"one"),
+                       Record(Op.SYNC, 1, 2, count=2)])
+        applier, tree = Applier(staging, power.replica), Tree(power.replica)
+        applier.apply_sets(tree, 1, 1)
+        tree.close()
+        applier.lock.close()
+        staging.close()
+        hashes = {1: {tree_digest(power.replica)}}
+        power.sim.power_cut()
+        power.boot(hashes)
+        assert power.problems == []
+        with open(power.replica / "f", "wb") as f:  # on the disk, not in set 1
+            f.write(b"two")
+            os.fsync(f.fileno())
+        power.reported = 2
+        power.sim.power_cut()
+        power.boot(hashes)
+        assert len(power.problems) == 2
+        assert "it had reported 2 applied" in power.problems[0]
+        assert "not the primary's tree at the close of set 1" in power.problems[1]
+    finally:
+        power.close()

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.torture.run import KINDS, POWER_CUT, Result, run_one
+from tests.torture.run import KINDS, POWER_CUT, REPLICA_POWER_CUT, Result, run_one
 
 RUN_SECONDS = 6.0
 
@@ -54,6 +54,11 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
               "in an open set, the tree not compared; after "
               f"{sum(r.resent for r in results)} the primary resent what its activity log "
               "noted, the rest of the tree compared)", file=out)
+    if faults[REPLICA_POWER_CUT]:
+        print(f"{REPLICA_POWER_CUT:<18}{faults[REPLICA_POWER_CUT]} "  # type: ignore[arg-type]
+              f"({sum(r.replica_pages_lost for r in results)} dirty pages dropped; "
+              f"{sum(r.replica_torn for r in results)} caught a batch not yet durable, the "
+              "rest found the replica at the set its apply log says)", file=out)
     print(f"{'samples checked':<18}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
           f"mounts ({sum(r.cached_lost for r in results)} missed the cached one: the "
           "secondary serving it had died)", file=out)
@@ -74,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, metavar="RUN_SEED",
                         help="run exactly one run with this seed, and keep its directory")
     parser.add_argument("--power-cuts", action="store_true",
-                        help="also cut the primary's power once a run: BACKING and its journal "
-                        "on a simulated disk that drops what was not fsynced")
+                        help="also cut the power of the primary's host once a run (BACKING and "
+                        "its journal on a simulated disk that drops what was not fsynced), "
+                        "and of the secondary's (its replica and staging on another)")
     args = parser.parse_args(argv)
     if args.replay is not None:
         result = run_one(args.replay, args.seconds, Path(tempfile.gettempdir()), keep=True,

@@ -30,7 +30,8 @@ from tests.support import (
     wait_applied,
 )
 from tests.torture.power import KIND as POWER_CUT
-from tests.torture.power import PowerCuts
+from tests.torture.power import REPLICA_KIND as REPLICA_POWER_CUT
+from tests.torture.power import PowerCuts, ReplicaPowerCuts
 from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
@@ -55,6 +56,8 @@ class Result:
     pages_lost: int = 0  # dirty pages the power cuts dropped
     unchecked: int = 0  # power cuts after which the journal ended in an open set
     resent: int = 0  # power cuts after which the primary resent what its notes named
+    replica_pages_lost: int = 0  # dirty pages the secondary's power cuts dropped
+    replica_torn: int = 0  # secondary power cuts that caught a batch not yet durable
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -85,11 +88,25 @@ class Run:
         self.tmpfs = False
         self.journal_max = self.result.journal_max = self.rng.choice(JOURNAL_BUDGETS)
         self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
+        self.faults = self.plan()
+        # With power cuts, the replica and its staging are on a simulated disk too, unless
+        # the replica is a small tmpfs (replica_enospc).
+        self.replica_power = ReplicaPowerCuts(self.dir) if any(
+            kind == REPLICA_POWER_CUT for _, kind in self.faults) else None
+        if self.replica_power is not None:
+            self.replica, self.staging = self.replica_power.replica, self.replica_power.staging
 
     # --- daemons -------------------------------------------------------------------
 
+    def host_env(self) -> dict[str, str]:
+        """The secondary's host boots anew at each of its power cuts (the simulator
+        says so)."""
+        power = self.replica_power
+        return {ENV_BOOT_ID: str(power.sim.boot_id)} if power is not None else {}
+
     def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
         env = {ENV_KILL_AT_APPLY_STEP: str(kill_at_step)} if kill_at_step else {}
+        env |= self.host_env()
         # Over TLS, through the byte-level proxy: a corrupted byte fails a TLS record
         # (or the handshake), and the link is made anew, as after a bad checksum.
         # It serves the cached standby mount too; a killed one leaves it dead.
@@ -125,7 +142,8 @@ class Run:
     def start_standby(self) -> Daemon:
         self.standby.mkdir(exist_ok=True)
         self.standby_daemon = Daemon(["mount", str(self.replica), str(self.standby)],
-                                     self.dir / "standby.log", "serving").start()
+                                     self.dir / "standby.log", "serving",
+                                     env=self.host_env()).start()
         return self.standby_daemon
 
     # --- the checker ---------------------------------------------------------------
@@ -259,19 +277,23 @@ class Run:
     # --- the run -------------------------------------------------------------------
 
     def plan(self) -> list[tuple[float, str]]:
-        """When which faults strike, drawn from the seed; with power cuts, one of them
-        always."""
+        """When which faults strike, drawn from the seed; with power cuts, one of the
+        primary's always, and one of the secondary's unless its replica is a tmpfs."""
         kinds = self.rng.sample(KINDS, self.rng.randint(1, 3))
         if self.power is not None:
             kinds.append(POWER_CUT)
+            if "replica_enospc" not in kinds:
+                kinds.append(REPLICA_POWER_CUT)
         return sorted((self.rng.uniform(0.15, 0.7) * self.seconds, k) for k in kinds)
 
     def execute(self) -> Result:
         if self.power is not None:
             self.power.start()
+        if self.replica_power is not None:
+            self.replica_power.sim.start()
         self.backing.mkdir()
         self.replica.mkdir()
-        plan = self.plan()
+        plan = list(self.faults)
         if any(kind == "replica_enospc" for _, kind in plan):
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
                             str(self.replica)], check=True)
@@ -335,6 +357,9 @@ class Run:
                 self.result.pages_lost = self.power.pages_lost
                 self.result.unchecked = self.power.unchecked
                 self.result.resent = self.power.resent
+            if self.replica_power is not None:
+                self.result.replica_pages_lost = self.replica_power.pages_lost
+                self.result.replica_torn = self.replica_power.torn
             if self.tmpfs:
                 subprocess.run(["umount", "-l", str(self.replica)], capture_output=True)
         return self.result
@@ -361,6 +386,8 @@ class Run:
             self.power.power_off(primary, self.mount, rng)
             workload.close()  # its database was open: closed now, before the mount is back
             primary = self.power.boot(self.start_primary, self.mount, workload.committed)
+        elif kind == REPLICA_POWER_CUT:
+            secondary = self.replica_power_cut(secondary, workload)
         elif kind == "link_corrupt":
             self.proxy.corrupt((1, 200_000), rng.choice((UP, DOWN)))
         elif kind == "link_cut":
@@ -393,6 +420,24 @@ class Run:
         secondary = self.start_secondary()
         self.wait_synced()
         self.start_standby()  # refused while the replica has no consistent set
+        return secondary
+
+    def replica_power_cut(self, secondary: Daemon, workload: Workload) -> Daemon:
+        """The secondary's host loses its power: the secondary and the standby mount
+        die, the replica's disk drops what was not synced; it boots, the replica is
+        checked, and both start again (the standby once the replica has a set)."""
+        power = self.replica_power
+        assert power is not None
+        self.end_hold(workload)
+        host = [d for d in (secondary, self.standby_daemon)
+                if d is not None and d.proc is not None and d.proc.poll() is None]
+        power.power_off(self.mount, self.rng, *host)
+        unmount(self.standby)
+        unmount(self.cached)
+        power.boot(self.set_hashes())
+        secondary = self.start_secondary()
+        self.wait_synced()
+        self.start_standby()
         return secondary
 
     def wait_synced(self, timeout: float = 60.0) -> None:
@@ -434,14 +479,16 @@ def run_one(seed: int, seconds: float, base: Path, keep: bool = False,
     except Exception as exc:  # a harness or product failure: also a failed run
         run.result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if run.power is not None:  # after the daemons that used it stopped
-            try:
-                run.power.close()
-            except AssertionError as exc:  # the simulator did not stop cleanly
-                run.result.error = run.result.error or f"simulator: {exc}"
-    if run.power is not None and run.power.problems:
-        found = [*run.power.problems, *([run.result.error] if run.result.error else [])]
-        run.result.error = "\n  ".join(found)
+        for power in (run.power, run.replica_power):
+            if power is not None:  # after the daemons that used it stopped
+                try:
+                    power.close()
+                except AssertionError as exc:  # the simulator did not stop cleanly
+                    run.result.error = run.result.error or f"simulator: {exc}"
+    problems = [problem for power in (run.power, run.replica_power) if power is not None
+                for problem in power.problems]
+    if problems:
+        run.result.error = "\n  ".join([*problems, *filter(None, [run.result.error])])
     if run.result.ok and not keep:
         shutil.rmtree(run.dir, ignore_errors=True)
     else:
