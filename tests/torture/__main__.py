@@ -45,29 +45,29 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
     for r in results:
         faults.update(r.faults)
     bad = [r for r in results if not r.ok]
-    print(f"\n{'runs':<18}{len(results)}", file=out)  # type: ignore[arg-type]
+    print(f"\n{'runs':<20}{len(results)}", file=out)  # type: ignore[arg-type]
     for kind in KINDS:
-        print(f"{kind:<18}{faults[kind]}", file=out)  # type: ignore[arg-type]
+        print(f"{kind:<20}{faults[kind]}", file=out)  # type: ignore[arg-type]
     if faults[POWER_CUT]:
-        print(f"{POWER_CUT:<18}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
+        print(f"{POWER_CUT:<20}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "
               "in an open set, the tree not compared; after "
               f"{sum(r.resent for r in results)} the primary resent what its activity log "
               "noted, the rest of the tree compared)", file=out)
     if faults[REPLICA_POWER_CUT]:
-        print(f"{REPLICA_POWER_CUT:<18}{faults[REPLICA_POWER_CUT]} "  # type: ignore[arg-type]
+        print(f"{REPLICA_POWER_CUT:<20}{faults[REPLICA_POWER_CUT]} "  # type: ignore[arg-type]
               f"({sum(r.replica_pages_lost for r in results)} dirty pages dropped; "
               f"{sum(r.replica_torn for r in results)} caught a batch not yet durable, the "
               "rest found the replica at the set its apply log says)", file=out)
-    print(f"{'samples checked':<18}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
+    print(f"{'samples checked':<20}{sum(r.samples for r in results)}, through both standby "  # type: ignore[arg-type]
           f"mounts ({sum(r.cached_lost for r in results)} missed the cached one: the "
           "secondary serving it had died)", file=out)
-    print(f"{'user holds':<18}{sum(r.holds for r in results)} "  # type: ignore[arg-type]
+    print(f"{'user holds':<20}{sum(r.holds for r in results)} "  # type: ignore[arg-type]
           f"({sum(r.refused for r in results)} pauses refused, none left a hold)", file=out)
-    print(f"{'small journals':<18}{sum(1 for r in results if r.journal_max)} runs",  # type: ignore[arg-type]
+    print(f"{'small journals':<20}{sum(1 for r in results if r.journal_max)} runs",  # type: ignore[arg-type]
           file=out)
-    print(f"{'sets':<18}{sum(r.sets for r in results)}", file=out)  # type: ignore[arg-type]
-    print(f"{'violations':<18}{len(bad)}", file=out)  # type: ignore[arg-type]
+    print(f"{'sets':<20}{sum(r.sets for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'violations':<20}{len(bad)}", file=out)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
