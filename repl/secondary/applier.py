@@ -445,19 +445,26 @@ class Applier:
 
         Not on a FUSE filesystem: the kernel never tells its daemon of a syncfs
         (virtiofs aside), so there every node the sets name is fsynced, and the
-        directory that holds it; the whole replica if they start over from a RESET
-        or name more than FUSE_SYNC_PATHS paths.
+        directory that holds it, and all that is under both names of a rename (a
+        file written in a directory moved since is found there); the whole
+        replica if they start over from a RESET or name more than FUSE_SYNC_PATHS
+        paths.
         """
         if fs_magic(tree.root_fd) != FUSE_SUPER_MAGIC:
             syncfs(tree.root_fd)
             return
         named: set[bytes] = set()
+        moved: set[bytes] = set()
         for set_id in range(first, last + 1):
             for record in self.staging.records(set_id):
-                if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
+                if record.op == Op.RESET or len(named) + len(moved) > FUSE_SYNC_PATHS:
                     tree.sync(b"")
                     return
+                if record.op == Op.RENAME:
+                    moved.update((record.path, record.path2))
                 named.update(path for path in (record.path, record.path2) if path)
+        for path in sorted(moved):
+            tree.sync(path)
         for path in sorted(named | {path.rpartition(b"/")[0] for path in named} | {b""}):
             tree.sync_node(path)
 

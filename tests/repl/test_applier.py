@@ -183,7 +183,22 @@ def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
     assert not diff(snapshot(replica), expected(tmp_path, sets))
 
 
-@pytest.mark.parametrize("make", [data_sets, sync_sets], ids=["sets", "reset"])
+def moved_dir_sets() -> list[list[Record]]:
+    """A file written in a directory, then the directory renamed: its data is fsynced
+    at its new path."""
+    return numbered([
+        [(Op.MKDIR, {"path": b"d", "mode": 0o40755, "uid": 0, "gid": 0}),
+         (Op.CREATE, {"path": b"d/a", "mode": 0o100644, "uid": 0, "gid": 0}),
+         (Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"one" * 100})],
+        [(Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"TWO"}),
+         (Op.UTIMES, {"path": b"d/a", "atime_ns": T, "mtime_ns": T}),
+         (Op.RENAME, {"path": b"d", "path2": b"e", "flags": 0}),
+         (Op.UTIMES, {"path": b"e", "atime_ns": T, "mtime_ns": T}),
+         (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])
+
+
+@pytest.mark.parametrize("make", [data_sets, sync_sets, moved_dir_sets],
+                         ids=["sets", "reset", "moved-dir"])
 def test_batch_on_a_fuse_replica_is_kept_by_a_power_cut(
         tmp_path: Path, make: Callable[[], list[list[Record]]]) -> None:
     """A replica (and its staging) on a FUSE filesystem, the power-cut simulator's: a
