@@ -313,9 +313,9 @@ class Run:
                     kind = plan.pop(0)[1]
                     self.result.faults[kind] += 1
                     secondary, primary = self.strike(kind, secondary, primary, workload)
-                    if kind == "replica_new":  # its initial sync's wait is not the run's
-                        started += time.monotonic() - now  # time: the rest still strike
-                        now = time.monotonic()
+                    if kind in ("replica_new", REPLICA_POWER_CUT):  # the wait for its
+                        started += time.monotonic() - now  # replica is not the run's time:
+                        now = time.monotonic()  # the rest still strike
                 if secondary.proc is not None and secondary.proc.poll() is not None:
                     secondary = self.restart_secondary(workload)  # an apply-step kill fired
                 if self.hold is not None and now >= self.hold[1]:
