@@ -457,7 +457,7 @@ class Applier:
         moved: set[bytes] = set()
         for set_id in range(first, last + 1):
             for record in self.staging.records(set_id):
-                if record.op == Op.RESET or len(named) + len(moved) > FUSE_SYNC_PATHS:
+                if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
                     tree.sync(b"")
                     return
                 if record.op == Op.RENAME:
