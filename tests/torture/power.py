@@ -79,7 +79,7 @@ class PowerCuts:
         self.hashes = hashes
         self.trees = run_dir / "set-trees"  # what the primary recorded at each close
         self.trees.mkdir()
-        self.cuts = self.pages_lost = self.unchecked = self.resent = 0
+        self.pages_lost = self.unchecked = self.resent = 0
         self.keep = 0.0  # the last cut's
         self.cluster = ""  # the primary's cluster id before the last cut
         self.problems: list[str] = []  # violations found after a cut
@@ -100,7 +100,6 @@ class PowerCuts:
         self.keep = rng.choice(KEEP)
         counts = self.sim.power_cut(primary, keep=self.keep, seed=rng.randrange(1 << 32))
         unmount(mount)
-        self.cuts += 1
         self.pages_lost += counts["pages"] - counts["kept"]
 
     def boot(self, start_primary: Callable[[], Daemon], mount: Path, committed: int) -> Daemon:
@@ -219,7 +218,7 @@ class ReplicaPowerCuts:
     def __init__(self, run_dir: Path) -> None:
         self.sim = Simulator(run_dir / "rdisk-lower", run_dir / "rdisk", run_dir / "rdisk.log")
         self.sim.lower.mkdir()
-        self.cuts = self.pages_lost = self.torn = 0
+        self.pages_lost = self.torn = 0
         self.keep = 0.0
         self.reported = 0  # the last set the secondary reported applied before the cut
         self.problems: list[str] = []
@@ -239,7 +238,6 @@ class ReplicaPowerCuts:
         self.reported = int(status(mount).get("last_applied") or 0)
         self.keep = rng.choice(KEEP)
         counts = self.sim.power_cut(*host, keep=self.keep, seed=rng.randrange(1 << 32))
-        self.cuts += 1
         self.pages_lost += counts["pages"] - counts["kept"]
 
     def boot(self, set_hashes: dict[int, set[str]]) -> None:
