@@ -6,33 +6,161 @@ path, the byte ranges that changed. Namespace ops are still journaled
 (they are small), and the map follows them: a rename moves the paths under
 it, an unlink forgets the path. When the secondary is back, the ranges are
 read from the backing directory into the still-open data set, which then
-closes: the replica jumps from one whole set to the next.
+closes: the replica jumps from one whole set to the next. An initial sync
+puts here the files whose data did not go into the journal with the walk.
 
 Every change to the map is an entry of the journal's log (store/journal.py),
-so it survives a crash of the primary as far as the journal does; the map
-itself is kept in memory.
+so it survives a crash of the primary as far as the journal does. The map
+itself is held in an SQLite file beside the log (``DirtyIndex``), not in
+memory: an initial sync of a million files past the journal's budget holds
+them all, and costs the daemon SQLite's page cache, not a Python object per
+file. That file is only an index, made anew at every open from the log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
-from store.records import is_under
+from store.private import FILE_MODE
+from store.records import decode_ranges, encode_ranges
+
+Ranges = list[tuple[int, int]]
+CACHE_KIB = 4096  # SQLite's page cache for the index: the map's whole cost in memory
+_PAGE = 1000  # rows read at a time by ``items()``
+
+
+class DirtyIndex:
+    """The dirty map's contents, path -> sorted disjoint [start, end) ranges, in an
+    SQLite file at *path* (None: a temporary one, for a journal only looked at).
+
+    Not durable, and need not be: the file is made anew here, and the journal fills
+    it as it reads its log. Safe to use from several threads; ``count`` and
+    ``bytes`` (of all the ranges) are kept as it changes.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            # Ours alone whatever the umask (the daemons run with 0).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             FILE_MODE))
+        self._db = sqlite3.connect(str(path) if path is not None else "",
+                                   isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=off", "synchronous=off", "locking_mode=exclusive",
+                       "temp_store=memory", f"cache_size=-{CACHE_KIB}"):
+            self._db.execute(f"pragma {pragma}")
+        self._db.execute("create table dirty (path blob primary key, ranges blob not null)"
+                         " without rowid")
+        self._lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (path for path, _ in self.items())
+
+    def get(self, path: bytes) -> Ranges | None:
+        with self._lock:
+            return self._get(path)
+
+    def _get(self, path: bytes) -> Ranges | None:
+        row = self._db.execute("select ranges from dirty where path = ?", (path,)).fetchone()
+        return decode_ranges(row[0]) if row else None
+
+    def put(self, path: bytes, ranges: Ranges) -> None:
+        """Set *path*'s ranges; none removes it."""
+        with self._lock:
+            old = self._get(path)
+            if old is not None:
+                self.count -= 1
+                self.bytes -= _size(old)
+            if ranges:
+                self._db.execute("insert or replace into dirty values (?, ?)",
+                                 (path, encode_ranges(ranges)))
+                self.count += 1
+                self.bytes += _size(ranges)
+            elif old is not None:
+                self._db.execute("delete from dirty where path = ?", (path,))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._db.execute("delete from dirty")
+            self.count = self.bytes = 0
+
+    def under(self, top: bytes) -> list[tuple[bytes, Ranges]]:
+        """The paths that are *top* or inside it (b"" holds every path), with their ranges."""
+        with self._lock:
+            if not top:
+                rows = self._db.execute("select path, ranges from dirty")
+            else:  # "/" sorts just before "0": the paths inside *top* lie between
+                rows = self._db.execute(
+                    "select path, ranges from dirty where path = ? or (path > ? and path < ?)",
+                    (top, top + b"/", top + b"0"))
+            return [(path, decode_ranges(raw)) for path, raw in rows]
+
+    def first(self) -> tuple[bytes, Ranges] | None:
+        """Some path and its ranges (the first in byte order), or None when empty."""
+        with self._lock:
+            row = self._db.execute("select path, ranges from dirty order by path limit 1"
+                                   ).fetchone()
+            return (row[0], decode_ranges(row[1])) if row else None
+
+    def items(self) -> Iterator[tuple[bytes, Ranges]]:
+        """Every path and its ranges, in byte order, read a page at a time (the lock
+        is not held between them)."""
+        after: bytes | None = None
+        while True:
+            with self._lock:
+                if after is None:
+                    rows = self._db.execute("select path, ranges from dirty order by path "
+                                            "limit ?", (_PAGE,)).fetchall()
+                else:
+                    rows = self._db.execute("select path, ranges from dirty where path > ? "
+                                            "order by path limit ?", (after, _PAGE)).fetchall()
+            for path, raw in rows:
+                yield path, decode_ranges(raw)
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _size(ranges: Ranges) -> int:
+    return sum(end - start for start, end in ranges)
 
 
 class Store(Protocol):
     """Where the map's changes are kept: the journal."""
 
-    dirty: dict[bytes, list[tuple[int, int]]]
+    dirty: DirtyIndex
 
-    def put_dirty(self, path: bytes, ranges: list[tuple[int, int]]) -> None: ...
+    def put_dirty(self, path: bytes, ranges: Ranges) -> None: ...
 
     def clear_dirty(self) -> None: ...
 
 
-def merge(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+def merge(ranges: Ranges, start: int, end: int) -> Ranges:
     """*ranges* (sorted, disjoint) with [start, end) added."""
-    out: list[tuple[int, int]] = []
+    out: Ranges = []
     for s, e in ranges:
         if e < start or s > end:
             out.append((s, e))
@@ -43,6 +171,8 @@ def merge(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int
 
 
 class DirtyMap:
+    """The map's changes, each written to *store* (which updates its index)."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
         self.files = store.dirty  # as the journal read it at open
@@ -52,54 +182,48 @@ class DirtyMap:
 
     def total(self) -> int:
         """Bytes the map holds dirty, over every file."""
-        return sum(e - s for ranges in self.files.values() for s, e in ranges)
+        return self.files.bytes
 
     def add(self, path: bytes, start: int, end: int) -> None:
-        ranges = self.files[path] = merge(self.files.get(path, []), start, end)
-        self.store.put_dirty(path, ranges)
+        self.store.put_dirty(path, merge(self.files.get(path) or [], start, end))
 
-    def forget(self, path: bytes) -> list[tuple[int, int]]:
+    def forget(self, path: bytes) -> Ranges:
         """Drop *path* and everything under it; returns the ranges *path* had."""
-        had = self.files.get(path, [])
-        for p in [p for p in self.files if is_under(p, path)]:
-            del self.files[p]
+        had: Ranges = []
+        for p, ranges in self.files.under(path):
+            if p == path:
+                had = ranges
             self.store.put_dirty(p, [])
         return had
 
     def move(self, moves: dict[bytes, bytes]) -> None:
         """Rename: every path under a key of *moves* moves under its value."""
-        renamed: dict[bytes, list[tuple[int, int]]] = {}
-        for p in list(self.files):
-            for src, dst in moves.items():
-                if is_under(p, src):
-                    renamed[dst + p[len(src):]] = self.files.pop(p)
-                    self.store.put_dirty(p, [])
-                    break
-        self.files.update(renamed)
+        renamed: dict[bytes, Ranges] = {}
+        for src, dst in moves.items():
+            for p, ranges in self.files.under(src):
+                renamed[dst + p[len(src):]] = ranges
+                self.store.put_dirty(p, [])
         for p, ranges in renamed.items():
             self.store.put_dirty(p, ranges)
 
     def next_chunk(self, max_bytes: int) -> tuple[bytes, int, int] | None:
         """Some dirty (path, start, end) of at most *max_bytes*, still in the map."""
-        for path, ranges in self.files.items():
-            start, end = ranges[0]
-            return path, start, min(end, start + max_bytes)
-        return None
+        first = self.files.first()
+        if first is None:
+            return None
+        path, ranges = first
+        start, end = ranges[0]
+        return path, start, min(end, start + max_bytes)
 
     def remove(self, path: bytes, start: int, end: int) -> None:
         """[start, end) of *path* is clean again."""
-        left: list[tuple[int, int]] = []
-        for s, e in self.files.get(path, []):
+        left: Ranges = []
+        for s, e in self.files.get(path) or []:
             if s < start:
                 left.append((s, min(e, start)))
             if e > end:
                 left.append((max(s, end), e))
-        if left:
-            self.files[path] = left
-        else:
-            self.files.pop(path, None)
         self.store.put_dirty(path, left)
 
     def clear(self) -> None:
-        self.files.clear()
         self.store.clear_dirty()

@@ -9,9 +9,10 @@ durable records are handed out for shipping (``read_raw``): a secondary
 never holds a record that a power cut of the primary could take back.
 
 An index in memory maps (set, seq) to where each record lies; it is rebuilt
-by reading the log at open. The journal's small meta values (identity,
-base, the budget's state), the dirty map (store/dirty.py) and the notes of
-the activity log (repl/activity.py) are entries of the same log, written
+by reading the log at open, and so is the dirty map's, which lives in a file
+beside the log (``DIRTY_INDEX``, store/dirty.py) rather than in memory.
+The journal's small meta values (identity, base, the budget's state), the
+dirty map and the notes of the activity log (repl/activity.py) are entries of the same log, written
 again at the head of each new segment, so dropping old segments loses none
 of them.
 
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import bisect
 import os
+import sqlite3
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from store import identity
+from store.dirty import DirtyIndex, Ranges
 from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
 from store.notes import Note, decode_notes, encode_notes
@@ -40,6 +43,7 @@ _NEXT_SET = b"next_set"
 _BASE = b"base"
 _IDENTITY = b"identity"
 _TRIMMED = b"trimmed"
+DIRTY_INDEX = "dirty.index"  # the dirty map's index (store/dirty.py): made anew at open
 
 
 class _Set:
@@ -82,13 +86,18 @@ class Journal:
         self._sets: dict[int, _Set] = {}
         self._order: list[int] = []  # the ids of self._sets, ascending
         self._meta: dict[bytes, bytes] = {}
-        self.dirty: dict[bytes, list[tuple[int, int]]] = {}
         self.notes: list[Note] = []  # the activity log's notes in force (repl/activity.py)
         self._intent: tuple[bytes, bytes] | None = None
         self.bytes = 0  # of the records indexed, for the budget
         self._snapshotting = False
         self._gaps: set[int] | None = set()  # sets whose first records lie in deleted segments
         self._note_bodies: list[bytes] = []  # the notes' entries in force, at open
+        try:
+            self.dirty = DirtyIndex(None if read_only else self.path / DIRTY_INDEX)
+        except (OSError, sqlite3.Error) as exc:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+            raise StoreError(f"open journal {self.path}: dirty map index: {exc}") from exc
         try:
             self.log = Log(self.path, self._replay, read_only=read_only)
             self.notes = [n for body in self._note_bodies for n in decode_notes(body)]
@@ -98,6 +107,7 @@ class Journal:
                 raise ValueError(f"the records of set {min(torn)} begin in a segment that "
                                  "is gone")
         except (OSError, RecordError, ValueError) as exc:
+            self.dirty.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
             raise StoreError(f"open journal {self.path}: {exc}") from exc
@@ -129,10 +139,7 @@ class Journal:
             self._meta.pop(body, None)
         elif kind == Kind.DIRTY:
             path, raw = unkey(body)
-            if raw:
-                self.dirty[path] = decode_ranges(raw)
-            else:
-                self.dirty.pop(path, None)
+            self.dirty.put(path, decode_ranges(raw))
         elif kind == Kind.DIRTY_CLEAR:
             self.dirty.clear()
         elif kind == Kind.NOTES:
@@ -443,12 +450,9 @@ class Journal:
             self._meta[key] = value
             self._write(Kind.META, keyed(key, value))
 
-    def put_dirty(self, path: bytes, ranges: list[tuple[int, int]]) -> None:
+    def put_dirty(self, path: bytes, ranges: Ranges) -> None:
         """Journal the dirty ranges of *path* (none: it is clean)."""
-        if ranges:
-            self.dirty[path] = ranges
-        else:
-            self.dirty.pop(path, None)
+        self.dirty.put(path, ranges)
         self._write(Kind.DIRTY, keyed(path, encode_ranges(ranges) if ranges else b""))
 
     def clear_dirty(self) -> None:
@@ -478,6 +482,7 @@ class Journal:
 
     def close(self) -> None:
         self.log.close()
+        self.dirty.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
 

@@ -437,7 +437,7 @@ def test_journal_open_ok_rotated_segments_keep_meta_and_dirty(path: Path,
         assert (j.set, j.seq) == (9, 0)
         assert j.get_meta(b"overflow") == b"1"
         assert j.base == 7
-        assert j.dirty == {b"d/f": [(0, 10), (20, 30)]}
+        assert dict(j.dirty.items()) == {b"d/f": [(0, 10), (20, 30)]}
         assert j.notes == [Note(NoteKind.NAME, b"old"), Note(NoteKind.DATA, b"f", 0, 4096)]
         assert j.identity == ident
 
