@@ -195,6 +195,7 @@ class Resync:
                     data = os.pread(fd, min(STEP, min(end, st.st_size) - offset), offset)
                     self.journal.append(Op.WRITE, path=path, offset=offset, data=data)
                     self.progress_done += len(data)
+            self._restate_times(fd, path)  # the other names' too: one inode
         finally:
             os.close(fd)
         self.dirty.forget(path)  # after the data is journaled: a crash between loses nothing
@@ -383,12 +384,26 @@ class Resync:
                                     flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
                 if until == st.st_size:
                     self.journal.append(Op.TRUNCATE, path=path, size=until)
+            self.dirty.remove(path, start, end)
+            if self.dirty.files.get(path) is None:
+                self._restate_times(fd, path)
         finally:
             os.close(fd)
-        self.touched.note(path)
-        self.dirty.remove(path, start, end)
         self.progress_done += end - start
         return None
+
+    def _restate_times(self, fd: int, path: bytes) -> None:
+        """The set holds all of *path*'s data now, which changed its times on the replica:
+        journal them as BACKING has them, unless the set's close restates them anyway
+        (the set noted the path: the application changed the file, an overflow's writes).
+
+        So an initial sync need not remember, until its close, every file whose data
+        its steps sent: a million files' paths, in a tree past the journal's budget.
+        """
+        if not self.touched.covers(path):
+            st = os.fstat(fd)
+            self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
+                                mtime_ns=st.st_mtime_ns)
 
     def finish(self) -> int:
         """The dirty map is empty: close the open set and stream again."""

@@ -207,8 +207,8 @@ class Snapshot:
                 # application's) that changes them notes the path: the close restates it.
                 return False  # and its xattrs came with it
             else:
+                # Its data comes later, in the steps' records, and its times after them.
                 journal.append(Op.CREATE, path=path, mode=mode, uid=uid, gid=gid)
-                self.touched.note(path)  # its data comes later, in the steps' records
                 if st.st_size:
                     self.dirty.add(path, 0, st.st_size)
                     self.data += st.st_size

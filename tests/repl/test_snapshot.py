@@ -52,11 +52,12 @@ def test_snapshot_tree_ok_small_files_whole(tmp_path: Path) -> None:
 
 def test_snapshot_tree_ok_the_close_restates_all_but_the_files_sent_whole(
         tmp_path: Path) -> None:
-    """A set that sends the whole tree tracks only the regular files its records touch
-    past their entry (a large file's data, the application's ops): its close restates
-    the times of those and of every entry that is not a regular file, as BACKING has
-    them then, and leaves the small files sent whole with their times alone. A file
-    sent whole whose times change later gets a record of its own."""
+    """A set that sends the whole tree tracks only the regular files the application's
+    ops touch: its close restates the times of those and of every entry that is not a
+    regular file, as BACKING has them then, and leaves the small files sent whole with
+    their times alone. A large file's times follow its data, in the step that sent
+    the last of it: the sync remembers no path per file until its close. A file sent
+    whole whose times change later gets a record of its own."""
     backing = tmp_path / "b"
     (backing / "d" / "sub").mkdir(parents=True)
     (backing / "d" / "small").write_bytes(b"s" * 2048)
@@ -66,7 +67,7 @@ def test_snapshot_tree_ok_the_close_restates_all_but_the_files_sent_whole(
         capture = Capture(journal, tree, secondaries=["beta:7070"])
         set_id = capture.resync.start_full_sync()
         trio.run(capture.walk)
-        assert capture.touched.everything and capture.touched.paths == {b"large"}
+        assert capture.touched.everything and capture.touched.paths == set()
         capture.record(Op.RENAME, path=b"d", path2=b"e", flags=0)
         os.rename(backing / "d", backing / "e")
         capture.record(Op.CREATE, path=b"e/new", mode=0o100644, uid=0, gid=0)
@@ -87,6 +88,31 @@ def test_snapshot_tree_ok_the_close_restates_all_but_the_files_sent_whole(
     assert set(now) == {b"", b"e", b"e/sub", b"e/small", b"e/new", b"large", b"link"}
     del now[b"e/small"]
     assert restated == now
+
+
+def test_snapshot_tree_ok_a_linked_file_removed_before_its_data_keeps_its_times(
+        tmp_path: Path) -> None:
+    """A large file with two names, one of them removed before the sync's steps sent
+    its data: the data goes into the set ahead of the unlink, and the file's times
+    after it, so the name left shows them on the replica."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "a").write_bytes(b"L" * (SMALL_FILE + 1))
+    os.link(backing / "a", backing / "z")
+    os.utime(backing / "a", ns=(1_000_000_007, 2_000_000_009))
+    with closing(Journal(tmp_path / "journal")) as journal, closing(Tree(backing)) as tree:
+        capture = Capture(journal, tree, secondaries=["beta:7070"])
+        set_id = capture.resync.start_full_sync()
+        trio.run(capture.walk)
+        capture.record(Op.UNLINK, path=b"a")
+        os.unlink(backing / "a")
+        with capture.lock:
+            while capture.resync.step() is None:
+                pass
+        ops = [(r.op, r.path, r.mtime_ns if r.op == Op.UTIMES else None)
+               for r in journal.records(set_id) if r.path == b"a" and r.op != Op.LINK]
+    assert ops[:2] == [(Op.CREATE, b"a", None), (Op.WRITE, b"a", None)]
+    assert ops[2:] == [(Op.UTIMES, b"a", 2_000_000_009), (Op.UNLINK, b"a", None)]
 
 
 def test_bring_up_ok_a_sync_set_the_journal_lost_brings_the_whole_tree(
