@@ -72,6 +72,10 @@ STREAM_SHARE = 256 << 10  # a batch goes to one stream per this many bytes, in t
 # round trips; 32 MiB added 30 MiB to the secondary's peak in a catch-up and was no
 # faster on loopback.
 WINDOW_BYTES = 16 << 20
+# ... and at most this many records: each costs an entry of its own until it is
+# acknowledged, and a walk's namespace records are ~100 bytes (16 MiB of them is
+# 160,000 entries, 25 MiB of the primary's memory).
+WINDOW_RECORDS = 16_384
 RETRY_MAX = 1.0  # on loopback or a LAN a peer back up is worth finding at once
 HANDSHAKE_TIMEOUT = 10.0
 STALL_SECONDS = 10.0  # a backlog with no progress for this long is reported as a stall
@@ -344,7 +348,8 @@ class Sender:
                 await self._gather(sent_at + COALESCE_SECONDS)
                 continue
             sent_at = trio.current_time()
-            while self.status.inflight_bytes > self.window:
+            while (self.status.inflight_bytes > self.window
+                   or len(self._inflight) > WINDOW_RECORDS):
                 self._acked = trio.Event()
                 await self._acked.wait()
             per_stream: list[list[bytes]] = [[] for _ in outboxes]

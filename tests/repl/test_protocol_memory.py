@@ -647,6 +647,38 @@ async def test_backpressure_ok_records_waiting_to_be_staged_hold_their_bytes_onc
         nursery.cancel_scope.cancel()
 
 
+async def test_backpressure_ok_small_records_in_flight_bounded_by_count(
+        tmp_path: Path, journal: Journal, autojump_clock: trio.abc.Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records sent and not yet acknowledged are held to WINDOW_RECORDS (and a batch),
+    not only to the window's bytes: each costs the sender an entry of its own, and an
+    initial sync's namespace records are ~100 bytes, 160,000 of them to 16 MiB."""
+    monkeypatch.setattr("repl.primary.sender.WINDOW_RECORDS", 50)
+    monkeypatch.setattr("repl.primary.sender.BATCH_BYTES", 1000)
+    for n in range(500):
+        journal.append(Op.CHMOD, path=b"f%d" % n, mode=0o644)
+    journal.close_set()
+    journal.sync()
+    stager_free = trio.Event()
+    async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
+        stage = sec.receiver._stage
+
+        async def stalled(batch: list[Any]) -> None:
+            await stager_free.wait()
+            await stage(batch)
+
+        monkeypatch.setattr(sec.receiver, "_stage", stalled)
+        net = Net(sec.receiver, nursery)
+        async with running(sender_over(net, journal, compress_level=0)) as sender:
+            await wait_all_tasks_blocked()  # nothing acknowledged: the sender waits
+            assert 50 < len(sender._inflight) <= 50 + 1000 // 30, len(sender._inflight)
+            assert sender.status.inflight_bytes < 1 << 20, "far from the window's bytes"
+            stager_free.set()
+            await until_complete(sec, 1)
+            assert len(staged_records(sec.staging, 1)) == 501
+            nursery.cancel_scope.cancel()
+
+
 async def test_bad_frames_err_not_replfs_refused_at_the_door(
         tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     """A peer that does not open with the magic is told why (our magic, then an
