@@ -5,7 +5,7 @@ flight (claims 1, 22, 23), spread across the streams so they arrive out of
 order (claims 11, 12). The sender never queues records in memory beyond
 one batch: capture notifies it through a one-slot signal and it reads the
 journal from its position. What is sent but not yet staged by the
-secondary is bounded by ``window`` bytes (backpressure).
+secondary is bounded by ``window`` bytes and WINDOW_RECORDS records (backpressure).
 
 Any failure of any stream ends the whole session; the next session starts
 from the set after the one the secondary says it applied, so everything
