@@ -206,6 +206,20 @@ async def secondary(tmp_path: Path, applies: bool = False) -> AsyncIterator[Seco
         staging.close()
 
 
+def stall_staging(sec: Secondary, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Hold *sec*'s stager (nothing is staged or acknowledged) until the event returned
+    is set."""
+    free = trio.Event()
+    stage = sec.receiver._stage
+
+    async def stalled(batch: list[Any]) -> None:
+        await free.wait()
+        await stage(batch)
+
+    monkeypatch.setattr(sec.receiver, "_stage", stalled)
+    return free
+
+
 def sender_over(net: Net, journal: Journal, **options: Any) -> Sender:
     """A primary's sender of *journal*, dialing over *net*."""
     return Sender(journal, FrameDialer("memory", net, None), **options)
@@ -617,15 +631,8 @@ async def test_backpressure_ok_records_waiting_to_be_staged_hold_their_bytes_onc
     """What the receiver read and has not staged yet (as much as a primary's window)
     is in memory once, as the bytes that came and will be staged: a decoded copy of
     each record's data is not kept beside them."""
-    stager_free = trio.Event()
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
-        stage = sec.receiver._stage
-
-        async def stalled(batch: list[Any]) -> None:
-            await stager_free.wait()
-            await stage(batch)
-
-        monkeypatch.setattr(sec.receiver, "_stage", stalled)
+        stager_free = stall_staging(sec, monkeypatch)
         conn = await raw_primary(sec, nursery)
         data = bytes(1 << 20)
         await conn.send(*[Frame(FrameType.RECORD, Record(
@@ -659,15 +666,8 @@ async def test_backpressure_ok_small_records_in_flight_bounded_by_count(
         journal.append(Op.CHMOD, path=b"f%d" % n, mode=0o644)
     journal.close_set()
     journal.sync()
-    stager_free = trio.Event()
     async with secondary(tmp_path) as sec, trio.open_nursery() as nursery:
-        stage = sec.receiver._stage
-
-        async def stalled(batch: list[Any]) -> None:
-            await stager_free.wait()
-            await stage(batch)
-
-        monkeypatch.setattr(sec.receiver, "_stage", stalled)
+        stager_free = stall_staging(sec, monkeypatch)
         net = Net(sec.receiver, nursery)
         async with running(sender_over(net, journal, compress_level=0)) as sender:
             await wait_all_tasks_blocked()  # nothing acknowledged: the sender waits
