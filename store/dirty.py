@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from store.private import FILE_MODE
+from store.private import write_private
 from store.records import decode_ranges, encode_ranges
 
 Ranges = list[tuple[int, int]]
@@ -47,11 +47,7 @@ class DirtyIndex:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            # Ours alone whatever the umask (the daemons run with 0).
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             FILE_MODE))
+            write_private(path, b"")  # a stale one emptied; ours alone whatever the umask
         self._db = sqlite3.connect(str(path) if path is not None else "",
                                    isolation_level=None, check_same_thread=False)
         for pragma in ("journal_mode=off", "synchronous=off", "locking_mode=exclusive",
@@ -215,8 +211,8 @@ class DirtyMap:
         start, end = ranges[0]
         return path, start, min(end, start + max_bytes)
 
-    def remove(self, path: bytes, start: int, end: int) -> None:
-        """[start, end) of *path* is clean again."""
+    def remove(self, path: bytes, start: int, end: int) -> bool:
+        """[start, end) of *path* is clean again. True if all of *path* is."""
         left: Ranges = []
         for s, e in self.files.get(path) or []:
             if s < start:
@@ -224,6 +220,7 @@ class DirtyMap:
             if e > end:
                 left.append((max(s, end), e))
         self.store.put_dirty(path, left)
+        return not left
 
     def clear(self) -> None:
         self.store.clear_dirty()

@@ -12,9 +12,9 @@ An index in memory maps (set, seq) to where each record lies; it is rebuilt
 by reading the log at open, and so is the dirty map's, which lives in a file
 beside the log (``DIRTY_INDEX``, store/dirty.py) rather than in memory.
 The journal's small meta values (identity, base, the budget's state), the
-dirty map and the notes of the activity log (repl/activity.py) are entries of the same log, written
-again at the head of each new segment, so dropping old segments loses none
-of them.
+dirty map and the notes of the activity log (repl/activity.py) are entries
+of the same log, written again at the head of each new segment, so dropping
+old segments loses none of them.
 
 Records stay until ``trim()``: the secondary reports a set applied, or the
 journal runs over its budget with nobody to send to.

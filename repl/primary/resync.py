@@ -384,8 +384,7 @@ class Resync:
                                     flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
                 if until == st.st_size:
                     self.journal.append(Op.TRUNCATE, path=path, size=until)
-            self.dirty.remove(path, start, end)
-            if self.dirty.files.get(path) is None:
+            if self.dirty.remove(path, start, end):
                 self._restate_times(fd, path)
         finally:
             os.close(fd)
