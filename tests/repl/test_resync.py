@@ -70,7 +70,8 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
         await capture.walk()
         lines = Lines(capture)
         logger.addHandler(lines)
-        level, logger.level = logger.level, logging.INFO
+        level = logger.level
+        logger.setLevel(logging.INFO)  # not .level =: that keeps isEnabledFor's cached answers
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(capture.resync.run)
@@ -83,7 +84,7 @@ async def test_resync_run_ok_progress_rate_and_eta(tmp_path: Path,
                 nursery.cancel_scope.cancel()
         finally:
             logger.removeHandler(lines)
-            logger.level = level
+            logger.setLevel(level)
         assert journal.set == set_id + 1, "the sync's set closed"
         assert capture.resync.progress_done == total
 
