@@ -110,6 +110,14 @@ class Daemon(Proc):
                         return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time used so far, all threads; 0 once it is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
     def peak_mib(self) -> float:
         """Peak resident memory so far (VmHWM), in MiB. It counts mapped LMDB pages too."""
         self.peak_kib = max(self.peak_kib, self.memory("VmHWM"))
@@ -227,7 +235,9 @@ class Bench:
         syncfs(self.tmp)
 
     def workloads(self, target: str, root: Path, mount: Path | None = None,
-                  replicated: bool = False, round_: int = 0) -> None:
+                  daemons: tuple[Daemon, ...] = (), round_: int = 0) -> None:
+        """Run each workload in *root*, on *mount* served by *daemons* (the primary
+        first, then its secondary, if any), or natively."""
         for key, unit, run in WORKLOADS:
             if self.only is not None and key not in self.only:
                 continue
@@ -235,16 +245,26 @@ class Bench:
             d.mkdir()
             began = now()
             served = requests(mount)
+            cpu = [daemon.cpu_seconds() for daemon in daemons]
             result = run(d, self.plan)
-            self.settle(mount, replicated)
+            self.settle(mount, len(daemons) > 1)  # replicated: until the secondary applied it
+            # What the daemons spent on the workload: its requests, and shipping and
+            # applying what it wrote, until the settle's checkpoint came back.
+            cpu = [daemon.cpu_seconds() - before
+                   for daemon, before in zip(daemons, cpu, strict=True)]
             if mount is not None and result.ops:
                 served = {op: n - served.get(op, 0) for op, n in requests(mount).items()}
                 result.extra["requests_per_op"] = sum(served.values()) / result.ops
+                result.extra["cpu_us_per_op"] = sum(cpu) / result.ops * 1e6
             self.results[key][target].append(result)
             extra = "".join(f"  {k} {v:,.{1 if k == 'requests_per_op' else 0}f}"
                             for k, v in result.extra.items())
             say(f"  {target:<18} {key:<15} {result.value:>12,.1f} {unit}{extra}"
                 f"  ({now() - began:.1f}s)")
+            if len(cpu) > 1 and result.ops:
+                say("    daemons' CPU per op: " + ", ".join(
+                    f"{daemon.name} {seconds / result.ops * 1e6:,.0f} us"
+                    for daemon, seconds in zip(daemons, cpu, strict=True)))
             if mount is not None and result.ops:
                 say("    requests per op: " + ", ".join(
                     f"{op} {n / result.ops:.2f}" for op, n in
@@ -272,9 +292,9 @@ class Bench:
             if self.plan.rounds > 1:
                 say(f"round {round_ + 1} of {self.plan.rounds}")
             self.workloads("native", native, round_=round_)
-            self.workloads("replfs", alone_mount, alone_mount, round_=round_)
-            self.workloads("replfs_replicated", mount, mount, replicated=True, round_=round_)
-            self.workloads("replfs_remote", remote_mount, remote_mount, replicated=True,
+            self.workloads("replfs", alone_mount, alone_mount, (alone,), round_=round_)
+            self.workloads("replfs_replicated", mount, mount, (pri, sec), round_=round_)
+            self.workloads("replfs_remote", remote_mount, remote_mount, (remote, remote_sec),
                            round_=round_)
         if ask(remote_mount, "status")["fsync_local_only"]:
             self.warn("some fsyncs of the --fsync remote primary did not wait for its "

@@ -72,10 +72,11 @@ def report(results: dict[str, dict[str, list[Result]]], plan: Plan,
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
-        served = {t: round(statistics.median(r.extra["requests_per_op"] for r in runs[t]), 2)
-                  for t in TARGETS[1:] if all("requests_per_op" in r.extra for r in runs[t])}
-        if served:
-            entry["requests_per_op"] = served
+        for name, digits in (("requests_per_op", 2), ("cpu_us_per_op", 0)):
+            per_target = {t: round(statistics.median(r.extra[name] for r in runs[t]), digits)
+                          for t in TARGETS[1:] if all(name in r.extra for r in runs[t])}
+            if per_target:
+                entry[name] = per_target
         if key == "stat":
             entry["files"] = plan.stat_files
         if key == "readdir":
@@ -106,6 +107,10 @@ def table(out: dict[str, Any]) -> str:
                              f"{entry[name[:3] + '_ratio']:.3f}"))
                 if rounds > 1:
                     rows.append(("    range", "", *spread(entry[name + "_range"]), ""))
+        if "cpu_us_per_op" in entry:
+            cpu = entry["cpu_us_per_op"]
+            rows.append(("  daemons' CPU", "µs/op", "",
+                         *(f"{cpu[t]:,.0f}" if t in cpu else "" for t in TARGETS[1:]), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
