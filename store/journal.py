@@ -185,7 +185,7 @@ class Journal:
 
     # --- writing ----------------------------------------------------------------
 
-    def _write(self, kind: Kind, body: bytes) -> int:
+    def _write(self, kind: Kind, body: bytes | list[bytes]) -> int:
         segment = self.log.base
         pos = self.log.append(kind, body)
         if self.log.base != segment and not self._snapshotting:
@@ -214,14 +214,15 @@ class Journal:
                 recovery can tell whether it happened.
         """
         record = Record(op, self.set, self.seq, **fields)
-        value = record.encode()
+        parts = record.encode_parts()
+        size = sum(map(len, parts))
         if intent is not None:
             self._write(Kind.INTENT, keyed(record.key, intent))
             self._intent = (record.key, intent)
-        pos = self._write(Kind.RECORD, value)
-        self._index(record.set, record.seq, pos, len(value))
+        pos = self._write(Kind.RECORD, parts)
+        self._index(record.set, record.seq, pos, size)
         self.seq += 1
-        self.set_bytes += len(value)
+        self.set_bytes += size
         return record
 
     def put(self, record: Record) -> None:

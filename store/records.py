@@ -182,6 +182,11 @@ class Record:
         return encode_key(self.set, self.seq)
 
     def encode(self) -> bytes:
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> list[bytes]:
+        """The record's encoding in pieces, to be written out as they are: a write's
+        data is one of them, never copied (``encode`` joins them)."""
         self.validate()
         parts = [_HEADER.pack(FORMAT_VERSION, self.op, self.set, self.seq)]
         for names, fmt, sized, get in _PLAN[self.op]:
@@ -194,7 +199,7 @@ class Record:
         for part in parts:
             checksum.update(part)
         parts.append(_CHECKSUM.pack(checksum.intdigest()))
-        return b"".join(parts)  # the one copy of a write's data
+        return parts
 
     @classmethod
     def decode(cls, buf: bytes | memoryview, *, data: bool = True) -> Record:

@@ -48,6 +48,9 @@ SEGMENT_BYTES = 64 << 20
 # Zeros written ahead of the end of the segment being written: one flush in
 # this many bytes of small entries pays for the filesystem's journal commit.
 PREPARE_BYTES = 1 << 20
+# An entry at least this large is written from its pieces, not joined first: a copy of
+# a 1 MiB write's data cost more than the rest of its journaling.
+VECTOR_BYTES = 64 << 10
 MAX_ENTRY = (64 << 20) + (1 << 20)  # a record's largest blob, and room for its fields
 _HEAD = struct.Struct(">IB")
 _SUM = struct.Struct(">Q")
@@ -88,6 +91,18 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
         written += os.pwrite(fd, data[written:], offset + written)
 
 
+def _pwritev(fd: int, parts: list[bytes], size: int, offset: int) -> None:
+    """Write *parts* (*size* bytes in all) one after another from *offset*, all of
+    them or raise. Small ones are joined first: one copy of a few KiB costs less
+    than the kernel's walk of many pieces."""
+    if size < VECTOR_BYTES:
+        _pwrite(fd, b"".join(parts), offset)
+        return
+    written = os.pwritev(fd, parts, offset)
+    if written < size:  # short: rare (a full disk on the way); the rest in one piece
+        _pwrite(fd, b"".join(parts)[written:], offset + written)
+
+
 def _zeros(fd: int, offset: int, size: int) -> bool:
     """True if the *fd*'s bytes from *offset* to *size* are all zeros."""
     while offset < size:
@@ -100,11 +115,13 @@ def _zeros(fd: int, offset: int, size: int) -> bool:
     return True
 
 
-def _entry(kind: Kind, body: bytes) -> bytes:
-    head = _HEAD.pack(len(body), kind)
+def _entry(kind: Kind, body: list[bytes]) -> list[bytes]:
+    """The entry of *body* (given in pieces), in pieces: none of them copied."""
+    head = _HEAD.pack(sum(map(len, body)), kind)
     checksum = xxhash.xxh3_64(head)
-    checksum.update(body)
-    return b"".join((head, body, _SUM.pack(checksum.intdigest())))
+    for part in body:
+        checksum.update(part)
+    return [head, *body, _SUM.pack(checksum.intdigest())]
 
 
 # Called for each entry found on open: (kind, body, log position of the body).
@@ -202,26 +219,28 @@ class Log:
         self._prepared = 0
         self._dir_synced = False
 
-    def append(self, kind: Kind, body: bytes) -> int:
-        """Append one entry; returns the log position of its body.
+    def append(self, kind: Kind, body: bytes | list[bytes]) -> int:
+        """Append one entry; returns the log position of its body. A body given as a
+        list of pieces is written as they are (a record's data is not copied).
 
         Raises OSError (ENOSPC...) with the log unchanged.
         """
-        entry = _entry(kind, body)
-        if self.end - self.base + len(entry) > SEGMENT_BYTES and self.end > self.base:
+        entry = _entry(kind, body if isinstance(body, list) else [body])
+        size = sum(map(len, entry))
+        if self.end - self.base + size > SEGMENT_BYTES and self.end > self.base:
             self._new_segment(self.end)
         fd, at = self._fds[self.base], self.end - self.base
-        if self._prepared < at + len(entry) < at + PREPARE_BYTES:
-            self._prepare(fd, at + len(entry) + PREPARE_BYTES)
+        if self._prepared < at + size < at + PREPARE_BYTES:
+            self._prepare(fd, at + size + PREPARE_BYTES)
         try:
-            _pwrite(fd, entry, at)
+            _pwritev(fd, entry, size, at)
         except OSError:
             os.ftruncate(fd, at)  # no torn entry stays behind
             self._prepared = at
             raise
-        self.end += len(entry)
-        self._prepared = max(self._prepared, at + len(entry))
-        return self.end - len(entry) + _HEAD.size
+        self.end += size
+        self._prepared = max(self._prepared, at + size)
+        return self.end - size + _HEAD.size
 
     def _prepare(self, fd: int, size: int) -> None:
         """Zero-fill the segment being written up to *size* bytes (see the module comment)."""
