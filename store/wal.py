@@ -27,6 +27,10 @@ commit of the filesystem's journal. On ext4 here that halves the flush
 per PREPARE_BYTES. Zeros after the last entry are the log's clean end, not
 a torn entry; a torn tail is cut off at open, zeros and all.
 
+An entry is appended from its pieces (its head, the body as the caller
+gives it, its checksum): a large one with one ``pwritev``, so a record's
+data is never copied on its way in; below VECTOR_BYTES they are joined.
+
 This module, ``store/records.py`` and ``store/notes.py`` pack the journal's bytes.
 """
 
