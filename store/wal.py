@@ -119,9 +119,10 @@ def _zeros(fd: int, offset: int, size: int) -> bool:
     return True
 
 
-def _entry(kind: Kind, body: list[bytes]) -> list[bytes]:
-    """The entry of *body* (given in pieces), in pieces: none of them copied."""
-    head = _HEAD.pack(sum(map(len, body)), kind)
+def _entry(kind: Kind, body: list[bytes], length: int) -> list[bytes]:
+    """The entry of *body* (given in pieces, *length* bytes in all), in pieces: none
+    of them copied."""
+    head = _HEAD.pack(length, kind)
     checksum = xxhash.xxh3_64(head)
     for part in body:
         checksum.update(part)
@@ -229,8 +230,9 @@ class Log:
 
         Raises OSError (ENOSPC...) with the log unchanged.
         """
-        entry = _entry(kind, body if isinstance(body, list) else [body])
-        size = sum(map(len, entry))
+        pieces = body if isinstance(body, list) else [body]
+        length = sum(map(len, pieces))
+        entry, size = _entry(kind, pieces, length), length + OVERHEAD
         if self.end - self.base + size > SEGMENT_BYTES and self.end > self.base:
             self._new_segment(self.end)
         fd, at = self._fds[self.base], self.end - self.base
