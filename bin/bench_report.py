@@ -125,7 +125,10 @@ def table(out: dict[str, Any]) -> str:
                      f"{w['readdir']['entries']:,} entries")
     m = out["machine"]
     lines.append(f"machine: {m['cores']} cores, {m['memory_MiB']} MiB, Linux {m['kernel']}, "
-                 f"Python {m['python']}, {m['fs_type']} at {m['tmp_dir']}")
+                 f"Python {m['python']}, {m['fs_type']} at {m['tmp_dir']}, "
+                 f"a file created in {m['create_us']:,.0f} us"
+                 + (f" ({m['create_us_before']:,.0f} before waiting for removed inodes)"
+                    if "create_us_before" in m else ""))
     if out["replication"]:
         lines.append("")
         lines.append(f"replication over {TRANSPORTS[m.get('transport', 'frames')]} (secondary "

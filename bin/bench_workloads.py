@@ -57,6 +57,47 @@ def now() -> float:
     return time.perf_counter()
 
 
+# A create costs 10-60 us on this kind of disk when nothing was removed lately.
+SLOW_CREATE_US = 60.0
+PROBE_FILES = 200
+SETTLE_SECONDS = 330.0  # an inode freed 300 s ago is reused again, dirty or not
+
+
+def create_cost(d: Path) -> float:
+    """Microseconds one empty file's creation takes in new directory *d* (kept)."""
+    d.mkdir()
+    start = now()
+    for i in range(PROBE_FILES):
+        os.close(os.open(d / f"p{i:04}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (now() - start) / PROBE_FILES * 1e6
+
+
+def fresh_inodes(tmp: Path, say: Callable[[str], None]) -> dict[str, float]:
+    """Wait until creating a file costs what the disk makes it cost, at most
+    SETTLE_SECONDS, before anything is measured; returns the probe's figures.
+
+    An ext4 without a journal does not reuse an inode freed in the last 60 s
+    (300 s while its inode table block is dirty): every create walks past each
+    such inode whose table block the buffer cache holds. After a few thousand
+    files were removed (a previous run's cleanup, the tests) a create costs up
+    to 1 ms instead of 20 us, and every create-bound figure, native ones
+    first, would measure that walk. Only the clock ends it: a sync before
+    each probe keeps the blocks clean between creates, but each create
+    dirties one again.
+    """
+    first = cost = create_cost(tmp / "probe.0")
+    if cost > SLOW_CREATE_US:
+        say(f"creating a file takes {cost:,.0f} us (inodes removed lately, see "
+            f"bench_workloads.fresh_inodes): waiting up to {SETTLE_SECONDS:.0f} s")
+    began = now()
+    while cost > SLOW_CREATE_US and now() - began < SETTLE_SECONDS:
+        os.sync()
+        time.sleep(10)  # the kernel's window runs out; nothing to wait on but the clock
+        cost = create_cost(tmp / f"probe.{now() - began:.0f}")
+        say(f"  {now() - began:.0f} s: {cost:,.0f} us")
+    return {"create_us": cost, **({"create_us_before": first} if now() > began + 1 else {})}
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
