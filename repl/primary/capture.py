@@ -80,7 +80,7 @@ DEFAULT_SET_INTERVAL = 1.0
 DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
 FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
-OPEN_FLUSH_SECONDS = 0.2  # an open set's records are flushed (and shipped) within this
+OPEN_FLUSH_SECONDS = 0.02  # an open set's records are flushed (and shipped) within this
 BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
 BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
