@@ -50,6 +50,41 @@ from store.records import (
 _ZEROS = bytes(1 << 20)
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OPEN_FILES = 64  # files an OpenFiles keeps open at most
+
+
+class OpenFiles:
+    """The files a run of records writes, kept open from one record to the next.
+
+    For a caller that alone changes the tree (the secondary's applier): a set
+    that writes a file a thousand times opens it once. ``apply`` drops a path
+    when an UNLINK removes it and everything when a RMDIR, RENAME, PRUNE or
+    RESET may have moved or removed what a path names. The caller ``close()``s
+    it when the run ends and whenever an error cut it short.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[bytes, int] = {}
+
+    def get(self, tree: Tree, path: bytes) -> int:
+        """A write fd of regular file *path*, opened now or kept from before."""
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= OPEN_FILES:
+                self.close()
+            dir_fd, name = tree.parent(path)
+            fd = self._fds[path] = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        return fd
+
+    def forget(self, path: bytes) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _fallocate_as_seen(fd: int, mode: int, offset: int, length: int) -> None:
@@ -114,9 +149,18 @@ def redo(tree: Tree, record: Record, intent: bytes | None) -> None:
         apply(tree, record)
 
 
-def apply(tree: Tree, record: Record) -> None:
-    """Carry out *record* on *tree*. Raises OSError as the syscall did."""
+def apply(tree: Tree, record: Record, files: OpenFiles | None = None) -> None:
+    """Carry out *record* on *tree*, writing through *files* if given. Raises OSError
+    as the syscall did."""
     op = record.op
+    if files is not None:
+        if op in _WRITES:
+            _write(files.get(tree, record.path), record)
+            return
+        if op == Op.UNLINK:
+            files.forget(record.path)
+        elif op in _MOVES:
+            files.close()
     if op in (Op.SYNC, Op.VOID):
         return
     if op == Op.RESET:
@@ -140,28 +184,11 @@ def apply(tree: Tree, record: Record) -> None:
                 os.unlink(name, dir_fd=fd)
         tree.forget_dirs()
         return
-    if op == Op.WRITE:
+    if op in _WRITES:
         fd, name = tree.parent(record.path)
         file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
         try:
-            view, offset = memoryview(record.data), record.offset
-            while view:
-                n = os.pwrite(file_fd, view, offset)
-                view, offset = view[n:], offset + n
-        finally:
-            os.close(file_fd)
-    elif op == Op.TRUNCATE:
-        fd, name = tree.parent(record.path)
-        file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
-        try:
-            os.ftruncate(file_fd, record.size)
-        finally:
-            os.close(file_fd)
-    elif op == Op.FALLOCATE:
-        fd, name = tree.parent(record.path)
-        file_fd = os.open(name, _FILE_FLAGS, dir_fd=fd)
-        try:
-            _fallocate_as_seen(file_fd, record.flags, record.offset, record.length)
+            _write(file_fd, record)
         finally:
             os.close(file_fd)
     elif op == Op.CREATE:
@@ -219,6 +246,24 @@ def apply(tree: Tree, record: Record) -> None:
                 raise
     else:
         raise ValueError(f"cannot apply {op!r}")
+
+
+_WRITES = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})  # ops on an open file's bytes
+# Ops after which a path may name another node, or none, anywhere in the tree.
+_MOVES = frozenset({Op.RMDIR, Op.RENAME, Op.PRUNE, Op.RESET})
+
+
+def _write(fd: int, record: Record) -> None:
+    """A WRITE, TRUNCATE or FALLOCATE on the file open at *fd*."""
+    if record.op == Op.WRITE:
+        view, offset = memoryview(record.data), record.offset
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    elif record.op == Op.TRUNCATE:
+        os.ftruncate(fd, record.size)
+    else:
+        _fallocate_as_seen(fd, record.flags, record.offset, record.length)
 
 
 def _fill(fd: int, record: Record, truncate: bool = False) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import trio
 
-from repl.apply import apply, intent_for, redo
+from repl.apply import OpenFiles, apply, intent_for, redo
 from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
@@ -114,6 +114,7 @@ class Applier:
         self.invalidator = invalidator  # the standby mount's kernel caches, if it has them
         self.applied = staging.applied
         self.applying: int | None = None
+        self.files = OpenFiles()  # the files a batch writes, open through it (apply thread)
         self.error: str | None = None
         self._wakeup = trio.Event()
         self._applied_changed = trio.Event()
@@ -329,7 +330,7 @@ class Applier:
                         break
                     self.faults.step(set_id, record.seq)
                     self.reached = (set_id, record.seq)
-                    apply(tree, record)
+                    apply(tree, record, self.files)
                     at = record.seq + 1
             except (OSError, ValueError) as exc:
                 log.warning("applying sync set %d as it arrives stopped at seq %d (%s); it "
@@ -337,6 +338,8 @@ class Applier:
                 self._arrived, self._not_as_arrived = None, set_id
                 tree.forget_dirs()
                 return False
+            finally:
+                self.files.close()
         self._arrived = (set_id, at, epoch)
         return at > start
 
@@ -493,13 +496,16 @@ class Applier:
             first = marker[0]
         began = time.monotonic()
         set_id = first
-        while True:
-            self._apply_records(tree, set_id, marker if marker and marker[0] == set_id
-                                else None)
-            if set_id == last or (set_id >= at_least
-                                  and time.monotonic() - began > BATCH_SECONDS):
-                return set_id
-            set_id += 1
+        try:
+            while True:
+                self._apply_records(tree, set_id, marker if marker and marker[0] == set_id
+                                    else None)
+                if set_id == last or (set_id >= at_least
+                                      and time.monotonic() - began > BATCH_SECONDS):
+                    return set_id
+                set_id += 1
+        finally:
+            self.files.close()  # before the sync, and before a retry after an error
 
     def _apply_records(self, tree: Tree, set_id: int,
                        marker: tuple[int, int, bytes | None] | None) -> None:
@@ -529,7 +535,7 @@ class Applier:
             elif record.op in NAMESPACE_OPS and (not after_reset or record.op == Op.RESET):
                 self.staging.set_marker(record, intent_for(tree, record))
                 self.faults.step(set_id, record.seq)
-                apply(tree, record)
+                apply(tree, record, self.files)
             else:
-                apply(tree, record)
+                apply(tree, record, self.files)
             after_reset = after_reset or record.op == Op.RESET

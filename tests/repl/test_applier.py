@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import trio
 import trio.testing
 
 import repl.secondary.applier as applier_module
-from repl.apply import apply
+from repl.apply import OPEN_FILES, apply
 from repl.diverge import Divergence
 from repl.faults import ENV_BOOT_ID
 from repl.secondary.applier import Applier
@@ -91,6 +92,35 @@ def sync_sets() -> list[list[Record]]:
     return first + numbered(ops, start=len(first) + 1)
 
 
+def reused_path_sets() -> list[list[Record]]:
+    """Paths written, then made to name another file (removed and made again, their
+    directory renamed and made again) and written again in the same set; and more
+    files written in one set than the applier keeps open, each twice."""
+    mode = {"mode": 0o100644, "uid": 0, "gid": 0}
+    many = [b"m%03d" % i for i in range(OPEN_FILES + 6)]
+
+    def times(*paths: bytes) -> list[tuple[Op, dict[str, object]]]:
+        return [(Op.UTIMES, {"path": path, "atime_ns": T, "mtime_ns": T}) for path in paths]
+
+    return numbered([
+        [(Op.MKDIR, {"path": b"d", "mode": 0o40755, "uid": 0, "gid": 0}),
+         (Op.CREATE, {"path": b"d/a", **mode}),
+         (Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"first"}),
+         (Op.UNLINK, {"path": b"d/a"}),
+         (Op.CREATE, {"path": b"d/a", **mode}),
+         (Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"second"}),
+         (Op.RENAME, {"path": b"d", "path2": b"e", "flags": 0}),
+         (Op.MKDIR, {"path": b"d", "mode": 0o40755, "uid": 0, "gid": 0}),
+         (Op.CREATE, {"path": b"d/a", **mode}),
+         (Op.WRITE, {"path": b"d/a", "offset": 0, "data": b"third"}),
+         (Op.TRUNCATE, {"path": b"e/a", "size": 3}),
+         *times(b"d/a", b"e/a", b"d", b"e", b"")],
+        [*[(Op.CREATE, {"path": path, **mode}) for path in many],
+         *[(Op.WRITE, {"path": path, "offset": 0, "data": path}) for path in many],
+         *[(Op.WRITE, {"path": path, "offset": 4, "data": b"!"}) for path in many],
+         *times(*many, b"")]])
+
+
 def numbered(ops: list[list[tuple[Op, dict[str, object]]]],
              start: int = 1) -> list[list[Record]]:
     """Each list of ops as a set of records, from set *start* on, each ending in SYNC."""
@@ -147,7 +177,23 @@ def fresh(run: Path, sets: list[list[Record]]) -> tuple[Path, Staging]:
     return replica, staging
 
 
-@pytest.mark.parametrize("make", [data_sets, sync_sets], ids=["sets", "reset"])
+def test_batch_writes_through_open_files_to_what_each_path_names_then(
+        tmp_path: Path) -> None:
+    sets = reused_path_sets()
+    replica, staging = fresh(tmp_path / "run", sets)
+    with closing(staging):
+        fds = len(os.listdir("/proc/self/fd"))
+        apply_all(staging, replica, None)
+        assert len(os.listdir("/proc/self/fd")) == fds, "no file left open"
+        assert staging.applied == len(sets)
+    assert (replica / "d/a").read_bytes() == b"third"
+    assert (replica / "e/a").read_bytes() == b"sec"
+    assert (replica / "m069").read_bytes() == b"m069!"
+    assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
+@pytest.mark.parametrize("make", [data_sets, sync_sets, reused_path_sets],
+                         ids=["sets", "reset", "reused"])
 def test_batch_cut_at_every_step_reaches_the_last_set(
         tmp_path: Path, make: Callable[[], list[list[Record]]]) -> None:
     sets = make()
