@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import stat
 import threading
 import time
@@ -81,6 +82,10 @@ DEFAULT_SET_BYTES = 64 << 20
 DEFAULT_JOURNAL_MAX = 1 << 30
 FLUSH_BYTES = 4 << 20  # journaled but not flushed: flush, so the sender can ship it
 OPEN_FLUSH_SECONDS = 0.02  # an open set's records are flushed (and shipped) within this
+# ... once the tick found records to flush in the last IDLE_AFTER_SECONDS; else the tick
+# comes this often, so an idle daemon wakes 5 times a second, not 50.
+IDLE_FLUSH_SECONDS = 0.2
+IDLE_AFTER_SECONDS = 1.0
 BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
 BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
@@ -533,11 +538,16 @@ class Capture:
     async def _flusher(self) -> None:
         """Flush what was journaled, for the sender: at once when asked (a set closed
         by the timer or the size bound, FLUSH_BYTES piled up, a resync's step), else
-        at a tick every OPEN_FLUSH_SECONDS if anything is not durable. An fsync
-        flushes in its own thread; the tick finds nothing left then."""
+        at a tick if anything is not durable: every OPEN_FLUSH_SECONDS while the
+        ticks find records to flush, every IDLE_FLUSH_SECONDS once they found none
+        for IDLE_AFTER_SECONDS. An fsync flushes in its own thread; the tick finds
+        nothing left then."""
+        found_at = -math.inf  # when a tick last found records to flush
         while True:
-            with trio.move_on_after(OPEN_FLUSH_SECONDS):
+            idle = trio.current_time() - found_at > IDLE_AFTER_SECONDS
+            with trio.move_on_after(IDLE_FLUSH_SECONDS if idle else OPEN_FLUSH_SECONDS):
                 await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
             if self.journal.durable < self.journal.end:
+                found_at = trio.current_time()
                 await self.durable()

@@ -20,6 +20,7 @@ import trio
 
 from repl.activity import EXTENT
 from repl.faults import ENV_BOOT_ID
+from repl.primary import capture as capture_module
 from repl.primary import recovery, unsynced
 from repl.primary.capture import Capture
 from repl.primary.unsynced import SYNCFS_FROM
@@ -447,3 +448,47 @@ def test_capture_checkpoint_ok_over_budget_waits_only_for_a_set_that_will_close(
         capture.write(b"f", 1, b"y")  # over budget: a dirty range, not a record
         assert capture.journal.set_is_empty and capture.resync.dirty
         assert trio.run(capture.checkpoint) == closed + 1, "the resync closes the open set"
+
+
+# --- the flusher's tick ----------------------------------------------------------------
+
+
+async def test_flusher_ok_ticks_fast_while_it_finds_records_slowly_when_idle(
+        tmp_path: Path, boot: Path, autojump_clock: trio.abc.Clock) -> None:
+    """Records are flushed within OPEN_FLUSH_SECONDS while they keep coming, so the
+    sender ships a set as it is written; a flusher that found none for
+    IDLE_AFTER_SECONDS ticks every IDLE_FLUSH_SECONDS, so an idle daemon sleeps."""
+    (tmp_path / "backing").mkdir()
+    with capturing(tmp_path / "backing", tmp_path / "journal") as capture:
+        flushes: list[float] = []
+        flush = trio.Event()
+
+        async def durable() -> None:  # in trio's thread: the times stay the mock clock's
+            nonlocal flush
+            flushes.append(trio.current_time())
+            capture.wait_durable(capture.journal.end)
+            flush.set()
+            flush = trio.Event()
+
+        capture.durable = durable  # type: ignore[method-assign]
+
+        async def flushed(count: int) -> float:
+            if len(flushes) < count:
+                await flush.wait()
+            assert len(flushes) == count
+            return flushes[-1]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(capture._flusher)
+            capture.record(Op.MKDIR, path=b"a", mode=stat.S_IFDIR | 0o755, uid=0, gid=0)
+            first = await flushed(1)
+            assert first == pytest.approx(capture_module.IDLE_FLUSH_SECONDS, abs=0.002)
+            capture.record(Op.MKDIR, path=b"b", mode=stat.S_IFDIR | 0o755, uid=0, gid=0)
+            busy = await flushed(2) - first
+            assert busy <= capture_module.OPEN_FLUSH_SECONDS + 0.002, "a tick that found records"
+            await trio.sleep(capture_module.IDLE_AFTER_SECONDS + 1.05)  # between two ticks
+            asked = trio.current_time()
+            capture.record(Op.MKDIR, path=b"c", mode=stat.S_IFDIR | 0o755, uid=0, gid=0)
+            idle = await flushed(3) - asked
+            assert capture_module.OPEN_FLUSH_SECONDS < idle <= capture_module.IDLE_FLUSH_SECONDS
+            nursery.cancel_scope.cancel()
