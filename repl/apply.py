@@ -210,7 +210,7 @@ def apply(tree: Tree, record: Record, files: OpenFiles | None = None) -> None:
         _set_owner_mode(tree, record)
     elif op == Op.SYMLINK:
         fd, name = tree.parent(record.path)
-        os.symlink(record.data, name, dir_fd=fd)
+        os.symlink(bytes(record.data), name, dir_fd=fd)
         _set_owner_mode(tree, record)
     elif op == Op.LINK:
         src_fd, src = tree.parent(record.path)

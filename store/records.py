@@ -163,7 +163,7 @@ class Record:
     path: bytes = b""
     path2: bytes = b""
     name: bytes = b""
-    data: bytes = b""
+    data: bytes | memoryview = b""
     offset: int = 0
     size: int = 0
     length: int = 0
@@ -202,11 +202,14 @@ class Record:
         return parts
 
     @classmethod
-    def decode(cls, buf: bytes | memoryview, *, data: bool = True) -> Record:
+    def decode(cls, buf: bytes | memoryview, *, data: bool = True,
+               view: bool = False) -> Record:
         """Decode one record that fills *buf* exactly.
 
         With *data* False the record comes without its data (b""): its bytes were
-        checked where they lie in *buf*, for a caller that keeps *buf* anyway.
+        checked where they lie in *buf*, for a caller that keeps *buf* anyway. With
+        *view*, a WRITE's, SETXATTR's or FILE's data is a view of *buf*, not a copy:
+        for a caller that uses the record while *buf*, which must not change, lives.
 
         Raises:
             RecordError: truncated input, trailing bytes, an unknown version or
@@ -235,7 +238,7 @@ class Record:
                         raise RecordError(f"truncated {names[0]} in {op.name} record")
                     piece = body[pos : pos + size]
                     # Without *data*, the data is checked as a view, never copied.
-                    values[names[0]] = (piece if names[0] == "data" and not data
+                    values[names[0]] = (piece if names[0] == "data" and (view or not data)
                                         and op in _VIEWED else bytes(piece))
                     pos += size
                 else:

@@ -161,8 +161,11 @@ class Staging(LmdbDir):
             applied -= 1
         return run[::-1]
 
-    def records(self, set_id: int, start_seq: int = 0) -> Iterator[Record]:
-        """The staged records of *set_id* from *start_seq* on, in seq order."""
+    def records(self, set_id: int, start_seq: int = 0, *, data: bool = True,
+                view: bool = False) -> Iterator[Record]:
+        """The staged records of *set_id* from *start_seq* on, in seq order; without
+        their data (checked, not copied) if *data* is False, their data a view of
+        the staged bytes with *view* (see ``Record.decode``)."""
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self._records)
             if not cursor.set_range(encode_key(set_id, start_seq)):
@@ -171,7 +174,7 @@ class Staging(LmdbDir):
                 if decode_key(key)[0] != set_id:
                     return
                 self.passed(len(value))
-                yield Record.decode(value)
+                yield Record.decode(value, data=data, view=view)
 
     def applicable_through(self) -> int:
         """The last set the applier can reach: complete sets after `applied`, no gap.

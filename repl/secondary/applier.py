@@ -325,7 +325,7 @@ class Applier:
                 self._tear(set_id)
             at = start
             try:
-                for record in staging.records(set_id, start):
+                for record in staging.records(set_id, start, view=True):
                     if record.seq >= end:
                         break
                     self.faults.step(set_id, record.seq)
@@ -399,7 +399,7 @@ class Applier:
             return Footprint(tree, everything=True), last
         touched = Footprint(tree)
         for set_id in range(first, last + 1):
-            for record in self.staging.records(set_id):
+            for record in self.staging.records(set_id, data=False):
                 touched.add(record)
             if touched.records >= FOOTPRINT_RECORDS:
                 return touched, set_id
@@ -459,7 +459,7 @@ class Applier:
         named: set[bytes] = set()
         moved: set[bytes] = set()
         for set_id in range(first, last + 1):
-            for record in self.staging.records(set_id):
+            for record in self.staging.records(set_id, data=False):
                 if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
                     tree.sync(b"")
                     return
@@ -526,7 +526,7 @@ class Applier:
         elif self.staging.syncing == set_id:
             start = self.staging.last_reset(set_id)  # an initial sync starts from empty
         in_doubt, after_reset = marker is not None, continued
-        for record in self.staging.records(set_id, start):
+        for record in self.staging.records(set_id, start, view=True):
             self.faults.step(set_id, record.seq)
             self.reached = (set_id, record.seq)
             if in_doubt:

@@ -92,6 +92,20 @@ def test_record_decode_ok_without_data(case: str) -> None:
     assert type(got.data) is bytes
 
 
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_record_decode_ok_data_as_a_view(case: str) -> None:
+    """The applier's decode: a WRITE's, SETXATTR's or FILE's data is a view of the
+    staged bytes it reads, never a copy; every other field as decoded."""
+    record = SPECS[case]
+    raw = record.encode()
+    got = Record.decode(raw, view=True)
+    assert got == record
+    if record.op in (Op.WRITE, Op.SETXATTR, Op.FILE):
+        assert isinstance(got.data, memoryview) and got.data.obj is raw
+    else:
+        assert type(got.data) is bytes
+
+
 def test_record_encode_ok_field_order() -> None:
     """Fields follow the header in FIELDS order; a path is u16 length + bytes."""
     record = SPECS["rename"]
