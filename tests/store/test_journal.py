@@ -6,12 +6,14 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from store import wal
 from store.errors import JournalLocked, RecordError, StoreError
 from store.journal import Journal
 from store.notes import Note, NoteKind
@@ -412,6 +414,42 @@ def test_journal_open_ok_segments_ending_in_zeros(path: Path,
         assert j.log.torn is None
 
 
+def test_journal_trim_ok_segments_leave_at_once_and_are_removed_aside(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trim takes the segments it empties out of the log at once (renamed, out of
+    the caller's way); a thread removes them; one a stop left is removed at the
+    next open, and never replayed."""
+    monkeypatch.setattr("store.wal.SEGMENT_BYTES", 16 << 10)
+    removing, remove = threading.Event(), wal._remove
+
+    def gated(paths: list[Path]) -> None:
+        if paths:
+            removing.wait(10)
+        remove(paths)
+
+    monkeypatch.setattr("store.wal._remove", gated)
+    with opened(path) as j:
+        for _ in range(8):
+            j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(4000))
+            j.close_set()
+        before = segments(path)
+        j.trim(6)  # returns while the removal waits
+        kept = segments(path)
+        assert kept and len(kept) < len(before) and set(kept) < set(before)
+        assert len(list(path.glob("*.dead"))) == len(before) - len(kept)
+        removing.set()
+        assert j.log.remover is not None
+        j.log.remover.join(10)
+        assert not list(path.glob("*.dead")), "removed"
+        written = positions(j)
+    assert written and min(set_id for set_id, _, _ in written) == 7
+    leftover = path / f"{0:016x}.dead"
+    leftover.write_bytes(before[0].name.encode())  # a stop before the thread removed it
+    with opened(path) as j:
+        assert positions(j) == written
+    assert not leftover.exists()
+
+
 def test_journal_notes_ok(path: Path) -> None:
     """Notes added after a reset add to it; a reset replaces all; a reopen reads them."""
     name, data = Note(NoteKind.NAME, b"d"), Note(NoteKind.DATA, b"f", 0, 1 << 22)
@@ -517,6 +555,7 @@ def test_journal_open_err_locked_in_process(journal: Journal) -> None:
 
 HOLDER = """
 import sys
+import threading
 sys.path.insert(0, sys.argv[1])
 from store.journal import Journal
 j = Journal(sys.argv[2])
