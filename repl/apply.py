@@ -51,6 +51,9 @@ _ZEROS = bytes(1 << 20)
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_FILES = 64  # files an OpenFiles keeps open at most
+_WRITES = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})  # ops on an open file's bytes
+# Ops after which a path may name another node, or none, anywhere in the tree.
+_MOVES = frozenset({Op.RMDIR, Op.RENAME, Op.PRUNE, Op.RESET})
 
 
 class OpenFiles:
@@ -246,11 +249,6 @@ def apply(tree: Tree, record: Record, files: OpenFiles | None = None) -> None:
                 raise
     else:
         raise ValueError(f"cannot apply {op!r}")
-
-
-_WRITES = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})  # ops on an open file's bytes
-# Ops after which a path may name another node, or none, anywhere in the tree.
-_MOVES = frozenset({Op.RMDIR, Op.RENAME, Op.PRUNE, Op.RESET})
 
 
 def _write(fd: int, record: Record) -> None:

@@ -237,7 +237,7 @@ class Record:
                     if pos + size > end:
                         raise RecordError(f"truncated {names[0]} in {op.name} record")
                     piece = body[pos : pos + size]
-                    # Without *data*, the data is checked as a view, never copied.
+                    # Without *data*, or with *view*, the data is a view, never copied.
                     values[names[0]] = (piece if names[0] == "data" and (view or not data)
                                         and op in _VIEWED else bytes(piece))
                     pos += size
