@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from repl import control, tls
+from repl import control, tlsca
 from repl.iscsi import chap
 from repl.verify import differences
 
@@ -89,9 +89,9 @@ def links(tmp: Path) -> tuple[list[str], list[str]]:
     """A cluster CA in *tmp*/tls with certificates for the nodes alpha (the primary) and
     beta (the secondary); returns the primary's and the secondary's TLS options."""
     ca = tmp / "tls"
-    tls.init_ca(ca)
+    tlsca.init_ca(ca)
     for name in ("alpha", "beta"):
-        tls.issue(ca, name)
+        tlsca.issue(ca, name)
     return (["--tls", str(ca / "alpha"), "--peer", "beta"],
             ["--tls", str(ca / "beta"), "--peer", "alpha"])
 

@@ -32,7 +32,7 @@ from typing import Any
 import trio
 from demo import REPLFS, Proc, free_port, status
 
-from repl import tls
+from repl import tlsca
 from repl.cluster import members
 from repl.verify import differences
 
@@ -133,9 +133,9 @@ def line(elapsed: float, view: dict[str, Any], writer: Writer) -> str:
 def run() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="replfs-cluster-demo-"))
     ca = tmp / "tls"
-    tls.init_ca(ca)
+    tlsca.init_ca(ca)
     for name in NAMES:
-        tls.issue(ca, name)
+        tlsca.issue(ca, name)
     client, peer = free_port(), free_port()
     url = f"http://127.0.0.1:{client}"
     with open(tmp / "etcd.log", "wb") as log:

@@ -25,7 +25,7 @@ from replfs_args import JsonLines, build_parser, fail, parse
 
 from fs.primary_daemon import PrimaryConfig, run_primary
 from fs.standby_daemon import run_secondary_standby, run_standby
-from repl import config, control, tls
+from repl import config, control
 from repl.iscsi import chap
 from repl.protocol import MAX_STREAMS
 from repl.secondary.promote import promote
@@ -188,13 +188,15 @@ def expected(exc: BaseException) -> str | None:
 
 
 def tls_command(args: argparse.Namespace) -> None:
+    from repl import tlsca  # cryptography, which no daemon loads
+
     if args.tls_command == "init":
-        cert = tls.init_ca(args.dir)
+        cert = tlsca.init_ca(args.dir)
         print(f"made the cluster's CA: {cert} and {cert.with_suffix('.key')} (keep ca.key "
               "on this host only)")
         print(f"next, for each node: replfs tls issue {args.dir} NAME")
     else:
-        cert = tls.issue(args.dir, args.name, days=args.days)
+        cert = tlsca.issue(args.dir, args.name, days=args.days)
         print(f"made {cert} and {cert.with_suffix('.key')}, valid for {args.days} days")
         print(f"copy them and {args.dir / 'ca.pem'} to {args.name}, into a directory only "
               f"root can read; its daemon takes --tls THATDIR/{args.name}")

@@ -15,13 +15,15 @@ the handshake verified it, before reading a byte from it. Names are not
 roles: after a failover the old secondary is the primary, and each side
 names the other as before.
 
-Certificates and keys come from ``cryptography``, links from the standard
-library's ``ssl``: nothing here does cryptography by hand.
+Certificates and keys are made by ``cryptography`` (repl/tlsca.py), links
+run on the standard library's ``ssl``: nothing here does cryptography by
+hand. A daemon checks its own credentials with ``ssl`` too, by a handshake
+with itself in memory, and loads ``cryptography`` only to say why it refused
+them.
 """
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import re
@@ -32,21 +34,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from repl.errors import UsageError
-from store.private import private_dir, write_private
 
 CA = "ca"
 DEFAULT_DAYS = 3650  # a node certificate's life; a new one is one `replfs tls issue` away
-CA_DAYS = 36500  # the CA outlives every certificate it will sign
-# A certificate made now is valid from a little before now, so a peer whose
-# clock is a few minutes behind still accepts it.
-BACKDATE = datetime.timedelta(hours=1)
 # A host name's syntax: dot-separated labels of letters, digits and inner hyphens.
 _NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
                    r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -58,97 +49,6 @@ def check_name(name: str) -> str:
         raise UsageError(f"{name!r} cannot name a node: use a host name (lower-case letters, "
                          "digits, '-' and '.'), other than 'ca'")
     return name
-
-
-# --- making the CA and the certificates ---------------------------------------------------
-
-
-def init_ca(directory: Path) -> Path:
-    """Make the cluster's CA in *directory* (0700): ca.pem and ca.key (0600).
-
-    Returns the path of ca.pem. Raises UsageError if *directory* holds a CA
-    already (it is never replaced: every certificate it signed would stop
-    being trusted), UnsafeState if another user could write to it.
-    """
-    private_dir(directory)
-    cert_path, key_path = directory / f"{CA}.pem", directory / f"{CA}.key"
-    if cert_path.exists() or key_path.exists():
-        raise UsageError(f"{directory} holds a CA already ({cert_path}); it is kept as it is")
-    os.chmod(directory, 0o700)  # it was ours already, perhaps readable by all: not any more
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                         f"replfs cluster CA {os.urandom(4).hex()}")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    write_private(key_path, _key_pem(key))
-    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
-
-
-def issue(directory: Path, name: str, *, days: int = DEFAULT_DAYS,
-          valid_from: datetime.datetime | None = None) -> Path:
-    """Make NAME.pem and NAME.key (0600) in *directory*, signed by its CA.
-
-    *valid_from* (default: now, less BACKDATE) and *days* bound its validity.
-    Returns the path of NAME.pem. Raises UsageError if there is no CA or
-    NAME has a certificate already (remove both files to issue a new one).
-    """
-    check_name(name)
-    if days < 1:
-        raise UsageError(f"a certificate must be valid for at least a day, not {days}")
-    ca_cert_path, ca_key_path = directory / f"{CA}.pem", directory / f"{CA}.key"
-    if not ca_key_path.exists() or not ca_cert_path.exists():
-        raise UsageError(f"no CA in {directory}; make one with 'replfs tls init {directory}'")
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    if cert_path.exists() or key_path.exists():
-        raise UsageError(f"{name} has a certificate already ({cert_path}); remove "
-                         f"{cert_path} and {key_path} to issue a new one")
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise UsageError(f"{ca_key_path} is not a key that replfs tls init made")
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = valid_from or datetime.datetime.now(datetime.UTC) - BACKDATE
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    write_private(key_path, _key_pem(key))
-    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
 
 
 # --- a daemon's credentials -------------------------------------------------------------------
@@ -210,30 +110,41 @@ def credentials(prefix: Path, peer: str | None) -> Credentials:
                              f"{directory} {name}'")
     if os.stat(key).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UsageError(f"{key} can be read by other users; run chmod 600 {key}")
-    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    if parsed.not_valid_after_utc < now:
-        raise UsageError(f"{cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}; issue a "
-                         f"new one with 'replfs tls issue {directory} {name}'")
-    if name not in names(parsed):
-        raise UsageError(f"{cert} names {sorted(names(parsed))}, not {name!r}")
     found = Credentials(name, peer, ca, cert, key)
     try:
-        found.client_context()
-        parsed.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
-    except (ssl.SSLError, ValueError, TypeError, InvalidSignature) as exc:
-        raise UsageError(f"--tls {prefix}: {cert}, {key} and {ca} do not go together "
-                         f"({exc})") from None
+        _handshake_with_itself(found)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        from repl import tlsca  # only to say why: a daemon does not keep cryptography
+
+        raise UsageError(tlsca.refused(prefix, ca, cert, key, exc)) from None
     return found
 
 
-def names(cert: x509.Certificate) -> set[str]:
-    """The DNS names a certificate carries."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return set()
-    return set(san.value.get_values_for_type(x509.DNSName))
+def _handshake_with_itself(creds: Credentials) -> None:
+    """A TLS handshake, in memory, from a client that trusts the CA and expects the
+    node's name to a server that holds its certificate and key: what a peer
+    checks of this node (signed by the CA, valid now, naming it; the key that
+    goes with it). Raises the ssl (or OSError, ValueError) error it failed with."""
+    server = creds._context(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    client.verify_flags |= ssl.VERIFY_X509_STRICT
+    client.load_verify_locations(cafile=creds.ca)
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ends = [client.wrap_bio(to_client, to_server, server_hostname=creds.name),
+            server.wrap_bio(to_server, to_client, server_side=True)]
+    done = [False, False]
+    for _ in range(8):  # TLS 1.3 takes two flights each way; a stall is a failure
+        for i, end in enumerate(ends):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+        if all(done):
+            return
+    raise ssl.SSLError("the TLS handshake with itself did not finish")
 
 
 def peer_names(peercert: Mapping[str, object]) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from repl import control, tls
+from repl import control, tlsca
 from tests.support import (
     REPLFS,
     Daemon,
@@ -44,7 +44,7 @@ def ca() -> Path:
     directory = cluster_ca()
     for name in NAMES:
         if not (directory / f"{name}.pem").exists():
-            tls.issue(directory, name)
+            tlsca.issue(directory, name)
     return directory
 
 

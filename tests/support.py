@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from store.records import Op, Record
     from store.setstate import SetState
 
-from repl import tls
+from repl import tlsca
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLFS = [sys.executable, str(ROOT / "bin" / "replfs.py")]
@@ -47,9 +47,9 @@ def cluster_ca() -> Path:
     base = Path(tempfile.mkdtemp(prefix="replfs-test-ca-"))
     atexit.register(shutil.rmtree, base, True)
     ca = base / "ca"
-    tls.init_ca(ca)
+    tlsca.init_ca(ca)
     for name in (PRIMARY, SECONDARY):
-        tls.issue(ca, name)
+        tlsca.issue(ca, name)
     return ca
 
 

@@ -34,7 +34,7 @@ import pytest
 import trio
 import trio.testing
 
-from repl import tls
+from repl import tls, tlsca
 from repl.protocol import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -97,8 +97,8 @@ def _scratch() -> Path:
 def other_ca() -> Path:
     """Another CA, with a certificate that names PRIMARY."""
     ca = _scratch() / "other"
-    tls.init_ca(ca)
-    tls.issue(ca, PRIMARY)
+    tlsca.init_ca(ca)
+    tlsca.issue(ca, PRIMARY)
     return ca
 
 
@@ -110,9 +110,9 @@ def session_ca_copy() -> Path:
     ca.mkdir(mode=0o700)
     for name in ("ca.pem", "ca.key"):
         shutil.copy2(cluster_ca() / name, ca / name)
-    tls.issue(ca, PRIMARY, days=1,
+    tlsca.issue(ca, PRIMARY, days=1,
               valid_from=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30))
-    tls.issue(ca, "mallory")
+    tlsca.issue(ca, "mallory")
     return ca
 
 

@@ -7,17 +7,20 @@ import datetime
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from repl import tls
+from repl import tls, tlsca
 from repl.errors import UsageError
 from tests.repl.peers import assert_one_line_error, wait_for_log
 from tests.support import (
     PRIMARY,
+    ROOT,
     SECONDARY,
     checkpoint,
     cluster_ca,
@@ -55,7 +58,7 @@ def test_tls_cli_init_issue_ok(tmp_path: Path) -> None:
         "ca.pem": 0o600, "ca.key": 0o600, "db-1.example.pem": 0o600, "db-1.example.key": 0o600}
     node, root = cert(ca / "db-1.example.pem"), cert(ca / "ca.pem")
     node.verify_directly_issued_by(root)
-    assert tls.names(node) == {"db-1.example"}
+    assert tlsca.names(node) == {"db-1.example"}
     usage = node.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(usage) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     assert node.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
@@ -74,7 +77,7 @@ def test_tls_cli_init_ok_existing_dir_made_private(tmp_path: Path) -> None:
 
 def test_tls_cli_init_err_exists(tmp_path: Path) -> None:
     ca = tmp_path / "ca"
-    tls.init_ca(ca)  # what 'replfs tls init' does (test_tls_cli_init_issue_ok runs it)
+    tlsca.init_ca(ca)  # what 'replfs tls init' does (test_tls_cli_init_issue_ok runs it)
     before = (ca / "ca.key").read_bytes()
     assert_one_line_error(replfs("tls", "init", ca), "holds a CA already")
     assert (ca / "ca.key").read_bytes() == before
@@ -89,15 +92,15 @@ def test_tls_cli_issue_err_no_ca(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["ca", "Alpha", "a_b", "a-", "a..b", "", "x" * 64])
 def test_tls_cli_issue_err_name(tmp_path: Path, name: str) -> None:
     ca = tmp_path / "ca"
-    tls.init_ca(ca)
+    tlsca.init_ca(ca)
     assert_one_line_error(replfs("tls", "issue", ca, name), "cannot name a node")
     assert sorted(p.name for p in ca.iterdir()) == ["ca.key", "ca.pem"]
 
 
 def test_tls_cli_issue_err_exists(tmp_path: Path) -> None:
     ca = tmp_path / "ca"
-    tls.init_ca(ca)
-    tls.issue(ca, "alpha")
+    tlsca.init_ca(ca)
+    tlsca.issue(ca, "alpha")
     before = (ca / "alpha.key").read_bytes()
     assert_one_line_error(replfs("tls", "issue", ca, "alpha"), "has a certificate already")
     assert (ca / "alpha.key").read_bytes() == before
@@ -108,9 +111,9 @@ def test_tls_cli_issue_err_exists(tmp_path: Path) -> None:
 
 def own_ca(tmp_path: Path, *names: str) -> Path:
     ca = tmp_path / "ca"
-    tls.init_ca(ca)
+    tlsca.init_ca(ca)
     for name in names:
-        tls.issue(ca, name)
+        tlsca.issue(ca, name)
     return ca
 
 
@@ -130,8 +133,8 @@ def test_tls_credentials_err_key_readable_by_others(tmp_path: Path) -> None:
 
 def test_tls_credentials_err_expired(tmp_path: Path) -> None:
     ca = own_ca(tmp_path)
-    tls.issue(ca, "alpha", days=1,
-              valid_from=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3))
+    tlsca.issue(ca, "alpha", days=1,
+                valid_from=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3))
     with pytest.raises(UsageError, match=r"alpha.pem expired on .*replfs tls issue"):
         tls.credentials(ca / "alpha", "beta")
 
@@ -139,10 +142,41 @@ def test_tls_credentials_err_expired(tmp_path: Path) -> None:
 def test_tls_credentials_err_ca_of_another_cluster(tmp_path: Path) -> None:
     ca = own_ca(tmp_path, "alpha")
     other = tmp_path / "other"
-    tls.init_ca(other)
+    tlsca.init_ca(other)
     shutil.copy2(other / "ca.pem", ca / "ca.pem")
     with pytest.raises(UsageError, match="do not go together"):
         tls.credentials(ca / "alpha", "beta")
+
+
+def test_tls_credentials_err_names_another_node(tmp_path: Path) -> None:
+    ca = own_ca(tmp_path, "beta")
+    for suffix in (".pem", ".key"):
+        shutil.copy2(ca / f"beta{suffix}", ca / f"alpha{suffix}")
+    with pytest.raises(UsageError, match=r"alpha.pem names \['beta'\], not 'alpha'"):
+        tls.credentials(ca / "alpha", "beta")
+
+
+def test_tls_credentials_err_key_of_another_node(tmp_path: Path) -> None:
+    ca = own_ca(tmp_path, "alpha", "beta")
+    shutil.copy2(ca / "beta.key", ca / "alpha.key")
+    with pytest.raises(UsageError, match="do not go together"):
+        tls.credentials(ca / "alpha", "beta")
+
+
+def test_tls_credentials_ok_daemon_never_loads_cryptography(tmp_path: Path) -> None:
+    """The daemons check their credentials with ssl alone: cryptography (about 10 MiB of
+    a daemon's memory) is loaded by 'replfs tls' and to explain a refusal only."""
+    ca = own_ca(tmp_path, "alpha")
+    script = ("import sys; sys.path[:0] = [sys.argv[1] + '/bin', sys.argv[1]]\n"
+              "import replfs, fs.primary_daemon, fs.standby_daemon, repl.secondary.run\n"
+              "from pathlib import Path\n"
+              "from repl import tls\n"
+              "tls.credentials(Path(sys.argv[2]) / 'alpha', 'beta')\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography'}))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ca)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def test_tls_credentials_err_no_peer(tmp_path: Path) -> None:
