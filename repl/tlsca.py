@@ -133,9 +133,13 @@ def refused(prefix: Path, ca: Path, cert: Path, key: Path, failure: BaseExceptio
         parsed = x509.load_pem_x509_certificate(cert.read_bytes())
     except ValueError as exc:
         return f"--tls {prefix}: {cert} is not a certificate ({exc})"
-    if parsed.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+    now = datetime.datetime.now(datetime.UTC)
+    if parsed.not_valid_after_utc < now:
         return (f"{cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}; issue a new one "
                 f"with 'replfs tls issue {directory} {name}'")
+    if parsed.not_valid_before_utc > now:
+        return (f"{cert} is not valid until {parsed.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                "UTC; check this host's clock")
     if name not in names(parsed):
         return f"{cert} names {sorted(names(parsed))}, not {name!r}"
     return f"--tls {prefix}: {cert}, {key} and {ca} do not go together ({failure})"

@@ -139,6 +139,15 @@ def test_tls_credentials_err_expired(tmp_path: Path) -> None:
         tls.credentials(ca / "alpha", "beta")
 
 
+def test_tls_credentials_err_not_yet_valid(tmp_path: Path) -> None:
+    ca = own_ca(tmp_path)
+    tlsca.issue(ca, "alpha", valid_from=datetime.datetime.now(datetime.UTC)
+                + datetime.timedelta(days=2))
+    with pytest.raises(UsageError, match=r"alpha.pem is not valid until .* UTC; check this "
+                                         "host's clock"):
+        tls.credentials(ca / "alpha", "beta")
+
+
 def test_tls_credentials_err_ca_of_another_cluster(tmp_path: Path) -> None:
     ca = own_ca(tmp_path, "alpha")
     other = tmp_path / "other"
