@@ -125,11 +125,7 @@ def _handshake_with_itself(creds: Credentials) -> None:
     node's name to a server that holds its certificate and key: what a peer
     checks of this node (signed by the CA, valid now, naming it; the key that
     goes with it). Raises the ssl (or OSError, ValueError) error it failed with."""
-    server = creds._context(ssl.PROTOCOL_TLS_SERVER)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.verify_flags |= ssl.VERIFY_X509_STRICT
-    client.load_verify_locations(cafile=creds.ca)
+    client, server = creds.client_context(), creds._context(ssl.PROTOCOL_TLS_SERVER)
     to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
     ends = [client.wrap_bio(to_client, to_server, server_hostname=creds.name),
             server.wrap_bio(to_server, to_client, server_side=True)]
