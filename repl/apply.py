@@ -173,13 +173,11 @@ def apply(tree: Tree, record: Record, files: OpenFiles | None = None) -> None:
             return
         if op == Op.CREATE:
             fd, name = tree.parent(record.path)
-            file_fd = files.keep(record.path, os.open(
-                name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777, dir_fd=fd))
-            os.fchown(file_fd, record.uid, record.gid)
-            os.fchmod(file_fd, stat.S_IMODE(record.mode))  # after: chown clears set-id bits
+            _own(files.keep(record.path, os.open(
+                name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777, dir_fd=fd)),
+                record)
             return
-        kept = files.kept(record.path)
-        if op == Op.UTIMES and kept is not None:
+        if op == Op.UTIMES and (kept := files.kept(record.path)) is not None:
             os.utime(kept, ns=(record.atime_ns, record.mtime_ns))
             return
         if op == Op.UNLINK:
@@ -296,11 +294,17 @@ def _fill(fd: int, record: Record, truncate: bool = False) -> None:
         while view:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-        os.fchown(fd, record.uid, record.gid)
-        os.fchmod(fd, stat.S_IMODE(record.mode))
+        _own(fd, record)
         os.utime(fd, ns=(record.atime_ns, record.mtime_ns))
     finally:
         os.close(fd)
+
+
+def _own(fd: int, record: Record) -> None:
+    """Give the file open at *fd* the record's owner, then its exact mode (chown clears
+    set-id bits)."""
+    os.fchown(fd, record.uid, record.gid)
+    os.fchmod(fd, stat.S_IMODE(record.mode))
 
 
 def _empty_dir(dir_fd: int) -> None:
