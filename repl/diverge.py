@@ -61,10 +61,14 @@ class Divergence:
         return self
 
     def update(self, other: Divergence) -> Divergence:
+        """Add *other*'s paths to these: a file in its ranges stays there even with no
+        range (its mode, owner or times changed), so that it is sent."""
         self.content |= other.content
         for path, spans in other.ranges.items():
+            merged = self.ranges.get(path, [])
             for start, end in spans:
-                self.ranges[path] = merge(self.ranges.get(path, []), start, end)
+                merged = merge(merged, start, end)
+            self.ranges[path] = merged
         return self
 
     def roots(self) -> list[bytes]:

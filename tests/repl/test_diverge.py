@@ -38,6 +38,18 @@ def test_divergence_add_ok_content() -> None:
     assert div.ranges == {}
 
 
+def test_divergence_update_ok_keeps_a_file_without_ranges() -> None:
+    """A file whose mode, owner or times alone changed has no range, and is still sent
+    (a rejoin's offer updated with the primary's own records)."""
+    offer = Divergence({b"a"}, {b"f": [(0, 10)]})
+    offer.update(Divergence().add([rec(Op.UTIMES, b"g", atime_ns=1, mtime_ns=2),
+                                   rec(Op.CHOWN, b"f", uid=1, gid=1),
+                                   rec(Op.WRITE, b"f", offset=20, data=b"x")]))
+    assert offer.ranges == {b"f": [(0, 10), (20, 21)], b"g": []}
+    assert offer.only_ranges() == {b"f": [(0, 10), (20, 21)], b"g": []}
+    assert Divergence().update(offer) == offer
+
+
 def test_divergence_offer_ok_fits_a_hello_or_asks_for_the_whole_tree() -> None:
     """Offered in a HELLO answer, which the primary reads under MAX_HELLO_FRAME: past
     half of it the offer asks for the whole tree instead of being refused."""

@@ -61,6 +61,8 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
         with open(mb / "big5", "r+b") as f:
             f.seek(1 << 20)
             f.write(b"B" * 8192)
+        os.chmod(mb / "dir" / "keep", 0o600)  # no data: sent all the same
+        os.utime(mb / "big6", ns=(10**15, 10**15))
         checkpoint(mb)
         assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
         status = json.loads(replfs("status", mb, "--json").stdout)

@@ -50,6 +50,25 @@ def test_retention_ok_one_past_budget_is_dropped_alone(tmp_path: Path) -> None:
         assert missed is not None and missed.roots() == [b"f"]
 
 
+def test_retention_ok_a_file_whose_mode_alone_changed_is_missed(tmp_path: Path) -> None:
+    """A change with no data (a chmod) while a secondary is past the budget is among
+    what it missed: its sync sends the file's mode, owner and times."""
+    j, t = opened(tmp_path)
+    with j as journal, t as tree:
+        capture = Capture(journal, tree, journal_max=BUDGET, secondaries=["a", "b"])
+        capture.caught_up("a", 0)
+        capture.caught_up("b", 0)
+        writes(capture, b"f", 3, applied_by="a")
+        shared = journal.set - 1
+        capture.caught_up("b", shared)  # both have f
+        capture.record(Op.CHMOD, path=b"f", mode=0o600)
+        writes(capture, b"g", 60, applied_by="a")
+        assert capture.retention.is_dropped("b")
+        missed = capture.retention.missed_since("b", shared)
+        assert missed is not None and missed.roots() == [b"g"]
+        assert missed.only_ranges() == {b"f": [], b"": []}
+
+
 def test_retention_ok_what_was_missed_survives_a_restart(tmp_path: Path) -> None:
     j, t = opened(tmp_path)
     with j as journal, t as tree:
