@@ -60,10 +60,12 @@ class OpenFiles:
     """The files a run of records writes, kept open from one record to the next.
 
     For a caller that alone changes the tree (the secondary's applier): a set
-    that writes a file a thousand times opens it once. ``apply`` drops a path
-    when an UNLINK removes it and everything when a RMDIR, RENAME, PRUNE or
-    RESET may have moved or removed what a path names. The caller ``close()``s
-    it when the run ends and whenever an error cut it short.
+    that writes a file a thousand times opens it once, and a file it creates
+    is written, given its owner, mode and times through the fd its CREATE
+    made. ``apply`` drops a path when an UNLINK removes it and everything when
+    a RMDIR, RENAME, PRUNE or RESET may have moved or removed what a path
+    names. The caller ``close()``s it when the run ends and whenever an error
+    cut it short.
     """
 
     def __init__(self) -> None:
@@ -73,10 +75,19 @@ class OpenFiles:
         """A write fd of regular file *path*, opened now or kept from before."""
         fd = self._fds.get(path)
         if fd is None:
-            if len(self._fds) >= OPEN_FILES:
-                self.close()
             dir_fd, name = tree.parent(path)
-            fd = self._fds[path] = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            fd = self.keep(path, os.open(name, _FILE_FLAGS, dir_fd=dir_fd))
+        return fd
+
+    def kept(self, path: bytes) -> int | None:
+        """The fd kept for *path*, if any (none is opened)."""
+        return self._fds.get(path)
+
+    def keep(self, path: bytes, fd: int) -> int:
+        """Keep *fd*, a write fd of the regular file *path*; returns it."""
+        if len(self._fds) >= OPEN_FILES:
+            self.close()
+        self._fds[path] = fd
         return fd
 
     def forget(self, path: bytes) -> None:
@@ -159,6 +170,15 @@ def apply(tree: Tree, record: Record, files: OpenFiles | None = None) -> None:
     if files is not None:
         if op in _WRITES:
             _write(files.get(tree, record.path), record)
+            return
+        if op == Op.CREATE:
+            fd, name = tree.parent(record.path)
+            _own(files.keep(record.path, os.open(
+                name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, record.mode & 0o7777, dir_fd=fd)),
+                record)
+            return
+        if op == Op.UTIMES and (kept := files.kept(record.path)) is not None:
+            os.utime(kept, ns=(record.atime_ns, record.mtime_ns))
             return
         if op == Op.UNLINK:
             files.forget(record.path)
@@ -274,11 +294,17 @@ def _fill(fd: int, record: Record, truncate: bool = False) -> None:
         while view:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-        os.fchown(fd, record.uid, record.gid)
-        os.fchmod(fd, stat.S_IMODE(record.mode))
+        _own(fd, record)
         os.utime(fd, ns=(record.atime_ns, record.mtime_ns))
     finally:
         os.close(fd)
+
+
+def _own(fd: int, record: Record) -> None:
+    """Give the file open at *fd* the record's owner, then its exact mode (chown clears
+    set-id bits)."""
+    os.fchown(fd, record.uid, record.gid)
+    os.fchmod(fd, stat.S_IMODE(record.mode))
 
 
 def _empty_dir(dir_fd: int) -> None:

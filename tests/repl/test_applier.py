@@ -192,6 +192,37 @@ def test_batch_writes_through_open_files_to_what_each_path_names_then(
     assert not diff(snapshot(replica), expected(tmp_path, sets))
 
 
+def test_batch_new_files_opened_once_with_exact_owner_mode_and_times(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file a set creates is written, owned, moded and timed through the fd its
+    CREATE made: one open a file, and set-id bits kept (chmod after chown)."""
+    paths = [b"n%02d" % i for i in range(10)]
+    sets = numbered([[
+        *[(Op.CREATE, {"path": p, "mode": 0o106750, "uid": 1234, "gid": 567}) for p in paths],
+        *[(Op.WRITE, {"path": p, "offset": 0, "data": p * 100}) for p in paths],
+        *[(Op.UTIMES, {"path": p, "atime_ns": T, "mtime_ns": T + 1}) for p in paths],
+        (Op.UTIMES, {"path": b"", "atime_ns": T, "mtime_ns": T})]])
+    opens: list[object] = []
+    real_open = os.open
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> int:
+        opens.append(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    replica, staging = fresh(tmp_path / "run", sets)
+    monkeypatch.setattr(os, "open", counting_open)
+    with closing(staging):
+        apply_all(staging, replica, None)
+    monkeypatch.undo()
+    assert sorted(p for p in opens if p in paths) == paths  # type: ignore[type-var]
+    for p in paths:
+        st = os.stat(replica / p.decode())
+        assert (st.st_mode, st.st_uid, st.st_gid) == (0o106750 | 0o100000, 1234, 567)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (T, T + 1)
+        assert (replica / p.decode()).read_bytes() == p * 100
+    assert not diff(snapshot(replica), expected(tmp_path, sets))
+
+
 @pytest.mark.parametrize("make", [data_sets, sync_sets, reused_path_sets],
                          ids=["sets", "reset", "reused"])
 def test_batch_cut_at_every_step_reaches_the_last_set(
