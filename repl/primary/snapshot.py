@@ -88,18 +88,23 @@ class Snapshot:
                 self._entry(fd, name, path)
         for path, spans in sorted(div.only_ranges().items()):
             st = backing.lstat(path)
-            if st is None or not stat.S_ISREG(st.st_mode):
+            if st is None:
                 continue  # gone on this side too: nothing of it to send
-            journal.append(Op.CHMOD, path=path, mode=stat.S_IMODE(st.st_mode))
+            # Its mode, owner and times (the close's UTIMES), whatever it is: a
+            # directory or a symlink whose attributes alone changed is here too.
+            if not stat.S_ISLNK(st.st_mode):
+                journal.append(Op.CHMOD, path=path, mode=stat.S_IMODE(st.st_mode))
             journal.append(Op.CHOWN, path=path, uid=st.st_uid, gid=st.st_gid)
+            self.touched.note(path)
+            self.entries += 1
+            if not stat.S_ISREG(st.st_mode):
+                continue
             journal.append(Op.TRUNCATE, path=path, size=st.st_size)
             for start, end in spans:
                 end = min(end, st.st_size)
                 if end > start:
                     self.dirty.add(path, start, end)
                     self.data += end - start
-            self.touched.note(path)
-            self.entries += 1
 
     def resend(self, notes: list[Note]) -> list[bytes]:
         """Journal what makes a replica's copy of the noted paths what the backing

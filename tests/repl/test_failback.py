@@ -36,6 +36,8 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
                 with open(ma / f"big{i % 8}", "ab") as f:
                     f.write(os.urandom(1 << 20))
             (ma / "dir").mkdir()
+            (ma / "sub").mkdir()
+            (ma / "ln").symlink_to("dir/keep")
             (ma / "dir" / "keep").write_bytes(b"shared")
             (ma / "dir" / "old-name").write_bytes(b"renamed on a, never replicated")
             checkpoint(ma)
@@ -62,6 +64,10 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
             f.seek(1 << 20)
             f.write(b"B" * 8192)
         os.chmod(mb / "dir" / "keep", 0o600)  # no data: sent all the same
+        os.chmod(mb / "sub", 0o700)  # nor for a directory or a symlink
+        os.utime(mb / "sub", ns=(10**15, 10**15))
+        os.chown(mb / "ln", 1, 1, follow_symlinks=False)
+        os.utime(mb / "ln", ns=(10**15, 10**15), follow_symlinks=False)
         os.utime(mb / "big6", ns=(10**15, 10**15))
         checkpoint(mb)
         assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
