@@ -94,10 +94,22 @@ class Workload:
             finally:
                 os.close(fd)
         elif kind == 11:
-            os.chmod(p, rng.choice((0o600, 0o644, 0o751, 0o4755)))
-            os.chown(p, rng.randrange(3) * 1000, rng.randrange(3) * 1000)
+            # Attributes alone: of a file, a directory, or a symlink itself.
+            owner = (rng.randrange(3) * 1000, rng.randrange(3) * 1000)
+            if rng.random() < 0.25:
+                os.chmod(p.parent, rng.choice((0o700, 0o751, 0o755)))
+                os.chown(p.parent, *owner)
+            elif p.is_symlink() and rng.random() < 0.5:
+                os.chown(p, *owner, follow_symlinks=False)
+            else:
+                os.chmod(p, rng.choice((0o600, 0o644, 0o751, 0o4755)))
+                os.chown(p, *owner)
         elif kind == 12:
-            os.utime(p, ns=(rng.randrange(1 << 50), rng.randrange(1 << 50)))
+            times = (rng.randrange(1 << 50), rng.randrange(1 << 50))
+            if rng.random() < 0.25:
+                os.utime(p.parent, ns=times)
+            else:
+                os.utime(p, ns=times, follow_symlinks=not p.is_symlink() or rng.random() < 0.5)
         elif kind == 13:
             if rng.random() < 0.5:
                 os.setxattr(p, f"user.k{rng.randrange(3)}", rng.randbytes(rng.randrange(60)))
