@@ -73,15 +73,21 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     ours.follow_links(tree)
     gen = journal.identity.generation
     branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"
-    private_dir(branch / "tree")  # the copies inside keep their own modes
+    # Only we may enter the branch's tree, so the copies inside keep their own modes
+    # (a directory others may write to among them).
+    copies = private_dir(branch / "tree")
     paths = sorted({*ours.content, *ours.ranges} - {b""})
     for path in paths:
-        src, dst = tree / os.fsdecode(path), branch / "tree" / os.fsdecode(path)
+        src, dst = tree / os.fsdecode(path), copies / os.fsdecode(path)
         if not os.path.lexists(src):
             continue  # removed on our side: the journal in the branch says so
-        private_dir(dst.parent)
+        dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+            if path in ours.content:  # made, moved or its xattrs changed: all of it
+                shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+            else:  # its attributes alone: what changed under it is listed on its own
+                dst.mkdir(mode=0o700, exist_ok=True)
+                shutil.copystat(src, dst, follow_symlinks=False)
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
     manifest = {

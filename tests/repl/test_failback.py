@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from store.journal import exists as journal_exists
@@ -48,6 +49,9 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
                 f.seek(5 << 20)
                 f.write(b"A" * 4096)
             os.rename(ma / "dir" / "old-name", ma / "dir" / "new-name")
+            (ma / "team").mkdir()  # a directory others may write to, and a file in it
+            os.chmod(ma / "team", 0o2775)
+            (ma / "team" / "notes").write_bytes(b"kept aside")
             fd = os.open(ma, os.O_RDONLY)
             os.fsync(fd)  # durable on a: it must survive the failover, aside
             os.close(fd)
@@ -82,6 +86,10 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
     manifest = json.loads((branches[0] / "manifest.json").read_text())
     assert {"only-on-a", "big3", "dir/old-name", "dir/new-name"} <= set(manifest["paths"])
     assert (branches[0] / "tree" / "only-on-a").stat().st_size == 2 << 20
+    assert (branches[0] / "tree" / "team" / "notes").read_bytes() == b"kept aside"
+    assert stat.S_IMODE((branches[0] / "tree" / "team").stat().st_mode) == 0o2775
+    assert not (branches[0] / "tree" / "dir" / "keep").exists(), \
+        "a directory whose times alone changed is kept without what did not change in it"
     assert (branches[0] / "tree" / "dir" / "new-name").read_bytes() == \
         b"renamed on a, never replicated"
     assert journal_exists(branches[0] / "journal")
