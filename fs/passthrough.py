@@ -29,7 +29,7 @@ import pyfuse3
 
 from fs.counts import RequestCounts
 from fs.errors import fuse_error
-from fs.inodes import ROOT, Inodes
+from fs.inodes import NO_FDS, ROOT, Inodes
 from store.libc import fd_path
 
 TIMEOUT = 300.0  # the daemon is the only writer, so the kernel may cache long
@@ -234,14 +234,14 @@ class Passthrough(pyfuse3.Operations):
         self.files[fd] = inode
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self.writable.add(fd)
-        self.inodes.node(inode).fds.add(fd)
+        self.inodes.node(inode).fds |= {fd}
         return pyfuse3.FileInfo(fh=fd, keep_cache=not self.direct_io, direct_io=self.direct_io)
 
     def _closed(self, fd: int, inode: int) -> None:
         """Close a file or directory handle; forget its inode if that was the last use."""
         node = self.inodes.nodes.get(inode)
         if node is not None:
-            node.fds.discard(fd)
+            node.fds = node.fds - {fd} or NO_FDS
             if node.lookups <= 0 and not node.fds:
                 self.inodes.forget(inode, 0)
         os.close(fd)
@@ -299,7 +299,7 @@ class Passthrough(pyfuse3.Operations):
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=dir_fd)
         self.dirs[fd] = DirHandle(inode, fd)
-        self.inodes.node(inode).fds.add(fd)  # fstat, fchmod... after rmdir
+        self.inodes.node(inode).fds |= {fd}  # fstat, fchmod... after rmdir
         # The kernel keeps the listing until a change through the mount (the only
         # writer) makes it stale: ls of an unchanged directory costs no request.
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache_listings,
