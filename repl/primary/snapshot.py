@@ -62,8 +62,7 @@ class Snapshot:
         journal.append(Op.RESET)
         root = self.backing.root_fd
         st = os.fstat(root)
-        journal.append(Op.CHMOD, path=b"", mode=stat.S_IMODE(st.st_mode))
-        journal.append(Op.CHOWN, path=b"", uid=st.st_uid, gid=st.st_gid)
+        self._own(b"", st)
         self._xattrs(root, b"")
         self.touched.all()  # the close restates every path's times: none is tracked
         yield from self._walk(root, b"")
@@ -90,11 +89,9 @@ class Snapshot:
             st = backing.lstat(path)
             if st is None:
                 continue  # gone on this side too: nothing of it to send
-            # Its mode, owner and times (the close's UTIMES), whatever it is: a
+            # Its owner, mode and times (the close's UTIMES), whatever it is: a
             # directory or a symlink whose attributes alone changed is here too.
-            if not stat.S_ISLNK(st.st_mode):
-                journal.append(Op.CHMOD, path=path, mode=stat.S_IMODE(st.st_mode))
-            journal.append(Op.CHOWN, path=path, uid=st.st_uid, gid=st.st_gid)
+            self._own(path, st)
             self.touched.note(path)
             self.entries += 1
             if not stat.S_ISREG(st.st_mode):
@@ -150,9 +147,7 @@ class Snapshot:
                     self.dirty.add(note.path, note.start, end)
                     self.data += end - note.start
             elif note.kind == NoteKind.ATTR:
-                if not stat.S_ISLNK(st.st_mode):
-                    journal.append(Op.CHMOD, path=note.path, mode=stat.S_IMODE(st.st_mode))
-                journal.append(Op.CHOWN, path=note.path, uid=st.st_uid, gid=st.st_gid)
+                self._own(note.path, st)
             elif note.kind == NoteKind.XATTR:
                 if note.name.startswith(b"user.") and not (stat.S_ISREG(st.st_mode)
                                                            or stat.S_ISDIR(st.st_mode)):
@@ -167,6 +162,13 @@ class Snapshot:
                 else:
                     journal.append(Op.SETXATTR, path=note.path, name=note.name, data=value)
         return roots
+
+    def _own(self, path: bytes, st: os.stat_result) -> None:
+        """Journal *path*'s owner, then its mode (a symlink has none): applied the
+        other way round, the chown would clear the set-id bits the mode gives."""
+        self.journal.append(Op.CHOWN, path=path, uid=st.st_uid, gid=st.st_gid)
+        if not stat.S_ISLNK(st.st_mode):
+            self.journal.append(Op.CHMOD, path=path, mode=stat.S_IMODE(st.st_mode))
 
     def _walk(self, dir_fd: int, prefix: bytes) -> Generator[None, None, None]:
         """Journal every entry under an open directory, depth first, in sorted order,

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from repl.activity import EXTENT
+from repl.apply import apply
 from repl.faults import ENV_BOOT_ID
 from repl.primary import capture as capture_module
 from repl.primary import recovery, unsynced
@@ -492,3 +493,24 @@ async def test_flusher_ok_ticks_fast_while_it_finds_records_slowly_when_idle(
             idle = await flushed(3) - asked
             assert capture_module.OPEN_FLUSH_SECONDS < idle <= capture_module.IDLE_FLUSH_SECONDS
             nursery.cancel_scope.cancel()
+
+
+def test_capture_resend_ok_keeps_set_id_bits(tmp_path: Path, boot: Path) -> None:
+    """A resent file's owner goes before its mode: applied the other way round, the
+    chown clears the set-id bits the mode gives."""
+    backing, replica = tmp_path / "b", tmp_path / "r"
+    for root in (backing, replica):
+        root.mkdir()
+        (root / "f").write_bytes(b"#!/bin/sh\n")
+    os.chmod(backing / "f", 0o4750)
+    with capturing(backing, tmp_path / "j") as capture:
+        capture.resync.resend([Note(NoteKind.ATTR, b"f")])
+        capture.journal.sync()
+    tree = Tree(replica)
+    try:
+        for record in open_set(tmp_path / "j"):
+            if record.op in (Op.CHOWN, Op.CHMOD):
+                apply(tree, record)
+    finally:
+        tree.close()
+    assert stat.S_IMODE(os.stat(replica / "f").st_mode) == 0o4750

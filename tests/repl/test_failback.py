@@ -67,7 +67,7 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
         with open(mb / "big5", "r+b") as f:
             f.seek(1 << 20)
             f.write(b"B" * 8192)
-        os.chmod(mb / "dir" / "keep", 0o600)  # no data: sent all the same
+        os.chmod(mb / "dir" / "keep", 0o4750)  # no data: sent all the same, set-id bit too
         os.chmod(mb / "sub", 0o700)  # nor for a directory or a symlink
         os.utime(mb / "sub", ns=(10**15, 10**15))
         os.chown(mb / "ln", 1, 1, follow_symlinks=False)
