@@ -128,7 +128,8 @@ class Snapshot:
                 self._entry(fd, name, root)
         in_place: dict[bytes, None] = {}
         sized: set[bytes] = set()
-        for note in notes:
+        # Extended attributes last: a CHOWN after them would remove a file capability.
+        for note in sorted(notes, key=lambda n: n.kind == NoteKind.XATTR):
             if note.kind == NoteKind.NAME or any(is_under(note.path, top) for top in roots):
                 continue
             st = backing.lstat(note.path)

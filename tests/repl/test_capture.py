@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -514,3 +515,26 @@ def test_capture_resend_ok_keeps_set_id_bits(tmp_path: Path, boot: Path) -> None
     finally:
         tree.close()
     assert stat.S_IMODE(os.stat(replica / "f").st_mode) == 0o4750
+
+
+def test_capture_resend_ok_keeps_a_file_capability(tmp_path: Path, boot: Path) -> None:
+    """A resent file's extended attributes go after its owner, whatever the order of
+    the notes: a chown removes a file capability (security.capability)."""
+    backing, replica = tmp_path / "b", tmp_path / "r"
+    cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # v2, effective, CAP_NET_RAW
+    for root in (backing, replica):
+        root.mkdir()
+        (root / "f").write_bytes(b"#!/bin/sh\n")
+    os.setxattr(backing / "f", "security.capability", cap)
+    with capturing(backing, tmp_path / "j") as capture:
+        capture.resync.resend([Note(NoteKind.XATTR, b"f", name=b"security.capability"),
+                               Note(NoteKind.ATTR, b"f")])
+        capture.journal.sync()
+    tree = Tree(replica)
+    try:
+        for record in open_set(tmp_path / "j"):
+            if record.op in (Op.CHOWN, Op.CHMOD, Op.SETXATTR):
+                apply(tree, record)
+    finally:
+        tree.close()
+    assert os.getxattr(replica / "f", "security.capability") == cap
