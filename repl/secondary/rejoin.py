@@ -68,6 +68,9 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     """Copy our own changes since *fork* aside, with a manifest. Returns (what, where)."""
     records = list(journal.records(fork))
     ours = Divergence().add(records)
+    # Over its budget, a primary journals no written bytes, only where they went (the
+    # dirty map, store/dirty.py): those files are ours too.
+    ours.update(Divergence(ranges=dict(journal.dirty.items())))
     if power_lost(journal):  # what the tree may hold that the journal lost, too
         ours.update(divergence(journal.notes))
     ours.follow_links(tree)

@@ -31,7 +31,9 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
     a.mkdir()
     with secondary(b) as sec_b:
         port_b = sec_b.port
-        with primary(a, ma, "--secondary", f"127.0.0.1:{port_b}") as pri_a:
+        # A small journal: alone, a passes its budget, and its writes go to the dirty map.
+        with primary(a, ma, "--secondary", f"127.0.0.1:{port_b}",
+                     "--journal-max", "1M") as pri_a:
             for i in range(TREE_MB):  # the shared tree
                 (ma / f"big{i % 8}").parent.mkdir(exist_ok=True)
                 with open(ma / f"big{i % 8}", "ab") as f:
@@ -44,7 +46,9 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
             checkpoint(ma)
             sec_b.stop()
             # a goes on alone: these changes never reach b
-            (ma / "only-on-a").write_bytes(os.urandom(2 << 20))
+            with open(ma / "only-on-a", "wb") as f:
+                f.write(os.urandom(2 << 20))
+                os.fsync(f.fileno())  # a's journal passes its budget: no more written bytes
             with open(ma / "big3", "r+b") as f:
                 f.seek(5 << 20)
                 f.write(b"A" * 4096)

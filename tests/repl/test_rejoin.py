@@ -53,6 +53,24 @@ def test_rejoin_keep_branch_ok_with_what_the_activity_log_noted(
         assert not (branch / "tree" / "ahead").exists()
 
 
+def test_rejoin_keep_branch_ok_with_the_dirty_map(tmp_path: Path) -> None:
+    """Over its budget the old primary journaled no written bytes, only their ranges
+    in the dirty map: those files diverged too, and are kept aside."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "wal").write_bytes(b"written past the budget")
+    journal = Journal(tmp_path / "journal")
+    try:
+        journal.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
+        journal.put_dirty(b"wal", [(4, 11)])
+        ours, branch = keep_branch(journal, tree, tmp_path / "branches", 1)
+    finally:
+        journal.close()
+    assert ours.content == {b"new"}
+    assert ours.ranges == {b"wal": [(4, 11)]}
+    assert (branch / "tree" / "wal").read_bytes() == b"written past the budget"
+
+
 @pytest.fixture
 def staging(tmp_path: Path) -> Iterator[Staging]:
     with closing(Staging(tmp_path / "staging")) as s:
