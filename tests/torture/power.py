@@ -134,7 +134,7 @@ class PowerCuts:
             self.problems.append(f"after a power cut (keep {keep}) the primary's tree is not "
                                  f"its tree at the close of set {last}, the journal's last "
                                  "durable set")
-        have = _sqlite_count(mount)
+        have = sqlite_count(mount)
         if have != committed:
             self.problems.append(f"after a power cut (keep {keep}) SQLite on the primary "
                                  f"holds {have} of the {committed} commits the workload got "
@@ -266,7 +266,7 @@ def _but_nlink(fields: tuple[object, ...]) -> tuple[object, ...]:
     return (*fields[:NLINK], *fields[NLINK + 1:])
 
 
-def _sqlite_count(tree: Path) -> int:
+def sqlite_count(tree: Path) -> int:
     """Rows in the workload's table, in a copy of the database and its WAL in *tree*."""
     if not (tree / "app.db").exists():
         return 0
@@ -278,7 +278,7 @@ def _sqlite_count(tree: Path) -> int:
         db = sqlite3.connect(scratch / "app.db")
         try:
             if db.execute("pragma integrity_check").fetchone()[0] != "ok":
-                raise Violation("after a power cut SQLite on the primary fails integrity_check")
+                raise Violation(f"SQLite in {tree} fails integrity_check")
             return int(db.execute("select count(*) from t").fetchone()[0])
         except sqlite3.OperationalError:
             return 0  # the table's creation was never committed

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from repl.errors import UsageError
 from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
-from repl.secondary.run import pause, resume
+from repl.secondary.run import pause, resume, staging_dir_of
 from repl.verify import differences, tree_digest
 from store.hold import is_held
+from store.journal import exists as journal_exists
 from store.staging import read_applied, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.support import (
@@ -24,6 +25,7 @@ from tests.support import (
     SECONDARY,
     Daemon,
     checkpoint,
+    replfs,
     steady_port,
     tls_args,
     unmount,
@@ -31,12 +33,12 @@ from tests.support import (
 )
 from tests.torture.power import KIND as POWER_CUT
 from tests.torture.power import REPLICA_KIND as REPLICA_POWER_CUT
-from tests.torture.power import PowerCuts, ReplicaPowerCuts
+from tests.torture.power import PowerCuts, ReplicaPowerCuts, sqlite_count
 from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
 KINDS = ("secondary_kill", "apply_step_kill", "primary_kill", "link_corrupt", "link_cut",
-         "link_stall", "replica_enospc", "user_hold", "replica_new")
+         "link_stall", "replica_enospc", "user_hold", "replica_new", "failover")
 # Journal budgets a run may draw: None is the default (1G, never reached); the small
 # ones send the primary into the dirty-map resync while samples are taken.
 JOURNAL_BUDGETS = (None, None, "64K", "512K")
@@ -58,6 +60,7 @@ class Result:
     resent: int = 0  # power cuts after which the primary resent what its notes named
     replica_pages_lost: int = 0  # dirty pages the secondary's power cuts dropped
     replica_torn: int = 0  # secondary power cuts that caught a batch not yet durable
+    lost_commits: int = 0  # SQLite commits a failover lost (acknowledged, never shipped)
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -82,7 +85,7 @@ class Run:
         self.cached = self.dir / "c"  # the secondary's own standby mount: cached
         self.secondary: Daemon | None = None
         self.standby_daemon: Daemon | None = None
-        self.staging = self.dir / ".r.replfs" / "staging"
+        self.staging = staging_dir_of(self.replica, None)
         self.result = Result(seed)
         self.last_sample = 0
         self.tmpfs = False
@@ -112,8 +115,11 @@ class Run:
         # It serves the cached standby mount too; a killed one leaves it dead.
         unmount(self.cached)
         self.cached.mkdir(exist_ok=True)
+        # After a failover the replica is the old primary's tree: it rejoins, until its
+        # journal has gone aside with what it alone changed.
+        rejoin = ["--rejoin"] if journal_exists(self.staging.parent / "journal") else []
         daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}",
-                         "--mount", str(self.cached), *tls_args(SECONDARY, PRIMARY)],
+                         "--mount", str(self.cached), *rejoin, *tls_args(SECONDARY, PRIMARY)],
                         self.dir / "secondary.log", "listening on", env=env)
         self.secondary = daemon
         try:
@@ -280,6 +286,8 @@ class Run:
         """When which faults strike, drawn from the seed; with power cuts, one of the
         primary's always, and one of the secondary's unless its replica is a tmpfs."""
         kinds = self.rng.sample(KINDS, self.rng.randint(1, 3))
+        if (self.power is not None or "replica_enospc" in kinds) and "failover" in kinds:
+            kinds.remove("failover")  # the hosts' disks are not alike: no roles to swap
         if self.power is not None:
             kinds.append(POWER_CUT)
             if "replica_enospc" not in kinds:
@@ -398,6 +406,46 @@ class Run:
             pass  # the replica is a small tmpfs from the start; it grows at the end
         elif kind == "replica_new":
             secondary = self.replace_replica(secondary, workload)
+        elif kind == "failover":
+            secondary, primary = self.fail_over(secondary, primary, workload)
+        return secondary, primary
+
+    def fail_over(self, secondary: Daemon, primary: Daemon,
+                  workload: Workload) -> tuple[Daemon, Daemon]:
+        """The primary's host dies; the secondary is promoted and serves the mount, and
+        the old primary's tree, back, rejoins as its secondary, keeping aside what it
+        alone changed. From then on the two trees have swapped roles."""
+        self.end_hold(workload)
+        if read_syncing(self.staging) is not None:
+            self.wait_synced()  # a replica with no consistent set cannot be promoted
+        primary.kill()
+        workload.close()
+        unmount(self.mount)
+        if self.standby_daemon is not None:
+            self.standby_daemon.stop()
+        unmount(self.standby)
+        promoted = replfs("promote", str(self.replica))
+        if promoted.returncode != 0:
+            raise Violation(f"promote refused: {promoted.stderr.strip()[-300:]}")
+        unmount(self.cached)  # its secondary stopped for the promote
+        shared = read_applied(self.staging)
+        if tree_digest(self.replica) not in self.set_hashes().get(shared, set()):
+            raise Violation(f"the promoted replica is not the primary at set {shared}")
+        self.check_apps(self.replica, workload, final=False)
+        # The new primary's sets follow the replica's last; the old one's past it are gone.
+        lines = [line for line in self.hashes.read_text().splitlines()
+                 if line.split()[0].isdigit() and int(line.split()[0]) <= shared]
+        self.hashes.write_text("".join(f"{line}\n" for line in lines))
+        have = sqlite_count(self.replica)
+        self.result.lost_commits += workload.committed - have
+        workload.committed = have
+        workload.git_ready = (self.replica / "repo" / ".git").is_dir()
+        self.backing, self.replica = self.replica, self.backing
+        self.staging = staging_dir_of(self.replica, None)
+        secondary = self.start_secondary()
+        primary = self.start_primary()
+        self.wait_synced()
+        self.start_standby()
         return secondary, primary
 
     def replace_replica(self, secondary: Daemon, workload: Workload) -> Daemon:
