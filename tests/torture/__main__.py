@@ -48,6 +48,10 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
     print(f"\n{'runs':<20}{len(results)}", file=out)  # type: ignore[arg-type]
     for kind in KINDS:
         print(f"{kind:<20}{faults[kind]}", file=out)  # type: ignore[arg-type]
+    if faults["failover"]:
+        print(f"{'':<20}(the failovers lost {sum(r.lost_commits for r in results)} SQLite "  # type: ignore[arg-type]
+              "commits the old primary had acknowledged: the sets its secondary had not "
+              "applied, as asynchronous replication allows)", file=out)
     if faults[POWER_CUT]:
         print(f"{POWER_CUT:<20}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "

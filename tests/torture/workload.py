@@ -101,9 +101,9 @@ class Workload:
                 os.chown(p.parent, *owner)
             elif p.is_symlink() and rng.random() < 0.5:
                 os.chown(p, *owner, follow_symlinks=False)
-            else:
-                os.chmod(p, rng.choice((0o600, 0o644, 0o751, 0o4755)))
+            else:  # the owner first: a chown after the mode would clear its set-id bit
                 os.chown(p, *owner)
+                os.chmod(p, rng.choice((0o600, 0o644, 0o751, 0o4755, 0o2755)))
         elif kind == 12:
             times = (rng.randrange(1 << 50), rng.randrange(1 << 50))
             if rng.random() < 0.25:
