@@ -75,16 +75,18 @@ def main(argv: list[str] | None = None) -> int:
                 insecure=args.insecure, metrics=args.metrics,
                 compress_level=args.compress_level, max_rate=args.max_rate or None,
                 chap=args.chap, dynamic=args.fenced, fenced=args.fenced, fsync=args.fsync,
-                fsync_timeout=args.fsync_timeout))
+                fsync_timeout=args.fsync_timeout, max_inodes=args.max_inodes))
         elif args.command == "secondary":
             if args.listen is None and args.iscsi is None and args.fcip is None:
                 args.parser.error("the following arguments are required: --listen, --iscsi "
                                   "or --fcip (on the command line or in [secondary] of "
                                   "--config FILE)")
             if args.mount:
-                trio.run(run_secondary_standby, args.replica, args.mount, args.listen,
-                         args.staging, args.tls, args.peer, args.insecure, args.rejoin,
-                         args.metrics, args.iscsi, args.iqn, args.chap, args.fcip)
+                trio.run(functools.partial(
+                    run_secondary_standby, args.replica, args.mount, args.listen,
+                    args.staging, args.tls, args.peer, args.insecure, args.rejoin,
+                    args.metrics, args.iscsi, args.iqn, args.chap, args.fcip,
+                    max_inodes=args.max_inodes))
             else:
                 trio.run(functools.partial(
                     run_secondary, args.replica, args.listen, args.staging, args.tls,
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             out = trio.run(cluster_status, args.etcd, args.cluster)
             print(json.dumps(out) if args.json else render(out))
         elif args.command == "mount":
-            trio.run(run_standby, args.replica, args.mountpoint, args.staging)
+            trio.run(run_standby, args.replica, args.mountpoint, args.staging, args.max_inodes)
         elif args.command == "verify":
             return 1 if verify(args.primary, args.replica, sys.stdout, args.wait) else 0
         elif args.command == "promote":

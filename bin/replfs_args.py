@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
+from fs.prune import MAX_INODES
 from repl import config, tls
 from repl.config import address, count, iqn, level, positive, secondary_address, size
 from repl.iscsi.names import DEFAULT_IQN
@@ -83,6 +84,12 @@ def build_parser() -> Parser:
                        help="CHAP secrets for iSCSI and FCIP, mode 0600, the same file on "
                             "both hosts (make it with 'replfs chap FILE')")
 
+    def inodes_option(p: Parser) -> None:
+        p.add_argument("--max-inodes", type=count, default=MAX_INODES, metavar="N",
+                       help="keep the mount's table of files the kernel knows near N: past "
+                            "it, the kernel forgets those looked up first (looked up again "
+                            f"when used); about 400 bytes each (default {MAX_INODES})")
+
     def metrics_option(p: Parser) -> None:
         p.add_argument("--metrics", type=address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
@@ -141,6 +148,7 @@ def build_parser() -> Parser:
                    help="with --fsync remote, how long an fsync waits for a secondary "
                         "before fsyncs go on without it until it catches up "
                         f"(default {FSYNC_TIMEOUT:g})")
+    inodes_option(p)
     metrics_option(p)
     p.add_argument("--scramble", type=int, metavar="SEED", help=argparse.SUPPRESS)
     # Run by `replfs node`: changes wait for its lease, secondaries are added as they join.
@@ -169,6 +177,7 @@ def build_parser() -> Parser:
     p.add_argument("--mount", type=Path, metavar="MOUNTPOINT",
                    help="also serve the read-only standby view of REPLICA at MOUNTPOINT, "
                         "cached by the kernel (whole data sets only, as with replfs mount)")
+    inodes_option(p)
     metrics_option(p)
     log_options(p)
 
@@ -223,6 +232,7 @@ def build_parser() -> Parser:
     positional(p, "replica", "REPLICA")
     positional(p, "mountpoint", "MOUNTPOINT")
     staging_option(p)
+    inodes_option(p)
     log_options(p)
 
     p = command("verify", "compare a primary with its replica at one data set boundary")

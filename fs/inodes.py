@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import threading
 from collections import OrderedDict
 
 import pyfuse3
@@ -42,11 +44,12 @@ class Node:
     and a frozenset of open handles (almost always the shared empty one) cost 340
     bytes a node less than two sets."""
 
-    __slots__ = ("fds", "ino", "lookups", "names", "number", "replaced")
+    __slots__ = ("directory", "fds", "ino", "lookups", "names", "number", "replaced")
 
-    def __init__(self, ino: int, number: int) -> None:
+    def __init__(self, ino: int, number: int, directory: bool = True) -> None:
         self.ino = ino  # the kernel's number for it
         self.number = number  # the backing file's st_ino: *ino*, unless an alias
+        self.directory = directory
         self.names: list[tuple[int, bytes]] = []  # (parent, name), each once
         self.lookups = 0
         self.fds = NO_FDS  # open handles, for unlinked ones
@@ -62,8 +65,12 @@ class Node:
 
 
 class Inodes:
-    def __init__(self, backing: str, fd_limit: int = 4096, verify: bool = False) -> None:
+    def __init__(self, backing: str, fd_limit: int = 4096, verify: bool = False,
+                 limit: int | None = None) -> None:
+        """*limit*: past this many nodes, ``crowded`` is set (fs/prune.py)."""
         self.verify = verify
+        self.limit = limit
+        self.crowded = threading.Event()
         self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_st_ino = os.fstat(self.root_fd).st_ino
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, self.root_st_ino)}
@@ -122,7 +129,9 @@ class Inodes:
             ino = self.ino_for(parent, name, st)
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, st.st_ino)
+            node = self.nodes[ino] = Node(ino, st.st_ino, stat.S_ISDIR(st.st_mode))
+            if self.limit is not None and len(self.nodes) > self.limit:
+                self.crowded.set()
         node.add_name(parent, name)
         node.lookups += 1
         return ino
@@ -150,6 +159,24 @@ class Inodes:
             self._close_dir(ino)
             if self._aliases.get(node.number) == ino:
                 del self._aliases[node.number]
+
+    def surplus(self) -> list[tuple[int, bytes]]:
+        """The names of the files first looked up that bring the table down to 90 % of
+        its limit if the kernel forgets them: not directories, nor files with open
+        handles (fs/prune.py says why). Their nodes go last in that order: one the
+        kernel keeps anyway is not asked for again before all the others."""
+        assert self.limit is not None
+        excess = len(self.nodes) - self.limit * 9 // 10
+        picked: list[Node] = []
+        for node in self.nodes.values():  # in the order of their first lookup
+            if len(picked) >= excess:
+                break
+            if not node.directory and not node.fds:
+                picked.append(node)
+        for node in picked:
+            del self.nodes[node.ino]
+            self.nodes[node.ino] = node
+        return [place for node in picked for place in node.names]
 
     def name_of(self, ino: int) -> tuple[int, bytes] | None:
         """One (parent, name) of *ino* whose parent is still known, or None."""

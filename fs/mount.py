@@ -14,6 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from fs.prune import Pruner
 from repl.errors import UsageError
 from repl.sdnotify import notify
 
@@ -29,6 +30,7 @@ WORKERS = int(os.environ.get("RP_WORKERS", "2"))
 # requests that follow one another (a new file's LOOKUP, CREATE, WRITE, RELEASE)
 # are taken up without that wait. One thread at a time, and only while requests come.
 SPIN_SECONDS = float(os.environ.get("RP_SPIN_US", "50")) / 1e6
+_pruning: tuple[Pruner, threading.Thread] | None = None  # of the mount being served
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -89,13 +91,15 @@ def lift_dirty_limit(where: str) -> None:
         log.warning("the kernel keeps %s to its FUSE share of dirty pages: %s", where, exc)
 
 
-async def serve_requests() -> None:
-    """Serve FUSE requests from WORKERS threads until unmounted; returns then.
+async def serve_requests(pruner: Pruner | None = None) -> None:
+    """Serve FUSE requests from WORKERS threads until unmounted; returns then, with
+    *pruner* (fs/prune.py) run in a thread of its own meanwhile.
 
     Cancelled, it stops the threads (pyfuse3.terminate) and returns once they
     are done. A handler that raised (other than FUSEError) stops them too, and
     its exception propagates here.
     """
+    global _pruning
     done = threading.Event()
 
     async def stop_on_cancel() -> None:
@@ -103,15 +107,39 @@ async def serve_requests() -> None:
             await trio.sleep_forever()
         finally:
             if not done.is_set():
-                pyfuse3.terminate()
+                _terminate()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_cancel)
+        if pruner is not None:
+            _pruning = (pruner, threading.Thread(target=pruner.run, name="prune", daemon=True))
+            _pruning[1].start()
         try:
             await trio.to_thread.run_sync(pyfuse3.main_threads, WORKERS, SPIN_SECONDS)
         finally:
             done.set()
             nursery.cancel_scope.cancel()
+            _stop_pruning()  # unmounted: a drop under way fails at once
+
+
+def _terminate() -> None:
+    """Stop the request threads, the pruner first: a drop it has under way may wait
+    for a request in flight, which only the request threads can answer."""
+    _stop_pruning()
+    pyfuse3.terminate()
+
+
+def _stop_pruning() -> None:
+    """Stop the pruner and wait for it: it notifies the session, which the caller of
+    ``serve_requests`` closes next."""
+    global _pruning
+    if _pruning is not None:
+        pruner, thread = _pruning
+        pruner.stop()
+        thread.join(timeout=10)
+        if thread.is_alive():  # a request it waits for will never be answered
+            log.warning("the kernel did not let go of the pruning thread; exiting anyway")
+        _pruning = None
 
 
 async def terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -122,5 +150,5 @@ async def terminate_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_
         async for signum in signals:
             log.info("got %s, unmounting", signal.Signals(signum).name)
             notify("STOPPING=1")
-            pyfuse3.terminate()
+            _terminate()
             return

@@ -19,6 +19,7 @@ import trio
 from fs.inodes import Inodes
 from fs.mount import check_mountpoint, lift_dirty_limit, mount, serve_requests, terminate_on_signal
 from fs.primary import PrimaryFS
+from fs.prune import MAX_INODES, Pruner
 from repl import control, histograms, metrics
 from repl.config import parse_address
 from repl.errors import UsageError
@@ -72,6 +73,7 @@ class PrimaryConfig:
     fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
     fsync: str = "local"  # "remote": an fsync also waits for the secondaries' staging
     fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then not for a stalled one
+    max_inodes: int = MAX_INODES  # the mount's table of inodes the kernel knows, near this
 
 
 def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
@@ -192,7 +194,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
                         cfg.secondaries, remote)
         capture.on_durable = fanout.notify
-        inodes = Inodes(str(backing))
+        inodes = Inodes(str(backing), limit=cfg.max_inodes)
         operations = PrimaryFS(inodes, capture, remote)
         if cfg.fenced:
             operations.fence()  # until the node that runs us says its lease holds
@@ -219,7 +221,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
                     log.info("metrics on http://%s/metrics", metrics.where(scrape))
                 await nursery.start(terminate_on_signal)
                 notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
-                await serve_requests()
+                await serve_requests(Pruner(inodes, operations.lock))
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
@@ -295,6 +297,7 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
             "fenced": operations.fenced,
             "fsync": "local" if operations.remote is None else "remote",
             "requests": operations.requests.snapshot(),
+            "inodes": len(operations.inodes.nodes),  # the kernel knows (fs/prune.py)
         }
         if capture.overflow:
             resync = capture.resync

@@ -14,6 +14,7 @@ import trio
 
 from fs.inodes import Inodes
 from fs.mount import check_mountpoint, mount, serve_requests, terminate_on_signal
+from fs.prune import MAX_INODES, Pruner
 from fs.standby import StandbyFS
 from repl import control
 from repl.errors import UsageError
@@ -26,7 +27,8 @@ from store.staging import read_applied, read_syncing
 log = logging.getLogger("replfs.primary")  # the name its lines have always carried
 
 
-async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> None:
+async def run_standby(replica: Path, mountpoint: Path, staging: Path | None,
+                      max_inodes: int = MAX_INODES) -> None:
     """Mount a read-only view of *replica* that only ever shows whole data sets.
 
     Nothing tells this process what a set changes, so the kernel caches nothing.
@@ -40,10 +42,11 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
         raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
                          "has no consistent set to show yet; see replfs status on the primary")
     lock = ApplyLock(where)
-    inodes = Inodes(str(replica), verify=True)
+    inodes = Inodes(str(replica), verify=True, limit=max_inodes)
     sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
     try:
-        mount(StandbyFS(inodes, lock, where), mountpoint, read_only=True)
+        operations = StandbyFS(inodes, lock, where)
+        mount(operations, mountpoint, read_only=True)
         with lock.shared():
             shown = read_applied(where)
         log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
@@ -54,7 +57,7 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None) -> 
                                                        cached=False)})
                 await nursery.start(terminate_on_signal)
                 notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
-                await serve_requests()
+                await serve_requests(Pruner(inodes, operations.lock))
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
@@ -70,7 +73,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
                                 rejoin: bool = False,
                                 metrics_at: str | None = None, iscsi: str | None = None,
                                 iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
-                                fcip: str | None = None) -> None:
+                                fcip: str | None = None, max_inodes: int = MAX_INODES) -> None:
     """The secondary (repl/secondary/run.py), also serving the standby mount of its replica.
 
     In one process, the applier can drop the kernel's caches of what each batch
@@ -81,7 +84,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
     make_replica(replica)
     where = staging_dir_of(replica, staging)
     lock = ApplyLock(where)
-    inodes = Inodes(str(replica), verify=True)
+    inodes = Inodes(str(replica), verify=True, limit=max_inodes)
     operations = StandbyFS(inodes, lock, where, cached=True)
     cache = operations.cache
     assert cache is not None
@@ -91,7 +94,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
         log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
 
         async def serve_mount() -> None:
-            await serve_requests()
+            await serve_requests(Pruner(inodes, operations.lock))
             cache.mounted = False
             log.info("unmounted %s; the secondary goes on without it", mountpoint)
 
