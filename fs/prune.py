@@ -50,6 +50,10 @@ class Pruner:
             with self.lock:
                 inodes.crowded.clear()
                 names = inodes.surplus()
+            if not self.dropped:
+                log.info("the kernel knows more than %d inodes through the mount "
+                         "(--max-inodes): it is asked to forget the files looked up first",
+                         inodes.limit)
             for parent, name in names:
                 if self._stopping:
                     return

@@ -90,6 +90,9 @@ class Run:
         self.last_sample = 0
         self.tmpfs = False
         self.journal_max = self.result.journal_max = self.rng.choice(JOURNAL_BUDGETS)
+        # Half the runs keep the mounts' inode tables small: the kernel is asked to
+        # forget files as the workload uses them (fs/prune.py).
+        self.max_inodes = ["--max-inodes", "48"] if self.rng.random() < 0.5 else []
         self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
         self.faults = self.plan()
         # With power cuts, the replica and its staging are on a simulated disk too, unless
@@ -119,7 +122,8 @@ class Run:
         # journal has gone aside with what it alone changed.
         rejoin = ["--rejoin"] if journal_exists(self.staging.parent / "journal") else []
         daemon = Daemon(["secondary", str(self.replica), "--listen", f"127.0.0.1:{self.port}",
-                         "--mount", str(self.cached), *rejoin, *tls_args(SECONDARY, PRIMARY)],
+                         "--mount", str(self.cached), *rejoin, *self.max_inodes,
+                         *tls_args(SECONDARY, PRIMARY)],
                         self.dir / "secondary.log", "listening on", env=env)
         self.secondary = daemon
         try:
@@ -140,6 +144,7 @@ class Run:
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
                     "--stall-seconds", "1", "--scramble", str(self.seed), *budget,
+                    *self.max_inodes,
                     *tls_args(PRIMARY, SECONDARY)],
                    self.dir / "primary.log", "serving",
                    env={ENV_SET_HASHES: str(self.hashes), **boot})
@@ -147,7 +152,8 @@ class Run:
 
     def start_standby(self) -> Daemon:
         self.standby.mkdir(exist_ok=True)
-        self.standby_daemon = Daemon(["mount", str(self.replica), str(self.standby)],
+        self.standby_daemon = Daemon(["mount", str(self.replica), str(self.standby),
+                                      *self.max_inodes],
                                      self.dir / "standby.log", "serving",
                                      env=self.host_env()).start()
         return self.standby_daemon
