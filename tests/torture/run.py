@@ -94,6 +94,7 @@ class Run:
         # forget files as the workload uses them (fs/prune.py).
         self.max_inodes = ["--max-inodes", "48"] if self.rng.random() < 0.5 else []
         self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
+        self.swapped = False  # after a failover: the trees (and hosts) swapped roles
         self.faults = self.plan()
         # With power cuts, the replica and its staging are on a simulated disk too, unless
         # the replica is a small tmpfs (replica_enospc).
@@ -106,8 +107,8 @@ class Run:
 
     def host_env(self) -> dict[str, str]:
         """The secondary's host boots anew at each of its power cuts (the simulator
-        says so)."""
-        power = self.replica_power
+        says so); after a failover, that host is the old primary's."""
+        power = self.power if self.swapped else self.replica_power
         return {ENV_BOOT_ID: str(power.sim.boot_id)} if power is not None else {}
 
     def start_secondary(self, kill_at_step: int | None = None) -> Daemon:
@@ -141,6 +142,9 @@ class Run:
         # the primary records its tree at each close, for PowerCuts.boot to compare.
         boot = {ENV_BOOT_ID: str(self.power.sim.boot_id),
                 ENV_SET_TREES: str(self.power.trees)} if self.power is not None else {}
+        if self.swapped:  # the old secondary's host, which no power cut strikes any more
+            power = self.replica_power
+            boot = {ENV_BOOT_ID: str(power.sim.boot_id)} if power is not None else {}
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
                     "--stall-seconds", "1", "--scramble", str(self.seed), *budget,
@@ -290,15 +294,21 @@ class Run:
 
     def plan(self) -> list[tuple[float, str]]:
         """When which faults strike, drawn from the seed; with power cuts, one of the
-        primary's always, and one of the secondary's unless its replica is a tmpfs."""
+        primary's always, and one of the secondary's unless its replica is a tmpfs,
+        and a failover (a power cut of the primary's host too) after all of them."""
         kinds = self.rng.sample(KINDS, self.rng.randint(1, 3))
-        if (self.power is not None or "replica_enospc" in kinds) and "failover" in kinds:
+        if "replica_enospc" in kinds and "failover" in kinds:
             kinds.remove("failover")  # the hosts' disks are not alike: no roles to swap
         if self.power is not None:
             kinds.append(POWER_CUT)
             if "replica_enospc" not in kinds:
                 kinds.append(REPLICA_POWER_CUT)
-        return sorted((self.rng.uniform(0.15, 0.7) * self.seconds, k) for k in kinds)
+        plan = sorted((self.rng.uniform(0.15, 0.7) * self.seconds, k) for k in kinds)
+        if self.power is not None and "failover" in kinds:
+            # Last: it cuts the primary's power, and the disks change hosts after it.
+            last = plan[-1][0]
+            plan = [(at, k) for at, k in plan if k != "failover"] + [(last, "failover")]
+        return plan
 
     def execute(self) -> Result:
         if self.power is not None:
@@ -325,6 +335,8 @@ class Run:
             while (now := time.monotonic()) - started < self.seconds:
                 while plan and now - started >= plan[0][0]:
                     kind = plan.pop(0)[1]
+                    if self.swapped and kind in (POWER_CUT, REPLICA_POWER_CUT):
+                        continue  # the simulated disks changed hosts: no more power cuts
                     self.result.faults[kind] += 1
                     secondary, primary = self.strike(kind, secondary, primary, workload)
                     if kind in ("replica_new", REPLICA_POWER_CUT):  # the wait for its
@@ -418,15 +430,19 @@ class Run:
 
     def fail_over(self, secondary: Daemon, primary: Daemon,
                   workload: Workload) -> tuple[Daemon, Daemon]:
-        """The primary's host dies; the secondary is promoted and serves the mount, and
-        the old primary's tree, back, rejoins as its secondary, keeping aside what it
-        alone changed. From then on the two trees have swapped roles."""
+        """The primary's host dies (with power cuts, its power: its disk drops what was
+        not synced); the secondary is promoted and serves the mount, and the old
+        primary's tree, back, rejoins as its secondary, keeping aside what it alone
+        changed. From then on the two trees (and hosts) have swapped roles."""
         self.end_hold(workload)
         if read_syncing(self.staging) is not None:
             self.wait_synced()  # a replica with no consistent set cannot be promoted
-        primary.kill()
+        if self.power is not None:
+            self.power.power_off(primary, self.mount, self.rng)
+        else:
+            primary.kill()
+            unmount(self.mount)
         workload.close()
-        unmount(self.mount)
         if self.standby_daemon is not None:
             self.standby_daemon.stop()
         unmount(self.standby)
@@ -448,6 +464,9 @@ class Run:
         workload.git_ready = (self.replica / "repo" / ".git").is_dir()
         self.backing, self.replica = self.replica, self.backing
         self.staging = staging_dir_of(self.replica, None)
+        self.swapped = True
+        if self.power is not None:
+            self.power.sim.start()  # the old primary's host is back, its disk as it was left
         secondary = self.start_secondary()
         primary = self.start_primary()
         self.wait_synced()
