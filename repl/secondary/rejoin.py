@@ -73,6 +73,14 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     ours.update(Divergence(ranges=dict(journal.dirty.items())))
     if power_lost(journal):  # what the tree may hold that the journal lost, too
         ours.update(divergence(journal.notes))
+    base = journal.base
+    if base is None or base > fork - 1:
+        # Sets after the fork were trimmed (another secondary, ahead of the promoted
+        # one, had applied them): what they changed is known to no one.
+        log.warning("this journal no longer holds every set since the fork (set %d): the "
+                    "new primary sends the whole tree; the branch keeps only what the "
+                    "journal still names", fork)
+        ours.content.add(b"")
     ours.follow_links(tree)
     gen = journal.identity.generation
     branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"

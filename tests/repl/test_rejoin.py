@@ -34,6 +34,7 @@ def test_rejoin_keep_branch_ok_with_what_the_activity_log_noted(
     (tree / "ahead").write_bytes(b"on the disk, its record lost")
     journal = Journal(tmp_path / "journal")
     try:
+        journal.base = 0  # its secondary's initial sync was set 1
         journal.append(Op.CREATE, path=b"journaled", mode=0o100644, uid=0, gid=0)
         journal.close_set()
         journal.add_notes([Note(NoteKind.NAME, b"ahead"),
@@ -61,6 +62,7 @@ def test_rejoin_keep_branch_ok_with_the_dirty_map(tmp_path: Path) -> None:
     (tree / "wal").write_bytes(b"written past the budget")
     journal = Journal(tmp_path / "journal")
     try:
+        journal.base = 0  # its secondary's initial sync was set 1
         journal.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
         journal.put_dirty(b"wal", [(4, 11)])
         ours, branch = keep_branch(journal, tree, tmp_path / "branches", 1)
@@ -69,6 +71,27 @@ def test_rejoin_keep_branch_ok_with_the_dirty_map(tmp_path: Path) -> None:
     assert ours.content == {b"new"}
     assert ours.ranges == {b"wal": [(4, 11)]}
     assert (branch / "tree" / "wal").read_bytes() == b"written past the budget"
+
+
+def test_rejoin_keep_branch_ok_sets_trimmed_past_the_fork_ask_for_the_whole_tree(
+        tmp_path: Path) -> None:
+    """The old primary trimmed sets after the fork (a second secondary, ahead of the
+    one promoted, applied them): what they changed is unknown, so the whole tree."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    journal = Journal(tmp_path / "journal")
+    try:
+        journal.base = 0
+        for name in (b"one", b"two", b"three"):
+            journal.append(Op.CREATE, path=name, mode=0o100644, uid=0, gid=0)
+            journal.close_set()
+        journal.trim(2)  # sets 1 and 2 gone; the promoted replica had applied set 1
+        ours, _ = keep_branch(journal, tree, tmp_path / "branches", 2)
+        assert ours.whole_tree
+        ours, _ = keep_branch(journal, tree, tmp_path / "branches", 3)  # had applied 2
+        assert (ours.content, ours.ranges) == ({b"three"}, {})
+    finally:
+        journal.close()
 
 
 @pytest.fixture
