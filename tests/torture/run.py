@@ -299,6 +299,8 @@ class Run:
         kinds = self.rng.sample(KINDS, self.rng.randint(1, 3))
         if "replica_enospc" in kinds and "failover" in kinds:
             kinds.remove("failover")  # the hosts' disks are not alike: no roles to swap
+        if "failover" in kinds and self.power is None and self.rng.random() < 0.4:
+            kinds.append("failover")  # and back: the first primary leads again
         if self.power is not None:
             kinds.append(POWER_CUT)
             if "replica_enospc" not in kinds:
@@ -339,7 +341,7 @@ class Run:
                         continue  # the simulated disks changed hosts: no more power cuts
                     self.result.faults[kind] += 1
                     secondary, primary = self.strike(kind, secondary, primary, workload)
-                    if kind in ("replica_new", REPLICA_POWER_CUT):  # the wait for its
+                    if kind in ("replica_new", REPLICA_POWER_CUT, "failover"):  # the wait for its
                         started += time.monotonic() - now  # replica is not the run's time:
                         now = time.monotonic()  # the rest still strike
                 if secondary.proc is not None and secondary.proc.poll() is not None:
@@ -464,7 +466,7 @@ class Run:
         workload.git_ready = (self.replica / "repo" / ".git").is_dir()
         self.backing, self.replica = self.replica, self.backing
         self.staging = staging_dir_of(self.replica, None)
-        self.swapped = True
+        self.swapped = not self.swapped
         if self.power is not None:
             self.power.sim.start()  # the old primary's host is back, its disk as it was left
         secondary = self.start_secondary()
