@@ -471,7 +471,7 @@ class Run:
             self.power.sim.start()  # the old primary's host is back, its disk as it was left
         secondary = self.start_secondary()
         primary = self.start_primary()
-        self.wait_synced()
+        self.wait_synced(past=shared)
         self.start_standby()
         return secondary, primary
 
@@ -515,14 +515,15 @@ class Run:
         self.start_standby()
         return secondary
 
-    def wait_synced(self, timeout: float = 60.0) -> None:
-        """Until the new secondary applied its initial sync's set."""
+    def wait_synced(self, timeout: float = 60.0, past: int = 0) -> None:
+        """Until the new secondary applied its initial sync's set (a rejoin's: a set
+        after *past*, which its staging may show applied from before)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             syncing = read_syncing(self.staging)
             if syncing is not None:
                 wait_applied(self.replica, syncing, deadline - time.monotonic())
-            elif read_applied(self.staging) >= 1:
+            elif read_applied(self.staging) > past:
                 return
             else:
                 time.sleep(0.05)  # no primary yet: nothing to wait on but its arrival
