@@ -10,7 +10,9 @@ the kernel is told to cache nothing (zero timeouts, direct I/O), and the next
 request after N sees N at once. A reader that needs one set across many
 requests pauses the replica (``replfs pause``). A replica that a crash cut
 short in the middle of a set answers EIO until the secondary's redo finishes
-that set (which it does at once when it starts, held or not). Every change is
+that set (which it does at once when it starts, held or not); so does an old
+primary's tree, cut off mid-set by its failover, until its rejoin's set is
+applied (store/hold.py: REJOINING). Every change is
 refused with EROFS, by the kernel (the mount is ``ro``) and by the handlers.
 """
 
@@ -30,7 +32,7 @@ from fs.errors import log
 from fs.inodes import Inodes
 from fs.kernel_cache import KernelCache
 from fs.passthrough import TIMEOUT, Passthrough, request
-from store.hold import ApplyLock, torn
+from store.hold import ApplyLock, is_rejoining, torn
 
 Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
@@ -48,6 +50,10 @@ def whole_sets(handler: Handler) -> Handler:
             if cut is not None:
                 log.error("the replica was cut short in set %d by a crash; start the "
                           "secondary to finish it", cut[0])
+                raise pyfuse3.FUSEError(errno.EIO)
+            if is_rejoining(self.staging_dir):
+                log.error("the replica is an old primary's tree, cut off in the middle of "
+                          "a set; it shows a set once the new primary's rejoin set applies")
                 raise pyfuse3.FUSEError(errno.EIO)
             return await handler(self, *args, **kwargs)
 

@@ -20,8 +20,9 @@ from repl import control
 from repl.errors import UsageError
 from repl.iscsi.names import DEFAULT_IQN
 from repl.sdnotify import notify
-from repl.secondary.run import make_replica, run_secondary, staging_dir_of
-from store.hold import ApplyLock, is_held
+from repl.secondary.run import default_state_dir, make_replica, run_secondary, staging_dir_of
+from store.hold import ApplyLock, is_held, set_rejoining
+from store.journal import exists as journal_exists
 from store.staging import read_applied, read_syncing
 
 log = logging.getLogger("replfs.primary")  # the name its lines have always carried
@@ -84,6 +85,8 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
     make_replica(replica)
     where = staging_dir_of(replica, staging)
     lock = ApplyLock(where)
+    if journal_exists(default_state_dir(replica) / "journal"):
+        set_rejoining(where, True)  # before the view is served; run_secondary says for sure
     inodes = Inodes(str(replica), verify=True, limit=max_inodes)
     operations = StandbyFS(inodes, lock, where, cached=True)
     cache = operations.cache

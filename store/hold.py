@@ -34,6 +34,7 @@ from store.private import FILE_MODE, private_dir, write_private
 HOLD = "HOLD"
 APPLY_LOCK = "APPLY.lock"
 APPLYING = "APPLYING"
+REJOINING = "REJOINING"  # the replica is an old primary's tree until its rejoin applies
 _UNDER_WAY = "applying"  # APPLYING's last word while the batch's ops are under way
 ENV_BOOT_ID = "REPLFS_TEST_BOOT_ID"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -210,6 +211,23 @@ def _boot_id() -> str:
 
 def is_held(staging_dir: Path) -> bool:
     return (staging_dir / HOLD).exists()
+
+
+def is_rejoining(staging_dir: Path) -> bool:
+    """Whether the replica is an old primary's tree until its rejoin's set is applied:
+    it then holds no whole set of any primary's (it was cut off mid-set)."""
+    return (staging_dir / REJOINING).exists()
+
+
+def set_rejoining(staging_dir: Path, rejoining: bool) -> None:
+    """Say so, or no longer (see ``is_rejoining``); the secondary says it again at
+    every start, so a crash that loses it loses nothing."""
+    path = staging_dir / REJOINING
+    if rejoining and not path.exists():
+        private_dir(staging_dir)
+        write_private(path, b"")
+    elif not rejoining:
+        path.unlink(missing_ok=True)
 
 
 def set_hold(staging_dir: Path, held: bool) -> None:

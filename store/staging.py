@@ -24,7 +24,7 @@ from pathlib import Path
 import lmdb
 
 from store import identity
-from store.hold import lost_to_power
+from store.hold import lost_to_power, set_rejoining
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
 from store.marker import CLEARED, Marker
 from store.private import FILE_MODE
@@ -333,12 +333,15 @@ class Staging(LmdbDir):
             txn.put(_APPLIED, encode_set(set_id), db=self._meta)
             generation = self._void_marker(txn)
             raw = txn.get(_SYNCING, db=self._meta)
-            if raw and decode_set(raw) <= set_id:
+            synced = raw is not None and decode_set(raw) <= set_id
+            if synced:
                 txn.delete(_SYNCING, db=self._meta)
                 txn.delete(_SCRATCH, db=self._meta)
             self._delete_through(txn, set_id - keep)
         self._generation = generation
         self.env.sync(True)
+        if synced:
+            set_rejoining(self.path, False)  # a rejoin's set, if it was one, is applied
 
     def close(self) -> None:
         os.close(self._marker_fd)

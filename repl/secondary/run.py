@@ -27,7 +27,7 @@ from repl.secondary.gate import Gate
 from repl.secondary.receiver import Receiver
 from repl.secondary.rejoin import Rejoin
 from repl.tls import link_credentials
-from store.hold import ApplyLock, interrupted, is_held, set_hold
+from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
 from store.journal import exists as journal_exists
 from store.staging import Staging, read_applied, read_syncing
@@ -233,6 +233,12 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         # The same node, cluster and generation (a copy: a newer primary bumps ours).
         staging.identity = copy.deepcopy(old_journal.identity)
         staging.save_identity()
+    # An old primary's tree shows no whole set until its rejoin's set is applied
+    # (the standby mounts answer EIO); a sync under way keeps what it was begun as.
+    if old_journal is not None or staging.rejoin is not None:
+        set_rejoining(staging.path, True)
+    elif staging.syncing is None:
+        set_rejoining(staging.path, False)
     rejoining = Rejoin(staging, replica, old_journal, default_state_dir(replica) / "branches")
     try:
         dropped = staging.drop_partial()

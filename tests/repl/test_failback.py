@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
 from pathlib import Path
+
+import pytest
 
 from store.journal import exists as journal_exists
 from tests.support import (
@@ -64,25 +67,32 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
 
     assert replfs("promote", b).returncode == 0
     port_a = steady_port()  # not an ephemeral port, which a busy machine may hand out
-    with secondary(a, "--rejoin", port=port_a) as sec_a, primary(
-            b, mb, "--secondary", f"127.0.0.1:{port_a}") as pri_b:
-        # b, now primary, changes things too
-        (mb / "new-on-b").write_bytes(os.urandom(1 << 20))
-        with open(mb / "big5", "r+b") as f:
-            f.seek(1 << 20)
-            f.write(b"B" * 8192)
-        os.chmod(mb / "dir" / "keep", 0o4750)  # no data: sent all the same, set-id bit too
-        os.chmod(mb / "sub", 0o700)  # nor for a directory or a symlink
-        os.utime(mb / "sub", ns=(10**15, 10**15))
-        os.chown(mb / "ln", 1, 1, follow_symlinks=False)
-        os.utime(mb / "ln", ns=(10**15, 10**15), follow_symlinks=False)
-        os.utime(mb / "big6", ns=(10**15, 10**15))
-        checkpoint(mb)
-        assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
-        status = json.loads(replfs("status", mb, "--json").stdout)
-        sent = status["sent_bytes"]
-        print(f"failback sent {sent} bytes for a {TREE_MB} MiB tree")
-        assert sent < 8 << 20, f"sent {sent} bytes for a {TREE_MB} MiB tree"
+    view = tmp_path / "view"  # a's standby view: a shows no set until its rejoin's applies
+    with secondary(a, "--rejoin", "--mount", str(view), port=port_a) as sec_a:
+        with pytest.raises(OSError) as refused:
+            (view / "only-on-a").stat()  # a's own tree, cut off mid-set: not shown
+        assert refused.value.errno == errno.EIO
+        with primary(b, mb, "--secondary", f"127.0.0.1:{port_a}") as pri_b:
+            # b, now primary, changes things too
+            (mb / "new-on-b").write_bytes(os.urandom(1 << 20))
+            with open(mb / "big5", "r+b") as f:
+                f.seek(1 << 20)
+                f.write(b"B" * 8192)
+            os.chmod(mb / "dir" / "keep", 0o4750)  # no data: sent all the same, set-id bit too
+            os.chmod(mb / "sub", 0o700)  # nor for a directory or a symlink
+            os.utime(mb / "sub", ns=(10**15, 10**15))
+            os.chown(mb / "ln", 1, 1, follow_symlinks=False)
+            os.utime(mb / "ln", ns=(10**15, 10**15), follow_symlinks=False)
+            os.utime(mb / "big6", ns=(10**15, 10**15))
+            checkpoint(mb)
+            assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
+            status = json.loads(replfs("status", mb, "--json").stdout)
+            sent = status["sent_bytes"]
+            print(f"failback sent {sent} bytes for a {TREE_MB} MiB tree")
+            assert sent < 8 << 20, f"sent {sent} bytes for a {TREE_MB} MiB tree"
+            # a shows b's sets now, cached: read through its view
+            assert (view / "new-on-b").stat().st_size == 1 << 20
+            assert not (view / "only-on-a").exists()
     assert "kept" in sec_a.log() and "rejoin sync" in pri_b.log()
 
     branches = list((tmp_path / ".a.replfs" / "branches").iterdir())
