@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 import sqlite3
@@ -470,6 +471,14 @@ class Run:
         if self.power is not None:
             self.power.sim.start()  # the old primary's host is back, its disk as it was left
         secondary = self.start_secondary()
+        try:  # its tree was cut off mid-set: no standby view shows it
+            tree_digest(self.cached)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+        else:
+            raise Violation("the old primary's standby view shows its own tree before its "
+                            "rejoin")
         primary = self.start_primary()
         self.wait_synced(past=shared)
         self.start_standby()
