@@ -69,7 +69,7 @@ class Inodes:
                  limit: int | None = None) -> None:
         """*limit*: past this many nodes, ``crowded`` is set (fs/prune.py)."""
         self.verify = verify
-        self.limit = limit
+        self.limit = self._crowded_past = limit
         self.crowded = threading.Event()
         self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_st_ino = os.fstat(self.root_fd).st_ino
@@ -130,7 +130,7 @@ class Inodes:
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, st.st_ino, stat.S_ISDIR(st.st_mode))
-            if self.limit is not None and len(self.nodes) > self.limit:
+            if self._crowded_past is not None and len(self.nodes) > self._crowded_past:
                 self.crowded.set()
         node.add_name(parent, name)
         node.lookups += 1
@@ -176,6 +176,10 @@ class Inodes:
         for node in picked:
             del self.nodes[node.ino]
             self.nodes[node.ino] = node
+        # Too few to pick (directories, open files): not again before the table grows
+        # by a tenth more, or each new node would cost a walk of the table.
+        self._crowded_past = self.limit if len(picked) >= excess else \
+            len(self.nodes) + self.limit // 10
         return [place for node in picked for place in node.names]
 
     def name_of(self, ino: int) -> tuple[int, bytes] | None:
