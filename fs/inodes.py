@@ -132,6 +132,8 @@ class Inodes:
             node = self.nodes[ino] = Node(ino, st.st_ino, stat.S_ISDIR(st.st_mode))
             if self._crowded_past is not None and len(self.nodes) > self._crowded_past:
                 self.crowded.set()
+        else:  # a number the filesystem gave again, the kernel not done with the old file
+            node.directory = stat.S_ISDIR(st.st_mode)
         node.add_name(parent, name)
         node.lookups += 1
         return ino
@@ -159,6 +161,8 @@ class Inodes:
             self._close_dir(ino)
             if self._aliases.get(node.number) == ino:
                 del self._aliases[node.number]
+            if self.limit is not None and len(self.nodes) <= self.limit:
+                self._crowded_past = self.limit  # back under it: the bound is the limit again
 
     def surplus(self) -> list[tuple[int, bytes]]:
         """The names of the files first looked up that bring the table down to 90 % of

@@ -142,8 +142,9 @@ class KernelCache:
         assert self._batch is not None
         with self._mutex:
             reread, self._batch.reread = self._batch.reread, set()
-        nodes = self.inodes.nodes
-        self._pending = [n for n in reread if n in nodes]  # a forgotten inode has no pages
+        with self.lock:  # the pruner moves nodes in the table (fs/inodes.py: surplus)
+            nodes = self.inodes.nodes
+            self._pending = [n for n in reread if n in nodes]  # a forgotten inode: no pages
         return not self._pending
 
     def sweep(self) -> None:
