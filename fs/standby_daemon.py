@@ -20,9 +20,8 @@ from repl import control
 from repl.errors import UsageError
 from repl.iscsi.names import DEFAULT_IQN
 from repl.sdnotify import notify
-from repl.secondary.run import default_state_dir, make_replica, run_secondary, staging_dir_of
+from repl.secondary.run import make_replica, old_primary_tree, run_secondary, staging_dir_of
 from store.hold import ApplyLock, is_held, set_rejoining
-from store.journal import exists as journal_exists
 from store.staging import read_applied, read_syncing
 
 log = logging.getLogger("replfs.primary")  # the name its lines have always carried
@@ -38,6 +37,9 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None,
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     check_mountpoint(mountpoint)
     where = staging_dir_of(replica, staging)
+    if old_primary_tree(replica):
+        raise UsageError(f"{replica} is a primary's tree, not a replica: an old primary shows "
+                         "the new primary's sets once it rejoins (replfs secondary --rejoin)")
     syncing = read_syncing(where)
     if syncing is not None:
         raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
@@ -85,7 +87,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
     make_replica(replica)
     where = staging_dir_of(replica, staging)
     lock = ApplyLock(where)
-    if journal_exists(default_state_dir(replica) / "journal"):
+    if old_primary_tree(replica):
         set_rejoining(where, True)  # before the view is served; run_secondary says for sure
     inodes = Inodes(str(replica), verify=True, limit=max_inodes)
     operations = StandbyFS(inodes, lock, where, cached=True)

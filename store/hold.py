@@ -220,14 +220,17 @@ def is_rejoining(staging_dir: Path) -> bool:
 
 
 def set_rejoining(staging_dir: Path, rejoining: bool) -> None:
-    """Say so, or no longer (see ``is_rejoining``); the secondary says it again at
-    every start, so a crash that loses it loses nothing."""
+    """Say so, or no longer (see ``is_rejoining``), durably: once the old primary's
+    journal went aside into its branch, nothing else says it."""
     path = staging_dir / REJOINING
-    if rejoining and not path.exists():
+    if rejoining == path.exists():
+        return
+    if rejoining:
         private_dir(staging_dir)
         write_private(path, b"")
-    elif not rejoining:
-        path.unlink(missing_ok=True)
+    else:
+        path.unlink()
+    _sync_dir(staging_dir)
 
 
 def set_hold(staging_dir: Path, held: bool) -> None:

@@ -252,6 +252,8 @@ class Resync:
                     else None)
         else:
             only = self.retention.missed_since(address, applied)
+        if only is not None and only.whole_tree:
+            only = None  # all of it: walked step by step, as for a new secondary
         if self.syncing is not None:
             if not self.sync_whole:
                 raise NotYet(f"the sync of set {self.syncing} is under way; {address} is "

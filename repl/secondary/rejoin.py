@@ -81,7 +81,8 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
                     "new primary sends the whole tree; the branch keeps only what the "
                     "journal still names", fork)
         ours.content.add(b"")
-    ours.follow_links(tree)
+    if not ours.whole_tree:
+        ours.follow_links(tree)
     gen = journal.identity.generation
     branch = branches / f"generation-{gen}-from-set-{fork}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Only we may enter the branch's tree, so the copies inside keep their own modes

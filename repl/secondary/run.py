@@ -62,6 +62,19 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
     return journal
 
 
+def old_primary_tree(replica: Path) -> bool:
+    """Whether *replica* is a primary's tree (its journal, written to as a primary, is
+    beside it): looked at only, whatever holds it."""
+    path = default_state_dir(replica) / "journal"
+    if not journal_exists(path):
+        return False
+    journal = Journal(path, read_only=True)
+    try:
+        return written_as_primary(journal)
+    finally:
+        journal.close()
+
+
 def written_as_primary(journal: Journal) -> bool:
     """True if a primary journaled changes of its own in *journal* (since its generation
     began), even if they are all trimmed now; not for a promoted node's journal that

@@ -66,6 +66,9 @@ def test_old_primary_rejoins_with_only_what_diverged(tmp_path: Path) -> None:
             unmount(ma)
 
     assert replfs("promote", b).returncode == 0
+    (tmp_path / "early").mkdir()
+    early = replfs("mount", a, tmp_path / "early")  # a standby view of a's own tree: no
+    assert early.returncode == 1 and "a primary's tree, not a replica" in early.stderr
     port_a = steady_port()  # not an ephemeral port, which a busy machine may hand out
     view = tmp_path / "view"  # a's standby view: a shows no set until its rejoin's applies
     with secondary(a, "--rejoin", "--mount", str(view), port=port_a) as sec_a:
