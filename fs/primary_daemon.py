@@ -41,7 +41,7 @@ from repl.primary.fanout import Fanout
 from repl.primary.semisync import FSYNC_TIMEOUT, Semisync
 from repl.primary.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.sdnotify import notify
-from repl.secondary.run import default_state_dir
+from repl.secondary.run import default_state_dir, note_journal
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.errors import ReplfsError
@@ -183,6 +183,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
+    note_journal(backing, journal.path)  # a journal elsewhere: said beside the tree
     tree = Tree(backing)
     capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
                       journal_max=cfg.journal_max, secondaries=cfg.secondaries)

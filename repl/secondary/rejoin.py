@@ -139,7 +139,7 @@ class Rejoin:
             ours, branch = keep_branch(journal, self.replica, self.branches, fork)
             staging.start_rejoin(fork - 1, ours.offer()[0])
             journal.close()
-            journal.path.rename(branch / "journal")
+            shutil.move(journal.path, branch / "journal")  # from another disk, maybe
             self.journal = None
             log.info("rejoining after set %d; the new primary sends what diverged", fork - 1)
         raw = staging.rejoin

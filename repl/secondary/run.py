@@ -30,6 +30,7 @@ from repl.tls import link_credentials
 from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
 from store.journal import exists as journal_exists
+from store.private import private_dir, write_private
 from store.staging import Staging, read_applied, read_syncing
 
 log = logging.getLogger("replfs.secondary")
@@ -41,13 +42,38 @@ def default_state_dir(tree: str | os.PathLike[str]) -> Path:
     return path.parent / f".{path.name}.replfs"
 
 
+JOURNAL_AT = "journal-at"  # beside a tree whose primary kept its journal elsewhere
+
+
+def journal_of(tree: Path) -> Path:
+    """Where the journal of a primary of *tree* is: beside it, or where a primary run
+    with ``--journal DIR`` said (``note_journal``)."""
+    state = default_state_dir(tree)
+    path = state / "journal"
+    if not journal_exists(path) and (state / JOURNAL_AT).exists():
+        return Path((state / JOURNAL_AT).read_text().strip())
+    return path
+
+
+def note_journal(tree: Path, journal: Path) -> None:
+    """Say beside *tree* where its primary keeps its journal, if not beside it: after a
+    failover, the old primary's tree must be known for one (``journal_of``)."""
+    state = default_state_dir(tree)
+    note = state / JOURNAL_AT
+    if Path(os.path.realpath(journal)) == Path(os.path.realpath(state / "journal")):
+        note.unlink(missing_ok=True)
+        return
+    private_dir(state)
+    write_private(note, os.path.realpath(journal).encode() + b"\n")
+
+
 def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
     """The journal of an old primary whose tree *replica* is, opened for a rejoin.
 
     Refuses to serve such a tree as a plain replica: its own unreplicated
     changes would be overwritten without a trace.
     """
-    path = default_state_dir(replica) / "journal"
+    path = journal_of(replica)
     if not journal_exists(path):
         return None
     journal = Journal(path)
@@ -65,7 +91,7 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
 def old_primary_tree(replica: Path) -> bool:
     """Whether *replica* is a primary's tree (its journal, written to as a primary, is
     beside it): looked at only, whatever holds it."""
-    path = default_state_dir(replica) / "journal"
+    path = journal_of(replica)
     if not journal_exists(path):
         return False
     journal = Journal(path, read_only=True)

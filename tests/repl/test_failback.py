@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,37 @@ def test_old_primary_tree_refused_without_rejoin(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "pass --rejoin" in result.stderr
     assert (a / "f").read_bytes() == b"x"
+
+
+def test_old_primary_with_its_journal_elsewhere_rejoins(tmp_path: Path) -> None:
+    """A primary run with --journal on another disk: after a failover its tree is still
+    known for an old primary's, and rejoins with its own changes kept aside."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma, mb, disk = tmp_path / "ma", tmp_path / "mb", tmp_path / "disk"
+    a.mkdir()
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
+    try:
+        with secondary(b) as sec_b:
+            with primary(a, ma, "--secondary", f"127.0.0.1:{sec_b.port}",
+                         "--journal", str(disk / "journal")) as pri_a:
+                (ma / "shared").write_bytes(b"on both")
+                checkpoint(ma)
+                sec_b.stop()
+                with open(ma / "only-on-a", "wb") as f:
+                    f.write(b"a alone")
+                    os.fsync(f.fileno())
+                pri_a.kill()
+                unmount(ma)
+        assert replfs("promote", b).returncode == 0
+        port_a = steady_port()
+        with secondary(a, "--rejoin", port=port_a), primary(
+                b, mb, "--secondary", f"127.0.0.1:{port_a}"):
+            (mb / "new-on-b").write_bytes(b"b alone")
+            checkpoint(mb)
+            assert diff(snapshot(b), snapshot(a)) == [], "the old primary now equals the new one"
+        branch, = (tmp_path / ".a.replfs" / "branches").iterdir()
+        assert (branch / "tree" / "only-on-a").read_bytes() == b"a alone"
+        assert journal_exists(branch / "journal")  # moved from the other disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
