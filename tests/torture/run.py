@@ -438,14 +438,24 @@ class Run:
         primary's tree, back, rejoins as its secondary, keeping aside what it alone
         changed. From then on the two trees (and hosts) have swapped roles."""
         self.end_hold(workload)
-        if read_syncing(self.staging) is not None:
-            self.wait_synced()  # a replica with no consistent set cannot be promoted
-        if self.power is not None:
-            self.power.power_off(primary, self.mount, self.rng)
+        for _ in range(5):
+            if read_syncing(self.staging) is not None:
+                self.wait_synced()  # a replica with no consistent set cannot be promoted
+            if self.power is not None:
+                self.power.power_off(primary, self.mount, self.rng)
+            else:
+                primary.kill()
+                unmount(self.mount)
+            workload.close()
+            if read_syncing(self.staging) is None:
+                break
+            # The primary had begun a sync (its resend after a power cut, say) as it
+            # died: the standby cannot take over (promote refuses it). The primary's
+            # host comes back, the sync ends, and the primary dies again.
+            primary = self.power.boot(self.start_primary, self.mount, workload.committed) \
+                if self.power is not None else self.start_primary()
         else:
-            primary.kill()
-            unmount(self.mount)
-        workload.close()
+            raise Violation("the replica was always in a sync when the primary died")
         if self.standby_daemon is not None:
             self.standby_daemon.stop()
         unmount(self.standby)
