@@ -33,6 +33,7 @@ from repl.diverge import Divergence
 from repl.errors import ProtocolError, Refused
 from store.journal import Journal
 from store.private import private_dir, write_private
+from store.records import is_under
 from store.staging import Staging
 
 log = logging.getLogger("replfs.rejoin")
@@ -88,15 +89,17 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     # Only we may enter the branch's tree, so the copies inside keep their own modes
     # (a directory others may write to among them).
     copies = private_dir(branch / "tree")
-    paths = sorted({*ours.content, *ours.ranges} - {b""})
+    paths = sorted({*ours.content, *ours.ranges} - {b""})  # a directory before its own
+    whole: list[bytes] = []  # directories copied with all they hold
     for path in paths:
         src, dst = tree / os.fsdecode(path), copies / os.fsdecode(path)
-        if not os.path.lexists(src):
-            continue  # removed on our side: the journal in the branch says so
+        if not os.path.lexists(src) or any(is_under(path, top) for top in whole):
+            continue  # removed on our side (the journal in the branch says so), or copied
         dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if src.is_dir() and not src.is_symlink():
             if path in ours.content:  # made, moved or its xattrs changed: all of it
                 shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+                whole.append(path)
             else:  # its attributes alone: what changed under it is listed on its own
                 dst.mkdir(mode=0o700, exist_ok=True)
                 shutil.copystat(src, dst, follow_symlinks=False)

@@ -4,6 +4,7 @@ newer generation keeps what the two share and asks again for what it went past."
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -71,6 +72,24 @@ def test_rejoin_keep_branch_ok_with_the_dirty_map(tmp_path: Path) -> None:
     assert ours.content == {b"new"}
     assert ours.ranges == {b"wal": [(4, 11)]}
     assert (branch / "tree" / "wal").read_bytes() == b"written past the budget"
+
+
+def test_rejoin_keep_branch_ok_a_symlink_in_a_directory_made_whole(tmp_path: Path) -> None:
+    """A directory the old primary made is copied aside whole; a symlink in it that
+    the journal names too is not copied again (a symlink is not copied over one)."""
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "ln").symlink_to("target")
+    journal = Journal(tmp_path / "journal")
+    try:
+        journal.base = 0
+        journal.append(Op.MKDIR, path=b"d", mode=0o40755, uid=0, gid=0)
+        journal.append(Op.SYMLINK, path=b"d/ln", uid=0, gid=0, data=b"target")
+        ours, branch = keep_branch(journal, tree, tmp_path / "branches", 1)
+    finally:
+        journal.close()
+    assert ours.content == {b"d", b"d/ln"}
+    assert os.readlink(branch / "tree" / "d" / "ln") == "target"
 
 
 def test_rejoin_keep_branch_ok_sets_trimmed_past_the_fork_ask_for_the_whole_tree(
