@@ -93,8 +93,10 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     whole: list[bytes] = []  # directories copied with all they hold
     for path in paths:
         src, dst = tree / os.fsdecode(path), copies / os.fsdecode(path)
-        if not os.path.lexists(src) or any(is_under(path, top) for top in whole):
-            continue  # removed on our side (the journal in the branch says so), or copied
+        if (not os.path.lexists(src) or any(is_under(path, top) for top in whole)
+                or not _reached(tree, path)):
+            continue  # removed on our side (the journal in the branch says so), copied,
+            # or no longer in the tree: a symlink on its way would lead out of it
         dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if src.is_dir() and not src.is_symlink():
             if path in ours.content:  # made, moved or its xattrs changed: all of it
@@ -117,6 +119,18 @@ def keep_branch(journal: Journal, tree: Path, branches: Path, fork: int) -> tupl
     log.warning("kept %d paths changed here after set %d (never replicated) in %s",
                 len(paths), fork - 1, branch)
     return ours, branch
+
+
+def _reached(tree: Path, path: bytes) -> bool:
+    """Whether *path* in *tree* is reached through directories alone, no symlink: a
+    path journaled before a directory on its way was replaced by a symlink would
+    lead anywhere (read from there, written through the copy of that symlink)."""
+    parent = tree
+    for part in os.fsdecode(path).split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            return False
+    return True
 
 
 class Rejoin:

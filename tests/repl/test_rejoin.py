@@ -92,6 +92,27 @@ def test_rejoin_keep_branch_ok_a_symlink_in_a_directory_made_whole(tmp_path: Pat
     assert os.readlink(branch / "tree" / "d" / "ln") == "target"
 
 
+def test_rejoin_keep_branch_ok_never_through_a_symlink(tmp_path: Path) -> None:
+    """A path journaled when its directory was one, which a symlink to elsewhere
+    replaced since: nothing is read from there, nor written through the symlink."""
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    tree.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_bytes(b"not the tree's")
+    (tree / "d").symlink_to(elsewhere)
+    journal = Journal(tmp_path / "journal")
+    try:
+        journal.base = 0
+        journal.append(Op.CREATE, path=b"d/secret", mode=0o100644, uid=0, gid=0)
+        journal.append(Op.SYMLINK, path=b"d", uid=0, gid=0, data=str(elsewhere).encode())
+        _, branch = keep_branch(journal, tree, tmp_path / "branches", 1)
+    finally:
+        journal.close()
+    assert os.readlink(branch / "tree" / "d") == str(elsewhere)  # the symlink as it was
+    assert [p.name for p in elsewhere.iterdir()] == ["secret"]
+    assert (elsewhere / "secret").read_bytes() == b"not the tree's"
+
+
 def test_rejoin_keep_branch_ok_sets_trimmed_past_the_fork_ask_for_the_whole_tree(
         tmp_path: Path) -> None:
     """The old primary trimmed sets after the fork (a second secondary, ahead of the
