@@ -52,7 +52,7 @@ from repl.primary.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_INTERVAL
 from repl.primary.semisync import FSYNC_TIMEOUT
 from repl.sdnotify import notify
 from repl.secondary.promote import promote
-from repl.secondary.run import default_state_dir, written_as_primary
+from repl.secondary.run import default_state_dir, journal_written, written_as_primary
 from repl.tls import check_name
 from store.errors import ReplfsError
 from store.journal import Journal
@@ -148,16 +148,6 @@ class Node:
 
     # --- what this node holds ---------------------------------------------------------
 
-    def _journal_written(self) -> bool:
-        path = self.state / "journal"
-        if not journal_exists(path):
-            return False
-        journal = Journal(path, read_only=True)
-        try:
-            return written_as_primary(journal)
-        finally:
-            journal.close()
-
     async def _standing(self, cluster_generation: int) -> Member:
         """What this node holds, for an election: read from its stores."""
         return await trio.to_thread.run_sync(self._read_standing, cluster_generation)
@@ -241,7 +231,7 @@ class Node:
         if self.cfg.tls is not None:
             for name in sorted(names) or [self.cfg.name]:
                 args += ["--peer", name]
-        if await trio.to_thread.run_sync(self._journal_written):
+        if await trio.to_thread.run_sync(journal_written, self.state / "journal"):
             args.append("--rejoin")  # this node's tree has changes of its own as a primary
         self.child = Child("secondary", args, control.socket_path(self.cfg.data),
                            accepts=frozenset(names))
@@ -323,7 +313,7 @@ class Node:
     async def _claim(self, generation: int) -> None:
         """Make the data this node's, as the primary of *generation*."""
         journal_dir, staging_dir = self.state / "journal", self.state / "staging"
-        if await trio.to_thread.run_sync(self._journal_written):
+        if await trio.to_thread.run_sync(journal_written, self.state / "journal"):
             journal = Journal(journal_dir)
             try:
                 journal.lead(generation, await self._cluster_id(journal.identity.cluster))

@@ -90,8 +90,13 @@ def _old_primary_journal(replica: Path, rejoin: bool) -> Journal | None:
 
 def old_primary_tree(replica: Path) -> bool:
     """Whether *replica* is a primary's tree (its journal, written to as a primary, is
-    beside it): looked at only, whatever holds it."""
-    path = journal_of(replica)
+    beside it)."""
+    return journal_written(journal_of(replica))
+
+
+def journal_written(path: Path) -> bool:
+    """Whether *path* holds a journal a primary wrote to (``written_as_primary``):
+    looked at only, whatever holds it."""
     if not journal_exists(path):
         return False
     journal = Journal(path, read_only=True)
