@@ -12,7 +12,7 @@ import os
 import stat
 from collections import OrderedDict
 
-from store.libc import fd_path
+from store.libc import fd_path, stat_untimed
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYNC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -79,6 +79,26 @@ class Tree:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def untimed(self, path: bytes, mtime_ns: int) -> os.stat_result | None:
+        """lstat of *path* that does not ask for its change and modification times
+        (store/libc.py ``stat_untimed``: they read as *mtime_ns*), or None when it
+        (or a parent) does not exist."""
+        try:
+            if not path:
+                return stat_untimed(self.root_fd, mtime_ns=mtime_ns)
+            fd, name = self.parent(path)
+            return stat_untimed(fd, name, mtime_ns=mtime_ns)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def utime(self, path: bytes, atime_ns: int, mtime_ns: int) -> None:
+        """Set *path*'s times (a symlink's own)."""
+        if not path:
+            os.utime(self.root_fd, ns=(atime_ns, mtime_ns))
+            return
+        fd, name = self.parent(path)
+        os.utime(name, dir_fd=fd, ns=(atime_ns, mtime_ns), follow_symlinks=False)
 
     def proc_path(self, path: bytes) -> bytes:
         """A /proc path naming *path* itself (for calls without an *at form, like xattrs)."""

@@ -398,7 +398,8 @@ class Capture:
         if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
         touched = (every_entry(self.backing, self.touched.paths) if self.touched.everything else
-                   ((path, self.backing.lstat(path)) for path in sorted(self.touched.paths)))
+                   ((path, self.backing.lstat(path)) for path in sorted(self.touched.paths)
+                    if not self._set_kept_mtime(path)))
         for path, st in touched:
             if st is not None:
                 self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
@@ -413,6 +414,37 @@ class Capture:
         if not self.replicating:
             self.retention.drop_oldest(self.journal_max, self.backing_at)
         return closed
+
+    def _set_kept_mtime(self, path: bytes) -> bool:
+        """If the kernel set *path*'s mtime (``Touched.mtimes``), set it back on BACKING
+        (a write since moved it) and journal it with the atime BACKING has, neither
+        asked for; True if so."""
+        mtime = self.touched.mtimes.get(path)
+        if mtime is None:
+            return False
+        st = self.backing.untimed(path, mtime)
+        if st is None:
+            return False
+        self._ahead(Op.UTIMES, {"path": path})  # as record() does for a handler's UTIMES
+        self.unsynced.track_node(path, st.st_ino)
+        if self.activity.under_name(path):
+            self.unsynced.flag()
+        record = self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
+                                     mtime_ns=mtime)
+        self.unsynced.wrote(path, self.journal.end)
+        try:
+            self.backing.utime(path, st.st_atime_ns, mtime)
+        except OSError:
+            self.journal.put(record.voided())
+            return False
+        return True
+
+    @_locked
+    def keep_mtime(self, path: bytes, mtime_ns: int) -> None:
+        """The kernel set regular file *path*'s mtime to *mtime_ns* on BACKING: the close
+        restates it as that (``Touched.mtimes``)."""
+        self._settle()
+        self.touched.keep_mtime(path, mtime_ns)
 
     @_locked
     def lag_seconds(self, applied: int) -> float:

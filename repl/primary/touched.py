@@ -49,19 +49,42 @@ def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
 
 
 
+# Ops after which BACKING's file keeps the mtime the daemon last set on it, as far as the
+# close is concerned: a write changes it, and the close sets it back (see ``mtimes``).
+_KEEP_MTIME_OPS = frozenset(
+    {Op.WRITE, Op.UTIMES, Op.CHMOD, Op.CHOWN, Op.SETXATTR, Op.REMOVEXATTR, Op.CREATE,
+     Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.LINK, Op.RMDIR, Op.SYNC, Op.VOID}
+)
+
+
 class Touched:
     """The set of paths whose times the records seen so far changed; with
-    ``everything``, also every entry that is not a regular file."""
+    ``everything``, also every entry that is not a regular file.
+
+    ``mtimes`` holds the mtime the mount's kernel last sent for a regular file
+    (``keep_mtime``), from set to set while each set touches the file: under the
+    writeback cache the kernel keeps a written file's mtime itself and sends it
+    with a SETATTR, so between two of those a write to BACKING's file moves its
+    mtime to a time no reader saw. The close sets such a file's mtime back and
+    restates it without asking BACKING for it (a question that costs a SETATTR
+    at the next fsync: see store/libc.py ``stat_untimed``). Any op that may move
+    the mtime otherwise, or the name, forgets it."""
 
     def __init__(self) -> None:
         self.paths: set[bytes] = set()
         self.everything = False
+        self.mtimes: dict[bytes, int] = {}
+
+    def keep_mtime(self, path: bytes, mtime_ns: int) -> None:
+        """The kernel set regular file *path*'s mtime to *mtime_ns* on BACKING."""
+        self.mtimes[path] = mtime_ns
 
     def all(self) -> None:
         """The set sends the whole tree, from now on: its close restates the times of
         every entry but the regular files not noted since."""
         self.everything = True
         self.paths = set()
+        self.mtimes.clear()
 
     def covers(self, path: bytes) -> bool:
         """Whether the close restates *path*'s times (False for an entry that is not a
@@ -76,6 +99,11 @@ class Touched:
     def add(self, record: Record) -> None:
         """*record* was journaled: note the paths it touched, following renames."""
         op, path, path2 = record.op, record.path, record.path2
+        if op not in _KEEP_MTIME_OPS and self.mtimes:
+            if op in (Op.TRUNCATE, Op.FALLOCATE, Op.UNLINK):
+                self.mtimes.pop(path, None)
+            else:  # a rename moves names under it, or a sync's whole-tree op
+                self.mtimes.clear()
         if self.everything and op in _WALKED_OPS:
             return
         if op in _DATA_OPS:
@@ -107,6 +135,10 @@ class Touched:
         self.paths = moved
 
     def clear(self) -> None:
+        """The set closed. The mtimes of files it did not touch are forgotten: kept, they
+        would grow with every file ever written, where a file written again soon, as
+        by a database, stays."""
+        self.mtimes = {p: m for p, m in self.mtimes.items() if p in self.paths}
         self.paths.clear()
         self.everything = False
 

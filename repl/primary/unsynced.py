@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 
 from repl.tree import Tree
-from store.libc import FUSE_SUPER_MAGIC, fd_path, fs_magic, syncfs
+from store.libc import FUSE_SUPER_MAGIC, fd_path, fs_magic, stat_untimed, syncfs
 from store.records import is_under
 
 BACKING_SYNC_FILES = 1024  # BACKING is synced as soon as this many files and dirs changed
@@ -80,7 +80,7 @@ class Unsynced:
             if (self._dev, ino) not in self.nodes:
                 self._keep((self._dev, ino), os.dup(fd))
             return
-        st = os.fstat(fd)
+        st = _untimed(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return  # a fifo, a socket: nothing to sync of its own; its directory is
         if (st.st_dev, st.st_ino) not in self.nodes:
@@ -91,9 +91,12 @@ class Unsynced:
         if len(self.nodes) == BACKING_SYNC_FILES:
             self._full()
 
-    def track_node(self, path: bytes) -> None:
+    def track_node(self, path: bytes, ino: int | None = None) -> None:
         """Track the node *path* names (its attributes change), or if it cannot be
-        opened (a symlink, a socket), its directory."""
+        opened (a symlink, a socket), its directory. *ino*, its inode number if known,
+        spares the open if it is tracked already."""
+        if ino is not None and (self._dev, ino) in self.nodes:
+            return
         try:
             fd = os.open(self.backing.proc_path(path), os.O_RDONLY | os.O_NOFOLLOW
                          | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -101,7 +104,7 @@ class Unsynced:
             self.track_dir(path)
             return
         try:
-            mode = os.fstat(fd).st_mode
+            mode = _untimed(fd).st_mode
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 self.track(fd)
             else:
@@ -113,7 +116,7 @@ class Unsynced:
         """Track the directory that holds *path*."""
         try:
             fd = self.backing.parent(path)[0]  # O_PATH: opened again to be synced
-            st = os.fstat(fd)
+            st = _untimed(fd)
             if (st.st_dev, st.st_ino) not in self.nodes:
                 self._keep((st.st_dev, st.st_ino),
                            os.open(fd_path(fd), os.O_RDONLY | os.O_CLOEXEC))
@@ -132,6 +135,12 @@ class Unsynced:
         self._written_syncing = {}
         if self._flagged == token:
             self.namespace_changed = False
+
+
+def _untimed(fd: int) -> os.stat_result:
+    """The type and identity of the node open as *fd*, its times not asked for (which
+    would cost the mount a SETATTR: store/libc.py ``stat_untimed``)."""
+    return stat_untimed(fd, mtime_ns=0)
 
 
 def fsync_all(fds: list[int], whole: int | None) -> None:
