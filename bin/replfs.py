@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             staging = staging_dir_of(args.replica, args.staging)
             journal = args.journal or default_state_dir(args.replica) / "journal"
             started = time.monotonic()
-            done = trio.run(promote, args.replica, staging, journal)
+            done = trio.run(functools.partial(promote, args.replica, staging, journal,
+                                              outdated=args.outdated))
             print(f"promoted {args.replica} to generation {done.generation} in "
                   f"{time.monotonic() - started:.2f}s: applied sets "
                   f"{done.applied_from + 1}..{done.applied_to}"

@@ -246,6 +246,9 @@ def build_parser() -> Parser:
     staging_option(p)
     p.add_argument("--journal", type=Path, metavar="DIR",
                    help="the new primary's journal (default: .REPLICA.replfs/journal)")
+    p.add_argument("--outdated", action="store_true",
+                   help="a replica catching up (a sync of what it missed under way): "
+                        "promote it at the last set it applied whole, losing the rest")
 
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):

@@ -38,6 +38,7 @@ MARKER = "MARKER"  # the marker's file, in the staging directory
 _SYNCING = b"syncing"
 _REJOIN = b"rejoin"
 _SCRATCH = b"scratch"  # the sync under way started from a replica with no set to show
+_SHOWS = b"shows"  # the set a replica in a sync of paths holds whole (see ``reset_to``)
 _RESET = b"reset/"  # + set id -> the key of the set's last RESET, noted as it is staged
 # Applied sets are kept this long (the last HISTORY_SETS, while their records take at
 # most HISTORY_BYTES): promoted, this node hands them to the secondaries that had not
@@ -270,12 +271,18 @@ class Staging(LmdbDir):
         """An initial sync begins at *set_id*: forget older sets, wait for that one."""
         with self.env.begin(write=True) as txn:
             raw = txn.get(_APPLIED, db=self._meta)
+            syncing = txn.get(_SYNCING, db=self._meta) is not None
             # A sync that replaces one under way shows what that one would have.
-            if not raw or not decode_set(raw) or (txn.get(_SYNCING, db=self._meta) is not None
-                                                  and txn.get(_SCRATCH, db=self._meta)):
+            if not raw or not decode_set(raw) or (syncing and txn.get(_SCRATCH, db=self._meta)):
                 txn.put(_SCRATCH, b"1", db=self._meta)
             else:
                 txn.delete(_SCRATCH, db=self._meta)
+            if not syncing and raw and decode_set(raw) and txn.get(_REJOIN, db=self._meta) is None:
+                # The replica holds that set whole until the sync's set applies (a sync
+                # of paths applies whole), which ``applied`` no longer says.
+                txn.put(_SHOWS, raw, db=self._meta)
+            elif not syncing:
+                txn.delete(_SHOWS, db=self._meta)
             self._delete_through(txn, set_id - 1)
             txn.put(_APPLIED, encode_set(set_id - 1), db=self._meta)
             txn.put(_SYNCING, encode_set(set_id), db=self._meta)
@@ -284,6 +291,29 @@ class Staging(LmdbDir):
         self._generation = generation
         self.env.sync(True)
         self.epoch += 1
+
+    @property
+    def shows(self) -> int | None:
+        """The set a replica in a sync of paths holds whole meanwhile (the last it applied
+        before the sync began, on this lineage), or None: no sync, or one from scratch,
+        or a rejoin's, or after a crash tore it (``interrupted``)."""
+        with self.env.begin() as txn:
+            raw = txn.get(_SHOWS, db=self._meta)
+            if raw is None or txn.get(_SYNCING, db=self._meta) is None:
+                return None
+        return decode_set(raw)
+
+    def abandon_sync(self, shows: int) -> list[int]:
+        """Give up the sync under way: the replica is at set *shows* (``shows``) again,
+        and every set staged since is erased. Returns their ids."""
+        dropped = self.drop_unapplied()
+        with self.env.begin(write=True) as txn:
+            txn.put(_APPLIED, encode_set(shows), db=self._meta)
+            for key in (_SYNCING, _SCRATCH, _SHOWS):
+                txn.delete(key, db=self._meta)
+        self.env.sync(True)
+        self.epoch += 1
+        return dropped
 
     def start_rejoin(self, shared: int, divergence: bytes) -> None:
         """An old primary becomes this secondary: at *shared*, plus what it changed since.
@@ -296,6 +326,7 @@ class Staging(LmdbDir):
             txn.put(_REJOIN, divergence, db=self._meta)
             # Not a consistent replica until the new primary's set arrives and applies.
             txn.put(_SYNCING, encode_set(shared + 1), db=self._meta)
+            txn.delete(_SHOWS, db=self._meta)
         self.env.sync(True)
         self.epoch += 1
 
@@ -337,6 +368,7 @@ class Staging(LmdbDir):
             if synced:
                 txn.delete(_SYNCING, db=self._meta)
                 txn.delete(_SCRATCH, db=self._meta)
+                txn.delete(_SHOWS, db=self._meta)
             self._delete_through(txn, set_id - keep)
         self._generation = generation
         self.env.sync(True)

@@ -19,7 +19,7 @@ from repl.errors import UsageError
 from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.errors import JournalLocked
-from store.hold import is_held, set_hold
+from store.hold import interrupted, is_held, is_rejoining, set_hold
 from store.journal import Journal
 from store.staging import Staging
 
@@ -35,7 +35,8 @@ class Promotion:
 
 
 async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
-                  generation: int | None = None, cluster: str | None = None) -> Promotion:
+                  generation: int | None = None, cluster: str | None = None,
+                  outdated: bool = False) -> Promotion:
     """Make *replica* a primary's tree, of *generation* (default: the next one), of
     *cluster* (a replica that never met a primary has none yet: given by a cluster
     of nodes, repl/cluster/node.py).
@@ -43,6 +44,13 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
     The sets applied last (those staging still keeps, store/staging.py) go into the
     new journal as they were: a secondary that had staged fewer of them follows from
     there, instead of being sent the whole tree.
+
+    A replica in the middle of a sync of the paths it missed (it was away past the
+    journal's budget, or the primary resends what its power cut tore) holds the last
+    set it applied before that sync whole: with *outdated* it is promoted there, and
+    what the sync would have brought is lost (as DRBD's ``--force`` takes an
+    outdated disk). Not a sync from scratch, nor a rejoin's, nor a replica a crash
+    tore: those hold no set whole.
 
     Raises UsageError if it cannot be (no replica, a sync never finished, a set
     that fails to apply, *generation* not newer than the replica's).
@@ -73,11 +81,23 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         finally:
             tree.close()
             applier.lock.close()
+        dropped = []
         if staging.syncing is not None:
-            raise UsageError(f"replica {replica} never finished its initial sync (or the "
-                             "primary's resend of what a power cut of this host tore), so "
-                             "it holds no consistent set; it cannot be promoted")
-        dropped = staging.drop_partial()
+            shows = _whole_before_sync(staging, staging_dir)
+            if shows is None:
+                raise UsageError(f"replica {replica} never finished its initial sync (or the "
+                                 "primary's resend of what a power cut of this host tore), so "
+                                 "it holds no consistent set; it cannot be promoted")
+            if not outdated:
+                raise UsageError(f"replica {replica} is catching up (a sync of what it "
+                                 f"missed is under way); it holds set {shows} whole: "
+                                 "promote --outdated takes it there, losing what came after")
+            dropped = staging.abandon_sync(shows)
+            applier.applied = shows
+            log.warning("promoting %s at set %d, the last it applied whole: the sync under "
+                        "way is given up, and what it would have brought is lost",
+                        replica, shows)
+        dropped += staging.drop_partial()
         ident = staging.identity
         if generation is not None and generation <= ident.generation:
             raise UsageError(f"generation {generation} is not newer than the replica's "
@@ -100,6 +120,13 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         return Promotion(ident.generation, start, applier.applied, dropped)
     finally:
         staging.close()
+
+
+def _whole_before_sync(staging: Staging, staging_dir: Path) -> int | None:
+    """The set a replica in a sync holds whole (``Staging.shows``), if it holds one."""
+    if is_rejoining(staging_dir) or interrupted(staging_dir) is not None:
+        return None
+    return staging.shows
 
 
 def _open_staging(staging_dir: Path, wait: float) -> Staging:

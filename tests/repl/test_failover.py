@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import closing
 from pathlib import Path
 
 from store.staging import Staging
+from tests.faultproxy import UP, FaultProxy
+from tests.repl.peers import assert_one_line_error
 from tests.support import (
     checkpoint,
     diff,
@@ -17,7 +20,10 @@ from tests.support import (
     secondary,
     snapshot,
     state_dir,
+    status,
     unmount,
+    until,
+    wait_applied,
 )
 
 
@@ -106,3 +112,51 @@ def test_claim_27_promote_erases_a_partly_received_set(tmp_path: Path) -> None:
     with closing(Staging(state_dir(replica) / "staging")) as staging:
         assert staging.sets() == {}, "nothing of the old generation's open set is left"
     assert diff(committed, snapshot(replica)) == []
+
+
+def test_promote_outdated_ok_at_the_last_set_before_a_sync(tmp_path: Path) -> None:
+    """A replica catching up (dropped past the journal's budget while another secondary
+    kept up: a sync of the paths it missed is under way, stalled here) holds the set it
+    applied before that sync whole: promote refuses it, saying where it stands, and
+    ``--outdated`` promotes it there. The new primary's sets follow that set."""
+    backing, mount, one, two, mount2 = (tmp_path / n for n in ("b", "m", "r1", "r2", "m2"))
+    backing.mkdir()
+    with secondary(one) as s1, secondary(two) as s2, FaultProxy(s2.port, seed=5) as proxy:
+        a2 = f"127.0.0.1:{proxy.port}"
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{s1.port}", "--secondary", a2,
+                     "--journal-max", "3M", "--set-bytes", "64K", "--compress-level", "0",
+                     "--streams", "1", "--stall-seconds", "3600") as pri:
+            for i in range(5):
+                (mount / f"f{i}").write_bytes(b"before %d" % i)
+            shown = checkpoint(mount)
+            wait_applied(two, shown)
+            before = snapshot(two)
+            s2.kill()
+            # 4.8 MB past the budget while the other keeps up: dropped; what it missed
+            # (1.6 MB) comes back as one set, within the budget.
+            for round_ in range(12):
+                (mount / f"f{round_ % 4}").write_bytes(os.urandom(400_000))
+                assert wait_applied(one, checkpoint(mount)) > shown
+            until(lambda: status(mount), lambda st: int(st["journal_bytes"]) < 3 << 20,
+                  what="the journal trimmed without the dropped secondary")
+            stall = proxy.stall((300_000, 600_000), UP)
+            with secondary(two, port=s2.port) as again:
+                pri.wait_for(f"sync of what {a2} missed begins")
+                assert stall.struck.wait(60)
+                st = until(lambda: status(two),
+                           lambda st: st["syncing"] and st["sets_in_flight"] == 1,
+                           what="the sync's set staged in part")
+                refused = replfs("promote", two)
+                assert_one_line_error(refused, "catching up", f"holds set {shown} whole",
+                                      "--outdated")
+                assert again.proc is not None and again.proc.wait(30) == 0
+                assert diff(before, snapshot(two)) == [], "refused: nothing changed"
+                promoted = replfs("promote", two, "--outdated")
+                assert promoted.returncode == 0, promoted.stderr
+                assert "generation 2" in promoted.stdout
+    assert st["last_applied"] > shown, "what the sync said it would bring"
+    assert diff(before, snapshot(two)) == [], "the set it held whole"
+    with primary(two, mount2, "--set-interval", "3600"):
+        assert (mount2 / "f1").read_bytes() == b"before 1"
+        (mount2 / "new").write_bytes(b"on the new primary")
+        assert int(replfs("checkpoint", mount2).stdout) == shown + 1
