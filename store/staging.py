@@ -396,6 +396,14 @@ def read_syncing(staging_dir: Path) -> int | None:
     return decode_set(raw) if raw else None
 
 
+def read_shows(staging_dir: Path) -> int | None:
+    """``Staging.shows``, read without disturbing (or waiting for) a running daemon."""
+    if read_syncing(staging_dir) is None:
+        return None
+    raw = _read_meta(staging_dir, _SHOWS)
+    return decode_set(raw) if raw else None
+
+
 @dataclass(frozen=True)
 class Standing:
     """What a replica holds, as an election compares it (repl/cluster/election.py)."""

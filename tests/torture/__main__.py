@@ -51,7 +51,9 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
     if faults["failover"]:
         print(f"{'':<20}(the failovers lost {sum(r.lost_commits for r in results)} SQLite "  # type: ignore[arg-type]
               "commits the old primary had acknowledged: the sets its secondary had not "
-              "applied, as asynchronous replication allows)", file=out)
+              "applied, as asynchronous replication allows; "
+              f"{sum(r.outdated for r in results)} promoted a replica in a sync of paths "
+              "at the set it held whole, --outdated)", file=out)
     if faults[POWER_CUT]:
         print(f"{POWER_CUT:<20}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "

@@ -17,9 +17,9 @@ from repl.errors import UsageError
 from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
 from repl.secondary.run import pause, resume, staging_dir_of
 from repl.verify import differences, tree_digest
-from store.hold import is_held
+from store.hold import interrupted, is_held, is_rejoining
 from store.journal import exists as journal_exists
-from store.staging import read_applied, read_syncing
+from store.staging import read_applied, read_shows, read_syncing
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.support import (
     PRIMARY,
@@ -62,6 +62,7 @@ class Result:
     replica_pages_lost: int = 0  # dirty pages the secondary's power cuts dropped
     replica_torn: int = 0  # secondary power cuts that caught a batch not yet durable
     lost_commits: int = 0  # SQLite commits a failover lost (acknowledged, never shipped)
+    outdated: int = 0  # failovers that promoted a replica in a sync of paths (--outdated)
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -438,6 +439,7 @@ class Run:
         primary's tree, back, rejoins as its secondary, keeping aside what it alone
         changed. From then on the two trees (and hosts) have swapped roles."""
         self.end_hold(workload)
+        outdated = False
         for _ in range(5):
             if read_syncing(self.staging) is not None:
                 self.wait_synced()  # a replica with no consistent set cannot be promoted
@@ -450,8 +452,14 @@ class Run:
             if read_syncing(self.staging) is None:
                 break
             # The primary had begun a sync (its resend after a power cut, say) as it
-            # died: the standby cannot take over (promote refuses it). The primary's
-            # host comes back, the sync ends, and the primary dies again.
+            # died. A sync of paths leaves the set before it whole: promoted there
+            # (--outdated). Else the standby cannot take over (promote refuses it): the
+            # primary's host comes back, the sync ends, and the primary dies again.
+            if (read_shows(self.staging) is not None and interrupted(self.staging) is None
+                    and not is_rejoining(self.staging)):
+                outdated = True
+                self.result.outdated += 1
+                break
             primary = self.power.boot(self.start_primary, self.mount, workload.committed) \
                 if self.power is not None else self.start_primary()
         else:
@@ -459,7 +467,7 @@ class Run:
         if self.standby_daemon is not None:
             self.standby_daemon.stop()
         unmount(self.standby)
-        promoted = replfs("promote", str(self.replica))
+        promoted = replfs("promote", str(self.replica), *(["--outdated"] if outdated else []))
         if promoted.returncode != 0:
             raise Violation(f"promote refused: {promoted.stderr.strip()[-300:]}")
         unmount(self.cached)  # its secondary stopped for the promote
