@@ -69,6 +69,7 @@ _libc.statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_ui
 # statx(2)'s mask: everything stat(2) gives but the change and modification times.
 _UNTIMED = 0x7FF & ~(0x40 | 0x80)  # STATX_BASIC_STATS less STATX_MTIME, STATX_CTIME
 _AT_EMPTY_PATH, _AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
+_ATIME = 0x20  # STATX_ATIME
 
 
 def stat_untimed(fd: int, name: bytes = b"", *, mtime_ns: int) -> os.stat_result:
@@ -85,6 +86,8 @@ def stat_untimed(fd: int, name: bytes = b"", *, mtime_ns: int) -> os.stat_result
     buf = _Statx()
     flags = _AT_SYMLINK_NOFOLLOW | (0 if name else _AT_EMPTY_PATH)
     _check(_libc.statx(fd, name, flags, _UNTIMED, ctypes.byref(buf)))
+    if not buf.mask & _ATIME:  # a filesystem that keeps none: asked the usual way
+        return os.stat(name, dir_fd=fd, follow_symlinks=False) if name else os.fstat(fd)
     atime_ns = buf.atime.sec * 1_000_000_000 + buf.atime.nsec
     return os.stat_result(
         (buf.mode, buf.ino, os.makedev(buf.dev_major, buf.dev_minor), buf.nlink, buf.uid,

@@ -299,7 +299,8 @@ class Staging(LmdbDir):
         or a rejoin's, or after a crash tore it (``interrupted``)."""
         with self.env.begin() as txn:
             raw = txn.get(_SHOWS, db=self._meta)
-            if raw is None or txn.get(_SYNCING, db=self._meta) is None:
+            if (raw is None or txn.get(_SYNCING, db=self._meta) is None
+                    or txn.get(_SCRATCH, db=self._meta) is not None):
                 return None
         return decode_set(raw)
 
@@ -397,8 +398,9 @@ def read_syncing(staging_dir: Path) -> int | None:
 
 
 def read_shows(staging_dir: Path) -> int | None:
-    """``Staging.shows``, read without disturbing (or waiting for) a running daemon."""
-    if read_syncing(staging_dir) is None:
+    """``Staging.shows``, read without disturbing (or waiting for) a running daemon
+    (promote also asks that the replica is neither torn nor an old primary's)."""
+    if read_syncing(staging_dir) is None or _read_meta(staging_dir, _SCRATCH):
         return None
     raw = _read_meta(staging_dir, _SHOWS)
     return decode_set(raw) if raw else None

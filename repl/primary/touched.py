@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,7 @@ def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
 
 
 
+_COARSE = 5  # CLOCK_REALTIME_COARSE: the clock the kernel stamps files with
 # Ops after which BACKING's file keeps the mtime the daemon last set on it, as far as the
 # close is concerned: a write changes it, and the close sets it back (see ``mtimes``).
 _KEEP_MTIME_OPS = frozenset(
@@ -68,7 +70,8 @@ class Touched:
     mtime to a time no reader saw. The close sets such a file's mtime back and
     restates it without asking BACKING for it (a question that costs a SETATTR
     at the next fsync: see store/libc.py ``stat_untimed``). Any op that may move
-    the mtime otherwise, or the name, forgets it."""
+    the mtime otherwise, or a name, forgets them all (a file may have several
+    names); a write keeps it, or moves it to the time of the write."""
 
     def __init__(self) -> None:
         self.paths: set[bytes] = set()
@@ -99,11 +102,15 @@ class Touched:
     def add(self, record: Record) -> None:
         """*record* was journaled: note the paths it touched, following renames."""
         op, path, path2 = record.op, record.path, record.path2
-        if op not in _KEEP_MTIME_OPS and self.mtimes:
-            if op in (Op.TRUNCATE, Op.FALLOCATE, Op.UNLINK):
-                self.mtimes.pop(path, None)
-            else:  # a rename moves names under it, or a sync's whole-tree op
-                self.mtimes.clear()
+        if self.mtimes:
+            if op not in _KEEP_MTIME_OPS:
+                self.mtimes.clear()  # by any name: a file may have several
+            elif op == Op.WRITE and path in self.mtimes:
+                # Written in a later tick of the kernel's coarse clock than the mtime
+                # it last sent, the file has a newer one there, which the kernel sends
+                # at its next fsync or writeback: until then the close restates the
+                # time of the write, as BACKING's own clock would have.
+                self.mtimes[path] = max(self.mtimes[path], time.clock_gettime_ns(_COARSE))
         if self.everything and op in _WALKED_OPS:
             return
         if op in _DATA_OPS:

@@ -93,10 +93,11 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
                                  f"missed is under way); it holds set {shows} whole: "
                                  "promote --outdated takes it there, losing what came after")
             dropped = staging.abandon_sync(shows)
-            applier.applied = shows
+            applier.applied = start = shows
             log.warning("promoting %s at set %d, the last it applied whole: the sync under "
-                        "way is given up, and what it would have brought is lost",
-                        replica, shows)
+                        "way is given up, and what it would have brought is lost; a standby "
+                        "further along is brought back to this set when it follows the new "
+                        "primary", replica, shows)
         dropped += staging.drop_partial()
         ident = staging.identity
         if generation is not None and generation <= ident.generation:

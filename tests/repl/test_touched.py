@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 from repl.apply import apply
@@ -171,3 +172,24 @@ def test_touched_add_ok_covers_real_changes(tmp_path: Path) -> None:
     assert changed, "the run changed something"
     assert changed <= t.paths, f"missed: {sorted(changed - t.paths)}"
     assert {p.decode() for p in t.paths} <= after.keys(), "a touched path names nothing"
+
+
+def test_touched_mtimes_ok_kept_moved_on_by_a_later_write_forgotten_otherwise() -> None:
+    """The mtime the kernel last sent stays through ops that do not move it; a write in a
+    later tick of the coarse clock moves it to that time (the kernel holds a newer one
+    it has not sent yet); any other op forgets every kept mtime (a file may have
+    several names)."""
+    t = Touched()
+    now = time.clock_gettime_ns(5)  # CLOCK_REALTIME_COARSE
+    t.keep_mtime(b"old", 1_000_000_000)
+    t.keep_mtime(b"ahead", now + 10**12)
+    t.add(rec(Op.CHMOD, b"old", mode=0o600))
+    t.add(rec(Op.WRITE, b"ahead", data=b"x"))
+    assert t.mtimes == {b"old": 1_000_000_000, b"ahead": now + 10**12}
+    t.add(rec(Op.WRITE, b"old", data=b"x"))
+    assert t.mtimes[b"old"] >= now
+    t.paths = {b"old"}
+    t.clear()  # the set closed: what it did not touch is forgotten
+    assert list(t.mtimes) == [b"old"]
+    t.add(rec(Op.TRUNCATE, b"other-name-of-old"))
+    assert t.mtimes == {}
