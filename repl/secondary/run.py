@@ -320,6 +320,9 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 "applicable_through": staging.applicable_through(),
                 "held": is_held(staging.path),
                 "syncing": staging.syncing is not None,
+                # In a sync of paths, the set the replica holds whole meanwhile (promote
+                # --outdated takes it there); last_applied is where the sync leads.
+                "holds_whole": staging.shows,
                 "received": r.received, "received_bytes": r.received_bytes,
                 "received_wire_bytes": r.received_wire_bytes,
                 "duplicates": r.duplicates, "stale": r.stale,

@@ -146,6 +146,7 @@ def test_promote_outdated_ok_at_the_last_set_before_a_sync(tmp_path: Path) -> No
                 st = until(lambda: status(two),
                            lambda st: st["syncing"] and st["sets_in_flight"] == 1,
                            what="the sync's set staged in part")
+                assert st["holds_whole"] == shown
                 refused = replfs("promote", two)
                 assert_one_line_error(refused, "catching up", f"holds set {shown} whole",
                                       "--outdated")
