@@ -24,7 +24,7 @@ from pathlib import Path
 import lmdb
 
 from store import identity
-from store.hold import lost_to_power, set_rejoining
+from store.hold import interrupted, is_rejoining, lost_to_power, set_rejoining
 from store.lmdbdir import COMMIT_BYTES, MAP_SIZE, LmdbDir
 from store.marker import CLEARED, Marker
 from store.private import FILE_MODE
@@ -399,11 +399,20 @@ def read_syncing(staging_dir: Path) -> int | None:
 
 def read_shows(staging_dir: Path) -> int | None:
     """``Staging.shows``, read without disturbing (or waiting for) a running daemon
-    (promote also asks that the replica is neither torn nor an old primary's)."""
+    (see ``whole_in_sync``)."""
     if read_syncing(staging_dir) is None or _read_meta(staging_dir, _SCRATCH):
         return None
     raw = _read_meta(staging_dir, _SHOWS)
     return decode_set(raw) if raw else None
+
+
+def whole_in_sync(staging_dir: Path, shows: int | None) -> int | None:
+    """*shows* (``Staging.shows``, ``read_shows``) if the replica holds that set whole
+    still: not torn by a crash since (APPLYING), nor an old primary's (REJOINING).
+    What promote --outdated promotes it at."""
+    if shows is None or is_rejoining(staging_dir) or interrupted(staging_dir) is not None:
+        return None
+    return shows
 
 
 @dataclass(frozen=True)

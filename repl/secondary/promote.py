@@ -19,9 +19,9 @@ from repl.errors import UsageError
 from repl.secondary.applier import Applier
 from repl.tree import Tree
 from store.errors import JournalLocked
-from store.hold import interrupted, is_held, is_rejoining, set_hold
+from store.hold import is_held, set_hold
 from store.journal import Journal
-from store.staging import Staging
+from store.staging import Staging, whole_in_sync
 
 log = logging.getLogger("replfs.promote")
 
@@ -83,7 +83,7 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
             applier.lock.close()
         dropped = []
         if staging.syncing is not None:
-            shows = _whole_before_sync(staging, staging_dir)
+            shows = whole_in_sync(staging_dir, staging.shows)
             if shows is None:
                 raise UsageError(f"replica {replica} never finished its initial sync (or the "
                                  "primary's resend of what a power cut of this host tore), so "
@@ -121,13 +121,6 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         return Promotion(ident.generation, start, applier.applied, dropped)
     finally:
         staging.close()
-
-
-def _whole_before_sync(staging: Staging, staging_dir: Path) -> int | None:
-    """The set a replica in a sync holds whole (``Staging.shows``), if it holds one."""
-    if is_rejoining(staging_dir) or interrupted(staging_dir) is not None:
-        return None
-    return staging.shows
 
 
 def _open_staging(staging_dir: Path, wait: float) -> Staging:

@@ -17,9 +17,9 @@ from repl.errors import UsageError
 from repl.faults import ENV_BOOT_ID, ENV_KILL_AT_APPLY_STEP, ENV_SET_HASHES, ENV_SET_TREES
 from repl.secondary.run import pause, resume, staging_dir_of
 from repl.verify import differences, tree_digest
-from store.hold import interrupted, is_held, is_rejoining
+from store.hold import is_held
 from store.journal import exists as journal_exists
-from store.staging import read_applied, read_shows, read_syncing
+from store.staging import read_applied, read_shows, read_syncing, whole_in_sync
 from tests.faultproxy import DOWN, UP, FaultProxy
 from tests.support import (
     PRIMARY,
@@ -455,8 +455,7 @@ class Run:
             # died. A sync of paths leaves the set before it whole: promoted there
             # (--outdated). Else the standby cannot take over (promote refuses it): the
             # primary's host comes back, the sync ends, and the primary dies again.
-            if (read_shows(self.staging) is not None and interrupted(self.staging) is None
-                    and not is_rejoining(self.staging)):
+            if whole_in_sync(self.staging, read_shows(self.staging)) is not None:
                 outdated = True
                 self.result.outdated += 1
                 break
