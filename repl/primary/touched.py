@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +49,6 @@ def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
 
 
 
-_COARSE = 5  # CLOCK_REALTIME_COARSE: the clock the kernel stamps files with
 # Ops after which BACKING's file keeps the mtime the daemon last set on it, as far as the
 # close is concerned: a write changes it, and the close sets it back (see ``mtimes``).
 _KEEP_MTIME_OPS = frozenset(
@@ -71,7 +69,8 @@ class Touched:
     restates it without asking BACKING for it (a question that costs a SETATTR
     at the next fsync: see store/libc.py ``stat_untimed``). Any op that may move
     the mtime otherwise, or a name, forgets them all (a file may have several
-    names); a write keeps it, or moves it to the time of the write."""
+    names); a write keeps it: the kernel stamps the file at the write(2), which
+    the daemon never sees, and sends the stamp if it moved."""
 
     def __init__(self) -> None:
         self.paths: set[bytes] = set()
@@ -102,15 +101,8 @@ class Touched:
     def add(self, record: Record) -> None:
         """*record* was journaled: note the paths it touched, following renames."""
         op, path, path2 = record.op, record.path, record.path2
-        if self.mtimes:
-            if op not in _KEEP_MTIME_OPS:
-                self.mtimes.clear()  # by any name: a file may have several
-            elif op == Op.WRITE and path in self.mtimes:
-                # Written in a later tick of the kernel's coarse clock than the mtime
-                # it last sent, the file has a newer one there, which the kernel sends
-                # at its next fsync or writeback: until then the close restates the
-                # time of the write, as BACKING's own clock would have.
-                self.mtimes[path] = max(self.mtimes[path], time.clock_gettime_ns(_COARSE))
+        if self.mtimes and op not in _KEEP_MTIME_OPS:
+            self.mtimes.clear()  # by any name: a file may have several
         if self.everything and op in _WALKED_OPS:
             return
         if op in _DATA_OPS:
