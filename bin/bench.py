@@ -4,15 +4,16 @@ Every workload runs on four targets, in one temporary directory on one
 disk: a native directory, a replfs primary mount with no secondary, a
 primary mount replicating to a live secondary on loopback, and one with
 ``--fsync remote`` replicating to a secondary of its own (an fsync waits
-for the secondary's staging). The full run goes round the targets three
-times, interleaved, and reports the median of each figure, with the range
-of the rounds under it: this machine's disk and CPU move by 2-3x from
-minute to minute. The table gives each figure and the ratio
-replicated/native (native/replicated for latencies). Then, with the
-secondary: lag from a set's close to its apply (``checkpoint --wait``
-round trips under a steady writer, and the lag under an application that
-fsyncs 15 times a second: bin/bench_lag.py), the catch-up
-rate after an outage, peak memory of both daemons, and journal bytes per
+for the secondary's staging; ``--fsync received`` runs that one with
+``--fsync received`` instead: an fsync waits for the secondary's receipt).
+The full run goes round the targets three times, interleaved, and reports
+the median of each figure, with the range of the rounds under it: this
+machine's disk and CPU move by 2-3x from minute to minute. The table gives
+each figure and the ratio replicated/native (native/replicated for
+latencies). Then, with the secondary: lag from a set's close to its apply
+(``checkpoint --wait`` round trips under a steady writer, and the lag under
+an application that fsyncs 15 times a second: bin/bench_lag.py), the
+catch-up rate after an outage, peak memory of both daemons, and journal bytes per
 application byte. Last, the standby's reads (bin/bench_reads.py): the
 secondary's cached standby mount against the replica directory, idle and
 while sets arrive.
@@ -166,9 +167,10 @@ def checkpoint(mount: Path, wait: float = 600.0) -> int:
 
 class Bench:
     def __init__(self, plan: Plan, tmp: Path, transport: str = "frames",
-                 only: list[str] | None = None) -> None:
+                 only: list[str] | None = None, fsync: str = "remote") -> None:
         self.plan = plan
         self.tmp = tmp
+        self.fsync = fsync  # the --fsync of the fourth target: remote or received
         self.transport = transport  # frames (over TLS), iscsi or fcip
         self.only = only  # the workloads to run (None: all, and the replication figures)
         self.daemons: list[Daemon] = []
@@ -288,9 +290,10 @@ class Bench:
             f"{TRANSPORTS[self.transport]}")
         remote_sec, remote_port = self.secondary(name="secondary-remote")
         remote, remote_mount = self.primary(
-            "remote", *self.to_secondary(remote_port), "--fsync", "remote",
+            "remote", *self.to_secondary(remote_port), "--fsync", self.fsync,
             "--journal-max", JOURNAL_MAX)
-        say(f"replfs primary at {remote_mount}, --fsync remote to 127.0.0.1:{remote_port}")
+        say(f"replfs primary at {remote_mount}, --fsync {self.fsync} to "
+            f"127.0.0.1:{remote_port}")
         checkpoint(mount, 60)
         checkpoint(remote_mount, 60)
         for round_ in range(self.plan.rounds):
@@ -302,7 +305,7 @@ class Bench:
             self.workloads("replfs_remote", remote_mount, remote_mount, (remote, remote_sec),
                            round_=round_)
         if ask(remote_mount, "status")["fsync_local_only"]:
-            self.warn("some fsyncs of the --fsync remote primary did not wait for its "
+            self.warn(f"some fsyncs of the --fsync {self.fsync} primary did not wait for its "
                       "secondary (it was behind or gone)")
         self.replication["rss_primary_alone_MiB"] = alone.peak_mib()
         for daemon in (alone, remote, remote_sec):
@@ -431,6 +434,8 @@ def main() -> int:
                         + "), without the replication figures")
     parser.add_argument("--rounds", type=int, metavar="N",
                         help="times round the targets (default 3, 1 with --quick)")
+    parser.add_argument("--fsync", choices=("remote", "received"), default="remote",
+                        help="the fourth target's --fsync (default remote)")
     parser.add_argument("--pipeline", action="store_true",
                         help="only the replication figures: lag, catch-up, peak memory")
     args = parser.parse_args()
@@ -448,7 +453,7 @@ def main() -> int:
     if args.rounds is not None:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     tmp = Path(tempfile.mkdtemp(prefix="replfs-bench-"))
-    bench = Bench(plan, tmp, args.transport, only)
+    bench = Bench(plan, tmp, args.transport, only, args.fsync)
     started = now()
     try:
         info = machine(tmp)
@@ -478,6 +483,7 @@ def main() -> int:
     out["machine"]["mode"] = "quick" if args.quick else "full"
     out["machine"]["rounds"] = plan.rounds
     out["machine"]["transport"] = args.transport
+    out["machine"]["fsync"] = args.fsync
     print(json.dumps(out, indent=2) if args.json else table(out))
     return 0
 

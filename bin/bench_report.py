@@ -94,7 +94,8 @@ def table(out: dict[str, Any]) -> str:
         return tuple(f"{ranges[t][0]:,.0f}-{ranges[t][1]:,.0f}" for t in TARGETS)
 
     rows: list[tuple[str, ...]] = [("workload", "unit", "native", "replfs", "replicated",
-                                    "fsync remote", "ratio")]
+                                    f"fsync {out['machine'].get('fsync', 'remote')}",
+                                    "ratio")]
     for key, entry in out["workloads"].items():
         rows.append((key, entry["unit"], *(f"{entry[t]:,.1f}" for t in TARGETS),
                      f"{entry['ratio']:.3f}"))

@@ -139,13 +139,14 @@ def build_parser() -> Parser:
                         "(default: no cap)")
     p.add_argument("--stall-seconds", type=positive, default=10.0, metavar="SECONDS",
                    help="report a stall after a backlog makes no progress this long (default 10)")
-    p.add_argument("--fsync", choices=("local", "remote"), default="local",
+    p.add_argument("--fsync", choices=("local", "received", "remote"), default="local",
                    help="when an fsync returns: once durable here (local, the default), or "
-                        "also staged by every secondary that is connected and caught up "
-                        "(remote)")
+                        "also received (received: in its memory, DRBD's protocol B) or "
+                        "staged on its disk (remote) by every secondary that is connected "
+                        "and caught up")
     p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
                    metavar="SECONDS",
-                   help="with --fsync remote, how long an fsync waits for a secondary "
+                   help="with --fsync remote or received, how long an fsync waits for a secondary "
                         "before fsyncs go on without it until it catches up "
                         f"(default {FSYNC_TIMEOUT:g})")
     inodes_option(p)
@@ -207,12 +208,12 @@ def build_parser() -> Parser:
                    help="as a primary: close a data set at least this often (default 1)")
     p.add_argument("--journal-max", type=size, default=1 << 30, metavar="N",
                    help="as a primary: the journal's budget (default 1G)")
-    p.add_argument("--fsync", choices=("local", "remote"), default="local",
+    p.add_argument("--fsync", choices=("local", "received", "remote"), default="local",
                    help="as a primary: when an fsync returns, as replfs primary --fsync "
-                        "(remote: also staged by every node in step)")
+                        "(received, remote: also received, staged by every node in step)")
     p.add_argument("--fsync-timeout", type=positive, default=FSYNC_TIMEOUT,
                    metavar="SECONDS",
-                   help="as a primary with --fsync remote: as replfs primary "
+                   help="as a primary with --fsync remote or received: as replfs primary "
                         f"--fsync-timeout (default {FSYNC_TIMEOUT:g})")
     log_options(p)
 

@@ -71,7 +71,7 @@ class PrimaryConfig:
     chap: Path | None = None  # the CHAP secrets of an iscsi:// secondary (repl/iscsi/chap.py)
     dynamic: bool = False  # secondaries are added at run time (a cluster's primary)
     fenced: bool = False  # refuse changes until told otherwise (a cluster's primary)
-    fsync: str = "local"  # "remote": an fsync also waits for the secondaries' staging
+    fsync: str = "local"  # "remote" or "received": an fsync also waits for the secondaries
     fsync_timeout: float = FSYNC_TIMEOUT  # ... at most this long, then not for a stalled one
     max_inodes: int = MAX_INODES  # the mount's table of inodes the kernel knows, near this
 
@@ -131,9 +131,10 @@ def _check_links(cfg: PrimaryConfig) -> None:
     frames = [a for a in cfg.secondaries if a not in scsi]
     if not cfg.secondaries and not cfg.dynamic and (cfg.tls or cfg.peers or cfg.insecure
                                                     or cfg.max_rate or cfg.chap
-                                                    or cfg.fsync == "remote"):
+                                                    or cfg.fsync != "local"):
         raise UsageError("--tls, --peer, --insecure, --chap, --max-rate and --fsync remote "
-                         "are for the link to a secondary: they need --secondary HOST:PORT")
+                         "or received are for the link to a secondary: they need "
+                         "--secondary HOST:PORT")
     if len(set(cfg.secondaries)) < len(cfg.secondaries):
         raise UsageError("a --secondary is given twice")
     if scsi and not frames and (cfg.tls or cfg.peers or cfg.insecure):
@@ -191,7 +192,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         note = recovery.recover(capture)
         if note:
             log.info("recovered the journal: %s", note)
-        remote = Semisync(cfg.fsync_timeout) if cfg.fsync == "remote" else None
+        remote = (Semisync(cfg.fsync_timeout, receipts=cfg.fsync == "received")
+                  if cfg.fsync != "local" else None)
         fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
                         cfg.secondaries, remote)
         capture.on_durable = fanout.notify
@@ -296,7 +298,7 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
             "mode": ("initial sync" if capture.resync.syncing else
                      "overflow" if capture.overflow else "streaming"),
             "fenced": operations.fenced,
-            "fsync": "local" if operations.remote is None else "remote",
+            "fsync": cfg.fsync,
             "requests": operations.requests.snapshot(),
             "inodes": len(operations.inodes.nodes),  # the kernel knows (fs/prune.py)
         }

@@ -24,6 +24,13 @@ gets APPLYING frames while the secondary applies a set, each naming the
 record it has reached, so a long apply is not taken for a stall. A
 transport that polls the secondary's state (iSCSI, FCIP) carries none.
 
+And receipts: a primary whose fsyncs wait for a secondary's receipt
+(``--fsync received``) sends ``"receipts": true``; a secondary that takes it
+answers ``"receipts": true`` and sends, for each frame of records, a RECEIVED
+frame as soon as it has read and checked them (in its memory, not yet
+staged), before the STAGED frame of any of them. A primary answered without
+it waits for STAGED instead.
+
 Only format modules pack bytes: this one and the record's (``store/records.py``).
 """
 
@@ -66,6 +73,7 @@ class FrameType(enum.IntEnum):
     RESET_TO = 6  # u64 set id: an initial sync begins there; older sets are moot
     RECORDS_ZSTD = 7  # zstd of (u32 length, encoded record)*: only once negotiated
     APPLYING = 8  # (set, seq) key: the applier is at that record; only if offered
+    RECEIVED = 9  # (set, seq) keys read and checked, not yet staged; only if asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,14 +178,16 @@ def parse_records(frame: Frame) -> list[bytes]:
     return raws
 
 
-def staged(keys: list[tuple[int, int]]) -> Frame:
-    return Frame(FrameType.STAGED, b"".join(encode_key(s, q) for s, q in keys))
+def staged(keys: list[tuple[int, int]], kind: FrameType = FrameType.STAGED) -> Frame:
+    """The frame acknowledging *keys*: STAGED, or RECEIVED (*kind*)."""
+    return Frame(kind, b"".join(encode_key(s, q) for s, q in keys))
 
 
 def parse_staged(frame: Frame) -> list[tuple[int, int]]:
+    """The keys of a STAGED or RECEIVED frame."""
     p = frame.payload
     if len(p) % _KEY_SIZE:
-        raise ProtocolError(f"STAGED payload of {len(p)} bytes")
+        raise ProtocolError(f"{frame.type.name} payload of {len(p)} bytes")
     return [decode_key(p[i : i + _KEY_SIZE]) for i in range(0, len(p), _KEY_SIZE)]
 
 

@@ -1,12 +1,17 @@
-"""``--fsync remote``: an fsync also waits until the secondaries in step staged its set.
+"""``--fsync remote`` and ``received``: an fsync also waits for the secondaries in step.
 
 An fsync through the primary returns once its set is durable in the journal
-(repl/primary/capture.py). With ``--fsync remote`` (DRBD's protocol B) it returns
-only once every secondary *in step* has also acknowledged every record of
-that set as staged, that is durable on that secondary's disk, not
-necessarily applied (promote applies it): the data an fsync returned for
-survives the loss of the whole primary on every secondary that was in step
-then, and any of them may take over without losing it.
+(repl/primary/capture.py). With ``--fsync remote`` it returns only once
+every secondary *in step* has also acknowledged every record of that set as
+staged, that is durable on that secondary's disk, not necessarily applied
+(promote applies it): the data an fsync returned for survives the loss of
+the whole primary on every secondary that was in step then, and any of them
+may take over without losing it. With ``--fsync received`` (DRBD's protocol
+B) it waits until those secondaries have received the set, read and checked,
+not yet staged: in their memory, on its way to their disk (in a few
+milliseconds). The primary's journal keeps it until a secondary applied it,
+so a secondary's crash loses nothing; only the loss of the primary together
+with a secondary's crash in those milliseconds can lose it there.
 
 A secondary is in step while it is connected and caught up with what was
 closed when it connected (or when it last fell out of step). An fsync does
@@ -38,8 +43,11 @@ FSYNC_TIMEOUT = 5.0  # DRBD waits 6 s for a peer's answer before it drops the pe
 
 
 class Semisync:
-    def __init__(self, timeout: float = FSYNC_TIMEOUT) -> None:
+    def __init__(self, timeout: float = FSYNC_TIMEOUT, receipts: bool = False) -> None:
+        """*receipts*: the fsyncs wait for the secondaries' receipts (``--fsync
+        received``), not for their staging's sync (``--fsync remote``)."""
         self.timeout = timeout
+        self.receipts = receipts
         self.local_only = 0  # fsyncs that returned with no secondary's staging
         self.peers: dict[str, Peer] = {}  # by address, as the fan-out names them
         self._cond = threading.Condition()
@@ -48,7 +56,7 @@ class Semisync:
         """The standing of the secondary at *address* (out of step until its sender
         connects and it has caught up)."""
         with self._cond:
-            peer = self.peers[address] = Peer(self._cond, address)
+            peer = self.peers[address] = Peer(self._cond, address, self.receipts)
             return peer
 
     def wait_staged(self, set_id: int) -> bool:
@@ -92,8 +100,10 @@ class Peer:
     read by the fsyncs waiting (request threads), under the condition of its
     Semisync."""
 
-    def __init__(self, cond: threading.Condition, address: str) -> None:
+    def __init__(self, cond: threading.Condition, address: str, receipts: bool = False
+                 ) -> None:
         self.address = address
+        self.receipts = receipts  # a receipt will do (--fsync received), if it sends them
         self.in_step = False
         self.waiting = 0  # fsyncs waiting for this secondary now: its sender ships at once
         # Wakes the sender's feeder when an fsync starts waiting (any thread).
@@ -136,7 +146,8 @@ class Peer:
                     self._whole = set_id
 
     def staged(self, keys: Iterable[tuple[int, int]]) -> None:
-        """The secondary acknowledged these records (set, seq) as staged."""
+        """The secondary acknowledged these records (set, seq) as staged (or, if
+        receipts do and it sends them, as received), each once."""
         with self._cond:
             for set_id, _ in keys:
                 left = self._unstaged.get(set_id)

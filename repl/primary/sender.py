@@ -117,6 +117,7 @@ class Sender:
         # --fsync remote: where this secondary stands, for the fsyncs waiting (the
         # fan-out wires it, as it wires the callbacks below).
         self.semisync: Peer | None = None
+        self._receipts = False  # this session's secondary sends RECEIVED frames
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
@@ -292,6 +293,8 @@ class Sender:
                               node=ident.node, generation=ident.generation, session=session,
                               boot=self.boot, stream=index, streams=self.nstreams,
                               history=ident.history, progress=True,
+                              **({"receipts": True} if self.semisync is not None
+                                 and self.semisync.receipts else {}),
                               **({"compress": [ZSTD]} if self._compressor else {})))
         frame = await conn.receive()
         if frame.type == FrameType.ERROR:  # only this is a refusal; a corrupt reply is not
@@ -310,6 +313,7 @@ class Sender:
         rejoin = reply.get("rejoin")
         self._peer_rejoin = Divergence.from_json(rejoin) if rejoin is not None else None
         self.status.peer_node = reply.get("node")
+        self._receipts = reply.get("receipts") is True  # its RECEIVED frames feed semisync
         conn.handshake_done()
         return applied, reply.get("compress") == ZSTD
 
@@ -429,10 +433,13 @@ class Sender:
                 for key in keys:
                     self.status.inflight_bytes -= self._inflight.pop(key)
                 self.status.staged += len(keys)
-                if self.semisync is not None:
+                if self.semisync is not None and not self._receipts:
                     self.semisync.staged(keys)
                 self._progress_at = self._acked_at = trio.current_time()
                 self._acked.set()
+            elif frame.type == FrameType.RECEIVED and self._receipts:
+                if self.semisync is not None:  # each before its STAGED: still in flight
+                    self.semisync.staged([k for k in parse_staged(frame) if k in self._inflight])
             elif frame.type == FrameType.APPLIED:
                 self._set_applied(parse_applied(frame))
             elif frame.type == FrameType.APPLYING:

@@ -5,7 +5,9 @@ Records of any open set are accepted in any order from any stream (claims
 stages it in one LMDB transaction, syncs, and only then acknowledges those
 records, before their set is complete (claims 5, 10): group commit across
 streams. A set whose last record arrives is flagged complete in that same
-transaction, and the applier is woken.
+transaction, and the applier is woken. A primary that asks for receipts
+(``--fsync received``) also gets each frame's records acknowledged as
+received as soon as they are read and checked, before they are staged.
 
 A primary's connections share a session id; a new session replaces the
 old one (the primary reconnected). A connection first passes the gate
@@ -105,6 +107,7 @@ class _Stream:
     session: str
     compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
     progress: bool = False  # the primary takes APPLYING frames (offered in its HELLO)
+    receipts: bool = False  # the primary takes RECEIVED frames (asked for in its HELLO)
     dropped: str | None = None  # why the stager cut it off
 
 
@@ -298,7 +301,7 @@ class Receiver:
         outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
             stream = _Stream(conn, outbox, scope, session, takes_zstd(info),
-                             info.get("progress") is True)
+                             info.get("progress") is True, info.get("receipts") is True)
             self._streams.append(stream)
             self.status.connected_streams = len(self._streams)
             self.status.peer_node = info.get("node")
@@ -370,7 +373,9 @@ class Receiver:
                               cluster=ident.cluster, generation=ident.generation,
                               applied=self.staging.applied,
                               syncing=self.staging.syncing,
-                              **({"compress": ZSTD} if takes_zstd(info) else {}), **extra))
+                              **({"compress": ZSTD} if takes_zstd(info) else {}),
+                              **({"receipts": True} if info.get("receipts") is True else {}),
+                              **extra))
 
     async def _writer(self, conn: Link, frames: trio.MemoryReceiveChannel[Frame]) -> None:
         async for frame in frames:
@@ -398,6 +403,7 @@ class Receiver:
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             self.status.received_wire_bytes += frame.wire_size
+            keys = []
             for raw in raws:
                 # Checked whole, held without its data: raw, which holds it, is staged.
                 record = Record.decode(raw, data=False)
@@ -418,6 +424,9 @@ class Receiver:
                     self._queued -= size
                     self._dequeued.unpark_all()
                     raise
+                keys.append((record.set, record.seq))
+            if stream.receipts:
+                self._acknowledge(stream, staged(keys, FrameType.RECEIVED))
 
     async def _stager(self) -> None:
         while True:
@@ -446,7 +455,9 @@ class Receiver:
         if not batch:
             return  # all from streams a newer session replaced
         records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
-        if sum(map(len, raws)) <= INLINE_SYNC_BYTES:
+        # Never inline for a primary that takes receipts: they go out meanwhile.
+        if (sum(map(len, raws)) <= INLINE_SYNC_BYTES
+                and not any(stream.receipts for stream, _, _ in batch)):
             result = self._stage_durably(records, raws)
         else:  # its commit flushes the pages it wrote too: not in trio's thread
             result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
@@ -459,17 +470,23 @@ class Receiver:
         for stream, record, _ in batch:
             acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
         for stream, keys in acks.values():
-            try:
-                stream.outbox.send_nowait(staged(keys))
-            except trio.WouldBlock:
-                stream.dropped = (f"{OUTBOX_FRAMES} acknowledgements unread: it sends and "
-                                  "does not read")
-                stream.scope.cancel()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # unacknowledged records are sent again; duplicates are dropped
+            self._acknowledge(stream, staged(keys))
         if result.completed:
             self.status.last_complete = max(self.status.last_complete, *result.completed)
             self.on_complete()
+
+
+    def _acknowledge(self, stream: _Stream, frame: Frame) -> None:
+        """Send *frame* (STAGED or RECEIVED) on *stream*, or cut off a stream that
+        leaves OUTBOX_FRAMES of them unread."""
+        try:
+            stream.outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            stream.dropped = (f"{OUTBOX_FRAMES} acknowledgements unread: it sends and "
+                              "does not read")
+            stream.scope.cancel()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # unacknowledged records are sent again; duplicates are dropped
 
 
 async def _tell(conn: Link, text: str) -> None:

@@ -7,7 +7,8 @@ socket takes one JSON request per connection and answers one JSON line:
   now on (the data is not dropped yet, nothing more reaches LOWER);
 - ``{"cmd": "cut", "keep": 0.0, "seed": 0}``: drop the pending data but each
   page with probability *keep*, unmount, and exit; answered once unmounted;
-- ``{"cmd": "pending"}``: how many files and pages are pending.
+- ``{"cmd": "pending"}``: how many files and pages are pending;
+- ``{"cmd": "hold", "held": true}``: every fsync waits until ``"held": false``.
 
 SIGTERM, SIGINT or an unmount is a clean stop: every pending page is written
 to LOWER first, as a real filesystem does at unmount. SIGKILL loses them all.
@@ -75,6 +76,9 @@ class Control:
             return {"frozen": True}
         if cmd == "pending":
             return self.fs.pending()
+        if cmd == "hold":
+            self.fs.hold(request.get("held") is True)
+            return {"held": request.get("held") is True}
         if cmd == "cut":
             counts = self.fs.cut(float(request.get("keep", 0.0)), int(request.get("seed", 0)))
             self.cut = True

@@ -118,6 +118,8 @@ class PowerCutFS(pyfuse3.Operations):
         self.next_fh = 1
         self.lock = threading.RLock()
         self.dead = False
+        self.syncing = threading.Event()  # clear: fsyncs wait (a slow disk), see hold()
+        self.syncing.set()
 
     # --- the power ---------------------------------------------------------------
 
@@ -143,6 +145,10 @@ class PowerCutFS(pyfuse3.Operations):
                     out["kept"] += node.pending.cut(node.data_fd, rng, keep)
                 node.pending = None
             return out
+
+    def hold(self, held: bool) -> None:
+        """While *held*, every fsync waits (the disk has not answered yet)."""
+        (self.syncing.clear if held else self.syncing.set)()
 
     def sync_all(self) -> int:
         """Write every pending page to LOWER (a clean unmount). Returns the files."""
@@ -399,6 +405,7 @@ class PowerCutFS(pyfuse3.Operations):
     @handler(locked=False)
     async def fsync(self, fh: int, datasync: bool) -> None:
         """Write the file's pending data to LOWER, and flush it there."""
+        self.syncing.wait()
         with self.lock:
             if self.dead:
                 raise pyfuse3.FUSEError(errno.EIO)

@@ -83,6 +83,15 @@ class Simulator:
                 daemon.kill()
         return self.cut(keep, seed)
 
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Every fsync on the simulator waits until the block ends (a slow disk)."""
+        self.request("hold", held=True)
+        try:
+            yield
+        finally:
+            self.request("hold", held=False)
+
     def pending(self) -> dict[str, int]:
         """Files and pages written and not yet synced."""
         return self.request("pending")

@@ -75,10 +75,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 BOOT = secrets.token_hex(8)
 
 
-def primary_hello(cluster: str, session: str | None = None) -> Frame:
+def primary_hello(cluster: str, session: str | None = None, **extra: Any) -> Frame:
     return hello(role="primary", version=PROTOCOL_VERSION, cluster=cluster,
                  node=secrets.token_hex(8), generation=1, session=session or secrets.token_hex(8),
-                 boot=BOOT, stream=0, streams=1, history=[])
+                 boot=BOOT, stream=0, streams=1, history=[], **extra)
 
 
 def client_context(ca: Path | None = None, me: str = PRIMARY) -> ssl.SSLContext:
@@ -98,17 +98,18 @@ async def connect(port: int, context: ssl.SSLContext | None) -> trio.abc.Stream:
 
 
 async def open_raw(port: int, cluster: str, context: ssl.SSLContext | None = None,
-                   session: str | None = None) -> tuple[Connection, dict[str, Any]]:
+                   session: str | None = None, **extra: Any
+                   ) -> tuple[Connection, dict[str, Any]]:
     """Connect as a primary of *cluster* (on a session of its own unless *session*
-    names one), over TLS as PRIMARY unless *context* says otherwise. Returns the
-    connection and the secondary's HELLO.
+    names one), over TLS as PRIMARY unless *context* says otherwise, with the *extra*
+    fields in its HELLO. Returns the connection and the secondary's HELLO.
 
     Raises:
         ProtocolError: the secondary refused us (its ERROR frame's text), or is not replfs.
     """
     conn = Connection(await connect(port, context or client_context()))
     await conn.send_magic()
-    await conn.send(primary_hello(cluster, session))
+    await conn.send(primary_hello(cluster, session, **extra))
     await conn.expect_magic()
     return conn, parse_hello(await conn.receive())
 

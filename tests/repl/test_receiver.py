@@ -20,6 +20,35 @@ from tests.support import read_staging, secondary, status, wait_applied
 CLUSTER = "c1c1c1c1c1c1c1c1"
 
 
+def test_receiver_receipts_ok_received_then_staged_only_when_asked(tmp_path: Path) -> None:
+    """A primary that asks for receipts (--fsync received) gets each frame's records as
+    RECEIVED before any of them as STAGED; one that does not gets STAGED alone."""
+    create = Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644)
+    sync = Record(Op.SYNC, 1, 1, count=1)
+    with secondary(tmp_path / "r") as sec:
+
+        async def session(receipts: bool) -> list[tuple[FrameType, tuple[int, int]]]:
+            conn, reply = await open_raw(sec.port, CLUSTER, **(
+                {"receipts": True} if receipts else {}))
+            assert reply.get("receipts", False) is receipts
+            await conn.send(record_frame(create), record_frame(sync))
+            acks: list[tuple[FrameType, tuple[int, int]]] = []
+            with trio.fail_after(LOG_TIMEOUT):
+                while sum(kind == FrameType.STAGED for kind, _ in acks) < 2:
+                    frame = await conn.receive()
+                    if frame.type in (FrameType.RECEIVED, FrameType.STAGED):
+                        acks += [(frame.type, key) for key in parse_staged(frame)]
+            await conn.aclose()
+            return acks
+
+        acks = trio.run(session, True)
+        assert [kind for kind, _ in acks] == [FrameType.RECEIVED] * 2 + [FrameType.STAGED] * 2
+        assert sorted(key for _, key in acks[:2]) == sorted(key for _, key in acks[2:]) == [
+            (1, 0), (1, 1)]
+        assert trio.run(session, False) == [(FrameType.STAGED, (1, 0)),
+                                            (FrameType.STAGED, (1, 1))]
+
+
 def test_claim_5_records_acknowledged_before_their_set_is_complete(tmp_path: Path) -> None:
     """Three of a set's four records, its SYNC among them, are staged and acknowledged
     while the set cannot be complete; the fourth completes it, and it applies."""

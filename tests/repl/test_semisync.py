@@ -15,6 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.powercut.harness import simulator
 from tests.support import (
     Daemon,
     free_port,
@@ -75,11 +78,15 @@ def in_step(mount: Path, wanted: bool = True) -> dict[str, Any]:
                  what=f"fsync_in_step {wanted}")
 
 
-def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["remote", "received"])
+def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path,
+                                                               mode: str) -> None:
+    """Staged (remote) or received (committed to staging, its sync may follow): either
+    way the set is in the secondary's staging store when the fsync returns."""
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
     with secondary(replica) as sec, primary(
-            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", mode,
             "--fsync-timeout", "120", "--set-interval", "3600") as pri:
         in_step(mount)
         pri.wait_for("fsyncs wait for it from now on")
@@ -91,7 +98,34 @@ def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path) -
         assert not fsync.is_alive() and fsync.error is None, fsync.error
         assert fsync.staged, f"set {fsync.closed} not staged when the fsync returned"
         st = status(mount)
-        assert (st["fsync"], st["fsync_in_step"], st["fsync_local_only"]) == ("remote", True, 0)
+        assert (st["fsync"], st["fsync_in_step"], st["fsync_local_only"]) == (mode, True, 0)
+
+
+@pytest.mark.parametrize("mode", ["received", "remote"])
+def test_semisync_received_ok_fsync_does_not_wait_for_the_secondary_disk(
+        tmp_path: Path, mode: str) -> None:
+    """The secondary's disk holds its syncs: an fsync with --fsync received returns on
+    the secondary's receipt, its set not staged yet; one with --fsync remote waits
+    until the disk answered and the set is staged."""
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with simulator(tmp_path / "lower", tmp_path / "disk") as sim:
+        replica = sim.mountpoint / "r"
+        with secondary(replica) as sec, primary(
+                backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", mode,
+                "--fsync-timeout", "120", "--set-interval", "3600"):
+            in_step(mount)
+            fsync = Fsync(mount, replica, "f")
+            with sim.holding():
+                fsync.start()
+                fsync.join(RETURN_SECONDS if mode == "received" else EARLY_SECONDS)
+                assert fsync.is_alive() is (mode == "remote"), \
+                    f"--fsync {mode}: the fsync {'returned' if mode == 'remote' else 'waited'}"
+            fsync.join(RETURN_SECONDS)
+            assert not fsync.is_alive() and fsync.error is None, fsync.error
+            assert fsync.staged is (mode == "remote")
+            until(lambda: staged_whole(replica, fsync.closed), bool, what="set staged")
+            assert status(mount)["fsync_local_only"] == 0
 
 
 def test_semisync_wait_staged_ok_local_does_not_wait_for_a_stopped_secondary(
