@@ -403,12 +403,14 @@ class Receiver:
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             self.status.received_wire_bytes += frame.wire_size
-            keys = []
-            for raw in raws:
-                # Checked whole, held without its data: raw, which holds it, is staged.
-                record = Record.decode(raw, data=False)
-                self.status.received += 1
-                self.status.received_bytes += len(raw)
+            # Checked whole, held without their data: raw, which holds it, is staged.
+            records = [Record.decode(raw, data=False) for raw in raws]
+            self.status.received += len(raws)
+            self.status.received_bytes += sum(map(len, raws))
+            if stream.receipts:  # before the stager runs: it may take trio's thread a while
+                self._acknowledge(stream, staged([(r.set, r.seq) for r in records],
+                                                 FrameType.RECEIVED))
+            for record, raw in zip(records, raws, strict=True):
                 size = len(raw)
                 while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
                     await self._dequeued.park()  # backpressure: the peer waits, not our memory
@@ -424,9 +426,6 @@ class Receiver:
                     self._queued -= size
                     self._dequeued.unpark_all()
                     raise
-                keys.append((record.set, record.seq))
-            if stream.receipts:
-                self._acknowledge(stream, staged(keys, FrameType.RECEIVED))
 
     async def _stager(self) -> None:
         while True:
@@ -455,9 +454,9 @@ class Receiver:
         if not batch:
             return  # all from streams a newer session replaced
         records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
-        # Never inline for a primary that takes receipts: they go out meanwhile.
-        if (sum(map(len, raws)) <= INLINE_SYNC_BYTES
-                and not any(stream.receipts for stream, _, _ in batch)):
+        if sum(map(len, raws)) <= INLINE_SYNC_BYTES:
+            if any(stream.receipts for stream, _, _ in batch):
+                await trio.sleep(0)  # the writers send the receipts before this blocks
             result = self._stage_durably(records, raws)
         else:  # its commit flushes the pages it wrote too: not in trio's thread
             result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
