@@ -47,6 +47,7 @@ SPECS: dict[str, Frame] = {
     "record": Frame(FrameType.RECORD,
                     Record(Op.WRITE, 7, 2, path=b"dir/f", offset=5, data=b"hi").encode()),
     "staged": staged([(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]),
+    "received": staged([(7, 3), ((1 << 40) + 1, 0xFFFF_FFFD)], FrameType.RECEIVED),
     "applied": applied((1 << 33) + 9),
     "applying": applying((1 << 33) + 10, 0xFFFF_FFFE),
     "error": Frame(FrameType.ERROR, b"peer belongs to cluster x, this replica to y"),
