@@ -401,11 +401,14 @@ class PrimaryFS(Passthrough):
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
-        self.capture.wait_durable(end)
-        if self.remote is not None:
-            if unjournaled:
-                self.remote.count_local()  # its data went to the dirty map: nothing to wait for
-            else:
+        if self.remote is None:
+            self.capture.wait_durable(end)
+        elif unjournaled:
+            self.capture.wait_durable(end)
+            self.remote.count_local()  # its data went to the dirty map: nothing to wait for
+        else:
+            with self.remote.urgent():  # shipped as soon as the flush makes it durable
+                self.capture.wait_durable(end)
                 self.remote.wait_staged(closed)
         FSYNC_SECONDS.observe(time.monotonic() - began)
 

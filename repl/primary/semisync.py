@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger("replfs.fsync")
 
@@ -58,6 +59,21 @@ class Semisync:
         with self._cond:
             peer = self.peers[address] = Peer(self._cond, address, self.receipts)
             return peer
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        """Around an fsync's journal flush and wait_staged: the senders ship its set as
+        soon as it is durable, without letting records gather first."""
+        with self._cond:
+            peers = list(self.peers.values())
+            for peer in peers:
+                peer.waiting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                for peer in peers:
+                    peer.waiting -= 1
 
     def wait_staged(self, set_id: int) -> bool:
         """Block until every secondary in step has staged *set_id* (closed and durable
@@ -106,7 +122,8 @@ class Peer:
         self.receipts = receipts  # a receipt will do (--fsync received), if it sends them
         self.in_step = False
         self.waiting = 0  # fsyncs waiting for this secondary now: its sender ships at once
-        # Wakes the sender's feeder when an fsync starts waiting (any thread).
+        # Wakes the sender's feeder, if it lets records gather, when an fsync starts
+        # waiting (any thread).
         self.hurry: Callable[[], None] = lambda: None
         self._cond = cond
         self._connected = False

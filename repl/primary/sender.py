@@ -140,6 +140,7 @@ class Sender:
         self._waiting = False  # the feeder waits for durable records: notify() wakes it
         self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
         self._hurried = trio.Event()  # an fsync waits for the secondary: ship at once
+        self._gathering = False  # the feeder lets records gather (_gather)
         self._acked = trio.Event()
         # Set (and replaced) whenever `applied` moves or the session ends.
         self.applied_event = trio.Event()
@@ -185,7 +186,8 @@ class Sender:
         """Replicate forever, reconnecting after any failure."""
         self._waker = Waker(lambda: self._wakeup.set())
         if self.semisync is not None:
-            self.semisync.hurry = Waker(lambda: self._hurried.set())
+            hurry = Waker(lambda: self._hurried.set())
+            self.semisync.hurry = lambda: hurry() if self._gathering else None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog)
             task_status.started()
@@ -393,11 +395,15 @@ class Sender:
     async def _gather(self, until: float) -> None:
         """Let records gather until *until* (see COALESCE_SECONDS), unless an fsync
         waits for the secondary to stage them (--fsync remote): then not at all."""
-        if self._urgent():
-            return
         self._hurried = trio.Event()
-        with trio.move_on_at(until):
-            await self._hurried.wait()
+        self._gathering = True  # before the look: an fsync that counts after it hurries us
+        try:
+            if self._urgent():
+                return
+            with trio.move_on_at(until):
+                await self._hurried.wait()
+        finally:
+            self._gathering = False
 
     async def _ack_watchdog(self) -> None:
         """End the session when records in flight go unacknowledged for ``stall_seconds``.

@@ -456,7 +456,7 @@ class Receiver:
         records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
         if sum(map(len, raws)) <= INLINE_SYNC_BYTES:
             if any(stream.receipts for stream, _, _ in batch):
-                await trio.sleep(0)  # the writers send the receipts before this blocks
+                await trio.lowlevel.checkpoint()  # the writers send the receipts first
             result = self._stage_durably(records, raws)
         else:  # its commit flushes the pages it wrote too: not in trio's thread
             result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
