@@ -110,7 +110,7 @@ def _make_sender(cfg: PrimaryConfig, capture: Capture, node: str
                       stall_seconds=cfg.stall_seconds, settled=capture.lock,
                       # one record, one SCSI WRITE: no compression over SCSI
                       compress_level=0 if scsi else cfg.compress_level,
-                      max_rate=cfg.max_rate)
+                      max_rate=cfg.max_rate, framed=not scsi)
 
     return make
 

@@ -24,6 +24,11 @@ gets APPLYING frames while the secondary applies a set, each naming the
 record it has reached, so a long apply is not taken for a stall. A
 transport that polls the secondary's state (iSCSI, FCIP) carries none.
 
+Runs of plain records the same way: a primary that offers ``"batch": true``
+and a secondary that answers ``"batch": true`` carry small records not
+compressed as RECORDS frames, many a frame, where a peer that does not
+takes one RECORD frame a record.
+
 And receipts: a primary whose fsyncs wait for a secondary's receipt
 (``--fsync received``) sends ``"receipts": true``; a secondary that takes it
 answers ``"receipts": true`` and sends, for each frame of records, a RECEIVED
@@ -52,6 +57,8 @@ from store.records import decode_key, decode_set, encode_key, encode_set
 MAGIC = b"REPLFS\x00\x01"
 PROTOCOL_VERSION = 1
 ZSTD = "zstd"  # the one compression offered in a HELLO
+BATCH_RECORD = 64 << 10  # plain records this large go in a RECORD frame of their own
+BATCH_FRAME = 1 << 20  # a RECORDS frame's payload stops growing past this
 MAX_FRAME = 80 << 20
 MAX_HELLO_FRAME = 1 << 20  # before a peer is known, it may not make us buffer more
 MAX_STREAMS = 8  # streams of one primary's session a secondary accepts
@@ -74,6 +81,7 @@ class FrameType(enum.IntEnum):
     RECORDS_ZSTD = 7  # zstd of (u32 length, encoded record)*: only once negotiated
     APPLYING = 8  # (set, seq) key: the applier is at that record; only if offered
     RECEIVED = 9  # (set, seq) keys read and checked, not yet staged; only if asked for
+    RECORDS = 10  # (u32 length, encoded record)*, plain: only once negotiated
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +124,43 @@ def parse_hello(frame: Frame) -> dict[str, Any]:
     return fields
 
 
-def record_frames(raws: list[bytes], compressor: zstandard.ZstdCompressor | None
-                  ) -> list[Frame]:
+def record_frames(raws: list[bytes], compressor: zstandard.ZstdCompressor | None,
+                  batch: bool = False) -> list[Frame]:
     """Frames that carry the encoded records *raws*, in order: one RECORDS_ZSTD frame if
-    a *compressor* is given and makes them smaller, else a RECORD frame each."""
+    a *compressor* is given and makes them smaller, else plain frames: with *batch*,
+    runs of records under BATCH_RECORD bytes as RECORDS frames of up to BATCH_FRAME
+    bytes, else (and for larger records) a RECORD frame each."""
     if compressor is not None and raws:
-        plain = b"".join(part for raw in raws for part in (_LENGTH.pack(len(raw)), raw))
+        plain = _joined(raws)
         packed = compressor.compress(plain)
         if len(packed) < len(plain) and len(plain) <= MAX_FRAME:
             return [Frame(FrameType.RECORDS_ZSTD, packed)]
-    return [Frame(FrameType.RECORD, raw) for raw in raws]
+    if not batch:
+        return [Frame(FrameType.RECORD, raw) for raw in raws]
+    frames: list[Frame] = []
+    run: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if run and (len(raw) >= BATCH_RECORD or size + len(raw) > BATCH_FRAME):
+            frames.append(_plain(run))
+            run, size = [], 0
+        if len(raw) >= BATCH_RECORD:
+            frames.append(Frame(FrameType.RECORD, raw))
+        else:
+            run.append(raw)
+            size += _LENGTH.size + len(raw)
+    if run:
+        frames.append(_plain(run))
+    return frames
+
+
+def _joined(raws: list[bytes]) -> bytes:
+    return b"".join(part for raw in raws for part in (_LENGTH.pack(len(raw)), raw))
+
+
+def _plain(run: list[bytes]) -> Frame:
+    return (Frame(FrameType.RECORD, run[0]) if len(run) == 1 else
+            Frame(FrameType.RECORDS, _joined(run)))
 
 
 class Packer:
@@ -138,16 +173,18 @@ class Packer:
 
     SKIP_BYTES = 16 << 20
 
-    def __init__(self, compressor: zstandard.ZstdCompressor | None) -> None:
+    def __init__(self, compressor: zstandard.ZstdCompressor | None, batch: bool = False
+                 ) -> None:
         self.compressor = compressor
+        self.batch = batch  # plain records may go as RECORDS frames
         self.skip = 0  # bytes still to send plain without trying
 
     def frames(self, raws: list[bytes]) -> list[Frame]:
         if self.compressor is None or self.skip > 0:
             self.skip -= sum(map(len, raws))
-            return record_frames(raws, None)
-        frames = record_frames(raws, self.compressor)
-        if frames[0].type == FrameType.RECORD:
+            return record_frames(raws, None, self.batch)
+        frames = record_frames(raws, self.compressor, self.batch)
+        if frames[0].type != FrameType.RECORDS_ZSTD:
             self.skip = self.SKIP_BYTES
         return frames
 
@@ -165,14 +202,27 @@ def parse_records(frame: Frame) -> list[bytes]:
         plain = _DECOMPRESSOR.decompress(frame.payload)
     except zstandard.ZstdError as exc:
         raise ProtocolError(f"RECORDS_ZSTD frame does not decompress: {exc}") from None
+    return _split(plain, "RECORDS_ZSTD")
+
+
+def parse_plain_records(frame: Frame) -> list[bytes]:
+    """The encoded records a RECORDS frame carries. Raises ProtocolError if it does not
+    hold whole records, at least one."""
+    raws = _split(frame.payload, "RECORDS")
+    if not raws:
+        raise ProtocolError("RECORDS frame of no records")
+    return raws
+
+
+def _split(plain: bytes, kind: str) -> list[bytes]:
     raws, pos = [], 0
     while pos < len(plain):
         if pos + _LENGTH.size > len(plain):
-            raise ProtocolError("RECORDS_ZSTD frame ends inside a length")
+            raise ProtocolError(f"{kind} frame ends inside a length")
         (length,) = _LENGTH.unpack_from(plain, pos)
         pos += _LENGTH.size
         if pos + length > len(plain):
-            raise ProtocolError("RECORDS_ZSTD frame ends inside a record")
+            raise ProtocolError(f"{kind} frame ends inside a record")
         raws.append(plain[pos : pos + length])
         pos += length
     return raws

@@ -112,12 +112,16 @@ class Sender:
                  stall_seconds: float = STALL_SECONDS,
                  settled: AbstractContextManager[object] | None = None,
                  compress_level: int = COMPRESS_LEVEL,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, framed: bool = True) -> None:
+        """*framed*: the link carries every replfs frame; not over SCSI, which carries
+        one record a WRITE (no RECORDS frames, no receipts)."""
         self.journal = journal
+        self.framed = framed
         # --fsync remote: where this secondary stands, for the fsyncs waiting (the
         # fan-out wires it, as it wires the callbacks below).
         self.semisync: Peer | None = None
         self._receipts = False  # this session's secondary sends RECEIVED frames
+        self._batched = False  # this session's secondary takes RECORDS frames
         # Held by the journal's writer while the record it just appended may still
         # be voided or shortened (its op not done yet): reads take it, so only
         # final records are ever shipped.
@@ -295,7 +299,8 @@ class Sender:
                               node=ident.node, generation=ident.generation, session=session,
                               boot=self.boot, stream=index, streams=self.nstreams,
                               history=ident.history, progress=True,
-                              **({"receipts": True} if self.semisync is not None
+                              **({"batch": True} if self.framed else {}),
+                              **({"receipts": True} if self.framed and self.semisync is not None
                                  and self.semisync.receipts else {}),
                               **({"compress": [ZSTD]} if self._compressor else {})))
         frame = await conn.receive()
@@ -316,6 +321,7 @@ class Sender:
         self._peer_rejoin = Divergence.from_json(rejoin) if rejoin is not None else None
         self.status.peer_node = reply.get("node")
         self._receipts = reply.get("receipts") is True  # its RECEIVED frames feed semisync
+        self._batched = reply.get("batch") is True  # it takes RECORDS frames
         conn.handshake_done()
         return applied, reply.get("compress") == ZSTD
 
@@ -337,7 +343,7 @@ class Sender:
         turn = 0
         most = BATCH_BYTES if self.bucket is None else min(BATCH_BYTES, self.bucket.chunk)
         sent_at = -COALESCE_SECONDS
-        packer = Packer(compressor)
+        packer = Packer(compressor, self._batched)
         while True:
             self._wakeup = trio.Event()
             self._waiting = True  # before reading: a flush after the read wakes us

@@ -129,8 +129,8 @@ class Lun:
                 self._state.applied = parse_applied(frame)
                 for wait in self._waits[:]:
                     await self._answer_wait(wait)
-            elif frame.type == FrameType.APPLYING:
-                continue  # the initiator polls the applied set: progress has no reply here
+            elif frame.type in (FrameType.APPLYING, FrameType.RECEIVED):
+                continue  # the initiator polls the applied set; a record is GOOD once staged
             elif frame.type in (FrameType.HELLO, FrameType.ERROR):
                 self._state.reply = frame.encode()
                 self._state.serving = frame.type == FrameType.HELLO

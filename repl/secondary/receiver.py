@@ -50,6 +50,7 @@ from repl.protocol import (
     hello,
     parse_applied,
     parse_hello,
+    parse_plain_records,
     parse_records,
     staged,
 )
@@ -108,6 +109,7 @@ class _Stream:
     compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
     progress: bool = False  # the primary takes APPLYING frames (offered in its HELLO)
     receipts: bool = False  # the primary takes RECEIVED frames (asked for in its HELLO)
+    batched: bool = False  # RECORDS frames were agreed on in the handshake
     dropped: str | None = None  # why the stager cut it off
 
 
@@ -301,7 +303,8 @@ class Receiver:
         outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
             stream = _Stream(conn, outbox, scope, session, takes_zstd(info),
-                             info.get("progress") is True, info.get("receipts") is True)
+                             info.get("progress") is True, info.get("receipts") is True,
+                             info.get("batch") is True)
             self._streams.append(stream)
             self.status.connected_streams = len(self._streams)
             self.status.peer_node = info.get("node")
@@ -375,6 +378,7 @@ class Receiver:
                               syncing=self.staging.syncing,
                               **({"compress": ZSTD} if takes_zstd(info) else {}),
                               **({"receipts": True} if info.get("receipts") is True else {}),
+                              **({"batch": True} if info.get("batch") is True else {}),
                               **extra))
 
     async def _writer(self, conn: Link, frames: trio.MemoryReceiveChannel[Frame]) -> None:
@@ -400,6 +404,8 @@ class Receiver:
                 raws = [frame.payload]
             elif frame.type == FrameType.RECORDS_ZSTD and stream.compressed:
                 raws = parse_records(frame)
+            elif frame.type == FrameType.RECORDS and stream.batched:
+                raws = parse_plain_records(frame)
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} frame from the primary")
             self.status.received_wire_bytes += frame.wire_size

@@ -13,6 +13,8 @@ import zstandard
 
 from repl.errors import ProtocolError
 from repl.protocol import (
+    BATCH_FRAME,
+    BATCH_RECORD,
     MAGIC,
     MAX_FRAME,
     MAX_HELLO_FRAME,
@@ -27,6 +29,7 @@ from repl.protocol import (
     parse_applied,
     parse_applying,
     parse_hello,
+    parse_plain_records,
     parse_records,
     parse_staged,
     record_frames,
@@ -48,6 +51,8 @@ SPECS: dict[str, Frame] = {
                     Record(Op.WRITE, 7, 2, path=b"dir/f", offset=5, data=b"hi").encode()),
     "staged": staged([(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]),
     "received": staged([(7, 3), ((1 << 40) + 1, 0xFFFF_FFFD)], FrameType.RECEIVED),
+    "records": record_frames([Record(Op.MKDIR, 7, 3, path=b"d", mode=0o40755).encode(),
+                              Record(Op.SYNC, 7, 4, count=4).encode()], None, batch=True)[0],
     "applied": applied((1 << 33) + 9),
     "applying": applying((1 << 33) + 10, 0xFFFF_FFFE),
     "error": Frame(FrameType.ERROR, b"peer belongs to cluster x, this replica to y"),
@@ -398,6 +403,34 @@ def test_record_frames_ok_round_trip() -> None:
     assert frame.type == FrameType.RECORDS_ZSTD
     assert frame.wire_size < sum(map(len, raws)) / 10
     assert parse_records(frame) == raws
+
+
+def test_record_frames_ok_batch_runs_of_small_records_large_ones_alone() -> None:
+    """With batch, runs of records under BATCH_RECORD go as RECORDS frames of up to
+    BATCH_FRAME bytes, in order; a larger one goes alone, as a lone small one does."""
+    def write(n: int, size: int) -> bytes:
+        return Record(Op.WRITE, 1, n, path=b"f", offset=0, data=bytes(size)).encode()
+
+    small, big = [write(n, 100) for n in range(3)], write(3, BATCH_RECORD)
+    frames = record_frames([*small[:2], big, small[2]], None, batch=True)
+    assert [f.type for f in frames] == [FrameType.RECORDS, FrameType.RECORD, FrameType.RECORD]
+    assert parse_plain_records(frames[0]) == small[:2]
+    assert [frames[1].payload, frames[2].payload] == [big, small[2]]
+    many = [write(n, 60 << 10) for n in range(40)]  # 2.4 MiB: three frames
+    frames = record_frames(many, None, batch=True)
+    assert len(frames) == 3 and all(f.type == FrameType.RECORDS for f in frames)
+    assert all(len(f.payload) <= BATCH_FRAME for f in frames)
+    assert [raw for f in frames for raw in parse_plain_records(f)] == many
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (b"", "no records"),
+    (b"\x00\x00", "inside a length"),
+    (b"\x00\x00\x00\x09abc", "inside a record"),
+])
+def test_parse_plain_records_err(payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        parse_plain_records(Frame(FrameType.RECORDS, payload))
 
 
 def test_record_frames_ok_plain_when_not_smaller_or_off() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
-from repl.protocol import FrameType, parse_staged
+from repl.protocol import Frame, FrameType, parse_staged, record_frames
 from store.records import Op, Record
-from tests.repl.peers import LOG_TIMEOUT, acknowledged, open_raw, record_frame
+from tests.repl.peers import LOG_TIMEOUT, acknowledged, drain, open_raw, record_frame
 from tests.support import read_staging, secondary, status, wait_applied
 
 CLUSTER = "c1c1c1c1c1c1c1c1"
@@ -47,6 +47,37 @@ def test_receiver_receipts_ok_received_then_staged_only_when_asked(tmp_path: Pat
             (1, 0), (1, 1)]
         assert trio.run(session, False) == [(FrameType.STAGED, (1, 0)),
                                             (FrameType.STAGED, (1, 1))]
+
+
+def test_receiver_records_frame_ok_a_set_in_one_frame_only_when_agreed(tmp_path: Path
+                                                                       ) -> None:
+    """A primary that offers batch sends a set's records in one RECORDS frame: staged,
+    acknowledged and applied as RECORD frames would be. Unagreed, such a frame is
+    refused."""
+    create = Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644)
+    write = Record(Op.WRITE, 1, 1, path=b"a", data=b"many records a frame")
+    sync = Record(Op.SYNC, 1, 2, count=2)
+    (frame,) = record_frames([r.encode() for r in (create, write, sync)], None, batch=True)
+    assert frame.type == FrameType.RECORDS
+    replica = tmp_path / "r"
+    with secondary(replica) as sec:
+
+        async def session(batch: bool) -> list[tuple[int, int]] | list[Frame]:
+            conn, reply = await open_raw(sec.port, CLUSTER, **({"batch": True} if batch
+                                                                 else {}))
+            assert reply.get("batch", False) is batch
+            await conn.send(frame)
+            if not batch:
+                return await drain(conn)
+            keys = sorted(await acknowledged(conn, 3))
+            await conn.aclose()
+            return keys
+
+        assert trio.run(session, True) == [(1, 0), (1, 1), (1, 2)]
+        assert wait_applied(replica, 1, timeout=LOG_TIMEOUT) == 1
+        assert (replica / "a").read_bytes() == b"many records a frame"
+        assert trio.run(session, False) == []
+        sec.wait_for("unexpected RECORDS frame")
 
 
 def test_claim_5_records_acknowledged_before_their_set_is_complete(tmp_path: Path) -> None:
