@@ -134,7 +134,7 @@ def primary_metrics(capture: Capture, senders: list[Sender],
     ]
     if remote is not None:
         per.append(("replfs_fsync_remote_in_step", "1 while fsyncs wait for the secondary to "
-                    "stage their set (--fsync remote)", False,
+                    "stage (--fsync remote) or receive (received) their set", False,
                     lambda s: int(s.semisync is not None and s.semisync.in_step)))
     for name, doc, is_counter, value in per:
         family: GaugeMetricFamily | CounterMetricFamily = (
