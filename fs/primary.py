@@ -13,6 +13,7 @@ them (see DESIGN.md, "Hard parts").
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -407,9 +408,7 @@ class PrimaryFS(Passthrough):
             self.capture.wait_durable(end)
             self.remote.count_local()  # its data went to the dirty map: nothing to wait for
         else:
-            with self.remote.urgent():  # shipped as soon as the flush makes it durable
-                self.capture.wait_durable(end)
-                self.remote.wait_staged(closed)
+            self.remote.wait_staged(closed, functools.partial(self.capture.wait_durable, end))
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- xattrs ---------------------------------------------------------------------

@@ -35,8 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger("replfs.fsync")
 
@@ -60,49 +59,42 @@ class Semisync:
             peer = self.peers[address] = Peer(self._cond, address, self.receipts)
             return peer
 
-    @contextmanager
-    def urgent(self) -> Iterator[None]:
-        """Around an fsync's journal flush and wait_staged: the senders ship its set as
-        soon as it is durable, without letting records gather first."""
+    def wait_staged(self, set_id: int, durable: Callable[[], None]) -> bool:
+        """Make *set_id* durable here (*durable*: the journal's flush), then block until
+        every secondary in step has staged it (or received it, with receipts); True if
+        at least one has.
+
+        From before the flush, every sender ships the set as soon as it is durable,
+        without letting records gather. A secondary out of step is not waited for;
+        one that stays in step without staging the set for ``timeout`` seconds is
+        put out of step (until it has caught up) and the fsync returns without it.
+        False, and counted, if no secondary staged the set: the fsync returns on
+        local durability alone.
+        """
         with self._cond:
             peers = list(self.peers.values())
             for peer in peers:
                 peer.waiting += 1
         try:
-            yield
+            durable()
+            with self._cond:
+                behind = [p for p in peers if p.in_step and not p.holds(set_id)]
+                for peer in behind:
+                    peer.hurry()
+                if behind:
+                    self._cond.wait_for(lambda: all(not p.in_step or p.holds(set_id)
+                                                    for p in behind), self.timeout)
+                for peer in behind:
+                    if peer.in_step and not peer.holds(set_id):
+                        peer.fall_behind(set_id, self.timeout)
+                if any(p.in_step and p.holds(set_id) for p in self.peers.values()):
+                    return True
+                self.local_only += 1
+                return False
         finally:
             with self._cond:
                 for peer in peers:
                     peer.waiting -= 1
-
-    def wait_staged(self, set_id: int) -> bool:
-        """Block until every secondary in step has staged *set_id* (closed and durable
-        here); True if at least one has.
-
-        A secondary out of step is not waited for; one that stays in step without
-        staging the set for ``timeout`` seconds is put out of step (until it has
-        caught up) and the fsync returns without it. False, and counted, if no
-        secondary staged the set: the fsync returns on local durability alone.
-        """
-        with self._cond:
-            behind = [p for p in self.peers.values() if p.in_step and not p.holds(set_id)]
-            if behind:
-                for peer in behind:
-                    peer.waiting += 1
-                    peer.hurry()
-                try:
-                    self._cond.wait_for(lambda: all(not p.in_step or p.holds(set_id)
-                                                    for p in behind), self.timeout)
-                finally:
-                    for peer in behind:
-                        peer.waiting -= 1
-                for peer in behind:
-                    if peer.in_step and not peer.holds(set_id):
-                        peer.fall_behind(set_id, self.timeout)
-            if any(p.in_step and p.holds(set_id) for p in self.peers.values()):
-                return True
-            self.local_only += 1
-            return False
 
     def count_local(self) -> None:
         """An fsync returned without waiting, over the journal's budget (its data is
