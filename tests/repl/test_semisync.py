@@ -81,8 +81,8 @@ def in_step(mount: Path, wanted: bool = True) -> dict[str, Any]:
 @pytest.mark.parametrize("mode", ["remote", "received"])
 def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path,
                                                                mode: str) -> None:
-    """Staged (remote) or received (committed to staging, its sync may follow): either
-    way the set is in the secondary's staging store when the fsync returns."""
+    """An fsync waits for a stopped secondary; it returns once the secondary staged
+    its set (remote) or received it (received: staged a moment later)."""
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
     with secondary(replica) as sec, primary(
@@ -93,10 +93,13 @@ def test_semisync_wait_staged_ok_set_staged_when_fsync_returns(tmp_path: Path,
         fsync = Fsync(mount, replica, "f")
         with stopped(sec):
             fsync.start()
-            fsync.join(EARLY_SECONDS)  # a wrong fsync returns here, the set not staged
+            fsync.join(EARLY_SECONDS)
+            assert fsync.is_alive(), "the fsync did not wait for the stopped secondary"
         fsync.join(RETURN_SECONDS)
         assert not fsync.is_alive() and fsync.error is None, fsync.error
-        assert fsync.staged, f"set {fsync.closed} not staged when the fsync returned"
+        if mode == "remote":
+            assert fsync.staged, f"set {fsync.closed} not staged when the fsync returned"
+        until(lambda: staged_whole(replica, fsync.closed), bool, what="set staged")
         st = status(mount)
         assert (st["fsync"], st["fsync_in_step"], st["fsync_local_only"]) == (mode, True, 0)
 
