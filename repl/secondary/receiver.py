@@ -435,20 +435,42 @@ class Receiver:
                     raise
 
     async def _stager(self) -> None:
-        while True:
-            batch = [await self._incoming.receive()]
-            size = len(batch[0][2])
-            while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
+        batch: list[tuple[_Stream, Record, bytes]] = []
+        try:
+            while True:
+                batch = [await self._incoming.receive()]
+                size = len(batch[0][2])
+                while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
+                    try:
+                        batch.append(self._incoming.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    size += len(batch[-1][2])
                 try:
-                    batch.append(self._incoming.receive_nowait())
-                except trio.WouldBlock:
-                    break
-                size += len(batch[-1][2])
+                    await self._stage([item for item in batch
+                                       if item[0].session == self._session])
+                finally:
+                    self._queued -= sum(len(raw) for _, _, raw in batch)
+                    self._dequeued.unpark_all()
+                batch = []
+        except trio.Cancelled:
+            self._stage_left(batch)
+            raise
+
+    def _stage_left(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
+        """As the receiver stops: stage what was read and not staged yet (*batch*, cut
+        short, and what waits behind it), blocking. A primary may have taken a receipt
+        for it (--fsync received) and be gone: a promote stops this daemon first."""
+        while True:
             try:
-                await self._stage([item for item in batch if item[0].session == self._session])
-            finally:
-                self._queued -= sum(len(raw) for _, _, raw in batch)
-                self._dequeued.unpark_all()
+                batch.append(self._incoming.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        batch = [item for item in batch if item[0].session == self._session]
+        if batch:  # staged already, some of it, maybe: duplicates are dropped
+            self._stage_durably([record for _, record, _ in batch],
+                                [raw for _, _, raw in batch])
+            log.info("staged the %d records read before the stop", len(batch))
 
     def _stage_durably(self, records: list[Record], raws: list[bytes]) -> Staged:
         result = self.staging.stage(records, raws)

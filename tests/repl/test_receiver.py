@@ -7,6 +7,7 @@ is seen frame by frame.
 
 from __future__ import annotations
 
+import signal
 import stat
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import trio
 
 from repl.protocol import Frame, FrameType, parse_staged, record_frames
 from store.records import Op, Record
+from tests.powercut.harness import simulator
 from tests.repl.peers import LOG_TIMEOUT, acknowledged, drain, open_raw, record_frame
 from tests.support import read_staging, secondary, status, wait_applied
 
@@ -47,6 +49,37 @@ def test_receiver_receipts_ok_received_then_staged_only_when_asked(tmp_path: Pat
                                                               FrameType.STAGED]
         assert trio.run(session, False) == [(FrameType.STAGED, (1, 0)),
                                             (FrameType.STAGED, (1, 1))]
+
+
+def test_receiver_stop_ok_stages_what_it_acknowledged_as_received(tmp_path: Path) -> None:
+    """Records acknowledged as received and not yet staged when the secondary is asked
+    to stop (a promote stops it first) are staged before it exits: the primary that
+    took the receipt may be gone. Here the first record's staging waits for a held
+    disk while the second is received, and the stop comes before the disk answers."""
+    create = Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644)
+    sync = Record(Op.SYNC, 1, 1, count=1)
+    with simulator(tmp_path / "lower", tmp_path / "disk") as sim:
+        replica = sim.mountpoint / "r"
+        with secondary(replica) as sec:
+            assert sec.proc is not None
+
+            async def session() -> None:
+                conn, _ = await open_raw(sec.port, CLUSTER, receipts=True)
+                with sim.holding():
+                    for record in (create, sync):
+                        await conn.send(record_frame(record))
+                        with trio.fail_after(LOG_TIMEOUT):
+                            frame = await conn.receive()
+                        assert (frame.type, parse_staged(frame)) == (
+                            FrameType.RECEIVED, [(record.set, record.seq)])
+                    sec.proc.send_signal(signal.SIGTERM)
+                    await trio.to_thread.run_sync(sec.wait_for, "got SIGTERM")
+                await conn.aclose()
+
+            trio.run(session)
+            assert sec.proc.wait(LOG_TIMEOUT) == 0
+        state, records = read_staging(replica)[1]
+        assert records == [create, sync] and state.complete
 
 
 def test_receiver_records_frame_ok_a_set_in_one_frame_only_when_agreed(tmp_path: Path
