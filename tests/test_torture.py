@@ -17,7 +17,7 @@ from store.records import Op, Record
 from store.staging import Staging
 from tests.torture.__main__ import campaign
 from tests.torture.power import PowerCuts, ReplicaPowerCuts
-from tests.torture.run import POWER_CUT, REPLICA_POWER_CUT
+from tests.torture.run import POWER_CUT, REPLICA_POWER_CUT, in_step_at_death
 
 
 def test_torture_short_campaign() -> None:
@@ -27,6 +27,21 @@ def test_torture_short_campaign() -> None:
     assert len(results) == 3
     assert all(r.samples > 0 for r in results), out.getvalue()
     assert [r.error for r in results] == [None, None, None], out.getvalue()
+
+
+def test_in_step_at_death_ok_the_last_primary_process_last_word(tmp_path: Path) -> None:
+    log = tmp_path / "primary.log"
+    serving = "10:00:00 replfs.primary: serving b at m (journal j, set 1)\n"
+    in_step = ("10:00:01 replfs.fsync: fsync remote: secondary 127.0.0.1:1 has staged every "
+               "closed set; fsyncs wait for it from now on\n")
+    gone = ("10:00:02 replfs.fsync: fsync remote: secondary 127.0.0.1:1 is gone; fsyncs do "
+            "not wait for it until it is back and has caught up\n")
+    for text, said in [("", False), (serving, False), (serving + in_step, True),
+                       (serving + in_step + gone, False),
+                       (serving + in_step + gone + in_step, True),
+                       (serving + in_step + serving, False)]:  # restarted, not in step yet
+        log.write_text(text)
+        assert in_step_at_death(log) is said, text
 
 
 def test_torture_power_cuts_short_campaign() -> None:

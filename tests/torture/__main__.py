@@ -53,7 +53,9 @@ def summary(results: list[Result], out: object = sys.stdout) -> None:
               "commits the old primary had acknowledged: the sets its secondary had not "
               "applied, as asynchronous replication allows; "
               f"{sum(r.outdated for r in results)} promoted a replica in a sync of paths "
-              "at the set it held whole, --outdated)", file=out)
+              "at the set it held whole, --outdated; "
+              f"{sum(r.in_step_failovers for r in results)} with --fsync remote or received "
+              "and the secondary in step, which may lose none)", file=out)
     if faults[POWER_CUT]:
         print(f"{POWER_CUT:<20}{faults[POWER_CUT]} ({sum(r.pages_lost for r in results)} "  # type: ignore[arg-type]
               f"dirty pages dropped; {sum(r.unchecked for r in results)} left the journal "

@@ -63,6 +63,8 @@ class Result:
     replica_torn: int = 0  # secondary power cuts that caught a batch not yet durable
     lost_commits: int = 0  # SQLite commits a failover lost (acknowledged, never shipped)
     outdated: int = 0  # failovers that promoted a replica in a sync of paths (--outdated)
+    fsync: str = "local"  # the primary's --fsync
+    in_step_failovers: int = 0  # failovers with --fsync remote/received, secondary in step
     ops: int = 0
     error: str | None = None
     kept: Path | None = None
@@ -70,6 +72,17 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def in_step_at_death(log: Path) -> bool:
+    """Whether the last primary process that wrote to *log* last said its fsyncs wait
+    for the secondary: then every set closed before is staged there, and every
+    fsync after waited for it."""
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [at for at, line in enumerate(lines) if "replfs.primary: serving" in line]
+    said = [line for line in lines[starts[-1] if starts else 0:]
+            if "replfs.fsync: fsync remote: secondary" in line]
+    return bool(said) and "fsyncs wait for it" in said[-1]
 
 
 class Run:
@@ -95,6 +108,9 @@ class Run:
         # Half the runs keep the mounts' inode tables small: the kernel is asked to
         # forget files as the workload uses them (fs/prune.py).
         self.max_inodes = ["--max-inodes", "48"] if self.rng.random() < 0.5 else []
+        # Half the runs make fsyncs wait for the secondary: a failover may then lose no
+        # commit acknowledged while it was in step. From the seed, not the draws above.
+        self.fsync = self.result.fsync = ("local", "local", "received", "remote")[seed % 4]
         self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
         self.swapped = False  # after a failover: the trees (and hosts) swapped roles
         self.faults = self.plan()
@@ -150,6 +166,7 @@ class Run:
         d = Daemon(["primary", str(self.backing), str(self.mount), "--secondary",
                     f"127.0.0.1:{self.proxy.port}", "--set-interval", "0.2",
                     "--stall-seconds", "1", "--scramble", str(self.seed), *budget,
+                    "--fsync", self.fsync, "--fsync-timeout", "1",
                     *self.max_inodes,
                     *tls_args(PRIMARY, SECONDARY)],
                    self.dir / "primary.log", "serving",
@@ -479,6 +496,12 @@ class Run:
                  if line.split()[0].isdigit() and int(line.split()[0]) <= shared]
         self.hashes.write_text("".join(f"{line}\n" for line in lines))
         have = sqlite_count(self.replica)
+        if self.fsync != "local" and in_step_at_death(self.dir / "primary.log"):
+            self.result.in_step_failovers += 1
+            if have < workload.committed:
+                raise Violation(f"--fsync {self.fsync}: the failover lost "
+                                f"{workload.committed - have} SQLite commits acknowledged "
+                                "while the secondary was in step")
         self.result.lost_commits += workload.committed - have
         workload.committed = have
         workload.git_ready = (self.replica / "repo" / ".git").is_dir()
