@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from repl.protocol import Frame, FrameType, parse_staged, record_frames
+from repl.secondary.receiver import INLINE_SYNC_BYTES
 from store.records import Op, Record
 from tests.powercut.harness import simulator
 from tests.repl.peers import LOG_TIMEOUT, acknowledged, drain, open_raw, record_frame
@@ -54,9 +55,10 @@ def test_receiver_receipts_ok_received_then_staged_only_when_asked(tmp_path: Pat
 def test_receiver_stop_ok_stages_what_it_acknowledged_as_received(tmp_path: Path) -> None:
     """Records acknowledged as received and not yet staged when the secondary is asked
     to stop (a promote stops it first) are staged before it exits: the primary that
-    took the receipt may be gone. Here the first record's staging waits for a held
-    disk while the second is received, and the stop comes before the disk answers."""
-    create = Record(Op.CREATE, 1, 0, path=b"a", mode=stat.S_IFREG | 0o644)
+    took the receipt may be gone. Here the first record's staging (large: staged in
+    a thread) waits for a held disk while the second is received, and the stop comes
+    before the disk answers."""
+    create = Record(Op.WRITE, 1, 0, path=b"a", data=bytes(INLINE_SYNC_BYTES))
     sync = Record(Op.SYNC, 1, 1, count=1)
     with simulator(tmp_path / "lower", tmp_path / "disk") as sim:
         replica = sim.mountpoint / "r"

@@ -118,6 +118,9 @@ def test_semisync_received_ok_fsync_does_not_wait_for_the_secondary_disk(
                 backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", mode,
                 "--fsync-timeout", "120", "--set-interval", "3600"):
             in_step(mount)
+            # The initial sync's set staged first: a frame that comes while trio's thread
+            # stages (and waits for the disk) is received once that is done.
+            until(lambda: staged_whole(replica, 1), bool, what="set 1 staged")
             fsync = Fsync(mount, replica, "f")
             with sim.holding():
                 fsync.start()
