@@ -154,9 +154,10 @@ def test_link_cut_primary_reconnects_and_resends(tmp_path: Path) -> None:
 
 
 # The first record frame on a stream starts after the magic and the primary's HELLO,
-# which offers compression and progress.
+# which offers compression, progress and RECORDS frames.
 FIRST_FRAME = len(MAGIC) + len(
-    hello(**parse_hello(primary_hello("0" * 16)), progress=True, compress=[ZSTD]).encode())
+    hello(**parse_hello(primary_hello("0" * 16)), progress=True, batch=True,
+          compress=[ZSTD]).encode())
 
 
 @pytest.mark.parametrize("case", ["black-hole", "length"])
