@@ -504,7 +504,6 @@ class Receiver:
             self.status.last_complete = max(self.status.last_complete, *result.completed)
             self.on_complete()
 
-
     def _acknowledge(self, stream: _Stream, frame: Frame) -> None:
         """Send *frame* (STAGED or RECEIVED) on *stream*, or cut off a stream that
         leaves OUTBOX_FRAMES of them unread."""
