@@ -402,13 +402,12 @@ class PrimaryFS(Passthrough):
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
-        if self.remote is None:
-            self.capture.wait_durable(end)
-        elif unjournaled:
-            self.capture.wait_durable(end)
-            self.remote.count_local()  # its data went to the dirty map: nothing to wait for
-        else:
+        if self.remote is not None and not unjournaled:
             self.remote.wait_staged(closed, functools.partial(self.capture.wait_durable, end))
+        else:
+            self.capture.wait_durable(end)
+            if self.remote is not None:
+                self.remote.count_local()  # its data went to the dirty map: nothing to wait for
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- xattrs ---------------------------------------------------------------------
