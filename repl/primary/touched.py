@@ -48,7 +48,6 @@ def removed_name(op: Op, fields: dict[str, Any]) -> bytes | None:
     return None
 
 
-
 # Ops after which BACKING's file keeps the mtime the daemon last set on it, as far as the
 # close is concerned: a write changes it, and the close sets it back (see ``mtimes``).
 _KEEP_MTIME_OPS = frozenset(

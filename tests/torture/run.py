@@ -63,7 +63,6 @@ class Result:
     replica_torn: int = 0  # secondary power cuts that caught a batch not yet durable
     lost_commits: int = 0  # SQLite commits a failover lost (acknowledged, never shipped)
     outdated: int = 0  # failovers that promoted a replica in a sync of paths (--outdated)
-    fsync: str = "local"  # the primary's --fsync
     in_step_failovers: int = 0  # failovers with --fsync remote/received, secondary in step
     ops: int = 0
     error: str | None = None
@@ -110,7 +109,7 @@ class Run:
         self.max_inodes = ["--max-inodes", "48"] if self.rng.random() < 0.5 else []
         # Half the runs make fsyncs wait for the secondary: a failover may then lose no
         # commit acknowledged while it was in step. From the seed, not the draws above.
-        self.fsync = self.result.fsync = ("local", "local", "received", "remote")[seed % 4]
+        self.fsync = ("local", "local", "received", "remote")[seed % 4]
         self.hold: tuple[int, float] | None = None  # a user hold: its set, and until when
         self.swapped = False  # after a failover: the trees (and hosts) swapped roles
         self.faults = self.plan()
