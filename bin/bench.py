@@ -83,6 +83,7 @@ from store import libc
 HERE = Path(__file__).resolve().parent
 REPLFS = [sys.executable, str(HERE / "replfs.py")]
 IQN = "iqn.2025-01.io.replfs:bench"
+DIGITS = {"requests_per_op": 1, "disk_bytes_per_byte": 2}  # in a round's line, else 0
 
 
 def say(text: str) -> None:
@@ -96,6 +97,19 @@ def syncfs(path: Path) -> None:
         libc.syncfs(fd)
     finally:
         os.close(fd)
+
+
+def disk_written(path: Path) -> int | None:
+    """Bytes the block device holding *path* has written since boot (None if it is
+    not on one): what a workload costs the disk, the copies replication adds
+    included (a journal, a staging store, a replica on the same disk)."""
+    st = os.stat(path)
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+                      ).read_text().split()
+    except OSError:
+        return None
+    return int(fields[6]) * 512  # sectors written, in the kernel's 512-byte units
 
 
 # --- daemons --------------------------------------------------------------------------
@@ -253,8 +267,13 @@ class Bench:
             began = now()
             served = requests(mount)
             cpu = [daemon.cpu_seconds() for daemon in daemons]
+            disk = disk_written(self.tmp)
             result = run(d, self.plan)
             self.settle(mount, len(daemons) > 1)  # replicated: until the secondary applied it
+            if result.written and disk is not None:
+                # Written back and replicated by the end of the settle.
+                result.extra["disk_bytes_per_byte"] = (
+                    (disk_written(self.tmp) or disk) - disk) / result.written
             # What the daemons spent on the workload: its requests, and shipping and
             # applying what it wrote, until the settle's checkpoint came back.
             cpu = [daemon.cpu_seconds() - before
@@ -264,8 +283,7 @@ class Bench:
                 result.extra["requests_per_op"] = sum(served.values()) / result.ops
                 result.extra["cpu_us_per_op"] = sum(cpu) / result.ops * 1e6
             self.results[key][target].append(result)
-            extra = "".join(f"  {k} {v:,.{1 if k == 'requests_per_op' else 0}f}"
-                            for k, v in result.extra.items())
+            extra = "".join(f"  {k} {v:,.{DIGITS.get(k, 0)}f}" for k, v in result.extra.items())
             say(f"  {target:<18} {key:<15} {result.value:>12,.1f} {unit}{extra}"
                 f"  ({now() - began:.1f}s)")
             if len(cpu) > 1 and result.ops:
@@ -384,8 +402,12 @@ class Bench:
                 raise RuntimeError("the primary did not reconnect to the restarted secondary")
             time.sleep(0.02)
         connected = now()
+        disk = disk_written(self.tmp)
         applied = checkpoint(mount)
         done = now()
+        if disk is not None:
+            self.replication["catchup_disk_bytes_per_byte"] = (
+                (disk_written(self.tmp) or disk) - disk) / size
         new.peak_kib = max(new.peak_kib, sec.peak_kib)  # report the peak of both runs
         self.replication |= {
             "catchup_MBps": size / MB / (done - connected),
@@ -395,7 +417,9 @@ class Bench:
         }
         say(f"  catch-up to set {applied} (closed {closed}): {done - connected:.1f}s after "
             f"reconnecting ({connected - started:.1f}s after the restart), "
-            f"{self.replication['catchup_MBps']:.0f} MB/s")
+            f"{self.replication['catchup_MBps']:.0f} MB/s"
+            + (f", {self.replication['catchup_disk_bytes_per_byte']:.2f} bytes written to "
+               "the disk a byte" if "catchup_disk_bytes_per_byte" in self.replication else ""))
         return new
 
     def cleanup(self) -> None:

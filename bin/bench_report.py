@@ -45,6 +45,10 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+# Figures per op or per byte, shown for each target that has them (no ratio): digits.
+PER_OP = {"requests_per_op": 2, "cpu_us_per_op": 0, "disk_bytes_per_byte": 2}
+
+
 def report(results: dict[str, dict[str, list[Result]]], plan: Plan,
            replication: dict[str, float], reads: dict[str, Any], warnings: list[str]
            ) -> dict[str, Any]:
@@ -63,6 +67,8 @@ def report(results: dict[str, dict[str, list[Result]]], plan: Plan,
                                                round(max(r.value for r in runs[t]), 2)]
                                            for t in TARGETS}}
         for name in runs["native"][0].extra:
+            if name in PER_OP:
+                continue
             per = {t: round(statistics.median(r.extra[name] for r in runs[t]), 1)
                    for t in TARGETS}
             entry[name] = per
@@ -72,9 +78,9 @@ def report(results: dict[str, dict[str, list[Result]]], plan: Plan,
             entry[name.removesuffix("_us") + "_ratio"] = (
                 round(per["native"] / per["replfs_replicated"], 4)
                 if per["replfs_replicated"] else None)
-        for name, digits in (("requests_per_op", 2), ("cpu_us_per_op", 0)):
+        for name, digits in PER_OP.items():
             per_target = {t: round(statistics.median(r.extra[name] for r in runs[t]), digits)
-                          for t in TARGETS[1:] if all(name in r.extra for r in runs[t])}
+                          for t in TARGETS if runs[t] and all(name in r.extra for r in runs[t])}
             if per_target:
                 entry[name] = per_target
         if key == "stat":
@@ -112,6 +118,10 @@ def table(out: dict[str, Any]) -> str:
             cpu = entry["cpu_us_per_op"]
             rows.append(("  daemons' CPU", "µs/op", "",
                          *(f"{cpu[t]:,.0f}" if t in cpu else "" for t in TARGETS[1:]), ""))
+        if "disk_bytes_per_byte" in entry:
+            disk = entry["disk_bytes_per_byte"]
+            rows.append(("  disk writes", "B/B",
+                         *(f"{disk[t]:.2f}" if t in disk else "" for t in TARGETS), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))

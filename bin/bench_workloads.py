@@ -51,6 +51,7 @@ class Result:
     value: float
     extra: dict[str, float] = field(default_factory=dict)
     ops: int = 0  # the application's calls that did the work: a write(2), a file, a commit
+    written: int = 0  # the bytes it wrote, for the disk's bytes per byte (seq_write)
 
 
 def now() -> float:
@@ -132,7 +133,8 @@ def entries(root: Path, count: int) -> list[str]:
 def seq_write(d: Path, plan: Plan) -> Result:
     start = now()
     write_file(d / "seq", plan.seq_bytes)
-    return Result(plan.seq_bytes / MB / (now() - start), ops=plan.seq_bytes // MiB)
+    return Result(plan.seq_bytes / MB / (now() - start), ops=plan.seq_bytes // MiB,
+                  written=plan.seq_bytes)
 
 
 def rand4k_write(d: Path, plan: Plan) -> Result:
