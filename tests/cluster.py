@@ -87,6 +87,7 @@ class Node:
     netns: str | None = None
     ttl: float = TTL
     fsync: str = "local"  # as a primary: replfs node --fsync
+    env: dict[str, str] = field(default_factory=dict)  # for the node and its daemons
     port: int = field(default_factory=free_port)
     daemon: Daemon | None = None
 
@@ -113,7 +114,7 @@ class Node:
         command = REPLFS if self.netns is None else [
             "nsenter", f"--net=/var/run/netns/{self.netns}", *REPLFS]
         self.daemon = Daemon(self.args(), self.base / f"{self.name}.log",
-                             f"node {self.name} of cluster", command=command)
+                             f"node {self.name} of cluster", env=self.env, command=command)
         self.daemon.start()
         return self
 

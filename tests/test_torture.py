@@ -16,6 +16,7 @@ from store.notes import Note, NoteKind
 from store.records import Op, Record
 from store.staging import Staging
 from tests.torture.__main__ import campaign
+from tests.torture.cluster import promoted_at, run_cluster
 from tests.torture.power import PowerCuts, ReplicaPowerCuts
 from tests.torture.run import POWER_CUT, REPLICA_POWER_CUT, in_step_at_death
 
@@ -27,6 +28,26 @@ def test_torture_short_campaign() -> None:
     assert len(results) == 3
     assert all(r.samples > 0 for r in results), out.getvalue()
     assert [r.error for r in results] == [None, None, None], out.getvalue()
+
+
+def test_torture_cluster_run_ok_failovers_by_election(tmp_path: Path) -> None:
+    """A run of three nodes on etcd whose seed kills the primary twice and a standby
+    once (--fsync local): each promoted tree is the tree at a set's close."""
+    result = run_cluster(1323436024, 8.0, tmp_path)
+    assert result.error is None, f"{result.error}; kept {result.kept}"
+    assert result.faults == {"primary_kill": 2, "standby_kill": 1}
+    assert len(result.failover_seconds) == 2 and result.own_journal < 2
+
+
+def test_promoted_at_ok_the_last_lead_taken(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    promoted = "10:00:01 replfs.node: promoted to generation 3 at set 227 (0 sets applied)\n"
+    own = "10:00:02 replfs.node: leading again from its own journal, as generation 5\n"
+    new = "10:00:00 replfs.node: a new cluster: /d is its first primary\n"
+    for text, said in [(new, None), (new + promoted, 227), (new + promoted + own, None),
+                       (new + promoted + own + promoted.replace("227", "300"), 300)]:
+        log.write_text(text)
+        assert promoted_at(log) == said, text
 
 
 def test_in_step_at_death_ok_the_last_primary_process_last_word(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tests.torture.cluster import KINDS as CLUSTER_KINDS
+from tests.torture.cluster import ClusterResult, run_cluster
 from tests.torture.run import KINDS, POWER_CUT, REPLICA_POWER_CUT, Result, run_one
 
 RUN_SECONDS = 6.0
@@ -38,6 +40,56 @@ def campaign(runs: int, seed: int, minutes: float | None, seconds: float,
             print(f"  {result.error}\n  kept {result.kept}\n  replay: bin/torture --replay "
                   f"{run_seed}", file=out, flush=True)  # type: ignore[arg-type]
     return results
+
+
+def cluster_campaign(runs: int, seed: int, minutes: float | None, seconds: float,
+                     out: object = sys.stdout) -> list[ClusterResult]:
+    """Runs of three nodes on etcd (tests/torture/cluster.py), as ``campaign``."""
+    base = Path(tempfile.gettempdir())
+    rng = random.Random(seed)
+    results: list[ClusterResult] = []
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    while len(results) < runs or (deadline and time.monotonic() < deadline):
+        if deadline and time.monotonic() >= deadline:
+            break
+        run_seed = rng.randrange(1 << 32)
+        started = time.monotonic()
+        result = run_cluster(run_seed, seconds, base)
+        results.append(result)
+        faults = ",".join(f"{k}={v}" for k, v in sorted(result.faults.items())) or "none"
+        took = ",".join(f"{t:.1f}" for t in result.failover_seconds) or "-"
+        print(f"run {len(results):>4}  seed {run_seed:>10}  fsync {result.fsync:<6}  faults "
+              f"{faults:<32} failovers {took:<14} sets {result.sets:>4}  ops {result.ops:>5}  "
+              f"{time.monotonic() - started:5.1f}s  {'ok' if result.ok else 'VIOLATION'}",
+              file=out, flush=True)  # type: ignore[arg-type]
+        if not result.ok:
+            print(f"  {result.error}\n  kept {result.kept}\n  replay: bin/torture --cluster "
+                  f"--replay {run_seed}", file=out, flush=True)  # type: ignore[arg-type]
+    return results
+
+
+def cluster_summary(results: list[ClusterResult], out: object = sys.stdout) -> None:
+    faults: Counter[str] = Counter()
+    for r in results:
+        faults.update(r.faults)
+    took = sorted(t for r in results for t in r.failover_seconds)
+    print(f"\n{'runs':<20}{len(results)} ({sum(r.fsync == 'remote' for r in results)} "  # type: ignore[arg-type]
+          "with --fsync remote)", file=out)
+    for kind in CLUSTER_KINDS:
+        print(f"{kind:<20}{faults[kind]}", file=out)  # type: ignore[arg-type]
+    if took:
+        print(f"{'failovers':<20}{len(took)}: kill to a new primary p50 "  # type: ignore[arg-type]
+              f"{took[len(took) // 2]:.1f}s, max {took[-1]:.1f}s; they lost "
+              f"{sum(r.lost_commits for r in results)} SQLite commits acknowledged before "
+              "the sets were applied elsewhere; "
+              f"{sum(r.in_step_failovers for r in results)} with --fsync remote and a "
+              "secondary in step, which may lose none; "
+              f"{sum(r.own_journal for r in results)} to a node leading again from its own "
+              "journal (its tree not compared with a set's)", file=out)
+    print(f"{'role samples':<20}{sum(r.role_samples for r in results)} (never two "  # type: ignore[arg-type]
+          "writable primaries)", file=out)
+    print(f"{'sets':<20}{sum(r.sets for r in results)}", file=out)  # type: ignore[arg-type]
+    print(f"{'violations':<20}{sum(not r.ok for r in results)}", file=out)  # type: ignore[arg-type]
 
 
 def summary(results: list[Result], out: object = sys.stdout) -> None:
@@ -90,7 +142,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also cut the power of the primary's host once a run (BACKING and "
                         "its journal on a simulated disk that drops what was not fsynced), "
                         "and of the secondary's (its replica and staging on another)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="runs of three `replfs node`s on etcd instead: kills of the "
+                        "primary (a failover the nodes decide) and of standbys")
     args = parser.parse_args(argv)
+    if args.cluster and args.power_cuts:
+        parser.error("--cluster has no power cuts")
+    if args.cluster and args.replay is not None:
+        cluster = run_cluster(args.replay, args.seconds, Path(tempfile.gettempdir()),
+                              keep=True)
+        print(f"seed {args.replay}: {'ok' if cluster.ok else cluster.error}; "
+              f"kept {cluster.kept}")
+        return 0 if cluster.ok else 1
     if args.replay is not None:
         result = run_one(args.replay, args.seconds, Path(tempfile.gettempdir()), keep=True,
                          power_cuts=args.power_cuts)
@@ -98,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result.ok else 1
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     print(f"torture campaign seed {seed}")
+    if args.cluster:
+        clusters = cluster_campaign(args.runs, seed, args.minutes, args.seconds)
+        cluster_summary(clusters)
+        return 0 if all(r.ok for r in clusters) else 1
     results = campaign(args.runs, seed, args.minutes, args.seconds,
                        power_cuts=args.power_cuts)
     summary(results)

@@ -278,35 +278,7 @@ class Run:
             resume(self.replica, None)
 
     def check_apps(self, tree: Path, workload: Workload, final: bool) -> None:
-        """SQLite holds a prefix of the commits; git fsck is clean."""
-        copy = Path(tempfile.mkdtemp(dir=self.dir))
-        try:
-            for name in ("app.db", "app.db-wal"):
-                if (tree / name).exists():
-                    shutil.copy2(tree / name, copy / name)
-            if (copy / "app.db").exists():
-                db = sqlite3.connect(copy / "app.db")
-                try:
-                    if db.execute("pragma integrity_check").fetchone()[0] != "ok":
-                        raise Violation("SQLite on the replica fails integrity_check")
-                    have = db.execute("select count(*), coalesce(max(id), 0) from t").fetchone()
-                except sqlite3.OperationalError:
-                    have = (0, 0)  # the table's creation is not in this set yet
-                finally:
-                    db.close()
-                if have[0] != have[1] or have[0] > workload.committed:
-                    raise Violation(f"SQLite holds {have} of {workload.committed} commits")
-                if final and have[0] != workload.committed:
-                    raise Violation(f"SQLite lost commits: {have[0]} of {workload.committed}")
-            git = tree / "repo" / ".git"
-            if all((git / part).exists() for part in ("HEAD", "objects", "refs")):
-                shutil.copytree(tree / "repo", copy / "repo", symlinks=True)
-                fsck = subprocess.run(["git", "-C", str(copy / "repo"), "fsck", "--full"],
-                                      capture_output=True, text=True)
-                if fsck.returncode != 0 and "HEAD" not in fsck.stderr:
-                    raise Violation(f"git fsck on the replica: {fsck.stderr.strip()[:300]}")
-        finally:
-            shutil.rmtree(copy, ignore_errors=True)
+        check_apps(tree, workload, final, self.dir)
 
     # --- the run -------------------------------------------------------------------
 
@@ -591,6 +563,39 @@ class Run:
 
     def grow_replica(self) -> None:
         subprocess.run(["mount", "-o", "remount,size=1g", str(self.replica)], check=True)
+
+
+def check_apps(tree: Path, workload: Workload, final: bool, scratch: Path) -> None:
+    """SQLite in *tree* holds a prefix of the commits *workload* made (all of them if
+    *final*); git fsck is clean. Copies go to a directory in *scratch*."""
+    copy = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        for name in ("app.db", "app.db-wal"):
+            if (tree / name).exists():
+                shutil.copy2(tree / name, copy / name)
+        if (copy / "app.db").exists():
+            db = sqlite3.connect(copy / "app.db")
+            try:
+                if db.execute("pragma integrity_check").fetchone()[0] != "ok":
+                    raise Violation("SQLite on the replica fails integrity_check")
+                have = db.execute("select count(*), coalesce(max(id), 0) from t").fetchone()
+            except sqlite3.OperationalError:
+                have = (0, 0)  # the table's creation is not in this set yet
+            finally:
+                db.close()
+            if have[0] != have[1] or have[0] > workload.committed:
+                raise Violation(f"SQLite holds {have} of {workload.committed} commits")
+            if final and have[0] != workload.committed:
+                raise Violation(f"SQLite lost commits: {have[0]} of {workload.committed}")
+        git = tree / "repo" / ".git"
+        if all((git / part).exists() for part in ("HEAD", "objects", "refs")):
+            shutil.copytree(tree / "repo", copy / "repo", symlinks=True)
+            fsck = subprocess.run(["git", "-C", str(copy / "repo"), "fsck", "--full"],
+                                  capture_output=True, text=True)
+            if fsck.returncode != 0 and "HEAD" not in fsck.stderr:
+                raise Violation(f"git fsck on the replica: {fsck.stderr.strip()[:300]}")
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def run_one(seed: int, seconds: float, base: Path, keep: bool = False,

@@ -146,7 +146,8 @@ class Workload:
                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
         if not self.git_ready:
             repo.mkdir(exist_ok=True)
-            subprocess.run([*self.git, "init", "-q", str(repo)], check=True, env=env)
+            subprocess.run([*self.git, "init", "-q", str(repo)], check=True, env=env,
+                           capture_output=True)
             if self.fsync_git:  # init syncs none of what it writes: HEAD, config...
                 for path in [repo / ".git", *(repo / ".git").rglob("*")]:
                     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -156,9 +157,11 @@ class Workload:
                         os.close(fd)
             self.git_ready = True
         (repo / f"file{self.rng.randrange(5)}").write_bytes(self.rng.randbytes(500))
-        subprocess.run([*self.git, "-C", str(repo), "add", "-A"], check=True, env=env)
+        subprocess.run([*self.git, "-C", str(repo), "add", "-A"], check=True, env=env,
+                       capture_output=True)
         subprocess.run([*self.git, "-C", str(repo), "commit", "-qm", f"c{self.git_commits}"],
                        check=True, env=env, capture_output=True)
         self.git_commits += 1
         if self.git_commits % 8 == 0:
-            subprocess.run([*self.git, "-C", str(repo), "repack", "-adq"], check=True, env=env)
+            subprocess.run([*self.git, "-C", str(repo), "repack", "-adq"], check=True, env=env,
+                           capture_output=True)

@@ -1,0 +1,188 @@
+"""One torture run of a cluster: three ``replfs node``s on a real etcd, a seeded
+workload on whichever node leads, and kills drawn from the seed.
+
+A killed primary (``kill -9`` of its node) is replaced by the nodes' own
+election; its node starts again and rejoins as a standby. A killed standby
+starts again and catches up. After each failover the new primary's tree must
+be the old primary's at the close of one of its sets (never part of a set),
+its SQLite a prefix of the commits (all of those acknowledged while an fsync
+waited for a secondary, with ``--fsync remote``), git fsck clean; at no moment
+may two nodes serve their mounts read-write; at the end every node holds the
+primary's tree.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repl.faults import ENV_SET_HASHES
+from repl.verify import tree_digest
+from tests.cluster import NAMES, TTL, Node, Watchdog, etcd_server, primary_of, standing, stop_all
+from tests.support import checkpoint, diff, snapshot, wait_applied
+from tests.torture.power import sqlite_count
+from tests.torture.run import check_apps, in_step_at_death
+from tests.torture.violation import Violation
+from tests.torture.workload import Workload
+
+KINDS = ("primary_kill", "standby_kill")
+
+
+@dataclass
+class ClusterResult:
+    seed: int
+    fsync: str = "local"
+    faults: Counter[str] = field(default_factory=Counter)
+    sets: int = 0
+    ops: int = 0
+    failover_seconds: list[float] = field(default_factory=list)  # kill to a new primary
+    lost_commits: int = 0  # acknowledged SQLite commits a failover lost
+    in_step_failovers: int = 0  # with --fsync remote, fsyncs waiting for a secondary
+    own_journal: int = 0  # failovers to a node that led before, from its own journal
+    role_samples: int = 0  # the watchdog's looks at every node's role
+    error: str | None = None
+    kept: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ClusterRun:
+    def __init__(self, seed: int, seconds: float, base: Path) -> None:
+        self.seed, self.seconds = seed, seconds
+        self.rng = random.Random(seed)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"torture-cluster-{seed}-", dir=base))
+        # Half the runs make fsyncs wait for the secondaries in step.
+        self.result = ClusterResult(seed, fsync=("local", "remote")[seed % 2])
+        count = self.rng.randint(1, 3)
+        self.faults = sorted((self.rng.uniform(0.15, 0.8) * seconds, self.rng.choice(KINDS))
+                             for _ in range(count))
+
+    def hashes(self, set_id: int) -> set[str]:
+        """The digests of the tree at the close of set *set_id* by any node that led (a
+        set id a failover voided closes again under the next leader, maybe unlike)."""
+        found = set()
+        for path in self.dir.glob("*.hashes"):
+            for line in path.read_text().splitlines():
+                closed, digest = line.split()
+                if int(closed) == set_id:
+                    found.add(digest)
+        return found
+
+    def execute(self, etcd_url: str) -> None:
+        nodes = [Node(name, self.dir, [etcd_url], f"torture{self.seed}",
+                      fsync=self.result.fsync,
+                      env={ENV_SET_HASHES: str(self.dir / f"{name}.hashes")})
+                 for name in NAMES]
+        try:
+            for node in nodes:
+                node.start()
+            with Watchdog(nodes) as watch:
+                self.run(nodes)
+            self.result.role_samples = watch.samples
+            if watch.violations:
+                raise Violation(f"two writable primaries at once: {watch.violations[:3]}")
+        finally:
+            stop_all(nodes)
+
+    def run(self, nodes: list[Node]) -> None:
+        primary = standing(nodes)
+        workload = Workload(primary.mount, self.seed)
+        plan = list(self.faults)
+        started = time.monotonic()
+        try:
+            while (now := time.monotonic()) - started < self.seconds:
+                if plan and now - started >= plan[0][0]:
+                    kind = plan.pop(0)[1]
+                    self.result.faults[kind] += 1
+                    if kind == "primary_kill":
+                        primary = self.fail_over(nodes, primary, workload)
+                    else:
+                        standby = self.rng.choice([n for n in nodes if n is not primary])
+                        standby.kill()
+                        standby.start()
+                    started += time.monotonic() - now  # waiting out a fault is not
+                    continue  # the run's time
+                try:
+                    workload.step()
+                except OSError:
+                    if primary.writable():
+                        raise
+            workload.close()
+            primary = standing(nodes, timeout=TTL + 60)
+            last = checkpoint(primary.mount)
+            self.result.sets = last
+            for node in nodes:
+                if node is not primary:
+                    wait_applied(node.data, last)
+                    if diff(snapshot(primary.data), snapshot(node.data)):
+                        raise Violation(f"{node.name}'s replica differs from the primary "
+                                        f"{primary.name} at the end")
+            check_apps(primary.data, workload, True, self.dir)
+        finally:
+            self.result.ops = workload.ops
+            workload.close()
+
+    def fail_over(self, nodes: list[Node], old: Node, workload: Workload) -> Node:
+        """Kill the primary's node; once another leads, check its tree, and start the
+        old one again (it rejoins as a standby)."""
+        old.kill()
+        killed = time.monotonic()
+        workload.close()
+        new = primary_of([n for n in nodes if n is not old], timeout=TTL + 60)
+        self.result.failover_seconds.append(time.monotonic() - killed)
+        assert new.daemon is not None
+        promoted = promoted_at(new.daemon.log_path)
+        if promoted is None:  # it led before and leads again from its own journal, as
+            self.result.own_journal += 1  # a primary restarted after a crash does
+        elif tree_digest(new.data) not in self.hashes(promoted):
+            raise Violation(f"{new.name}, promoted at set {promoted}, is not the tree at "
+                            "that set's close")
+        check_apps(new.data, workload, False, self.dir)
+        have = sqlite_count(new.data)
+        assert old.daemon is not None
+        if self.result.fsync == "remote" and in_step_at_death(old.daemon.log_path):
+            self.result.in_step_failovers += 1
+            if have < workload.committed:
+                raise Violation(f"--fsync remote: the failover lost {workload.committed - have} "
+                                "SQLite commits acknowledged while a secondary was in step")
+        self.result.lost_commits += workload.committed - have
+        workload.committed = have
+        workload.root = new.mount
+        workload.git_ready = (new.data / "repo" / ".git").is_dir()
+        old.start()
+        return new
+
+
+_LEADS = re.compile(r"promoted to generation \d+ at set (\d+)|(leading again from its own "
+                    r"journal)|(a new cluster: )")
+
+
+def promoted_at(log: Path) -> int | None:
+    """The set the node logging to *log* was promoted at, if the last time it took the
+    lead was a promotion (not its own journal again, nor a new cluster)."""
+    found = _LEADS.findall(log.read_text(errors="replace"))
+    return int(found[-1][0]) if found and found[-1][0] else None
+
+
+def run_cluster(seed: int, seconds: float, base: Path, keep: bool = False) -> ClusterResult:
+    run = ClusterRun(seed, seconds, base)
+    try:
+        with etcd_server(run.dir) as etcd:
+            run.execute(etcd.url)  # type: ignore[attr-defined]
+    except Violation as exc:
+        run.result.error = str(exc)
+    except Exception as exc:  # a harness or product failure: also a failed run
+        run.result.error = f"{type(exc).__name__}: {exc}"
+    if run.result.ok and not keep:
+        shutil.rmtree(run.dir, ignore_errors=True)
+    else:
+        run.result.kept = run.dir
+    return run.result
