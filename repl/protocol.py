@@ -228,12 +228,21 @@ def _split(plain: bytes, kind: str) -> list[bytes]:
     return raws
 
 
-def staged(keys: list[tuple[int, int]], kind: FrameType = FrameType.STAGED) -> Frame:
-    """The frame acknowledging *keys*: STAGED, or RECEIVED (*kind*)."""
-    return Frame(kind, b"".join(encode_key(s, q) for s, q in keys))
+def staged(keys: list[tuple[int, int]]) -> Frame:
+    """The frame saying the records *keys* are staged, durably."""
+    return Frame(FrameType.STAGED, _keys(keys))
 
 
-def parse_staged(frame: Frame) -> list[tuple[int, int]]:
+def received(keys: list[tuple[int, int]]) -> Frame:
+    """The frame saying the records *keys* were read and checked, not yet staged."""
+    return Frame(FrameType.RECEIVED, _keys(keys))
+
+
+def _keys(keys: list[tuple[int, int]]) -> bytes:
+    return b"".join(encode_key(s, q) for s, q in keys)
+
+
+def parse_keys(frame: Frame) -> list[tuple[int, int]]:
     """The keys of a STAGED or RECEIVED frame."""
     p = frame.payload
     if len(p) % _KEY_SIZE:

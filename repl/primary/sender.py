@@ -45,7 +45,7 @@ from repl.protocol import (
     parse_applied,
     parse_applying,
     parse_hello,
-    parse_staged,
+    parse_keys,
     reset_to,
 )
 from repl.wake import Waker
@@ -441,7 +441,7 @@ class Sender:
         while True:
             frame = await conn.receive()
             if frame.type == FrameType.STAGED:
-                keys = [key for key in parse_staged(frame) if key in self._inflight]
+                keys = [key for key in parse_keys(frame) if key in self._inflight]
                 for key in keys:
                     self.status.inflight_bytes -= self._inflight.pop(key)
                 self.status.staged += len(keys)
@@ -451,7 +451,7 @@ class Sender:
                 self._acked.set()
             elif frame.type == FrameType.RECEIVED and self._receipts:
                 if self.semisync is not None:  # each before its STAGED: still in flight
-                    self.semisync.staged([k for k in parse_staged(frame) if k in self._inflight])
+                    self.semisync.staged([k for k in parse_keys(frame) if k in self._inflight])
             elif frame.type == FrameType.APPLIED:
                 self._set_applied(parse_applied(frame))
             elif frame.type == FrameType.APPLYING:

@@ -39,7 +39,7 @@ from repl.protocol import (
     FrameReader,
     FrameType,
     parse_applied,
-    parse_staged,
+    parse_keys,
 )
 from repl.scsi import spc
 from store.errors import RecordError
@@ -122,7 +122,7 @@ class Lun:
     async def send(self, *frames: Frame) -> None:
         for frame in frames:
             if frame.type == FrameType.STAGED:
-                for key in parse_staged(frame):
+                for key in parse_keys(frame):
                     for tag in self._records.pop(key, []):
                         await self.port.respond(tag, spc.GOOD)
             elif frame.type == FrameType.APPLIED:

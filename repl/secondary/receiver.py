@@ -52,13 +52,14 @@ from repl.protocol import (
     parse_hello,
     parse_plain_records,
     parse_records,
+    received,
     staged,
 )
 from repl.secondary.gate import HANDSHAKE_SECONDS, Gate, Rejected
 from repl.secondary.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
-from store.records import Record
+from store.records import Op, Record
 from store.staging import Staged, Staging
 
 log = logging.getLogger("replfs.receiver")
@@ -71,10 +72,14 @@ STAGE_BYTES = 8 << 20  # a transaction holds its pages in memory until it commit
 # A batch this small is staged and synced in trio's own thread: its flushes write a
 # few pages, and the round trip to a worker thread and back costs as much again
 # (0.2-1 ms here), which an fsync waiting for the secondary (--fsync remote) would
-# wait too. With receipts (--fsync received) too: a frame's receipt goes out before
-# its records are staged, but one that arrives while a staging flush holds trio's
-# thread waits for it (staging in a thread instead made an fsync 0.4 ms slower here).
+# wait too. With receipts (--fsync received) too: a frame's receipt is sent (on the
+# socket, not only queued) before its records are staged, but one that arrives while
+# a staging flush holds trio's thread waits for it (staging in a thread instead made
+# an fsync 0.4 ms slower here).
 INLINE_SYNC_BYTES = 256 << 10
+# Before a staging in trio's thread, the receipts queued are sent; a stream whose
+# primary does not read them holds the staging up this long at most.
+RECEIPTS_SEND_SECONDS = 1.0
 # Records read and not yet staged, all streams together: twice what a primary keeps in
 # flight (its window, 16 MiB), so a real one never waits for it.
 STAGE_QUEUE_BYTES = 32 << 20
@@ -113,6 +118,22 @@ class _Stream:
     receipts: bool = False  # the primary takes RECEIVED frames (asked for in its HELLO)
     batched: bool = False  # RECORDS frames were agreed on in the handshake
     dropped: str | None = None  # why the stager cut it off
+    queued: int = 0  # acknowledgement frames put in the outbox
+    sent: int = 0  # of those, sent on the socket by the writer
+    progress_sent: trio.Event = field(default_factory=trio.Event)  # set as .sent moves
+
+    def wrote(self, frames: int) -> None:
+        """The writer sent *frames* more (or stopped: 0)."""
+        self.sent += frames
+        self.progress_sent.set()
+        self.progress_sent = trio.Event()
+
+    async def drained(self) -> None:
+        """Return once every acknowledgement queued so far is sent, or the writer
+        stopped."""
+        target = self.queued
+        while self.sent < target and not self.scope.cancel_called:
+            await self.progress_sent.wait()
 
 
 class Receiver:
@@ -312,7 +333,7 @@ class Receiver:
             self.status.peer_node = info.get("node")
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, conn, pending)
+                    nursery.start_soon(self._writer, stream, pending)
                     await self._read(stream)
                     nursery.cancel_scope.cancel()
             except* (ProtocolError, RecordError) as group:
@@ -383,15 +404,21 @@ class Receiver:
                               **({"batch": True} if info.get("batch") is True else {}),
                               **extra))
 
-    async def _writer(self, conn: Link, frames: trio.MemoryReceiveChannel[Frame]) -> None:
-        async for frame in frames:
-            batch = [frame]
-            while True:
-                try:
-                    batch.append(frames.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            await conn.send(*batch)
+    async def _writer(self, stream: _Stream, frames: trio.MemoryReceiveChannel[Frame]
+                      ) -> None:
+        try:
+            async for frame in frames:
+                batch = [frame]
+                while True:
+                    try:
+                        batch.append(frames.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await stream.conn.send(*batch)
+                stream.wrote(len(batch))
+        finally:
+            stream.scope.cancel()  # no more sends: nobody waits for them (``drained``)
+            stream.wrote(0)
 
     async def _read(self, stream: _Stream) -> None:
         while True:
@@ -416,8 +443,7 @@ class Receiver:
             self.status.received += len(raws)
             self.status.received_bytes += sum(map(len, raws))
             if stream.receipts:  # before the stager runs: it may take trio's thread a while
-                self._acknowledge(stream, staged([(r.set, r.seq) for r in records],
-                                                 FrameType.RECEIVED))
+                self._acknowledge(stream, received([(r.set, r.seq) for r in records]))
             for record, raw in zip(records, raws, strict=True):
                 size = len(raw)
                 while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
@@ -484,9 +510,16 @@ class Receiver:
         if not batch:
             return  # all from streams a newer session replaced
         records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
-        if sum(map(len, raws)) <= INLINE_SYNC_BYTES:
-            if any(stream.receipts for stream, _, _ in batch):
-                await trio.lowlevel.checkpoint()  # the writers send the receipts first
+        receipts = any(stream.receipts for stream, _, _ in batch)
+        # With receipts, only a batch that ends a set waits for the disk in trio's thread
+        # (its receipts sent first): the rest of a set, shipped ahead of its close (a
+        # write before an fsync), is staged in a thread, so that while its flush waits
+        # the frame that closes the set is still read, and its receipt sent, at once.
+        if sum(map(len, raws)) <= INLINE_SYNC_BYTES and (
+                not receipts or any(record.op == Op.SYNC for record in records)):
+            with trio.move_on_after(RECEIPTS_SEND_SECONDS):
+                for stream in {id(s): s for s, _, _ in batch if s.receipts}.values():
+                    await stream.drained()  # the receipts leave before the disk is waited on
             result = self._stage_durably(records, raws)
         else:  # its commit flushes the pages it wrote too: not in trio's thread
             result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
@@ -509,6 +542,7 @@ class Receiver:
         leaves OUTBOX_FRAMES of them unread."""
         try:
             stream.outbox.send_nowait(frame)
+            stream.queued += 1
         except trio.WouldBlock:
             stream.dropped = (f"{OUTBOX_FRAMES} acknowledgements unread: it sends and "
                               "does not read")

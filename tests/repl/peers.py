@@ -31,7 +31,7 @@ from repl.protocol import (
     FrameType,
     hello,
     parse_hello,
-    parse_staged,
+    parse_keys,
 )
 from store.records import Record
 from tests.store.specs import body, reseal
@@ -137,7 +137,7 @@ async def acknowledged(conn: Connection, count: int) -> list[tuple[int, int]]:
         while len(keys) < count:
             frame = await conn.receive()
             assert frame.type == FrameType.STAGED, frame
-            keys += parse_staged(frame)
+            keys += parse_keys(frame)
     return keys
 
 

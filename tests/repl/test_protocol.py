@@ -29,9 +29,10 @@ from repl.protocol import (
     parse_applied,
     parse_applying,
     parse_hello,
+    parse_keys,
     parse_plain_records,
     parse_records,
-    parse_staged,
+    received,
     record_frames,
     reset_to,
     staged,
@@ -50,7 +51,7 @@ SPECS: dict[str, Frame] = {
     "record": Frame(FrameType.RECORD,
                     Record(Op.WRITE, 7, 2, path=b"dir/f", offset=5, data=b"hi").encode()),
     "staged": staged([(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]),
-    "received": staged([(7, 3), ((1 << 40) + 1, 0xFFFF_FFFD)], FrameType.RECEIVED),
+    "received": received([(7, 3), ((1 << 40) + 1, 0xFFFF_FFFD)]),
     "records": record_frames([Record(Op.MKDIR, 7, 3, path=b"d", mode=0o40755).encode(),
                               Record(Op.SYNC, 7, 4, count=4).encode()], None, batch=True)[0],
     "applied": applied((1 << 33) + 9),
@@ -147,7 +148,7 @@ def test_frame_parsers_ok() -> None:
         "stream": 1, "streams": 4}
     assert Record.decode(SPECS["record"].payload) == Record(Op.WRITE, 7, 2, path=b"dir/f",
                                                             offset=5, data=b"hi")
-    assert parse_staged(SPECS["staged"]) == [(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]
+    assert parse_keys(SPECS["staged"]) == [(7, 2), ((1 << 40) + 1, 0xFFFF_FFFE)]
     assert parse_applied(SPECS["applied"]) == (1 << 33) + 9
     assert parse_applied(SPECS["reset-to"]) == (1 << 35) + 3
     assert parse_applying(SPECS["applying"]) == ((1 << 33) + 10, 0xFFFF_FFFE)
@@ -348,13 +349,13 @@ def test_parse_hello_err_not_object(payload: bytes) -> None:
 
 
 def test_parse_staged_ok_empty() -> None:
-    assert parse_staged(staged([])) == []
+    assert parse_keys(staged([])) == []
 
 
 @pytest.mark.parametrize("size", [1, 11, 13, 25])
 def test_parse_staged_err_length(size: int) -> None:
     with pytest.raises(ProtocolError, match=f"STAGED payload of {size} bytes"):
-        parse_staged(Frame(FrameType.STAGED, bytes(size)))
+        parse_keys(Frame(FrameType.STAGED, bytes(size)))
 
 
 @pytest.mark.parametrize("size", [0, 8, 11, 13])

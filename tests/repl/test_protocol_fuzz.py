@@ -38,8 +38,8 @@ from repl.protocol import (
     FrameType,
     parse_applied,
     parse_hello,
+    parse_keys,
     parse_records,
-    parse_staged,
     record_frames,
 )
 from repl.secondary.gate import Gate, Rejected
@@ -159,7 +159,7 @@ def test_frame_payloads_fuzz(kind: FrameType, payload: bytes) -> None:
     except ProtocolError:
         pass
     try:
-        keys = parse_staged(frame)
+        keys = parse_keys(frame)
         assert all(0 <= s < 1 << 64 and 0 <= q < 1 << 32 for s, q in keys)
     except ProtocolError:
         pass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from repl.protocol import Frame, FrameType, parse_staged, record_frames
+from repl.protocol import Frame, FrameType, parse_keys, record_frames
 from repl.secondary.receiver import INLINE_SYNC_BYTES
 from store.records import Op, Record
 from tests.powercut.harness import simulator
@@ -40,7 +40,7 @@ def test_receiver_receipts_ok_received_then_staged_only_when_asked(tmp_path: Pat
                 while sum(kind == FrameType.STAGED for kind, _ in acks) < 2:
                     frame = await conn.receive()
                     if frame.type in (FrameType.RECEIVED, FrameType.STAGED):
-                        acks += [(frame.type, key) for key in parse_staged(frame)]
+                        acks += [(frame.type, key) for key in parse_keys(frame)]
             await conn.aclose()
             return acks
 
@@ -72,7 +72,7 @@ def test_receiver_stop_ok_stages_what_it_acknowledged_as_received(tmp_path: Path
                         await conn.send(record_frame(record))
                         with trio.fail_after(LOG_TIMEOUT):
                             frame = await conn.receive()
-                        assert (frame.type, parse_staged(frame)) == (
+                        assert (frame.type, parse_keys(frame)) == (
                             FrameType.RECEIVED, [(record.set, record.seq)])
                     sec.proc.send_signal(signal.SIGTERM)
                     await trio.to_thread.run_sync(sec.wait_for, "got SIGTERM")
@@ -164,7 +164,7 @@ def test_receiver_stage_ok_records_sent_together_staged_at_once(tmp_path: Path) 
             with trio.fail_after(LOG_TIMEOUT):
                 frame = await conn.receive()
             assert frame.type == FrameType.STAGED, frame
-            assert sorted(parse_staged(frame)) == [(1, 0), (1, 1), (1, 2)]
+            assert sorted(parse_keys(frame)) == [(1, 0), (1, 1), (1, 2)]
             await conn.aclose()
 
         trio.run(session)

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
+from store.records import Op
 from tests.powercut.harness import simulator
 from tests.support import (
     Daemon,
     free_port,
     primary,
+    read_staging,
     replfs,
     secondary,
     staged_whole,
@@ -73,6 +75,13 @@ class Fsync(threading.Thread):
             self.error = exc
 
 
+def created(replica: Path, path: bytes) -> bool:
+    """True if the secondary of *replica* has staged (or applied) the CREATE of *path*."""
+    return (replica / os.fsdecode(path)).exists() or any(
+        r.op == Op.CREATE and r.path == path
+        for _, records in read_staging(replica).values() for r in records)
+
+
 def in_step(mount: Path, wanted: bool = True) -> dict[str, Any]:
     return until(lambda: status(mount), lambda st: st["fsync_in_step"] is wanted,
                  what=f"fsync_in_step {wanted}")
@@ -121,6 +130,15 @@ def test_semisync_received_ok_fsync_does_not_wait_for_the_secondary_disk(
             # The initial sync's set staged first: a frame that comes while trio's thread
             # stages (and waits for the disk) is received once that is done.
             until(lambda: staged_whole(replica, 1), bool, what="set 1 staged")
+            # So is the file's CREATE, and nothing is in flight: during the hold only
+            # the fsync's own records travel, in one frame. (A record shipped alone a
+            # moment before, as a slow fsync lets the primary's flush tick do, would be
+            # staged in trio's thread, on the held disk, and the receipt of the fsync's
+            # frame would wait for that.)
+            (mount / "f").touch()
+            until(lambda: (created(replica, b"f"), status(mount)["secondaries"][0]),
+                  lambda got: got[0] and got[1]["inflight_bytes"] == 0,
+                  what="the CREATE staged, nothing in flight")
             fsync = Fsync(mount, replica, "f")
             with sim.holding():
                 fsync.start()

@@ -30,7 +30,7 @@ from repl.protocol import (
     FrameType,
     hello,
     parse_hello,
-    parse_staged,
+    parse_keys,
 )
 from store.records import Op, Record
 from tests.faultproxy import DOWN, UP, FaultProxy
@@ -395,7 +395,7 @@ async def send_and_close(port: int, cluster: str, frames: list[Frame]) -> None:
         while len(acked) < len(frames):
             frame = await conn.receive()
             if frame.type == FrameType.STAGED:
-                acked += parse_staged(frame)
+                acked += parse_keys(frame)
     await conn.aclose()
 
 

@@ -14,7 +14,7 @@ import trio.testing
 
 from repl.errors import ProtocolError
 from repl.iscsi import chap
-from repl.protocol import Frame, FrameType, applied, parse_applied, parse_staged, staged
+from repl.protocol import Frame, FrameType, applied, parse_applied, parse_keys, staged
 from repl.scsi import spc
 from store.records import Record
 from tests.repl.scsi.transports import KEYS, Transport, idle, record
@@ -52,7 +52,7 @@ async def test_link_records_ok_complete_out_of_order(transport: Transport) -> No
             while len(acked) < 20 - seq:
                 frame = await ours.receive()
                 assert frame.type == FrameType.STAGED
-                acked += parse_staged(frame)
+                acked += parse_keys(frame)
         assert acked == [(1, seq) for seq in reversed(range(20))]
 
 
