@@ -225,8 +225,11 @@ class PrimaryFS(Passthrough):
             if fields.update_mtime and stat.S_ISREG(st.st_mode):
                 if path is not None:
                     self.capture.keep_mtime(path, times[1])
-                # The kernel keeps a regular file's mtime and ctime itself.
-                return self._entry(self._untimed(inode, fh, times[1]), inode)
+                # The kernel keeps a regular file's mtime and ctime itself; the rest is
+                # as read before, but the atime the utime set.
+                entry = self._entry(st, inode)
+                entry.st_atime_ns = times[0]
+                return entry
         return self._entry(self._stat(inode, fh), inode)
 
     def _stat(self, inode: int, fh: int | None) -> os.stat_result:
