@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import stat
 import threading
 import time
@@ -179,6 +180,15 @@ class Capture:
         self.resync.before(op, fields)
         if (gone := removed_name(op, fields)) is not None and self.touched.covers(gone):
             self._keep_times(gone)
+        record = self._journal(op, intent, fields)
+        self._unsettled = record
+        return record
+
+    def _journal(self, op: Op, intent: bytes | None, fields: dict[str, Any],
+                 ino: int | None = None) -> Record:
+        """Journal *op*, which is about to change BACKING: noted first in the activity
+        log, what it changes tracked for BACKING's next sync. *ino*: the inode number
+        of an attribute op's node, if known."""
         self._ahead(op, fields)
         if op in NAMESPACE_OPS:
             self.unsynced.flag()
@@ -187,14 +197,13 @@ class Capture:
                 self.unsynced.track_dir(fields["path2"])
         else:
             if op in _ATTRIBUTE_OPS:
-                self.unsynced.track_node(fields["path"])
+                self.unsynced.track_node(fields["path"], ino)
             if self.activity.under_name(fields["path"]):
                 self.unsynced.flag()
         pending = self.journal.end - self.journal.durable
         record = self.journal.append(op, intent, **fields)
         if op not in NAMESPACE_OPS:
             self.unsynced.wrote(fields["path"], self.journal.end)
-        self._unsettled = record
         if self.journal.set_bytes >= self.set_bytes and not self._close_due:
             self._close_due = True
             self._wake()
@@ -397,13 +406,13 @@ class Capture:
         self._settle()
         if self.journal.set_is_empty or self.overflow:
             return self.journal.set - 1
-        touched = (every_entry(self.backing, self.touched.paths) if self.touched.everything else
-                   ((path, self.backing.lstat(path)) for path in sorted(self.touched.paths)
-                    if not self._set_kept_mtime(path)))
-        for path, st in touched:
-            if st is not None:
-                self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
-                                    mtime_ns=st.st_mtime_ns)
+        if self.touched.everything:
+            for path, st in every_entry(self.backing, self.touched.paths):
+                self._restate_times(path, st)
+        else:
+            for path in sorted(self.touched.paths):
+                if not self._set_kept_mtime(path):
+                    self._restate_times(path, self.backing.lstat(path))
         self.touched.clear()
         self.closed_at = time.monotonic()
         SET_BYTES.observe(self.journal.set_bytes)
@@ -415,6 +424,12 @@ class Capture:
             self.retention.drop_oldest(self.journal_max, self.backing_at)
         return closed
 
+    def _restate_times(self, path: bytes, st: os.stat_result | None) -> None:
+        """Journal the times *st* BACKING has for *path* (nothing if it is gone)."""
+        if st is not None:
+            self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
+                                mtime_ns=st.st_mtime_ns)
+
     def _set_kept_mtime(self, path: bytes) -> bool:
         """If the kernel set *path*'s mtime (``Touched.mtimes``), set it back on BACKING
         (a write since moved it) and journal it with the atime BACKING has, neither
@@ -425,13 +440,8 @@ class Capture:
         st = self.backing.untimed(path, mtime)
         if st is None:
             return False
-        self._ahead(Op.UTIMES, {"path": path})  # as record() does for a handler's UTIMES
-        self.unsynced.track_node(path, st.st_ino)
-        if self.activity.under_name(path):
-            self.unsynced.flag()
-        record = self.journal.append(Op.UTIMES, path=path, atime_ns=st.st_atime_ns,
-                                     mtime_ns=mtime)
-        self.unsynced.wrote(path, self.journal.end)
+        record = self._journal(Op.UTIMES, None, {"path": path, "atime_ns": st.st_atime_ns,
+                                                 "mtime_ns": mtime}, st.st_ino)
         try:
             self.backing.utime(path, st.st_atime_ns, mtime)
         except OSError:
