@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 import pyfuse3
 
-from store.libc import fd_path, stat_untimed
+from store.libc import fd_path, lstat_at
 
 ROOT = pyfuse3.ROOT_INODE
 ALIAS = 1 << 63  # above every number a filesystem gives (see the module's comment)
@@ -303,25 +303,16 @@ class Inodes:
             return next(iter(node.fds))
         return None
 
-    def stat(self, ino: int) -> os.stat_result:
+    def stat(self, ino: int, mtime_ns: int | None = None) -> os.stat_result:
+        """lstat of *ino* in the backing directory; given *mtime_ns*, one that does not
+        ask for the change and modification times (they read as *mtime_ns*:
+        store/libc.py ``stat_untimed``)."""
         if ino == ROOT:
-            return os.fstat(self.root_fd)
+            return lstat_at(self.root_fd, mtime_ns=mtime_ns)
         fd = self.unlinked_fd(ino)
         if fd is not None:
-            return os.fstat(fd)
-        dir_fd, name = self.at(ino)
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-
-    def untimed(self, ino: int, mtime_ns: int) -> os.stat_result:
-        """``stat`` that does not ask for the change and modification times (they read
-        as *mtime_ns*): store/libc.py ``stat_untimed``."""
-        if ino == ROOT:
-            return stat_untimed(self.root_fd, mtime_ns=mtime_ns)
-        fd = self.unlinked_fd(ino)
-        if fd is not None:
-            return stat_untimed(fd, mtime_ns=mtime_ns)
-        dir_fd, name = self.at(ino)
-        return stat_untimed(dir_fd, name, mtime_ns=mtime_ns)
+            return lstat_at(fd, mtime_ns=mtime_ns)
+        return lstat_at(*self.at(ino), mtime_ns=mtime_ns)
 
     def trim(self) -> None:
         while len(self._dir_fds) > self.fd_limit:

@@ -26,7 +26,7 @@ from repl.apply import intent_for
 from repl.histograms import FSYNC_SECONDS
 from repl.primary.capture import Capture
 from repl.primary.semisync import Semisync
-from store.libc import fallocate, renameat2, stat_untimed
+from store.libc import fallocate, lstat_at, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -209,9 +209,8 @@ class PrimaryFS(Passthrough):
                 self._on_node(inode, fh, os.chmod, mode)
             self._xattrs.pop(inode, None)  # chmod rewrites the ACL's mask and other
         if fields.update_atime or fields.update_mtime:
-            # Given the mtime, BACKING is not asked for its times: see _untimed.
-            st = (self._untimed(inode, fh, attr.st_mtime_ns) if fields.update_mtime
-                  else self._stat(inode, fh))
+            # Given the mtime, BACKING is not asked for its times: see _stat.
+            st = self._stat(inode, fh, attr.st_mtime_ns if fields.update_mtime else None)
             times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             # The kernel's writeback of a written file's times, at every fsync: the
@@ -232,15 +231,14 @@ class PrimaryFS(Passthrough):
                 return entry
         return self._entry(self._stat(inode, fh), inode)
 
-    def _stat(self, inode: int, fh: int | None) -> os.stat_result:
-        return os.fstat(fh) if fh is not None else self.inodes.stat(inode)
-
-    def _untimed(self, inode: int, fh: int | None, mtime_ns: int) -> os.stat_result:
-        """``_stat`` without asking BACKING for the change and modification times (they
-        read as *mtime_ns*): a question moves the clock of every coarse timestamp at
-        the file's next change, and the kernel then sends the mount's files' mtimes
-        at every fsync (store/libc.py ``stat_untimed``)."""
-        return stat_untimed(fh, mtime_ns=mtime_ns) if fh is not None else self.inodes.untimed(
+    def _stat(self, inode: int, fh: int | None, mtime_ns: int | None = None
+              ) -> os.stat_result:
+        """lstat of *inode* (through *fh* if open); given *mtime_ns*, without asking
+        BACKING for the change and modification times (they read as *mtime_ns*): a
+        question moves the clock of every coarse timestamp at the file's next change,
+        and the kernel then sends the mount's files' mtimes at every fsync
+        (store/libc.py ``stat_untimed``)."""
+        return lstat_at(fh, mtime_ns=mtime_ns) if fh is not None else self.inodes.stat(
             inode, mtime_ns)
 
     def _truncate(self, inode: int, fh: int | None, size: int) -> None:

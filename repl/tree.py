@@ -12,7 +12,7 @@ import os
 import stat
 from collections import OrderedDict
 
-from store.libc import fd_path, stat_untimed
+from store.libc import fd_path, lstat_at
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SYNC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -70,25 +70,13 @@ class Tree:
         parent, _, name = path.rpartition(b"/")
         return self.dir_fd(parent), name
 
-    def lstat(self, path: bytes) -> os.stat_result | None:
-        """lstat of *path*, or None when it (or a parent) does not exist."""
+    def lstat(self, path: bytes, mtime_ns: int | None = None) -> os.stat_result | None:
+        """lstat of *path*, or None when it (or a parent) does not exist; given
+        *mtime_ns*, one that does not ask for its change and modification times
+        (they read as *mtime_ns*: store/libc.py ``stat_untimed``)."""
         try:
-            if not path:
-                return os.stat(self.root_fd)
-            fd, name = self.parent(path)
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def untimed(self, path: bytes, mtime_ns: int) -> os.stat_result | None:
-        """lstat of *path* that does not ask for its change and modification times
-        (store/libc.py ``stat_untimed``: they read as *mtime_ns*), or None when it
-        (or a parent) does not exist."""
-        try:
-            if not path:
-                return stat_untimed(self.root_fd, mtime_ns=mtime_ns)
-            fd, name = self.parent(path)
-            return stat_untimed(fd, name, mtime_ns=mtime_ns)
+            return lstat_at(*self.parent(path), mtime_ns=mtime_ns) if path else \
+                lstat_at(self.root_fd, mtime_ns=mtime_ns)
         except (FileNotFoundError, NotADirectoryError):
             return None
 

@@ -72,6 +72,15 @@ _AT_EMPTY_PATH, _AT_SYMLINK_NOFOLLOW = 0x1000, 0x100
 _ATIME = 0x20  # STATX_ATIME
 
 
+def lstat_at(fd: int, name: bytes = b"", mtime_ns: int | None = None) -> os.stat_result:
+    """lstat of *name* in directory *fd* (of *fd* itself without a name); given
+    *mtime_ns*, one that does not ask for the change and modification times
+    (``stat_untimed``)."""
+    if mtime_ns is not None:
+        return stat_untimed(fd, name, mtime_ns=mtime_ns)
+    return os.stat(name, dir_fd=fd, follow_symlinks=False) if name else os.fstat(fd)
+
+
 def stat_untimed(fd: int, name: bytes = b"", *, mtime_ns: int) -> os.stat_result:
     """lstat of *name* in directory *fd* (of *fd* itself without a name) that never
     asks for its change or modification time, which read as *mtime_ns*.

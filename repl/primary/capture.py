@@ -437,7 +437,7 @@ class Capture:
         mtime = self.touched.mtimes.get(path)
         if mtime is None:
             return False
-        st = self.backing.untimed(path, mtime)
+        st = self.backing.lstat(path, mtime)
         if st is None:
             return False
         record = self._journal(Op.UTIMES, None, {"path": path, "atime_ns": st.st_atime_ns,
