@@ -405,9 +405,10 @@ class Bench:
         disk = disk_written(self.tmp)
         applied = checkpoint(mount)
         done = now()
-        if disk is not None:
-            self.replication["catchup_disk_bytes_per_byte"] = (
-                (disk_written(self.tmp) or disk) - disk) / size
+        if disk is not None:  # the disk's own pace: what the catch-up can reach on it
+            written = (disk_written(self.tmp) or disk) - disk
+            self.replication["catchup_disk_bytes_per_byte"] = written / size
+            self.replication["catchup_disk_MBps"] = written / MB / (done - connected)
         new.peak_kib = max(new.peak_kib, sec.peak_kib)  # report the peak of both runs
         self.replication |= {
             "catchup_MBps": size / MB / (done - connected),
@@ -419,7 +420,8 @@ class Bench:
             f"reconnecting ({connected - started:.1f}s after the restart), "
             f"{self.replication['catchup_MBps']:.0f} MB/s"
             + (f", {self.replication['catchup_disk_bytes_per_byte']:.2f} bytes written to "
-               "the disk a byte" if "catchup_disk_bytes_per_byte" in self.replication else ""))
+               f"the disk a byte ({self.replication['catchup_disk_MBps']:.0f} MB/s)"
+               if "catchup_disk_bytes_per_byte" in self.replication else ""))
         return new
 
     def cleanup(self) -> None:
