@@ -14,7 +14,10 @@ latencies). Then, with the secondary: lag from a set's close to its apply
 (``checkpoint --wait`` round trips under a steady writer, and the lag under
 an application that fsyncs 15 times a second: bin/bench_lag.py), the
 catch-up rate after an outage, peak memory of both daemons, and journal bytes per
-application byte. Last, the standby's reads (bin/bench_reads.py): the
+application byte. What the disk wrote is counted too (its block device's sectors
+written): per byte of seq_write on each target (the replicated one writes each byte
+to the journal, BACKING, the staging store and the replica, all on this one disk),
+and per byte of the catch-up, with the disk's write rate meanwhile. Last, the standby's reads (bin/bench_reads.py): the
 secondary's cached standby mount against the replica directory, idle and
 while sets arrive.
 
