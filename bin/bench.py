@@ -17,9 +17,9 @@ catch-up rate after an outage, peak memory of both daemons, and journal bytes pe
 application byte. What the disk wrote is counted too (its block device's sectors
 written): per byte of seq_write on each target (the replicated one writes each byte
 to the journal, BACKING, the staging store and the replica, all on this one disk),
-and per byte of the catch-up, with the disk's write rate meanwhile. Last, the standby's reads (bin/bench_reads.py): the
-secondary's cached standby mount against the replica directory, idle and
-while sets arrive.
+and per byte of the catch-up, with the disk's write rate meanwhile. Last, the
+standby's reads (bin/bench_reads.py): the secondary's cached standby mount
+against the replica directory, idle and while sets arrive.
 
 Timed workloads run for a fixed time and count what they did; the file
 writers write a fixed volume (``--quick``: smaller volumes, shorter times,
