@@ -85,6 +85,25 @@ class Divergence:
         return {p: r for p, r in self.ranges.items()
                 if not any(is_under(p, top) for top in roots)}
 
+    def with_links(self, root: str | os.PathLike[str]) -> Divergence:
+        """A copy of these paths with every name of each file, symlink or node that has
+        more than one in the tree at *root* (one walk): what a node whose tree is not
+        at a set offers the primary. The primary may have removed the name a change
+        of such a file went through (its records name only that one), and then cannot
+        tell that the file lives on here under another name; sent whole, each name
+        gets the primary's copy."""
+        out = Divergence(set(self.content), {p: list(s) for p, s in self.ranges.items()})
+        if out.whole_tree:
+            return out
+        base = os.fsencode(root)
+        for top, dirs, files in os.walk(base):
+            for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
+                full = os.path.join(top, name)
+                st = os.lstat(full)
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                    out.content.add(os.path.relpath(full, base))
+        return out
+
     def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
         """Add every name of each file, symlink or node with more than one that is at
         or under a touched path, so that it is sent as one inode (two walks: the

@@ -161,7 +161,7 @@ class Applier:
         staging = self.staging
         touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
                                    for record in staging.records(set_id))
-        offer, asked = touched.offer()
+        offer, asked = touched.with_links(self.replica).offer()
         what = "the whole tree" if asked.whole_tree else \
             f"the {len(touched.content) + len(touched.ranges)} paths they touched"
         staging.drop_unapplied()

@@ -154,7 +154,7 @@ class Rejoin:
         if staging.rejoin is None and journal is not None:
             fork = fork_point(info.get("history"), journal.identity.generation)
             ours, branch = keep_branch(journal, self.replica, self.branches, fork)
-            staging.start_rejoin(fork - 1, ours.offer()[0])
+            staging.start_rejoin(fork - 1, ours.with_links(self.replica).offer()[0])
             journal.close()
             shutil.move(journal.path, branch / "journal")  # from another disk, maybe
             self.journal = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from repl.diverge import END, Divergence
@@ -61,3 +63,20 @@ def test_divergence_offer_ok_fits_a_hello_or_asks_for_the_whole_tree() -> None:
     raw, asked = many.offer()
     assert asked.whole_tree and len(raw) < 100
     assert Divergence.from_json(json.loads(raw)).content == {b""}
+
+
+def test_divergence_with_links_ok_every_name_of_a_linked_file(tmp_path: Path) -> None:
+    """The primary wrote a file through a name it then removed: its records name only
+    that one. The rejoining node offers every name of its linked files, so the other
+    name is sent whole too."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "f8").write_bytes(b"x" * 4360)
+    os.link(tmp_path / "c" / "f8", tmp_path / "f11")  # the name the write went through
+    (tmp_path / "alone").write_bytes(b"y")
+    (tmp_path / "d").mkdir()
+    ours = Divergence().add([rec(Op.WRITE, b"f11", offset=4096, data=b"z" * 2090),
+                             rec(Op.UNLINK, b"f11")])
+    offered = ours.with_links(tmp_path)
+    assert offered.content == {b"f11", b"c/f8"}
+    assert ours.content == {b"f11"}, "a copy: the branch keeps what this node changed"
+    assert Divergence({b""}).with_links(tmp_path).content == {b""}
