@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -139,11 +140,13 @@ class _Stream:
 class Receiver:
     def __init__(self, staging: Staging, gate: Gate, on_complete: Callable[[], None],
                  on_reset: Callable[[int], None],
-                 on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {}
-                 ) -> None:
+                 on_hello: Callable[[dict[str, Any]], dict[str, Any]] = lambda info: {},
+                 replica: Path | None = None) -> None:
         """*on_complete*: a set is complete; *on_reset*: an initial sync begins at that
-        set; *on_hello*: the extra fields of our HELLO answer, given the primary's."""
+        set; *on_hello*: the extra fields of our HELLO answer, given the primary's;
+        *replica*: the tree, for what a rejoin offers (``follow_generation``)."""
         self.staging = staging
+        self.replica = replica
         self.gate = gate
         self.on_complete = on_complete
         self.on_reset = on_reset
@@ -393,7 +396,7 @@ class Receiver:
             self.staging.save_identity()
             log.info("joined cluster %s", cluster)
         if generation > ident.generation:
-            follow_generation(self.staging, info.get("history"), generation)
+            follow_generation(self.staging, info.get("history"), generation, self.replica)
         extra = self.on_hello(info)  # a rejoin: what this node changed on its own
         await conn.send(hello(role="secondary", version=PROTOCOL_VERSION, node=ident.node,
                               cluster=ident.cluster, generation=ident.generation,

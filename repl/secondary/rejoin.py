@@ -167,10 +167,12 @@ class Rejoin:
             self.journal.close()
 
 
-def follow_generation(staging: Staging, history: Any, generation: int) -> None:
+def follow_generation(staging: Staging, history: Any, generation: int,
+                      replica: Path | None = None) -> None:
     """Follow the primary of *generation*, newer than the staging's, whose generation
     history is *history* (its HELLO's): keep what the two lineages share, drop the
-    rest, and if the replica applied sets past the fork, start a rejoin of them.
+    rest, and if the replica applied sets past the fork, start a rejoin of them (with
+    every name of the hard-linked files of *replica*, the tree: ``with_links``).
 
     The replica takes *history* as its own: promoted later, it must name every
     generation of the lineage its data has, not only its own, or a node of an older
@@ -199,7 +201,7 @@ def follow_generation(staging: Staging, history: Any, generation: int) -> None:
                                     for r in staging.records(s))
         else:
             ours = Divergence({b""})  # no longer known: the whole tree
-        offer, asked = ours.offer()
+        offer, asked = (ours.with_links(replica) if replica is not None else ours).offer()
         staging.drop_unapplied()
         staging.start_rejoin(fork - 1, offer)
         log.warning("this replica applied sets %d to %d, which the primary of generation "

@@ -297,7 +297,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                           invalidator=invalidator,
                           on_progress=lambda s, q: receiver.report_applying(s, q))
         receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
-                            on_reset=applier.reset_to, on_hello=rejoining.hello)
+                            on_reset=applier.reset_to, on_hello=rejoining.hello,
+                            replica=replica)
 
         async def status(_: dict[str, Any]) -> dict[str, Any]:
             r = receiver.status

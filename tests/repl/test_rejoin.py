@@ -200,6 +200,23 @@ def test_follow_generation_ok_past_the_fork_asks_for_those_paths(staging: Stagin
         p.hex() for p in (b"d", b"e"))
 
 
+def test_follow_generation_ok_past_the_fork_offers_every_linked_name(
+        staging: Staging, tmp_path: Path) -> None:
+    """The new primary may have written a file through a name it then removed: the
+    replica offers every name of its hard-linked files too, so each is sent whole."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f8").write_bytes(b"x")
+    os.link(tree / "f8", tree / "f11")
+    (tree / "e").write_bytes(b"y")
+    for set_id, name in ((3, b"c"), (4, b"d"), (5, b"e")):
+        staging.stage(create(set_id, name))
+        staging.finish(set_id)
+    follow_generation(staging, HISTORY, 2, tree)
+    assert json.loads(staging.rejoin or b"")["content"] == sorted(
+        p.hex() for p in (b"d", b"e", b"f8", b"f11"))
+
+
 def test_follow_generation_ok_past_the_fork_too_many_paths_is_the_whole_tree(
         staging: Staging) -> None:
     """Past the fork the replica applied more paths than its HELLO answer can offer:
