@@ -408,7 +408,7 @@ class PrimaryFS(Passthrough):
         else:
             self.capture.wait_durable(end)
             if self.remote is not None:
-                self.remote.count_local()  # its data went to the dirty map: nothing to wait for
+                self.remote.count_local(closed + 1)  # its data went to the dirty map
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- xattrs ---------------------------------------------------------------------

@@ -86,7 +86,8 @@ class Semisync:
                                                     for p in behind), self.timeout)
                 for peer in behind:
                     if peer.in_step and not peer.holds(set_id):
-                        peer.fall_behind(set_id, self.timeout)
+                        peer.fall_behind(set_id, f"did not stage set {set_id} within "
+                                                 f"{self.timeout:g}s")
                 if any(p.in_step and p.holds(set_id) for p in self.peers.values()):
                     return True
                 self.local_only += 1
@@ -96,11 +97,17 @@ class Semisync:
                 for peer in peers:
                     peer.waiting -= 1
 
-    def count_local(self) -> None:
+    def count_local(self, resync_set: int) -> None:
         """An fsync returned without waiting, over the journal's budget (its data is
-        in the dirty map, sent with the resync)."""
+        in the dirty map, sent with the resync that closes set *resync_set*): the
+        secondaries in step are behind until they staged that set (logged, and in
+        status, like any that fell behind)."""
         with self._cond:
             self.local_only += 1
+            for peer in self.peers.values():
+                if peer.in_step:
+                    peer.fall_behind(resync_set, "is behind the journal's budget (its "
+                                     "data goes to the dirty map)")
 
 
 class Peer:
@@ -178,11 +185,10 @@ class Peer:
             return min(next(iter(self._unstaged)) - 1, self._whole) >= set_id
         return self._whole >= set_id
 
-    def fall_behind(self, set_id: int, timeout: float) -> None:
-        """An fsync waited *timeout* seconds for *set_id*: out of step until it caught up."""
-        log.warning("fsync remote: secondary %s did not stage set %d within %gs; fsyncs "
-                    "do not wait for it until it has caught up", self.address, set_id,
-                    timeout)
+    def fall_behind(self, set_id: int, why: str) -> None:
+        """Out of step until it has staged *set_id*, for the reason *why* (logged)."""
+        log.warning("fsync remote: secondary %s %s; fsyncs do not wait for it until it "
+                    "has caught up", self.address, why)
         self._catch_up_to = set_id
         self._set(False)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from repl.primary.semisync import Semisync
 from store.records import Op
 from tests.powercut.harness import simulator
 from tests.support import (
@@ -273,3 +274,20 @@ def test_semisync_wait_staged_ok_stalled_one_of_two_left_behind(tmp_path: Path) 
                 assert status(mount)["fsync_local_only"] == 0
             until(lambda: blocks(mount), lambda b: b[a2]["fsync_in_step"],
                   what=f"{a2} in step again")
+
+
+def test_semisync_count_local_ok_over_budget_puts_the_secondaries_behind(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over the journal's budget an fsync returns on the primary's disk alone (its data
+    is in the dirty map): the secondary in step is behind until it staged the set the
+    resync closes, and the log says so (status, and bin/torture, read that)."""
+    semi = Semisync(timeout=1.0)
+    peer = semi.add("beta:7070")
+    peer.connected(applied=4, last_closed=4)
+    assert peer.in_step
+    semi.count_local(5)
+    assert (peer.in_step, semi.local_only) == (False, 1)
+    assert "beta:7070 is behind the journal's budget" in caplog.text
+    peer.shipped([(5, 0, False), (5, 1, True)])
+    peer.staged([(5, 0), (5, 1)])
+    assert peer.in_step, "in step again once the resync's set is staged"
