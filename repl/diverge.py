@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from repl.errors import ProtocolError
@@ -92,16 +92,12 @@ class Divergence:
         of such a file went through (its records name only that one), and then cannot
         tell that the file lives on here under another name; sent whole, each name
         gets the primary's copy."""
-        out = Divergence(set(self.content), {p: list(s) for p, s in self.ranges.items()})
+        out = Divergence().update(self)
         if out.whole_tree:
             return out
         base = os.fsencode(root)
-        for top, dirs, files in os.walk(base):
-            for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
-                full = os.path.join(top, name)
-                st = os.lstat(full)
-                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                    out.content.add(os.path.relpath(full, base))
+        out.content.update(os.path.relpath(full, base) for full, st in _entries(base)
+                           if _linked(st))
         return out
 
     def follow_links(self, root: str | os.PathLike[str]) -> Divergence:
@@ -120,18 +116,11 @@ class Divergence:
                 if st.st_nlink > 1:
                     linked.add(st.st_ino)
                 continue
-            for top, dirs, files in os.walk(full):
-                for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
-                    st = os.lstat(os.path.join(top, name))
-                    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                        linked.add(st.st_ino)
+            linked.update(st.st_ino for _, st in _entries(full) if _linked(st))
         if not linked:
             return self
-        for top, dirs, files in os.walk(base):
-            for name in (*files, *dirs):
-                full = os.path.join(top, name)
-                if os.lstat(full).st_ino in linked:
-                    self.content.add(os.path.relpath(full, base))
+        self.content.update(os.path.relpath(full, base) for full, st in _entries(base)
+                            if st.st_ino in linked)
         return self
 
     @property
@@ -190,3 +179,16 @@ def _span(span: object) -> tuple[int, int]:
             and 0 <= span[0] <= span[1] <= END):
         return span[0], span[1]
     raise ProtocolError(f"bad range {span!r:.80} in the rejoin divergence")
+
+
+def _entries(top: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) of everything under directory *top*, symlinks not followed."""
+    for at, dirs, files in os.walk(top):
+        for name in (*files, *dirs):  # a symlink to a directory is listed in dirs
+            full = os.path.join(at, name)
+            yield full, os.lstat(full)
+
+
+def _linked(st: os.stat_result) -> bool:
+    """Whether *st* is of a file, symlink or node with more than one name."""
+    return not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1

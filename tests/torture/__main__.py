@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.torture.cluster import KINDS as CLUSTER_KINDS
@@ -17,21 +18,33 @@ from tests.torture.run import KINDS, POWER_CUT, REPLICA_POWER_CUT, Result, run_o
 RUN_SECONDS = 6.0
 
 
+def run_seeds(runs: int, seed: int, minutes: float | None) -> Iterator[int]:
+    """The seeds of a campaign's runs, drawn from *seed*: *runs* of them, or as many as
+    begin within *minutes* (whichever is more)."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    count = 0
+    while count < runs or (deadline and time.monotonic() < deadline):
+        if deadline and time.monotonic() >= deadline:
+            break
+        count += 1
+        yield rng.randrange(1 << 32)
+
+
+def fault_counts(faults: Counter[str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(faults.items())) or "none"
+
+
 def campaign(runs: int, seed: int, minutes: float | None, seconds: float,
              out: object = sys.stdout, power_cuts: bool = False) -> list[Result]:
     base = Path(tempfile.gettempdir())
-    rng = random.Random(seed)
     results: list[Result] = []
-    deadline = time.monotonic() + minutes * 60 if minutes else None
-    while len(results) < runs or (deadline and time.monotonic() < deadline):
-        if deadline and time.monotonic() >= deadline:
-            break
-        run_seed = rng.randrange(1 << 32)
+    for run_seed in run_seeds(runs, seed, minutes):
         started = time.monotonic()
         result = run_one(run_seed, seconds, base, power_cuts=power_cuts)
         results.append(result)
-        faults = ",".join(f"{k}={v}" for k, v in sorted(result.faults.items())) or "none"
-        print(f"run {len(results):>4}  seed {run_seed:>10}  faults {faults:<40} sets "
+        print(f"run {len(results):>4}  seed {run_seed:>10}  faults "
+              f"{fault_counts(result.faults):<40} sets "
               f"{result.sets:>4}  samples {result.samples:>3}  holds {result.holds:>2}  "
               f"journal {result.journal_max or '1G':>4}  ops {result.ops:>5}  "
               f"{time.monotonic() - started:4.1f}s  "
@@ -46,20 +59,15 @@ def cluster_campaign(runs: int, seed: int, minutes: float | None, seconds: float
                      out: object = sys.stdout) -> list[ClusterResult]:
     """Runs of three nodes on etcd (tests/torture/cluster.py), as ``campaign``."""
     base = Path(tempfile.gettempdir())
-    rng = random.Random(seed)
     results: list[ClusterResult] = []
-    deadline = time.monotonic() + minutes * 60 if minutes else None
-    while len(results) < runs or (deadline and time.monotonic() < deadline):
-        if deadline and time.monotonic() >= deadline:
-            break
-        run_seed = rng.randrange(1 << 32)
+    for run_seed in run_seeds(runs, seed, minutes):
         started = time.monotonic()
         result = run_cluster(run_seed, seconds, base)
         results.append(result)
-        faults = ",".join(f"{k}={v}" for k, v in sorted(result.faults.items())) or "none"
         took = ",".join(f"{t:.1f}" for t in result.failover_seconds) or "-"
         print(f"run {len(results):>4}  seed {run_seed:>10}  fsync {result.fsync:<6}  faults "
-              f"{faults:<32} failovers {took:<14} sets {result.sets:>4}  ops {result.ops:>5}  "
+              f"{fault_counts(result.faults):<32} failovers {took:<14} sets "
+              f"{result.sets:>4}  ops {result.ops:>5}  "
               f"{time.monotonic() - started:5.1f}s  {'ok' if result.ok else 'VIOLATION'}",
               file=out, flush=True)  # type: ignore[arg-type]
         if not result.ok:
