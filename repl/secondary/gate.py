@@ -10,13 +10,14 @@ little and not for long:
   reads it); a plain-TCP replfs peer is told, in plain replfs, to use TLS;
 - a peer that has not finished its TLS handshake and sent its HELLO within
   HANDSHAKE_SECONDS is dropped;
-- strangers are bounded, per host and in all. A new connection over a
-  bound pushes out an older stranger under it: one that has not sent a
+- strangers are bounded. A new connection at the bound pushes out an
+  older stranger of the host that holds the most: one that has not sent a
   byte yet if there is one (a real primary speaks at once), else the
-  oldest. So a flood of silent connections, even from the primary's own
-  address, cannot hold the door shut: the real primary's handshake, which
-  speaks at once and is done in milliseconds, gets through. Per host, a
-  flood from one address only ever pushes out its own.
+  oldest. So a flood of silent connections cannot hold the door shut: from
+  other addresses it only ever pushes out its own, and from the primary's
+  own address it gives each newcomer the time of MAX_HANDSHAKES newer
+  connections to speak, which the real primary's handshake, sent the
+  moment its connection is up, takes.
 
 With ``--insecure`` the door only turns away a peer that speaks TLS (a
 primary started with ``--tls``), so that mismatch is told apart from garbage.
@@ -25,6 +26,7 @@ primary started with ``--tls``), so that mismatch is told apart from garbage.
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,9 +44,8 @@ T = TypeVar("T")
 # host; a peer that has not finished them in this long is not a primary worth waiting for.
 HANDSHAKE_SECONDS = 5.0
 # Strangers (handshakes in progress). A primary opens its streams one after the
-# other, so it has one in progress at a time; a few per host leave room for a reconnect.
+# other, so it has one in progress at a time.
 MAX_HANDSHAKES = 64
-MAX_HANDSHAKES_PER_HOST = 8
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
 TELL_SECONDS = 1.0  # how long a refused peer may take to read why
 
@@ -93,7 +94,7 @@ class Gate:
         """
         pending = _Pending(host, trio.CancelScope(
             deadline=trio.current_time() + HANDSHAKE_SECONDS))
-        self._make_room(host)
+        self._make_room()
         self._pending.append(pending)
         try:
             with pending.scope:
@@ -109,22 +110,18 @@ class Gate:
             raise Rejected("busy", f"pushed out by a newer connection: {pending.pushed_out}")
         raise Rejected("no-handshake", f"no handshake within {HANDSHAKE_SECONDS:g}s")
 
-    def _make_room(self, host: str) -> None:
-        """Push out older strangers, so one more stays within both bounds."""
-        mine = [p for p in self._pending if p.host == host and not p.pushed_out]
-        if len(mine) >= MAX_HANDSHAKES_PER_HOST:
-            self._push_out(mine, f"{MAX_HANDSHAKES_PER_HOST} handshakes in progress "
-                           f"from {host} already")
+    def _make_room(self) -> None:
+        """At the bound, push out a stranger of the host that holds the most (of those
+        hosts, the oldest that said nothing yet, else the oldest), so one more fits."""
         live = [p for p in self._pending if not p.pushed_out]
-        if len(live) >= MAX_HANDSHAKES:
-            self._push_out(live, f"{MAX_HANDSHAKES} handshakes in progress already")
-
-    @staticmethod
-    def _push_out(candidates: list[_Pending], why: str) -> None:
-        """Push out the oldest of *candidates* (oldest first) that said nothing yet, or
-        the oldest."""
+        if len(live) < MAX_HANDSHAKES:
+            return
+        held = Counter(p.host for p in live)
+        most = max(held.values())
+        candidates = [p for p in live if held[p.host] == most]
         pending = next((p for p in candidates if not p.spoke), candidates[0])
-        pending.pushed_out = why
+        pending.pushed_out = (f"{MAX_HANDSHAKES} handshakes in progress already, "
+                              f"{most} from {pending.host}")
         pending.scope.cancel()
 
     async def _admit(self, stream: trio.SocketStream, pending: _Pending) -> trio.abc.Stream:

@@ -25,7 +25,7 @@ from repl.protocol import (
     Frame,
     parse_hello,
 )
-from repl.secondary.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES_PER_HOST, Gate
+from repl.secondary.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES, Gate
 from repl.secondary.receiver import (
     OUTBOX_FRAMES,
     REFUSALS_LOGGED,
@@ -82,7 +82,7 @@ def test_gate_admit_ok_flood_from_the_primarys_address(tmp_path: Path) -> None:
 
 def test_gate_admit_err_silent_after_tls(tmp_path: Path) -> None:
     """Links with the primary's own certificate that never send a HELLO are strangers
-    still: bounded per host like any other (the oldest pushed out), and dropped after
+    still: bounded like any other (the oldest pushed out), and dropped after
     HANDSHAKE_SECONDS, each counted."""
     replica = tmp_path / "r"
     extra = 2
@@ -90,10 +90,10 @@ def test_gate_admit_err_silent_after_tls(tmp_path: Path) -> None:
 
         async def silent() -> float:
             links = [await connect(sec.port, client_context())
-                     for _ in range(MAX_HANDSHAKES_PER_HOST + extra)]
+                     for _ in range(MAX_HANDSHAKES + extra)]
             start = trio.current_time()
             st = await trio.to_thread.run_sync(status, replica)
-            assert (st["handshakes"], st["refused_by"]) == (MAX_HANDSHAKES_PER_HOST,
+            assert (st["handshakes"], st["refused_by"]) == (MAX_HANDSHAKES,
                                                             {"busy": extra})
             with trio.fail_after(HANDSHAKE_SECONDS * 4):
                 for link in links:
@@ -109,7 +109,7 @@ def test_gate_admit_err_silent_after_tls(tmp_path: Path) -> None:
         took = trio.run(silent)
         assert took < HANDSHAKE_SECONDS * 2, took
         st = status(replica)
-        assert st["refused_by"] == {"busy": extra, "no-handshake": MAX_HANDSHAKES_PER_HOST}
+        assert st["refused_by"] == {"busy": extra, "no-handshake": MAX_HANDSHAKES}
         assert st["handshakes"] == 0 and st["cluster"] is None
 
 

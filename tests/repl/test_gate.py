@@ -48,7 +48,6 @@ from repl.protocol import (
 from repl.secondary.gate import (
     HANDSHAKE_SECONDS,
     MAX_HANDSHAKES,
-    MAX_HANDSHAKES_PER_HOST,
     TLS_HANDSHAKE_RECORD,
     Gate,
     Rejected,
@@ -450,14 +449,15 @@ def test_gate_admit_ok_flood_of_silent_peers(tmp_path: Path) -> None:
 
 
 async def _flood_in_process(hosts: list[str], speaker: str | None = None
-                            ) -> tuple[list[str], int]:
+                            ) -> tuple[list[str], int, set[str]]:
     """Silent connections from *hosts* (one each, in order) to a gate; then a real
     primary's. With *speaker*, a connection from that host that sends the first byte
     of a TLS handshake and no more comes before them all. Returns the outcomes in
-    order ("speaker: ..." for the speaker's), and how many were in progress before
-    the primary came."""
+    order ("speaker: ..." for the speaker's), how many were in progress before the
+    primary came, and the hosts of those pushed out."""
     gate = Gate(tls.credentials(cluster_ca() / SECONDARY, PRIMARY))
     outcomes: list[str] = []
+    pushed_from: set[str] = set()
     speaker_port = -1
 
     async def greet(link: trio.abc.Stream) -> trio.abc.Stream:
@@ -470,6 +470,7 @@ async def _flood_in_process(hosts: list[str], speaker: str | None = None
             admitted = await gate.admit(stream, host, greet)
         except Rejected as exc:
             outcomes.append(who + exc.reason)
+            pushed_from.add(host)
             return
         outcomes.append(who + "admitted")
         await trio.aclose_forcefully(admitted)
@@ -500,37 +501,41 @@ async def _flood_in_process(hosts: list[str], speaker: str | None = None
         nursery.cancel_scope.cancel()
     for sock in socks:
         sock.close()
-    return outcomes, waiting
+    return outcomes, waiting, pushed_from
 
 
-async def test_gate_admit_err_busy_per_host() -> None:
-    """Past MAX_HANDSHAKES_PER_HOST from one host, its oldest are pushed out."""
-    outcomes, waiting = await _flood_in_process(["127.0.0.2"] *
-                                                      (MAX_HANDSHAKES_PER_HOST + 3))
-    assert waiting == MAX_HANDSHAKES_PER_HOST
-    assert outcomes == ["busy"] * 3 + ["admitted"]
+async def test_gate_admit_err_busy_host_holding_most() -> None:
+    """Past MAX_HANDSHAKES, the host holding the most is the one pushed out from, its
+    oldest first: a flood from one address never pushes out another's."""
+    others = [f"127.0.2.{i}" for i in range(1, 11)]
+    outcomes, waiting, pushed_from = await _flood_in_process(
+        others + ["127.0.0.2"] * MAX_HANDSHAKES)
+    assert waiting == MAX_HANDSHAKES
+    assert outcomes == ["busy"] * 11 + ["admitted"], "the primary's pushed out one more"
+    assert pushed_from == {"127.0.0.2"}
 
 
 async def test_gate_admit_err_busy_in_all() -> None:
-    """Past MAX_HANDSHAKES from all hosts, the oldest are pushed out."""
+    """Past MAX_HANDSHAKES from as many hosts, the oldest are pushed out."""
     hosts = [f"127.0.2.{i}" for i in range(1, MAX_HANDSHAKES + 6)]
-    outcomes, waiting = await _flood_in_process(hosts)
+    outcomes, waiting, pushed_from = await _flood_in_process(hosts)
     assert waiting == MAX_HANDSHAKES
     assert outcomes == ["busy"] * 6 + ["admitted"], "the primary's pushed out one more"
+    assert pushed_from == set(hosts[:6])
 
 
 async def test_gate_admit_ok_silent_pushed_out_first() -> None:
     """A connection that began a TLS handshake outlives silent ones of its host, older
     or newer: over the bound, the oldest silent one makes room."""
-    outcomes, waiting = await _flood_in_process(["127.0.0.2"] *
-                                                (MAX_HANDSHAKES_PER_HOST + 3), "127.0.0.2")
-    assert waiting == MAX_HANDSHAKES_PER_HOST
+    outcomes, waiting, _ = await _flood_in_process(["127.0.0.2"] * (MAX_HANDSHAKES + 2),
+                                                   "127.0.0.2")
+    assert waiting == MAX_HANDSHAKES
     assert outcomes == ["busy"] * 4 + ["admitted"], "the speaker was pushed out"
 
 
 async def test_gate_admit_ok_silent_pushed_out_first_in_all() -> None:
     hosts = [f"127.0.2.{i}" for i in range(1, MAX_HANDSHAKES + 6)]
-    outcomes, waiting = await _flood_in_process(hosts, "127.0.3.1")
+    outcomes, waiting, _ = await _flood_in_process(hosts, "127.0.3.1")
     assert waiting == MAX_HANDSHAKES
     assert outcomes == ["busy"] * 7 + ["admitted"], "the speaker was pushed out"
 
