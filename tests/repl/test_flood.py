@@ -66,8 +66,8 @@ def test_gate_admit_ok_flood_from_the_primarys_address(tmp_path: Path) -> None:
     backing.mkdir()
     with secondary(replica) as sec:
         idle = fds(sec)
-        with Flood(sec.port, "127.0.0.1", pace=0) as flood:
-            wait_until("flooded", lambda: status(replica)["refused_by"].get("busy", 0) > 100,
+        with Flood(sec.port, "127.0.0.1", pace=0):
+            wait_until("flooded", lambda: status(replica)["refused_by"].get("busy", 0) > 400,
                        timeout=60)
             with primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}") as prim:
                 for i in range(3):
@@ -75,7 +75,6 @@ def test_gate_admit_ok_flood_from_the_primarys_address(tmp_path: Path) -> None:
                     checkpoint(mount)
                     assert fds(sec) < idle + 2 * 64
                 assert status(replica)["connected_streams"] == 4
-            assert flood.opened > 500
         assert "refused by" not in prim.log(), prim.log()
         assert (replica / "f2").read_bytes() == b"through the flood"
 
