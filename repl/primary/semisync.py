@@ -99,15 +99,13 @@ class Semisync:
 
     def count_local(self, resync_set: int) -> None:
         """An fsync returned without waiting, over the journal's budget (its data is
-        in the dirty map, sent with the resync that closes set *resync_set*): the
-        secondaries in step are behind until they staged that set (logged, and in
-        status, like any that fell behind)."""
+        in the dirty map, sent with the resync that closes set *resync_set*): every
+        secondary, in step, catching up or gone, is behind until it staged that set
+        (logged, and in status, like any that fell behind)."""
         with self._cond:
             self.local_only += 1
             for peer in self.peers.values():
-                if peer.in_step:
-                    peer.fall_behind(resync_set, "is behind the journal's budget (its "
-                                     "data goes to the dirty map)")
+                peer.owe(resync_set)
 
 
 class Peer:
@@ -129,18 +127,20 @@ class Peer:
         self._unstaged: OrderedDict[int, int] = OrderedDict()  # set -> records in flight
         self._whole = 0  # the last set whose every record was shipped (or applied)
         self._catch_up_to: int | None = None  # in step once staged through this set
+        self._owed = 0  # an fsync returned without it, its data in this set's resync
         self._ever = False  # was in step once (for the log's words)
 
     # --- the sender's side (trio) ---------------------------------------------------
 
     def connected(self, applied: int, last_closed: int) -> None:
         """A session began with the secondary, which applied *applied*; it is in step
-        once it staged everything closed now (*last_closed*)."""
+        once it staged everything closed now (*last_closed*), and the set of any fsync
+        that returned without it over the journal's budget."""
         with self._cond:
             self._connected = True
             self._unstaged.clear()
             self._whole = applied
-            self._catch_up_to = last_closed
+            self._catch_up_to = max(last_closed, self._owed)
             self._check()
 
     def disconnected(self) -> None:
@@ -184,6 +184,16 @@ class Peer:
         if self._unstaged:
             return min(next(iter(self._unstaged)) - 1, self._whole) >= set_id
         return self._whole >= set_id
+
+    def owe(self, set_id: int) -> None:
+        """An fsync returned without this secondary, its data in *set_id* (not closed
+        yet): in step only once it staged that set."""
+        self._owed = max(self._owed, set_id)
+        if self.in_step:
+            self.fall_behind(set_id, "is behind the journal's budget (its data goes to "
+                             "the dirty map)")
+        elif self._catch_up_to is not None:
+            self._catch_up_to = max(self._catch_up_to, set_id)
 
     def fall_behind(self, set_id: int, why: str) -> None:
         """Out of step until it has staged *set_id*, for the reason *why* (logged)."""

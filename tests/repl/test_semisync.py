@@ -291,3 +291,24 @@ def test_semisync_count_local_ok_over_budget_puts_the_secondaries_behind(
     peer.shipped([(5, 0, False), (5, 1, True)])
     peer.staged([(5, 0), (5, 1)])
     assert peer.in_step, "in step again once the resync's set is staged"
+
+
+@pytest.mark.parametrize("when", ["gone", "catching up"])
+def test_semisync_count_local_ok_secondary_out_of_step_owes_the_resyncs_set(
+        when: str) -> None:
+    """An fsync over the journal's budget while a secondary is gone or catching up:
+    once (back and) staged through every set closed before, it is still not in step
+    until it staged the set the resync closes, which holds that fsync's data."""
+    semi = Semisync(timeout=1.0)
+    peer = semi.add("beta:7070")
+    if when == "catching up":
+        peer.connected(applied=2, last_closed=4)
+    semi.count_local(5)
+    if when == "gone":
+        peer.connected(applied=2, last_closed=4)
+    peer.shipped([(3, 0, True), (4, 0, True)])
+    peer.staged([(3, 0), (4, 0)])
+    assert not peer.in_step, "in step before the fsync's data was staged"
+    peer.shipped([(5, 0, True)])
+    peer.staged([(5, 0)])
+    assert peer.in_step
