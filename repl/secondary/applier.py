@@ -312,8 +312,11 @@ class Applier:
             return False  # a rejoin's set of what diverged: markers and all, once whole
         epoch = staging.epoch
         arrived = self._arrived
-        if arrived is None or arrived[0] != set_id or arrived[2] != epoch:
-            arrived = (set_id, reset, epoch)  # from the RESET, which empties the replica
+        if arrived is None or arrived[0] != set_id or arrived[2] != epoch or arrived[1] < reset:
+            # From the (last) RESET, which empties the replica. A later one than we began
+            # from (a walk cut short, and walked again) makes the records before it moot:
+            # journaled against the primary's whole tree, they need not apply to a part.
+            arrived = (set_id, reset, epoch)
         start = arrived[1]
         end = min(staging.staged_run(set_id, start), start + ARRIVED_RECORDS)
         if end <= start:
@@ -518,24 +521,32 @@ class Applier:
         start, intent, continued = 0, None, False
         arrived = self._arrived
         if (arrived is not None and arrived[0] == set_id
-                and arrived[2] == self.staging.epoch):
-            # Applied as it arrived up to there, RESET included: the rest, no markers.
+                and arrived[2] == self.staging.epoch
+                and arrived[1] > self.staging.last_reset(set_id)):
+            # Applied as it arrived up to there, its last RESET included: the rest, no
+            # markers. (Up to an earlier RESET only: from the last, as below.)
             start, marker, continued = arrived[1], None, True
         elif marker is not None:
             start, intent = marker[1], marker[2]
         elif self.staging.syncing == set_id:
             start = self.staging.last_reset(set_id)  # an initial sync starts from empty
         in_doubt, after_reset = marker is not None, continued
-        for record in self.staging.records(set_id, start, view=True):
-            self.faults.step(set_id, record.seq)
-            self.reached = (set_id, record.seq)
-            if in_doubt:
-                redo(tree, record, intent)
-                in_doubt = False
-            elif record.op in NAMESPACE_OPS and (not after_reset or record.op == Op.RESET):
-                self.staging.set_marker(record, intent_for(tree, record))
+        try:
+            for record in self.staging.records(set_id, start, view=True):
                 self.faults.step(set_id, record.seq)
-                apply(tree, record, self.files)
-            else:
-                apply(tree, record, self.files)
-            after_reset = after_reset or record.op == Op.RESET
+                self.reached = (set_id, record.seq)
+                if in_doubt:
+                    redo(tree, record, intent)
+                    in_doubt = False
+                elif record.op in NAMESPACE_OPS and (not after_reset
+                                                     or record.op == Op.RESET):
+                    self.staging.set_marker(record, intent_for(tree, record))
+                    self.faults.step(set_id, record.seq)
+                    apply(tree, record, self.files)
+                else:
+                    apply(tree, record, self.files)
+                after_reset = after_reset or record.op == Op.RESET
+        except BaseException:
+            if continued:  # what it did past there left no marker: retried from the RESET
+                self._arrived, self._not_as_arrived = None, set_id
+            raise

@@ -9,6 +9,7 @@ close of the last set, every op done once.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import threading
@@ -546,6 +547,59 @@ def test_sync_set_applied_as_it_arrives_starts_over_if_staging_changed(
         assert applier.apply_sets(tree, 1, 1)
     applier.lock.close()
     assert not diff(snapshot(replica), expected(tmp_path, [again]))
+
+
+def test_sync_set_walked_again_as_it_arrives_applies_from_the_last_reset(
+        tmp_path: Path) -> None:
+    """A walk cut short and walked again in the same set: the records before the second
+    RESET were journaled against the primary's whole tree (here an unlink of a file the
+    first walk never reached), so once that RESET is staged, applying as it arrives and
+    the whole set both go on from it, and the set is applied."""
+    d = {"mode": 0o40755, "uid": 0, "gid": 0}
+    f = {"mode": 0o100644, "uid": 0, "gid": 0, "atime_ns": T, "mtime_ns": T}
+    records = numbered([[(Op.RESET, {}),
+                         (Op.MKDIR, {"path": b"x", **d}),
+                         (Op.FILE, {"path": b"x/a", **f, "data": b"a"}),
+                         (Op.UNLINK, {"path": b"y/gone"}),
+                         (Op.RESET, {}),
+                         (Op.MKDIR, {"path": b"x", **d}),
+                         (Op.FILE, {"path": b"x/a", **f, "data": b"a"}),
+                         (Op.MKDIR, {"path": b"y", **d}),
+                         (Op.FILE, {"path": b"y/b", **f, "data": b"b"})]])[0]
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    with closing(staging), closing(tree):
+        staging.stage(records[:3])
+        assert applier.apply_arrived(tree, 1)
+        staging.stage(records[3:])
+        assert applier.apply_sets(tree, 1, 1)
+        assert staging.applied == 1
+    applier.lock.close()
+    assert sorted(snapshot(replica)) == ["", "x", "x/a", "y", "y/b"]
+
+
+def test_sync_set_as_it_arrives_failed_once_whole_is_retried_from_its_reset(
+        tmp_path: Path) -> None:
+    """An error in the rest of a set begun as it arrived (applied without markers): the
+    retry applies it from its RESET, not from where applying as it arrived stopped (it
+    found the names it had made already, and failed at every retry)."""
+    records = first_sync()
+    replica, staging, applier, tree = new_replica(tmp_path / "run")
+    failed: list[int] = []
+
+    def step(set_id: int, seq: int) -> None:
+        if seq == 6 and not failed:
+            failed.append(seq)
+            raise OSError(errno.EIO, "once")
+
+    with closing(staging), closing(tree):
+        staging.stage([r for r in records if r.seq != 5])
+        assert applier.apply_arrived(tree, 1)
+        staging.stage([records[5]])
+        applier.faults.step = step  # type: ignore[method-assign]
+        assert applier.apply_sets(tree, 1, 1), "retried (EIO is transient), and whole"
+        assert (failed, staging.applied) == ([6], 1)
+    applier.lock.close()
+    assert not diff(snapshot(replica), expected(tmp_path, [records]))
 
 
 def test_sync_set_cut_as_it_arrives_waits_whole_after_a_restart(tmp_path: Path) -> None:
