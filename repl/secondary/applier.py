@@ -19,8 +19,10 @@ in the middle of another sync) is applied as it arrives: from its RESET,
 as far as its records run without a gap, while the rest is on its way.
 Until it is whole the replica is marked as being applied (APPLYING,
 store/hold.py): a reader is told it is torn. Nothing of that progress is
-kept: after a crash the set is applied again from its RESET, which empties
-the replica first.
+kept: after a crash, or an error, the set is applied again from its RESET,
+which empties the replica first. A set whose walk of the tree was cut short
+and walked again holds two RESETs: what comes before the last one is moot,
+and applying goes on from that one as soon as it is staged.
 """
 
 from __future__ import annotations
