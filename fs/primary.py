@@ -390,7 +390,8 @@ class PrimaryFS(Passthrough):
         promise: after a crash the journal brings BACKING back to it; see
         repl/primary/capture.py). Over budget, *fd* itself is synced too. With --fsync
         remote, also wait until the secondaries in step staged the set
-        (repl/primary/semisync.py).
+        (repl/primary/semisync.py). EIO if the node was fenced by then and no
+        secondary staged the set: a failover may not have it.
 
         Only closing the set holds the lock: other requests go on while this
         one waits for the disk and the secondaries."""
@@ -403,12 +404,19 @@ class PrimaryFS(Passthrough):
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
+        staged = False
         if self.remote is not None and not unjournaled:
-            self.remote.wait_staged(closed, functools.partial(self.capture.wait_durable, end))
+            staged = self.remote.wait_staged(closed, functools.partial(
+                self.capture.wait_durable, end))
         else:
             self.capture.wait_durable(end)
             if self.remote is not None:
                 self.remote.count_local(closed + 1)  # its data went to the dirty map
+        if not staged and time.monotonic() >= self.write_until:
+            # Fenced meanwhile (a cluster's lease not renewed: cut off, most likely, from
+            # the secondaries too): another node may be elected without the set.
+            raise OSError(errno.EIO, "fenced before a secondary staged the set: a "
+                          "failover may not have it")
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- xattrs ---------------------------------------------------------------------

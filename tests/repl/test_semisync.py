@@ -7,9 +7,11 @@ when an fsync returns says whether that fsync waited for it.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from repl import control
 from repl.primary.semisync import Semisync
 from store.records import Op
 from tests.powercut.harness import simulator
@@ -198,6 +201,30 @@ def test_semisync_wait_staged_ok_stalled_secondary_left_behind_then_back(
         fsync.join(RETURN_SECONDS)
         assert fsync.staged, "in step again, an fsync waits for the secondary"
         assert status(mount)["fsync_local_only"] == 2
+
+
+def test_semisync_wait_staged_err_fenced_meanwhile(tmp_path: Path) -> None:
+    """A cluster's primary cut off from everything: an fsync that waited out its silent
+    secondary finds its node fenced by then (the lease's renewals stopped), and fails
+    with EIO rather than return for a set another node may be elected without."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            "--fsync-timeout", "2", "--set-interval", "3600"):
+        in_step(mount)
+        with stopped(sec):
+            fd = os.open(mount / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, b"x" * 4096)
+                control.request(control.socket_path(mount), "fence",
+                                until=time.monotonic() + 1.0)
+                with pytest.raises(OSError) as failed:
+                    os.fsync(fd)
+                assert failed.value.errno == errno.EIO
+            finally:
+                os.close(fd)
+        assert status(mount)["fsync_local_only"] == 1
 
 
 def test_semisync_wait_staged_ok_no_secondary_fsync_local(tmp_path: Path) -> None:
