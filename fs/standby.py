@@ -40,24 +40,34 @@ Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 def whole_sets(handler: Handler) -> Handler:
     """Wrap a handler whose answer shows the replica: it runs holding the apply lock
     shared, so it sees whole sets only, and answers EIO while a crash has left the
-    replica cut short in a set."""
+    replica cut short in a set (logged once, not at every request)."""
 
     @functools.wraps(handler)
     async def run(self: StandbyFS, *args: Any, **kwargs: Any) -> Any:
         # Handlers do not await inside, so the lock spans exactly one request.
         with self.apply_lock.shared():
-            cut = torn(self.staging_dir)
-            if cut is not None:
-                log.error("the replica was cut short in set %d by a crash; start the "
-                          "secondary to finish it", cut[0])
+            why = _no_whole_set(self.staging_dir)
+            if why is not None:
+                if why != self.refusing:
+                    log.error("%s", why)
+                    self.refusing = why
                 raise pyfuse3.FUSEError(errno.EIO)
-            if is_rejoining(self.staging_dir):
-                log.error("the replica is an old primary's tree, cut off in the middle of "
-                          "a set; it shows a set once the new primary's rejoin set applies")
-                raise pyfuse3.FUSEError(errno.EIO)
+            self.refusing = None
             return await handler(self, *args, **kwargs)
 
     return cast(Handler, run)
+
+
+def _no_whole_set(staging_dir: Path) -> str | None:
+    """Why the replica shows no whole set now, if it does not."""
+    cut = torn(staging_dir)
+    if cut is not None:
+        return (f"the replica was cut short in set {cut[0]} by a crash; start the "
+                "secondary to finish it")
+    if is_rejoining(staging_dir):
+        return ("the replica is an old primary's tree, cut off in the middle of a set; it "
+                "shows a set once the new primary's rejoin set applies")
+    return None
 
 
 class StandbyFS(Passthrough):
@@ -76,6 +86,7 @@ class StandbyFS(Passthrough):
         super().__init__(inodes, threading.RLock())
         self.apply_lock = lock
         self.staging_dir = staging_dir
+        self.refusing: str | None = None  # why requests answer EIO now, once logged
         self.cache: KernelCache | None = None
         if cached:
             self.cache = KernelCache(inodes, self.lock)
