@@ -87,6 +87,7 @@ class Node:
     netns: str | None = None
     ttl: float = TTL
     fsync: str = "local"  # as a primary: replfs node --fsync
+    fsync_timeout: float | None = None  # and --fsync-timeout, if not its default
     env: dict[str, str] = field(default_factory=dict)  # for the node and its daemons
     port: int = field(default_factory=free_port)
     daemon: Daemon | None = None
@@ -106,6 +107,8 @@ class Node:
                 "--listen", self.address, "--cluster", self.cluster,
                 "--tls", str(ca() / self.name), "--lease-ttl", str(self.ttl),
                 "--set-interval", "0.2", "--fsync", self.fsync]
+        if self.fsync_timeout is not None:
+            args += ["--fsync-timeout", str(self.fsync_timeout)]
         for url in self.etcd:
             args += ["--etcd", url]
         return args

@@ -86,7 +86,7 @@ def cluster_summary(results: list[ClusterResult], out: object = sys.stdout) -> N
     for kind in CLUSTER_KINDS:
         print(f"{kind:<20}{faults[kind]}", file=out)  # type: ignore[arg-type]
     if took:
-        print(f"{'failovers':<20}{len(took)}: kill to a new primary p50 "  # type: ignore[arg-type]
+        print(f"{'failovers':<20}{len(took)}: kill or cut to a new primary p50 "  # type: ignore[arg-type]
               f"{took[len(took) // 2]:.1f}s, max {took[-1]:.1f}s; they lost "
               f"{sum(r.lost_commits for r in results)} SQLite commits acknowledged before "
               "the sets were applied elsewhere; "

@@ -2,8 +2,12 @@
 workload on whichever node leads, and kills drawn from the seed.
 
 A killed primary (``kill -9`` of its node) is replaced by the nodes' own
-election; its node starts again and rejoins as a standby. A killed standby
-starts again and catches up. After each failover the new primary's tree must
+election; its node starts again and rejoins as a standby. A primary cut off
+(its node's link down: etcd and the other nodes out of reach, each node
+being in a network namespace of its own) goes on taking the workload until
+it fences itself; another is elected meanwhile, and once its link is back
+the old one rejoins as a standby. A killed standby starts again and catches
+up. After each failover the new primary's tree must
 be the old primary's at the close of one of its sets (never part of a set),
 its SQLite a prefix of the commits (all of those acknowledged while an fsync
 waited for a secondary, with ``--fsync remote``), git fsck clean; at no moment
@@ -16,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -24,14 +29,24 @@ from pathlib import Path
 
 from repl.faults import ENV_SET_HASHES
 from repl.verify import tree_digest
-from tests.cluster import NAMES, TTL, Node, Watchdog, etcd_server, primary_of, standing, stop_all
+from tests.cluster import (
+    NAMES,
+    TTL,
+    Node,
+    Partition,
+    Watchdog,
+    etcd_server,
+    primary_of,
+    standing,
+    stop_all,
+)
 from tests.support import checkpoint, diff, snapshot, wait_applied
 from tests.torture.power import sqlite_count
 from tests.torture.run import check_apps, in_step_at_death
 from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
-KINDS = ("primary_kill", "standby_kill")
+KINDS = ("primary_kill", "primary_cut", "standby_kill")
 
 
 @dataclass
@@ -41,7 +56,7 @@ class ClusterResult:
     faults: Counter[str] = field(default_factory=Counter)
     sets: int = 0
     ops: int = 0
-    failover_seconds: list[float] = field(default_factory=list)  # kill to a new primary
+    failover_seconds: list[float] = field(default_factory=list)  # kill or cut to a new primary
     lost_commits: int = 0  # acknowledged SQLite commits a failover lost
     in_step_failovers: int = 0  # with --fsync remote, fsyncs waiting for a secondary
     own_journal: int = 0  # failovers to a node that led before, from its own journal
@@ -61,6 +76,7 @@ class ClusterRun:
         self.dir = Path(tempfile.mkdtemp(prefix=f"torture-cluster-{seed}-", dir=base))
         # Half the runs make fsyncs wait for the secondaries in step.
         self.result = ClusterResult(seed, fsync=("local", "remote")[seed % 2])
+        self.net: Partition | None = None  # each node in a network namespace of its own
         count = self.rng.randint(1, 3)
         self.faults = sorted((self.rng.uniform(0.15, 0.8) * seconds, self.rng.choice(KINDS))
                              for _ in range(count))
@@ -76,11 +92,15 @@ class ClusterRun:
                     found.add(digest)
         return found
 
-    def execute(self, etcd_url: str) -> None:
+    def execute(self, etcd_url: str, net: Partition) -> None:
+        self.net = net
         nodes = [Node(name, self.dir, [etcd_url], f"torture{self.seed}",
-                      fsync=self.result.fsync,
+                      host=net.address(i), netns=net.names[i], fsync=self.result.fsync,
+                      # An fsync cut off with its primary gives up on the secondaries
+                      # after the fence (TTL/2), before the node stops it (TTL).
+                      fsync_timeout=TTL * 2 / 3,
                       env={ENV_SET_HASHES: str(self.dir / f"{name}.hashes")})
-                 for name in NAMES]
+                 for i, name in enumerate(NAMES)]
         try:
             for node in nodes:
                 node.start()
@@ -104,6 +124,8 @@ class ClusterRun:
                     self.result.faults[kind] += 1
                     if kind == "primary_kill":
                         primary = self.fail_over(nodes, primary, workload)
+                    elif kind == "primary_cut":
+                        primary = self.cut_off(nodes, primary, workload)
                     else:
                         standby = self.rng.choice([n for n in nodes if n is not primary])
                         standby.kill()
@@ -133,11 +155,44 @@ class ClusterRun:
     def fail_over(self, nodes: list[Node], old: Node, workload: Workload) -> Node:
         """Kill the primary's node; once another leads, check its tree, and start the
         old one again (it rejoins as a standby)."""
+        assert old.daemon is not None
+        in_step = in_step_at_death(old.daemon.log_path)
         old.kill()
         killed = time.monotonic()
         workload.close()
         new = primary_of([n for n in nodes if n is not old], timeout=TTL + 60)
         self.result.failover_seconds.append(time.monotonic() - killed)
+        self.check_promoted(new, in_step, workload)
+        old.start()
+        return new
+
+    def cut_off(self, nodes: list[Node], old: Node, workload: Workload) -> Node:
+        """Cut the primary's node off (its link down) while the workload goes on
+        writing there until it refuses (fenced: EROFS, and EIO for an fsync whose set
+        no secondary staged); once another leads, check its tree as after a kill, and
+        bring the old one's link back (it rejoins as a standby)."""
+        assert old.daemon is not None and self.net is not None
+        in_step = in_step_at_death(old.daemon.log_path)  # its last word before the cut
+        index = nodes.index(old)
+        self.net.isolate(index)
+        cut = time.monotonic()
+        while old.writable() and time.monotonic() - cut < 4 * TTL:
+            try:
+                workload.step()
+            except (OSError, sqlite3.Error):
+                pass  # refused, fenced
+        workload.close()
+        new = primary_of([n for n in nodes if n is not old], timeout=TTL + 60)
+        self.result.failover_seconds.append(time.monotonic() - cut)
+        self.check_promoted(new, in_step, workload)
+        self.net.reconnect(index)
+        return new
+
+    def check_promoted(self, new: Node, in_step: bool, workload: Workload) -> None:
+        """The new primary's tree is the tree at the close of the set it was promoted
+        at, its applications' files whole, and (with --fsync remote, the old primary
+        in step when it died or was cut off) no acknowledged SQLite commit lost. The
+        workload goes on there."""
         assert new.daemon is not None
         promoted = promoted_at(new.daemon.log_path)
         if promoted is None:  # it led before and leads again from its own journal, as
@@ -147,8 +202,7 @@ class ClusterRun:
                             "that set's close")
         check_apps(new.data, workload, False, self.dir)
         have = sqlite_count(new.data)
-        assert old.daemon is not None
-        if self.result.fsync == "remote" and in_step_at_death(old.daemon.log_path):
+        if self.result.fsync == "remote" and in_step:
             self.result.in_step_failovers += 1
             if have < workload.committed:
                 raise Violation(f"--fsync remote: the failover lost {workload.committed - have} "
@@ -157,8 +211,6 @@ class ClusterRun:
         workload.committed = have
         workload.root = new.mount
         workload.git_ready = (new.data / "repo" / ".git").is_dir()
-        old.start()
-        return new
 
 
 _LEADS = re.compile(r"promoted to generation \d+ at set (\d+)|(leading again from its own "
@@ -175,8 +227,8 @@ def promoted_at(log: Path) -> int | None:
 def run_cluster(seed: int, seconds: float, base: Path, keep: bool = False) -> ClusterResult:
     run = ClusterRun(seed, seconds, base)
     try:
-        with etcd_server(run.dir) as etcd:
-            run.execute(etcd.url)  # type: ignore[attr-defined]
+        with Partition(len(NAMES)) as net, etcd_server(run.dir, net.host) as etcd:
+            run.execute(etcd.urls[-1], net)  # type: ignore[attr-defined]
     except Violation as exc:
         run.result.error = str(exc)
     except Exception as exc:  # a harness or product failure: also a failed run
