@@ -1,5 +1,5 @@
 """One torture run of a cluster: three ``replfs node``s on a real etcd, a seeded
-workload on whichever node leads, and kills drawn from the seed.
+workload on whichever node leads, and kills and cuts drawn from the seed.
 
 A killed primary (``kill -9`` of its node) is replaced by the nodes' own
 election; its node starts again and rejoins as a standby. A primary cut off
@@ -7,12 +7,12 @@ election; its node starts again and rejoins as a standby. A primary cut off
 being in a network namespace of its own) goes on taking the workload until
 it fences itself; another is elected meanwhile, and once its link is back
 the old one rejoins as a standby. A killed standby starts again and catches
-up. After each failover the new primary's tree must
-be the old primary's at the close of one of its sets (never part of a set),
-its SQLite a prefix of the commits (all of those acknowledged while an fsync
-waited for a secondary, with ``--fsync remote``), git fsck clean; at no moment
-may two nodes serve their mounts read-write; at the end every node holds the
-primary's tree.
+up; one cut off for a while follows again once its link is back. After each
+failover the new primary's tree must be the old primary's at the close of
+one of its sets (never part of a set), its SQLite a prefix of the commits
+(all of those acknowledged while an fsync waited for a secondary, with
+``--fsync remote``), git fsck clean; at no moment may two nodes serve their
+mounts read-write; at the end every node holds the primary's tree.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tests.torture.run import check_apps, in_step_at_death
 from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
-KINDS = ("primary_kill", "primary_cut", "standby_kill")
+KINDS = ("primary_kill", "primary_cut", "standby_kill", "standby_cut")
 
 
 @dataclass
@@ -126,10 +126,12 @@ class ClusterRun:
                         primary = self.fail_over(nodes, primary, workload)
                     elif kind == "primary_cut":
                         primary = self.cut_off(nodes, primary, workload)
-                    else:
+                    elif kind == "standby_kill":
                         standby = self.rng.choice([n for n in nodes if n is not primary])
                         standby.kill()
                         standby.start()
+                    else:
+                        self.cut_standby(nodes, primary, workload)
                     started += time.monotonic() - now  # waiting out a fault is not
                     continue  # the run's time
                 try:
@@ -187,6 +189,24 @@ class ClusterRun:
         self.check_promoted(new, in_step, workload)
         self.net.reconnect(index)
         return new
+
+    def cut_standby(self, nodes: list[Node], primary: Node, workload: Workload) -> None:
+        """Cut a standby off for two TTLs (its lease runs out, and with --fsync remote
+        the primary's fsyncs stop waiting for it) while the workload goes on at the
+        primary; then bring its link back: it follows again and catches up."""
+        assert self.net is not None
+        index = nodes.index(self.rng.choice([n for n in nodes if n is not primary]))
+        self.net.isolate(index)
+        cut = time.monotonic()
+        try:
+            while time.monotonic() - cut < 2 * TTL:
+                try:
+                    workload.step()
+                except OSError:
+                    if primary.writable():
+                        raise
+        finally:
+            self.net.reconnect(index)
 
     def check_promoted(self, new: Node, in_step: bool, workload: Workload) -> None:
         """The new primary's tree is the tree at the close of the set it was promoted
