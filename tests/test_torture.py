@@ -31,13 +31,13 @@ def test_torture_short_campaign() -> None:
 
 
 def test_torture_cluster_run_ok_failovers_by_election(tmp_path: Path) -> None:
-    """A run of three nodes on etcd whose seed cuts the primary off, then a standby,
-    then kills the primary (--fsync remote): each promoted tree is the tree at a set's
-    close."""
-    result = run_cluster(1551, 8.0, tmp_path)
+    """A run of three nodes on etcd whose seed cuts etcd off from every node, then the
+    primary off from everything, then kills a standby (--fsync remote): each promoted
+    tree is the tree at a set's close."""
+    result = run_cluster(1501, 8.0, tmp_path)
     assert result.error is None, f"{result.error}; kept {result.kept}"
-    assert result.faults == {"primary_cut": 1, "standby_cut": 1, "primary_kill": 1}
-    assert len(result.failover_seconds) == 2 and result.own_journal < 2
+    assert result.faults == {"etcd_cut": 1, "primary_cut": 1, "standby_kill": 1}
+    assert len(result.failover_seconds) >= 1
 
 
 def test_promoted_at_ok_the_last_lead_taken(tmp_path: Path) -> None:

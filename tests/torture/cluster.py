@@ -7,12 +7,14 @@ election; its node starts again and rejoins as a standby. A primary cut off
 being in a network namespace of its own) goes on taking the workload until
 it fences itself; another is elected meanwhile, and once its link is back
 the old one rejoins as a standby. A killed standby starts again and catches
-up; one cut off for a while follows again once its link is back. After each
-failover the new primary's tree must be the old primary's at the close of
-one of its sets (never part of a set), its SQLite a prefix of the commits
-(all of those acknowledged while an fsync waited for a secondary, with
-``--fsync remote``), git fsck clean; at no moment may two nodes serve their
-mounts read-write; at the end every node holds the primary's tree.
+up; one cut off for a while follows again once its link is back. When etcd
+is cut off from every node, the primary fences itself and stops, and once
+etcd is back the nodes elect a primary again. After each failover the new
+primary's tree must be the old primary's at the close of one of its sets
+(never part of a set), its SQLite a prefix of the commits (all of those
+acknowledged while an fsync waited for a secondary, with ``--fsync
+remote``), git fsck clean; at no moment may two nodes serve their mounts
+read-write; at the end every node holds the primary's tree.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from tests.torture.run import check_apps, in_step_at_death
 from tests.torture.violation import Violation
 from tests.torture.workload import Workload
 
-KINDS = ("primary_kill", "primary_cut", "standby_kill", "standby_cut")
+KINDS = ("primary_kill", "primary_cut", "standby_kill", "standby_cut", "etcd_cut")
 
 
 @dataclass
@@ -130,8 +132,10 @@ class ClusterRun:
                         standby = self.rng.choice([n for n in nodes if n is not primary])
                         standby.kill()
                         standby.start()
-                    else:
+                    elif kind == "standby_cut":
                         self.cut_standby(nodes, primary, workload)
+                    else:
+                        primary = self.cut_etcd(nodes, primary, workload)
                     started += time.monotonic() - now  # waiting out a fault is not
                     continue  # the run's time
                 try:
@@ -207,6 +211,40 @@ class ClusterRun:
                         raise
         finally:
             self.net.reconnect(index)
+
+    def cut_etcd(self, nodes: list[Node], old: Node, workload: Workload) -> Node:
+        """Cut every node off from etcd for two TTLs (they still reach each other) while
+        the workload goes on: the primary fences itself, then stops. Once etcd is back
+        the nodes elect a primary: the same one, from its own journal, or another,
+        checked as after a kill."""
+        assert old.daemon is not None and self.net is not None
+        in_step = in_step_at_death(old.daemon.log_path)
+        for index in range(len(nodes)):
+            self.net.cut(index, self.net.host)
+        cut = time.monotonic()
+        try:
+            while time.monotonic() - cut < 2 * TTL:
+                try:
+                    workload.step()
+                except (OSError, sqlite3.Error):
+                    pass  # refused, fenced, or the primary stopped
+        finally:
+            for index in range(len(nodes)):
+                self.net.join(index, self.net.host)
+        workload.close()
+        new = primary_of(nodes, timeout=TTL + 60)
+        if new is not old:
+            self.result.failover_seconds.append(time.monotonic() - cut)
+            self.check_promoted(new, in_step, workload)
+            return new
+        # Leading again from its own journal: every commit acknowledged is there, and
+        # maybe some whose fsync failed once it was fenced (written, not promised).
+        have = sqlite_count(new.data)
+        if have < workload.committed:
+            raise Violation(f"{new.name} leads again from its own journal without "
+                            f"{workload.committed - have} acknowledged SQLite commits")
+        workload.committed = have
+        return new
 
     def check_promoted(self, new: Node, in_step: bool, workload: Workload) -> None:
         """The new primary's tree is the tree at the close of the set it was promoted
