@@ -104,6 +104,8 @@ class Passthrough(pyfuse3.Operations):
         # Changes are refused with EROFS from this time.monotonic() on: a cluster's
         # primary may write only while its lease holds (repl/cluster/node.py).
         self.write_until = math.inf
+        self.renewed_at = math.inf  # when the renewal that gave write_until was sent
+        self._renewed = threading.Condition()  # notified at each fence()
 
     def freeze(self) -> None:
         """Hold every change at the door (reads go on), e.g. while verify compares.
@@ -115,9 +117,10 @@ class Passthrough(pyfuse3.Operations):
     def thaw(self) -> None:
         self._thawed.set()
 
-    def fence(self, until: float = 0.0) -> None:
+    def fence(self, until: float = 0.0, renewed: float | None = None) -> None:
         """Refuse every change with EROFS from time.monotonic() *until* on (reads go on);
-        math.inf lifts the fence.
+        math.inf lifts the fence. *renewed*: when the lease renewal that gave *until*
+        was sent (``lead_confirmed``).
 
         A cluster's primary writes only while its lease holds (repl/cluster/node.py): it is
         given a deadline at each renewal, so it stops by itself when they stop
@@ -126,6 +129,22 @@ class Passthrough(pyfuse3.Operations):
         """
         with self.lock:
             self.write_until = until
+        with self._renewed:
+            self.renewed_at = (renewed if renewed is not None
+                               else math.inf if until == math.inf else -math.inf)
+            self._renewed.notify_all()
+
+    def lead_confirmed(self, since: float) -> bool:
+        """Block until a lease renewal sent at or after time.monotonic() *since* has
+        extended the fence (True), or the fence passes first (False). True at once
+        where nothing fences (a primary outside a cluster)."""
+        with self._renewed:
+            while self.renewed_at < since:
+                left = self.write_until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._renewed.wait(left)
+            return True
 
     @property
     def fenced(self) -> bool:

@@ -25,7 +25,7 @@ from fs.passthrough import Passthrough, request
 from repl.apply import intent_for
 from repl.histograms import FSYNC_SECONDS
 from repl.primary.capture import Capture
-from repl.primary.semisync import Semisync
+from repl.primary.semisync import Semisync, Waited
 from store.libc import fallocate, lstat_at, renameat2
 from store.records import (
     FALLOC_FL_KEEP_SIZE,
@@ -390,8 +390,10 @@ class PrimaryFS(Passthrough):
         promise: after a crash the journal brings BACKING back to it; see
         repl/primary/capture.py). Over budget, *fd* itself is synced too. With --fsync
         remote, also wait until the secondaries in step staged the set
-        (repl/primary/semisync.py). EIO if the node was fenced by then and no
-        secondary staged the set: a failover may not have it.
+        (repl/primary/semisync.py). In a cluster, EIO if no secondary staged the set
+        and the node is fenced by then, or was fenced before a lease renewal
+        confirmed it still leads after its secondaries in step left step without
+        the set: a failover may not have it.
 
         Only closing the set holds the lock: other requests go on while this
         one waits for the disk and the secondaries."""
@@ -402,19 +404,29 @@ class PrimaryFS(Passthrough):
             closed = self.capture.close_set()
             end = self.capture.journal.end
             unjournaled = self.capture.overflow  # writes went to the dirty map, not the journal
+            # Over budget, the resync closes the open set, unless it holds nothing: then
+            # what this fsync made durable is in the sets closed already.
+            resync_set = closed + (not (self.capture.journal.set_is_empty
+                                        and not self.capture.resync.dirty))
         if unjournaled:
             (os.fdatasync if datasync else os.fsync)(fd)
-        staged = False
+        waited = Waited.LOCAL
         if self.remote is not None and not unjournaled:
-            staged = self.remote.wait_staged(closed, functools.partial(
+            waited = self.remote.wait_staged(closed, functools.partial(
                 self.capture.wait_durable, end))
         else:
             self.capture.wait_durable(end)
             if self.remote is not None:
-                self.remote.count_local(closed + 1)  # its data went to the dirty map
-        if not staged and time.monotonic() >= self.write_until:
-            # Fenced meanwhile (a cluster's lease not renewed: cut off, most likely, from
-            # the secondaries too): another node may be elected without the set.
+                self.remote.count_local(resync_set)  # its data went to the dirty map
+        if waited is Waited.DROPPED:
+            # The secondaries in step left step without the set: a cluster's primary
+            # returns only once its lease was renewed since (no other node can be
+            # elected while it holds), and fails if fenced first (cut off from etcd,
+            # and likely from them too: another may be elected without the set).
+            confirmed = self.lead_confirmed(time.monotonic())
+        else:
+            confirmed = waited is Waited.STAGED or time.monotonic() < self.write_until
+        if not confirmed:
             raise OSError(errno.EIO, "fenced before a secondary staged the set: a "
                           "failover may not have it")
         FSYNC_SECONDS.observe(time.monotonic() - began)

@@ -273,9 +273,11 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
     async def fence(request: dict[str, Any]) -> dict[str, Any]:
         """Refuse every change with EROFS from time.monotonic() ``until`` on (now if not
         given; null: never): a cluster's primary writes while its lease holds, and
-        is given a new deadline at each renewal (repl/cluster/node.py)."""
-        until = request.get("until", 0.0)
-        operations.fence(math.inf if until is None else float(until))
+        is given a new deadline at each renewal (repl/cluster/node.py), sent at
+        time.monotonic() ``renewed``."""
+        until, renewed = request.get("until", 0.0), request.get("renewed")
+        operations.fence(math.inf if until is None else float(until),
+                         None if renewed is None else float(renewed))
         return {"fenced": operations.fenced}
 
     async def add_secondary(request: dict[str, Any]) -> dict[str, Any]:

@@ -304,7 +304,8 @@ class Node:
             self._renewed = trio.Event()
             if self.child is not None and self.child.role == "primary" and self.child.alive:
                 try:
-                    await self.child.ask("fence", until=self.lease.write_until)
+                    await self.child.ask("fence", until=self.lease.write_until,
+                             renewed=self.lease.renewed_at)
                 except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError
                         ) as exc:
                     log.warning("could not extend the primary's fence: %r (it fences "
@@ -364,7 +365,8 @@ class Node:
         self.child = Child("primary", args, control.socket_path(self.cfg.mount),
                            generation=generation)
         await self.child.start()
-        await self.child.ask("fence", until=self.lease.write_until)
+        await self.child.ask("fence", until=self.lease.write_until,
+                             renewed=self.lease.renewed_at)
 
     # --- children ----------------------------------------------------------------------
 
@@ -405,13 +407,6 @@ def check(cfg: NodeConfig) -> None:
                          f"{cfg.name}")
     if cfg.lease_ttl < 2:
         raise UsageError("--lease-ttl must be at least 2 seconds (etcd's shortest lease)")
-    if cfg.fsync != "local" and cfg.fsync_timeout < cfg.lease_ttl / 2:
-        # A primary cut off from everything fences itself half a TTL after its last
-        # renewal; an fsync that stopped waiting for its secondaries before then would
-        # return for a set the next primary may not have.
-        raise UsageError(f"--fsync-timeout {cfg.fsync_timeout:g} is shorter than half the "
-                         f"lease's TTL ({cfg.lease_ttl / 2:g}s): a primary cut off from the "
-                         "cluster could return fsyncs the next primary does not have")
     if not cfg.data.is_dir():
         raise UsageError(f"data directory {cfg.data} does not exist or is not a directory")
     if not cfg.mount.is_dir():

@@ -32,6 +32,7 @@ One condition (one lock) holds what the two sides share.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections import OrderedDict
@@ -40,6 +41,14 @@ from collections.abc import Callable, Iterable
 log = logging.getLogger("replfs.fsync")
 
 FSYNC_TIMEOUT = 5.0  # DRBD waits 6 s for a peer's answer before it drops the peer
+
+
+class Waited(enum.Enum):
+    """What an fsync's wait for the secondaries came to."""
+
+    STAGED = "staged"  # a secondary in step staged (or received) its set
+    DROPPED = "dropped"  # those in step, waited for, left step without it
+    LOCAL = "local"  # none was in step: the primary's disk alone
 
 
 class Semisync:
@@ -59,17 +68,18 @@ class Semisync:
             peer = self.peers[address] = Peer(self._cond, address, self.receipts)
             return peer
 
-    def wait_staged(self, set_id: int, durable: Callable[[], None]) -> bool:
+    def wait_staged(self, set_id: int, durable: Callable[[], None]) -> Waited:
         """Make *set_id* durable here (*durable*: the journal's flush), then block until
-        every secondary in step has staged it (or received it, with receipts); True if
-        at least one has.
+        every secondary in step has staged it (or received it, with receipts): STAGED
+        if at least one has.
 
         From before the flush, every sender ships the set as soon as it is durable,
         without letting records gather. A secondary out of step is not waited for;
         one that stays in step without staging the set for ``timeout`` seconds is
         put out of step (until it has caught up) and the fsync returns without it.
-        False, and counted, if no secondary staged the set: the fsync returns on
-        local durability alone.
+        If no secondary staged the set (counted), the fsync returns on local
+        durability alone: DROPPED if some were in step and left it meanwhile (gone,
+        or silent past the timeout), LOCAL if none was.
         """
         with self._cond:
             peers = list(self.peers.values())
@@ -89,9 +99,9 @@ class Semisync:
                         peer.fall_behind(set_id, f"did not stage set {set_id} within "
                                                  f"{self.timeout:g}s")
                 if any(p.in_step and p.holds(set_id) for p in self.peers.values()):
-                    return True
+                    return Waited.STAGED
                 self.local_only += 1
-                return False
+                return Waited.DROPPED if behind else Waited.LOCAL
         finally:
             with self._cond:
                 for peer in peers:
@@ -99,9 +109,10 @@ class Semisync:
 
     def count_local(self, resync_set: int) -> None:
         """An fsync returned without waiting, over the journal's budget (its data is
-        in the dirty map, sent with the resync that closes set *resync_set*): every
-        secondary, in step, catching up or gone, is behind until it staged that set
-        (logged, and in status, like any that fell behind)."""
+        in the dirty map, sent with the resync that closes set *resync_set*, or in
+        the sets closed before it): every secondary, in step, catching up or gone,
+        is behind until it staged that set (logged, and in status, like any that
+        fell behind)."""
         with self._cond:
             self.local_only += 1
             for peer in self.peers.values():
@@ -186,8 +197,10 @@ class Peer:
         return self._whole >= set_id
 
     def owe(self, set_id: int) -> None:
-        """An fsync returned without this secondary, its data in *set_id* (not closed
-        yet): in step only once it staged that set."""
+        """An fsync returned without this secondary, its data in *set_id* (the set the
+        resync closes): in step only once it staged that set."""
+        if self._connected and self.holds(set_id):
+            return  # staged already (the resync closed it meanwhile)
         self._owed = max(self._owed, set_id)
         if self.in_step:
             self.fall_behind(set_id, "is behind the journal's budget (its data goes to "

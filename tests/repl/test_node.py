@@ -7,13 +7,10 @@ import errno
 import os
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from repl.cluster.node import NodeConfig, check
-from repl.errors import UsageError
 from tests.cluster import (
     NAMES,
     TTL,
@@ -244,14 +241,3 @@ def test_node_partition_ok_every_case(tmp_path: Path) -> None:
         finally:
             stop_all(nodes)
 
-
-def test_node_check_err_fsync_timeout_shorter_than_the_fence(tmp_path: Path) -> None:
-    """With --fsync remote, an fsync must not give up on a silent secondary before the
-    node fences itself (half the lease's TTL): cut off from everything, it would return
-    for a set the next primary does not have. (Past the fence it fails: test_semisync.)"""
-    cfg = NodeConfig("alpha", tmp_path, tmp_path, "127.0.0.1:7070", ["http://127.0.0.1:2379"],
-                     insecure=True, lease_ttl=10.0, fsync="remote", fsync_timeout=4.0)
-    with pytest.raises(UsageError, match="--fsync-timeout 4 is shorter than half"):
-        check(cfg)
-    check(replace(cfg, fsync_timeout=5.0))
-    check(replace(cfg, fsync="local", fsync_timeout=1.0))

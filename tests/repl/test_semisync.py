@@ -203,28 +203,55 @@ def test_semisync_wait_staged_ok_stalled_secondary_left_behind_then_back(
         assert status(mount)["fsync_local_only"] == 2
 
 
-def test_semisync_wait_staged_err_fenced_meanwhile(tmp_path: Path) -> None:
+def test_semisync_wait_staged_err_fenced_before_a_renewal(tmp_path: Path) -> None:
     """A cluster's primary cut off from everything: an fsync that waited out its silent
-    secondary finds its node fenced by then (the lease's renewals stopped), and fails
-    with EIO rather than return for a set another node may be elected without."""
+    secondary (in step when it began) returns only once a lease renewal confirms the
+    node still leads; none comes, so it fails with EIO at the fence, rather than
+    return for a set another node may be elected without."""
     backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
     with secondary(replica) as sec, primary(
             backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
-            "--fsync-timeout", "2", "--set-interval", "3600"):
+            "--fsync-timeout", "1", "--set-interval", "3600"):
         in_step(mount)
+        fence(mount, 3.0)  # renewed now, and never again
         with stopped(sec):
             fd = os.open(mount / "f", os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.write(fd, b"x" * 4096)
-                control.request(control.socket_path(mount), "fence",
-                                until=time.monotonic() + 1.0)
                 with pytest.raises(OSError) as failed:
-                    os.fsync(fd)
+                    os.fsync(fd)  # left step at 1 s, not fenced until 3 s
                 assert failed.value.errno == errno.EIO
             finally:
                 os.close(fd)
         assert status(mount)["fsync_local_only"] == 1
+
+
+def test_semisync_wait_staged_ok_renewed_after_the_secondary_left_step(
+        tmp_path: Path) -> None:
+    """The secondary alone is silent: the fsync that left it behind returns once the
+    next renewal of the node's lease comes."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            "--fsync-timeout", "1", "--set-interval", "3600") as pri:
+        in_step(mount)
+        fence(mount, 60.0)
+        with stopped(sec):
+            fsync = Fsync(mount, None, "f")
+            fsync.start()
+            pri.wait_for("did not stage set")
+            fence(mount, 60.0)  # the next renewal
+            fsync.join(RETURN_SECONDS)
+            assert not fsync.is_alive() and fsync.error is None, fsync.error
+
+
+def fence(mount: Path, seconds: float) -> None:
+    """A cluster's lease renewal, as the node tells its primary: sent now, it lets the
+    primary write for *seconds* more."""
+    now = time.monotonic()
+    control.request(control.socket_path(mount), "fence", until=now + seconds, renewed=now)
 
 
 def test_semisync_wait_staged_ok_no_secondary_fsync_local(tmp_path: Path) -> None:
@@ -338,4 +365,16 @@ def test_semisync_count_local_ok_secondary_out_of_step_owes_the_resyncs_set(
     assert not peer.in_step, "in step before the fsync's data was staged"
     peer.shipped([(5, 0, True)])
     peer.staged([(5, 0)])
+    assert peer.in_step
+
+
+def test_semisync_count_local_ok_set_staged_already_owes_nothing() -> None:
+    """The resync closed the set, and the secondary staged it, before the fsync over
+    budget that made it owed got to say so: it stays in step."""
+    semi = Semisync(timeout=1.0)
+    peer = semi.add("beta:7070")
+    peer.connected(applied=4, last_closed=4)
+    peer.shipped([(5, 0, True)])
+    peer.staged([(5, 0)])
+    semi.count_local(5)
     assert peer.in_step
