@@ -47,12 +47,14 @@ def whole_sets(handler: Handler) -> Handler:
         # Handlers do not await inside, so the lock spans exactly one request.
         with self.apply_lock.shared():
             why = _no_whole_set(self.staging_dir)
+            if why != self.refusing:
+                with self._refusing_lock:  # request threads: each change logged once
+                    if why != self.refusing:
+                        if why is not None:
+                            log.error("%s", why)
+                        self.refusing = why
             if why is not None:
-                if why != self.refusing:
-                    log.error("%s", why)
-                    self.refusing = why
                 raise pyfuse3.FUSEError(errno.EIO)
-            self.refusing = None
             return await handler(self, *args, **kwargs)
 
     return cast(Handler, run)
@@ -87,6 +89,7 @@ class StandbyFS(Passthrough):
         self.apply_lock = lock
         self.staging_dir = staging_dir
         self.refusing: str | None = None  # why requests answer EIO now, once logged
+        self._refusing_lock = threading.Lock()
         self.cache: KernelCache | None = None
         if cached:
             self.cache = KernelCache(inodes, self.lock)

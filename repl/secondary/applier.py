@@ -302,7 +302,7 @@ class Applier:
 
     def apply_arrived(self, tree: Tree, set_id: int) -> bool:
         """Apply what arrived of sync set *set_id* past what was applied of it, from its
-        RESET on and as far as its records run without a gap (ARRIVED_RECORDS at most).
+        last RESET on and as far as its records run without a gap (ARRIVED_RECORDS at most).
         Returns whether it applied any.
 
         A failure ends applying the set as it arrives: once whole, it is applied from
