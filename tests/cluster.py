@@ -288,6 +288,9 @@ class Partition:
 
     def __exit__(self, *exc: object) -> None:
         for ns in self.names:
+            # The host's end first: deleting the namespace takes it along only later,
+            # and the next Partition of this process reuses the name.
+            subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
