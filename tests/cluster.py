@@ -272,6 +272,7 @@ class Partition:
         return SUBNET.format(self.net, 11 + index)
 
     def __enter__(self) -> Partition:
+        self.__exit__()  # what an earlier one of this process may have left behind
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.host}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
