@@ -25,6 +25,9 @@ class Workload:
             if fsync_git else ["git"]
         self.rng = random.Random(seed)
         self.committed = 0  # SQLite transactions whose commit returned
+        # The next one's commit failed: it may be there all the same (SQLite wrote it;
+        # its fsync failed), as the one past those counted.
+        self.unsure = False
         self.git_commits = 0
         self.ops = 0
         self.db: sqlite3.Connection | None = None
@@ -135,10 +138,16 @@ class Workload:
             self.db.execute("pragma synchronous=full")
             self.db.execute("create table if not exists t(id integer primary key, v blob)")
             self.db.commit()
-        self.db.execute("insert into t(id, v) values (?, ?)",
-                        (self.committed + 1, self.rng.randbytes(self.rng.randrange(10, 3000))))
-        self.db.commit()
+        try:
+            self.db.execute("insert into t(id, v) values (?, ?)",
+                            (self.committed + 1,
+                             self.rng.randbytes(self.rng.randrange(10, 3000))))
+            self.db.commit()
+        except BaseException:
+            self.unsure = True
+            raise
         self.committed += 1
+        self.unsure = False
 
     def git_commit(self) -> None:
         repo = self.root / "repo"
