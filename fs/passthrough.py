@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 
 from fs.counts import RequestCounts
-from fs.errors import fuse_error
+from fs.errors import fuse_error, log
 from fs.inodes import NO_FDS, ROOT, Inodes
 from store.libc import fd_path
 
@@ -105,6 +105,7 @@ class Passthrough(pyfuse3.Operations):
         # primary may write only while its lease holds (repl/cluster/node.py).
         self.write_until = math.inf
         self.renewed_at = math.inf  # when the renewal that gave write_until was sent
+        self._refused_since = math.inf  # the deadline past which changes were refused
         self._renewed = threading.Condition()  # notified at each fence()
 
     def freeze(self) -> None:
@@ -158,6 +159,11 @@ class Passthrough(pyfuse3.Operations):
                 self._thawed.wait()
             self.lock.acquire()
             if change and time.monotonic() >= self.write_until:
+                if self._refused_since != self.write_until:  # once per deadline passed
+                    self._refused_since = self.write_until
+                    log.warning("refusing changes (EROFS): fenced, no renewal of the "
+                                "lease moved the deadline (writes the kernel still holds "
+                                "fail at close or fsync with EIO)")
                 self.lock.release()
                 raise OSError(errno.EROFS, "fenced: this node may no longer be the primary")
             if not change or self._thawed.is_set():

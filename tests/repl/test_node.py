@@ -116,9 +116,13 @@ def test_node_partition_ok_primary_cut_from_etcd(tmp_path: Path) -> None:
                 cut = time.monotonic()
                 until(old.role, lambda st: st is not None and bool(st["fenced"]),
                       timeout=TTL, what="the primary cut from etcd fenced")
-                with pytest.raises(OSError) as refused:
-                    (old.mount / "refused").write_bytes(b"no")
-                assert refused.value.errno == errno.EROFS
+                for name in ("refused", "refused-too"):
+                    with pytest.raises(OSError) as refused:
+                        (old.mount / name).write_bytes(b"no")
+                    assert refused.value.errno == errno.EROFS
+                assert old.daemon is not None
+                old.daemon.wait_for("refusing changes (EROFS): fenced")
+                assert old.daemon.log().count("refusing changes") == 1, "said once"
                 new = primary_of(survivors, timeout=TTL + 30)
                 serving = until(lambda: watch.first_writable(new.name, after=cut),
                                 lambda t: t is not None, timeout=10, what="the checker's view")
