@@ -90,13 +90,21 @@ async def campaign(etcd: Etcd, cluster: str, lease: int, standing: Callable[[], 
 
 async def _gather(etcd: Etcd, cluster: str, round_: int, patience: float) -> View:
     """Wait until every live node stood in *round_* (or a leader appeared, or the round
-    moved on, or *patience* seconds passed); returns the view then."""
+    moved on, or *patience* seconds passed); returns the view then.
+
+    While none that stood holds data of the last generation granted (*round_*), the
+    registered nodes not live yet are waited for too: after an outage of etcd itself
+    every lease ran out, and the first node back may hold an older lineage than
+    those of the last generation, which would lose what they had."""
     deadline = trio.current_time() + patience
     while True:
         view = await members.read(etcd, cluster)
         if view.leader is not None or view.generation != round_:
             return view
         waiting = [m.name for m in view.members.values() if m.round != round_]
+        if not any(m.round == round_ and m.eligible and m.generation >= round_
+                   for m in view.members.values()):
+            waiting += [name for name in view.registered if name not in view.members]
         if not waiting:
             return view
         left = deadline - trio.current_time()

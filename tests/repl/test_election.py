@@ -105,3 +105,42 @@ async def test_campaign_ok_waits_for_a_live_node_slow_to_stand(
     finally:
         await etcd.aclose()
     assert {v.leader.node for v in views if v.leader} == {"b"}, "the most complete wins"
+
+
+async def test_campaign_ok_waits_for_registered_nodes_of_the_last_generation(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an outage of etcd every lease ran out: the first node back holds data of
+    generation 1 while generation 2 was granted since. It waits (up to the patience
+    given) for the registered nodes not live yet, and the one of generation 2, back a
+    moment later, wins: the first would have lost that generation's sets."""
+    monkeypatch.setattr(election, "ELECTION_SECONDS", 0.2)
+    etcd = Etcd([url])
+    try:
+        await etcd.put(members.generation_key("t"), b"2")
+        for name in "ab":
+            await etcd.put(members.member_key("t", name), b'{"address": "h"}')
+        leases = {name: await etcd.grant(30) for name in "ab"}
+        await etcd.put(members.node_key("t", "a"), Member("a", "h").encode(), leases["a"])
+
+        async def stale() -> Member:
+            return Member("a", "h:1", generation=1, complete=300)
+
+        async def newest() -> Member:
+            return Member("b", "h:2", generation=2, complete=264)
+
+        views: list[View] = []
+
+        async def candidate(name: str, standing: Callable[[], Awaitable[Member]]) -> None:
+            views.append(await election.campaign(etcd, "t", leases[name], standing,
+                                                 patience=10.0))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(candidate, "a", stale)
+                await trio.sleep(1.0)  # b's node is back a second later
+                await etcd.put(members.node_key("t", "b"), Member("b", "h").encode(),
+                               leases["b"])
+                nursery.start_soon(candidate, "b", newest)
+    finally:
+        await etcd.aclose()
+    assert {(v.leader.node, v.leader.generation) for v in views if v.leader} == {("b", 3)}
