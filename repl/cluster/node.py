@@ -304,8 +304,7 @@ class Node:
             self._renewed = trio.Event()
             if self.child is not None and self.child.role == "primary" and self.child.alive:
                 try:
-                    await self.child.ask("fence", until=self.lease.write_until,
-                             renewed=self.lease.renewed_at)
+                    await self._tell_fence()
                 except (OSError, ValueError, trio.TooSlowError, trio.BrokenResourceError
                         ) as exc:
                     log.warning("could not extend the primary's fence: %r (it fences "
@@ -365,6 +364,12 @@ class Node:
         self.child = Child("primary", args, control.socket_path(self.cfg.mount),
                            generation=generation)
         await self.child.start()
+        await self._tell_fence()
+
+    async def _tell_fence(self) -> None:
+        """Tell the primary until when it may write, and when the renewal that says so
+        was sent (repl/cluster/lease.py)."""
+        assert self.child is not None and self.lease is not None
         await self.child.ask("fence", until=self.lease.write_until,
                              renewed=self.lease.renewed_at)
 
