@@ -46,6 +46,13 @@ async def run(url: str, stand: list[Member]) -> tuple[list[View], dict[str, int]
     return views, leases
 
 
+async def stand(views: list[View], etcd: Etcd, lease: int,
+                standing: Callable[[], Awaitable[Member]]) -> None:
+    """Campaign in cluster "t" with a patience of 10 s (a lease's TTL); the view it ends
+    with goes to *views*."""
+    views.append(await election.campaign(etcd, "t", lease, standing, patience=10.0))
+
+
 async def test_campaign_ok_most_complete_wins_once(url: str) -> None:
     stand = [Member("a", "h:1", generation=3, complete=10),
              Member("b", "h:2", generation=3, complete=12),
@@ -94,14 +101,10 @@ async def test_campaign_ok_waits_for_a_live_node_slow_to_stand(
 
         views: list[View] = []
 
-        async def candidate(name: str, standing: Callable[[], Awaitable[Member]]) -> None:
-            views.append(await election.campaign(etcd, "t", leases[name], standing,
-                                                 patience=10.0))
-
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(candidate, "a", quick)
-                nursery.start_soon(candidate, "b", slow)
+                nursery.start_soon(stand, views, etcd, leases["a"], quick)
+                nursery.start_soon(stand, views, etcd, leases["b"], slow)
     finally:
         await etcd.aclose()
     assert {v.leader.node for v in views if v.leader} == {"b"}, "the most complete wins"
@@ -130,17 +133,13 @@ async def test_campaign_ok_waits_for_registered_nodes_of_the_last_generation(
 
         views: list[View] = []
 
-        async def candidate(name: str, standing: Callable[[], Awaitable[Member]]) -> None:
-            views.append(await election.campaign(etcd, "t", leases[name], standing,
-                                                 patience=10.0))
-
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(candidate, "a", stale)
+                nursery.start_soon(stand, views, etcd, leases["a"], stale)
                 await trio.sleep(1.0)  # b's node is back a second later
                 await etcd.put(members.node_key("t", "b"), Member("b", "h").encode(),
                                leases["b"])
-                nursery.start_soon(candidate, "b", newest)
+                nursery.start_soon(stand, views, etcd, leases["b"], newest)
     finally:
         await etcd.aclose()
     assert {(v.leader.node, v.leader.generation) for v in views if v.leader} == {("b", 3)}

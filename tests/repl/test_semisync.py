@@ -53,6 +53,20 @@ def stopped(daemon: Daemon) -> Iterator[None]:
         daemon.proc.send_signal(signal.SIGCONT)
 
 
+@contextmanager
+def remote_in_step(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """A secondary (replica tmp_path/r) and a primary (tmp_path/b mounted at
+    tmp_path/m, --fsync remote, --fsync-timeout 1, no set closed by the timer) whose
+    fsyncs wait for it: (secondary, primary)."""
+    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
+            "--fsync-timeout", "1", "--set-interval", "3600") as pri:
+        in_step(mount)
+        yield sec, pri
+
+
 class Fsync(threading.Thread):
     """Write and fsync a file through *mount* in a thread; then note the set the fsync
     closed and whether the secondary of *replica* (if any) had staged it whole then."""
@@ -178,12 +192,8 @@ def test_semisync_wait_staged_ok_stalled_secondary_left_behind_then_back(
         tmp_path: Path) -> None:
     """A connected secondary that stages nothing holds an fsync up for --fsync-timeout,
     then fsyncs go on without it (said in the log and counted) until it caught up."""
-    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
-    backing.mkdir()
-    with secondary(replica) as sec, primary(
-            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
-            "--fsync-timeout", "1", "--set-interval", "3600") as pri:
-        in_step(mount)
+    mount, replica = tmp_path / "m", tmp_path / "r"
+    with remote_in_step(tmp_path) as (sec, pri):
         with stopped(sec):
             for name in ("f", "g"):  # the first waits out the timeout, the second not at all
                 fsync = Fsync(mount, replica, name)
@@ -208,12 +218,8 @@ def test_semisync_wait_staged_err_fenced_before_a_renewal(tmp_path: Path) -> Non
     secondary (in step when it began) returns only once a lease renewal confirms the
     node still leads; none comes, so it fails with EIO at the fence, rather than
     return for a set another node may be elected without."""
-    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
-    backing.mkdir()
-    with secondary(replica) as sec, primary(
-            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
-            "--fsync-timeout", "1", "--set-interval", "3600"):
-        in_step(mount)
+    mount = tmp_path / "m"
+    with remote_in_step(tmp_path) as (sec, _):
         fence(mount, 3.0)  # renewed now, and never again
         with stopped(sec):
             fd = os.open(mount / "f", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -231,12 +237,8 @@ def test_semisync_wait_staged_ok_renewed_after_the_secondary_left_step(
         tmp_path: Path) -> None:
     """The secondary alone is silent: the fsync that left it behind returns once the
     next renewal of the node's lease comes."""
-    backing, mount, replica = tmp_path / "b", tmp_path / "m", tmp_path / "r"
-    backing.mkdir()
-    with secondary(replica) as sec, primary(
-            backing, mount, "--secondary", f"127.0.0.1:{sec.port}", "--fsync", "remote",
-            "--fsync-timeout", "1", "--set-interval", "3600") as pri:
-        in_step(mount)
+    mount = tmp_path / "m"
+    with remote_in_step(tmp_path) as (sec, pri):
         fence(mount, 60.0)
         with stopped(sec):
             fsync = Fsync(mount, None, "f")
