@@ -229,9 +229,14 @@ async def run_primary(cfg: PrimaryConfig) -> None:
         finally:
             pyfuse3.close(unmount=True)
             inodes.close()
-        closed = capture.close_set()
-        capture.sync_backing(final=True)  # a clean stop: nothing to replay or resend
-        log.info("unmounted %s; last set %d", mountpoint, closed)
+        try:
+            closed = capture.close_set()
+            capture.sync_backing(final=True)  # a clean stop: nothing to replay or resend
+        except OSError as exc:  # a full disk, past the journal's reserve
+            log.error("unmounted %s; closing the last set failed (%s): the next start "
+                      "replays the journal", mountpoint, exc.strerror)
+        else:
+            log.info("unmounted %s; last set %d", mountpoint, closed)
     finally:
         tree.close()
         journal.close()

@@ -36,7 +36,16 @@ from store.errors import RecordError, StoreError
 from store.lmdbdir import lock_dir
 from store.notes import Note, decode_notes, encode_notes
 from store.private import private_dir
-from store.records import Op, Record, decode_ranges, decode_set, encode_ranges, encode_set, peek_key
+from store.records import (
+    FALLOC_FL_PUNCH_HOLE,
+    Op,
+    Record,
+    decode_ranges,
+    decode_set,
+    encode_ranges,
+    encode_set,
+    peek_key,
+)
 from store.wal import Kind, Log, keyed, unkey
 
 _NEXT_SET = b"next_set"
@@ -44,6 +53,10 @@ _BASE = b"base"
 _IDENTITY = b"identity"
 _TRIMMED = b"trimmed"
 DIRTY_INDEX = "dirty.index"  # the dirty map's index (store/dirty.py): made anew at open
+# Records that may take space on BACKING or in the journal: on a full disk they fail
+# with ENOSPC, where the others may use the log's reserve (store/reserve.py).
+_TAKES_SPACE = frozenset({Op.WRITE, Op.FILE, Op.SETXATTR, Op.SYMLINK, Op.FALLOCATE,
+                          Op.CREATE, Op.MKDIR, Op.MKNOD, Op.LINK})
 
 
 class _Set:
@@ -54,6 +67,12 @@ class _Set:
     def __init__(self) -> None:
         self.pos = array("Q")
         self.size = array("I")
+
+
+def takes_space(record: Record) -> bool:
+    """Whether *record*'s op may take space (a punched hole frees it)."""
+    return record.op in _TAKES_SPACE and not (record.op == Op.FALLOCATE
+                                              and record.flags & FALLOC_FL_PUNCH_HOLE)
 
 
 def exists(path: os.PathLike[str] | str) -> bool:
@@ -90,6 +109,7 @@ class Journal:
         self._intent: tuple[bytes, bytes] | None = None
         self.bytes = 0  # of the records indexed, for the budget
         self._snapshotting = False
+        self._snapshot_base = 0  # the segment whose head holds the last snapshot
         self._gaps: set[int] | None = set()  # sets whose first records lie in deleted segments
         self._note_bodies: list[bytes] = []  # the notes' entries in force, at open
         try:
@@ -112,6 +132,7 @@ class Journal:
                 os.close(self._lock_fd)
             raise StoreError(f"open journal {self.path}: {exc}") from exc
         self._gaps, self._note_bodies = None, []
+        self._snapshot_base = self.log.base
         self.identity = identity.parse(self._meta.get(_IDENTITY), make_cluster=True)
         if _IDENTITY not in self._meta and not read_only:
             self.put_meta(_IDENTITY, identity.dumps(self.identity))
@@ -185,24 +206,29 @@ class Journal:
 
     # --- writing ----------------------------------------------------------------
 
-    def _write(self, kind: Kind, body: bytes | list[bytes]) -> int:
-        segment = self.log.base
-        pos = self.log.append(kind, body)
-        if self.log.base != segment and not self._snapshotting:
+    def _write(self, kind: Kind, body: bytes | list[bytes], *, spare: bool = True) -> int:
+        """Append one entry. Only records that take space (``takes_space``) are not
+        *spare*: the others may use the log's reserve on a full disk (store/reserve.py)."""
+        pos = self.log.append(kind, body, spare=spare)
+        if self.log.base != self._snapshot_base and not self._snapshotting:
             self._snapshot()
         return pos
 
     def _snapshot(self) -> None:
         """Write the meta values, the dirty map and the notes again at a new segment's
-        head, so the segments before it can go."""
+        head, so the segments before it can go. If the disk has no room for them, the
+        next entry tries again, and the segments before stay meanwhile (``trim``)."""
         self._snapshotting = True
         try:
             for key, value in self._meta.items():
-                self.log.append(Kind.META, keyed(key, value))
-            self.log.append(Kind.DIRTY_CLEAR, b"")
+                self.log.append(Kind.META, keyed(key, value), spare=True)
+            self.log.append(Kind.DIRTY_CLEAR, b"", spare=True)
             for path, ranges in self.dirty.items():
-                self.log.append(Kind.DIRTY, keyed(path, encode_ranges(ranges)))
-            self.log.append(Kind.NOTES_RESET, encode_notes(self.notes))
+                self.log.append(Kind.DIRTY, keyed(path, encode_ranges(ranges)), spare=True)
+            self.log.append(Kind.NOTES_RESET, encode_notes(self.notes), spare=True)
+            self._snapshot_base = self.log.base
+        except OSError:
+            pass  # the entry that began the segment is written: its caller goes on
         finally:
             self._snapshotting = False
 
@@ -216,10 +242,11 @@ class Journal:
         record = Record(op, self.set, self.seq, **fields)
         parts = record.encode_parts()
         size = sum(map(len, parts))
+        spare = not takes_space(record)
         if intent is not None:
-            self._write(Kind.INTENT, keyed(record.key, intent))
+            self._write(Kind.INTENT, keyed(record.key, intent), spare=spare)
             self._intent = (record.key, intent)
-        pos = self._write(Kind.RECORD, parts)
+        pos = self._write(Kind.RECORD, parts, spare=spare)
         self._index(record.set, record.seq, pos, size)
         self.seq += 1
         self.set_bytes += size
@@ -375,7 +402,7 @@ class Journal:
         # A record put again lies later than the next one: the set's least position.
         first = min(self._sets[self._order[0]].pos, default=self.log.end) if self._order \
             else self.log.end
-        self.log.drop_before(first)
+        self.log.drop_before(min(first, self._snapshot_base))  # never the last snapshot
         return dropped
 
     # --- meta values and the dirty map --------------------------------------------

@@ -36,7 +36,9 @@ This module, ``store/records.py`` and ``store/notes.py`` pack the journal's byte
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import itertools
 import os
 import struct
@@ -47,6 +49,7 @@ from pathlib import Path
 import xxhash
 
 from store.private import FILE_MODE
+from store.reserve import Reserve
 
 SEGMENT_BYTES = 64 << 20
 # Zeros written ahead of the end of the segment being written: one flush in
@@ -152,8 +155,10 @@ class Log:
         self._sync_lock = threading.Lock()
         self._dir_synced = True
         self.remover: threading.Thread | None = None  # removing dropped segments
+        self.reserve: Reserve | None = None  # room for spare entries (store/reserve.py)
         if not read_only:
             _remove(sorted(path.glob("*" + DEAD)))
+            self.reserve = Reserve(path)
         bases = sorted(int(p.stem, 16) for p in path.glob("*.log")
                        if len(p.stem) == 16 and all(c in "0123456789abcdef" for c in p.stem))
         self.end = bases[0] if bases else 0
@@ -228,20 +233,37 @@ class Log:
         self._prepared = 0
         self._dir_synced = False
 
-    def append(self, kind: Kind, body: bytes | list[bytes]) -> int:
+    def append(self, kind: Kind, body: bytes | list[bytes], *, spare: bool = False) -> int:
         """Append one entry; returns the log position of its body. A body given as a
-        list of pieces is written as they are (a record's data is not copied).
+        list of pieces is written as they are (a record's data is not copied). A
+        *spare* entry (one that frees space, or the daemon's own) may use the
+        reserve when the disk is full; any other fails then (store/reserve.py).
 
         Raises OSError (ENOSPC...) with the log unchanged.
         """
         pieces = body if isinstance(body, list) else [body]
         length = sum(map(len, pieces))
         entry, size = _entry(kind, pieces, length), length + OVERHEAD
+        assert self.reserve is not None, "a read-only log takes no entries"
+        if not spare:
+            self.reserve.admit()
+        try:
+            at = self._append(entry, size)
+        except OSError as exc:
+            if not (spare and exc.errno == errno.ENOSPC and self.reserve.give_up()):
+                raise
+            at = self._append(entry, size)
+        if spare:
+            self.reserve.spared()
+        return at
+
+    def _append(self, entry: list[bytes], size: int) -> int:
         if self.end - self.base + size > SEGMENT_BYTES and self.end > self.base:
             self._new_segment(self.end)
         fd, at = self._fds[self.base], self.end - self.base
         if self._prepared < at + size < at + PREPARE_BYTES:
-            self._prepare(fd, at + size + PREPARE_BYTES)
+            with contextlib.suppress(OSError):  # no room ahead: the entry alone, then
+                self._prepare(fd, at + size + PREPARE_BYTES)
         try:
             _pwritev(fd, entry, size, at)
         except OSError:
@@ -322,6 +344,8 @@ class Log:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.reserve is not None:
+            self.reserve.close()
 
 
 def _remove(paths: list[Path]) -> None:

@@ -49,6 +49,7 @@ capture owns and calls (repl/primary/resync.py), and the open set stays open.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -532,7 +533,13 @@ class Capture:
                 await self._backing_sync_wanted.wait()
             self._backing_sync_wanted = trio.Event()
             if self.unsynced.nodes or self.journal.end > self.backing_at:
-                await trio.to_thread.run_sync(self.sync_backing)
+                try:
+                    await trio.to_thread.run_sync(self.sync_backing)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    log.error("noting BACKING's sync in the journal failed (%s): tried "
+                              "again in %gs", exc.strerror, BACKING_SYNC_SECONDS)
 
     async def durable(self) -> None:
         """Return once every record journaled so far is durable on disk."""
@@ -571,10 +578,16 @@ class Capture:
             self._close_wanted = trio.Event()
             with self.lock:
                 if not self.journal.set_is_empty:
-                    self.close_set()
+                    try:
+                        self.close_set()
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        log.error("closing set %d failed (%s): tried again in %gs",
+                                  self.journal.set, exc.strerror, self.set_interval)
                     self._flush_wanted.set()  # for the sender, at once
-                # Also when the set stayed open (over budget): the next try is a
-                # whole interval away, not at once.
+                # Also when the set stayed open (over budget, or failed to close): the
+                # next try is a whole interval away, not at once.
                 self.closed_at = time.monotonic()
 
     async def _flusher(self) -> None:

@@ -1,8 +1,11 @@
-"""A full replica disk: a clear error, a replica that is never torn, and recovery."""
+"""A full disk: of the replica (a clear error, a replica that is never torn, and
+recovery) and of the primary (ENOSPC, as natively, and nothing else lost)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +52,61 @@ def test_replica_disk_full_then_space_returns(tmp_path: Path, small_replica: Pat
                 assert diff(snapshot(backing), snapshot(replica)) == []
             assert before != snapshot(replica)
     assert "No space" not in pri.log()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of 16 MiB for the primary's BACKING and journal (beside it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(path: Path) -> OSError:
+    """Write *path* 1 MiB at a time, each fsync'd, until that fails; the error."""
+    with open(path, "wb") as f:
+        for _ in range(32):
+            try:
+                f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                return exc
+    raise AssertionError("the disk never filled")
+
+
+def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
+                                                           small_disk: Path) -> None:
+    """When the disk of BACKING and the journal fills, writes through the mount fail
+    with ENOSPC; the daemon goes on serving, closing sets and shipping them; a file
+    can be removed through the mount, and then writes work again. The replica ends
+    equal to BACKING: the failed writes are on neither."""
+    backing, mount, replica = small_disk / "b", tmp_path / "m", tmp_path / "r"
+    backing.mkdir()
+    with secondary(replica) as sec, \
+            primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}") as pri:
+        (mount / "kept").write_bytes(b"kept" * 1000)
+        checkpoint(mount)
+        assert fill(mount / "big").errno == errno.ENOSPC
+        pri.wait_for("its reserve of 4 MiB is in use")
+        with pytest.raises(OSError) as raised:
+            with open(mount / "more", "wb") as f:
+                f.write(b"x" * 10_000)
+                os.fsync(f.fileno())
+        assert raised.value.errno == errno.ENOSPC
+        full = checkpoint(mount)  # a set still closes and reaches the replica
+        assert (mount / "kept").read_bytes() == b"kept" * 1000
+        (mount / "big").unlink()
+        (mount / "after").write_bytes(b"after")
+        with open(mount / "after", "rb+") as f:
+            os.fsync(f.fileno())
+        pri.wait_for("has room again")
+        assert checkpoint(mount) > full
+        assert diff(snapshot(backing), snapshot(replica)) == []
+        assert (replica / "after").read_bytes() == b"after"
+        assert pri.proc is not None and pri.proc.poll() is None
+    assert "Traceback" not in pri.log()

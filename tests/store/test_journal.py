@@ -312,25 +312,72 @@ def test_journal_append_ok_large_write_from_its_pieces(path: Path, size: int) ->
     assert [r.op for r in replayed] == [Op.WRITE, Op.WRITE, Op.TRUNCATE, Op.SYNC]
 
 
-def test_journal_append_err_full_disk_leaves_the_log_as_it_was(tmp_path: Path) -> None:
-    """A large write the disk has no room for raises ENOSPC and leaves nothing of
-    itself behind: the journal takes the next record and reopens without it."""
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of 12 MiB: the log's reserve (4 MiB) and a little more."""
     where = tmp_path / "small"
     where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(where)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(where)], check=True)
     try:
-        with opened(where / "journal") as j:
-            first = j.append(Op.WRITE, path=b"f", offset=0, data=b"x")
-            with pytest.raises(OSError) as raised:
-                j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(2 << 20))
-            assert raised.value.errno == errno.ENOSPC
-            after = j.append(Op.WRITE, path=b"f", offset=1, data=b"y")
-            assert (after.set, after.seq) == (first.set, first.seq + 1)
-        with opened(where / "journal") as j:
-            assert list(j.records()) == [first, after]
+        yield where
     finally:
         subprocess.run(["umount", str(where)], check=True)
+
+
+def test_journal_append_err_full_disk_leaves_the_log_as_it_was(small_disk: Path) -> None:
+    """A large write the disk has no room for raises ENOSPC and leaves nothing of
+    itself behind: the journal takes the next record and reopens without it."""
+    with opened(small_disk / "journal") as j:
+        first = j.append(Op.WRITE, path=b"f", offset=0, data=b"x")
+        with pytest.raises(OSError) as raised:
+            j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(8 << 20))
+        assert raised.value.errno == errno.ENOSPC
+        after = j.append(Op.WRITE, path=b"f", offset=1, data=b"y")
+        assert (after.set, after.seq) == (first.set, first.seq + 1)
+    with opened(small_disk / "journal") as j:
+        assert list(j.records()) == [first, after]
+
+
+def fill(j: Journal) -> int:
+    """Append writes until the disk has no room even for a small one; how many went in."""
+    count = 0
+    for size in (1 << 18, 1 << 10, 0):
+        while True:
+            try:
+                j.append(Op.WRITE, path=b"big", offset=count, data=bytes(size))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            count += 1
+            assert count < 20_000, "the disk never filled"
+    return count
+
+
+def test_journal_append_ok_full_disk_takes_what_frees_space(small_disk: Path) -> None:
+    """On a full disk what frees space and a set's close are still journaled, in the
+    room the reserve leaves; what takes space fails with ENOSPC until there is room
+    again, even though the reserve's room is free; then the reserve is made again."""
+    (small_disk / "ballast").write_bytes(bytes(6 << 20))
+    with opened(small_disk / "journal") as j:
+        reserve = small_disk / "journal" / "reserve"
+        assert reserve.stat().st_mode & 0o777 == 0o600
+        assert reserve.stat().st_blocks * 512 >= 4 << 20
+        assert fill(j) > 0
+        gone = j.append(Op.UNLINK, path=b"d/" * 30 + b"big")  # larger than the last write
+        j.append(Op.UTIMES, path=b"", atime_ns=1, mtime_ns=2)
+        closed = j.close_set()
+        assert reserve.stat().st_size == 0, "given up"
+        with pytest.raises(OSError) as raised:
+            j.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
+        assert raised.value.errno == errno.ENOSPC
+        assert (j.set, j.seq) == (closed + 1, 0), "nothing of it journaled"
+        (small_disk / "ballast").unlink()  # room, made outside the journal
+        j.append(Op.UNLINK, path=b"other")  # a spare entry: try the reserve again at once
+        made = j.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
+        assert reserve.stat().st_blocks * 512 >= 4 << 20, "made again"
+    with opened(small_disk / "journal") as j:
+        records = list(j.records())
+        assert gone in records and made in records
 
 
 # --- power cuts: the log ends at its last whole entry ------------------------------
