@@ -29,11 +29,13 @@ until the stager catches up).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import trio
 
 from repl.errors import ProtocolError, Refused
@@ -88,6 +90,7 @@ STAGE_QUEUE_BYTES = 32 << 20
 # records, 48 KiB): a primary reads them as they come, so only a peer that does
 # not read them reaches this.
 OUTBOX_FRAMES = 256
+STAGE_RETRY_SECONDS = 5.0  # a batch the staging store failed to take is tried again
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ReceiverStatus:
     refused_by: dict[str, int] = field(default_factory=dict)  # reason -> connections
     last_staged: tuple[int, int] = (0, 0)
     last_complete: int = 0
+    staging_error: str | None = None  # why the last batch could not be staged, until one is
     errors: list[str] = field(default_factory=list)
 
 
@@ -477,8 +481,7 @@ class Receiver:
                         break
                     size += len(batch[-1][2])
                 try:
-                    await self._stage([item for item in batch
-                                       if item[0].session == self._session])
+                    await self._stage_until_done(batch)
                 finally:
                     self._queued -= sum(len(raw) for _, _, raw in batch)
                     self._dequeued.unpark_all()
@@ -486,6 +489,28 @@ class Receiver:
         except trio.Cancelled:
             self._stage_left(batch)
             raise
+
+    async def _stage_until_done(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
+        """Stage *batch* (what a newer session replaced left out). While the staging
+        store fails (its disk full...), say why in status and try again every
+        STAGE_RETRY_SECONDS, reading nothing more meanwhile: the primary's window
+        fills, and it waits, or ends the session and sends the records again."""
+        while True:
+            try:
+                await self._stage([item for item in batch if item[0].session == self._session])
+            except (OSError, lmdb.Error) as exc:
+                free = shutil.disk_usage(self.staging.path).free
+                error = (f"staging failed: {exc} (its disk has {free >> 20} MiB free); "
+                         f"retrying in {STAGE_RETRY_SECONDS:g}s")
+                if error != self.status.staging_error:
+                    log.error("%s", error)
+                self.status.staging_error = error
+                await trio.sleep(STAGE_RETRY_SECONDS)  # a retry's pace: no event to wait for
+                continue
+            if self.status.staging_error is not None:
+                log.info("staging works again")
+                self.status.staging_error = None
+            return
 
     def _stage_left(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
         """As the receiver stops: stage what was read and not staged yet (*batch*, cut
@@ -498,9 +523,14 @@ class Receiver:
                 break
         batch = [item for item in batch if item[0].session == self._session]
         if batch:  # staged already, some of it, maybe: duplicates are dropped
-            self._stage_durably([record for _, record, _ in batch],
-                                [raw for _, _, raw in batch])
-            log.info("staged the %d records read before the stop", len(batch))
+            try:
+                self._stage_durably([record for _, record, _ in batch],
+                                    [raw for _, _, raw in batch])
+            except (OSError, lmdb.Error) as exc:
+                log.error("staging the %d records read before the stop failed: %s",
+                          len(batch), exc)
+            else:
+                log.info("staged the %d records read before the stop", len(batch))
 
     def _stage_durably(self, records: list[Record], raws: list[bytes]) -> Staged:
         result = self.staging.stage(records, raws)

@@ -329,7 +329,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 "duplicates": r.duplicates, "stale": r.stale,
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
-                "staging_bytes": staging.size(), "apply_error": applier.error,
+                "staging_bytes": staging.size(), "staging_error": r.staging_error,
+                "apply_error": applier.error,
                 "errors": r.errors,
             }
 

@@ -110,3 +110,36 @@ def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
         assert (replica / "after").read_bytes() == b"after"
         assert pri.proc is not None and pri.proc.poll() is None
     assert "Traceback" not in pri.log()
+
+
+def test_staging_disk_full_then_space_returns(tmp_path: Path) -> None:
+    """The disk of the replica and its staging store fills while the replica is held:
+    the secondary says why in status and stays up, reading nothing more, and once
+    there is room it stages, applies, and the replica is the primary's tree."""
+    disk, backing, mount = tmp_path / "disk", tmp_path / "b", tmp_path / "m"
+    disk.mkdir()
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    replica = disk / "r"  # its staging store is beside it, on the same disk
+    try:
+        with secondary(replica) as sec, \
+                primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+            (mount / "small").write_bytes(b"fits")
+            checkpoint(mount)
+            assert replfs("pause", replica).returncode == 0
+            for n in range(4):
+                (mount / f"big{n}").write_bytes(os.urandom(5 << 20))
+            last = int(replfs("checkpoint", mount).stdout)
+            sec.wait_for("staging failed")
+            st = json.loads(replfs("status", replica, "--json").stdout)
+            assert "MiB free" in st["staging_error"]
+            assert sec.proc is not None and sec.proc.poll() is None
+            subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
+            assert replfs("resume", replica).returncode == 0
+            assert checkpoint(mount) >= last
+            assert diff(snapshot(backing), snapshot(replica)) == []
+            st = json.loads(replfs("status", replica, "--json").stdout)
+            assert st["staging_error"] is None
+        assert "Traceback" not in sec.log()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
