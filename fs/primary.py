@@ -315,9 +315,13 @@ class PrimaryFS(Passthrough):
     @request(changes=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         inode = self.files[fh]
-        with self.capture.applying(Op.WRITE, self.inodes.path(inode), offset=off,
-                                   data=buf) as change:
-            change.written = os.pwrite(fh, buf, off)
+        try:
+            with self.capture.applying(Op.WRITE, self.inodes.path(inode), offset=off,
+                                       data=buf) as change:
+                change.written = os.pwrite(fh, buf, off)
+        except OSError:
+            self.inodes.pages_stale(inode)  # the kernel's cache may hold what failed
+            raise
         self.capture.track(fh, inode)
         self._data_changed(inode)
         return change.written

@@ -11,8 +11,7 @@ So the log holds a file of RESERVE_BYTES beside its segments, allocated
 while there is room. An entry that frees space or is the daemon's own (a
 *spare* one) and finds the disk full gives the reserve up and is written in
 the room it leaves; from then on every other entry fails with ENOSPC
-until the reserve can be allocated again, which is tried at most once
-a RETRY_SECONDS, or at once after a spare entry (it may have freed space).
+until the reserve can be allocated again, which each of them tries first.
 A disk too full for the reserve when the log opens starts without it, as if
 given up. On a copy-on-write filesystem (btrfs) freeing the reserve may not
 give an overwrite the room it needs; the reserve only makes it likely there.
@@ -23,13 +22,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import time
 from pathlib import Path
 
 from store.private import FILE_MODE
 
 RESERVE_BYTES = 4 << 20  # far more than the spare entries of a set's close
-RETRY_SECONDS = 1.0
 NAME = "reserve"
 
 log = logging.getLogger("replfs.journal")
@@ -42,15 +39,12 @@ class Reserve:
         self.path = directory / NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         self.held = False
-        self._tried_at = -float("inf")
-        self._spared = False  # a spare entry was written since the last try
         if not self._allocate():
             log.warning("the disk of the journal %s has less than %d MiB free: until it "
                         "has, changes fail with ENOSPC but those that free space",
                         directory, RESERVE_BYTES >> 20)
 
     def _allocate(self) -> bool:
-        self._tried_at, self._spared = time.monotonic(), False
         try:
             os.posix_fallocate(self._fd, 0, RESERVE_BYTES)
         except OSError as exc:
@@ -66,8 +60,7 @@ class Reserve:
         up and cannot be allocated again."""
         if self.held:
             return
-        if (self._spared or time.monotonic() - self._tried_at >= RETRY_SECONDS) \
-                and self._allocate():
+        if self._allocate():
             log.info("the disk of the journal %s has room again: changes are taken",
                      self.path.parent)
             return
@@ -85,10 +78,6 @@ class Reserve:
                     "and changes fail with ENOSPC but those that free space",
                     self.path.parent, RESERVE_BYTES >> 20)
         return True
-
-    def spared(self) -> None:
-        """A spare entry was written: the next admit() tries the reserve again."""
-        self._spared = True
 
     def close(self) -> None:
         os.close(self._fd)

@@ -253,8 +253,6 @@ class Log:
             if not (spare and exc.errno == errno.ENOSPC and self.reserve.give_up()):
                 raise
             at = self._append(entry, size)
-        if spare:
-            self.reserve.spared()
         return at
 
     def _append(self, entry: list[bytes], size: int) -> int:

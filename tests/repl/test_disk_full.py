@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot
+from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, until
 
 
 @pytest.fixture
@@ -90,17 +91,25 @@ def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
     with secondary(replica) as sec, \
             primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}") as pri:
         (mount / "kept").write_bytes(b"kept" * 1000)
+        (mount / "more").write_bytes(b"")
         checkpoint(mount)
         assert fill(mount / "big").errno == errno.ENOSPC
         pri.wait_for("its reserve of 4 MiB is in use")
         with pytest.raises(OSError) as raised:
-            with open(mount / "more", "wb") as f:
+            with open(mount / "more", "ab") as f:
                 f.write(b"x" * 10_000)
                 os.fsync(f.fileno())
         assert raised.value.errno == errno.ENOSPC
+        # What the kernel cached of the writes that failed is dropped (by another
+        # thread, soon), not shown as written
+        until(lambda: (mount / "more").read_bytes(), lambda shown: shown == b"", timeout=10)
+        assert (backing / "more").read_bytes() == b""
         full = checkpoint(mount)  # a set still closes and reaches the replica
         assert (mount / "kept").read_bytes() == b"kept" * 1000
         (mount / "big").unlink()
+        # Its blocks are freed once the daemon closes it too: the kernel's RELEASE of
+        # the writer's handle comes after close() returned
+        until(lambda: shutil.disk_usage(small_disk).free, lambda free: free > 5 << 20)
         (mount / "after").write_bytes(b"after")
         with open(mount / "after", "rb+") as f:
             os.fsync(f.fileno())
