@@ -67,12 +67,10 @@ class Node:
 class Inodes:
     def __init__(self, backing: str, fd_limit: int = 4096, verify: bool = False,
                  limit: int | None = None) -> None:
-        """*limit*: past this many nodes, the pruner is woken (``wanted``, fs/prune.py)."""
+        """*limit*: past this many nodes, ``crowded`` is set (fs/prune.py)."""
         self.verify = verify
         self.limit = self._crowded_past = limit
-        self.wanted = threading.Event()  # set when the pruner has work: crowded, or stale
-        self.stale: set[int] = set()  # files whose pages the kernel caches must go
-        self.stale_open: set[int] = set()  # of those, the ones held open: names kept
+        self.crowded = threading.Event()
         self.root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_st_ino = os.fstat(self.root_fd).st_ino
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, self.root_st_ino)}
@@ -132,8 +130,8 @@ class Inodes:
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node(ino, st.st_ino, stat.S_ISDIR(st.st_mode))
-            if self.crowded:
-                self.wanted.set()
+            if self._crowded_past is not None and len(self.nodes) > self._crowded_past:
+                self.crowded.set()
         else:  # a number the filesystem gave again, the kernel not done with the old file
             node.directory = stat.S_ISDIR(st.st_mode)
         node.add_name(parent, name)
@@ -165,38 +163,6 @@ class Inodes:
                 del self._aliases[node.number]
             if self.limit is not None and len(self.nodes) <= self.limit:
                 self._crowded_past = self.limit  # back under it: the bound is the limit again
-
-    @property
-    def crowded(self) -> bool:
-        """Past the limit (or past the bound ``surplus`` set, when it found too few)."""
-        return self._crowded_past is not None and len(self.nodes) > self._crowded_past
-
-    def pages_stale(self, ino: int) -> None:
-        """A write of *ino* failed: what the kernel caches of it may show bytes BACKING
-        does not hold (its writeback cache took them, and they are not written again).
-        The pruner has it drop them (``take_stale``)."""
-        self.stale.add(ino)
-        self.wanted.set()
-
-    def take_stale(self) -> list[tuple[int, list[tuple[int, bytes]]]]:
-        """The files ``pages_stale`` named, each with its names if no handle holds it
-        open: the kernel keeps the size it cached under the writeback cache, so only a
-        file it forgot and looks up again shows BACKING's. One held open is named
-        again once its last handle is closed (``closed``)."""
-        taken = []
-        for ino in self.stale:
-            node = self.nodes.get(ino)
-            if node is not None and node.fds:
-                self.stale_open.add(ino)
-            taken.append((ino, list(node.names) if node is not None and not node.fds else []))
-        self.stale = set()
-        return taken
-
-    def closed(self, ino: int) -> None:
-        """The last handle of *ino* was closed."""
-        if ino in self.stale_open:
-            self.stale_open.discard(ino)
-            self.pages_stale(ino)
 
     def surplus(self) -> list[tuple[int, bytes]]:
         """The names of the files first looked up that bring the table down to 90 % of

@@ -267,8 +267,6 @@ class Passthrough(pyfuse3.Operations):
         node = self.inodes.nodes.get(inode)
         if node is not None:
             node.fds = node.fds - {fd} or NO_FDS
-            if not node.fds:
-                self.inodes.closed(inode)
             if node.lookups <= 0 and not node.fds:
                 self.inodes.forget(inode, 0)
         os.close(fd)

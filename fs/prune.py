@@ -1,4 +1,4 @@
-"""The inodes the kernel knows, kept near a bound; the pages of a failed write dropped.
+"""The inodes the kernel knows, kept near a bound.
 
 The kernel holds a FUSE inode as long as it caches a name of it, and keeps
 names until memory runs short: a walk of a million files through a mount
@@ -13,11 +13,6 @@ It is what memory pressure does to the kernel's cache anyway.
 Not dropped: directories (a process's working directory whose name is
 dropped has none any more: getcwd fails) and files with open handles (their
 names in /proc would read "(deleted)"). Both are few, and in use.
-
-The same thread has the kernel drop the cached pages of a file one of whose
-writes failed (``Inodes.pages_stale``: a full disk, most often): under the
-writeback cache the kernel took the bytes at write(2), reports the failure
-at fsync or close, and keeps showing the bytes, which BACKING does not hold.
 """
 
 from __future__ import annotations
@@ -49,16 +44,13 @@ class Pruner:
     def run(self) -> None:
         inodes = self.inodes
         while True:
-            inodes.wanted.wait()
+            inodes.crowded.wait()
             if self._stopping:
                 return
             with self.lock:
-                inodes.wanted.clear()
-                stale = inodes.take_stale()
-                names = inodes.surplus() if inodes.crowded else []
-            for ino, its_names in stale:
-                self._drop_pages(ino, its_names)
-            if names and not self.dropped:
+                inodes.crowded.clear()
+                names = inodes.surplus()
+            if not self.dropped:
                 log.info("the kernel knows more than %d inodes through the mount "
                          "(--max-inodes): it is asked to forget the files looked up first",
                          inodes.limit)
@@ -72,18 +64,7 @@ class Pruner:
                     if exc.errno != errno.ENOENT:  # the kernel had dropped it already
                         log.debug("dropping the kernel's name %r in %d: %s", name, parent, exc)
 
-    def _drop_pages(self, ino: int, names: list[tuple[int, bytes]]) -> None:
-        """Have the kernel drop the pages of *ino*, and *names*, so that it forgets the
-        file (and the size it cached) once unused."""
-        try:
-            pyfuse3.invalidate_inode(ino)
-            for parent, name in names:
-                pyfuse3.invalidate_entry(parent, name)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # the kernel had forgotten the file
-                log.debug("dropping the kernel's pages of inode %d: %s", ino, exc)
-
     def stop(self) -> None:
         """Make ``run`` return (before the session it notifies is closed)."""
         self._stopping = True
-        self.inodes.wanted.set()
+        self.inodes.crowded.set()

@@ -50,23 +50,23 @@ def test_inodes_ok_surplus_names_the_oldest_files_only(tmp_path: Path) -> None:
             inodes.remember(ROOT, b"d%d" % i, dst, ino=1000 + i)
         for i in range(12):
             inodes.remember(ROOT, b"f%d" % i, fst, ino=2000 + i)
-        assert inodes.wanted.is_set()  # 23 nodes, the root too
+        assert inodes.crowded.is_set()  # 23 nodes, the root too
         inodes.node(2000).fds = frozenset({7})  # open: kept
         assert inodes.surplus() == [(ROOT, b"f1"), (ROOT, b"f2"), (ROOT, b"f3"),
                                     (ROOT, b"f4"), (ROOT, b"f5")]  # down to 18
         for i in range(12):
             inodes.forget(2000 + i, 1)
         inodes.node(2000).fds = NO_FDS
-        inodes.wanted.clear()
+        inodes.crowded.clear()
         for i in range(10, 21):
             inodes.remember(ROOT, b"d%d" % i, dst, ino=1000 + i)
-        assert inodes.wanted.is_set()
-        inodes.wanted.clear()
+        assert inodes.crowded.is_set()
+        inodes.crowded.clear()
         assert inodes.surplus() == [(ROOT, b"f0")]  # the rest are directories
         inodes.remember(ROOT, b"d21", dst, ino=1021)
-        assert not inodes.wanted.is_set()  # until 23 + 2 nodes
+        assert not inodes.crowded.is_set()  # until 23 + 2 nodes
         inodes.remember(ROOT, b"d22", dst, ino=1022)
         inodes.remember(ROOT, b"d23", dst, ino=1023)
-        assert inodes.wanted.is_set()
+        assert inodes.crowded.is_set()
     finally:
         os.close(inodes.root_fd)
