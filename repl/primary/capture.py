@@ -94,6 +94,7 @@ BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is 
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 _MOVES = frozenset({Op.UNLINK, Op.RMDIR, Op.RENAME})  # ops that remove or move a name
+_DATA_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})  # they stamp the file's times
 T = TypeVar("T")
 
 
@@ -360,9 +361,13 @@ class Capture:
 
     @_locked
     def void(self, record: Record) -> None:
-        """Mark *record* as an op that failed on the backing directory."""
+        """Mark *record* as an op that failed on the backing directory. A write that
+        failed (ENOSPC) may have moved the file's times all the same (the kernel
+        stamps them before it looks for room): the close restates them."""
         if self._unsettled is not None and self._unsettled.key == record.key:
             self._unsettled = None
+        if record.op in _DATA_OPS:
+            self.touched.note(record.path)
         self.journal.put(record.voided())
 
     @contextmanager

@@ -538,3 +538,23 @@ def test_capture_resend_ok_keeps_a_file_capability(tmp_path: Path, boot: Path) -
     finally:
         tree.close()
     assert os.getxattr(replica / "f", "security.capability") == cap
+
+
+def test_capture_void_ok_a_failed_write_has_its_times_restated(tmp_path: Path,
+                                                                boot: Path) -> None:
+    """A write that fails (ENOSPC) moves the file's times on BACKING all the same (the
+    kernel stamps them before it looks for room): its void leaves no write, and the
+    close restates the times BACKING has, or the replica keeps the old ones."""
+    backing = tmp_path / "b"
+    backing.mkdir()
+    (backing / "f").write_bytes(b"old")
+    with capturing(backing, tmp_path / "j") as capture:
+        capture.close_set()
+        with pytest.raises(OSError), capture.applying(Op.WRITE, b"f", offset=3, data=b"x"):
+            os.utime(backing / "f", ns=(1, 2_000_000_000))  # what the failed write stamped
+            raise OSError(28, "No space left on device")
+        closed = capture.close_set()
+        records = list(capture.journal.records(closed))
+    assert [(r.op, r.path) for r in records if r.op != Op.SYNC] == \
+        [(Op.VOID, b""), (Op.UTIMES, b"f")]
+    assert records[1].mtime_ns == 2_000_000_000
