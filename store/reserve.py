@@ -13,7 +13,8 @@ while there is room. An entry that frees space or is the daemon's own (a
 the room it leaves; from then on every other entry fails with ENOSPC
 until the reserve can be allocated again, which each of them tries first.
 A disk too full for the reserve when the log opens starts without it, as if
-given up. On a copy-on-write filesystem (btrfs) freeing the reserve may not
+given up. The log says when the reserve goes and when it comes back, once a
+QUIET_SECONDS at most. On a copy-on-write filesystem (btrfs) freeing the reserve may not
 give an overwrite the room it needs; the reserve only makes it likely there.
 """
 
@@ -22,12 +23,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 
 from store.private import FILE_MODE
 
 RESERVE_BYTES = 4 << 20  # far more than the spare entries of a set's close
 NAME = "reserve"
+QUIET_SECONDS = 60.0  # a reserve given up again within this is not logged again
 
 log = logging.getLogger("replfs.journal")
 
@@ -39,6 +42,8 @@ class Reserve:
         self.path = directory / NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         self.held = False
+        self._quiet_until = 0.0
+        self._said = True  # the reserve's last loss was logged: its return is too
         if not self._allocate():
             log.warning("the disk of the journal %s has less than %d MiB free: until it "
                         "has, changes fail with ENOSPC but those that free space",
@@ -61,8 +66,9 @@ class Reserve:
         if self.held:
             return
         if self._allocate():
-            log.info("the disk of the journal %s has room again: changes are taken",
-                     self.path.parent)
+            if self._said:
+                log.info("the disk of the journal %s has room again: changes are taken",
+                         self.path.parent)
             return
         raise OSError(errno.ENOSPC, "no space left on the journal's disk (its reserve "
                       "is kept for changes that free space)")
@@ -74,6 +80,11 @@ class Reserve:
             return False
         os.ftruncate(self._fd, 0)
         self.held = False
+        now = time.monotonic()
+        self._said = now >= self._quiet_until
+        if not self._said:
+            return True
+        self._quiet_until = now + QUIET_SECONDS
         log.warning("the disk of the journal %s is full: its reserve of %d MiB is in use, "
                     "and changes fail with ENOSPC but those that free space",
                     self.path.parent, RESERVE_BYTES >> 20)

@@ -77,6 +77,7 @@ sets_log = logging.getLogger("replfs.capture")
 
 STEP = 4 << 20  # read per step: small enough that the application barely waits
 PROGRESS_EVERY = 2.0
+FULL_RETRY_SECONDS = 1.0  # a step the journal's full disk refused is tried again
 _OVERFLOW = b"overflow"
 _SYNCING = b"syncing"
 _SYNC_WHOLE = b"sync_whole"  # the sync under way covers the whole tree (a RESET)
@@ -428,10 +429,25 @@ class Resync:
             self.wanted = trio.Event()
             started = last_report = trio.current_time()
             done_at_start = self.progress_done
+            waiting = False  # for room on the journal's disk
             while self.overflow and self.ready():
-                with self.front.lock:  # the request threads wait one step at most
-                    self.front.settle()
-                    finished = self.step() is not None
+                what = "initial sync" if self.syncing else "resync"
+                try:
+                    with self.front.lock:  # the request threads wait one step at most
+                        self.front.settle()
+                        finished = self.step() is not None
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    if not waiting:
+                        log.warning("%s waits for room on the journal's disk (%s), tried "
+                                    "every %gs", what, exc.strerror, FULL_RETRY_SECONDS)
+                    waiting = True
+                    await trio.sleep(FULL_RETRY_SECONDS)  # a retry's pace: no event for room
+                    continue
+                if waiting:
+                    log.info("%s goes on: the journal's disk has room again", what)
+                    waiting = False
                 self.front.flush_soon()
                 if finished:
                     break
