@@ -32,6 +32,9 @@ class Workload:
         self.ops = 0
         self.db: sqlite3.Connection | None = None
         self.git_ready = False
+        # Once the disk filled (primary_enospc): ENOSPC is expected, and SQLite's errors
+        # with it ("database or disk is full", "disk I/O error" of a failed fsync)
+        self.full_disk = False
 
     def close(self) -> None:
         if self.db is not None:
@@ -53,7 +56,11 @@ class Workload:
             else:
                 self.file_op()
         except OSError as exc:
-            if exc.errno not in EXPECTED:
+            if exc.errno not in EXPECTED and not (self.full_disk
+                                                  and exc.errno == errno.ENOSPC):
+                raise
+        except sqlite3.DatabaseError:
+            if not self.full_disk:  # after it, even "malformed" (see run.check_apps)
                 raise
         except subprocess.CalledProcessError:
             # git died with the primary mid-command: it leaves a lock, as after a crash.
@@ -143,6 +150,12 @@ class Workload:
                             (self.committed + 1,
                              self.rng.randbytes(self.rng.randrange(10, 3000))))
             self.db.commit()
+        except sqlite3.IntegrityError:
+            if not self.unsure:
+                raise
+            self.committed += 1  # the commit that failed was made all the same
+            self.unsure = False
+            return
         except BaseException:
             self.unsure = True
             raise

@@ -1,0 +1,60 @@
+"""A primary whose disk fills up (the primary_enospc fault).
+
+BACKING and its journal (beside it) are on a tmpfs of their own. The fault
+shrinks the tmpfs to what it holds and a little more, so the workload soon
+meets ENOSPC, and grows it back after a while: the primary must go on
+serving, journal what frees space, close sets, and lose nothing it
+acknowledged; the replica must still match BACKING at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+ROOMY = "1g"  # RAM-backed, but a run writes tens of MiB
+LEFT = 64 << 10  # room left when it fills: far less than the journal's reserve
+
+
+class PrimaryDisk:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.full = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> PrimaryDisk:
+        self.path.mkdir()
+        self._mount("size=" + ROOMY)
+        return self
+
+    def _mount(self, options: str) -> None:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
+                       check=True)
+
+    def fill(self, seconds: float) -> None:
+        """Leave LEFT bytes free (what the tmpfs holds now, and no more) for *seconds*,
+        whatever the run does meanwhile (it may wait for the primary: a new replica's
+        initial sync)."""
+        with self._lock:
+            st = os.statvfs(self.path)
+            used = (st.f_blocks - st.f_bfree) * st.f_frsize
+            subprocess.run(["mount", "-o", f"remount,size={used + LEFT}", str(self.path)],
+                           check=True)
+            self.full = True
+        self._timer = threading.Timer(seconds, self.grow)
+        self._timer.start()
+
+    def grow(self) -> None:
+        with self._lock:
+            if self.full:
+                subprocess.run(["mount", "-o", f"remount,size={ROOMY}", str(self.path)],
+                               check=True)
+                self.full = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
