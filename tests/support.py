@@ -290,6 +290,20 @@ def unmount(mount: Path) -> None:
 Entry = tuple[object, ...]
 
 
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* (mount's size=, 16m...) at *path*, made, and unmounted however
+    the test ends: a small disk to fill."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Entry]:
     """Everything the guarantee covers of the tree under *root*, by relative path.
 

@@ -13,18 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, until
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    tmpfs,
+    until,
+)
 
 
 @pytest.fixture
 def small_replica(tmp_path: Path) -> Iterator[Path]:
-    replica = tmp_path / "r"
-    replica.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(replica)], check=True)
-    try:
+    with tmpfs(tmp_path / "r", "1m") as replica:
         yield replica
-    finally:
-        subprocess.run(["umount", "-l", str(replica)], capture_output=True)
 
 
 def test_replica_disk_full_then_space_returns(tmp_path: Path, small_replica: Path) -> None:
@@ -58,13 +62,8 @@ def test_replica_disk_full_then_space_returns(tmp_path: Path, small_replica: Pat
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A filesystem of 16 MiB for the primary's BACKING and journal (beside it)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def fill(path: Path) -> OSError:
@@ -120,12 +119,10 @@ def test_staging_disk_full_then_space_returns(tmp_path: Path) -> None:
     """The disk of the replica and its staging store fills while the replica is held:
     the secondary says why in status and stays up, reading nothing more, and once
     there is room it stages, applies, and the replica is the primary's tree."""
-    disk, backing, mount = tmp_path / "disk", tmp_path / "b", tmp_path / "m"
-    disk.mkdir()
+    backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    replica = disk / "r"  # its staging store is beside it, on the same disk
-    try:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        replica = disk / "r"  # its staging store is beside it, on the same disk
         with secondary(replica) as sec, \
                 primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
             (mount / "small").write_bytes(b"fits")
@@ -145,5 +142,3 @@ def test_staging_disk_full_then_space_returns(tmp_path: Path) -> None:
             st = json.loads(replfs("status", replica, "--json").stdout)
             assert st["staging_error"] is None
         assert "Traceback" not in sec.log()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

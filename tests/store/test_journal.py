@@ -19,7 +19,7 @@ from store.journal import Journal
 from store.notes import Note, NoteKind
 from store.records import RENAME_EXCHANGE, Op, Record, encode_intent
 from store.wal import VECTOR_BYTES
-from tests.support import ROOT
+from tests.support import ROOT, tmpfs
 
 
 @pytest.fixture
@@ -315,13 +315,8 @@ def test_journal_append_ok_large_write_from_its_pieces(path: Path, size: int) ->
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A filesystem of 12 MiB: the log's reserve (4 MiB) and a little more."""
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(where)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "12m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 def test_journal_append_err_full_disk_leaves_the_log_as_it_was(small_disk: Path) -> None:
