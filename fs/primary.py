@@ -317,10 +317,30 @@ class PrimaryFS(Passthrough):
         inode = self.files[fh]
         with self.capture.applying(Op.WRITE, self.inodes.path(inode), offset=off,
                                    data=buf) as change:
-            change.written = os.pwrite(fh, buf, off)
+            change.written = self._pwrite(fh, buf, off)
         self.capture.track(fh, inode)
         self._data_changed(inode)
         return change.written
+
+    def _pwrite(self, fd: int, data: bytes, off: int) -> int:
+        """Write *data* to BACKING's file at *off*; returns how much was written. On a
+        full disk the journal's reserve is given up for it (the kernel took this
+        write already: store/reserve.py), and only past it does it fail or fall short."""
+        written = 0
+        while written < len(data):
+            try:
+                done = os.pwrite(fd, memoryview(data)[written:], off + written)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) \
+                        or not self.capture.journal.give_up_reserve():
+                    if written:
+                        break
+                    raise
+                continue
+            if not done:
+                break
+            written += done
+        return written
 
     @request(changes=True)
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
@@ -429,6 +449,8 @@ class PrimaryFS(Passthrough):
         if not confirmed:
             raise OSError(errno.EIO, "fenced before a secondary staged the set: a "
                           "failover may not have it")
+        if not self.capture.journal.room():  # its data is in, in the reserve: say so now
+            raise OSError(errno.ENOSPC, "the disk is full (the journal's reserve in use)")
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
     # --- xattrs ---------------------------------------------------------------------

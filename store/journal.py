@@ -53,10 +53,12 @@ _BASE = b"base"
 _IDENTITY = b"identity"
 _TRIMMED = b"trimmed"
 DIRTY_INDEX = "dirty.index"  # the dirty map's index (store/dirty.py): made anew at open
-# Records that may take space on BACKING or in the journal: on a full disk they fail
-# with ENOSPC, where the others may use the log's reserve (store/reserve.py).
-_TAKES_SPACE = frozenset({Op.WRITE, Op.FILE, Op.SETXATTR, Op.SYMLINK, Op.FALLOCATE,
-                          Op.CREATE, Op.MKDIR, Op.MKNOD, Op.LINK})
+# Ops that take new room at the application's own call: on a full disk they fail with
+# ENOSPC, where the others may use the log's reserve (store/reserve.py). Not a write
+# through the mount: the kernel took it already (a resync's copy of BACKING's data is
+# journaled as not spare: see ``append``).
+_TAKES_SPACE = frozenset({Op.FILE, Op.SETXATTR, Op.SYMLINK, Op.FALLOCATE, Op.CREATE,
+                          Op.MKDIR, Op.MKNOD, Op.LINK})
 
 
 class _Set:
@@ -70,7 +72,8 @@ class _Set:
 
 
 def takes_space(record: Record) -> bool:
-    """Whether *record*'s op may take space (a punched hole frees it)."""
+    """Whether *record*'s op takes new room at the application's call (a punched hole
+    frees it)."""
     return record.op in _TAKES_SPACE and not (record.op == Op.FALLOCATE
                                               and record.flags & FALLOC_FL_PUNCH_HOLE)
 
@@ -232,17 +235,21 @@ class Journal:
         finally:
             self._snapshotting = False
 
-    def append(self, op: Op, intent: bytes | None = None, **fields: Any) -> Record:
+    def append(self, op: Op, intent: bytes | None = None, spare: bool | None = None,
+               **fields: Any) -> Record:
         """Journal one op at the next (set, seq), in the page cache (no flush).
 
         Args:
             intent: what an exchange expects to swap, kept beside the record so
                 recovery can tell whether it happened.
+            spare: whether it may use the log's reserve on a full disk (by default,
+                unless ``takes_space``).
         """
         record = Record(op, self.set, self.seq, **fields)
         parts = record.encode_parts()
         size = sum(map(len, parts))
-        spare = not takes_space(record)
+        if spare is None:
+            spare = not takes_space(record)
         if intent is not None:
             self._write(Kind.INTENT, keyed(record.key, intent), spare=spare)
             self._intent = (record.key, intent)
@@ -259,6 +266,16 @@ class Journal:
         pos = self._write(Kind.RECORD, value)
         self.set_bytes += len(value) - self._sets[record.set].size[record.seq]
         self._index(record.set, record.seq, pos, len(value))
+
+    def room(self) -> bool:
+        """Whether the log's disk has room: its reserve held, or allocated again now
+        (store/reserve.py)."""
+        return self.log.reserve is None or self.log.reserve.room()
+
+    def give_up_reserve(self) -> bool:
+        """Free the log's reserve for BACKING's side of a spare op that found the disk
+        full. False if it was given up already."""
+        return self.log.reserve is not None and self.log.reserve.give_up()
 
     def close_set(self) -> int:
         """Append the current set's SYNC record and start the next set. Returns the closed id."""

@@ -1,21 +1,28 @@
-"""Room kept on the journal's disk for the entries that must get through when it fills.
+"""Room kept on the journal's disk for what must get through when it fills.
 
-When the filesystem that holds the journal fills up, a write through the
-mount must fail with ENOSPC, as it would natively, but the daemon must still
-be able to journal what frees space (an unlink, a truncate, a punched hole),
-close a set (its times, its SYNC) and note its own state. Without room for
-those, nobody could delete a file through the mount, and nothing written
-before could be made a set and shipped.
+When the filesystem that holds the journal (and BACKING, beside it) fills
+up, three things must still work. The writes the kernel took into its cache
+before must reach BACKING and the journal: under the writeback cache a
+write(2) returns before the daemon sees it, so a write refused at writeback
+is a write the application was told it made, and an application that goes
+on from there (SQLite's checkpoint does) leaves its files inconsistent. What
+frees space (an unlink, a truncate, a punched hole) must be journaled, or
+nobody could delete a file through the mount. And a set must close (its
+times, its SYNC) and the daemon note its own state.
 
-So the log holds a file of RESERVE_BYTES beside its segments, allocated
-while there is room. An entry that frees space or is the daemon's own (a
-*spare* one) and finds the disk full gives the reserve up and is written in
-the room it leaves; from then on every other entry fails with ENOSPC
-until the reserve can be allocated again, which each of them tries first.
-A disk too full for the reserve when the log opens starts without it, as if
+So the log holds a file beside its segments, allocated while there is room:
+1/16 of the filesystem, between 1 and 64 MiB (``reserve_bytes``). A *spare*
+entry (any but those that take new room at the application's own call:
+``Journal.append``) that finds the disk full gives the reserve up and is
+written in the room it leaves, and so is BACKING's side of its op. While the
+reserve is given up, the other entries fail with ENOSPC, an fsync does too
+(``room``: the application learns at its next fsync, and what it wrote is not
+lost for it), and each of them first tries to allocate the reserve again. A
+disk too full for the reserve when the log opens starts without it, as if
 given up. The log says when the reserve goes and when it comes back, once a
-QUIET_SECONDS at most. On a copy-on-write filesystem (btrfs) freeing the reserve may not
-give an overwrite the room it needs; the reserve only makes it likely there.
+QUIET_SECONDS at most. On a copy-on-write filesystem (btrfs) freeing the
+reserve may not give an overwrite the room it needs; the reserve only makes it
+likely there.
 """
 
 from __future__ import annotations
@@ -28,11 +35,18 @@ from pathlib import Path
 
 from store.private import FILE_MODE
 
-RESERVE_BYTES = 4 << 20  # far more than the spare entries of a set's close
+MIN_BYTES = 1 << 20
+MAX_BYTES = 64 << 20  # the writes the kernel holds for the mount, and more
 NAME = "reserve"
 QUIET_SECONDS = 60.0  # a reserve given up again within this is not logged again
 
 log = logging.getLogger("replfs.journal")
+
+
+def reserve_bytes(directory: Path) -> int:
+    """The reserve's size for a log in *directory*: 1/16 of its filesystem, bounded."""
+    st = os.statvfs(directory)
+    return max(MIN_BYTES, min(MAX_BYTES, st.f_blocks * st.f_frsize // 16))
 
 
 class Reserve:
@@ -40,18 +54,19 @@ class Reserve:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
+        self.size = reserve_bytes(directory)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         self.held = False
         self._quiet_until = 0.0
         self._said = True  # the reserve's last loss was logged: its return is too
         if not self._allocate():
             log.warning("the disk of the journal %s has less than %d MiB free: until it "
-                        "has, changes fail with ENOSPC but those that free space",
-                        directory, RESERVE_BYTES >> 20)
+                        "has, changes that take room and fsyncs fail with ENOSPC",
+                        directory, self.size >> 20)
 
     def _allocate(self) -> bool:
         try:
-            os.posix_fallocate(self._fd, 0, RESERVE_BYTES)
+            os.posix_fallocate(self._fd, 0, self.size)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -60,18 +75,23 @@ class Reserve:
         self.held = True
         return True
 
-    def admit(self) -> None:
-        """Before an entry that takes space: raise ENOSPC while the reserve is given
-        up and cannot be allocated again."""
+    def room(self) -> bool:
+        """Whether the reserve is held, or can be allocated again now."""
         if self.held:
-            return
-        if self._allocate():
-            if self._said:
-                log.info("the disk of the journal %s has room again: changes are taken",
-                         self.path.parent)
-            return
-        raise OSError(errno.ENOSPC, "no space left on the journal's disk (its reserve "
-                      "is kept for changes that free space)")
+            return True
+        if not self._allocate():
+            return False
+        if self._said:
+            log.info("the disk of the journal %s has room again: changes are taken",
+                     self.path.parent)
+        return True
+
+    def admit(self) -> None:
+        """Before an entry that is not spare: raise ENOSPC while the reserve is given
+        up and cannot be allocated again."""
+        if not self.room():
+            raise OSError(errno.ENOSPC, "no space left on the journal's disk (its reserve "
+                          "is kept for writes already made and changes that free space)")
 
     def give_up(self) -> bool:
         """A spare entry found the disk full: free the reserve for it. False if it was
@@ -86,8 +106,8 @@ class Reserve:
             return True
         self._quiet_until = now + QUIET_SECONDS
         log.warning("the disk of the journal %s is full: its reserve of %d MiB is in use, "
-                    "and changes fail with ENOSPC but those that free space",
-                    self.path.parent, RESERVE_BYTES >> 20)
+                    "and changes that take room and fsyncs fail with ENOSPC until there "
+                    "is room again", self.path.parent, self.size >> 20)
         return True
 
     def close(self) -> None:

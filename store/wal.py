@@ -236,8 +236,9 @@ class Log:
     def append(self, kind: Kind, body: bytes | list[bytes], *, spare: bool = False) -> int:
         """Append one entry; returns the log position of its body. A body given as a
         list of pieces is written as they are (a record's data is not copied). A
-        *spare* entry (one that frees space, or the daemon's own) may use the
-        reserve when the disk is full; any other fails then (store/reserve.py).
+        *spare* entry (all but those that take new room at the application's own
+        call) may use the reserve when the disk is full; any other fails then
+        (store/reserve.py).
 
         Raises OSError (ENOSPC...) with the log unchanged.
         """

@@ -380,8 +380,9 @@ class Resync:
         try:
             for at, until, is_data in pieces(fd, start, min(end, st.st_size)):
                 if is_data:
-                    data = os.pread(fd, until - at, at)
-                    self.journal.append(Op.WRITE, path=path, offset=at, data=data)
+                    data = os.pread(fd, until - at, at)  # BACKING's: no reserve for it
+                    self.journal.append(Op.WRITE, spare=False, path=path, offset=at,
+                                        data=data)
                     continue
                 self.journal.append(Op.FALLOCATE, path=path, offset=at, length=until - at,
                                     flags=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)

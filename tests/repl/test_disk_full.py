@@ -66,38 +66,47 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
 
 
-def fill(path: Path) -> OSError:
-    """Write *path* 1 MiB at a time, each fsync'd, until that fails; the error."""
+def fill(path: Path) -> tuple[OSError, int]:
+    """Append to *path* 64 KiB at a time, each fsync'd, until that fails; the error,
+    and how many bytes were written (the last fsync's too)."""
     with open(path, "wb") as f:
-        for _ in range(32):
+        for count in range(1, 1000):
             try:
-                f.write(os.urandom(1 << 20))
+                f.write(os.urandom(64 << 10))
                 f.flush()
                 os.fsync(f.fileno())
             except OSError as exc:
-                return exc
+                return exc, count << 16
     raise AssertionError("the disk never filled")
 
 
 def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
                                                            small_disk: Path) -> None:
-    """When the disk of BACKING and the journal fills, writes through the mount fail
-    with ENOSPC; the daemon goes on serving, closing sets and shipping them; a file
-    can be removed through the mount, and then writes work again. The replica ends
-    equal to BACKING: the failed writes are on neither."""
+    """When the disk of BACKING and the journal fills, fsyncs and new files fail with
+    ENOSPC, but what the kernel took into its cache before is written, in the room
+    the journal's reserve leaves; the daemon goes on serving, closing sets and
+    shipping them; a file can be removed through the mount, and then writes work
+    again. The replica ends equal to BACKING."""
     backing, mount, replica = small_disk / "b", tmp_path / "m", tmp_path / "r"
     backing.mkdir()
     with secondary(replica) as sec, \
             primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}") as pri:
         (mount / "kept").write_bytes(b"kept" * 1000)
+        (mount / "more").write_bytes(b"")
         checkpoint(mount)
-        assert fill(mount / "big").errno == errno.ENOSPC
-        pri.wait_for("its reserve of 4 MiB is in use")
+        failed, wrote = fill(mount / "big")
+        assert failed.errno == errno.ENOSPC
+        pri.wait_for("its reserve of 1 MiB is in use")
+        assert (backing / "big").stat().st_size == wrote, "its last write too, though"
         with pytest.raises(OSError) as raised:
-            with open(mount / "more", "wb") as f:
+            (mount / "new").write_bytes(b"")
+        assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as raised:
+            with open(mount / "more", "ab") as f:
                 f.write(b"x" * 10_000)
                 os.fsync(f.fileno())
         assert raised.value.errno == errno.ENOSPC
+        assert (backing / "more").read_bytes() == b"x" * 10_000, "written all the same"
         full = checkpoint(mount)  # a set still closes and reaches the replica
         assert (mount / "kept").read_bytes() == b"kept" * 1000
         (mount / "big").unlink()

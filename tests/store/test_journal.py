@@ -314,7 +314,7 @@ def test_journal_append_ok_large_write_from_its_pieces(path: Path, size: int) ->
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A filesystem of 12 MiB: the log's reserve (4 MiB) and a little more."""
+    """A filesystem of 12 MiB: the log's reserve (1 MiB) and a little more."""
     with tmpfs(tmp_path / "small", "12m") as where:
         yield where
 
@@ -325,7 +325,7 @@ def test_journal_append_err_full_disk_leaves_the_log_as_it_was(small_disk: Path)
     with opened(small_disk / "journal") as j:
         first = j.append(Op.WRITE, path=b"f", offset=0, data=b"x")
         with pytest.raises(OSError) as raised:
-            j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(8 << 20))
+            j.append(Op.WRITE, path=b"f", offset=0, data=os.urandom(16 << 20))
         assert raised.value.errno == errno.ENOSPC
         after = j.append(Op.WRITE, path=b"f", offset=1, data=b"y")
         assert (after.set, after.seq) == (first.set, first.seq + 1)
@@ -334,12 +334,13 @@ def test_journal_append_err_full_disk_leaves_the_log_as_it_was(small_disk: Path)
 
 
 def fill(j: Journal) -> int:
-    """Append writes until the disk has no room even for a small one; how many went in."""
+    """Append writes (as a resync does: not spare) until the disk has no room even for a
+    small one; how many went in."""
     count = 0
     for size in (1 << 18, 1 << 10, 0):
         while True:
             try:
-                j.append(Op.WRITE, path=b"big", offset=count, data=bytes(size))
+                j.append(Op.WRITE, spare=False, path=b"big", offset=count, data=bytes(size))
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC
                 break
@@ -349,30 +350,33 @@ def fill(j: Journal) -> int:
 
 
 def test_journal_append_ok_full_disk_takes_what_frees_space(small_disk: Path) -> None:
-    """On a full disk what frees space and a set's close are still journaled, in the
-    room the reserve leaves; what takes space fails with ENOSPC until there is room
-    again, even though the reserve's room is free; then the reserve is made again."""
-    (small_disk / "ballast").write_bytes(bytes(6 << 20))
+    """On a full disk what frees space, the writes the kernel took and a set's close
+    are still journaled, in the room the reserve leaves; what takes new room fails
+    with ENOSPC until there is room again, even though the reserve's room is free, and
+    the journal says it has none (an fsync fails); then the reserve is made again."""
+    (small_disk / "ballast").write_bytes(bytes(6 << 20))  # room, to make outside the journal
     with opened(small_disk / "journal") as j:
         reserve = small_disk / "journal" / "reserve"
         assert reserve.stat().st_mode & 0o777 == 0o600
-        assert reserve.stat().st_blocks * 512 >= 4 << 20
+        assert reserve.stat().st_blocks * 512 >= 1 << 20
         assert fill(j) > 0
         gone = j.append(Op.UNLINK, path=b"d/" * 30 + b"big")  # larger than the last write
+        assert reserve.stat().st_size == 0, "given up"
+        took = j.append(Op.WRITE, path=b"f", offset=0, data=bytes(100_000))
         j.append(Op.UTIMES, path=b"", atime_ns=1, mtime_ns=2)
         closed = j.close_set()
-        assert reserve.stat().st_size == 0, "given up"
+        assert not j.room()
         with pytest.raises(OSError) as raised:
             j.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
         assert raised.value.errno == errno.ENOSPC
         assert (j.set, j.seq) == (closed + 1, 0), "nothing of it journaled"
         (small_disk / "ballast").unlink()  # room, made outside the journal
-        j.append(Op.UNLINK, path=b"other")  # a spare entry: try the reserve again at once
+        assert j.room()
         made = j.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
-        assert reserve.stat().st_blocks * 512 >= 4 << 20, "made again"
+        assert reserve.stat().st_blocks * 512 >= 1 << 20, "made again"
     with opened(small_disk / "journal") as j:
         records = list(j.records())
-        assert gone in records and made in records
+        assert gone in records and took in records and made in records
 
 
 # --- power cuts: the log ends at its last whole entry ------------------------------

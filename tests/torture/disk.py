@@ -3,8 +3,9 @@
 BACKING and its journal (beside it) are on a tmpfs of their own. The fault
 shrinks the tmpfs to what it holds and a little more, so the workload soon
 meets ENOSPC, and grows it back after a while: the primary must go on
-serving, journal what frees space, close sets, and lose nothing it
-acknowledged; the replica must still match BACKING at the end.
+serving, journal what frees space, close sets, write what the kernel took
+before (the journal's reserve), and lose nothing it acknowledged; the
+replica must still match BACKING at every set.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ class Workload:
             if exc.errno not in EXPECTED and not (self.full_disk
                                                   and exc.errno == errno.ENOSPC):
                 raise
-        except sqlite3.DatabaseError:
-            if not self.full_disk:  # after it, even "malformed" (see run.check_apps)
+        except sqlite3.OperationalError as exc:
+            if not self.full_disk or not ("full" in str(exc) or "I/O" in str(exc)):
                 raise
         except subprocess.CalledProcessError:
             # git died with the primary mid-command: it leaves a lock, as after a crash.
