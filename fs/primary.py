@@ -413,7 +413,8 @@ class PrimaryFS(Passthrough):
         (repl/primary/semisync.py). In a cluster, EIO if no secondary staged the set
         and the node is fenced by then, or was fenced before a lease renewal
         confirmed it still leads after its secondaries in step left step without
-        the set: a failover may not have it.
+        the set: a failover may not have it. ENOSPC while the journal's reserve is in
+        use: the disk is full, though what was written is in (store/reserve.py).
 
         Only closing the set holds the lock: other requests go on while this
         one waits for the disk and the secondaries."""
@@ -449,7 +450,9 @@ class PrimaryFS(Passthrough):
         if not confirmed:
             raise OSError(errno.EIO, "fenced before a secondary staged the set: a "
                           "failover may not have it")
-        if not self.capture.journal.room():  # its data is in, in the reserve: say so now
+        with self.lock:  # the reserve changes under it (store/reserve.py)
+            room = self.capture.journal.room()
+        if not room:  # its data is in, in the reserve: say the disk is full now
             raise OSError(errno.ENOSPC, "the disk is full (the journal's reserve in use)")
         FSYNC_SECONDS.observe(time.monotonic() - began)
 
