@@ -20,6 +20,7 @@ file. That file is only an index, made anew at every open from the log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -50,7 +51,9 @@ class DirtyIndex:
             write_private(path, b"")  # a stale one emptied; ours alone whatever the umask
         self._db = sqlite3.connect(str(path) if path is not None else "",
                                    isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode=off", "synchronous=off", "locking_mode=exclusive",
+        # Its rollback journal in memory: a write that fails (a full disk) is undone,
+        # where without one it left the file malformed. Not durable: made anew at open.
+        for pragma in ("journal_mode=memory", "synchronous=off", "locking_mode=exclusive",
                        "temp_store=memory", f"cache_size=-{CACHE_KIB}"):
             self._db.execute(f"pragma {pragma}")
         self._db.execute("create table dirty (path blob primary key, ranges blob not null)"
@@ -77,22 +80,25 @@ class DirtyIndex:
         return decode_ranges(row[0]) if row else None
 
     def put(self, path: bytes, ranges: Ranges) -> None:
-        """Set *path*'s ranges; none removes it."""
+        """Set *path*'s ranges; none removes it. Raises OSError (ENOSPC: its disk is
+        full) with the index as it was."""
         with self._lock:
             old = self._get(path)
+            with _as_os_error():
+                if ranges:
+                    self._db.execute("insert or replace into dirty values (?, ?)",
+                                     (path, encode_ranges(ranges)))
+                elif old is not None:
+                    self._db.execute("delete from dirty where path = ?", (path,))
             if old is not None:
                 self.count -= 1
                 self.bytes -= _size(old)
             if ranges:
-                self._db.execute("insert or replace into dirty values (?, ?)",
-                                 (path, encode_ranges(ranges)))
                 self.count += 1
                 self.bytes += _size(ranges)
-            elif old is not None:
-                self._db.execute("delete from dirty where path = ?", (path,))
 
     def clear(self) -> None:
-        with self._lock:
+        with self._lock, _as_os_error():
             self._db.execute("delete from dirty")
             self.count = self.bytes = 0
 
@@ -142,6 +148,17 @@ class DirtyIndex:
 
 def _size(ranges: Ranges) -> int:
     return sum(end - start for start, end in ranges)
+
+
+@contextlib.contextmanager
+def _as_os_error() -> Iterator[None]:
+    """SQLite's failure to write the index, as the OSError its callers handle (a full
+    disk: ENOSPC, as the journal's own appends raise)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+        raise OSError(code, f"the dirty map's index: {exc}") from exc
 
 
 class Store(Protocol):

@@ -3,6 +3,7 @@ journaled, and the map lives in an index file, not in the daemon's memory."""
 
 from __future__ import annotations
 
+import errno
 import stat
 import tracemalloc
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from store.dirty import DirtyIndex, DirtyMap
 from store.journal import DIRTY_INDEX, Journal
+from tests.support import tmpfs
 
 
 @pytest.fixture
@@ -137,3 +139,20 @@ def test_dirty_index_ok_memory_does_not_grow_with_the_map(tmp_path: Path) -> Non
         assert sum(1 for _ in index.items()) == 100_000
     finally:
         index.close()
+
+
+def test_dirty_index_err_full_disk_is_enospc_and_changes_nothing(tmp_path: Path) -> None:
+    """SQLite's failure to write the index on a full disk is the ENOSPC its callers
+    handle (a write over budget fails, a resync waits), with the index unchanged."""
+    with tmpfs(tmp_path / "small", "256k") as small:
+        index = DirtyIndex(small / DIRTY_INDEX)
+        try:
+            with pytest.raises(OSError) as raised:
+                for n in range(100_000):
+                    index.put(b"f%06d" % n, [(0, 1 + n)])
+            assert raised.value.errno == errno.ENOSPC
+            assert "dirty map" in str(raised.value)
+            assert (index.count, index.bytes) == (n, sum(range(1, n + 1)))
+            assert index.get(b"f%06d" % n) is None
+        finally:
+            index.close()
