@@ -302,6 +302,7 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
             "last_closed_set": j.set - 1, "journal_bytes": j.bytes,
             "journal_max": capture.journal_max,
+            "journal_disk_free": j.disk_free(), "journal_reserve_in_use": j.reserve_in_use,
             "mode": ("initial sync" if capture.resync.syncing else
                      "overflow" if capture.overflow else "streaming"),
             "fenced": operations.fenced,

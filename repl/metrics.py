@@ -76,6 +76,11 @@ def primary_metrics(capture: Capture, senders: list[Sender],
     yield gauge("replfs_journal_records", "Records in the journal", j.count())
     yield gauge("replfs_journal_max_bytes", "The journal's budget (--journal-max)",
                 capture.journal_max)
+    yield gauge("replfs_journal_disk_free_bytes", "Bytes free on the journal's disk",
+                j.disk_free())
+    yield gauge("replfs_journal_reserve_in_use", "1 while the journal's disk is full: its "
+                "reserve in use, fsyncs and new files failing with ENOSPC",
+                int(j.reserve_in_use))
     yield gauge("replfs_overflow", "1 while over the journal's budget (a dirty map stands "
                 "in for the journal until a resync)", int(capture.overflow))
     yield gauge("replfs_initial_sync", "1 during an initial sync of a secondary",

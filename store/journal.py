@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import shutil
 import sqlite3
 from array import array
 from collections.abc import Iterable, Iterator
@@ -271,6 +272,15 @@ class Journal:
         """Whether the log's disk has room: its reserve held, or allocated again now
         (store/reserve.py)."""
         return self.log.reserve is None or self.log.reserve.room()
+
+    @property
+    def reserve_in_use(self) -> bool:
+        """True while the log's reserve is given up: its disk is full (store/reserve.py)."""
+        return self.log.reserve is not None and not self.log.reserve.held
+
+    def disk_free(self) -> int:
+        """Bytes free on the journal's disk, for users (status, metrics)."""
+        return shutil.disk_usage(self.path).free
 
     def give_up_reserve(self) -> bool:
         """Free the log's reserve for BACKING's side of a spare op that found the disk

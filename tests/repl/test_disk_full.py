@@ -20,6 +20,7 @@ from tests.support import (
     replfs,
     secondary,
     snapshot,
+    status,
     tmpfs,
     until,
 )
@@ -94,9 +95,11 @@ def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
         (mount / "kept").write_bytes(b"kept" * 1000)
         (mount / "more").write_bytes(b"")
         checkpoint(mount)
+        assert not status(mount)["journal_reserve_in_use"]
         failed, wrote = fill(mount / "big")
         assert failed.errno == errno.ENOSPC
         pri.wait_for("its reserve of 1 MiB is in use")
+        assert status(mount)["journal_reserve_in_use"]
         assert (backing / "big").stat().st_size == wrote, "its last write too, though"
         with pytest.raises(OSError) as raised:
             (mount / "new").write_bytes(b"")
@@ -117,6 +120,8 @@ def test_primary_disk_full_refuses_writes_and_frees_space(tmp_path: Path,
         with open(mount / "after", "rb+") as f:
             os.fsync(f.fileno())
         pri.wait_for("has room again")
+        st = status(mount)
+        assert not st["journal_reserve_in_use"] and st["journal_disk_free"] > 1 << 20
         assert checkpoint(mount) > full
         assert diff(snapshot(backing), snapshot(replica)) == []
         assert (replica / "after").read_bytes() == b"after"

@@ -98,6 +98,8 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
         assert value(p, "replfs_last_closed_set") == last == st["last_closed_set"]
         assert value(p, "replfs_last_applied_set") == held
         assert value(p, "replfs_journal_bytes") == st["journal_bytes"] > 3000
+        assert value(p, "replfs_journal_disk_free_bytes") > 0
+        assert value(p, "replfs_journal_reserve_in_use") == 0 == st["journal_reserve_in_use"]
         assert value(p, "replfs_lag_bytes") == st["journal_bytes"]
         assert value(p, "replfs_journal_records") >= 6  # three writes and three SYNCs
         assert value(p, "replfs_secondary_connected") == 1
