@@ -19,10 +19,10 @@ reserve is given up, the other entries fail with ENOSPC, an fsync does too
 (``room``: the application learns at its next fsync, and what it wrote is not
 lost for it), and each of them first tries to allocate the reserve again. A
 disk too full for the reserve when the log opens starts without it, as if
-given up. The log says when the reserve goes and when it comes back, once a
-QUIET_SECONDS at most. On a copy-on-write filesystem (btrfs) freeing the
-reserve may not give an overwrite the room it needs; the reserve only makes it
-likely there.
+given up, and a log closed cleanly gives its room back. The log says when the
+reserve goes and when it comes back, once a QUIET_SECONDS at most. On a
+copy-on-write filesystem (btrfs) freeing the reserve may not give an
+overwrite the room it needs; the reserve only makes it likely there.
 """
 
 from __future__ import annotations
@@ -111,4 +111,9 @@ class Reserve:
         return True
 
     def close(self) -> None:
-        os.close(self._fd)
+        """The log closes (a clean stop): its disk gets the room back until the next
+        open allocates the reserve again."""
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            os.close(self._fd)

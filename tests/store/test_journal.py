@@ -374,9 +374,11 @@ def test_journal_append_ok_full_disk_takes_what_frees_space(small_disk: Path) ->
         assert j.room()
         made = j.append(Op.CREATE, path=b"new", mode=0o100644, uid=0, gid=0)
         assert reserve.stat().st_blocks * 512 >= 1 << 20, "made again"
+    assert reserve.stat().st_size == 0, "a clean close gives the room back"
     with opened(small_disk / "journal") as j:
         records = list(j.records())
         assert gone in records and took in records and made in records
+        assert reserve.stat().st_blocks * 512 >= 1 << 20, "and the next open takes it"
 
 
 # --- power cuts: the log ends at its last whole entry ------------------------------
