@@ -34,6 +34,7 @@ from store.records import (
     Op,
     Record,
 )
+from store.reserve import disk_full
 
 _AM_ROOT = os.geteuid() == 0
 _CAPABILITY = b"security.capability"
@@ -331,8 +332,7 @@ class PrimaryFS(Passthrough):
             try:
                 done = os.pwrite(fd, memoryview(data)[written:], off + written)
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) \
-                        or not self.capture.journal.give_up_reserve():
+                if not disk_full(exc) or not self.capture.journal.give_up_reserve():
                     if written:
                         break
                     raise

@@ -211,8 +211,8 @@ class Journal:
     # --- writing ----------------------------------------------------------------
 
     def _write(self, kind: Kind, body: bytes | list[bytes], *, spare: bool = True) -> int:
-        """Append one entry. Only records that take space (``takes_space``) are not
-        *spare*: the others may use the log's reserve on a full disk (store/reserve.py)."""
+        """Append one entry; a *spare* one may use the log's reserve on a full disk
+        (store/reserve.py): every entry but the records ``append`` says are not."""
         pos = self.log.append(kind, body, spare=spare)
         if self.log.base != self._snapshot_base and not self._snapshotting:
             self._snapshot()

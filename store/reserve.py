@@ -43,6 +43,11 @@ QUIET_SECONDS = 60.0  # a reserve given up again within this is not logged again
 log = logging.getLogger("replfs.journal")
 
 
+def disk_full(exc: OSError) -> bool:
+    """Whether *exc* says the disk (or the user's quota on it) has no room left."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def reserve_bytes(directory: Path) -> int:
     """The reserve's size for a log in *directory*: 1/16 of its filesystem, bounded."""
     st = os.statvfs(directory)
@@ -68,7 +73,7 @@ class Reserve:
         try:
             os.posix_fallocate(self._fd, 0, self.size)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not disk_full(exc):
                 raise
             os.ftruncate(self._fd, 0)  # what a failed allocation took, back
             return False

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import itertools
 import os
 import struct
@@ -49,7 +48,7 @@ from pathlib import Path
 import xxhash
 
 from store.private import FILE_MODE
-from store.reserve import Reserve
+from store.reserve import Reserve, disk_full
 
 SEGMENT_BYTES = 64 << 20
 # Zeros written ahead of the end of the segment being written: one flush in
@@ -251,7 +250,7 @@ class Log:
         try:
             at = self._append(entry, size)
         except OSError as exc:
-            if not (spare and exc.errno == errno.ENOSPC and self.reserve.give_up()):
+            if not (spare and disk_full(exc) and self.reserve.give_up()):
                 raise
             at = self._append(entry, size)
         return at

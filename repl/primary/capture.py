@@ -49,7 +49,6 @@ capture owns and calls (repl/primary/resync.py), and the open set stays open.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import math
@@ -76,6 +75,7 @@ from repl.tree import Tree
 from repl.wake import Waker
 from store.journal import Journal
 from store.records import NAMESPACE_OPS, Op, Record, decode_set, encode_set
+from store.reserve import disk_full
 
 log = logging.getLogger("replfs.capture")
 
@@ -541,7 +541,7 @@ class Capture:
                 try:
                     await trio.to_thread.run_sync(self.sync_backing)
                 except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if not disk_full(exc):
                         raise
                     log.error("noting BACKING's sync in the journal failed (%s): tried "
                               "again in %gs", exc.strerror, BACKING_SYNC_SECONDS)
@@ -586,7 +586,7 @@ class Capture:
                     try:
                         self.close_set()
                     except OSError as exc:
-                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        if not disk_full(exc):
                             raise
                         log.error("closing set %d failed (%s): tried again in %gs",
                                   self.journal.set, exc.strerror, self.set_interval)

@@ -70,6 +70,7 @@ from store.records import (
     encode_set,
     peek_op,
 )
+from store.reserve import disk_full
 
 log = logging.getLogger("replfs.resync")
 # A sync's start and end are the capture's sets: logged as capture's.
@@ -438,7 +439,7 @@ class Resync:
                         self.front.settle()
                         finished = self.step() is not None
                 except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if not disk_full(exc):
                         raise
                     if not waiting:
                         log.warning("%s waits for room on the journal's disk (%s), tried "
