@@ -15,6 +15,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from tests.support import tmpfs
+
 ROOMY = "1g"  # RAM-backed, but a run writes tens of MiB
 LEFT = 64 << 10  # room left when it fills: far less than the journal's reserve
 
@@ -25,15 +27,14 @@ class PrimaryDisk:
         self.full = False
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self._mounted = tmpfs(path, ROOMY)
 
     def __enter__(self) -> PrimaryDisk:
-        self.path.mkdir()
-        self._mount("size=" + ROOMY)
+        self._mounted.__enter__()
         return self
 
-    def _mount(self, options: str) -> None:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
-                       check=True)
+    def _resize(self, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
 
     def fill(self, seconds: float) -> None:
         """Leave LEFT bytes free (what the tmpfs holds now, and no more) for *seconds*,
@@ -41,9 +42,7 @@ class PrimaryDisk:
         initial sync)."""
         with self._lock:
             st = os.statvfs(self.path)
-            used = (st.f_blocks - st.f_bfree) * st.f_frsize
-            subprocess.run(["mount", "-o", f"remount,size={used + LEFT}", str(self.path)],
-                           check=True)
+            self._resize(str((st.f_blocks - st.f_bfree) * st.f_frsize + LEFT))
             self.full = True
         self._timer = threading.Timer(seconds, self.grow)
         self._timer.start()
@@ -51,11 +50,10 @@ class PrimaryDisk:
     def grow(self) -> None:
         with self._lock:
             if self.full:
-                subprocess.run(["mount", "-o", f"remount,size={ROOMY}", str(self.path)],
-                               check=True)
+                self._resize(ROOMY)
                 self.full = False
 
     def __exit__(self, *exc: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        self._mounted.__exit__(None, None, None)
