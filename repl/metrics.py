@@ -26,8 +26,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from repl.config import parse_address
 from repl.errors import UsageError
 from store.hold import is_held
+from store.reserve import disk_free
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from repl.primary.capture import Capture
     from repl.primary.semisync import Semisync
     from repl.primary.sender import Sender
@@ -150,8 +153,8 @@ def primary_metrics(capture: Capture, senders: list[Sender],
         yield family
 
 
-def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging
-                      ) -> Iterable[Metric]:
+def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging,
+                      replica: Path) -> Iterable[Metric]:
     """The secondary's gauges and counters, as of now."""
     r = receiver.status
     yield from _info("secondary", staging.identity)
@@ -166,6 +169,13 @@ def secondary_metrics(receiver: Receiver, applier: Applier, staging: Staging
     yield gauge("replfs_sets_in_staging", "Data sets in staging, whole or not",
                 len(staging.sets()))
     yield gauge("replfs_staging_bytes", "Bytes the staging store takes", staging.size())
+    yield gauge("replfs_staging_disk_free_bytes", "Bytes free on the staging store's disk",
+                disk_free(staging.path))
+    yield gauge("replfs_replica_disk_free_bytes", "Bytes free on the replica's disk",
+                disk_free(replica))
+    yield gauge("replfs_staging_failing", "1 while staging what arrives fails and is retried "
+                "(a full disk, most often): nothing more is read meanwhile",
+                int(r.staging_error is not None))
     yield gauge("replfs_held", "1 while the replica is paused (replfs pause)",
                 int(is_held(staging.path)))
     yield gauge("replfs_initial_sync", "1 while the replica is rebuilt by an initial sync",

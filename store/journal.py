@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import shutil
 import sqlite3
 from array import array
 from collections.abc import Iterable, Iterator
@@ -47,6 +46,7 @@ from store.records import (
     encode_set,
     peek_key,
 )
+from store.reserve import disk_free
 from store.wal import Kind, Log, keyed, unkey
 
 _NEXT_SET = b"next_set"
@@ -280,7 +280,7 @@ class Journal:
 
     def disk_free(self) -> int:
         """Bytes free on the journal's disk, for users (status, metrics)."""
-        return shutil.disk_usage(self.path).free
+        return disk_free(self.path)
 
     def give_up_reserve(self) -> bool:
         """Free the log's reserve for BACKING's side of a spare op that found the disk

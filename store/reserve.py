@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -46,6 +47,11 @@ log = logging.getLogger("replfs.journal")
 def disk_full(exc: OSError) -> bool:
     """Whether *exc* says the disk (or the user's quota on it) has no room left."""
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_free(path: str | os.PathLike[str]) -> int:
+    """Bytes free for a user's files on the disk of *path* (status, metrics)."""
+    return shutil.disk_usage(path).free
 
 
 def reserve_bytes(directory: Path) -> int:

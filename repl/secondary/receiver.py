@@ -29,7 +29,6 @@ until the stager catches up).
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ from repl.secondary.rejoin import follow_generation
 from repl.tls import broken_record
 from store.errors import RecordError
 from store.records import Op, Record
+from store.reserve import disk_free
 from store.staging import Staged, Staging
 
 log = logging.getLogger("replfs.receiver")
@@ -499,7 +499,7 @@ class Receiver:
             try:
                 await self._stage([item for item in batch if item[0].session == self._session])
             except (OSError, lmdb.Error) as exc:
-                free = shutil.disk_usage(self.staging.path).free
+                free = disk_free(self.staging.path)
                 error = (f"staging failed: {exc} (its disk has {free >> 20} MiB free); "
                          f"retrying in {STAGE_RETRY_SECONDS:g}s")
                 if error != self.status.staging_error:

@@ -31,6 +31,7 @@ from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
 from store.journal import exists as journal_exists
 from store.private import private_dir, write_private
+from store.reserve import disk_free
 from store.staging import Staging, read_applied, read_syncing
 
 log = logging.getLogger("replfs.secondary")
@@ -330,6 +331,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 "bad_frames": r.bad_frames, "refused": r.refused,
                 "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
                 "staging_bytes": staging.size(), "staging_error": r.staging_error,
+                "staging_disk_free": disk_free(staging.path),
+                "replica_disk_free": disk_free(replica),
                 "apply_error": applier.error,
                 "errors": r.errors,
             }
@@ -363,7 +366,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                                  "shutdown": shutdown})
             if scrape:
                 registry = metrics.registry(
-                    lambda: metrics.secondary_metrics(receiver, applier, staging),
+                    lambda: metrics.secondary_metrics(receiver, applier, staging, replica),
                     histograms.APPLY_SECONDS)
                 await nursery.start(metrics.serve, scrape, registry)
                 log.info("metrics on http://%s/metrics", metrics.where(scrape))

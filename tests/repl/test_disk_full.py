@@ -148,6 +148,8 @@ def test_staging_disk_full_then_space_returns(tmp_path: Path) -> None:
             sec.wait_for("staging failed")
             st = json.loads(replfs("status", replica, "--json").stdout)
             assert "MiB free" in st["staging_error"]
+            # The staging store is beside the replica: one disk, nearly full.
+            assert st["staging_disk_free"] < 5 << 20 and st["replica_disk_free"] < 5 << 20
             assert sec.proc is not None and sec.proc.poll() is None
             subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
             assert replfs("resume", replica).returncode == 0
@@ -155,4 +157,5 @@ def test_staging_disk_full_then_space_returns(tmp_path: Path) -> None:
             assert diff(snapshot(backing), snapshot(replica)) == []
             st = json.loads(replfs("status", replica, "--json").stdout)
             assert st["staging_error"] is None
+            assert st["staging_disk_free"] > 16 << 20
         assert "Traceback" not in sec.log()

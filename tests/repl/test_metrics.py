@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import urllib.error
@@ -117,6 +118,13 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
         assert value(s, "replfs_last_applied_set") == held
         assert value(s, "replfs_last_complete_set") == last
         assert value(s, "replfs_held") == 1
+        assert value(s, "replfs_staging_failing") == 0
+        sst = status(replica)
+        for name, key in (("replfs_staging_disk_free_bytes", "staging_disk_free"),
+                          ("replfs_replica_disk_free_bytes", "replica_disk_free")):
+            # The same disk, read twice by the daemon and once here: a few writes apart.
+            assert abs(value(s, name) - sst[key]) < 64 << 20, (name, value(s, name), sst)
+            assert abs(sst[key] - shutil.disk_usage(replica).free) < 64 << 20
         assert value(s, "replfs_received_bytes_total") >= 103_000
         assert value(s, "replfs_set_apply_seconds_count") >= 1
 
