@@ -1,11 +1,9 @@
 """The secondary's receiver: streams -> staging, acknowledged once durable.
 
 Records of any open set are accepted in any order from any stream (claims
-1, 11, 12, 23). One stager task takes whatever all streams delivered,
-stages it in one LMDB transaction, syncs, and only then acknowledges those
-records, before their set is complete (claims 5, 10): group commit across
-streams. A set whose last record arrives is flagged complete in that same
-transaction, and the applier is woken. A primary that asks for receipts
+1, 11, 12, 23), checked, and handed to the stager (repl/secondary/stager.py),
+which stages what all streams delivered in one transaction and only then
+acknowledges it (group commit across streams). A primary that asks for receipts
 (``--fsync received``) also gets each frame's records acknowledged as
 received as soon as they are read and checked, before they are staged.
 
@@ -22,8 +20,7 @@ strangers by the gate; past it, MAX_STREAMS streams of the current session
 (a new session closes the old one's); on each stream one frame being read
 (MAX_FRAME) and at most OUTBOX_FRAMES acknowledgements it has not read
 (past that it is dropped, as ``not-reading``); and records read but not
-yet staged, STAGE_QUEUE_BYTES across all streams (a stream stops reading
-until the stager catches up).
+yet staged (the stager's STAGE_QUEUE_BYTES).
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import trio
 
 from repl.errors import ProtocolError, Refused
@@ -55,42 +51,20 @@ from repl.protocol import (
     parse_plain_records,
     parse_records,
     received,
-    staged,
 )
 from repl.secondary.gate import HANDSHAKE_SECONDS, Gate, Rejected
 from repl.secondary.rejoin import follow_generation
+from repl.secondary.stager import OUTBOX_FRAMES, Stager, Stream, acknowledge
 from repl.tls import broken_record
 from store.errors import RecordError
-from store.records import Op, Record
-from store.reserve import disk_free
-from store.staging import Staged, Staging
+from store.records import Record
+from store.staging import Staging
 
 log = logging.getLogger("replfs.receiver")
 
 HANDSHAKE_TIMEOUT = 10.0  # the rest of the replfs handshake, once the HELLO is in
 # Refusals logged per second at most: a flood is counted, not written out line by line.
 REFUSALS_LOGGED = 20
-STAGE_BATCH = 4096
-STAGE_BYTES = 8 << 20  # a transaction holds its pages in memory until it commits
-# A batch this small is staged and synced in trio's own thread: its flushes write a
-# few pages, and the round trip to a worker thread and back costs as much again
-# (0.2-1 ms here), which an fsync waiting for the secondary (--fsync remote) would
-# wait too. With receipts (--fsync received) too: a frame's receipt is sent (on the
-# socket, not only queued) before its records are staged, but one that arrives while
-# a staging flush holds trio's thread waits for it (staging in a thread instead made
-# an fsync 0.4 ms slower here).
-INLINE_SYNC_BYTES = 256 << 10
-# Before a staging in trio's thread, the receipts queued are sent; a stream whose
-# primary does not read them holds the staging up this long at most.
-RECEIPTS_SEND_SECONDS = 1.0
-# Records read and not yet staged, all streams together: twice what a primary keeps in
-# flight (its window, 16 MiB), so a real one never waits for it.
-STAGE_QUEUE_BYTES = 32 << 20
-# Acknowledgement frames a stream may leave unread (each names at most STAGE_BATCH
-# records, 48 KiB): a primary reads them as they come, so only a peer that does
-# not read them reaches this.
-OUTBOX_FRAMES = 256
-STAGE_RETRY_SECONDS = 5.0  # a batch the staging store failed to take is tried again
 
 
 @dataclass
@@ -112,35 +86,6 @@ class ReceiverStatus:
     errors: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Stream:
-    conn: Link
-    outbox: trio.MemorySendChannel[Frame]
-    scope: trio.CancelScope
-    session: str
-    compressed: bool  # RECORDS_ZSTD frames were agreed on in the handshake
-    progress: bool = False  # the primary takes APPLYING frames (offered in its HELLO)
-    receipts: bool = False  # the primary takes RECEIVED frames (asked for in its HELLO)
-    batched: bool = False  # RECORDS frames were agreed on in the handshake
-    dropped: str | None = None  # why the stager cut it off
-    queued: int = 0  # acknowledgement frames put in the outbox
-    sent: int = 0  # of those, sent on the socket by the writer
-    progress_sent: trio.Event = field(default_factory=trio.Event)  # set as .sent moves
-
-    def wrote(self, frames: int) -> None:
-        """The writer sent *frames* more (or stopped: 0)."""
-        self.sent += frames
-        self.progress_sent.set()
-        self.progress_sent = trio.Event()
-
-    async def drained(self) -> None:
-        """Return once every acknowledgement queued so far is sent, or the writer
-        stopped."""
-        target = self.queued
-        while self.sent < target and not self.scope.cancel_called:
-            await self.progress_sent.wait()
-
-
 class Receiver:
     def __init__(self, staging: Staging, gate: Gate, on_complete: Callable[[], None],
                  on_reset: Callable[[int], None],
@@ -156,11 +101,8 @@ class Receiver:
         self.on_reset = on_reset
         self.on_hello = on_hello
         self.status = ReceiverStatus()
-        self._incoming_send, self._incoming = trio.open_memory_channel[
-            tuple[_Stream, Record, bytes]](STAGE_BATCH)
-        self._queued = 0  # bytes of the records read and not yet staged
-        self._dequeued = trio.lowlevel.ParkingLot()  # readers waiting for _queued to drop
-        self._streams: list[_Stream] = []
+        self.stager = Stager(staging, self.status, lambda: self.on_complete())
+        self._streams: list[Stream] = []
         self._session: str | None = None
         self._boot: str | None = None  # the primary process the session came from
         self._refusal_second = -1  # the second whose refusals are being logged
@@ -173,7 +115,7 @@ class Receiver:
         through the gate) and those handed to ``serve_link`` or ``serve_stream``,
         until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stager)
+            nursery.start_soon(self.stager.run)
             nursery.start_soon(self._log_unlogged)
             if listeners:
                 await nursery.start(trio.serve_listeners, self._handle, listeners)
@@ -320,7 +262,7 @@ class Receiver:
             for old in self._streams:
                 old.scope.cancel()
             self._streams = []
-            self._session = session  # from now on, the old streams' records are dropped
+            self._session = self.stager.session = session  # the old streams' records dropped
             boot = info.get("boot")
             if boot is None or boot != self._boot:
                 # A primary that restarted may have lost its journal's unsynced tail
@@ -332,7 +274,7 @@ class Receiver:
                 self._boot = boot if isinstance(boot, str) else None
         outbox, pending = trio.open_memory_channel[Frame](OUTBOX_FRAMES)
         with trio.CancelScope() as scope:
-            stream = _Stream(conn, outbox, scope, session, takes_zstd(info),
+            stream = Stream(conn, outbox, scope, session, takes_zstd(info),
                              info.get("progress") is True, info.get("receipts") is True,
                              info.get("batch") is True)
             self._streams.append(stream)
@@ -411,7 +353,7 @@ class Receiver:
                               **({"batch": True} if info.get("batch") is True else {}),
                               **extra))
 
-    async def _writer(self, stream: _Stream, frames: trio.MemoryReceiveChannel[Frame]
+    async def _writer(self, stream: Stream, frames: trio.MemoryReceiveChannel[Frame]
                       ) -> None:
         try:
             async for frame in frames:
@@ -427,7 +369,7 @@ class Receiver:
             stream.scope.cancel()  # no more sends: nobody waits for them (``drained``)
             stream.wrote(0)
 
-    async def _read(self, stream: _Stream) -> None:
+    async def _read(self, stream: Stream) -> None:
         while True:
             frame = await stream.conn.receive()
             if frame.type == FrameType.RESET_TO:
@@ -450,138 +392,9 @@ class Receiver:
             self.status.received += len(raws)
             self.status.received_bytes += sum(map(len, raws))
             if stream.receipts:  # before the stager runs: it may take trio's thread a while
-                self._acknowledge(stream, received([(r.set, r.seq) for r in records]))
+                acknowledge(stream, received([(r.set, r.seq) for r in records]))
             for record, raw in zip(records, raws, strict=True):
-                size = len(raw)
-                while self._queued and self._queued + size > STAGE_QUEUE_BYTES:
-                    await self._dequeued.park()  # backpressure: the peer waits, not our memory
-                self._queued += size
-                try:
-                    # All of a frame's records before the stager runs: a set sent in
-                    # one frame is staged in one transaction and one sync, not two.
-                    try:
-                        self._incoming_send.send_nowait((stream, record, raw))
-                    except trio.WouldBlock:
-                        await self._incoming_send.send((stream, record, raw))
-                except BaseException:  # not sent: the stager will not give it back
-                    self._queued -= size
-                    self._dequeued.unpark_all()
-                    raise
-
-    async def _stager(self) -> None:
-        batch: list[tuple[_Stream, Record, bytes]] = []
-        try:
-            while True:
-                batch = [await self._incoming.receive()]
-                size = len(batch[0][2])
-                while len(batch) < STAGE_BATCH and size < STAGE_BYTES:
-                    try:
-                        batch.append(self._incoming.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                    size += len(batch[-1][2])
-                try:
-                    await self._stage_until_done(batch)
-                finally:
-                    self._queued -= sum(len(raw) for _, _, raw in batch)
-                    self._dequeued.unpark_all()
-                batch = []
-        except trio.Cancelled:
-            self._stage_left(batch)
-            raise
-
-    async def _stage_until_done(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
-        """Stage *batch* (what a newer session replaced left out). While the staging
-        store fails (its disk full...), say why in status and try again every
-        STAGE_RETRY_SECONDS, reading nothing more meanwhile: the primary's window
-        fills, and it waits, or ends the session and sends the records again."""
-        while True:
-            try:
-                await self._stage([item for item in batch if item[0].session == self._session])
-            except (OSError, lmdb.Error) as exc:
-                free = disk_free(self.staging.path)
-                error = (f"staging failed: {exc} (its disk has {free >> 20} MiB free); "
-                         f"retrying in {STAGE_RETRY_SECONDS:g}s")
-                if error != self.status.staging_error:
-                    log.error("%s", error)
-                self.status.staging_error = error
-                await trio.sleep(STAGE_RETRY_SECONDS)  # a retry's pace: no event to wait for
-                continue
-            if self.status.staging_error is not None:
-                log.info("staging works again")
-                self.status.staging_error = None
-            return
-
-    def _stage_left(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
-        """As the receiver stops: stage what was read and not staged yet (*batch*, cut
-        short, and what waits behind it), blocking. A primary may have taken a receipt
-        for it (--fsync received) and be gone: a promote stops this daemon first."""
-        while True:
-            try:
-                batch.append(self._incoming.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        batch = [item for item in batch if item[0].session == self._session]
-        if batch:  # staged already, some of it, maybe: duplicates are dropped
-            try:
-                self._stage_durably([record for _, record, _ in batch],
-                                    [raw for _, _, raw in batch])
-            except (OSError, lmdb.Error) as exc:
-                log.error("staging the %d records read before the stop failed: %s",
-                          len(batch), exc)
-            else:
-                log.info("staged the %d records read before the stop", len(batch))
-
-    def _stage_durably(self, records: list[Record], raws: list[bytes]) -> Staged:
-        result = self.staging.stage(records, raws)
-        self.staging.sync()
-        return result
-
-    async def _stage(self, batch: list[tuple[_Stream, Record, bytes]]) -> None:
-        """Stage *batch* durably, acknowledge it on the streams it came from, and wake
-        the applier if a set is complete."""
-        if not batch:
-            return  # all from streams a newer session replaced
-        records, raws = [record for _, record, _ in batch], [raw for _, _, raw in batch]
-        receipts = any(stream.receipts for stream, _, _ in batch)
-        # With receipts, only a batch that ends a set waits for the disk in trio's thread
-        # (its receipts sent first): the rest of a set, shipped ahead of its close (a
-        # write before an fsync), is staged in a thread, so that while its flush waits
-        # the frame that closes the set is still read, and its receipt sent, at once.
-        if sum(map(len, raws)) <= INLINE_SYNC_BYTES and (
-                not receipts or any(record.op == Op.SYNC for record in records)):
-            with trio.move_on_after(RECEIPTS_SEND_SECONDS):
-                for stream in {id(s): s for s, _, _ in batch if s.receipts}.values():
-                    await stream.drained()  # the receipts leave before the disk is waited on
-            result = self._stage_durably(records, raws)
-        else:  # its commit flushes the pages it wrote too: not in trio's thread
-            result = await trio.to_thread.run_sync(self._stage_durably, records, raws)
-        self.status.staged += len(result.keys) - result.duplicates
-        self.status.duplicates += result.duplicates
-        self.status.stale += result.stale
-        if result.keys:
-            self.status.last_staged = max(self.status.last_staged, max(result.keys))
-        acks: dict[int, tuple[_Stream, list[tuple[int, int]]]] = {}
-        for stream, record, _ in batch:
-            acks.setdefault(id(stream), (stream, []))[1].append((record.set, record.seq))
-        for stream, keys in acks.values():
-            self._acknowledge(stream, staged(keys))
-        if result.completed:
-            self.status.last_complete = max(self.status.last_complete, *result.completed)
-            self.on_complete()
-
-    def _acknowledge(self, stream: _Stream, frame: Frame) -> None:
-        """Send *frame* (STAGED or RECEIVED) on *stream*, or cut off a stream that
-        leaves OUTBOX_FRAMES of them unread."""
-        try:
-            stream.outbox.send_nowait(frame)
-            stream.queued += 1
-        except trio.WouldBlock:
-            stream.dropped = (f"{OUTBOX_FRAMES} acknowledgements unread: it sends and "
-                              "does not read")
-            stream.scope.cancel()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # unacknowledged records are sent again; duplicates are dropped
+                await self.stager.put(stream, record, raw)
 
 
 async def _tell(conn: Link, text: str) -> None:

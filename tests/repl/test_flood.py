@@ -26,13 +26,8 @@ from repl.protocol import (
     parse_hello,
 )
 from repl.secondary.gate import HANDSHAKE_SECONDS, MAX_HANDSHAKES, Gate
-from repl.secondary.receiver import (
-    OUTBOX_FRAMES,
-    REFUSALS_LOGGED,
-    STAGE_QUEUE_BYTES,
-    Receiver,
-    _Stream,
-)
+from repl.secondary.receiver import REFUSALS_LOGGED, Receiver
+from repl.secondary.stager import OUTBOX_FRAMES, STAGE_QUEUE_BYTES, Stream
 from store.records import Op, Record
 from store.staging import Staging
 from tests.repl.peers import (
@@ -208,11 +203,11 @@ async def test_receiver_read_ok_queue_bounded(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as scope:
-                stream = _Stream(conn, outbox, scope, "session", compressed=False)
+                stream = Stream(conn, outbox, scope, "session", compressed=False)
                 nursery.start_soon(receiver._read, stream)
                 await trio.testing.wait_all_tasks_blocked()
                 assert receiver.status.received <= STAGE_QUEUE_BYTES // big + 1
-                assert receiver._queued <= STAGE_QUEUE_BYTES
+                assert receiver.stager.queued <= STAGE_QUEUE_BYTES
                 nursery.cancel_scope.cancel()
     finally:
         staging.close()

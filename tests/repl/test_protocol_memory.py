@@ -212,13 +212,13 @@ def stall_staging(sec: Secondary, monkeypatch: pytest.MonkeyPatch) -> trio.Event
     """Hold *sec*'s stager (nothing is staged or acknowledged) until the event returned
     is set."""
     free = trio.Event()
-    stage = sec.receiver._stage
+    stage = sec.receiver.stager._stage
 
     async def stalled(batch: list[Any]) -> None:
         await free.wait()
         await stage(batch)
 
-    monkeypatch.setattr(sec.receiver, "_stage", stalled)
+    monkeypatch.setattr(sec.receiver.stager, "_stage", stalled)
     return free
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from repl.protocol import Frame, FrameType, parse_keys, record_frames
-from repl.secondary.receiver import INLINE_SYNC_BYTES
+from repl.secondary.stager import INLINE_SYNC_BYTES
 from store.records import Op, Record
 from tests.powercut.harness import simulator
 from tests.repl.peers import LOG_TIMEOUT, acknowledged, drain, open_raw, record_frame
