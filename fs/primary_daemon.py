@@ -231,7 +231,7 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             inodes.close()
         try:
             closed = capture.close_set()
-            capture.sync_backing(final=True)  # a clean stop: nothing to replay or resend
+            capture.backing_sync.sync(final=True)  # a clean stop: nothing to replay or resend
         except OSError as exc:  # a full disk, past the journal's reserve
             log.error("unmounted %s; closing the last set failed (%s): the next start "
                       "replays the journal", mountpoint, exc.strerror)

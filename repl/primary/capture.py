@@ -20,10 +20,9 @@ A flush tells the sender, from its own thread (``on_durable``).
 
 The journal is the durable copy; BACKING follows it. An fsync returns once
 its set is durable in the journal (one flush), without syncing the file:
-BACKING is synced lazily (``sync_backing()``: every BACKING_SYNC_SECONDS,
-past BACKING_SYNC_FILES changed files, at a clean stop), each sync noted in
-the journal as ``backing_at``, and the journal keeps every record past it
-even once applied. After any crash, power included, recovery
+BACKING is synced lazily (repl/primary/backing.py), each sync noted in the
+journal as ``backing_at``, and the journal keeps every record past it even
+once applied. After any crash, power included, recovery
 (repl/primary/recovery.py) replays the records past ``backing_at`` into BACKING
 before the mount serves anything. Replay goes by path, so paths must mean
 the same files throughout: before a flush makes a namespace op durable in
@@ -67,14 +66,15 @@ from repl import faults
 from repl.activity import ActivityLog
 from repl.diverge import Divergence
 from repl.histograms import SET_BYTES
+from repl.primary.backing import BackingSync
 from repl.primary.resync import Resync
 from repl.primary.retention import Retention
 from repl.primary.touched import Touched, every_entry, removed_name
-from repl.primary.unsynced import BACKING_SYNC_FILES, Unsynced, fsync_all
+from repl.primary.unsynced import BACKING_SYNC_FILES, Unsynced
 from repl.tree import Tree
 from repl.wake import Waker
 from store.journal import Journal
-from store.records import NAMESPACE_OPS, Op, Record, decode_set, encode_set
+from store.records import NAMESPACE_OPS, Op, Record
 from store.reserve import disk_full
 
 log = logging.getLogger("replfs.capture")
@@ -88,8 +88,6 @@ OPEN_FLUSH_SECONDS = 0.02  # an open set's records are flushed (and shipped) wit
 # comes this often, so an idle daemon wakes 5 times a second, not 50.
 IDLE_FLUSH_SECONDS = 0.2
 IDLE_AFTER_SECONDS = 1.0
-BACKING_SYNC_SECONDS = 5.0  # BACKING is made durable at least this often while it changes
-BACKING_AT = b"backing_at"  # the journal's log position up to which BACKING is durable
 # Attribute ops from the handlers: their node is synced with BACKING (the UTIMES that
 # close a set restate times a data op or a namespace op already synced with its node).
 _ATTRIBUTE_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
@@ -145,14 +143,9 @@ class Capture:
         self.closed_at = time.monotonic()
         self.lock = threading.RLock()
         self._flush_lock = threading.Lock()
-        self._backing_lock = threading.Lock()
-        self._fsyncs_done = threading.Event()  # cleared while a BACKING sync fsyncs
-        self._fsyncs_done.set()
         self.unsynced = Unsynced(backing, lambda: self._wake())  # what BACKING's sync covers
         self.activity = ActivityLog(journal.notes)
-        self._backing_sync_wanted = trio.Event()
-        raw = journal.get_meta(BACKING_AT)
-        self.backing_at = decode_set(raw) if raw else journal.end
+        self.backing_sync = BackingSync(journal, self.unsynced, self)
         self._flush_wanted = trio.Event()  # flush what is journaled now, not at the tick
         self._close_wanted = trio.Event()
         self._close_due = False
@@ -162,6 +155,11 @@ class Capture:
     def overflow(self) -> bool:
         """True while over budget, or syncing: the open set is held open."""
         return self.resync.overflow
+
+    @property
+    def backing_at(self) -> int:
+        """The journal's log position up to which BACKING is durable."""
+        return self.backing_sync.at
 
     @property
     def replicating(self) -> bool:
@@ -251,7 +249,7 @@ class Capture:
         Appends do not wake trio one by one (a handoff to the trio thread costs
         more than the append): the flusher's tick finds them."""
         if len(self.unsynced) >= BACKING_SYNC_FILES:
-            self._backing_sync_wanted.set()
+            self.backing_sync.want()
         if self.journal.end - self.journal.durable >= FLUSH_BYTES:
             self._flush_wanted.set()
         if self._close_due:
@@ -352,6 +350,19 @@ class Capture:
 
     def _trim(self) -> None:
         self.retention.trim(self.backing_at)
+
+    def followed(self) -> None:
+        """BACKING's sync moved ``backing_at`` (capture's lock held): trim the journal,
+        or with no secondary drop what passed the budget."""
+        if self.replicating:
+            self._trim()
+        else:
+            self.retention.drop_oldest(self.journal_max, self.backing_at)
+
+    def backing_durable(self) -> None:
+        """Make BACKING durable as far as the journal goes (``BackingSync.sync_held``),
+        for the resync, which holds capture's lock."""
+        self.backing_sync.sync_held()
 
     @_locked
     def redone(self, record: Record) -> None:
@@ -481,70 +492,9 @@ class Capture:
             if self.journal.durable >= target and not self.unsynced.namespace_changed:
                 return
             if self.unsynced.namespace_changed:
-                self.sync_backing()
+                self.backing_sync.sync()
             self.journal.sync()
         self.on_durable()
-
-    def sync_backing(self, *, final: bool = False) -> None:
-        """Make BACKING durable as far as the journal goes now, and journal that.
-
-        Blocking; call it from a thread. Syncs every file and directory changed
-        since the last time; the note in the journal becomes durable with the
-        journal's next flush (until then, recovery just replays more). Then the
-        activity log drops the notes no op used since (repl/activity.py); with
-        *final* (a clean stop) it keeps none.
-        """
-        with self._backing_lock:
-            with self.lock:
-                self._settle()
-                at = self.journal.end
-                changed, token = self.unsynced.take()
-                self._fsyncs_done.clear()
-            try:
-                fsync_all(changed, self.unsynced.whole)
-            finally:
-                self._fsyncs_done.set()
-            with self.lock:
-                self.unsynced.synced(token)
-                if at > self.backing_at:
-                    self.backing_at = at
-                    self.journal.put_meta(BACKING_AT, encode_set(at))
-                    if self.replicating:
-                        self._trim()
-                    else:
-                        self.retention.drop_oldest(self.journal_max, self.backing_at)
-                notes = self.activity.reset(at, retain=not final)
-                if notes is not None:  # after backing_at: durable only with it
-                    self.journal.reset_notes(notes)
-
-    def backing_durable(self) -> None:
-        """Make BACKING durable as far as the journal goes, and journal that (before
-        the journal stops taking write data: ``Resync.begin_overflow``). Capture's
-        lock held, so nothing changes meanwhile; a BACKING sync under way is let
-        finish its fsyncs first (they need no lock)."""
-        self._fsyncs_done.wait()
-        changed, token = self.unsynced.take()
-        fsync_all(changed, self.unsynced.whole)
-        self.unsynced.synced(token)
-        if self.journal.end > self.backing_at:
-            self.backing_at = self.journal.end
-            self.journal.put_meta(BACKING_AT, encode_set(self.backing_at))
-
-    async def _backing_syncer(self) -> None:
-        """Sync BACKING every BACKING_SYNC_SECONDS while it changes, or sooner past
-        BACKING_SYNC_FILES changed files."""
-        while True:
-            with trio.move_on_after(BACKING_SYNC_SECONDS):
-                await self._backing_sync_wanted.wait()
-            self._backing_sync_wanted = trio.Event()
-            if self.unsynced.nodes or self.journal.end > self.backing_at:
-                try:
-                    await trio.to_thread.run_sync(self.sync_backing)
-                except OSError as exc:
-                    if not disk_full(exc):
-                        raise
-                    log.error("noting BACKING's sync in the journal failed (%s): tried "
-                              "again in %gs", exc.strerror, BACKING_SYNC_SECONDS)
 
     async def durable(self) -> None:
         """Return once every record journaled so far is durable on disk."""
@@ -571,7 +521,7 @@ class Capture:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._closer)
             nursery.start_soon(self._flusher)
-            nursery.start_soon(self._backing_syncer)
+            nursery.start_soon(self.backing_sync.run)
             nursery.start_soon(self.resync.run)
             task_status.started()
 

@@ -24,10 +24,10 @@ import logging
 
 from repl import apply as applier
 from repl.activity import ActivityLog, name_roots, note_boot, power_lost
-from repl.primary.capture import BACKING_AT, Capture
+from repl.primary.capture import Capture
 from store.libc import syncfs
 from store.notes import Note
-from store.records import NAMESPACE_OPS, Op, Record, encode_set, is_under
+from store.records import NAMESPACE_OPS, Op, Record, is_under
 
 log = logging.getLogger("replfs.capture")
 
@@ -98,8 +98,7 @@ def recover(capture: Capture) -> str | None:
     for path in synced:
         capture.backing.sync_node(path)
         capture.backing.sync_node(path.rpartition(b"/")[0])
-    capture.backing_at = capture.journal.end
-    capture.journal.put_meta(BACKING_AT, encode_set(capture.backing_at))
+    capture.backing_sync.note(capture.journal.end)
     note_boot(capture.journal)
     capture.activity = ActivityLog()
     capture.activity.reset(capture.backing_at)

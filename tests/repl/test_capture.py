@@ -158,7 +158,7 @@ def test_capture_recover_ok_power_cut_resends_what_the_journal_lost(tmp_path: Pa
     (backing / "old").write_bytes(b"o" * 100)
     with capturing(backing, journal) as capture:
         capture.close_set()
-        capture.sync_backing()
+        capture.backing_sync.sync()
         capture.journal.sync()
         capture.record(Op.CREATE, path=b"new", mode=MODE, uid=os.getuid(), gid=os.getgid())
         (backing / "new").write_bytes(b"")
@@ -258,10 +258,10 @@ def test_capture_sync_backing_ok_clean_stop_leaves_no_notes(tmp_path: Path,
     with capturing(backing, journal) as capture:
         capture.write(b"f", 0, b"x")
         capture.write(b"f", 1, b"y")
-        capture.sync_backing()
+        capture.backing_sync.sync()
         assert capture.journal.notes, "a file written lately, and again, keeps its note"
         capture.write(b"f", 2, b"z")
-        capture.sync_backing(final=True)
+        capture.backing_sync.sync(final=True)
         assert capture.journal.notes == []
     reboot(boot)
     with capturing(backing, journal) as capture:
@@ -321,7 +321,7 @@ def test_capture_sync_backing_ok_many_files_one_syncfs(tmp_path: Path, boot: Pat
                                 (SYNCFS_FROM, ["syncfs"])):
             write_files(capture, backing, count)
             calls.clear()
-            capture.sync_backing()
+            capture.backing_sync.sync()
             assert calls == expected
 
 
@@ -335,7 +335,7 @@ def test_capture_sync_backing_ok_fuse_backing_fsyncs_each_file(tmp_path: Path,
         with capturing(backing, tmp_path / "j") as capture:
             write_files(capture, backing, SYNCFS_FROM * 2)
             assert sim.pending()["files"] == SYNCFS_FROM * 2
-            capture.sync_backing()
+            capture.backing_sync.sync()
             assert sim.pending()["files"] == 0
 
 
@@ -350,7 +350,7 @@ def test_capture_recover_ok_power_cut_sends_no_user_xattr_op_for_a_symlink(
     (backing / "f").write_bytes(b"")
     with capturing(backing, journal) as capture:
         capture.close_set()
-        capture.sync_backing()
+        capture.backing_sync.sync()
         capture.journal.sync()
         for path in (b"l", b"f"):
             capture.void(capture.record(Op.REMOVEXATTR, path=path, name=b"user.k"))
@@ -376,7 +376,7 @@ def test_capture_recover_ok_power_cut_resends_a_linked_node_as_one_inode(
         os.mkfifo(backing / "s")
     with capturing(backing, journal) as capture:
         capture.close_set()
-        capture.sync_backing()
+        capture.backing_sync.sync()
         capture.journal.sync()
         capture.record(Op.LINK, path=b"s", path2=b"t")
         os.link(backing / "s", backing / "t", follow_symlinks=False)
@@ -402,7 +402,7 @@ def test_capture_recover_ok_power_cut_resends_a_file_linked_into_a_noted_directo
     ids = {"uid": os.getuid(), "gid": os.getgid()}
     with capturing(backing, journal) as capture:
         capture.close_set()
-        capture.sync_backing()
+        capture.backing_sync.sync()
         capture.journal.sync()
         capture.record(Op.MKDIR, path=b"d", mode=stat.S_IFDIR | 0o755, **ids)
         (backing / "d").mkdir()

@@ -26,7 +26,7 @@ def writes(capture: Capture, name: bytes, count: int, applied_by: str | None = N
         capture.write(name, i * 20_000, os.urandom(20_000))
         if i % 3 == 2:
             closed = capture.close_set()
-            capture.sync_backing()  # BACKING durable: the journal may trim
+            capture.backing_sync.sync()  # BACKING durable: the journal may trim
             if applied_by is not None:
                 capture.caught_up(applied_by, closed)
 
