@@ -6,7 +6,7 @@ is written before every namespace op, and after a crash applying resumes
 at the marker (after a power cut of the host, the primary sends the batch's
 paths again instead: ``_mend_from_primary``). The complete sets waiting in
 a row are applied as one batch under the apply lock; then, the lock let go
-(readers see the batch from there), the replica is synced once (``_sync``) and
+(readers see the batch from there), the replica is synced once (``sync_batch``) and
 the apply log says the last of them is applied; only then is it reported to
 the primary. One sync per batch instead of per set is what lets the replica
 keep up with a primary that closes a set at every small fsync.
@@ -38,11 +38,11 @@ from collections.abc import Callable
 import trio
 
 from repl.apply import OpenFiles, apply, intent_for, redo
-from repl.diverge import Divergence
 from repl.faults import ApplyFaults
 from repl.histograms import APPLY_SECONDS
 from repl.pacing import TokenBucket
-from repl.secondary.footprint import Footprint, Invalidator
+from repl.secondary.footprint import Footprint, Invalidator, sync_batch
+from repl.secondary.rejoin import ask_for_paths
 from repl.tree import Tree
 from store.hold import (
     ApplyLock,
@@ -53,7 +53,6 @@ from store.hold import (
     mark_applied,
     mark_applying,
 )
-from store.libc import FUSE_SUPER_MAGIC, fs_magic, syncfs
 from store.records import NAMESPACE_OPS, Op
 from store.staging import Staging
 
@@ -87,9 +86,6 @@ FOOTPRINT_RECORDS = 20_000
 # daemon's peak memory; of 2,000, none.
 ARRIVED_RECORDS = 2_000
 ARRIVED_POLL = 0.1
-# A replica on a FUSE filesystem is synced node by node (see Applier._sync); a batch
-# that names more than this many paths, every file and directory of the replica.
-FUSE_SYNC_PATHS = 10_000
 
 
 def _complete(staging: Staging, set_id: int) -> bool:
@@ -160,15 +156,9 @@ class Applier:
         primary is asked for every path the batch's sets touched, as an old primary
         rejoining asks for what it changed (repl/secondary/rejoin.py): its sync set
         makes them equal to its own. The replica reads as torn until then."""
-        staging = self.staging
-        touched = Divergence().add(record for set_id in range(batch[0], batch[1] + 1)
-                                   for record in staging.records(set_id))
-        offer, asked = touched.with_links(self.replica).offer()
-        what = "the whole tree" if asked.whole_tree else \
-            f"the {len(touched.content) + len(touched.ranges)} paths they touched"
-        staging.drop_unapplied()
-        staging.start_rejoin(staging.applied, offer)
-        self._tear(staging.applied + 1)
+        what = ask_for_paths(self.staging, range(batch[0], batch[1] + 1),
+                             self.staging.applied, self.replica)
+        self._tear(self.staging.applied + 1)
         log.warning("sets %d to %d were being applied when this host lost its power: the "
                     "replica may hold part of them; the primary sends %s again",
                     batch[0], batch[1], what)
@@ -437,7 +427,7 @@ class Applier:
         while True:
             try:
                 self.faults.step(set_id, -1)
-                self._sync(tree, first, set_id)
+                sync_batch(tree, self.staging, first, set_id)
                 self.staging.finish(set_id)
                 clear_applying(self.staging.path)
                 self.redo_through = None
@@ -447,34 +437,6 @@ class Applier:
             except OSError as exc:
                 self._retry_or_raise(tree, first, exc, retry, delay)
                 delay = min(delay * 2, RETRY_MAX)
-
-    def _sync(self, tree: Tree, first: int, last: int) -> None:
-        """Make the replica's ops of sets *first* to *last* durable: one syncfs.
-
-        Not on a FUSE filesystem: the kernel never tells its daemon of a syncfs
-        (virtiofs aside), so there every node the sets name is fsynced, and the
-        directory that holds it, and all that is under both names of a rename (a
-        file written in a directory moved since is found there); the whole
-        replica if they start over from a RESET or name more than FUSE_SYNC_PATHS
-        paths.
-        """
-        if fs_magic(tree.root_fd) != FUSE_SUPER_MAGIC:
-            syncfs(tree.root_fd)
-            return
-        named: set[bytes] = set()
-        moved: set[bytes] = set()
-        for set_id in range(first, last + 1):
-            for record in self.staging.records(set_id, data=False):
-                if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
-                    tree.sync(b"")
-                    return
-                if record.op == Op.RENAME:
-                    moved.update((record.path, record.path2))
-                named.update(path for path in (record.path, record.path2) if path)
-        for path in sorted(moved):
-            tree.sync(path)
-        for path in sorted(named | {path.rpartition(b"/")[0] for path in named} | {b""}):
-            tree.sync_node(path)
 
     def _retry_or_raise(self, tree: Tree, first: int, exc: OSError, retry: bool,
                         delay: float) -> None:

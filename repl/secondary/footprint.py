@@ -1,4 +1,5 @@
-"""What a batch of sets will change, named as the replica shows it before the batch.
+"""What a batch of sets will change, named as the replica shows it before the batch;
+and what it changed, synced (``sync_batch``).
 
 A standby mount that lets the kernel cache the replica (fs/standby.py) must
 drop, before a batch is applied, every cached thing the batch changes: the
@@ -22,14 +23,21 @@ the footprint says ``everything``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from repl.tree import Tree
+from store.libc import FUSE_SUPER_MAGIC, fs_magic, syncfs
 from store.records import RENAME_EXCHANGE, Op, Record
+
+if TYPE_CHECKING:
+    from store.staging import Staging
 
 _DATA_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.FALLOCATE})
 _ATTR_OPS = frozenset({Op.CHMOD, Op.CHOWN, Op.UTIMES, Op.SETXATTR, Op.REMOVEXATTR})
 _NEW_NODE_OPS = frozenset({Op.CREATE, Op.MKDIR, Op.MKNOD, Op.SYMLINK, Op.FILE})
+# A replica on a FUSE filesystem is synced node by node (``sync_batch``); a batch that
+# names more than this many paths, every file and directory of the replica.
+FUSE_SYNC_PATHS = 10_000
 
 
 class Invalidator(Protocol):
@@ -217,3 +225,33 @@ class Footprint:
             parts.append(at.name)
             at = at.parent
         return b"/".join(reversed(parts))
+
+
+def sync_batch(tree: Tree, staging: Staging, first: int, last: int) -> None:
+    """Make the ops of staged sets *first* to *last* durable in the replica *tree*: one
+    syncfs.
+
+    Not on a FUSE filesystem: the kernel never tells its daemon of a syncfs
+    (virtiofs aside), so there every node the sets name is fsynced, and the
+    directory that holds it, and all that is under both names of a rename (a
+    file written in a directory moved since is found there); the whole
+    replica if they start over from a RESET or name more than FUSE_SYNC_PATHS
+    paths.
+    """
+    if fs_magic(tree.root_fd) != FUSE_SUPER_MAGIC:
+        syncfs(tree.root_fd)
+        return
+    named: set[bytes] = set()
+    moved: set[bytes] = set()
+    for set_id in range(first, last + 1):
+        for record in staging.records(set_id, data=False):
+            if record.op == Op.RESET or len(named) > FUSE_SYNC_PATHS:
+                tree.sync(b"")
+                return
+            if record.op == Op.RENAME:
+                moved.update((record.path, record.path2))
+            named.update(path for path in (record.path, record.path2) if path)
+    for path in sorted(moved):
+        tree.sync(path)
+    for path in sorted(named | {path.rpartition(b"/")[0] for path in named} | {b""}):
+        tree.sync_node(path)

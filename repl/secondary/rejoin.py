@@ -167,6 +167,22 @@ class Rejoin:
             self.journal.close()
 
 
+def ask_for_paths(staging: Staging, sets: range | None, shared: int,
+                  replica: str | os.PathLike[str] | None) -> str:
+    """Ask the primary, at the next handshake, for every path the staged *sets* touched
+    (None: the whole tree), with every name of the hard-linked files of *replica*, the
+    tree (``with_links``): the unapplied sets are dropped, and a rejoin after set
+    *shared* begins, whose sync set makes those paths the primary's. Returns what is
+    asked, for the log."""
+    ours = Divergence({b""}) if sets is None else Divergence().add(
+        record for set_id in sets for record in staging.records(set_id))
+    offer, asked = (ours.with_links(replica) if replica is not None else ours).offer()
+    staging.drop_unapplied()
+    staging.start_rejoin(shared, offer)
+    return ("the whole tree" if asked.whole_tree else
+            f"the {len(ours.content) + len(ours.ranges)} paths they touched")
+
+
 def follow_generation(staging: Staging, history: Any, generation: int,
                       replica: Path | None = None) -> None:
     """Follow the primary of *generation*, newer than the staging's, whose generation
@@ -189,25 +205,15 @@ def follow_generation(staging: Staging, history: Any, generation: int,
         # `applied` only stood for where that primary's sync set would take the replica,
         # and what the replica holds now is known to no one. The new primary sends it
         # all again.
-        staging.drop_unapplied()
-        shared = applied if fork is None else min(applied, fork - 1)
-        staging.start_rejoin(shared, Divergence({b""}).offer()[0])
+        ask_for_paths(staging, None, applied if fork is None else min(applied, fork - 1), None)
         log.warning("the sync from the last primary did not finish: the primary of "
                     "generation %d sends the whole tree again", generation)
     elif fork is not None and applied >= fork and staging.rejoin is None:
         kept = staging.history()
-        if kept and kept[0] <= fork:
-            ours = Divergence().add(r for s in range(fork, applied + 1)
-                                    for r in staging.records(s))
-        else:
-            ours = Divergence({b""})  # no longer known: the whole tree
-        offer, asked = (ours.with_links(replica) if replica is not None else ours).offer()
-        staging.drop_unapplied()
-        staging.start_rejoin(fork - 1, offer)
+        sets = range(fork, applied + 1) if kept and kept[0] <= fork else None  # None: gone
+        what = ask_for_paths(staging, sets, fork - 1, replica)
         log.warning("this replica applied sets %d to %d, which the primary of generation "
-                    "%d never had; it gets %s again", fork, applied, generation,
-                    "the whole tree" if asked.whole_tree else
-                    f"the {len(ours.content) + len(ours.ranges)} paths they touched")
+                    "%d never had; it gets %s again", fork, applied, generation, what)
     else:
         dropped = staging.drop_unapplied(keep_before=fork or 0)
         if dropped:

@@ -251,7 +251,7 @@ def test_batch_applies_every_waiting_set_with_one_sync(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     sets = data_sets()
     syncs: list[int] = []
-    monkeypatch.setattr("repl.secondary.applier.syncfs", lambda fd: syncs.append(fd))
+    monkeypatch.setattr("repl.secondary.footprint.syncfs", lambda fd: syncs.append(fd))
     replica, staging = fresh(tmp_path, sets)
     with closing(staging):
         apply_all(staging, replica, None)
@@ -419,7 +419,7 @@ def test_apply_sets_ok_readers_see_the_batch_while_it_is_synced(
         syncing.set()
         assert go.wait(30)
 
-    monkeypatch.setattr("repl.secondary.applier.syncfs", slow_syncfs)
+    monkeypatch.setattr("repl.secondary.footprint.syncfs", slow_syncfs)
     replica, staging = fresh(tmp_path, sets)
     with closing(staging):
         thread = threading.Thread(target=apply_all, args=(staging, replica, None))
