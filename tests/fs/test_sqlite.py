@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from repl.apply import apply
-from repl.secondary.applier import syncfs
 from repl.tree import Tree
 from store.journal import Journal
+from store.libc import syncfs
 from store.records import Op
 from tests.support import primary, replay
 
