@@ -23,6 +23,7 @@ journal runs over its budget with nobody to send to.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import sqlite3
 from array import array
@@ -48,6 +49,8 @@ from store.records import (
 )
 from store.reserve import disk_free
 from store.wal import Kind, Log, keyed, unkey
+
+log = logging.getLogger("replfs.journal")
 
 _NEXT_SET = b"next_set"
 _BASE = b"base"
@@ -144,6 +147,11 @@ class Journal:
         self.set, self.seq = self._position()
         open_set = self._sets.get(self.set)
         self.set_bytes = sum(open_set.size) if open_set else 0
+        if self.log.torn is not None and not read_only:
+            log.warning("the journal's log ended in a damaged or unfinished entry at position "
+                        "%d and was cut off there, in set %d: after a power cut, that is what "
+                        "was never made durable; otherwise the disk damaged it",
+                        self.log.torn, self.set)
 
     # --- reading the log at open ----------------------------------------------
 

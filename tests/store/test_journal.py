@@ -389,9 +389,11 @@ def segments(path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("cut", ["torn-tail", "zeroed-page", "lost-size"])
-def test_journal_open_ok_after_power_cut(path: Path, cut: str) -> None:
+def test_journal_open_ok_after_power_cut(path: Path, cut: str,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     """Whatever a cut did to the bytes after the last sync, the journal reopens at
-    a prefix that holds every synced record, and appends go on from there."""
+    a prefix that holds every synced record, and appends go on from there. A log cut
+    off in a damaged entry says so (on a disk that damaged it, it is the only word)."""
     with opened(path) as j:
         write(j, 3)
         j.close_set()
@@ -411,6 +413,13 @@ def test_journal_open_ok_after_power_cut(path: Path, cut: str) -> None:
             f.truncate(size)
     with opened(path) as j:
         found = positions(j)
+        cut_off = [r.getMessage() for r in caplog.records if "was cut off" in r.getMessage()]
+        assert cut_off == ([] if j.log.torn is None else
+                           [f"the journal's log ended in a damaged or unfinished entry at "
+                            f"position {j.log.torn} and was cut off there, in set 2: after a "
+                            "power cut, that is what was never made durable; otherwise the "
+                            "disk damaged it"])
+        assert cut != "torn-tail" or cut_off
         assert found[:4] == [(1, 0, Op.WRITE), (1, 1, Op.WRITE), (1, 2, Op.WRITE),
                              (1, 3, Op.SYNC)]
         assert all(s == 2 and op == Op.WRITE for s, _, op in found[4:])
