@@ -47,7 +47,7 @@ from repl.cluster.child import Child, clear_dead_mount
 from repl.cluster.etcd import Compare, Etcd, EtcdError, put_op
 from repl.cluster.lease import Lease, LeaseLost
 from repl.cluster.members import Leader, Member, View
-from repl.errors import UsageError, first_error
+from repl.errors import Repeats, UsageError, first_error
 from repl.primary.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_INTERVAL
 from repl.primary.semisync import FSYNC_TIMEOUT
 from repl.sdnotify import notify
@@ -92,6 +92,7 @@ class Node:
         self.child: Child | None = None
         self.lease: Lease | None = None
         self._renewed = trio.Event()
+        self._etcd_errors = Repeats(log)  # etcd down: a line a minute, not one a second
 
     # --- the lease, and the roles it decides ---------------------------------------
 
@@ -106,6 +107,7 @@ class Node:
                                         json.dumps({"address": self.address}).encode())
                     log.info("node %s of cluster %s: lease %x, %gs", self.cfg.name,
                              self.cfg.cluster, self.lease.id, self.cfg.lease_ttl)
+                    self._etcd_errors.clear()
                     await self._roles()
             except* LeaseLost as group:
                 log.warning("%s", first_error(group))
@@ -114,7 +116,7 @@ class Node:
                                 "since its lease ran short)")
                     await self._drop_child(kill=True)
             except* EtcdError as group:
-                log.warning("etcd: %s; trying again", first_error(group))
+                self._etcd_errors.warning(f"etcd: {first_error(group)}; trying again")
                 await trio.sleep(1.0)  # retry pacing
 
     async def _roles(self) -> None:
@@ -124,7 +126,7 @@ class Node:
             try:
                 await self._role()
             except* EtcdError as group:
-                log.warning("etcd: %s; trying again", first_error(group))
+                self._etcd_errors.warning(f"etcd: {first_error(group)}; trying again")
             await trio.sleep(min(1.0, self.cfg.lease_ttl / 6))  # retry pacing
 
     async def _role(self) -> None:

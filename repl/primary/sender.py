@@ -30,7 +30,7 @@ import trio
 import zstandard
 
 from repl.diverge import Divergence
-from repl.errors import NotYet, ProtocolError, Refused
+from repl.errors import NotYet, ProtocolError, Refused, Repeats
 from repl.errors import first_error as _first
 from repl.link import Dialer, Link
 from repl.pacing import TokenBucket
@@ -140,6 +140,7 @@ class Sender:
                             if compress_level > 0 else None)
         self.bucket = TokenBucket(max_rate) if max_rate else None  # --max-rate
         self.status = SenderStatus()
+        self._repeats = Repeats(log)  # the same failure at each retry: logged once a minute
         self._wakeup = trio.Event()
         self._waiting = False  # the feeder waits for durable records: notify() wakes it
         self._waker: Callable[[], None] = lambda: None  # a Waker once run() started
@@ -240,7 +241,7 @@ class Sender:
             await trio.sleep(delay)  # retry pacing, not a wait for an event
 
     def _error(self, text: str) -> None:
-        log.warning("%s", text)
+        self._repeats.warning(text)
         self.status.errors = [*self.status.errors[-9:], text]
         self.status.error_count += 1
 
@@ -268,6 +269,7 @@ class Sender:
                         start = restart - 1
                         self.sync_set = restart
                     self.status.connected = True
+                    self._repeats.clear()
                     if self.semisync is not None:
                         self.semisync.connected(start, self.journal.set - 1)
                     # This secondary's, maybe not the last's.
