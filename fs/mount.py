@@ -5,6 +5,7 @@ are composed in fs/primary_daemon.py and fs/standby_daemon.py.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -34,6 +35,13 @@ _pruning: tuple[Pruner, threading.Thread] | None = None  # of the mount being se
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    """Raise UsageError unless *mountpoint* is a directory replfs can mount on."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # is_dir() raises it: a FUSE mount whose daemon died
+            raise UsageError(f"{mountpoint} is the mount of a daemon that is gone; unmount it "
+                             f"first (fusermount3 -u {mountpoint})") from None
     if not mountpoint.is_dir():
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory; "
                          "create it with mkdir")

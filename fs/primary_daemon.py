@@ -21,7 +21,7 @@ from fs.mount import check_mountpoint, lift_dirty_limit, mount, serve_requests, 
 from fs.primary import PrimaryFS
 from fs.prune import MAX_INODES, Pruner
 from repl import control, histograms, metrics
-from repl.config import parse_address
+from repl.config import check_apart, parse_address
 from repl.errors import UsageError
 from repl.fc.link import FcipDialer
 from repl.fc.names import is_fcip
@@ -41,7 +41,7 @@ from repl.primary.fanout import Fanout
 from repl.primary.semisync import FSYNC_TIMEOUT, Semisync
 from repl.primary.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.sdnotify import notify
-from repl.secondary.run import default_state_dir, note_journal
+from repl.secondary.run import default_state_dir, note_journal, tree_lock
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.errors import ReplfsError
@@ -178,68 +178,70 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     if not backing.is_dir():
         raise UsageError(f"backing directory {backing} does not exist or is not a directory")
     check_mountpoint(mountpoint)
-    if Path(os.path.realpath(mountpoint)) == Path(os.path.realpath(backing)):
-        raise UsageError("the mountpoint cannot be the backing directory itself")
+    journal_dir = cfg.journal or default_state_dir(backing) / "journal"
+    check_apart(("the backing directory", backing), ("the mountpoint", mountpoint),
+                ("the journal", journal_dir))
     _check_links(cfg)
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
-    journal = Journal(cfg.journal or default_state_dir(backing) / "journal")
-    note_journal(backing, journal.path)  # a journal elsewhere: said beside the tree
-    tree = Tree(backing)
-    capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
-                      journal_max=cfg.journal_max, secondaries=cfg.secondaries)
-    try:
-        note = recovery.recover(capture)
-        if note:
-            log.info("recovered the journal: %s", note)
-        remote = (Semisync(cfg.fsync_timeout, receipts=cfg.fsync == "received")
-                  if cfg.fsync != "local" else None)
-        fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
-                        cfg.secondaries, remote)
-        capture.on_durable = fanout.notify
-        inodes = Inodes(str(backing), limit=cfg.max_inodes)
-        operations = PrimaryFS(inodes, capture, remote)
-        if cfg.fenced:
-            operations.fence()  # until the node that runs us says its lease holds
-        sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-        where = os.path.realpath(mountpoint)  # so does this
-        mount(operations, mountpoint)
-        lift_dirty_limit(where)
-        log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
-                 journal.set)
+    with tree_lock(backing):  # one daemon a tree, whatever journal each was given
+        journal = Journal(journal_dir)
+        note_journal(backing, journal.path)  # a journal elsewhere: said beside the tree
+        tree = Tree(backing)
+        capture = Capture(journal, tree, set_interval=cfg.set_interval, set_bytes=cfg.set_bytes,
+                          journal_max=cfg.journal_max, secondaries=cfg.secondaries)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(capture.run)
-                await nursery.start(fanout.run)
-                await nursery.start(control.serve, sock,
-                                    _requests(capture, fanout, operations, cfg))
-                if scrape:
-                    registry = metrics.registry(lambda: metrics.primary_metrics(
-                                                    capture, list(fanout.senders.values()),
-                                                    operations.requests.snapshot(),
-                                                    operations.remote),
-                                                histograms.FSYNC_SECONDS,
-                                                histograms.SET_BYTES)
-                    await nursery.start(metrics.serve, scrape, registry)
-                    log.info("metrics on http://%s/metrics", metrics.where(scrape))
-                await nursery.start(terminate_on_signal)
-                notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
-                await serve_requests(Pruner(inodes, operations.lock))
-                nursery.cancel_scope.cancel()
+            note = recovery.recover(capture)
+            if note:
+                log.info("recovered the journal: %s", note)
+            remote = (Semisync(cfg.fsync_timeout, receipts=cfg.fsync == "received")
+                      if cfg.fsync != "local" else None)
+            fanout = Fanout(capture, _make_sender(cfg, capture, journal.identity.node),
+                            cfg.secondaries, remote)
+            capture.on_durable = fanout.notify
+            inodes = Inodes(str(backing), limit=cfg.max_inodes)
+            operations = PrimaryFS(inodes, capture, remote)
+            if cfg.fenced:
+                operations.fence()  # until the node that runs us says its lease holds
+            sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+            where = os.path.realpath(mountpoint)  # so does this
+            mount(operations, mountpoint)
+            lift_dirty_limit(where)
+            log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
+                     journal.set)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(capture.run)
+                    await nursery.start(fanout.run)
+                    await nursery.start(control.serve, sock,
+                                        _requests(capture, fanout, operations, cfg))
+                    if scrape:
+                        registry = metrics.registry(lambda: metrics.primary_metrics(
+                                                        capture, list(fanout.senders.values()),
+                                                        operations.requests.snapshot(),
+                                                        operations.remote),
+                                                    histograms.FSYNC_SECONDS,
+                                                    histograms.SET_BYTES)
+                        await nursery.start(metrics.serve, scrape, registry)
+                        log.info("metrics on http://%s/metrics", metrics.where(scrape))
+                    await nursery.start(terminate_on_signal)
+                    notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
+                    await serve_requests(Pruner(inodes, operations.lock))
+                    nursery.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=True)
+                inodes.close()
+            try:
+                closed = capture.close_set()
+                capture.backing_sync.sync(final=True)  # a clean stop: nothing to replay or resend
+            except OSError as exc:  # a full disk, past the journal's reserve
+                log.error("unmounted %s; closing the last set failed (%s): the next start "
+                          "replays the journal", mountpoint, exc.strerror)
+            else:
+                log.info("unmounted %s; last set %d", mountpoint, closed)
         finally:
-            pyfuse3.close(unmount=True)
-            inodes.close()
-        try:
-            closed = capture.close_set()
-            capture.backing_sync.sync(final=True)  # a clean stop: nothing to replay or resend
-        except OSError as exc:  # a full disk, past the journal's reserve
-            log.error("unmounted %s; closing the last set failed (%s): the next start "
-                      "replays the journal", mountpoint, exc.strerror)
-        else:
-            log.info("unmounted %s; last set %d", mountpoint, closed)
-    finally:
-        tree.close()
-        journal.close()
+            tree.close()
+            journal.close()
 
 
 def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: PrimaryConfig

@@ -17,10 +17,18 @@ from fs.mount import check_mountpoint, mount, serve_requests, terminate_on_signa
 from fs.prune import MAX_INODES, Pruner
 from fs.standby import StandbyFS
 from repl import control
+from repl.config import check_apart
 from repl.errors import UsageError
 from repl.iscsi.names import DEFAULT_IQN
 from repl.sdnotify import notify
-from repl.secondary.run import make_replica, old_primary_tree, run_secondary, staging_dir_of
+from repl.secondary.run import (
+    make_replica,
+    old_primary_tree,
+    run_secondary,
+    staging_dir_of,
+    staging_of_replica,
+    tree_lock,
+)
 from store.hold import ApplyLock, is_held, set_rejoining
 from store.staging import read_applied, read_syncing
 
@@ -36,10 +44,12 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None,
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     check_mountpoint(mountpoint)
-    where = staging_dir_of(replica, staging)
+    check_apart(("the replica", replica), ("the mountpoint", mountpoint),
+                ("the staging store", staging_dir_of(replica, staging)))
     if old_primary_tree(replica):
         raise UsageError(f"{replica} is a primary's tree, not a replica: an old primary shows "
                          "the new primary's sets once it rejoins (replfs secondary --rejoin)")
+    where = staging_of_replica(replica, staging)
     syncing = read_syncing(where)
     if syncing is not None:
         raise UsageError(f"replica {replica} is still in its initial sync (set {syncing}) and "
@@ -84,41 +94,44 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
     If the mount is unmounted from outside, replication goes on without it.
     """
     check_mountpoint(mountpoint)
-    make_replica(replica)
     where = staging_dir_of(replica, staging)
-    lock = ApplyLock(where)
-    if old_primary_tree(replica):
-        set_rejoining(where, True)  # before the view is served; run_secondary says for sure
-    inodes = Inodes(str(replica), verify=True, limit=max_inodes)
-    operations = StandbyFS(inodes, lock, where, cached=True)
-    cache = operations.cache
-    assert cache is not None
-    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-    try:
-        mount(operations, mountpoint, read_only=True)
-        log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
-
-        async def serve_mount() -> None:
-            await serve_requests(Pruner(inodes, operations.lock))
-            cache.mounted = False
-            log.info("unmounted %s; the secondary goes on without it", mountpoint)
-
+    check_apart(("the replica", replica), ("the mountpoint", mountpoint),
+                ("the staging store", where))
+    make_replica(replica)
+    with tree_lock(replica):  # before mounting: held again by run_secondary
+        lock = ApplyLock(where)
+        if old_primary_tree(replica):
+            set_rejoining(where, True)  # before the view is served; run_secondary says for sure
+        inodes = Inodes(str(replica), verify=True, limit=max_inodes)
+        operations = StandbyFS(inodes, lock, where, cached=True)
+        cache = operations.cache
+        assert cache is not None
+        sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, sock,
-                                    {"status": _status(replica, mountpoint, lock, where,
-                                                       cached=True)})
-                nursery.start_soon(serve_mount)
-                await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
-                                    metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
-                                    chap_file=chap_file, fcip=fcip)
-                nursery.cancel_scope.cancel()
+            mount(operations, mountpoint, read_only=True)
+            log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
+
+            async def serve_mount() -> None:
+                await serve_requests(Pruner(inodes, operations.lock))
+                cache.mounted = False
+                log.info("unmounted %s; the secondary goes on without it", mountpoint)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(control.serve, sock,
+                                        {"status": _status(replica, mountpoint, lock, where,
+                                                           cached=True)})
+                    nursery.start_soon(serve_mount)
+                    await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
+                                        metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
+                                        chap_file=chap_file, fcip=fcip)
+                    nursery.cancel_scope.cancel()
+            finally:
+                cache.mounted = False
+                pyfuse3.close(unmount=True)
         finally:
-            cache.mounted = False
-            pyfuse3.close(unmount=True)
-    finally:
-        inodes.close()
-        lock.close()
+            inodes.close()
+            lock.close()
 
 
 def _status(replica: Path, mountpoint: Path, lock: ApplyLock, where: Path, cached: bool

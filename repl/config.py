@@ -26,6 +26,10 @@ section, the key and what is allowed (ConfigError).
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
+import socket
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,14 +50,18 @@ class ConfigError(UsageError):
 # The value types of the command line, shared with the file.
 
 def size(text: str) -> int:
-    """A size in bytes: ``4096``, ``64M``, ``1GiB``."""
+    """A size in bytes, at least 1: ``4096``, ``64M``, ``1GiB``."""
     text = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
         if text and text[-1] in _UNITS:
-            return int(float(text[:-1]) * _UNITS[text[-1]])
-        return int(text)
-    except ValueError:
+            value = int(float(text[:-1]) * _UNITS[text[-1]])
+        else:
+            value = int(text)
+    except (ValueError, OverflowError):  # OverflowError: inf or nan
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return value
 
 
 def positive(text: str) -> float:
@@ -62,8 +70,8 @@ def positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return value
 
 
@@ -118,6 +126,37 @@ def iqn(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def check_apart(*dirs: tuple[str, Path]) -> None:
+    """Raise UsageError unless no two of *dirs* ((role, path): "the mountpoint", m) are
+    the same directory or one within the other. A mount over its own tree serves
+    itself and hangs every caller; replfs's state inside a tree is replicated with it,
+    and emptied by an initial sync; a tree inside the mountpoint is hidden by it."""
+    real = [(role, path, os.path.realpath(path)) for role, path in dirs]
+    for n, (role, path, where) in enumerate(real):
+        for other_role, other, other_where in real[n + 1:]:
+            if where == other_where:
+                raise UsageError(f"{role} {path} and {other_role} {other} are the same "
+                                 "directory; give each its own")
+            for (a_role, a, a_where), (b_role, b, b_where) in (
+                    ((role, path, where), (other_role, other, other_where)),
+                    ((other_role, other, other_where), (role, path, where))):
+                if a_where.startswith(b_where.rstrip("/") + "/"):
+                    raise UsageError(f"{a_role} {a} is inside {b_role} {b}; put it "
+                                     "elsewhere")
+
+
+def cannot_bind(where: str, exc: OSError) -> str:
+    """Why *where* (HOST:PORT) could not be bound, and what to do, in one line."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot listen on {where}: no such host ({exc.strerror}); give an address"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: not an address of this host"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is in use; pick another port or stop "
+                "what uses it")
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """HOST:PORT as (host, port); an empty host is loopback. Raises UsageError."""
     try:
@@ -168,6 +207,8 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
 
 
 def section(path: Path, doc: dict[str, Any], command: tuple[str, ...],

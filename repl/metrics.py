@@ -23,7 +23,7 @@ import trio
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from repl.config import parse_address
+from repl.config import cannot_bind, parse_address
 from repl.errors import UsageError
 from store.hold import is_held
 from store.reserve import disk_free
@@ -228,8 +228,7 @@ async def listen(text: str) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise UsageError(f"cannot serve metrics on {text}: {exc.strerror or exc}; pick "
-                         "another --metrics port or stop what uses it") from None
+        raise UsageError(f"--metrics: {cannot_bind(text, exc)}") from None
 
 
 def where(listeners: list[trio.SocketListener]) -> str:

@@ -97,6 +97,11 @@ def credentials(prefix: Path, peer: str | None) -> Credentials:
     readable by its owner only, and the certificate must name NAME, be valid
     now and be signed by the CA beside it.
     """
+    if prefix.suffix in (".pem", ".key"):  # the certificate or key named: its node meant
+        prefix = prefix.with_suffix("")
+    if prefix.is_dir():
+        raise UsageError(f"--tls {prefix} is a directory; --tls takes DIR/NAME, for the "
+                         f"node's DIR/NAME.pem and DIR/NAME.key: --tls {prefix}/NAME")
     directory, name = prefix.parent, prefix.name
     ca, cert, key = directory / f"{CA}.pem", directory / f"{name}.pem", directory / f"{name}.key"
     if peer is None:

@@ -101,8 +101,9 @@ class LmdbDir:
         os.close(self._lock_fd)
 
 
-def lock_dir(path: Path) -> int:
-    """Take the directory's exclusive lock, or say which daemon holds it."""
+def lock_dir(path: Path, what: str | None = None) -> int:
+    """Take the exclusive lock *path* (a LOCK file) of its directory, or of *what* if
+    given, or say which daemon holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
     try:
@@ -111,7 +112,7 @@ def lock_dir(path: Path) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise JournalLocked(
-            f"{path.parent} is in use by another replfs daemon (pid {holder})"
+            f"{what or path.parent} is in use by another replfs daemon (pid {holder})"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

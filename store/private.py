@@ -14,6 +14,7 @@ or the replica at the next start.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -44,6 +45,8 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
             new.mkdir(mode=DIR_MODE)
         except FileExistsError:
             pass  # made meanwhile: checked below like any existing directory
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     check_private(path)
     check_private(path.parent, sticky_ok=True)
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from repl.protocol import MAX_STREAMS
-from tests.support import REPLFS, Daemon, primary, replfs
+from tests.support import REPLFS, Daemon, primary, replfs, secondary, state_dir
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -155,3 +155,113 @@ def test_secondary_err_mount_missing(tmp_path: Path) -> None:
                     "--mount", tmp_path / "nope")
     assert_one_line_error(result, "mountpoint", "mkdir")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["primary", "b", "b/sub"], ["the mountpoint", "is inside the backing directory"]),
+    (["primary", "m/inner", "m"], ["the backing directory", "is inside the mountpoint"]),
+    (["primary", "b", "m", "--journal", "b"], ["the backing directory", "the journal",
+                                               "are the same directory"]),
+    (["primary", "b", "m", "--journal", "b/j"], ["the journal", "inside the backing"]),
+    (["primary", "b", "m", "--journal", "m/j"], ["the journal", "inside the mountpoint"]),
+    (["secondary", "r", "--listen", "127.0.0.1:0", "--insecure", "--mount", "r"],
+     ["the replica", "the mountpoint", "are the same directory"]),
+    (["secondary", "r", "--listen", "127.0.0.1:0", "--insecure", "--staging", "r/s"],
+     ["the staging store", "is inside the replica"]),
+    (["mount", "r", "r"], ["the replica", "the mountpoint", "are the same directory"]),
+])
+def test_cli_err_trees_within_each_other(tmp_path: Path, args: list[str],
+                                         words: list[str]) -> None:
+    """A mount over (or under) its own tree would serve itself and hang every caller
+    (even a kill -9 of its daemon); replfs's state inside a tree would be replicated
+    with it. Refused before anything is made or mounted."""
+    for name in ("b/sub", "m/inner", "r"):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    before = sorted(tmp_path.rglob("*"))
+    result = subprocess.run([*REPLFS, *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert_one_line_error(result, *words)
+    assert not any(os.path.ismount(path) for path in before)
+    assert sorted(tmp_path.rglob("*")) == before, "nothing made"
+
+
+def test_cli_err_second_daemon_on_a_tree(tmp_path: Path) -> None:
+    """One daemon a tree, whichever journal or staging store each is given: a second
+    primary of BACKING, or a second secondary of REPLICA, is refused and changes
+    nothing of the first's."""
+    backing, mount, other, replica = (tmp_path / n for n in ("b", "m", "m2", "r"))
+    backing.mkdir()
+    other.mkdir()
+    with primary(backing, mount) as daemon:
+        result = replfs("primary", backing, other, "--journal", tmp_path / "j2")
+        assert_one_line_error(result, str(backing), "in use by another replfs daemon",
+                              f"pid {daemon.proc.pid}")
+        assert not os.path.ismount(other)
+        assert not (tmp_path / "j2").exists()
+        assert not (state_dir(backing) / "journal-at").exists(), "the first's journal kept"
+    with secondary(replica, "--insecure"):
+        result = replfs("secondary", replica, "--listen", "127.0.0.1:0", "--insecure",
+                        "--staging", tmp_path / "s2")
+        assert_one_line_error(result, str(replica), "in use by another replfs daemon")
+        assert json.loads(replfs("status", replica, "--json").stdout)["role"] == "secondary"
+
+
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--set-interval", "nan", "must be a positive number"),
+    ("--set-interval", "inf", "must be a positive number"),
+    ("--set-bytes", "infM", "not a size"),
+    ("--set-bytes", "-5", "must be at least 1 byte"),
+    ("--journal-max", "0", "must be at least 1 byte"),
+])
+def test_cli_err_numbers_out_of_range(tmp_path: Path, option: str, value: str,
+                                      says: str) -> None:
+    """A value no daemon can work with (nan spun the primary at 100 % CPU) is refused,
+    on the command line and in a config file alike."""
+    assert_one_line_error(replfs("primary", tmp_path, tmp_path / "m", option, value), says)
+    conf = tmp_path / "replfs.toml"
+    toml = value if value in ("nan", "inf") else f'"{value}"'  # TOML's own nan and inf
+    conf.write_text(f"[primary]\n{option[2:]} = {toml}\n")
+    assert_one_line_error(replfs("config", "check", conf), option[2:], says)
+
+
+def test_cli_err_files_not_text(tmp_path: Path) -> None:
+    """A config file or CHAP secrets file that is not text is one line, not a traceback."""
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\xff\xfe garbage")
+    junk.chmod(0o600)
+    assert_one_line_error(replfs("config", "check", junk), "not valid TOML", "UTF-8")
+    assert_one_line_error(replfs("secondary", tmp_path / "r", "--iscsi", "127.0.0.1:0",
+                                 "--chap", junk), "not a secrets file")
+    assert_one_line_error(replfs("chap", tmp_path / "c", "--initiator", "a b"),
+                          "must be one word")
+    assert not (tmp_path / "c").exists()
+
+
+def test_tls_init_err_on_a_file_leaves_it_as_it_was(tmp_path: Path) -> None:
+    afile = tmp_path / "f"
+    afile.write_text("data")
+    afile.chmod(0o644)
+    assert_one_line_error(replfs("tls", "init", afile), "cannot use", "Not a directory")
+    assert afile.stat().st_mode & 0o777 == 0o644 and afile.read_text() == "data"
+
+
+def test_primary_err_dead_mount_says_unmount_it(tmp_path: Path) -> None:
+    """The mount of a primary killed with -9 stays, its daemon gone: a new primary there
+    says how to unmount it, not 'Transport endpoint is not connected'."""
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount) as daemon:
+        daemon.kill()
+        assert_one_line_error(replfs("primary", backing, mount), "daemon that is gone",
+                              f"fusermount3 -u {mount}")
+        subprocess.run(["fusermount3", "-u", str(mount)], check=True)
+
+
+def test_cli_err_tls_names_a_directory_or_a_file(tmp_path: Path) -> None:
+    """--tls takes DIR/NAME: a directory is refused in one line, and DIR/NAME.pem is
+    taken as DIR/NAME (not DIR/NAME.pem.pem)."""
+    args = ["secondary", tmp_path / "r", "--listen", "127.0.0.1:0", "--peer", "alpha"]
+    assert_one_line_error(replfs(*args, "--tls", tmp_path), "is a directory",
+                          f"--tls {tmp_path}/NAME")
+    assert_one_line_error(replfs(*args, "--tls", tmp_path / "beta.pem"),
+                          f"{tmp_path}/ca.pem is missing", f"issue {tmp_path} beta'")

@@ -54,6 +54,9 @@ def load(path: Path) -> Secrets:
     except OSError as exc:
         raise UsageError(f"--chap {path}: {exc.strerror}; make one with "
                          f"'replfs chap {path}'") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--chap {path}: not a secrets file (not UTF-8 text); make one "
+                         f"with 'replfs chap FILE'") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UsageError(f"{path} can be read by other users; run chmod 600 {path}")
     found: dict[str, tuple[str, bytes]] = {}
@@ -78,6 +81,10 @@ def load(path: Path) -> Secrets:
 
 def make(path: Path, initiator: str, target: str) -> None:
     """Write a new secrets file at *path* (0600); UsageError if one is there."""
+    for role, name in (("initiator", initiator), ("target", target)):
+        if not name or not name.isprintable() or any(c.isspace() or c == "#" for c in name):
+            raise UsageError(f"the {role}'s CHAP name {name!r} must be one word, without "
+                             "spaces or '#'")
     if path.exists():
         raise UsageError(f"{path} exists already; it is kept as it is")
     write_private(path, (f"# replfs iSCSI CHAP secrets: the same file on both hosts\n"

@@ -8,13 +8,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from repl import control, histograms, metrics
-from repl.config import parse_address
+from repl.config import cannot_bind, check_apart, parse_address
 from repl.errors import UsageError
 from repl.fc import target as fc_target
 from repl.fc.names import Names, show
@@ -27,9 +29,11 @@ from repl.secondary.gate import Gate
 from repl.secondary.receiver import Receiver
 from repl.secondary.rejoin import Rejoin
 from repl.tls import link_credentials
+from store.errors import JournalLocked
 from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
 from store.journal import exists as journal_exists
+from store.lmdbdir import lock_dir
 from store.private import private_dir, write_private
 from store.reserve import disk_free
 from store.staging import Staging, read_applied, read_syncing
@@ -44,6 +48,35 @@ def default_state_dir(tree: str | os.PathLike[str]) -> Path:
 
 
 JOURNAL_AT = "journal-at"  # beside a tree whose primary kept its journal elsewhere
+_held: dict[str, list[int]] = {}  # a tree's real path -> [its lock's fd, holders]
+
+
+@contextmanager
+def tree_lock(tree: Path, wait: float = 0) -> Iterator[None]:
+    """Hold *tree*'s lock (LOCK in its state directory, beside it) for the block: one
+    daemon a tree, whichever journal or staging store each was given. Re-entrant in a
+    process (a secondary that serves its standby mount takes it once for both).
+    Raises UsageError if another process holds it (after *wait* seconds)."""
+    key = os.path.realpath(tree)
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = lock_dir(private_dir(default_state_dir(tree)) / "LOCK", what=str(tree))
+                break
+            except JournalLocked as exc:
+                if time.monotonic() >= deadline:
+                    raise UsageError(f"{exc}; stop it first") from None
+                time.sleep(0.05)  # a daemon asked to stop is still letting go
+        _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if not _held[key][1]:
+            os.close(_held.pop(key)[0])
 
 
 def journal_of(tree: Path) -> Path:
@@ -124,7 +157,7 @@ def staging_dir_of(replica: Path, staging: Path | None) -> Path:
     return staging or default_state_dir(replica) / "staging"
 
 
-def _staging_of_replica(replica: Path, staging: Path | None) -> Path:
+def staging_of_replica(replica: Path, staging: Path | None) -> Path:
     """The staging store of *replica*; raises UsageError if it is not a replica."""
     if not replica.is_dir():
         raise UsageError(f"replica {replica} does not exist")
@@ -145,7 +178,7 @@ def pause(replica: Path, staging: Path | None, timeout: float = 60.0) -> int:
     finish it, or if the replica is not whole within *timeout* seconds; a
     refused pause takes back the hold it placed.
     """
-    where = _staging_of_replica(replica, staging)
+    where = staging_of_replica(replica, staging)
     held_before = is_held(where)
     set_hold(where, True)
     try:
@@ -192,7 +225,7 @@ def _wait_whole(replica: Path, where: Path, deadline: float, timeout: float) -> 
 
 def resume(replica: Path, staging: Path | None) -> int:
     """Let applying go on; wakes a running secondary at once."""
-    where = _staging_of_replica(replica, staging)
+    where = staging_of_replica(replica, staging)
     if not is_held(where):
         raise UsageError(f"replica {replica} is not paused")
     set_hold(where, False)
@@ -207,8 +240,7 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; "
-                         "pick another port or stop what uses it") from None
+        raise UsageError(cannot_bind(f"{host}:{port}", exc)) from None
 
 
 def _where(listener: trio.SocketListener) -> str:
@@ -266,129 +298,132 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
         creds = dataclasses.replace(creds, also=frozenset(peers[1:]))
     secrets = chap.load(chap_file) if chap_file is not None else None
     scrape = await metrics.listen(metrics_at) if metrics_at else []
+    check_apart(("the replica", replica),
+                ("the staging store", staging_dir_of(replica, staging_dir)))
     make_replica(replica)
     os.umask(0)
-    old_journal = _old_primary_journal(replica, rejoin)
-    staging = Staging(staging_dir_of(replica, staging_dir))
-    if rejoin and old_journal is None and staging.rejoin is None:
-        staging.close()
-        raise UsageError(f"nothing to rejoin: {replica} holds no primary's journal; start it "
-                         "without --rejoin")
-    if old_journal is not None and staging.identity.cluster is None:
-        # The same node, cluster and generation (a copy: a newer primary bumps ours).
-        staging.identity = copy.deepcopy(old_journal.identity)
-        staging.save_identity()
-    # An old primary's tree shows no whole set until its rejoin's set is applied
-    # (the standby mounts answer EIO); a sync under way keeps what it was begun as.
-    if old_journal is not None or staging.rejoin is not None:
-        set_rejoining(staging.path, True)
-    elif staging.syncing is None:
-        set_rejoining(staging.path, False)
-    rejoining = Rejoin(staging, replica, old_journal, default_state_dir(replica) / "branches")
-    try:
-        dropped = staging.drop_partial()
-        if dropped:
-            log.info("erased partial sets %s; the primary sends them again", dropped)
-        listeners = await _listen(host, port) if listen else []
-        targets = await _listen(*parse_address(iscsi)) if iscsi else []
-        fabric = await _listen(*parse_address(fcip)) if fcip else []
-        bound = (listeners or targets or fabric)[0].socket.getsockname()
-        receiver: Receiver
-        applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
-                          invalidator=invalidator,
-                          on_progress=lambda s, q: receiver.report_applying(s, q))
-        receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
-                            on_reset=applier.reset_to, on_hello=rejoining.hello,
-                            replica=replica)
+    with tree_lock(replica):  # one daemon a tree, whatever staging store each was given
+        old_journal = _old_primary_journal(replica, rejoin)
+        staging = Staging(staging_dir_of(replica, staging_dir))
+        if rejoin and old_journal is None and staging.rejoin is None:
+            staging.close()
+            raise UsageError(f"nothing to rejoin: {replica} holds no primary's journal; start it "
+                             "without --rejoin")
+        if old_journal is not None and staging.identity.cluster is None:
+            # The same node, cluster and generation (a copy: a newer primary bumps ours).
+            staging.identity = copy.deepcopy(old_journal.identity)
+            staging.save_identity()
+        # An old primary's tree shows no whole set until its rejoin's set is applied
+        # (the standby mounts answer EIO); a sync under way keeps what it was begun as.
+        if old_journal is not None or staging.rejoin is not None:
+            set_rejoining(staging.path, True)
+        elif staging.syncing is None:
+            set_rejoining(staging.path, False)
+        rejoining = Rejoin(staging, replica, old_journal, default_state_dir(replica) / "branches")
+        try:
+            dropped = staging.drop_partial()
+            if dropped:
+                log.info("erased partial sets %s; the primary sends them again", dropped)
+            listeners = await _listen(host, port) if listen else []
+            targets = await _listen(*parse_address(iscsi)) if iscsi else []
+            fabric = await _listen(*parse_address(fcip)) if fcip else []
+            bound = (listeners or targets or fabric)[0].socket.getsockname()
+            receiver: Receiver
+            applier = Applier(staging, replica, on_applied=lambda n: receiver.report_applied(n),
+                              invalidator=invalidator,
+                              on_progress=lambda s, q: receiver.report_applying(s, q))
+            receiver = Receiver(staging, Gate(creds), on_complete=applier.notify,
+                                on_reset=applier.reset_to, on_hello=rejoining.hello,
+                                replica=replica)
 
-        async def status(_: dict[str, Any]) -> dict[str, Any]:
-            r = receiver.status
-            sets = staging.sets()
-            complete = [n for n, s in sets.items() if s.complete]
-            return {
-                "role": "secondary", "replica": str(replica),
-                "listen": f"{host}:{bound[1]}" if listen else None,
-                "iscsi": _where(targets[0]) if targets else None, "iqn": iqn if iscsi else None,
-                "fcip": _where(fabric[0]) if fabric else None,
-                "cluster": staging.identity.cluster, "node": staging.identity.node,
-                "generation": staging.identity.generation,
-                "insecure": creds is None and bool(listen),
-                "tls_name": creds.name if creds else None,
-                "tls_peer": ", ".join(creds.accepted) if creds else None,
-                "connected_streams": r.connected_streams, "peer": r.peer_node,
-                "last_staged": list(r.last_staged), "last_complete": r.last_complete,
-                "last_applied": applier.applied, "applying": applier.applying,
-                "sets_in_flight": len(sets), "complete_waiting": len(complete),
-                "applicable_through": staging.applicable_through(),
-                "held": is_held(staging.path),
-                "syncing": staging.syncing is not None,
-                # In a sync of paths, the set the replica holds whole meanwhile (promote
-                # --outdated takes it there); last_applied is where the sync leads.
-                "holds_whole": staging.shows,
-                "received": r.received, "received_bytes": r.received_bytes,
-                "received_wire_bytes": r.received_wire_bytes,
-                "duplicates": r.duplicates, "stale": r.stale,
-                "bad_frames": r.bad_frames, "refused": r.refused,
-                "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
-                "staging_bytes": staging.size(), "staging_error": r.staging_error,
-                "staging_disk_free": disk_free(staging.path),
-                "replica_disk_free": disk_free(replica),
-                "apply_error": applier.error,
-                "errors": r.errors,
-            }
+            async def status(_: dict[str, Any]) -> dict[str, Any]:
+                r = receiver.status
+                sets = staging.sets()
+                complete = [n for n, s in sets.items() if s.complete]
+                return {
+                    "role": "secondary", "replica": str(replica),
+                    "listen": f"{host}:{bound[1]}" if listen else None,
+                    "iscsi": _where(targets[0]) if targets else None, "iqn": iqn if iscsi else None,
+                    "fcip": _where(fabric[0]) if fabric else None,
+                    "cluster": staging.identity.cluster, "node": staging.identity.node,
+                    "generation": staging.identity.generation,
+                    "insecure": creds is None and bool(listen),
+                    "tls_name": creds.name if creds else None,
+                    "tls_peer": ", ".join(creds.accepted) if creds else None,
+                    "connected_streams": r.connected_streams, "peer": r.peer_node,
+                    "last_staged": list(r.last_staged), "last_complete": r.last_complete,
+                    "last_applied": applier.applied, "applying": applier.applying,
+                    "sets_in_flight": len(sets), "complete_waiting": len(complete),
+                    "applicable_through": staging.applicable_through(),
+                    "held": is_held(staging.path),
+                    "syncing": staging.syncing is not None,
+                    # In a sync of paths, the set the replica holds whole meanwhile (promote
+                    # --outdated takes it there); last_applied is where the sync leads.
+                    "holds_whole": staging.shows,
+                    "received": r.received, "received_bytes": r.received_bytes,
+                    "received_wire_bytes": r.received_wire_bytes,
+                    "duplicates": r.duplicates, "stale": r.stale,
+                    "bad_frames": r.bad_frames, "refused": r.refused,
+                    "refused_by": r.refused_by, "handshakes": receiver.gate.in_progress,
+                    "staging_bytes": staging.size(), "staging_error": r.staging_error,
+                    "staging_disk_free": disk_free(staging.path),
+                    "replica_disk_free": disk_free(replica),
+                    "apply_error": applier.error,
+                    "errors": r.errors,
+                }
 
-        async def wait(request: dict[str, Any]) -> dict[str, Any]:
-            """Return once set ``set`` is applied (or after ``seconds``)."""
-            with trio.move_on_after(float(request.get("seconds", 60))):
-                await applier.wait_applied(int(request["set"]))
-            return {"applied": applier.applied}
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(applier.run)
-            await nursery.start(receiver.serve, listeners)
-            if targets and secrets is not None:
-                await nursery.start(target.serve, targets, secrets, iqn,
-                                    staging.identity.node, receiver.serve_link)
-            if fabric and secrets is not None:
-                await nursery.start(fc_target.serve, fabric, secrets, staging.identity.node,
-                                    staging.identity.node, receiver.serve_link)
-            async def wake(_: dict[str, Any]) -> dict[str, Any]:
-                applier.notify()
+            async def wait(request: dict[str, Any]) -> dict[str, Any]:
+                """Return once set ``set`` is applied (or after ``seconds``)."""
+                with trio.move_on_after(float(request.get("seconds", 60))):
+                    await applier.wait_applied(int(request["set"]))
                 return {"applied": applier.applied}
 
-            async def shutdown(_: dict[str, Any]) -> dict[str, Any]:
-                log.info("asked to stop (a promote, most likely)")
-                nursery.cancel_scope.cancel()
-                return {"applied": applier.applied}
+            async with trio.open_nursery() as nursery:
+                await nursery.start(applier.run)
+                await nursery.start(receiver.serve, listeners)
+                if targets and secrets is not None:
+                    await nursery.start(target.serve, targets, secrets, iqn,
+                                        staging.identity.node, receiver.serve_link)
+                if fabric and secrets is not None:
+                    await nursery.start(fc_target.serve, fabric, secrets, staging.identity.node,
+                                        staging.identity.node, receiver.serve_link)
+                async def wake(_: dict[str, Any]) -> dict[str, Any]:
+                    applier.notify()
+                    return {"applied": applier.applied}
 
-            await nursery.start(control.serve, control.socket_path(replica),
-                                {"status": status, "wait": wait, "wake": wake,
-                                 "shutdown": shutdown})
-            if scrape:
-                registry = metrics.registry(
-                    lambda: metrics.secondary_metrics(receiver, applier, staging, replica),
-                    histograms.APPLY_SECONDS)
-                await nursery.start(metrics.serve, scrape, registry)
-                log.info("metrics on http://%s/metrics", metrics.where(scrape))
-            await nursery.start(_stop_on_signal, nursery.cancel_scope)
-            if creds is None and listen:
-                log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
-                            "encrypted: anyone who can reach %s:%d can replace this replica",
-                            bound[0], bound[1])
-            ways = ([] if not listen else ["plain TCP, --insecure" if creds is None else
-                                           f"TLS as {creds.name}, accepting "
-                                           f"{', '.join(creds.accepted)}"])
-            if targets and secrets is not None:
-                ways.append(f"iSCSI target {iqn} on {_where(targets[0])}, CHAP as "
-                            f"{secrets.target_name}, accepting {secrets.initiator_name}, "
-                            "not encrypted")
-            if fabric and secrets is not None:
-                ways.append(f"FCP target {show(Names.of(staging.identity.node).port)} over "
-                            f"FCIP on {_where(fabric[0])}, DH-CHAP accepting "
-                            f"{secrets.initiator_name}, not encrypted")
-            log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
-                     bound[0], bound[1], "; ".join(ways), replica, staging.applied)
-            notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
-    finally:
-        staging.close()
-        rejoining.close()
+                async def shutdown(_: dict[str, Any]) -> dict[str, Any]:
+                    log.info("asked to stop (a promote, most likely)")
+                    nursery.cancel_scope.cancel()
+                    return {"applied": applier.applied}
+
+                await nursery.start(control.serve, control.socket_path(replica),
+                                    {"status": status, "wait": wait, "wake": wake,
+                                     "shutdown": shutdown})
+                if scrape:
+                    registry = metrics.registry(
+                        lambda: metrics.secondary_metrics(receiver, applier, staging, replica),
+                        histograms.APPLY_SECONDS)
+                    await nursery.start(metrics.serve, scrape, registry)
+                    log.info("metrics on http://%s/metrics", metrics.where(scrape))
+                await nursery.start(_stop_on_signal, nursery.cancel_scope)
+                if creds is None and listen:
+                    log.warning("INSECURE (--insecure): plain TCP, nobody authenticated, nothing "
+                                "encrypted: anyone who can reach %s:%d can replace this replica",
+                                bound[0], bound[1])
+                ways = ([] if not listen else ["plain TCP, --insecure" if creds is None else
+                                               f"TLS as {creds.name}, accepting "
+                                               f"{', '.join(creds.accepted)}"])
+                if targets and secrets is not None:
+                    ways.append(f"iSCSI target {iqn} on {_where(targets[0])}, CHAP as "
+                                f"{secrets.target_name}, accepting {secrets.initiator_name}, "
+                                "not encrypted")
+                if fabric and secrets is not None:
+                    ways.append(f"FCP target {show(Names.of(staging.identity.node).port)} over "
+                                f"FCIP on {_where(fabric[0])}, DH-CHAP accepting "
+                                f"{secrets.initiator_name}, not encrypted")
+                log.info("listening on %s:%d for the primary (%s); replica %s at set %d",
+                         bound[0], bound[1], "; ".join(ways), replica, staging.applied)
+                notify("READY=1", f"STATUS=listening on {bound[0]}:{bound[1]}, replica {replica}")
+        finally:
+            staging.close()
+            rejoining.close()

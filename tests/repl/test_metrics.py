@@ -190,8 +190,10 @@ def test_metrics_listen_err_port_busy(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         result = replfs("secondary", replica, "--listen", "127.0.0.1:0", "--insecure",
                         "--metrics", f"127.0.0.1:{port}")
-        assert_one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}",
+        assert_one_line_error(result, f"--metrics: cannot listen on 127.0.0.1:{port}",
                               "in use")
         result = replfs("primary", backing, mount, "--metrics", f"127.0.0.1:{port}")
-        assert_one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}")
+        assert_one_line_error(result, f"--metrics: cannot listen on 127.0.0.1:{port}")
+        result = replfs("primary", backing, mount, "--metrics", "nosuchhost.invalid:9100")
+        assert_one_line_error(result, "cannot listen on nosuchhost.invalid:9100: no such host")
         assert not os.path.ismount(mount)
