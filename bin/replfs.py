@@ -35,6 +35,9 @@ from store import libc
 from store.dump import dump
 from store.errors import ReplfsError
 
+# How long promote lets a primary that died a moment ago take to drop its streams.
+CONNECTED_GRACE = 3.0
+
 
 def keep_large_buffers() -> None:
     """Let glibc reuse freed buffers of write size instead of giving each back.
@@ -115,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "verify":
             return 1 if verify(args.primary, args.replica, sys.stdout, args.wait) else 0
         elif args.command == "promote":
+            if not args.force and (peer := primary_connected(args.replica)) is not None:
+                fail(f"the primary {peer} is connected to the secondary of {args.replica}: "
+                     "promoting now would make two primaries; stop that primary (or cut it "
+                     "off) first, or promote --force")
             staging = staging_dir_of(args.replica, args.staging)
             journal = args.journal or default_state_dir(args.replica) / "journal"
             started = time.monotonic()
@@ -205,13 +212,37 @@ def tls_command(args: argparse.Namespace) -> None:
               f"root can read; its daemon takes --tls THATDIR/{args.name}")
 
 
+def primary_connected(replica: Path) -> str | None:
+    """The node of a primary connected to the secondary serving *replica*, if one still is
+    after CONNECTED_GRACE seconds (a primary killed a moment ago drops its streams)."""
+    deadline = time.monotonic() + CONNECTED_GRACE
+    while True:
+        try:
+            st = control.request(control.socket_path(replica), "status", timeout=10)
+        except (OSError, ValueError):
+            return None  # no secondary running: promote goes on, or says why not
+        if not st.get("connected_streams"):
+            return None
+        if time.monotonic() >= deadline:
+            return str(st.get("peer") or "?")
+        time.sleep(0.1)  # a status poll: the secondary has no event to wait on from here
+
+
 def ask(target: Path, cmd: str, **fields: object) -> dict[str, object]:
     path = control.socket_path(target)
     timeout = 30.0 + float(fields.get("wait") or 0)  # type: ignore[arg-type]
     try:
         reply = control.request(path, cmd, timeout=timeout, **fields)
-    except OSError:
-        fail(f"no replfs daemon is serving {target}; start one with 'replfs primary'")
+    except (FileNotFoundError, ConnectionRefusedError):
+        fail(f"no replfs daemon is serving {target}; start one with 'replfs primary' or "
+             "'replfs secondary'")
+    except TimeoutError:
+        fail(f"the replfs daemon serving {target} did not answer within {timeout:g}s "
+             "(stopped, or stuck: see its log)")
+    except OSError as exc:
+        fail(f"cannot reach the replfs daemon serving {target}: {exc.strerror or exc}")
+    except ValueError:
+        fail(f"the replfs daemon serving {target} went away without an answer (see its log)")
     if "error" in reply:
         fail(str(reply["error"]))
     return reply

@@ -250,6 +250,9 @@ def build_parser() -> Parser:
     p.add_argument("--outdated", action="store_true",
                    help="a replica catching up (a sync of what it missed under way): "
                         "promote it at the last set it applied whole, losing the rest")
+    p.add_argument("--force", action="store_true",
+                   help="promote even while a primary is connected to this secondary "
+                        "(it then goes on as a second primary until it is stopped)")
 
     for name, text in (("pause", "hold REPLICA (and its standby mount) at its current set"),
                        ("resume", "let REPLICA apply data sets again")):

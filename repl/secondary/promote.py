@@ -17,6 +17,7 @@ from pathlib import Path
 from repl import control
 from repl.errors import UsageError
 from repl.secondary.applier import Applier
+from repl.secondary.run import tree_lock
 from repl.tree import Tree
 from store.errors import JournalLocked
 from store.hold import is_held, set_hold
@@ -59,7 +60,16 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         raise UsageError(f"replica {replica} does not exist or is not a directory")
     if not (staging_dir / "data.mdb").exists():
         raise UsageError(f"{staging_dir} holds no staging store; is {replica} a replica?")
-    staging = _open_staging(staging_dir, wait=30 if _stop_secondary(replica) else 0)
+    wait = 30 if _stop_secondary(replica) else 0
+    with tree_lock(replica, wait):  # no daemon may serve it meanwhile, whatever its store
+        return _promote(replica, _open_staging(staging_dir, wait), journal_dir, generation,
+                        cluster, outdated)
+
+
+def _promote(replica: Path, staging: Staging, journal_dir: Path, generation: int | None,
+             cluster: str | None, outdated: bool) -> Promotion:
+    """``promote``, with *replica* locked and its *staging* store open (closed here)."""
+    staging_dir = staging.path
     try:
         start = staging.applied
         if is_held(staging_dir):
@@ -106,13 +116,17 @@ async def promote(replica: Path, staging_dir: Path, journal_dir: Path,
         if cluster is not None and ident.cluster not in (None, cluster):
             raise UsageError(f"replica {replica} belongs to cluster {ident.cluster}, not "
                              f"{cluster}")
-        ident.cluster = ident.cluster or cluster
-        ident.generation = generation if generation is not None else ident.generation + 1
-        ident.history.append({"generation": ident.generation, "node": ident.node,
-                              "first_set": applier.applied + 1})
-        staging.save_identity()
         journal = Journal(journal_dir)
         try:
+            if journal.last() is not None:  # before the new generation is taken, not after
+                raise UsageError(f"{replica} was promoted already: its journal {journal.path} "
+                                 f"holds records; start it with 'replfs primary {replica} "
+                                 "MOUNTPOINT'")
+            ident.cluster = ident.cluster or cluster
+            ident.generation = generation if generation is not None else ident.generation + 1
+            ident.history.append({"generation": ident.generation, "node": ident.node,
+                                  "first_set": applier.applied + 1})
+            staging.save_identity()
             kept = staging.history()
             journal.start_generation(ident, next_set=applier.applied + 1,
                                      before=(r for s in kept for r in staging.records(s)))

@@ -161,3 +161,40 @@ def test_promote_outdated_ok_at_the_last_set_before_a_sync(tmp_path: Path) -> No
         assert (mount2 / "f1").read_bytes() == b"before 1"
         (mount2 / "new").write_bytes(b"on the new primary")
         assert int(replfs("checkpoint", mount2).stdout) == shown + 1
+
+
+def test_promote_err_primary_connected_then_force(tmp_path: Path) -> None:
+    """A promote while the primary is up and connected would make two primaries: refused
+    in one line, the secondary left serving; --force goes ahead."""
+    backing, mount, replica = (tmp_path / n for n in ("b", "m", "r"))
+    backing.mkdir()
+    with secondary(replica) as sec, \
+            primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+        (mount / "f").write_bytes(b"x")
+        checkpoint(mount)
+        refused = replfs("promote", replica)
+        assert_one_line_error(refused, "is connected to the secondary", "promote --force")
+        assert status(replica)["connected_streams"] > 0, "the secondary still serves"
+        forced = replfs("promote", replica, "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert "generation 2" in forced.stdout
+    assert (replica / "f").read_bytes() == b"x"
+
+
+def test_promote_err_twice_takes_no_generation(tmp_path: Path) -> None:
+    """A replica promoted already is said to be so, and the refused promote takes no
+    generation: a promote with a fresh journal after it is generation 3, not 4."""
+    backing, mount, replica = (tmp_path / n for n in ("b", "m", "r"))
+    backing.mkdir()
+    with secondary(replica) as sec:
+        with primary(backing, mount, "--secondary", f"127.0.0.1:{sec.port}") as old:
+            (mount / "f").write_bytes(b"x")
+            checkpoint(mount)
+            old.kill()
+            unmount(mount)
+    assert replfs("promote", replica).returncode == 0
+    again = replfs("promote", replica)
+    assert_one_line_error(again, "was promoted already", f"replfs primary {replica}")
+    fresh = replfs("promote", replica, "--journal", tmp_path / "j2")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "generation 3" in fresh.stdout
