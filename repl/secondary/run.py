@@ -34,7 +34,7 @@ from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
 from store.journal import exists as journal_exists
 from store.lmdbdir import lock_dir
-from store.private import private_dir, write_private
+from store.private import DIR_MODE, check_private, private_dir, write_private
 from store.reserve import disk_free
 from store.staging import Staging, read_applied, read_syncing
 
@@ -63,8 +63,11 @@ def tree_lock(tree: Path, wait: float = 0) -> Iterator[None]:
     else:
         deadline = time.monotonic() + wait
         while True:
+            state = default_state_dir(tree)
+            state.mkdir(mode=DIR_MODE, exist_ok=True)
+            check_private(state)  # not its parent, the tree's: that is the user's to keep
             try:
-                fd = lock_dir(private_dir(default_state_dir(tree)) / "LOCK", what=str(tree))
+                fd = lock_dir(state / "LOCK", what=str(tree))
                 break
             except JournalLocked as exc:
                 if time.monotonic() >= deadline:

@@ -147,7 +147,8 @@ def test_promote_outdated_ok_at_the_last_set_before_a_sync(tmp_path: Path) -> No
                            lambda st: st["syncing"] and st["sets_in_flight"] == 1,
                            what="the sync's set staged in part")
                 assert st["holds_whole"] == shown
-                refused = replfs("promote", two)
+                # The primary is up here, connected: only --force promotes at all.
+                refused = replfs("promote", two, "--force")
                 assert_one_line_error(refused, "catching up", f"holds set {shown} whole",
                                       "--outdated")
                 assert again.proc is not None and again.proc.wait(30) == 0
