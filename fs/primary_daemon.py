@@ -41,11 +41,12 @@ from repl.primary.fanout import Fanout
 from repl.primary.semisync import FSYNC_TIMEOUT, Semisync
 from repl.primary.sender import COMPRESS_LEVEL, STALL_SECONDS, Sender
 from repl.sdnotify import notify
-from repl.secondary.run import default_state_dir, note_journal, tree_lock
+from repl.secondary.run import default_state_dir, journal_of, note_journal, tree_lock
 from repl.tls import link_credentials
 from repl.tree import Tree
 from store.errors import ReplfsError
 from store.journal import Journal
+from store.journal import exists as journal_exists
 
 log = logging.getLogger("replfs.primary")
 
@@ -185,6 +186,11 @@ async def run_primary(cfg: PrimaryConfig) -> None:
     scrape = await metrics.listen(cfg.metrics) if cfg.metrics else []
     os.umask(0)
     with tree_lock(backing):  # one daemon a tree, whatever journal each was given
+        kept = journal_of(backing)
+        if journal_exists(kept) and os.path.realpath(kept) != os.path.realpath(journal_dir):
+            raise UsageError(f"the journal of {backing} is {kept}; give --journal {kept}, or "
+                             f"move it to {journal_dir} first (a new journal would start "
+                             "the tree over, and its secondaries with it)")
         journal = Journal(journal_dir)
         note_journal(backing, journal.path)  # a journal elsewhere: said beside the tree
         tree = Tree(backing)

@@ -265,3 +265,16 @@ def test_cli_err_tls_names_a_directory_or_a_file(tmp_path: Path) -> None:
                           f"--tls {tmp_path}/NAME")
     assert_one_line_error(replfs(*args, "--tls", tmp_path / "beta.pem"),
                           f"{tmp_path}/ca.pem is missing", f"issue {tmp_path} beta'")
+
+
+def test_primary_err_another_journal_for_a_tree_that_has_one(tmp_path: Path) -> None:
+    """A primary given --journal elsewhere for a tree whose journal is beside it (or the
+    other way round) would start the tree over, in a new cluster: refused, naming it."""
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount):
+        (mount / "f").write_bytes(b"x")
+    result = replfs("primary", backing, mount, "--journal", tmp_path / "j2")
+    assert_one_line_error(result, f"the journal of {backing} is {state_dir(backing)}/journal",
+                          f"--journal {state_dir(backing)}/journal")
+    assert not (tmp_path / "j2").exists() and not os.path.ismount(mount)
