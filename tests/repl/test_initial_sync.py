@@ -184,7 +184,7 @@ def test_initial_sync_err_mount_and_promote_while_syncing(tmp_path: Path) -> Non
             finally:
                 unmount(view)
             assert_one_line_error(refused, "still in its initial sync")
-            refused = replfs("promote", replica)
+            refused = replfs("promote", replica, "--force")  # its primary is up, connected
             assert_one_line_error(refused, "never finished its initial sync", "cannot be promoted")
             assert sec.proc is not None and sec.proc.wait(30) == 0, "promote stopped it"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from repl.sdnotify import notify
-from tests.support import ROOT, SECONDARY, Daemon, tls_args, unmount
+from store.staging import Staging
+from tests.support import ROOT, SECONDARY, Daemon, state_dir, tls_args, unmount
 
 UNITS = sorted((ROOT / "docs" / "systemd").glob("*.service"))
 
@@ -82,6 +83,8 @@ def test_notify_ok_mount_ready_once_serving(tmp_path: Path, role: str) -> None:
     tree.mkdir()
     mount.mkdir()
     (tree / "hello").write_text("hi")
+    if role == "mount":  # a replica: a secondary made its staging store
+        Staging(state_dir(tree) / "staging").close()
     with notify_socket(None) as (sock, name):  # the abstract namespace, as systemd's
         daemon = Daemon([role, str(tree), str(mount)], tmp_path / "d.log", "serving",
                         env={"NOTIFY_SOCKET": name})
