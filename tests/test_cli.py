@@ -278,3 +278,20 @@ def test_primary_err_another_journal_for_a_tree_that_has_one(tmp_path: Path) -> 
     assert_one_line_error(result, f"the journal of {backing} is {state_dir(backing)}/journal",
                           f"--journal {state_dir(backing)}/journal")
     assert not (tmp_path / "j2").exists() and not os.path.ismount(mount)
+
+
+@pytest.mark.parametrize(("etcd", "mount", "says"), [
+    ("ftp://x:2379", "m", "not an etcd client URL"),
+    ("localhost:2379", "m", "not an etcd client URL"),
+    ("http://127.0.0.1:2379", "data/m", "is inside the data directory"),
+])
+def test_node_err_config_that_cannot_work(tmp_path: Path, etcd: str, mount: str,
+                                          says: str) -> None:
+    """A node whose etcd URL no client can use, or whose mount lies in its data, says so
+    at once, instead of retrying (or restarting its daemon) every second for ever."""
+    (tmp_path / "data" / "m").mkdir(parents=True)
+    (tmp_path / "m").mkdir()
+    result = subprocess.run([*REPLFS, "node", "--name", "alpha", "--etcd", etcd, "--insecure",
+                             "--listen", "127.0.0.1:0", "data", mount], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert_one_line_error(result, says)

@@ -35,6 +35,7 @@ import os
 import secrets
 import shutil
 import signal
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from repl.cluster.child import Child, clear_dead_mount
 from repl.cluster.etcd import Compare, Etcd, EtcdError, put_op
 from repl.cluster.lease import Lease, LeaseLost
 from repl.cluster.members import Leader, Member, View
+from repl.config import check_apart
 from repl.errors import Repeats, UsageError, first_error
 from repl.primary.capture import DEFAULT_JOURNAL_MAX, DEFAULT_SET_INTERVAL
 from repl.primary.semisync import FSYNC_TIMEOUT
@@ -406,6 +408,11 @@ def check(cfg: NodeConfig) -> None:
     if not cfg.etcd:
         raise UsageError("give etcd's client URLs: --etcd http://HOST:2379 (or etcd = [...] "
                          "in [node])")
+    for url in cfg.etcd:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"--etcd {url}: not an etcd client URL (http://HOST:2379, or "
+                             "https://)")
     if cfg.tls is None and not cfg.insecure:
         raise UsageError("replication links need TLS (--tls DIR/NAME, the node's own "
                          "certificate, named as the node) or --insecure (loopback only)")
@@ -418,6 +425,7 @@ def check(cfg: NodeConfig) -> None:
         raise UsageError(f"data directory {cfg.data} does not exist or is not a directory")
     if not cfg.mount.is_dir():
         raise UsageError(f"mountpoint {cfg.mount} does not exist or is not a directory")
+    check_apart(("the data directory", cfg.data), ("the mountpoint", cfg.mount))
 
 
 async def run_node(cfg: NodeConfig) -> None:
