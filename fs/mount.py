@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 
@@ -37,12 +38,13 @@ _pruning: tuple[Pruner, threading.Thread] | None = None  # of the mount being se
 def check_mountpoint(mountpoint: Path) -> None:
     """Raise UsageError unless *mountpoint* is a directory replfs can mount on."""
     try:
-        os.stat(mountpoint)
+        is_dir = stat.S_ISDIR(os.stat(mountpoint).st_mode)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:  # is_dir() raises it: a FUSE mount whose daemon died
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died
             raise UsageError(f"{mountpoint} is the mount of a daemon that is gone; unmount it "
                              f"first (fusermount3 -u {mountpoint})") from None
-    if not mountpoint.is_dir():
+        is_dir = False
+    if not is_dir:
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory; "
                          "create it with mkdir")
     if os.path.ismount(mountpoint):

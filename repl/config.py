@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import math
 import os
 import socket
@@ -131,18 +132,12 @@ def check_apart(*dirs: tuple[str, Path]) -> None:
     the same directory or one within the other. A mount over its own tree serves
     itself and hangs every caller; replfs's state inside a tree is replicated with it,
     and emptied by an initial sync; a tree inside the mountpoint is hidden by it."""
-    real = [(role, path, os.path.realpath(path)) for role, path in dirs]
-    for n, (role, path, where) in enumerate(real):
-        for other_role, other, other_where in real[n + 1:]:
-            if where == other_where:
-                raise UsageError(f"{role} {path} and {other_role} {other} are the same "
-                                 "directory; give each its own")
-            for (a_role, a, a_where), (b_role, b, b_where) in (
-                    ((role, path, where), (other_role, other, other_where)),
-                    ((other_role, other, other_where), (role, path, where))):
-                if a_where.startswith(b_where.rstrip("/") + "/"):
-                    raise UsageError(f"{a_role} {a} is inside {b_role} {b}; put it "
-                                     "elsewhere")
+    named = [(f"{role} {path}", os.path.realpath(path)) for role, path in dirs]
+    for (a, a_real), (b, b_real) in itertools.permutations(named, 2):
+        if a_real == b_real:
+            raise UsageError(f"{a} and {b} are the same directory; give each its own")
+        if a_real.startswith(b_real.rstrip("/") + "/"):
+            raise UsageError(f"{a} is inside {b}; put it elsewhere")
 
 
 def cannot_bind(where: str, exc: OSError) -> str:

@@ -61,11 +61,11 @@ def tree_lock(tree: Path, wait: float = 0) -> Iterator[None]:
     if key in _held:
         _held[key][1] += 1
     else:
+        state = default_state_dir(tree)
+        state.mkdir(mode=DIR_MODE, exist_ok=True)
+        check_private(state)  # not its parent, the tree's: that is the user's to keep
         deadline = time.monotonic() + wait
         while True:
-            state = default_state_dir(tree)
-            state.mkdir(mode=DIR_MODE, exist_ok=True)
-            check_private(state)  # not its parent, the tree's: that is the user's to keep
             try:
                 fd = lock_dir(state / "LOCK", what=str(tree))
                 break
