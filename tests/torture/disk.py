@@ -19,6 +19,7 @@ from tests.support import tmpfs
 
 ROOMY = "1g"  # RAM-backed, but a run writes tens of MiB
 LEFT = 64 << 10  # room left when it fills: far less than the journal's reserve
+FILL_TRIES = 20  # the workload writes meanwhile: a size below what it then holds is refused
 
 
 class PrimaryDisk:
@@ -33,16 +34,25 @@ class PrimaryDisk:
         self._mounted.__enter__()
         return self
 
-    def _resize(self, size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+    def _resize(self, size: str, check: bool = True) -> bool:
+        """Remount the tmpfs at *size*; False if refused and not *check*: a tmpfs holding
+        more than that (EINVAL)."""
+        done = subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)],
+                              check=check, capture_output=not check)
+        return done.returncode == 0
 
     def fill(self, seconds: float) -> None:
         """Leave LEFT bytes free (what the tmpfs holds now, and no more) for *seconds*,
         whatever the run does meanwhile (it may wait for the primary: a new replica's
         initial sync)."""
         with self._lock:
-            st = os.statvfs(self.path)
-            self._resize(str((st.f_blocks - st.f_bfree) * st.f_frsize + LEFT))
+            for _ in range(FILL_TRIES):  # what it holds may grow past LEFT before the remount
+                st = os.statvfs(self.path)
+                if self._resize(str((st.f_blocks - st.f_bfree) * st.f_frsize + LEFT),
+                                check=False):
+                    break
+            else:
+                raise RuntimeError(f"could not shrink {self.path} in {FILL_TRIES} tries")
             self.full = True
         self._timer = threading.Timer(seconds, self.grow)
         self._timer.start()
