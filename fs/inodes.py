@@ -17,6 +17,11 @@ walk that found it and is about to open it). Its requests name the number
 only, so a file that takes a number the kernel may still mean by another
 file gets an inode number of its own (an alias, from ALIAS up), and the old
 one answers ESTALE, on which the kernel looks the path up again.
+
+A file such a tree removes or replaces under a name the kernel knows may be
+*held* (``hold``): an fd of it kept for a while, through which the kernel's
+number for it still opens it, as a local filesystem opens a file a path
+walk found just before it was removed (fs/kernel_cache.py says when).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Inodes:
         self._aliases: dict[int, int] = {}  # backing number -> inode number, where not it
         self._next_alias = ALIAS
         self.fd_limit = fd_limit
+        self.held: dict[int, tuple[int, float]] = {}  # inode -> (fd, until when), see hold()
 
     def ino_of(self, st: os.stat_result) -> int:
         return self.ino_of_number(st.st_ino)
@@ -105,13 +111,13 @@ class Inodes:
         under a new name, is taken to be gone and its number reused (or its file
         moved, which the caller cannot tell apart): the file gets an alias, and
         the old node answers ESTALE until the kernel forgets it. Not for a node
-        with open handles: the filesystem keeps an open file's number.
+        with open handles, or held: the filesystem keeps an open file's number.
         """
         ino = self.ino_of(st)
         node = self.nodes.get(ino)
         if node is None or not self.verify or ino == ROOT:
             return ino
-        if not node.replaced and (node.fds or (parent, name) in node.names
+        if not node.replaced and (node.fds or ino in self.held or (parent, name) in node.names
                                   or self._verified(node) is not None):
             return ino
         node.replaced = True
@@ -159,6 +165,7 @@ class Inodes:
             del self.nodes[ino]
             self._found.pop(ino, None)
             self._close_dir(ino)
+            self.release(ino)
             if self._aliases.get(node.number) == ino:
                 del self._aliases[node.number]
             if self.limit is not None and len(self.nodes) <= self.limit:
@@ -294,14 +301,40 @@ class Inodes:
         return None
 
     def unlinked_fd(self, ino: int) -> int | None:
-        """An open handle of *ino* when no known name reaches it (open, then removed,
-        or, with ``verify``, replaced under the mount)."""
+        """An open handle of *ino* (or its held fd) when no known name reaches it
+        (open, then removed, or, with ``verify``, removed or moved under the mount)."""
         node = self.node(ino)
-        if not node.fds:
+        if node.fds:
+            fd = next(iter(node.fds))
+        elif ino in self.held:
+            fd = self.held[ino][0]
+        else:
             return None
         if self.name_of(ino) is None or (self.verify and self._verified(node) is None):
-            return next(iter(node.fds))
+            return fd
         return None
+
+    def reaches(self, ino: int) -> bool:
+        """Whether a known name still reaches *ino* (with ``verify``: checked)."""
+        node = self.nodes.get(ino)
+        if node is None or node.replaced:
+            return False
+        return (self._verified(node) if self.verify else self.name_of(ino)) is not None
+
+    def hold(self, ino: int, fd: int, until: float) -> None:
+        """Keep *fd*, an fd of *ino*'s file, as the way to reach it once no name does,
+        until *until* (``time.monotonic``) or until the kernel forgets *ino*."""
+        self.release(ino)
+        self.held[ino] = fd, until
+
+    def release(self, ino: int) -> None:
+        held = self.held.pop(ino, None)
+        if held is not None:
+            os.close(held[0])
+
+    def release_expired(self, now: float) -> None:
+        for ino in [ino for ino, (_, until) in self.held.items() if until <= now]:
+            self.release(ino)
 
     def stat(self, ino: int, mtime_ns: int | None = None) -> os.stat_result:
         """lstat of *ino* in the backing directory; given *mtime_ns*, one that does not
@@ -324,6 +357,8 @@ class Inodes:
             os.close(fd)
 
     def close(self) -> None:
+        for ino in list(self.held):
+            self.release(ino)
         for fd in self._dir_fds.values():
             os.close(fd)
         self._dir_fds.clear()

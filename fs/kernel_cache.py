@@ -40,6 +40,16 @@ into the cache after it was dropped must go too, and three things see to it:
   waits, and a number the filesystem reused had no open file, so no read
   of it can be in flight.
 
+A path walk that found a file just before the batch removed it, moved it or
+replaced it under its name (the rename that writes a file atomically) sends
+its OPEN with the old inode number after. On a local filesystem that open
+succeeds: the walk holds the inode. Here the number reaches no file any
+more (ESTALE); the kernel walks the path once more, and a second batch in
+between makes the user's open fail. So the files the kernel knows under
+the names a batch changes are opened before it is applied, and those no
+name reaches after it stay open (fs/inodes.py: ``hold``) for HOLD_SECONDS,
+or until the kernel forgets them: opening such a number opens that file.
+
 Readers never wait for the applier inside a request while it drops
 something, so a drop always finishes, whatever the two request threads are
 doing. Symbolic links are not cached (their targets would sit in pages that
@@ -50,7 +60,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import stat
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -60,6 +73,9 @@ from repl.secondary.footprint import Footprint
 
 log = logging.getLogger("replfs.standby")
 SWEEPS_TO_LOG = 50  # a batch whose pages took more drops than this is worth a line
+HOLD_SECONDS = 10.0  # a file a batch removes stays open this long (see the module's comment)
+MAX_HELD = 1000  # files held at once, of the 20,000 fds a process may have
+_HOLD_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -87,6 +103,7 @@ class KernelCache:
         self._batch: _Batch | None = None
         self._pending: list[int] = []  # files whose pages the next sweep drops
         self._sweeps = 0  # of the batch under way
+        self._holding: dict[int, int] = {}  # inode -> fd, of files the batch may remove
         self.mounted = True
 
     # --- the request threads ---------------------------------------------------------
@@ -120,6 +137,7 @@ class KernelCache:
         with self._mutex:
             self._batch = batch
         with self.lock:
+            self.inodes.release_expired(time.monotonic())
             nodes = self.inodes.nodes
             if batch.everything:
                 entries = [place for node in nodes.values() for place in node.names]
@@ -128,6 +146,7 @@ class KernelCache:
                 entries = [e for e in batch.entries if e[0] in nodes]
                 attrs = [n for n in batch.attrs if n in nodes]
                 data = [n for n in batch.data if n in nodes]
+                self._holding = self._files_at(entries)
         for parent, name in entries:
             self._drop_entry(parent, name)
         for ino in attrs:
@@ -165,6 +184,13 @@ class KernelCache:
                       if n in nodes and not nodes[n].fds]
             if batch.everything:
                 reused = [n for n, node in nodes.items() if not node.fds]
+            until = time.monotonic() + HOLD_SECONDS
+            for ino, fd in self._holding.items():
+                if ino in nodes and not self.inodes.reaches(ino):
+                    self.inodes.hold(ino, fd, until)
+                else:
+                    os.close(fd)
+            self._holding = {}
         for ino in attrs:
             self._drop(ino, attr_only=True)
         for ino in reused:
@@ -174,10 +200,36 @@ class KernelCache:
         with self._mutex:
             self._batch = None
         self._pending = []
+        for fd in self._holding.values():  # the batch was not applied
+            os.close(fd)
+        self._holding = {}
         if self._sweeps > SWEEPS_TO_LOG:
             log.info("readers kept reading what a batch changes: its pages were dropped %d "
                      "times before it could be applied", self._sweeps)
         self._sweeps = 0
+
+    def _files_at(self, entries: list[tuple[int, bytes]]) -> dict[int, int]:
+        """Fds of the files the kernel knows at *entries* (see the module's comment),
+        within MAX_HELD; with ``self.lock`` held."""
+        inodes = self.inodes
+        found: dict[int, int] = {}
+        room = MAX_HELD - len(inodes.held)
+        for parent, name in entries:
+            if len(found) >= room:
+                break
+            try:
+                dir_fd = inodes.dir_fd(parent)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                ino = inodes.ino_of(st)
+                node = inodes.nodes.get(ino)
+                if (not stat.S_ISREG(st.st_mode) or node is None or node.fds or ino in found
+                        or ino in inodes.held):
+                    continue
+                found[ino] = os.open(name, _HOLD_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                continue  # not there before the batch: a name it adds
+        inodes.trim()
+        return found
 
     # --- the kernel ------------------------------------------------------------------
 
