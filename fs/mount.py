@@ -19,6 +19,7 @@ import trio
 from fs.prune import Pruner
 from repl.errors import UsageError
 from repl.sdnotify import notify
+from store.libc import mounts
 
 log = logging.getLogger("replfs.primary")  # the name its lines have always carried
 
@@ -87,10 +88,7 @@ def lift_dirty_limit(where: str) -> None:
     /proc/self/mountinfo, since a stat of it would wait for a daemon that does not
     serve yet.
     """
-    for char, escaped in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
-        where = where.replace(char, escaped)
-    with open("/proc/self/mountinfo") as mounts:
-        devices = [f[2] for f in map(str.split, mounts) if f[4] == where]
+    devices = [device for point, device in mounts() if point == where]
     if not devices:
         return
     bdi = Path("/sys/class/bdi") / devices[-1]

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from store.libc import mounts
 from store.private import private_dir
 
 log = logging.getLogger("replfs.control")
@@ -28,9 +29,20 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 UNTIL_CLOSED = "__until_closed__"
 
 
+def real_path(target: str | os.PathLike[str]) -> str:
+    """``os.path.realpath(target)``, but a mount point is not looked at: the look
+    would wait for ever on a FUSE mount whose daemon is stopped, and ``replfs status``
+    of such a mount is how its user finds out."""
+    head, tail = os.path.split(os.path.abspath(target))
+    path = os.path.join(os.path.realpath(head), tail)
+    if any(point == path for point, _ in mounts()):
+        return path
+    return os.path.realpath(path)
+
+
 def socket_path(target: str | os.PathLike[str]) -> Path:
     """The control socket of the daemon serving *target* (a mountpoint or replica)."""
-    key = hashlib.sha1(os.fsencode(os.path.realpath(target))).hexdigest()[:16]
+    key = hashlib.sha1(os.fsencode(real_path(target))).hexdigest()[:16]
     if os.geteuid() == 0:
         base = Path("/run/replfs")
     else:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate64.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 MADV_DONTNEED = 4
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")  # mountinfo's escapes: \040 for a space
 
 
 def _check(result: int) -> None:
@@ -132,3 +136,13 @@ def fd_path(fd: int, name: bytes | None = None) -> bytes:
     """A path that names the file open as *fd* (or *name* in that directory) for calls
     that take no fd, through /proc/self/fd."""
     return b"/proc/self/fd/%d/%s" % (fd, name) if name else b"/proc/self/fd/%d" % fd
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, device as MAJOR:MINOR) of each mount this process sees, in the
+    order of /proc/self/mountinfo. Read there, not by a stat of each: a stat of a
+    FUSE mount waits for its daemon, which may be stopped, or not serving yet."""
+    with open("/proc/self/mountinfo", "rb") as info:
+        return [(os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), f[4])),
+                 f[2].decode()) for f in map(bytes.split, info)]
+

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from repl import control
 from repl.protocol import MAX_STREAMS
 from tests.support import REPLFS, Daemon, primary, replfs, secondary, state_dir
 
@@ -98,6 +101,30 @@ def test_primary_err_mount_not_permitted(tmp_path: Path) -> None:
 
 def test_checkpoint_err_not_served(tmp_path: Path) -> None:
     assert_one_line_error(replfs("checkpoint", tmp_path), "no replfs daemon")
+
+
+def test_cli_ok_finds_the_socket_of_a_stopped_primary_without_a_look_at_its_mount(
+        tmp_path: Path) -> None:
+    """A stopped (or stuck) primary: ``replfs status`` of its mount must reach the
+    control socket, and time out there with a message. Finding the socket used to
+    stat the mountpoint, which waits for ever for the daemon."""
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    with primary(backing, mount) as daemon:
+        assert daemon.proc is not None
+        want = control.socket_path(mount)
+        (mount / "f").write_bytes(b"")  # the kernel's attributes of the root are stale now
+        found: list[Path] = []
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            look = threading.Thread(target=lambda: found.append(control.socket_path(mount)),
+                                    daemon=True)
+            look.start()
+            look.join(10)
+            assert found == [want]
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+            look.join(10)
 
 
 def test_checkpoint_prints_closed_set(tmp_path: Path) -> None:
