@@ -209,12 +209,10 @@ async def run_primary(cfg: PrimaryConfig) -> None:
             operations = PrimaryFS(inodes, capture, remote)
             if cfg.fenced:
                 operations.fence()  # until the node that runs us says its lease holds
-            sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+            sock = control.socket_path(mountpoint)  # before mounting: it may stat the mountpoint
             where = os.path.realpath(mountpoint)  # so does this
             mount(operations, mountpoint)
             lift_dirty_limit(where)
-            log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint, journal.path,
-                     journal.set)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(capture.run)
@@ -231,6 +229,8 @@ async def run_primary(cfg: PrimaryConfig) -> None:
                         await nursery.start(metrics.serve, scrape, registry)
                         log.info("metrics on http://%s/metrics", metrics.where(scrape))
                     await nursery.start(terminate_on_signal)
+                    log.info("serving %s at %s (journal %s, set %d)", backing, mountpoint,
+                             journal.path, journal.set)  # its control requests too, from now
                     notify("READY=1", f"STATUS=serving {backing} at {mountpoint}")
                     await serve_requests(Pruner(inodes, operations.lock))
                     nursery.cancel_scope.cancel()

@@ -56,19 +56,20 @@ async def run_standby(replica: Path, mountpoint: Path, staging: Path | None,
                          "has no consistent set to show yet; see replfs status on the primary")
     lock = ApplyLock(where)
     inodes = Inodes(str(replica), verify=True, limit=max_inodes)
-    sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
+    sock = control.socket_path(mountpoint)  # before mounting: it may stat the mountpoint
     try:
         operations = StandbyFS(inodes, lock, where)
         mount(operations, mountpoint, read_only=True)
-        with lock.shared():
-            shown = read_applied(where)
-        log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint, shown)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(control.serve, sock,
                                     {"status": _status(replica, mountpoint, lock, where,
                                                        cached=False)})
                 await nursery.start(terminate_on_signal)
+                with lock.shared():
+                    shown = read_applied(where)
+                log.info("serving %s read-only at %s (standby, set %d)", replica, mountpoint,
+                         shown)
                 notify("READY=1", f"STATUS=serving {replica} read-only at {mountpoint}")
                 await serve_requests(Pruner(inodes, operations.lock))
                 nursery.cancel_scope.cancel()
@@ -98,7 +99,7 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
     check_apart(("the replica", replica), ("the mountpoint", mountpoint),
                 ("the staging store", where))
     make_replica(replica)
-    with tree_lock(replica):  # before mounting: held again by run_secondary
+    with tree_lock(replica):  # run_secondary takes it again (it is re-entrant)
         lock = ApplyLock(where)
         if old_primary_tree(replica):
             set_rejoining(where, True)  # before the view is served; run_secondary says for sure
@@ -106,29 +107,30 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
         operations = StandbyFS(inodes, lock, where, cached=True)
         cache = operations.cache
         assert cache is not None
-        sock = control.socket_path(mountpoint)  # before mounting: it stats the mountpoint
-        try:
+        sock = control.socket_path(mountpoint)  # before mounting: it may stat the mountpoint
+
+        async def serve_view(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
             mount(operations, mountpoint, read_only=True)
-            log.info("serving %s read-only at %s (standby, cached)", replica, mountpoint)
-
-            async def serve_mount() -> None:
-                await serve_requests(Pruner(inodes, operations.lock))
-                cache.mounted = False
-                log.info("unmounted %s; the secondary goes on without it", mountpoint)
-
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control.serve, sock,
                                         {"status": _status(replica, mountpoint, lock, where,
                                                            cached=True)})
-                    nursery.start_soon(serve_mount)
-                    await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
-                                        metrics_at, invalidator=cache, iscsi=iscsi, iqn=iqn,
-                                        chap_file=chap_file, fcip=fcip)
-                    nursery.cancel_scope.cancel()
+                    log.info("serving %s read-only at %s (standby, cached)", replica,
+                             mountpoint)
+                    task_status.started()
+                    await serve_requests(Pruner(inodes, operations.lock))
+                    cache.mounted = False
+                    log.info("unmounted %s; the secondary goes on without it", mountpoint)
             finally:
                 cache.mounted = False
                 pyfuse3.close(unmount=True)
+
+        try:
+            await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
+                                metrics_at, invalidator=cache, view=serve_view, iscsi=iscsi,
+                                iqn=iqn, chap_file=chap_file, fcip=fcip)
         finally:
             inodes.close()
             lock.close()

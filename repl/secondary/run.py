@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -275,9 +275,10 @@ def make_replica(replica: Path) -> None:
 async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | None,
                         tls: Path | None, peer: str | list[str] | None, insecure: bool,
                         rejoin: bool = False, metrics_at: str | None = None,
-                        invalidator: Invalidator | None = None, iscsi: str | None = None,
-                        iqn: str = DEFAULT_IQN, chap_file: Path | None = None,
-                        fcip: str | None = None) -> None:
+                        invalidator: Invalidator | None = None,
+                        view: Callable[..., Awaitable[None]] | None = None,
+                        iscsi: str | None = None, iqn: str = DEFAULT_IQN,
+                        chap_file: Path | None = None, fcip: str | None = None) -> None:
     """Serve *replica*: accept the primary on *listen* (replfs frames), with the TLS
     credentials ``--tls`` *tls* ``--peer`` *peer*, or over plain TCP on loopback
     (*insecure*), on *iscsi* as the iSCSI target *iqn* and on *fcip* as a Fibre Channel
@@ -285,7 +286,9 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
     metrics on *metrics_at* (HOST:PORT) if given.
 
     *invalidator*: the kernel caches of a standby mount of the replica, which the
-    applier drops as it applies sets (fs/kernel_cache.py).
+    applier drops as it applies sets (fs/kernel_cache.py); *view* serves that mount,
+    started (``nursery.start``) once every check has passed and every port is bound,
+    before anything is applied, and cancelled when the secondary stops.
     """
     if listen is None and (tls or peer or insecure):
         raise UsageError("--tls, --peer and --insecure are for --listen (replfs frames); "
@@ -382,6 +385,8 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 return {"applied": applier.applied}
 
             async with trio.open_nursery() as nursery:
+                if view is not None:
+                    await nursery.start(view)
                 await nursery.start(applier.run)
                 await nursery.start(receiver.serve, listeners)
                 if targets and secrets is not None:

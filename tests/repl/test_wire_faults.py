@@ -424,14 +424,20 @@ def test_secondary_cli_ok_listen_any_address_with_tls(tmp_path: Path) -> None:
         daemon.stop()
 
 
-def test_secondary_cli_err_port_busy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mount", [False, True], ids=["alone", "mount"])
+def test_secondary_cli_err_port_busy(tmp_path: Path, mount: bool) -> None:
+    """One line, and with --mount nothing mounted first (it was, and logged so)."""
+    view = tmp_path / "v"
+    view.mkdir()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = replfs("secondary", tmp_path / "r", "--listen", f"127.0.0.1:{port}",
-                        *tls_args(SECONDARY, PRIMARY), timeout=30)
+                        *tls_args(SECONDARY, PRIMARY), *(["--mount", str(view)] if mount else []),
+                        timeout=30)
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("address", ["nonsense", "127.0.0.1:", "127.0.0.1:99999", ":x"])
