@@ -51,6 +51,13 @@ def check_mountpoint(mountpoint: Path) -> None:
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is already a mountpoint; unmount it first "
                          f"(fusermount3 -u {mountpoint})")
+    try:
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is not None:
+                log.warning("%s is not empty: what it holds is hidden while replfs serves it",
+                            mountpoint)
+    except OSError:
+        pass  # what was wrong with it, the mount says
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing; load the fuse module (modprobe fuse) "
                          "or run where FUSE is available")

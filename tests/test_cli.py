@@ -127,6 +127,16 @@ def test_cli_ok_finds_the_socket_of_a_stopped_primary_without_a_look_at_its_moun
             look.join(10)
 
 
+def test_primary_warns_of_a_mountpoint_that_is_not_empty(tmp_path: Path) -> None:
+    backing, mount = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    mount.mkdir()
+    (mount / "hidden").write_bytes(b"")
+    with primary(backing, mount) as daemon:
+        assert not (mount / "hidden").exists()
+    assert f"{mount} is not empty: what it holds is hidden" in daemon.log()
+
+
 def test_checkpoint_prints_closed_set(tmp_path: Path) -> None:
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
