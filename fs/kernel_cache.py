@@ -47,8 +47,9 @@ succeeds: the walk holds the inode. Here the number reaches no file any
 more (ESTALE); the kernel walks the path once more, and a second batch in
 between makes the user's open fail. So the files the kernel knows under
 the names a batch changes are opened before it is applied, and those no
-name reaches after it stay open (fs/inodes.py: ``hold``) for HOLD_SECONDS,
-or until the kernel forgets them: opening such a number opens that file.
+name reaches after it stay open (fs/inodes.py: ``hold``) until the kernel
+forgets them, or until the first batch after HOLD_SECONDS: opening such a
+number opens that file.
 
 Readers never wait for the applier inside a request while it drops
 something, so a drop always finishes, whatever the two request threads are
@@ -186,7 +187,11 @@ class KernelCache:
                 reused = [n for n, node in nodes.items() if not node.fds]
             until = time.monotonic() + HOLD_SECONDS
             for ino, fd in self._holding.items():
-                if ino in nodes and not self.inodes.reaches(ino):
+                try:
+                    gone = ino in nodes and not self.inodes.reaches(ino)
+                except OSError:  # its directory cannot be read: taken for gone
+                    gone = True
+                if gone:
                     self.inodes.hold(ino, fd, until)
                 else:
                     os.close(fd)
