@@ -135,8 +135,8 @@ def refused(prefix: Path, ca: Path, cert: Path, key: Path, failure: BaseExceptio
         return f"--tls {prefix}: {cert} is not a certificate ({exc})"
     now = datetime.datetime.now(datetime.UTC)
     if parsed.not_valid_after_utc < now:
-        return (f"{cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}; issue a new one "
-                f"with 'replfs tls issue {directory} {name}'")
+        return (f"{cert} expired on {parsed.not_valid_after_utc:%Y-%m-%d}; remove it and "
+                f"{key}, then issue a new one with 'replfs tls issue {directory} {name}'")
     if parsed.not_valid_before_utc > now:
         return (f"{cert} is not valid until {parsed.not_valid_before_utc:%Y-%m-%d %H:%M} "
                 "UTC; check this host's clock")

@@ -135,8 +135,13 @@ def test_tls_credentials_err_expired(tmp_path: Path) -> None:
     ca = own_ca(tmp_path)
     tlsca.issue(ca, "alpha", days=1,
                 valid_from=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3))
-    with pytest.raises(UsageError, match=r"alpha.pem expired on .*replfs tls issue"):
+    with pytest.raises(UsageError, match=r"alpha.pem expired on .*remove it and .*alpha.key, "
+                       r"then .*replfs tls issue"):
         tls.credentials(ca / "alpha", "beta")
+    (ca / "alpha.pem").unlink()  # as the message says: issue refuses while they are there
+    (ca / "alpha.key").unlink()
+    tlsca.issue(ca, "alpha")
+    assert tls.credentials(ca / "alpha", "beta").name == "alpha"
 
 
 def test_tls_credentials_err_not_yet_valid(tmp_path: Path) -> None:
