@@ -332,6 +332,10 @@ class Inodes:
         if held is not None:
             os.close(held[0])
 
+    def release_all(self) -> None:
+        for ino in list(self.held):
+            self.release(ino)
+
     def release_expired(self, now: float) -> None:
         for ino in [ino for ino, (_, until) in self.held.items() if until <= now]:
             self.release(ino)
@@ -357,8 +361,7 @@ class Inodes:
             os.close(fd)
 
     def close(self) -> None:
-        for ino in list(self.held):
-            self.release(ino)
+        self.release_all()
         for fd in self._dir_fds.values():
             os.close(fd)
         self._dir_fds.clear()

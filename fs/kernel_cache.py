@@ -147,7 +147,8 @@ class KernelCache:
                 entries = [e for e in batch.entries if e[0] in nodes]
                 attrs = [n for n in batch.attrs if n in nodes]
                 data = [n for n in batch.data if n in nodes]
-                self._holding = self._files_at(entries)
+                if self.mounted:
+                    self._holding = self._files_at(entries)
         for parent, name in entries:
             self._drop_entry(parent, name)
         for ino in attrs:
@@ -186,16 +187,16 @@ class KernelCache:
             if batch.everything:
                 reused = [n for n, node in nodes.items() if not node.fds]
             until = time.monotonic() + HOLD_SECONDS
-            for ino, fd in self._holding.items():
+            while self._holding:
+                ino, fd = self._holding.popitem()
                 try:
-                    gone = ino in nodes and not self.inodes.reaches(ino)
+                    gone = self.mounted and ino in nodes and not self.inodes.reaches(ino)
                 except OSError:  # its directory cannot be read: taken for gone
                     gone = True
                 if gone:
                     self.inodes.hold(ino, fd, until)
                 else:
                     os.close(fd)
-            self._holding = {}
         for ino in attrs:
             self._drop(ino, attr_only=True)
         for ino in reused:
@@ -205,13 +206,27 @@ class KernelCache:
         with self._mutex:
             self._batch = None
         self._pending = []
-        for fd in self._holding.values():  # the batch was not applied
-            os.close(fd)
-        self._holding = {}
+        while self._holding:  # the batch was not applied
+            os.close(self._holding.popitem()[1])
         if self._sweeps > SWEEPS_TO_LOG:
             log.info("readers kept reading what a batch changes: its pages were dropped %d "
                      "times before it could be applied", self._sweeps)
         self._sweeps = 0
+
+    def let_go(self) -> None:
+        """Close every file kept open for the kernel: the disk is full, and the files
+        a batch removes hold their space while they are open. Their numbers answer
+        ESTALE again, as they did before they were held."""
+        while self._holding:
+            os.close(self._holding.popitem()[1])
+        with self.lock:
+            self.inodes.release_all()
+
+    def unmounted(self) -> None:
+        """The mount is gone: the kernel will neither drop nor open anything more."""
+        with self.lock:
+            self.mounted = False
+            self.inodes.release_all()
 
     def _files_at(self, entries: list[tuple[int, bytes]]) -> dict[int, int]:
         """Fds of the files the kernel knows at *entries* (see the module's comment),

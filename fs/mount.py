@@ -51,13 +51,6 @@ def check_mountpoint(mountpoint: Path) -> None:
     if os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is already a mountpoint; unmount it first "
                          f"(fusermount3 -u {mountpoint})")
-    try:
-        with os.scandir(mountpoint) as entries:
-            if next(entries, None) is not None:
-                log.warning("%s is not empty: what it holds is hidden while replfs serves it",
-                            mountpoint)
-    except OSError:
-        pass  # what was wrong with it, the mount says
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing; load the fuse module (modprobe fuse) "
                          "or run where FUSE is available")
@@ -76,6 +69,13 @@ def mount(operations: pyfuse3.Operations, mountpoint: Path, *, read_only: bool =
           ) -> None:
     """Mount *operations* at *mountpoint*; UsageError if the kernel refuses."""
     options = mount_options() | ({"ro"} if read_only else set())
+    try:
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is not None:
+                log.warning("%s is not empty: what it holds is hidden while replfs serves it",
+                            mountpoint)
+    except OSError:
+        pass  # what was wrong with it, the mount says
     try:
         pyfuse3.init(operations, str(mountpoint), options)
     except RuntimeError:

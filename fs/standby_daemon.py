@@ -108,10 +108,13 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
         cache = operations.cache
         assert cache is not None
         sock = control.socket_path(mountpoint)  # before mounting: it may stat the mountpoint
+        served = False
 
         async def serve_view(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
+            nonlocal served
             mount(operations, mountpoint, read_only=True)
+            served = True
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control.serve, sock,
@@ -121,17 +124,18 @@ async def run_secondary_standby(replica: Path, mountpoint: Path, listen: str | N
                              mountpoint)
                     task_status.started()
                     await serve_requests(Pruner(inodes, operations.lock))
-                    cache.mounted = False
+                    cache.unmounted()
                     log.info("unmounted %s; the secondary goes on without it", mountpoint)
             finally:
-                cache.mounted = False
-                pyfuse3.close(unmount=True)
+                cache.unmounted()
 
         try:
             await run_secondary(replica, listen, staging, tls, peer, insecure, rejoin,
                                 metrics_at, invalidator=cache, view=serve_view, iscsi=iscsi,
                                 iqn=iqn, chap_file=chap_file, fcip=fcip)
         finally:
+            if served:  # closed once the applier is done: it drops the view's caches
+                pyfuse3.close(unmount=True)
             inodes.close()
             lock.close()
 

@@ -22,6 +22,7 @@ from store.libc import mounts
 from store.private import private_dir
 
 log = logging.getLogger("replfs.control")
+MAX_LINKS = 40  # symbolic links followed in a path, as the kernel does
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # A reply may carry this key with a function: the connection then stays open
@@ -33,11 +34,18 @@ def real_path(target: str | os.PathLike[str]) -> str:
     """``os.path.realpath(target)``, but a mount point is not looked at: the look
     would wait for ever on a FUSE mount whose daemon is stopped, and ``replfs status``
     of such a mount is how its user finds out."""
-    head, tail = os.path.split(os.path.abspath(target))
-    path = os.path.join(os.path.realpath(head), tail)
-    if any(point == path for point, _ in mounts()):
-        return path
-    return os.path.realpath(path)
+    target = os.fspath(target).rstrip("/") or "/"
+    for _ in range(MAX_LINKS):
+        head, tail = os.path.split(target)
+        if tail in ("", ".", ".."):
+            break
+        path = os.path.join(os.path.realpath(head), tail)
+        if any(point == path for point, _ in mounts()):
+            return path
+        if not os.path.islink(path):  # not a mount point: the look stays out of it
+            return path
+        target = os.path.join(os.path.dirname(path), os.readlink(path))
+    return os.path.realpath(target)
 
 
 def socket_path(target: str | os.PathLike[str]) -> Path:

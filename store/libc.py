@@ -144,5 +144,5 @@ def mounts() -> list[tuple[str, str]]:
     FUSE mount waits for its daemon, which may be stopped, or not serving yet."""
     with open("/proc/self/mountinfo", "rb") as info:
         return [(os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), f[4])),
-                 f[2].decode()) for f in map(bytes.split, info)]
+                 f[2].decode()) for f in (line.split(b" ") for line in info)]
 

@@ -110,6 +110,7 @@ def test_cli_ok_finds_the_socket_of_a_stopped_primary_without_a_look_at_its_moun
     stat the mountpoint, which waits for ever for the daemon."""
     backing, mount = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
+    (tmp_path / "link").symlink_to("m")
     with primary(backing, mount) as daemon:
         assert daemon.proc is not None
         want = control.socket_path(mount)
@@ -117,11 +118,12 @@ def test_cli_ok_finds_the_socket_of_a_stopped_primary_without_a_look_at_its_moun
         found: list[Path] = []
         daemon.proc.send_signal(signal.SIGSTOP)
         try:
-            look = threading.Thread(target=lambda: found.append(control.socket_path(mount)),
-                                    daemon=True)
+            look = threading.Thread(target=lambda: found.extend(
+                control.socket_path(m) for m in (mount, f"{mount}/", tmp_path / "link")),
+                daemon=True)
             look.start()
             look.join(10)
-            assert found == [want]
+            assert found == [want] * 3
         finally:
             daemon.proc.send_signal(signal.SIGCONT)
             look.join(10)

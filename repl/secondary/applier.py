@@ -367,8 +367,8 @@ class Applier:
                      retry: bool) -> int | None:
         """_apply_locked, with the kernel's caches of the batch dropped first."""
         touched, last = self._footprint(tree, first, last)
-        invalidator.begin(touched)
         try:
+            invalidator.begin(touched)
             while True:
                 # Readers that waited for the lock would read again as soon as it
                 # went: the lock is taken only once nothing was read back in.
@@ -443,6 +443,8 @@ class Applier:
         """Wait *delay* before trying again after a transient error; raise others."""
         if not retry or exc.errno not in TRANSIENT:
             raise exc
+        if self.invalidator is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.invalidator.let_go()
         self.error = f"applying sets from {first} failed: {exc}; retrying"
         log.error("%s", self.error)
         tree.forget_dirs()

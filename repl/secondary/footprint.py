@@ -62,6 +62,9 @@ class Invalidator(Protocol):
 
     def end(self) -> None: ...
 
+    def let_go(self) -> None:
+        """The disk is full: let go of whatever the mount keeps that takes space."""
+
 
 class _Node:
     """A node of the overlay: one the replica had before the batch (*ino*, reached at
