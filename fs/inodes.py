@@ -310,9 +310,7 @@ class Inodes:
             fd = self.held[ino][0]
         else:
             return None
-        if self.name_of(ino) is None or (self.verify and self._verified(node) is None):
-            return fd
-        return None
+        return None if self.reaches(ino) else fd
 
     def reaches(self, ino: int) -> bool:
         """Whether a known name still reaches *ino* (with ``verify``: checked)."""

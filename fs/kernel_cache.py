@@ -206,8 +206,7 @@ class KernelCache:
         with self._mutex:
             self._batch = None
         self._pending = []
-        while self._holding:  # the batch was not applied
-            os.close(self._holding.popitem()[1])
+        self._close_holding()  # the batch was not applied
         if self._sweeps > SWEEPS_TO_LOG:
             log.info("readers kept reading what a batch changes: its pages were dropped %d "
                      "times before it could be applied", self._sweeps)
@@ -217,8 +216,7 @@ class KernelCache:
         """Close every file kept open for the kernel: the disk is full, and the files
         a batch removes hold their space while they are open. Their numbers answer
         ESTALE again, as they did before they were held."""
-        while self._holding:
-            os.close(self._holding.popitem()[1])
+        self._close_holding()
         with self.lock:
             self.inodes.release_all()
 
@@ -227,6 +225,10 @@ class KernelCache:
         with self.lock:
             self.mounted = False
             self.inodes.release_all()
+
+    def _close_holding(self) -> None:
+        while self._holding:
+            os.close(self._holding.popitem()[1])
 
     def _files_at(self, entries: list[tuple[int, bytes]]) -> dict[int, int]:
         """Fds of the files the kernel knows at *entries* (see the module's comment),

@@ -35,12 +35,13 @@ def real_path(target: str | os.PathLike[str]) -> str:
     would wait for ever on a FUSE mount whose daemon is stopped, and ``replfs status``
     of such a mount is how its user finds out."""
     target = os.fspath(target).rstrip("/") or "/"
+    points = {point for point, _ in mounts()}
     for _ in range(MAX_LINKS):
         head, tail = os.path.split(target)
         if tail in ("", ".", ".."):
             break
         path = os.path.join(os.path.realpath(head), tail)
-        if any(point == path for point, _ in mounts()):
+        if path in points:
             return path
         if not os.path.islink(path):  # not a mount point: the look stays out of it
             return path
