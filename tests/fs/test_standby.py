@@ -208,7 +208,7 @@ def test_standby_cached_ok_a_file_found_before_a_set_removed_it_opens(tmp_path: 
     walk opens it. As on a local filesystem, that opens the file it found. It used to
     fail with ESTALE, which the kernel's one walk again does not cure when a second
     set lands in between (a reader of a file written by rename, under load)."""
-    with replicated(tmp_path, cached=True) as (mount, _replica, view):
+    with replicated(tmp_path, cached=True) as (mount, replica, view):
         (mount / "f").write_bytes(b"old")
         checkpoint(mount)
         held = os.open(view / "f", os.O_PATH)
@@ -221,6 +221,7 @@ def test_standby_cached_ok_a_file_found_before_a_set_removed_it_opens(tmp_path: 
             else:
                 os.rename(mount / "f", mount / "g")
             checkpoint(mount)
+            assert diff(snapshot(tmp_path / "b"), snapshot(replica)) == []
             assert os.path.exists(view / "f") == (change == "replaced")  # the view is on
             with open(f"/proc/self/fd/{held}", "rb") as f:
                 assert f.read() == b"old"
@@ -247,6 +248,7 @@ def test_standby_cached_ok_held_files_let_go_when_the_replica_is_full(tmp_path: 
             os.unlink(mount / "x")
             (mount / "y").write_bytes(b"y" * size)
             checkpoint(mount, wait=30)
+            assert diff(snapshot(backing), snapshot(replica)) == []
             assert os.stat(view / "y").st_size == size
             assert not (view / "x").exists()
     finally:
