@@ -5,6 +5,7 @@ of ``--config FILE``, and a failure said in one line on stderr.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import sys
@@ -53,8 +54,54 @@ class JsonLines(logging.Formatter):
         return json.dumps(event)
 
 
+class Version(argparse.Action):
+    """``--version``: print ``version()`` and exit. Worked out only when asked (it
+    loads pyfuse3 and libfuse)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> NoReturn:
+        print(version())
+        raise SystemExit(0)
+
+
+def version() -> str:
+    """What runs, as a bug report wants it: replfs's version, the link's protocol and the
+    journal's record format, and the Python, pyfuse3 and libfuse it runs on."""
+    import platform
+    import tomllib
+
+    import pyfuse3
+
+    from repl.protocol import PROTOCOL_VERSION
+    from store.records import FORMAT_VERSION
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+        ours = tomllib.load(f)["project"]["version"]
+    return (f"replfs {ours} (link protocol {PROTOCOL_VERSION}, record format "
+            f"{FORMAT_VERSION}; Python {platform.python_version()}, pyfuse3 "
+            f"{pyfuse3.__version__}, libfuse {libfuse_version()})")
+
+
+def libfuse_version() -> str:
+    """The version of the libfuse this process loaded with pyfuse3 (bin/_bootstrap.sh may
+    have built one newer than the system's), or "unknown"."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libfuse3.so" in line}
+    for path in sorted(paths):
+        pkgversion = ctypes.CDLL(path).fuse_pkgversion
+        pkgversion.restype = ctypes.c_char_p
+        return str(pkgversion().decode())
+    return "unknown"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="replfs", description=DESCRIPTION)
+    parser.add_argument("--version", action=Version,
+                        help="print the versions of replfs and of what it runs on, and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     parser.set_defaults(parser=parser)
 

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import signal
 import subprocess
 import threading
+import tomllib
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from repl import control
-from repl.protocol import MAX_STREAMS
+from repl.protocol import MAX_STREAMS, PROTOCOL_VERSION
+from store.records import FORMAT_VERSION
 from tests.support import REPLFS, Daemon, primary, replfs, secondary, state_dir
+
+PROJECT_VERSION = tomllib.loads(
+    (Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["version"]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -30,6 +38,20 @@ def test_cli_err_unknown_flag(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "replfs: unrecognized arguments: --bogus (see 'replfs primary --help')"]
+
+
+def test_cli_version_names_what_runs() -> None:
+    """``--version`` names replfs's version, its formats, and the libfuse pyfuse3 loaded:
+    the one the bootstrap built where the system's is older than 3.17."""
+    result = replfs("--version")
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(rf"replfs {re.escape(PROJECT_VERSION)} \(link protocol "
+                         rf"{PROTOCOL_VERSION}, record format {FORMAT_VERSION}; Python "
+                         rf"{re.escape(platform.python_version())}, pyfuse3 "
+                         rf"{re.escape(pyfuse3.__version__)}, libfuse (3)\.(\d+)\.\d+\)\n",
+                         result.stdout)
+    assert match is not None, result.stdout
+    assert int(match[2]) >= 17  # HANDLE_KILLPRIV_V2 (fs/primary.py)
 
 
 def test_cli_err_missing_command() -> None:
