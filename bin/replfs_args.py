@@ -72,16 +72,14 @@ def version() -> str:
     """What runs, as a bug report wants it: replfs's version, the link's protocol and the
     journal's record format, and the Python, pyfuse3 and libfuse it runs on."""
     import platform
-    import tomllib
 
     import pyfuse3
 
     from repl.protocol import PROTOCOL_VERSION
+    from repl.version import VERSION
     from store.records import FORMAT_VERSION
 
-    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
-        ours = tomllib.load(f)["project"]["version"]
-    return (f"replfs {ours} (link protocol {PROTOCOL_VERSION}, record format "
+    return (f"replfs {VERSION} (link protocol {PROTOCOL_VERSION}, record format "
             f"{FORMAT_VERSION}; Python {platform.python_version()}, pyfuse3 "
             f"{pyfuse3.__version__}, libfuse {libfuse_version()})")
 

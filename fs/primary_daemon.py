@@ -44,6 +44,7 @@ from repl.sdnotify import notify
 from repl.secondary.run import default_state_dir, journal_of, note_journal, tree_lock
 from repl.tls import link_credentials
 from repl.tree import Tree
+from repl.version import VERSION
 from store.errors import ReplfsError
 from store.journal import Journal
 from store.journal import exists as journal_exists
@@ -305,7 +306,8 @@ def _requests(capture: Capture, fanout: Fanout, operations: PrimaryFS, cfg: Prim
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         j = capture.journal
         out: dict[str, Any] = {
-            "role": "primary", "mountpoint": str(cfg.mountpoint), "journal": str(j.path),
+            "role": "primary", "version": VERSION, "mountpoint": str(cfg.mountpoint),
+            "journal": str(j.path),
             "cluster": j.identity.cluster, "node": j.identity.node,
             "generation": j.identity.generation, "open_set": j.set, "open_set_ops": j.seq,
             "last_closed_set": j.set - 1, "journal_bytes": j.bytes,

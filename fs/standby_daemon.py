@@ -29,6 +29,7 @@ from repl.secondary.run import (
     staging_of_replica,
     tree_lock,
 )
+from repl.version import VERSION
 from store.hold import ApplyLock, is_held, set_rejoining
 from store.staging import read_applied, read_syncing
 
@@ -145,7 +146,7 @@ def _status(replica: Path, mountpoint: Path, lock: ApplyLock, where: Path, cache
     """``replfs status MOUNTPOINT`` for a standby mount. Served by the secondary (which
     holds the staging store open), it leaves the set shown to ``replfs status REPLICA``."""
     async def status(_: dict[str, Any]) -> dict[str, Any]:
-        out = {"role": "standby mount", "replica": str(replica),
+        out = {"role": "standby mount", "version": VERSION, "replica": str(replica),
                "mountpoint": str(mountpoint), "held": is_held(where), "cached": cached}
         if not cached:
             with lock.shared():

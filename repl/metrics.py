@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from repl.config import cannot_bind, parse_address
 from repl.errors import UsageError
+from repl.version import VERSION
 from store.hold import is_held
 from store.reserve import disk_free
 
@@ -58,8 +59,9 @@ def counter(name: str, doc: str, value: float, **labels: str) -> Metric:
 
 
 def _info(role: str, ident: Identity) -> Iterator[Metric]:
-    yield gauge("replfs_node_info", "This daemon: its role, node and cluster (always 1)", 1,
-                role=role, node=ident.node, cluster=ident.cluster or "")
+    yield gauge("replfs_node_info", "This daemon: its role, node, cluster and replfs "
+                "version (always 1)", 1, role=role, node=ident.node,
+                cluster=ident.cluster or "", version=VERSION)
     yield gauge("replfs_generation", "The cluster generation this node follows or leads",
                 ident.generation)
 

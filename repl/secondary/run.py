@@ -29,6 +29,7 @@ from repl.secondary.gate import Gate
 from repl.secondary.receiver import Receiver
 from repl.secondary.rejoin import Rejoin
 from repl.tls import link_credentials
+from repl.version import VERSION
 from store.errors import JournalLocked
 from store.hold import ApplyLock, interrupted, is_held, set_hold, set_rejoining
 from store.journal import Journal
@@ -347,7 +348,7 @@ async def run_secondary(replica: Path, listen: str | None, staging_dir: Path | N
                 sets = staging.sets()
                 complete = [n for n, s in sets.items() if s.complete]
                 return {
-                    "role": "secondary", "replica": str(replica),
+                    "role": "secondary", "version": VERSION, "replica": str(replica),
                     "listen": f"{host}:{bound[1]}" if listen else None,
                     "iscsi": _where(targets[0]) if targets else None, "iqn": iqn if iscsi else None,
                     "fcip": _where(fabric[0]) if fabric else None,

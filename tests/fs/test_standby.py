@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from repl.version import VERSION
 from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, standby
 
 BIG = 8 << 20  # a file of many pages: reads of it are in flight while sets arrive
@@ -276,7 +278,9 @@ def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> N
             assert (view / "kept").read_bytes() == b"old"
             assert os.stat(view / "kept").st_mode == before.st_mode
         status = replfs("status", view, "--json")
-        assert status.returncode == 0 and '"cached": true' in status.stdout
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["cached"] is True and shown["version"] == VERSION
 
 
 def test_standby_cached_ok_secondary_goes_on_when_unmounted(tmp_path: Path) -> None:

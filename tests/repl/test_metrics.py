@@ -16,6 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from repl.secondary.run import pause, resume
+from repl.version import VERSION
 from tests.support import (
     ROOT,
     Daemon,
@@ -96,6 +97,10 @@ def test_metrics_scrape_ok_live_pair_with_known_lag(tmp_path: Path) -> None:
         st = status(mount)
 
         assert value(p, "replfs_lag_sets") == last - held == 3
+        # Which code each daemon runs, for after an upgrade: in status and in metrics.
+        for scraped, st_ in ((p, st), (s, status(replica))):
+            info = [dict(labels) for name, labels in scraped if name == "replfs_node_info"]
+            assert [i["version"] for i in info] == [VERSION] == [st_["version"]]
         assert value(p, "replfs_last_closed_set") == last == st["last_closed_set"]
         assert value(p, "replfs_last_applied_set") == held
         assert value(p, "replfs_journal_bytes") == st["journal_bytes"] > 3000
