@@ -61,7 +61,9 @@ def socket_path(target: str | os.PathLike[str]) -> Path:
 
 async def serve(path: Path, handlers: dict[str, Handler], *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer requests on *path* until cancelled; the socket file is removed on exit."""
+    """Answer requests on *path* until cancelled; the socket file is removed on exit. A
+    handler that fails (a bug, an OSError) answers an error, logged with its traceback:
+    a ``replfs status`` must never take the daemon, and the mount it serves, down."""
     private_dir(path.parent)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,16 +77,21 @@ async def serve(path: Path, handlers: dict[str, Handler], *,
         async def answer(stream: trio.SocketStream) -> None:
             async with stream:
                 reply: dict[str, Any]
+                cmd = None
                 try:
                     request = json.loads(await _read_line(stream))
-                    handler = handlers.get(request.get("cmd"))
+                    cmd = request.get("cmd")
+                    handler = handlers.get(cmd)
                     if handler is None:
-                        reply = {"error": f"unknown command {request.get('cmd')!r}"}
+                        reply = {"error": f"unknown command {cmd!r}"}
                     else:
                         reply = await handler(request)
                 except (ValueError, KeyError, TypeError, AttributeError,
                         trio.BrokenResourceError) as exc:
                     reply = {"error": f"bad request: {exc!r}"}
+                except Exception as exc:  # a failure of ours: an answer, not the daemon's end
+                    log.exception("the %s request failed", cmd)
+                    reply = {"error": f"the daemon failed to answer {cmd}: {exc!r} (see its log)"}
                 hold = reply.pop(UNTIL_CLOSED, None)
                 try:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")

@@ -16,6 +16,8 @@ holds no secret: bind it to loopback or a management network.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 REQUEST_SECONDS = 10.0  # a scraper that has not sent its request by then is dropped
 MAX_REQUEST = 8192
+FAILED = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n"
+          b"Connection: close\r\n\r\n")
+log = logging.getLogger("replfs.metrics")
 
 
 def gauge(name: str, doc: str, value: float, **labels: str) -> Metric:
@@ -243,13 +248,17 @@ async def serve(listeners: list[trio.SocketListener], reg: CollectorRegistry, *,
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
                 ) -> None:
     """Answer ``GET /metrics`` on *listeners* until cancelled; each connection gets one
-    answer and is closed."""
+    answer and is closed: a 500, logged with its traceback, if reading a series failed."""
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
             try:
                 await _answer(stream, reg)
             except trio.BrokenResourceError:
                 pass  # the scraper went away
+            except Exception:  # a failure of ours (a disk's statvfs): the scrape fails, not
+                log.exception("answering a scrape failed")  # the daemon and its mount
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(FAILED)
 
     await trio.serve_listeners(answer, listeners, task_status=task_status)
 

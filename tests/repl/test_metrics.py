@@ -4,6 +4,7 @@ shipped Grafana dashboard and alert rules use."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,10 +12,17 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from repl import metrics
+from repl.metrics import gauge
 from repl.secondary.run import pause, resume
 from repl.version import VERSION
 from tests.support import (
@@ -202,3 +210,42 @@ def test_metrics_listen_err_port_busy(tmp_path: Path) -> None:
         result = replfs("primary", backing, mount, "--metrics", "nosuchhost.invalid:9100")
         assert_one_line_error(result, "cannot listen on nosuchhost.invalid:9100: no such host")
         assert not os.path.ismount(mount)
+
+
+class _StatvfsFailsOnce:
+    """A collector whose disk's statvfs fails the first time it is read."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(5, "Input/output error")
+        yield gauge("replfs_journal_disk_free_bytes", "Bytes free", 4096)
+
+
+async def test_metrics_scrape_err_series_fails_the_scrape_not_the_daemon(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reading a series raised: that scrape gets a 500 (logged with the traceback), and
+    the next one is served; trio would have let the exception end the daemon."""
+    reg = CollectorRegistry()
+    reg.register(_StatvfsFailsOnce())
+    with caplog.at_level(logging.ERROR, logger="replfs.metrics"):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(metrics.serve, await metrics.listen("127.0.0.1:0"),
+                                            reg)
+            url = f"http://{metrics.where(listeners)}/metrics"
+
+            def get() -> tuple[int, bytes]:
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as reply:
+                        return reply.status, reply.read()
+                except urllib.error.HTTPError as exc:
+                    return exc.code, b""
+
+            assert (await trio.to_thread.run_sync(get))[0] == 500
+            code, body = await trio.to_thread.run_sync(get)
+            assert code == 200 and b"replfs_journal_disk_free_bytes 4096.0" in body
+            nursery.cancel_scope.cancel()
+    assert "answering a scrape failed" in caplog.text and "OSError" in caplog.text
