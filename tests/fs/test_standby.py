@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from repl.version import VERSION
-from tests.support import checkpoint, diff, primary, replfs, secondary, snapshot, standby
+from tests.support import (
+    checkpoint,
+    diff,
+    primary,
+    replfs,
+    secondary,
+    snapshot,
+    standby,
+    tmpfs,
+)
 
 BIG = 8 << 20  # a file of many pages: reads of it are in flight while sets arrive
 
@@ -235,26 +244,21 @@ def test_standby_cached_ok_held_files_let_go_when_the_replica_is_full(tmp_path: 
     """A set removes a file the view knows and writes as much anew, on a replica with
     room for one of them: the removed file, kept open for the kernel while the set is
     applied, is let go, and the set applies (it was retried for ever, the view held)."""
-    backing, mount, replica, view = (tmp_path / n for n in ("b", "m", "r", "v"))
+    backing, mount, view = (tmp_path / n for n in ("b", "m", "v"))
     backing.mkdir()
-    replica.mkdir()
     size = 7 << 20
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(replica)],
-                   check=True)
-    try:
-        with secondary(replica, "--mount", str(view)) as sec, primary(
-                backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
-            (mount / "x").write_bytes(b"x" * size)
-            checkpoint(mount)
-            assert os.stat(view / "x").st_size == size  # the kernel knows x now
-            os.unlink(mount / "x")
-            (mount / "y").write_bytes(b"y" * size)
-            checkpoint(mount, wait=30)
-            assert diff(snapshot(backing), snapshot(replica)) == []
-            assert os.stat(view / "y").st_size == size
-            assert not (view / "x").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(replica)], check=False)
+    with tmpfs(tmp_path / "r", "12m") as replica, secondary(
+            replica, "--mount", str(view)) as sec, primary(
+            backing, mount, "--secondary", f"127.0.0.1:{sec.port}"):
+        (mount / "x").write_bytes(b"x" * size)
+        checkpoint(mount)
+        assert os.stat(view / "x").st_size == size  # the kernel knows x now
+        os.unlink(mount / "x")
+        (mount / "y").write_bytes(b"y" * size)
+        checkpoint(mount, wait=30)
+        assert diff(snapshot(backing), snapshot(replica)) == []
+        assert os.stat(view / "y").st_size == size
+        assert not (view / "x").exists()
 
 
 def test_standby_cached_ok_untouched_files_keep_their_cache(tmp_path: Path) -> None:
